@@ -1,0 +1,31 @@
+"""The one canonical REC sample every loader produces."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+ImageLike = str | Path | Image.Image | np.ndarray
+
+
+@dataclass
+class RECSample:
+    """One referring expression and the one box it names.
+
+    Attributes:
+        image: a path, a PIL image or an ``(H, W[, C])`` array.
+        expression: the referring phrase.
+        box: ``(x0, y0, x1, y1)`` in absolute pixels of the original image (``xyxy``).
+        image_id: an identifier of the image (used to group expressions and in result files).
+        metadata: anything else the source provides (split, ref id, category, sentence id, ...).
+    """
+
+    image: ImageLike
+    expression: str
+    box: tuple[float, float, float, float]
+    image_id: str | int | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
