@@ -1,0 +1,20 @@
+"""m2ist: M²IST multi-modal interactive side-tuning of frozen Hugging Face towers for referring expression
+comprehension (image + phrase → one box)."""
+
+__version__ = "0.1.0"
+
+from .config import M2ISTConfig
+from .model import RECModelOutput, SideTunedModel, get_side_tuned_model
+from .taps import TAP_REGISTRY, Tap, TapSpec, register_taps
+
+__all__ = [
+    "TAP_REGISTRY",
+    "M2ISTConfig",
+    "RECModelOutput",
+    "SideTunedModel",
+    "Tap",
+    "TapSpec",
+    "__version__",
+    "get_side_tuned_model",
+    "register_taps",
+]

@@ -1,0 +1,260 @@
+"""`M2ISTConfig`: every hyper-parameter of the side network and the REC head, with the paper's defaults."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+logger = logging.getLogger(__name__)
+
+CONFIG_NAME = "m2ist_config.json"
+CONFIG_FORMAT_VERSION = 1
+
+EXPERTS = ("vea", "lea", "iea")
+TAP_KINDS = ("attention", "ffn", "layer")
+LAYER_PAIRINGS = ("first", "spread")
+BOX_LOSSES = ("l1", "smooth_l1")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass
+class M2ISTConfig:
+    """Configuration of an M²IST side-tuned REC model.
+
+    The defaults reproduce the paper (arXiv 2407.01131): bottleneck 128, adapter scale 0.1, an interaction
+    expert (IEA) whose up-projection is shared by both modalities, intra-modal experts (VEA/LEA) on the
+    feed-forward taps and the IEA on the attention taps, vision layer ``i`` paired with text layer ``i`` for the
+    first ``min(depths)`` layers, a TransVG fusion head (6 layers, d=256, 8 heads) and an L1 + GIoU loss (1:1).
+
+    The ``vision_*`` / ``text_*`` tower fields record which towers the side network was built for; they are
+    filled in by :func:`m2ist.get_side_tuned_model` and checked when a saved adapter is loaded.
+    """
+
+    # --- M³ISA side network -------------------------------------------------------------------------------
+    bottleneck: int = field(default=128, metadata={"help": "Bottleneck width r of every side adapter."})
+    adapter_scale: float = field(
+        default=0.1, metadata={"help": "Fixed scale s of the intra-modal experts: s · W_up(ReLU(W_down(LN(x))))."}
+    )
+    experts: list[str] = field(
+        default_factory=lambda: list(EXPERTS),
+        metadata={"help": "Experts per depth, any of 'vea', 'lea', 'iea' (ablations drop some)."},
+    )
+    share_iea_up_projection: bool = field(
+        default=True,
+        metadata={"help": "Share the IEA up-projection across modalities (the paper's interaction). False gives each "
+                  "modality its own up-projection, i.e. no cross-modal sharing."},
+    )
+    intra_tap: str = field(
+        default="ffn", metadata={"help": "Sub-layer read by VEA and LEA: 'ffn', 'attention' or 'layer' (output)."}
+    )
+    inter_tap: str = field(
+        default="attention", metadata={"help": "Sub-layer read by the IEA: 'attention', 'ffn' or 'layer'."}
+    )
+    vision_layers: list[int] | None = field(
+        default=None,
+        metadata={"help": "0-based vision layers that carry side adapters. None: chosen by `layer_pairing`."},
+    )
+    text_layers: list[int] | None = field(
+        default=None,
+        metadata={"help": "0-based text layers that carry side adapters, paired in order with `vision_layers`. "
+                  "None: chosen by `layer_pairing`."},
+    )
+    layer_pairing: str = field(
+        default="first",
+        metadata={"help": "How layers pair when depths differ. 'first': layer i with layer i for the first "
+                  "min(depths) layers (the paper). 'spread': every layer of the shallower tower, paired with "
+                  "evenly spaced layers of the deeper one."},
+    )
+    side_dropout: float = field(default=0.0, metadata={"help": "Dropout inside the adapters' bottleneck."})
+
+    # --- REC head -----------------------------------------------------------------------------------------
+    fusion_dim: int = field(default=256, metadata={"help": "Width of the vision-language fusion encoder."})
+    fusion_layers: int = field(default=6, metadata={"help": "Post-norm layers of the fusion encoder."})
+    fusion_heads: int = field(default=8, metadata={"help": "Attention heads of the fusion encoder."})
+    fusion_ffn_dim: int = field(default=2048, metadata={"help": "Feed-forward width of the fusion encoder."})
+    fusion_dropout: float = field(default=0.1, metadata={"help": "Dropout of the fusion encoder."})
+    box_mlp_layers: int = field(default=3, metadata={"help": "Linear layers of the box MLP on the [REG] token."})
+    max_query_len: int = field(
+        default=20, metadata={"help": "Text tokens fed to the head ([CLS] and [SEP] included); 40 for RefCOCOg."}
+    )
+    image_size: int | None = field(
+        default=None,
+        metadata={"help": "Side of the square input canvas in pixels. None: the vision tower's own `image_size` "
+                  "if its config has one, else 640 (TransVG)."},
+    )
+    num_vision_tokens: int | None = field(
+        default=None,
+        metadata={"help": "Visual tokens the head sees (sets its position-embedding size). None: measured on the "
+                  "vision tower at `image_size` when the model is built."},
+    )
+
+    # --- loss ---------------------------------------------------------------------------------------------
+    box_loss: str = field(
+        default="l1", metadata={"help": "Coordinate loss on (cx, cy, w, h): 'l1' (released code) or 'smooth_l1'."}
+    )
+    box_loss_weight: float = field(default=1.0, metadata={"help": "Weight of the coordinate loss."})
+    giou_loss_weight: float = field(default=1.0, metadata={"help": "Weight of the (1 - GIoU) loss."})
+    smooth_l1_beta: float = field(default=1.0, metadata={"help": "Beta of the smooth-L1 loss."})
+
+    # --- frozen towers ------------------------------------------------------------------------------------
+    backbone_dtype: str | None = field(
+        default=None,
+        metadata={"help": "Run the frozen towers in 'bfloat16' or 'float16' (side network and head stay float32). "
+                  "None keeps the towers' dtype."},
+    )
+    vision_taps: dict[str, Any] | None = field(
+        default=None,
+        metadata={"help": "Explicit tap names for a vision tower the registry does not know, e.g. "
+                  "{'layers': 'encoder.layer.*', 'attention': 'attention', 'ffn': 'output.dense'}."},
+    )
+    text_taps: dict[str, Any] | None = field(
+        default=None, metadata={"help": "Explicit tap names for a text tower (same keys as `vision_taps`)."}
+    )
+
+    # --- recorded towers (filled in when the model is built) ----------------------------------------------
+    vision_model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Hub id or path the vision tower is re-loaded from."}
+    )
+    vision_revision: str | None = field(default=None, metadata={"help": "Revision (commit) of the vision tower."})
+    vision_model_type: str | None = field(default=None, metadata={"help": "`config.model_type` of the vision tower."})
+    vision_width: int | None = field(default=None, metadata={"help": "Width of the vision tower's final output."})
+    vision_depth: int | None = field(default=None, metadata={"help": "Number of tapped vision layers."})
+    text_model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Hub id or path the text tower is re-loaded from."}
+    )
+    text_revision: str | None = field(default=None, metadata={"help": "Revision (commit) of the text tower."})
+    text_model_type: str | None = field(default=None, metadata={"help": "`config.model_type` of the text tower."})
+    text_width: int | None = field(default=None, metadata={"help": "Width of the text tower's final output."})
+    text_depth: int | None = field(default=None, metadata={"help": "Number of tapped text layers."})
+
+    config_version: int = field(default=CONFIG_FORMAT_VERSION, metadata={"help": "Format version of this file."})
+
+    TOWER_FIELDS: ClassVar[tuple[str, ...]] = ("model_type", "width", "depth")
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ------------------------------------------------------------------------------------------------------
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first invalid value and what would be valid."""
+
+        def fail(name: str, why: str) -> None:
+            raise ValueError(f"M2ISTConfig.{name}={getattr(self, name)!r} is invalid: {why}")
+
+        for name in ("bottleneck", "fusion_dim", "fusion_layers", "fusion_heads", "fusion_ffn_dim",
+                     "box_mlp_layers", "max_query_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                fail(name, "expected a positive integer.")
+        for name in ("image_size", "num_vision_tokens"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                fail(name, "expected a positive integer or None.")
+        if self.fusion_dim % self.fusion_heads:
+            fail("fusion_heads", f"fusion_dim={self.fusion_dim} must be divisible by the number of heads.")
+        if self.box_mlp_layers < 1:
+            fail("box_mlp_layers", "expected at least 1.")
+        for name in ("side_dropout", "fusion_dropout"):
+            if not 0.0 <= float(getattr(self, name)) < 1.0:
+                fail(name, "expected a probability in [0, 1).")
+        for name in ("adapter_scale", "box_loss_weight", "giou_loss_weight", "smooth_l1_beta"):
+            if not isinstance(getattr(self, name), int | float) or getattr(self, name) < 0:
+                fail(name, "expected a non-negative number.")
+        if self.box_loss_weight == 0 and self.giou_loss_weight == 0:
+            fail("giou_loss_weight", "both loss weights are 0: nothing would be trained.")
+        if not self.experts or any(e not in EXPERTS for e in self.experts) or len(set(self.experts)) != len(
+            self.experts
+        ):
+            fail("experts", f"expected a non-empty list of distinct names from {EXPERTS}.")
+        for name in ("intra_tap", "inter_tap"):
+            if getattr(self, name) not in TAP_KINDS:
+                fail(name, f"expected one of {TAP_KINDS}.")
+        if self.layer_pairing not in LAYER_PAIRINGS:
+            fail("layer_pairing", f"expected one of {LAYER_PAIRINGS}.")
+        if self.box_loss not in BOX_LOSSES:
+            fail("box_loss", f"expected one of {BOX_LOSSES}.")
+        if self.backbone_dtype is not None and self.backbone_dtype not in DTYPES:
+            fail("backbone_dtype", f"expected None or one of {DTYPES}.")
+        for name in ("vision_layers", "text_layers"):
+            layers = getattr(self, name)
+            if layers is None:
+                continue
+            if not layers or any(not isinstance(i, int) or i < 0 for i in layers) or len(set(layers)) != len(layers):
+                fail(name, "expected a non-empty list of distinct non-negative layer indices.")
+        if (self.vision_layers is None) != (self.text_layers is None):
+            fail("text_layers", "give both `vision_layers` and `text_layers`, or neither.")
+        if self.vision_layers is not None and len(self.vision_layers) != len(self.text_layers):
+            fail("text_layers", f"{len(self.vision_layers)} vision layers cannot pair with "
+                 f"{len(self.text_layers)} text layers: give lists of the same length.")
+        for name in ("vision_taps", "text_taps"):
+            taps = getattr(self, name)
+            if taps is not None:
+                unknown = set(taps) - {"layers", "attention", "ffn", "layout"}
+                if not isinstance(taps, dict) or "layers" not in taps or unknown:
+                    fail(name, "expected a dict with key 'layers' (glob of layer modules) and optional "
+                         "'attention', 'ffn', 'layout'.")
+        if self.config_version > CONFIG_FORMAT_VERSION:
+            fail("config_version", f"this file was written by a newer m2ist (format {self.config_version}, this "
+                 f"version reads up to {CONFIG_FORMAT_VERSION}): upgrade m2ist.")
+
+    # ------------------------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict of every field."""
+        return asdict(self)
+
+    def to_json_string(self) -> str:
+        """The config as indented, key-sorted JSON."""
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> M2ISTConfig:
+        """Build a config from a dict, dropping (with a warning) keys this version does not know."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            logger.warning("M2ISTConfig: ignoring unknown keys %s (written by another m2ist version?).", unknown)
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> Path:
+        """Write ``m2ist_config.json`` into ``save_directory`` (created if needed); return its path."""
+        path = Path(save_directory) / CONFIG_NAME
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(self.to_json_string(), encoding="utf-8")
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def from_json_file(cls, path: str | os.PathLike) -> M2ISTConfig:
+        """Read a config JSON file, with a clear error when it is not valid JSON."""
+        try:
+            values = json.loads(Path(path).read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} is not valid JSON ({err}): corrupted, or not an m2ist config.") from err
+        if not isinstance(values, dict):
+            raise ValueError(f"{path} holds a {type(values).__name__}, expected a JSON object of config values.")
+        return cls.from_dict(values)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | os.PathLike, **hub_kwargs: Any) -> M2ISTConfig:
+        """Load ``m2ist_config.json`` from a folder or a Hub repo id."""
+        from .hub import resolve_pretrained
+
+        folder = resolve_pretrained(str(name_or_path), filenames=[CONFIG_NAME], **hub_kwargs)
+        return cls.from_json_file(folder / CONFIG_NAME)
+
+    def tower_mismatches(self, other: M2ISTConfig) -> list[str]:
+        """Human-readable differences between the towers recorded here and in ``other``."""
+        diffs = []
+        for modality in ("vision", "text"):
+            for key in self.TOWER_FIELDS:
+                name = f"{modality}_{key}"
+                mine, theirs = getattr(self, name), getattr(other, name)
+                if mine is not None and theirs is not None and mine != theirs:
+                    diffs.append(f"{name}: saved {mine!r}, given {theirs!r}")
+        return diffs

@@ -1,0 +1,303 @@
+"""Loader for Hugging Face ``datasets`` tables, or any sequence of dict rows.
+
+``datasets`` itself is optional: anything iterable that yields dict rows works (a ``datasets.Dataset``, a
+``DatasetDict`` / ``{split_name: rows}`` mapping, a list of dicts). Known layouts are recognised by their columns:
+
+* **jxu124** (``jxu124/refcoco``, ``refcocoplus``, ``refcocog``): one row per ref; ``sentences`` (a list of
+  ``refer`` sentence dicts or strings), ``bbox`` in **xyxy pixels**, ``image_path`` (e.g.
+  ``coco/train2014/COCO_train2014_...jpg``), ``split``. No images inside: give ``image_root``.
+* **lmms-lab** (``lmms-lab/RefCOCO``, ``RefCOCOplus``, ``RefCOCOg``): images inside (``image``), ``bbox`` in
+  **xywh pixels**, the referring expressions in ``answer`` (a list of strings; ``question`` holds a generic
+  captioning prompt, not the expression). Evaluation splits only: there is no train split.
+* anything else (**generic**): an image column (``image``/``image_path``/``file_name``), a text column
+  (``text``/``expression``/``phrase``/``sentence``/``caption``, or ``text_column=``), ``bbox`` and an explicit
+  ``box_format``.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import warnings
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from os import PathLike
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from m2ist.data.images import image_size
+from m2ist.data.loaders import (
+    BOX_KEYS,
+    IMAGE_KEYS,
+    TEXT_KEYS,
+    boxes_to_xyxy,
+    canonical_split,
+    check_box_format,
+    expressions_of,
+    first_key,
+    normalize_split_request,
+    parse_box,
+)
+from m2ist.data.sample import RECSample
+
+__all__ = ["HF_STYLES", "detect_hf_style", "from_hf_dataset"]
+
+#: style -> the box format its ``bbox`` column uses (``None``: must be given).
+HF_STYLES: dict[str, str | None] = {"jxu124": "xyxy", "lmms-lab": "xywh", "generic": None}
+_ID_COLUMNS = ("id", "ref_id", "ann_id", "sent_id", "category_id", "question_id", "file_name")
+_PROBE_LIMIT = 8
+
+
+def detect_hf_style(columns: Iterable[str]) -> str:
+    """Name the known layout (``jxu124``, ``lmms-lab``) these column names belong to, else ``generic``."""
+    names = set(columns)
+    if {"image_path", "bbox"} <= names and names & {"sentences", "captions"}:
+        return "jxu124"
+    if {"image", "bbox", "answer"} <= names:
+        return "lmms-lab"
+    return "generic"
+
+
+def _is_split_mapping(dataset: Any) -> bool:
+    if not isinstance(dataset, Mapping):
+        return False
+    if any(key in dataset for key in BOX_KEYS):
+        raise TypeError("from_hf_dataset got a single row (a dict with 'bbox'); pass a list of rows instead.")
+    return True
+
+
+def _peek(rows: Iterable[Any]) -> tuple[dict[str, Any] | None, Iterator[Any]]:
+    iterator = iter(rows)
+    try:
+        first = next(iterator)
+    except StopIteration:
+        return None, iter(())
+    return first, itertools.chain([first], iterator)
+
+
+class _RelativeImagePaths:
+    """Join relative image paths to ``image_root``, dropping leading folders the root already contains.
+
+    jxu124 rows say ``coco/train2014/COCO_train2014_X.jpg`` while users point ``image_root`` at the
+    ``train2014`` folder itself; the first few paths are probed to find how many leading parts to drop.
+    """
+
+    def __init__(self, image_root: str | PathLike[str] | None) -> None:
+        self.root = Path(image_root) if image_root is not None else None
+
+    def resolve_all(self, names: list[str | None]) -> list[str | None]:
+        if self.root is None:
+            return names
+        relative = [name for name in names if name is not None and not Path(name).is_absolute()]
+        drop = self._leading_parts_to_drop(relative)
+        resolved: list[str | None] = []
+        for name in names:
+            if name is None or Path(name).is_absolute():
+                resolved.append(name)
+                continue
+            parts = Path(name).parts
+            resolved.append(str(self.root.joinpath(*parts[min(drop, len(parts) - 1) :])))
+        return resolved
+
+    def _leading_parts_to_drop(self, names: list[str]) -> int:
+        assert self.root is not None
+        probed = list(dict.fromkeys(names))[:_PROBE_LIMIT]
+        for name in probed:
+            parts = Path(name).parts
+            for drop in range(len(parts)):
+                if self.root.joinpath(*parts[drop:]).is_file():
+                    return drop
+        if probed:
+            warnings.warn(
+                f"None of the first {len(probed)} images were found under image_root={self.root} (e.g. "
+                f"{self.root / probed[0]}); check image_root.",
+                stacklevel=3,
+            )
+        return 0
+
+
+def _image_of(value: Any, *, where: str) -> tuple[Any, str | None]:
+    """``(image, relative_name)``: an in-memory image, or ``(None, path)`` for a path still to resolve."""
+    if isinstance(value, Image.Image):
+        return value, None
+    if isinstance(value, dict):
+        if value.get("bytes"):
+            return Image.open(io.BytesIO(value["bytes"])), None
+        if value.get("path"):
+            return None, str(value["path"])
+    if isinstance(value, str | PathLike):
+        return None, str(value)
+    if hasattr(value, "__array__"):
+        return value, None
+    raise ValueError(f"{where}: cannot read an image from {type(value).__name__} {value!r:.80}.")
+
+
+def _select_subsets(
+    subsets: list[tuple[str | None, Iterable[Any]]],
+    requested: list[str] | None,
+    *,
+    has_split_column: bool,
+    style: str,
+) -> tuple[set[str | None], set[str]]:
+    """Decide which subsets to take whole and which row ``split`` values to filter the others by."""
+    if requested is None:
+        return {name for name, _ in subsets}, set()
+    names = [name for name, _ in subsets if name is not None]
+    by_canonical = {canonical_split(name): name for name in names}
+    whole: set[str | None] = set()
+    row_filter: set[str] = set()
+    for wanted in requested:
+        key = canonical_split(wanted)
+        if key in by_canonical:
+            whole.add(by_canonical[key])
+        elif has_split_column:
+            row_filter.add(key)
+        elif style == "lmms-lab" and key == "train":
+            raise ValueError(
+                "lmms-lab RefCOCO/RefCOCO+/RefCOCOg have no train split (only val/test/testA/testB), and training "
+                "on an evaluation split would contaminate every score. Train on jxu124/refcoco* (with COCO "
+                "train2014 images), the refer files (load_refer) or TransVG split files (load_transvg_split)."
+            )
+        elif names:
+            raise ValueError(f"No split {wanted!r} in this dataset; available splits: {sorted(names)}.")
+        else:
+            raise ValueError(
+                f"Cannot select split {wanted!r}: the rows have no 'split' column. Pass the rows of that split "
+                "(e.g. dataset['val']) with split=None."
+            )
+    return whole, row_filter
+
+
+def from_hf_dataset(
+    dataset: Any,
+    box_format: str | None = None,
+    image_root: str | PathLike[str] | None = None,
+    split: str | Sequence[str] | None = None,
+    *,
+    style: str | None = None,
+    text_column: str | None = None,
+    sentence_field: str = "sent",
+    normalized: bool = False,
+) -> list[RECSample]:
+    """Convert Hugging Face rows (or any iterable of dict rows) to one :class:`RECSample` per expression.
+
+    Args:
+        dataset: a ``datasets.Dataset``, a ``DatasetDict`` or ``{split: rows}`` mapping, or a list of dict rows.
+        box_format: the ``bbox`` convention (``xyxy``, ``xywh``, ``cxcywh``); known styles supply it, generic rows
+            must. Giving one that differs from a known style's convention warns.
+        image_root: folder that relative image paths (jxu124 ``image_path``) are relative to. When the rows'
+            paths repeat folders the root already ends with (``coco/train2014/...`` under a ``train2014`` root)
+            the overlap is dropped.
+        split: a split name, a list of them, or ``None``/``"all"``. Picked by subset name for a mapping and by
+            the rows' ``split`` column otherwise (``validation`` and ``val`` are the same). Asking lmms-lab data
+            for ``train`` is an error: it has none, and nothing falls back to an evaluation split.
+        style: ``jxu124``, ``lmms-lab`` or ``generic``; detected from the column names when omitted.
+        text_column: the column holding the expression(s), overriding the style's default.
+        sentence_field: for ``refer``-style sentence dicts, ``sent`` or ``raw``.
+        normalized: the box numbers are fractions of the image size (the image size is read from each image).
+    """
+    if _is_split_mapping(dataset):
+        subsets: list[tuple[str | None, Iterable[Any]]] = [(str(name), rows) for name, rows in dataset.items()]
+    else:
+        subsets = [(None, dataset)]
+
+    peeked: list[tuple[str | None, Iterator[Any]]] = []
+    first_row = None
+    for name, rows in subsets:
+        first, iterator = _peek(rows)
+        peeked.append((name, iterator))
+        if first_row is None and first is not None:
+            first_row = first
+    if first_row is None:
+        raise ValueError("The dataset has no rows.")
+    if not isinstance(first_row, Mapping):
+        raise TypeError(f"Rows must be dicts (column -> value); got {type(first_row).__name__}.")
+    columns = list(first_row.keys())
+
+    style = style or detect_hf_style(columns)
+    if style not in HF_STYLES:
+        raise ValueError(f"Unknown style {style!r}; expected one of {sorted(HF_STYLES)}.")
+    known_format = HF_STYLES[style]
+    if box_format is not None and known_format is not None and box_format != known_format:
+        warnings.warn(
+            f"{style}-style rows store bbox as {known_format}, but box_format={box_format!r} was given; using "
+            f"{box_format!r} as asked.",
+            stacklevel=2,
+        )
+    box_format = check_box_format(box_format or known_format, source=f"from_hf_dataset ({style}-style rows)")
+
+    text_key = text_column or {"jxu124": "sentences", "lmms-lab": "answer"}.get(style) or first_key(
+        first_row, TEXT_KEYS
+    )
+    if text_key is None or text_key not in first_row:
+        raise ValueError(
+            f"No expression column among {columns}; expected one of {list(TEXT_KEYS)} or pass text_column=."
+        )
+    image_key = {"jxu124": "image_path", "lmms-lab": "image"}.get(style) or first_key(first_row, IMAGE_KEYS)
+    if style == "jxu124" and "image" in first_row:
+        image_key = "image"  # an export that carries the pixels too
+    box_key = first_key(first_row, BOX_KEYS)
+    if image_key is None or box_key is None:
+        raise ValueError(
+            f"Rows need an image column (one of {list(IMAGE_KEYS)}) and a box column (one of {list(BOX_KEYS)}); "
+            f"found {columns}."
+        )
+
+    whole, row_filter = _select_subsets(
+        subsets, normalize_split_request(split), has_split_column="split" in first_row, style=style
+    )
+
+    images: list[Any] = []
+    names: list[str | None] = []
+    texts: list[str] = []
+    raw_boxes = []
+    image_ids: list[Any] = []
+    metadatas: list[dict[str, Any]] = []
+    seen_splits: set[str] = set()
+    for subset, rows in peeked:
+        if subset not in whole and not row_filter:
+            continue
+        for index, row in enumerate(rows):
+            row_split = row.get("split", subset)
+            if subset not in whole:
+                seen_splits.add(str(row_split))
+                if canonical_split(str(row_split)) not in row_filter:
+                    continue
+            where = f"row {index}" + (f" of split {subset!r}" if subset is not None else "")
+            if text_key not in row or box_key not in row or image_key not in row:
+                raise ValueError(f"{where}: missing one of the columns {text_key!r}, {box_key!r}, {image_key!r}.")
+            box = parse_box(row[box_key], where=where)
+            image, name = _image_of(row[image_key], where=where)
+            image_id = row.get("image_id", row.get("file_name", name))
+            sent_ids = row.get("sent_ids") or []
+            for position, (text, item) in enumerate(
+                expressions_of(row[text_key], sentence_field=sentence_field, where=where)
+            ):
+                metadata: dict[str, Any] = {"split": row_split, "row": index}
+                metadata.update({key: row[key] for key in _ID_COLUMNS if key in row and key != "sent_id"})
+                sent_id = item.get("sent_id") if isinstance(item, dict) else None
+                if sent_id is None and position < len(sent_ids):
+                    sent_id = sent_ids[position]
+                if sent_id is not None:
+                    metadata["sent_id"] = sent_id
+                images.append(image)
+                names.append(name)
+                texts.append(text)
+                raw_boxes.append(box)
+                image_ids.append(image_id)
+                metadatas.append(metadata)
+
+    if row_filter and not texts:
+        raise ValueError(f"No rows with split in {sorted(row_filter)}; the rows' split values are {sorted(seen_splits)}.")
+    resolved = _RelativeImagePaths(image_root).resolve_all(names)
+    images = [image if image is not None else path for image, path in zip(images, resolved)]
+    sizes = None
+    if normalized:
+        size_cache: dict[int, tuple[int, int]] = {}
+        sizes = [size_cache.setdefault(id(image), image_size(image)) for image in images]
+    boxes = boxes_to_xyxy(raw_boxes, box_format, image_sizes=sizes)
+    return [
+        RECSample(image=image, expression=text, box=box, image_id=image_id, metadata=metadata)
+        for image, text, box, image_id, metadata in zip(images, texts, boxes, image_ids, metadatas)
+    ]

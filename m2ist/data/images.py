@@ -1,0 +1,223 @@
+"""Turn whatever a REC source holds (a path, a PIL image, an array) into an 8-bit RGB PIL image.
+
+Decisions, stated once:
+
+* **EXIF orientation is NOT applied by default** (``exif_transpose=False``). The boxes of RefCOCO/+/g, ReferIt
+  and COCO refer to the stored pixel grid: ``instances.json`` ``width``/``height`` are the stored sizes, and the
+  reference loaders (``pycocotools``, TransVG) open images with PIL, which ignores the tag. Rotating the pixels
+  would move them away from those boxes. Pass ``exif_transpose=True`` for your own data when it was annotated
+  in a tool that displayed the image rotated (most modern browsers and photo viewers do).
+* **Transparency is composited on white** (``background=(255, 255, 255)``), like a browser page shows it and like
+  ``transformers``' ``convert_to_rgb``; pass another ``background`` to change it.
+* **16-bit grayscale** (``I;16`` PNG/TIFF, ``uint16`` arrays) is scaled by ``255 / 65535``, keeping absolute
+  intensities (a plain ``convert('RGB')`` would clip almost every pixel to white). A 32-bit ``I`` image is read as
+  8-bit when its values fit in 0..255, as 16-bit when they fit in 0..65535, otherwise it is min-max stretched.
+"""
+
+from __future__ import annotations
+
+from os import PathLike
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+__all__ = ["ImageLoadError", "ImageNotFoundError", "image_size", "load_image"]
+
+RGBColor = tuple[int, int, int]
+WHITE: RGBColor = (255, 255, 255)
+_EXIF_ORIENTATION_TAG = 0x0112
+_ORIENTATIONS_THAT_SWAP_AXES = frozenset({5, 6, 7, 8})
+_SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
+_ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
+_READ_ERRORS = (OSError, SyntaxError, ValueError, UnidentifiedImageError, Image.DecompressionBombError)
+
+
+class ImageLoadError(OSError):
+    """An image could not be read or converted; the message names the file (and the sample when known)."""
+
+
+class ImageNotFoundError(ImageLoadError, FileNotFoundError):
+    """An image file does not exist."""
+
+
+def _check_path(path: Path) -> None:
+    if not path.exists():
+        raise ImageNotFoundError(f"Image file not found: {path}")
+    if path.is_dir():
+        raise ImageLoadError(f"Expected an image file but got a directory: {path}")
+
+
+def image_size(image: Any, *, exif_transpose: bool = False) -> tuple[int, int]:
+    """``(width, height)`` of an image without decoding its pixels (for a path only the header is read).
+
+    With ``exif_transpose=True`` the size is the displayed one (axes swapped for EXIF orientations 5-8), matching
+    what :func:`load_image` returns with the same flag.
+    """
+    if isinstance(image, str | PathLike):
+        path = Path(image)
+        _check_path(path)
+        try:
+            with Image.open(path) as opened:
+                width, height = opened.size
+                orientation = opened.getexif().get(_EXIF_ORIENTATION_TAG, 1) if exif_transpose else 1
+        except _READ_ERRORS as err:
+            raise ImageLoadError(f"Cannot read image file {path}: {err}") from err
+    elif isinstance(image, Image.Image):
+        width, height = image.size
+        orientation = image.getexif().get(_EXIF_ORIENTATION_TAG, 1) if exif_transpose else 1
+    else:
+        array = _as_array(image)
+        height, width = int(array.shape[0]), int(array.shape[1])
+        orientation = 1
+    if orientation in _ORIENTATIONS_THAT_SWAP_AXES:
+        width, height = height, width
+    return int(width), int(height)
+
+
+def load_image(image: Any, *, exif_transpose: bool = False, background: RGBColor = WHITE) -> Image.Image:
+    """Return ``image`` as an 8-bit RGB :class:`PIL.Image.Image`.
+
+    Args:
+        image: a path, a PIL image (any mode: 1, L, P with or without transparency, LA, RGBA, CMYK, YCbCr,
+            I;16, I, F) or an array ``(H, W)``, ``(H, W, 1)``, ``(H, W, 3)`` or ``(H, W, 4)`` of ``uint8``,
+            ``uint16``, ``bool`` or floats in ``[0, 1]``.
+        exif_transpose: rotate/flip by the EXIF orientation tag. Off by default because dataset boxes refer to
+            the stored pixel grid (see the module docstring).
+        background: the colour transparent pixels are composited on.
+
+    Raises:
+        ImageNotFoundError: the path does not exist (the message names it).
+        ImageLoadError: the file cannot be decoded (the message names it).
+        ValueError / TypeError: an array of unsupported shape, dtype or value range.
+    """
+    if isinstance(image, str | PathLike):
+        path = Path(image)
+        _check_path(path)
+        try:
+            with Image.open(path) as opened:
+                opened.load()
+                return _pil_to_rgb(opened, exif_transpose=exif_transpose, background=background)
+        except ImageLoadError:
+            raise
+        except _READ_ERRORS as err:
+            raise ImageLoadError(f"Cannot read image file {path}: {err}") from err
+    if isinstance(image, Image.Image):
+        source = getattr(image, "filename", "") or "<in-memory PIL image>"
+        try:
+            image.load()
+            return _pil_to_rgb(image, exif_transpose=exif_transpose, background=background)
+        except ImageLoadError:
+            raise
+        except _READ_ERRORS as err:
+            raise ImageLoadError(f"Cannot decode image {source}: {err}") from err
+    return _array_to_rgb(_as_array(image), background=background)
+
+
+def _composite(rgba: Image.Image, background: RGBColor) -> Image.Image:
+    canvas = Image.new("RGBA", rgba.size, (*background, 255))
+    return Image.alpha_composite(canvas, rgba).convert("RGB")
+
+
+def _scale_to_uint8(values: np.ndarray, mode: str) -> np.ndarray:
+    """Map a 16/32-bit or float grayscale image to 0..255 following the rules in the module docstring."""
+    if mode in _SIXTEEN_BIT_MODES:
+        return _uint16_to_uint8(values.astype(np.uint16))
+    values = values.astype(np.float64)
+    if values.size == 0:
+        return values.astype(np.uint8)
+    low, high = float(values.min()), float(values.max())
+    if mode == "F" and low >= 0.0 and high <= 1.0:
+        return np.rint(values * 255.0).astype(np.uint8)
+    if low >= 0 and high <= 255:
+        return np.rint(values).astype(np.uint8)
+    if low >= 0 and high <= 65535 and mode == "I":
+        return _uint16_to_uint8(values.astype(np.uint16))
+    span = high - low if high > low else 1.0
+    return np.rint((values - low) * (255.0 / span)).astype(np.uint8)
+
+
+def _uint16_to_uint8(values: np.ndarray) -> np.ndarray:
+    return ((values.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+
+
+def _pil_to_rgb(image: Image.Image, *, exif_transpose: bool, background: RGBColor) -> Image.Image:
+    if exif_transpose:
+        image = ImageOps.exif_transpose(image)
+    mode = image.mode
+    if mode == "RGB" and "transparency" not in image.info:
+        return image
+    if mode in _SIXTEEN_BIT_MODES or mode in ("I", "F"):
+        gray = _scale_to_uint8(np.asarray(image), mode)
+        return Image.fromarray(gray).convert("RGB")
+    if mode in _ALPHA_MODES or "transparency" in image.info:
+        return _composite(image.convert("RGBA"), background)
+    if mode == "1":
+        return image.convert("L").convert("RGB")
+    try:
+        return image.convert("RGB")
+    except ValueError as err:
+        raise ImageLoadError(f"Cannot convert an image of mode {mode!r} to RGB: {err}") from err
+
+
+def _as_array(image: Any) -> np.ndarray:
+    if isinstance(image, np.ndarray):
+        array = image
+    elif hasattr(image, "__array__"):
+        array = np.asarray(image)
+    else:
+        raise TypeError(
+            f"Cannot use an object of type {type(image).__name__} as an image: pass a file path, a PIL image or an "
+            "(H, W[, C]) array."
+        )
+    if array.ndim == 3 and array.shape[-1] not in (1, 2, 3, 4) and array.shape[0] in (1, 3, 4):
+        raise ValueError(
+            f"Image array of shape {tuple(array.shape)} looks channels-first; pass (H, W, C) "
+            "(e.g. array.transpose(1, 2, 0))."
+        )
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (1, 2, 3, 4)):
+        raise ValueError(
+            f"Image array must be (H, W), (H, W, 1), (H, W, 3) or (H, W, 4); got shape {tuple(array.shape)}."
+        )
+    return array
+
+
+def _array_to_uint8(array: np.ndarray) -> np.ndarray:
+    if array.dtype == np.uint8:
+        return array
+    if array.dtype == np.bool_:
+        return array.astype(np.uint8) * 255
+    if array.dtype == np.uint16:
+        return _uint16_to_uint8(array)
+    if np.issubdtype(array.dtype, np.floating):
+        if not np.isfinite(array).all():
+            raise ValueError("Float image array contains NaN or infinite values.")
+        if array.size and (array.min() < 0.0 or array.max() > 1.0):
+            raise ValueError(
+                f"Float image arrays must hold values in [0, 1]; got [{array.min():.4g}, {array.max():.4g}]. "
+                "For 0..255 data pass array.astype(numpy.uint8)."
+            )
+        return np.rint(array * 255.0).astype(np.uint8)
+    if np.issubdtype(array.dtype, np.integer):
+        if array.size and (array.min() < 0 or array.max() > 255):
+            raise ValueError(
+                f"Integer image arrays of dtype {array.dtype} must hold values in 0..255 (use uint16 for 16-bit "
+                f"data); got [{array.min()}, {array.max()}]."
+            )
+        return array.astype(np.uint8)
+    raise TypeError(f"Unsupported image array dtype {array.dtype}; use uint8, uint16, bool or float in [0, 1].")
+
+
+def _array_to_rgb(array: np.ndarray, *, background: RGBColor) -> Image.Image:
+    pixels = np.ascontiguousarray(_array_to_uint8(array))
+    if pixels.ndim == 3 and pixels.shape[-1] == 1:
+        pixels = pixels[..., 0]
+    if pixels.ndim == 2:
+        return Image.fromarray(pixels).convert("RGB")
+    channels = pixels.shape[-1]
+    if channels == 3:
+        return Image.fromarray(pixels)
+    if channels == 2:
+        return _composite(Image.fromarray(pixels).convert("RGBA"), background)
+    return _composite(Image.fromarray(pixels), background)

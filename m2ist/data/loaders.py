@@ -1,0 +1,202 @@
+"""Conventions every REC loader shares, and one import point for all of them.
+
+Each loader states the box convention of its source and converts to the one internal form: ``(x0, y0, x1, y1)``
+in absolute pixels of the original image. The loaders themselves live in :mod:`m2ist.data.refer`,
+:mod:`m2ist.data.transvg`, :mod:`m2ist.data.hf` and :mod:`m2ist.data.files`; ``from m2ist.data.loaders import
+load_refer`` (and the other ``load_*`` names) works too.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import re
+from collections.abc import Iterable, Sequence
+from os import PathLike
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from m2ist.ops.boxes import BOX_FORMATS, box_convert
+
+Box = tuple[float, float, float, float]
+
+#: Column / key names accepted for the referring expression, the image and the box in user data.
+TEXT_KEYS = ("text", "expression", "phrase", "sentence", "sentences", "caption", "referring_expression", "ref_exp")
+IMAGE_KEYS = ("image", "image_path", "file_name", "img_path", "img", "path")
+BOX_KEYS = ("bbox", "box")
+
+_LAZY_EXPORTS = {
+    "load_refer": "m2ist.data.refer",
+    "load_transvg_split": "m2ist.data.transvg",
+    "from_hf_dataset": "m2ist.data.hf",
+    "load_jsonl": "m2ist.data.files",
+    "load_csv": "m2ist.data.files",
+    "load_coco_style": "m2ist.data.files",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """Resolve the loader functions lazily (they import this module, so they cannot be imported at its top)."""
+    if name in _LAZY_EXPORTS:
+        return getattr(importlib.import_module(_LAZY_EXPORTS[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def check_box_format(box_format: str | None, *, source: str) -> str:
+    """Validate ``box_format`` (``xyxy`` | ``xywh`` | ``cxcywh``) or say how to give it."""
+    if box_format is None:
+        raise ValueError(
+            f"{source}: the box format is unknown; pass box_format='xyxy' (corners), 'xywh' (COCO: top-left corner, "
+            "width, height) or 'cxcywh' (centre, width, height), in pixels (add normalized=True for fractions of "
+            "the image size)."
+        )
+    if box_format not in BOX_FORMATS:
+        raise ValueError(f"{source}: unknown box_format {box_format!r}; expected one of {BOX_FORMATS}.")
+    return box_format
+
+
+_NUMBER_SPLIT = re.compile(r"[\s,;]+")
+
+
+def parse_box(value: Any, *, where: str) -> Box:
+    """Read four numbers from a list/tuple/array/tensor or a string like ``"[1, 2, 3, 4]"`` or ``"1 2 3 4"``."""
+    if isinstance(value, str):
+        text = value.strip().strip("[]()")
+        parts = [part for part in _NUMBER_SPLIT.split(text) if part]
+    elif hasattr(value, "tolist"):
+        parts = value.tolist()
+    elif isinstance(value, Iterable):
+        parts = list(value)
+    else:
+        parts = [value]
+    if isinstance(parts, list) and len(parts) == 1 and isinstance(parts[0], list | tuple):
+        parts = list(parts[0])  # [[x, y, w, h]] -> [x, y, w, h]
+    try:
+        numbers = tuple(float(part) for part in parts)
+    except (TypeError, ValueError):
+        numbers = ()
+    if len(numbers) != 4:
+        raise ValueError(f"{where}: a box must be 4 numbers, got {value!r}.")
+    return numbers  # type: ignore[return-value]
+
+
+def boxes_to_xyxy(
+    boxes: Sequence[Box], box_format: str, *, image_sizes: Sequence[tuple[float, float]] | None = None
+) -> list[Box]:
+    """Convert ``boxes`` given in ``box_format`` to absolute ``xyxy`` pixels.
+
+    With ``image_sizes`` (one ``(width, height)`` per box) the input numbers are fractions of the image size.
+    """
+    if not boxes:
+        return []
+    tensor = torch.tensor(boxes, dtype=torch.float64)
+    if image_sizes is not None:
+        sizes = torch.tensor(image_sizes, dtype=torch.float64)
+        tensor = tensor * torch.cat([sizes, sizes], dim=-1)
+    converted = box_convert(tensor, box_format, "xyxy")
+    return [tuple(row) for row in converted.tolist()]  # type: ignore[misc]
+
+
+def sentence_text(sentence: Any, *, sentence_field: str, where: str) -> str:
+    """Text of one sentence: a string, or a ``refer``-style dict (``sent``/``raw``/``tokens``)."""
+    if isinstance(sentence, str):
+        return sentence
+    if isinstance(sentence, dict):
+        for key in (sentence_field, "sent", "raw", "text", "phrase"):
+            if isinstance(sentence.get(key), str):
+                return sentence[key]
+        if isinstance(sentence.get("tokens"), list):
+            return " ".join(str(token) for token in sentence["tokens"])
+    raise ValueError(f"{where}: cannot read a sentence from {sentence!r}; expected a string or a dict with 'sent'.")
+
+
+def expressions_of(value: Any, *, sentence_field: str, where: str) -> list[tuple[str, Any]]:
+    """All expressions in a text field: a string, a list of strings/sentence dicts, or a JSON-encoded list.
+
+    Returns ``(text, original_item)`` pairs so callers can read ids from sentence dicts.
+    """
+    if isinstance(value, str):
+        stripped = value.strip()
+        if stripped.startswith("[") and stripped.endswith("]"):
+            try:
+                decoded = json.loads(stripped)
+            except json.JSONDecodeError:
+                decoded = None
+            if isinstance(decoded, list):
+                value = decoded
+        if isinstance(value, str):
+            return [(value, value)]
+    if isinstance(value, dict):
+        return [(sentence_text(value, sentence_field=sentence_field, where=where), value)]
+    if isinstance(value, Iterable):
+        return [(sentence_text(item, sentence_field=sentence_field, where=where), item) for item in value]
+    if value is None:
+        return [("", None)]
+    raise ValueError(f"{where}: cannot read an expression from {value!r}.")
+
+
+def repair_mojibake(text: str) -> str:
+    """Undo UTF-8 bytes that a Python-2 pickle stored as ``str`` and ``latin1`` decoding turned into 'Ã©'."""
+    if not any("\x80" <= char <= "\xff" for char in text):
+        return text
+    try:
+        return text.encode("latin1").decode("utf-8")
+    except (UnicodeEncodeError, UnicodeDecodeError):
+        return text
+
+
+def join_image_path(name: str | PathLike[str], image_root: str | PathLike[str] | None) -> str:
+    """``image_root / name`` unless ``name`` is absolute or there is no root."""
+    path = Path(name)
+    if image_root is None or path.is_absolute():
+        return str(path)
+    return str(Path(image_root) / path)
+
+
+def first_key(row: dict[str, Any], keys: Sequence[str]) -> str | None:
+    """The first of ``keys`` present in ``row`` (``None`` when none is)."""
+    for key in keys:
+        if key in row:
+            return key
+    return None
+
+
+def normalize_split_request(split: str | Sequence[str] | None) -> list[str] | None:
+    """``None``/``"all"`` -> ``None`` (every split); a string or a list -> a list of split names."""
+    if split is None:
+        return None
+    if isinstance(split, str):
+        return None if split.lower() == "all" else [split]
+    return list(split)
+
+
+_SPLIT_ALIASES = {"validation": "val", "valid": "val", "dev": "val"}
+
+
+def canonical_split(name: str) -> str:
+    """Compare split names case-insensitively, with ``validation``/``dev`` meaning ``val``."""
+    lowered = str(name).lower()
+    return _SPLIT_ALIASES.get(lowered, lowered)
+
+
+def match_splits(requested: list[str], available: Iterable[str], *, source: str) -> set[str]:
+    """Map requested split names onto the ones ``source`` has (``testa`` -> ``testA``) or say what exists."""
+    available = sorted({str(name) for name in available})
+    by_canonical: dict[str, str] = {}
+    for name in available:
+        by_canonical.setdefault(canonical_split(name), name)
+    chosen = set()
+    for name in requested:
+        match = by_canonical.get(canonical_split(name))
+        if match is None:
+            raise ValueError(f"{source} has no split {name!r}; available splits: {available}.")
+        chosen.add(match)
+    return chosen
+
+
+def is_finite_box(box: Sequence[float]) -> bool:
+    """True when all four coordinates are finite numbers."""
+    return all(math.isfinite(value) for value in box)

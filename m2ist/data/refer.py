@@ -1,0 +1,133 @@
+"""Loader for the ``refer`` toolkit layout (RefCOCO, RefCOCO+, RefCOCOg, RefClef).
+
+Layout: ``<root>/<dataset>/refs(<split_by>).p`` (a pickle, often written by Python 2) and
+``<root>/<dataset>/instances.json`` (COCO style, ``bbox`` = ``[x, y, w, h]`` pixels). One ref is one object with
+one or more sentences; the loader returns one :class:`RECSample` per sentence.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from os import PathLike
+from pathlib import Path
+from typing import Any
+
+from m2ist.data.loaders import (
+    boxes_to_xyxy,
+    join_image_path,
+    match_splits,
+    normalize_split_request,
+    parse_box,
+    repair_mojibake,
+    sentence_text,
+)
+from m2ist.data.safe_pickle import restricted_load
+from m2ist.data.sample import RECSample
+
+__all__ = ["DEFAULT_SPLIT_BY", "load_refer"]
+
+#: The standard partition of each dataset (RefCOCO/+ UNC, RefCOCOg UMD).
+DEFAULT_SPLIT_BY = {"refcoco": "unc", "refcoco+": "unc", "refcocog": "umd", "refclef": "unc"}
+_COCO_IMAGE_DIR = Path("images") / "mscoco" / "images" / "train2014"
+_REFCLEF_IMAGE_DIR = Path("images") / "saiapr_tc-12"
+
+
+def load_refer(
+    root: str | PathLike[str],
+    dataset: str = "refcoco",
+    split_by: str | None = None,
+    split: str | Sequence[str] | None = None,
+    image_root: str | PathLike[str] | None = None,
+    *,
+    sentence_field: str = "sent",
+) -> list[RECSample]:
+    """Load a ``refer``-layout dataset as one :class:`RECSample` per sentence.
+
+    Args:
+        root: the ``refer`` data folder holding ``<dataset>/refs(<split_by>).p`` and ``<dataset>/instances.json``.
+        dataset: ``refcoco``, ``refcoco+``, ``refcocog`` or ``refclef`` (the sub-folder name).
+        split_by: ``unc``, ``google``, ``umd``...; defaults to :data:`DEFAULT_SPLIT_BY` for the dataset.
+        split: one split (``train``, ``val``, ``testA``, ``testB``, ``test``; case-insensitive), a list of them,
+            or ``None``/``"all"`` for every split.
+        image_root: the folder holding the images named by ``instances.json`` ``images[].file_name`` (COCO
+            ``train2014`` for RefCOCO*). Defaults to the ``refer`` toolkit's own place:
+            ``<root>/images/mscoco/images/train2014`` (``<root>/images/saiapr_tc-12`` for refclef).
+        sentence_field: which sentence text to use: ``sent`` (the normalised lower-case form the benchmarks
+            and TransVG split files use) or ``raw`` (as typed by the annotator).
+
+    Returns:
+        Samples with ``box`` in ``xyxy`` pixels (converted from the annotation's ``xywh``), ``image_id`` the COCO
+        image id and ``metadata`` holding ``dataset``, ``split_by``, ``split``, ``ref_id``, ``ann_id``,
+        ``sent_id`` and ``category_id``.
+    """
+    dataset_dir = Path(root) / dataset
+    if not dataset_dir.is_dir():
+        present = sorted(p.name for p in Path(root).iterdir() if p.is_dir()) if Path(root).is_dir() else []
+        raise FileNotFoundError(
+            f"No folder {dataset_dir} for dataset {dataset!r}; {root} holds {present or 'nothing'}. "
+            "Expected the refer layout <root>/<dataset>/refs(<split_by>).p + instances.json."
+        )
+    if split_by is None:
+        if dataset not in DEFAULT_SPLIT_BY:
+            raise ValueError(f"No default split_by for dataset {dataset!r}; pass split_by (e.g. 'unc').")
+        split_by = DEFAULT_SPLIT_BY[dataset]
+    refs_path = dataset_dir / f"refs({split_by}).p"
+    if not refs_path.is_file():
+        present = sorted(p.name for p in dataset_dir.glob("refs(*).p"))
+        raise FileNotFoundError(f"No {refs_path.name} in {dataset_dir}; present refs files: {present or 'none'}.")
+    instances_path = dataset_dir / "instances.json"
+    if not instances_path.is_file():
+        raise FileNotFoundError(f"No instances.json in {dataset_dir} (the COCO-style boxes and image names).")
+
+    refs = restricted_load(refs_path)
+    if not isinstance(refs, list):
+        raise ValueError(f"{refs_path} should hold a list of ref dicts, found {type(refs).__name__}.")
+    with instances_path.open("r", encoding="utf-8") as handle:
+        instances = json.load(handle)
+    boxes_by_ann = {ann["id"]: ann["bbox"] for ann in instances.get("annotations", [])}
+    file_by_image = {image["id"]: image["file_name"] for image in instances.get("images", [])}
+
+    requested = normalize_split_request(split)
+    wanted = None
+    if requested is not None:
+        wanted = match_splits(requested, {str(ref.get("split")) for ref in refs}, source=str(refs_path))
+
+    if image_root is None:
+        image_root = Path(root) / (_REFCLEF_IMAGE_DIR if dataset == "refclef" else _COCO_IMAGE_DIR)
+
+    rows: list[tuple[str, str, Any, dict[str, Any]]] = []
+    raw_boxes = []
+    for ref in refs:
+        if wanted is not None and str(ref.get("split")) not in wanted:
+            continue
+        where = f"{refs_path} ref_id={ref.get('ref_id')}"
+        ann_id, image_id = ref.get("ann_id"), ref.get("image_id")
+        if ann_id not in boxes_by_ann:
+            raise ValueError(f"{where}: ann_id {ann_id} is not in {instances_path}.")
+        if image_id not in file_by_image:
+            raise ValueError(f"{where}: image_id {image_id} is not in {instances_path}.")
+        box = parse_box(boxes_by_ann[ann_id], where=where)
+        image_path = join_image_path(file_by_image[image_id], image_root)
+        sent_ids = ref.get("sent_ids") or []
+        for position, sentence in enumerate(ref.get("sentences", [])):
+            text = repair_mojibake(sentence_text(sentence, sentence_field=sentence_field, where=where))
+            sent_id = sentence.get("sent_id") if isinstance(sentence, dict) else None
+            if sent_id is None and position < len(sent_ids):
+                sent_id = sent_ids[position]
+            metadata = {
+                "dataset": dataset,
+                "split_by": split_by,
+                "split": ref.get("split"),
+                "ref_id": ref.get("ref_id"),
+                "ann_id": ann_id,
+                "sent_id": sent_id,
+                "category_id": ref.get("category_id"),
+            }
+            rows.append((image_path, text, image_id, metadata))
+            raw_boxes.append(box)
+    boxes = boxes_to_xyxy(raw_boxes, "xywh")
+    return [
+        RECSample(image=image, expression=text, box=box, image_id=image_id, metadata=metadata)
+        for (image, text, image_id, metadata), box in zip(rows, boxes)
+    ]

