@@ -305,9 +305,13 @@ class SideTunedModel(RECModel):
             raise ValueError(f"Only {sorted(allowed)} can be overridden when loading; got {sorted(config_overrides)}.")
         vision_model = vision_model or _load_tower(saved, VISION, trust_remote_code, hub)
         text_model = text_model or _load_tower(saved, TEXT, trust_remote_code, hub)
-        model = cls(vision_model, text_model, dataclasses.replace(saved, **config_overrides, **{
-            f"{m}_{k}": None for m in (VISION, TEXT) for k in M2ISTConfig.TOWER_FIELDS}))
+        measured = {f"{m}_{k}": None for m in (VISION, TEXT) for k in M2ISTConfig.TOWER_FIELDS}
+        model = cls(vision_model, text_model,
+                    dataclasses.replace(saved, **config_overrides, **measured, num_vision_tokens=None))
         mismatches = saved.tower_mismatches(model.config)
+        if saved.num_vision_tokens not in (None, model.config.num_vision_tokens):
+            mismatches.append(f"num_vision_tokens: saved {saved.num_vision_tokens}, given "
+                              f"{model.config.num_vision_tokens} at image_size={model.config.image_size}")
         if mismatches:
             raise ValueError(f"The adapter in {name_or_path} was trained on other towers: {'; '.join(mismatches)}. "
                              "Pass the towers it was built for (see its m2ist_config.json).")
