@@ -112,7 +112,7 @@ class _RelativeImagePaths:
             warnings.warn(
                 f"None of the first {len(probed)} images were found under image_root={self.root} (e.g. "
                 f"{self.root / probed[0]}); check image_root.",
-                stacklevel=3,
+                stacklevel=4,
             )
         return 0
 
@@ -227,21 +227,17 @@ def from_hf_dataset(
         )
     box_format = check_box_format(box_format or known_format, source=f"from_hf_dataset ({style}-style rows)")
 
-    text_key = text_column or {"jxu124": "sentences", "lmms-lab": "answer"}.get(style) or first_key(
-        first_row, TEXT_KEYS
-    )
+    style_text_keys = {"jxu124": ("sentences", "captions"), "lmms-lab": ("answer",)}.get(style, TEXT_KEYS)
+    text_key = text_column or first_key(first_row, style_text_keys)
     if text_key is None or text_key not in first_row:
-        raise ValueError(
-            f"No expression column among {columns}; expected one of {list(TEXT_KEYS)} or pass text_column=."
-        )
+        raise ValueError(f"No expression column among {columns}; expected one of {list(TEXT_KEYS)} or pass text_column=.")
     image_key = {"jxu124": "image_path", "lmms-lab": "image"}.get(style) or first_key(first_row, IMAGE_KEYS)
     if style == "jxu124" and "image" in first_row:
         image_key = "image"  # an export that carries the pixels too
     box_key = first_key(first_row, BOX_KEYS)
     if image_key is None or box_key is None:
         raise ValueError(
-            f"Rows need an image column (one of {list(IMAGE_KEYS)}) and a box column (one of {list(BOX_KEYS)}); "
-            f"found {columns}."
+            f"Rows need an image column (one of {list(IMAGE_KEYS)}) and a box column (one of {list(BOX_KEYS)}); found {columns}."
         )
 
     whole, row_filter = _select_subsets(
@@ -255,6 +251,7 @@ def from_hf_dataset(
     image_ids: list[Any] = []
     metadatas: list[dict[str, Any]] = []
     seen_splits: set[str] = set()
+    filtered_rows = 0
     for subset, rows in peeked:
         if subset not in whole and not row_filter:
             continue
@@ -264,6 +261,7 @@ def from_hf_dataset(
                 seen_splits.add(str(row_split))
                 if canonical_split(str(row_split)) not in row_filter:
                     continue
+                filtered_rows += 1
             where = f"row {index}" + (f" of split {subset!r}" if subset is not None else "")
             if text_key not in row or box_key not in row or image_key not in row:
                 raise ValueError(f"{where}: missing one of the columns {text_key!r}, {box_key!r}, {image_key!r}.")
@@ -271,9 +269,7 @@ def from_hf_dataset(
             image, name = _image_of(row[image_key], where=where)
             image_id = row.get("image_id", row.get("file_name", name))
             sent_ids = row.get("sent_ids") or []
-            for position, (text, item) in enumerate(
-                expressions_of(row[text_key], sentence_field=sentence_field, where=where)
-            ):
+            for position, (text, item) in enumerate(expressions_of(row[text_key], sentence_field=sentence_field, where=where)):
                 metadata: dict[str, Any] = {"split": row_split, "row": index}
                 metadata.update({key: row[key] for key in _ID_COLUMNS if key in row and key != "sent_id"})
                 sent_id = item.get("sent_id") if isinstance(item, dict) else None
@@ -288,14 +284,19 @@ def from_hf_dataset(
                 image_ids.append(image_id)
                 metadatas.append(metadata)
 
-    if row_filter and not texts:
+    if row_filter and not filtered_rows:
         raise ValueError(f"No rows with split in {sorted(row_filter)}; the rows' split values are {sorted(seen_splits)}.")
     resolved = _RelativeImagePaths(image_root).resolve_all(names)
     images = [image if image is not None else path for image, path in zip(images, resolved)]
     sizes = None
     if normalized:
-        size_cache: dict[int, tuple[int, int]] = {}
-        sizes = [size_cache.setdefault(id(image), image_size(image)) for image in images]
+        size_cache: dict[Any, tuple[int, int]] = {}
+        sizes = []
+        for image in images:
+            key = image if isinstance(image, str) else id(image)
+            if key not in size_cache:
+                size_cache[key] = image_size(image)
+            sizes.append(size_cache[key])
     boxes = boxes_to_xyxy(raw_boxes, box_format, image_sizes=sizes)
     return [
         RECSample(image=image, expression=text, box=box, image_id=image_id, metadata=metadata)

@@ -173,13 +173,10 @@ def _as_array(image: Any) -> np.ndarray:
         )
     if array.ndim == 3 and array.shape[-1] not in (1, 2, 3, 4) and array.shape[0] in (1, 3, 4):
         raise ValueError(
-            f"Image array of shape {tuple(array.shape)} looks channels-first; pass (H, W, C) "
-            "(e.g. array.transpose(1, 2, 0))."
+            f"Image array of shape {tuple(array.shape)} looks channels-first; pass (H, W, C) (e.g. array.transpose(1, 2, 0))."
         )
     if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (1, 2, 3, 4)):
-        raise ValueError(
-            f"Image array must be (H, W), (H, W, 1), (H, W, 3) or (H, W, 4); got shape {tuple(array.shape)}."
-        )
+        raise ValueError(f"Image array must be (H, W), (H, W, 1), (H, W, 3) or (H, W, 4); got shape {tuple(array.shape)}.")
     return array
 
 

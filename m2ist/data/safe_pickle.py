@@ -97,8 +97,7 @@ class RestrictedUnpickler(pickle.Unpickler):
         allowed = ALLOWED_GLOBALS.get((mapped_module, mapped_name))
         if allowed is None:
             raise pickle.UnpicklingError(
-                f"Refused to load the global '{module}.{name}' from {self.source}: loading it could run code. "
-                + _HOW_TO_CONVERT
+                f"Refused to load the global '{module}.{name}' from {self.source}: loading it could run code. " + _HOW_TO_CONVERT
             )
         return allowed
 

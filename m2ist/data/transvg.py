@@ -17,6 +17,7 @@ Image roots used by TransVG: COCO ``train2014`` (unc, unc+, gref, gref_umd), ``r
 
 from __future__ import annotations
 
+import contextlib
 import pickle
 from os import PathLike
 from pathlib import Path
@@ -63,9 +64,7 @@ def _resolve_file(path: Path, dataset: str | None, split: str | None) -> Path:
         return path
     if path.is_dir():
         if dataset is None or split is None:
-            raise ValueError(
-                f"{path} is a folder: pass dataset= and split= to pick <root>/<ds>/<ds>_<split>.pth, or the file."
-            )
+            raise ValueError(f"{path} is a folder: pass dataset= and split= to pick <root>/<ds>/<ds>_<split>.pth, or the file.")
         for candidate in (path / dataset / f"{dataset}_{split}.pth", path / f"{dataset}_{split}.pth"):
             if candidate.is_file():
                 return candidate
@@ -88,7 +87,12 @@ def _load_rows(file: Path, *, trusted: bool) -> Any:
     if trusted:
         return torch.load(file, map_location="cpu", weights_only=False)
     try:
-        with torch.serialization.safe_globals(_numpy_safe_globals()):
+        allow_numpy = (
+            torch.serialization.safe_globals(_numpy_safe_globals())
+            if hasattr(torch.serialization, "safe_globals")  # torch >= 2.5
+            else contextlib.nullcontext()
+        )
+        with allow_numpy:
             return torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         reason = str(err).split("WeightsUnpickler error:")[-1].strip().splitlines()[0].split(" Please use")[0]
@@ -145,9 +149,7 @@ def load_transvg_split(
         if not isinstance(row, list | tuple) or len(row) != row_length:
             layout = "(img_file, bbox, phrase)" if row_length == 3 else "(img_file, mask_file, bbox, phrase, attri)"
             found = f"{len(row)} fields" if isinstance(row, list | tuple) else type(row).__name__
-            raise ValueError(
-                f"{where}: dataset {dataset!r} rows are {layout}, found {found}. Is dataset= right for this file?"
-            )
+            raise ValueError(f"{where}: dataset {dataset!r} rows are {layout}, found {found}. Is dataset= right for this file?")
         metadata: dict[str, Any] = {"dataset": dataset, "split": split, "row": index}
         if row_length == 3:
             image_file, box, phrase = row

@@ -1,0 +1,217 @@
+"""`m2ist bench`: the cost of one training step at paper scale, for every method, side by side.
+
+Each method runs in its own subprocess (so the process peak memory of one does not leak into the next) on the
+same towers, batch and seed: DETR-R50 encoder + BERT-base (random weights: cost does not depend on them),
+640×640 canvas, query length 20. Reported per method: trainable parameters, exact bytes (autograd saved tensors
++ parameters + gradients + AdamW state), process peak memory (``torch.cuda.max_memory_allocated`` on GPU, peak
+RSS on CPU), step time, and each as a ratio to full fine-tuning. The floor is the frozen towers' forward alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from datetime import date
+from typing import Any
+
+import torch
+
+PAPER = {"trainable": 0.0211, "memory": 0.3961, "time": 0.6346}
+METHOD_ORDER = ("full", "adapter", "lora", "m2ist")
+
+
+def _towers(tiny: bool):
+    if tiny:
+        import transformers as T
+
+        layers = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128)
+        return (T.ViTModel(T.ViTConfig(**layers, image_size=64, patch_size=16)),
+                T.BertModel(T.BertConfig(**layers, vocab_size=1000)))
+    from .reference import reference_towers
+
+    return reference_towers(pretrained=False)
+
+
+def _config(tiny: bool, backbone_dtype: str | None):
+    from .config import M2ISTConfig
+    from .reference import reference_config
+
+    if tiny:
+        return M2ISTConfig(image_size=64, max_query_len=20, bottleneck=16, fusion_dim=64, fusion_layers=1,
+                           fusion_heads=2, fusion_ffn_dim=128, backbone_dtype=backbone_dtype)
+    return reference_config(backbone_dtype=backbone_dtype)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(method: str, batch_size: int, steps: int, warmup: int, device: str, tiny: bool,
+            backbone_dtype: str | None) -> dict[str, Any]:
+    """Build ``method`` on fresh towers and time ``steps`` AdamW steps after ``warmup``; return the figures."""
+    from .baselines import build_model
+    from .profiling import saved_tensor_accounting, training_state_bytes
+
+    torch.manual_seed(0)
+    dev = torch.device(device)
+    config = _config(tiny, backbone_dtype if method == "m2ist" else None)
+    model = build_model(*_towers(tiny), config, method=method).to(dev)
+    model.train()
+    size, length = model.config.image_size, model.config.max_query_len
+    g = torch.Generator().manual_seed(0)
+    batch = {
+        "pixel_values": torch.randn(batch_size, 3, size, size, generator=g),
+        "pixel_mask": torch.ones(batch_size, size, size, dtype=torch.long),
+        "input_ids": torch.randint(1000, 2000, (batch_size, length), generator=g) % model.text_model.config.vocab_size,
+        "attention_mask": torch.ones(batch_size, length, dtype=torch.long),
+        "labels": torch.rand(batch_size, 4, generator=g) * 0.5 + 0.25,
+    }
+    batch = {k: v.to(dev) for k, v in batch.items()}
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-5, weight_decay=1e-4)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        model(**batch).loss.backward()
+        optimizer.step()
+
+    for _ in range(warmup):
+        step()
+    _sync(dev)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    with saved_tensor_accounting() as saved:
+        loss = model(**batch).loss
+    loss.backward()
+    del loss
+    times = []
+    for _ in range(steps):
+        _sync(dev)
+        start = time.perf_counter()
+        step()
+        _sync(dev)
+        times.append(time.perf_counter() - start)
+    with torch.no_grad():  # the floor: the frozen towers' forward alone
+        floor = []
+        for _ in range(max(1, steps)):
+            _sync(dev)
+            start = time.perf_counter()
+            model.vision_tower({"pixel_values": batch["pixel_values"], "pixel_mask": batch["pixel_mask"]})
+            model.text_tower({"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]})
+            _sync(dev)
+            floor.append(time.perf_counter() - start)
+    state = training_state_bytes(model)
+    peak = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else \
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    trainable, total = model.get_nb_trainable_parameters()
+    return {
+        "method": method,
+        "trainable_params": trainable,
+        "total_params": total,
+        "parameter_counts": model.parameter_counts(),
+        "saved_tensor_bytes": saved.bytes,
+        "exact_bytes": saved.bytes + state["parameters"] + state["gradients"] + state["optimizer"],
+        "peak_memory_bytes": int(peak),
+        "step_time_s": statistics.median(times),
+        "floor_time_s": statistics.median(floor),
+    }
+
+
+def _run_isolated(method: str, args: argparse.Namespace) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "m2ist.bench", "--one", method, "--batch-size", str(args.batch_size),
+           "--steps", str(args.steps), "--warmup", str(args.warmup), "--device", args.device]
+    cmd += ["--tiny"] if args.tiny else []
+    cmd += ["--backbone-dtype", args.backbone_dtype] if args.backbone_dtype else []
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if done.returncode:
+        raise RuntimeError(f"bench of {method} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def add_ratios(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Add, to each method, its ratio to full fine-tuning for every figure (needs a 'full' row)."""
+    full = next((r for r in results if r["method"] == "full"), None)
+    for row in results:
+        row["trainable_fraction"] = row["trainable_params"] / row["total_params"]
+        row["side_fraction"] = row["parameter_counts"].get("side", 0) / row["total_params"]
+        if full is not None:
+            row["ratios_to_full"] = {key: row[key] / full[key] for key in
+                                     ("trainable_params", "saved_tensor_bytes", "exact_bytes", "peak_memory_bytes",
+                                      "step_time_s")}
+            row["ratios_to_full"]["floor_time_s"] = row["floor_time_s"] / full["step_time_s"]
+    return results
+
+
+def format_table(results: list[dict[str, Any]]) -> str:
+    """A markdown table of the figures and their ratios to full fine-tuning."""
+    lines = ["| method | trainable (M) | trainable % | side % | saved tensors (MiB) | exact bytes (MiB) | "
+             "peak memory (MiB) | step (s) | memory vs full | peak vs full | time vs full |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        ratio = r.get("ratios_to_full", {})
+        lines.append(
+            f"| {r['method']} | {r['trainable_params'] / 1e6:.2f} | {100 * r['trainable_fraction']:.2f} | "
+            f"{100 * r['side_fraction']:.2f} | {r['saved_tensor_bytes'] / 2**20:.0f} | {r['exact_bytes'] / 2**20:.0f} | "
+            f"{r['peak_memory_bytes'] / 2**20:.0f} | {r['step_time_s']:.3f} | {ratio.get('exact_bytes', float('nan')):.3f} | "
+            f"{ratio.get('peak_memory_bytes', float('nan')):.3f} | {ratio.get('step_time_s', float('nan')):.3f} |")
+    floor = statistics.median(r["floor_time_s"] for r in results)
+    full = next((r for r in results if r["method"] == "full"), None)
+    lines.append("")
+    lines.append(f"floor (frozen towers' forward alone): {floor:.3f} s"
+                 + (f" = {floor / full['step_time_s']:.3f} of full fine-tuning's step" if full else ""))
+    lines.append(f"paper (M²IST vs full, RefCOCO, A100): side params {100 * PAPER['trainable']:.2f}%, memory "
+                 f"{PAPER['memory']:.4f}, time {PAPER['time']:.4f}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``m2ist bench``."""
+    parser = argparse.ArgumentParser(prog="m2ist bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--methods", default=",".join(METHOD_ORDER),
+                        help="comma-separated methods among full, adapter, lora, m2ist (default: all)")
+    parser.add_argument("--batch-size", type=int, default=2, help="images per step (default: 2)")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per method (median reported)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps before timing")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    parser.add_argument("--backbone-dtype", choices=["bfloat16", "float16"], default=None,
+                        help="run M²IST's frozen towers in this dtype (side network and head stay float32)")
+    parser.add_argument("--tiny", action="store_true", help="tiny towers (a smoke test of the benchmark itself)")
+    parser.add_argument("--output", help="write the results as JSON to this file")
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.one:
+        print(json.dumps(measure(args.one, args.batch_size, args.steps, args.warmup, args.device, args.tiny,
+                                 args.backbone_dtype)))
+        return 0
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = set(methods) - set(METHOD_ORDER)
+    if unknown:
+        parser.error(f"unknown methods {sorted(unknown)}; choose from {', '.join(METHOD_ORDER)}")
+    results = []
+    for method in methods:
+        print(f"[bench] {method} ...", file=sys.stderr, flush=True)
+        results.append(_run_isolated(method, args))
+    add_ratios(results)
+    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else \
+        f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    print(f"m2ist bench — {'tiny towers' if args.tiny else 'DETR-R50 + BERT-base, 640x640, L=20'}, batch "
+          f"{args.batch_size}, device {device}, {date.today()}")
+    print(format_table(results))
+    if args.output:
+        report = {"device": device, "date": str(date.today()), "batch_size": args.batch_size, "tiny": args.tiny,
+                  "backbone_dtype": args.backbone_dtype, "paper": PAPER, "methods": results}
+        with open(args.output, "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,257 @@
+"""A ``torch.utils.data.Dataset`` over :class:`RECSample` lists that checks the data once, when it is built."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+from torch.utils.data import Dataset
+
+from m2ist.data.images import WHITE, RGBColor, image_size, load_image
+from m2ist.data.sample import RECSample
+
+__all__ = ["RECDataWarning", "RECDataset", "ValidationReport"]
+
+Box = tuple[float, float, float, float]
+Transform = Callable[[Image.Image, str, Box], Any]
+_IMAGE_ERRORS = (OSError, ValueError, TypeError)
+
+
+class RECDataWarning(UserWarning):
+    """Problems found in REC data (clipped boxes, dropped or skipped samples); filter it like any warning."""
+
+
+@dataclass
+class ValidationReport:
+    """What :class:`RECDataset` found while checking its samples.
+
+    Attributes:
+        num_input: samples given.
+        num_kept: samples in the dataset.
+        num_clipped: kept samples whose box reached outside the image and was clipped to it.
+        num_invalid_boxes: dropped: zero/negative width or height (after clipping) or non-finite coordinates.
+        num_empty_expressions: dropped: empty or whitespace-only expression.
+        num_unreadable_images: skipped (``skip_invalid=True``): the image could not be found or read.
+        unreadable_files: how many distinct image files those were.
+        examples: a few offending samples per category, as readable strings.
+    """
+
+    num_input: int = 0
+    num_kept: int = 0
+    num_clipped: int = 0
+    num_invalid_boxes: int = 0
+    num_empty_expressions: int = 0
+    num_unreadable_images: int = 0
+    unreadable_files: int = 0
+    examples: dict[str, list[str]] = field(default_factory=dict)
+
+
+def _describe(index: int, sample: RECSample) -> str:
+    image = sample.image if isinstance(sample.image, str | Path) else type(sample.image).__name__
+    return f"#{index} (image_id={sample.image_id!r}, image={image}, expression={sample.expression!r}, box={sample.box})"
+
+
+def _with_context(err: BaseException, context: str) -> BaseException:
+    """The same kind of exception with ``context`` (sample index, image id) in front of its message."""
+    try:
+        return type(err)(f"{context}: {err}")
+    except Exception:
+        return RuntimeError(f"{context}: {err}")
+
+
+def _clip(box: Box, width: float, height: float) -> Box:
+    x0, y0, x1, y1 = box
+    return (min(max(x0, 0.0), width), min(max(y0, 0.0), height), min(max(x1, 0.0), width), min(max(y1, 0.0), height))
+
+
+def _image_key(image: Any) -> Any:
+    return str(image) if isinstance(image, str | Path) else id(image)
+
+
+class RECDataset(Dataset):
+    """REC samples ready for a ``DataLoader``: one item per expression.
+
+    Building it checks every sample cheaply (for file images only the header is read, for the size):
+
+    * a box reaching outside its image is clipped to it (one :class:`RECDataWarning` with the count);
+    * a box with zero/negative width or height after clipping, or with non-finite numbers, and an empty or
+      whitespace-only expression are dropped (one warning with counts and a few examples);
+    * an image that is missing or unreadable raises an error naming the file and the sample index; with
+      ``skip_invalid=True`` such samples are skipped instead and counted in one warning at the end.
+
+    The findings are kept in :attr:`report`; :attr:`source_indices` maps each item back to ``samples``.
+
+    Args:
+        samples: the :class:`RECSample` list a loader returned.
+        transform: ``transform(image, expression, box) -> dict`` applied in ``__getitem__``.
+        skip_invalid: skip (and count) samples whose image cannot be read instead of raising.
+        validate_images: read each image's size while building (needed for clipping and for catching missing
+            files early). With ``False`` only expressions and boxes are checked; boxes are still clipped to the
+            decoded image in ``__getitem__``.
+        exif_transpose: apply EXIF orientation (see :func:`m2ist.data.images.load_image`; off for dataset boxes
+            that refer to the stored pixel grid, like COCO's).
+        background: colour transparent pixels are composited on.
+        max_examples: how many examples each warning lists.
+    """
+
+    def __init__(
+        self,
+        samples: Sequence[RECSample],
+        transform: Transform | None = None,
+        skip_invalid: bool = False,
+        *,
+        validate_images: bool = True,
+        exif_transpose: bool = False,
+        background: RGBColor = WHITE,
+        max_examples: int = 3,
+    ) -> None:
+        self.transform = transform
+        self.skip_invalid = skip_invalid
+        self.exif_transpose = exif_transpose
+        self.background = background
+        self.samples: list[RECSample] = []
+        self.source_indices: list[int] = []
+        self.report = ValidationReport(num_input=len(samples))
+        self._validate(samples, validate_images=validate_images, max_examples=max_examples)
+
+    def _validate(self, samples: Sequence[RECSample], *, validate_images: bool, max_examples: int) -> None:
+        report = self.report
+        examples: dict[str, list[str]] = {"clipped": [], "invalid_box": [], "empty_expression": [], "unreadable": []}
+
+        def note(kind: str, text: str) -> None:
+            if len(examples[kind]) < max_examples:
+                examples[kind].append(text)
+
+        sizes: dict[Any, tuple[int, int] | BaseException] = {}
+        for index, sample in enumerate(samples):
+            if not isinstance(sample, RECSample):
+                raise TypeError(f"samples[{index}] is a {type(sample).__name__}; RECDataset takes RECSample objects.")
+            expression = sample.expression
+            if expression is None or (isinstance(expression, str) and not expression.strip()):
+                report.num_empty_expressions += 1
+                note("empty_expression", _describe(index, sample))
+                continue
+            if not isinstance(expression, str):
+                raise TypeError(f"samples[{index}].expression is a {type(expression).__name__}; it must be a str.")
+            try:
+                box = tuple(float(value) for value in sample.box)
+            except (TypeError, ValueError):
+                box = ()
+            if len(box) != 4 or not all(math.isfinite(value) for value in box):
+                report.num_invalid_boxes += 1
+                note("invalid_box", _describe(index, sample))
+                continue
+            if validate_images:
+                key = _image_key(sample.image)
+                size = sizes.get(key)
+                if size is None:
+                    try:
+                        size = image_size(sample.image, exif_transpose=self.exif_transpose)
+                    except _IMAGE_ERRORS as err:
+                        if not self.skip_invalid:
+                            context = f"Sample {index} (image_id={sample.image_id!r})"
+                            raise _with_context(err, context) from err
+                        size = err
+                        report.unreadable_files += 1
+                    sizes[key] = size
+                if isinstance(size, BaseException):
+                    report.num_unreadable_images += 1
+                    note("unreadable", f"#{index}: {size}")
+                    continue
+                clipped = _clip(box, *size)
+                if clipped != box:
+                    report.num_clipped += 1
+                    note("clipped", f"{_describe(index, sample)} in a {size[0]}x{size[1]} image -> {clipped}")
+                    box = clipped
+            if box[2] <= box[0] or box[3] <= box[1]:
+                report.num_invalid_boxes += 1
+                note("invalid_box", _describe(index, sample))
+                continue
+            self.samples.append(sample if box == tuple(sample.box) else replace(sample, box=box))
+            self.source_indices.append(index)
+        report.num_kept = len(self.samples)
+        report.examples = {kind: found for kind, found in examples.items() if found}
+        self._warn(examples)
+        if not self.samples:
+            raise ValueError(
+                f"No valid samples among {report.num_input}: {report.num_empty_expressions} empty expressions, "
+                f"{report.num_invalid_boxes} invalid boxes, {report.num_unreadable_images} unreadable images."
+            )
+
+    def _warn(self, examples: dict[str, list[str]]) -> None:
+        report = self.report
+        if report.num_clipped:
+            warnings.warn(
+                f"Clipped {report.num_clipped} of {report.num_input} boxes to their image, e.g. "
+                + "; ".join(examples["clipped"]),
+                RECDataWarning,
+                stacklevel=3,
+            )
+        dropped = report.num_invalid_boxes + report.num_empty_expressions
+        if dropped:
+            parts = []
+            if report.num_invalid_boxes:
+                parts.append(
+                    f"{report.num_invalid_boxes} with a degenerate or invalid box (e.g. "
+                    + "; ".join(examples["invalid_box"])
+                    + ")"
+                )
+            if report.num_empty_expressions:
+                parts.append(
+                    f"{report.num_empty_expressions} with an empty expression (e.g. "
+                    + "; ".join(examples["empty_expression"])
+                    + ")"
+                )
+            warnings.warn(f"Dropped {dropped} of {report.num_input} samples: " + "; ".join(parts), RECDataWarning, stacklevel=3)
+        if report.num_unreadable_images:
+            warnings.warn(
+                f"Skipped {report.num_unreadable_images} of {report.num_input} samples whose image could not be read "
+                f"({report.unreadable_files} files), e.g. " + "; ".join(examples["unreadable"]),
+                RECDataWarning,
+                stacklevel=3,
+            )
+
+    def __len__(self) -> int:
+        """Number of kept samples (one per expression)."""
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> Any:
+        """``{"image", "expression", "box", "image_id", "index", "metadata"}``, or the transform's output.
+
+        ``image`` is an RGB PIL image, ``box`` the ``(x0, y0, x1, y1)`` pixel box (clipped to the image) and
+        ``index`` the position in this dataset (``metadata`` is a copy of the sample's).
+        """
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"index {index} out of range for a dataset of {len(self)} samples")
+        index = index % len(self)
+        sample = self.samples[index]
+        try:
+            image = load_image(sample.image, exif_transpose=self.exif_transpose, background=self.background)
+        except _IMAGE_ERRORS as err:
+            context = f"Sample {index} (source index {self.source_indices[index]}, image_id={sample.image_id!r})"
+            raise _with_context(err, context) from err
+        box = _clip(tuple(float(value) for value in sample.box), *image.size)
+        if self.transform is not None:
+            return self.transform(image, sample.expression, box)
+        return {
+            "image": image,
+            "expression": sample.expression,
+            "box": box,
+            "image_id": sample.image_id,
+            "index": index,
+            "metadata": dict(sample.metadata),
+        }
+
+    def __repr__(self) -> str:
+        """A one-line summary with the validation counts."""
+        report = self.report
+        return (
+            f"RECDataset({len(self)} samples; dropped {report.num_invalid_boxes} invalid boxes, "
+            f"{report.num_empty_expressions} empty expressions, skipped {report.num_unreadable_images} unreadable; "
+            f"clipped {report.num_clipped})"
+        )

@@ -1,0 +1,265 @@
+"""Loaders for a user's own REC files: JSONL, CSV and COCO-style JSON.
+
+Every file states its box convention through ``box_format`` (``xyxy`` | ``xywh`` | ``cxcywh``, in pixels; with
+``normalized=True`` the numbers are fractions of the image width/height). Relative image paths are resolved
+against ``image_root``, or against the annotation file's own folder when no root is given.
+
+Accepted keys / columns: the image in ``image`` (or ``image_path``, ``file_name``, ``img_path``), the expression in
+``text`` (or ``expression``, ``phrase``, ``sentence``, ``caption``; a list gives one sample per item), the box in
+``bbox`` (or ``box``; CSV may instead use four columns named after the format, e.g. ``x0,y0,x1,y1``). Optional:
+``image_id``, ``width``/``height`` (used for ``normalized`` boxes instead of reading the image header). Other
+keys are kept in ``metadata``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections import defaultdict
+from collections.abc import Iterable
+from os import PathLike
+from pathlib import Path
+from typing import Any
+
+from m2ist.data.images import image_size
+from m2ist.data.loaders import (
+    BOX_KEYS,
+    IMAGE_KEYS,
+    TEXT_KEYS,
+    Box,
+    boxes_to_xyxy,
+    check_box_format,
+    expressions_of,
+    first_key,
+    join_image_path,
+    parse_box,
+)
+from m2ist.data.sample import RECSample
+
+__all__ = ["load_coco_style", "load_csv", "load_jsonl"]
+
+_CSV_BOX_COLUMNS = {
+    "xyxy": (("x0", "y0", "x1", "y1"), ("xmin", "ymin", "xmax", "ymax")),
+    "xywh": (("x", "y", "w", "h"), ("x", "y", "width", "height")),
+    "cxcywh": (("cx", "cy", "w", "h"), ("cx", "cy", "width", "height")),
+}
+
+
+class _SampleBuilder:
+    """Collects samples whose boxes are converted together at the end (one tensor op, not one per row)."""
+
+    def __init__(self, *, box_format: str, normalized: bool) -> None:
+        self.box_format = box_format
+        self.normalized = normalized
+        self.pending: list[tuple[str, str, Any, dict[str, Any], Box, tuple[int, int] | None]] = []
+        self._size_cache: dict[str, tuple[int, int]] = {}
+
+    def add(
+        self,
+        *,
+        image: str,
+        texts: list[str],
+        box: Box,
+        image_id: Any,
+        metadata: dict[str, Any],
+        size: tuple[int, int] | None = None,
+    ) -> None:
+        if self.normalized and size is None:
+            if image not in self._size_cache:
+                self._size_cache[image] = image_size(image)
+            size = self._size_cache[image]
+        for text in texts:
+            self.pending.append((image, text, image_id, dict(metadata), box, size))
+
+    def build(self) -> list[RECSample]:
+        sizes = [entry[5] for entry in self.pending] if self.normalized else None
+        boxes = boxes_to_xyxy([entry[4] for entry in self.pending], self.box_format, image_sizes=sizes)
+        return [
+            RECSample(image=image, expression=text, box=box, image_id=image_id, metadata=metadata)
+            for (image, text, image_id, metadata, _, _), box in zip(self.pending, boxes)
+        ]
+
+
+def _size_from(record: dict[str, Any], *, where: str) -> tuple[int, int] | None:
+    if record.get("width") in (None, "") or record.get("height") in (None, ""):
+        return None
+    try:
+        return int(float(record["width"])), int(float(record["height"]))
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{where}: width/height must be numbers, got {record['width']!r}, {record['height']!r}.") from err
+
+
+def _add_records(
+    builder: _SampleBuilder,
+    records: Iterable[tuple[str, dict[str, Any]]],
+    *,
+    image_root: Path,
+    read_box: Any,
+) -> None:
+    for where, record in records:
+        if not isinstance(record, dict):
+            raise ValueError(f"{where}: expected an object with image, text and bbox; got {record!r:.80}.")
+        text_key, image_key = first_key(record, TEXT_KEYS), first_key(record, IMAGE_KEYS)
+        if text_key is None or image_key is None:
+            raise ValueError(
+                f"{where}: needs an image key (one of {list(IMAGE_KEYS)}) and a text key (one of {list(TEXT_KEYS)}); "
+                f"found {sorted(record)}."
+            )
+        box, box_keys = read_box(record, where)
+        image = join_image_path(str(record[image_key]), image_root)
+        texts = [text for text, _ in expressions_of(record[text_key], sentence_field="sent", where=where)]
+        used = {text_key, image_key, "image_id", *box_keys}
+        metadata = {key: value for key, value in record.items() if key not in used}
+        metadata["source"] = where
+        builder.add(
+            image=image,
+            texts=texts,
+            box=box,
+            image_id=record.get("image_id", Path(str(record[image_key])).name),
+            metadata=metadata,
+            size=_size_from(record, where=where),
+        )
+
+
+def _read_box_key(record: dict[str, Any], where: str) -> tuple[Box, tuple[str, ...]]:
+    key = first_key(record, BOX_KEYS)
+    if key is None:
+        raise ValueError(f"{where}: no box; expected a key among {list(BOX_KEYS)}.")
+    return parse_box(record[key], where=where), (key,)
+
+
+def load_jsonl(
+    path: str | PathLike[str],
+    box_format: str,
+    image_root: str | PathLike[str] | None = None,
+    *,
+    normalized: bool = False,
+) -> list[RECSample]:
+    """Load a JSON-lines file: one object per line with ``image``, ``text`` and ``bbox`` (see module docstring)."""
+    path = Path(path)
+    box_format = check_box_format(box_format, source=str(path))
+    if not path.is_file():
+        raise FileNotFoundError(f"JSONL file not found: {path}")
+    records = []
+    with path.open("r", encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append((f"{path}:{number}", json.loads(line)))
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{number}: not valid JSON ({err.msg}).") from err
+    builder = _SampleBuilder(box_format=box_format, normalized=normalized)
+    _add_records(builder, records, image_root=Path(image_root) if image_root else path.parent, read_box=_read_box_key)
+    return builder.build()
+
+
+def load_csv(
+    path: str | PathLike[str],
+    box_format: str,
+    image_root: str | PathLike[str] | None = None,
+    *,
+    normalized: bool = False,
+    delimiter: str = ",",
+) -> list[RECSample]:
+    """Load a CSV file with a header row: ``image``, ``text`` and ``bbox`` (``"[x, y, w, h]"`` or ``"x y w h"``)
+    or four box columns named after ``box_format`` (``x0,y0,x1,y1`` / ``x,y,w,h`` / ``cx,cy,w,h``)."""
+    path = Path(path)
+    box_format = check_box_format(box_format, source=str(path))
+    if not path.is_file():
+        raise FileNotFoundError(f"CSV file not found: {path}")
+
+    def read_box(record: dict[str, Any], where: str) -> tuple[Box, tuple[str, ...]]:
+        if first_key(record, BOX_KEYS) is not None:
+            return _read_box_key(record, where)
+        for columns in _CSV_BOX_COLUMNS[box_format]:
+            if all(column in record for column in columns):
+                return parse_box([record[column] for column in columns], where=where), columns
+        names = " or ".join(",".join(columns) for columns in _CSV_BOX_COLUMNS[box_format])
+        raise ValueError(f"{where}: no box; expected a 'bbox' column or the columns {names}.")
+
+    with path.open("r", encoding="utf-8-sig", newline="") as handle:
+        reader = csv.DictReader(handle, delimiter=delimiter)
+        records = [(f"{path}:{number}", dict(row)) for number, row in enumerate(reader, start=2)]
+    builder = _SampleBuilder(box_format=box_format, normalized=normalized)
+    _add_records(builder, records, image_root=Path(image_root) if image_root else path.parent, read_box=read_box)
+    return builder.build()
+
+
+def load_coco_style(
+    path: str | PathLike[str],
+    box_format: str = "xywh",
+    image_root: str | PathLike[str] | None = None,
+    *,
+    normalized: bool = False,
+) -> list[RECSample]:
+    """Load a COCO-style JSON (``images``, ``annotations``) whose expressions sit on annotations or images.
+
+    * Expression on the annotation (``text``/``expression``/``phrase``/``sentence``/``caption``, or
+      ``sentences``): one sample per annotation expression.
+    * Expression on the image entry (MDETR's ``final_refcoco_*.json``: ``images[].caption``, one image entry per
+      expression): the entry must have exactly one annotation, the referred box.
+
+    ``images[].file_name`` is joined to ``image_root`` (default: the JSON's folder). ``box_format`` defaults to
+    COCO's ``xywh`` pixels; ``images[].width``/``height`` are used for ``normalized`` boxes.
+    """
+    path = Path(path)
+    box_format = check_box_format(box_format, source=str(path))
+    if not path.is_file():
+        raise FileNotFoundError(f"COCO-style JSON not found: {path}")
+    with path.open("r", encoding="utf-8") as handle:
+        data = json.load(handle)
+    if not isinstance(data, dict) or "images" not in data or "annotations" not in data:
+        raise ValueError(f"{path}: a COCO-style file needs top-level 'images' and 'annotations' lists.")
+    root = Path(image_root) if image_root else path.parent
+    images = {image["id"]: image for image in data["images"]}
+    anns_by_image: dict[Any, list[dict[str, Any]]] = defaultdict(list)
+    for ann in data["annotations"]:
+        anns_by_image[ann.get("image_id")].append(ann)
+
+    builder = _SampleBuilder(box_format=box_format, normalized=normalized)
+
+    def add(ann: dict[str, Any], image: dict[str, Any], text_value: Any, where: str) -> None:
+        if ann.get("bbox") is None:
+            raise ValueError(f"{where}: annotation {ann.get('id')} has no bbox.")
+        metadata = {"ann_id": ann.get("id"), "image_entry_id": image["id"], "category_id": ann.get("category_id")}
+        if "split" in image or "split" in ann:
+            metadata["split"] = ann.get("split", image.get("split"))
+        texts = [text for text, _ in expressions_of(text_value, sentence_field="sent", where=where)]
+        builder.add(
+            image=join_image_path(image["file_name"], root),
+            texts=texts,
+            box=parse_box(ann["bbox"], where=where),
+            image_id=image.get("original_id", image["id"]),
+            metadata=metadata,
+            size=_size_from(image, where=where),
+        )
+
+    for position, ann in enumerate(data["annotations"]):
+        where = f"{path} annotations[{position}]"
+        text_key = first_key(ann, TEXT_KEYS)
+        if text_key is None:
+            continue
+        image = images.get(ann.get("image_id"))
+        if image is None:
+            raise ValueError(f"{where}: image_id {ann.get('image_id')} is not in images.")
+        add(ann, image, ann[text_key], where)
+    for position, image in enumerate(data["images"]):
+        text_key = first_key(image, TEXT_KEYS)
+        if text_key is None:
+            continue
+        where = f"{path} images[{position}] (id {image['id']})"
+        candidates = [ann for ann in anns_by_image.get(image["id"], []) if first_key(ann, TEXT_KEYS) is None]
+        if len(candidates) != 1:
+            raise ValueError(
+                f"{where}: the image entry carries the expression {image[text_key]!r} but has {len(candidates)} "
+                "annotations; a REC entry needs exactly one (the referred box). Put the expression on the "
+                "annotation instead."
+            )
+        add(candidates[0], image, image[text_key], where)
+    if not builder.pending:
+        raise ValueError(
+            f"{path}: no expressions found; put a 'text' (or 'caption', 'expression', ...) key on each annotation "
+            "or on each image entry."
+        )
+    return builder.build()
