@@ -150,16 +150,15 @@ def resolve_pretrained(
         return _check_local_folder(local, filenames)
     if local.exists():
         raise PretrainedNotFoundError(
-            f"'{name_or_path}' is a file, not a folder: pass the folder that contains {list(filenames)}, "
-            "or a Hub repo id."
+            f"'{name_or_path}' is a file, not a folder: pass the folder that contains {list(filenames)}, or a Hub repo id."
         )
     repo_id = str(name_or_path)
     try:
         validate_repo_id(repo_id)
     except HFValidationError:
         raise PretrainedNotFoundError(
-            f"'{repo_id}' is neither an existing local folder (looked in {Path.cwd()}) nor a valid Hub repo id "
-            "('namespace/name'). Check the path, or pass the id of a model repo on the Hub."
+            f"'{repo_id}' is neither a local folder nor a Hub repo id: no folder exists at {local.absolute()}, and "
+            "a repo id has the form 'namespace/name'. Check the path, or pass the id of a model repo on the Hub."
         ) from None
     if isinstance(name_or_path, PathLike):
         raise PretrainedNotFoundError(
@@ -183,11 +182,8 @@ def resolve_pretrained(
                 )
             )
         except (RepositoryNotFoundError, RevisionNotFoundError, EntryNotFoundError) as error:
-            remote_missing_file = isinstance(error, EntryNotFoundError) and not isinstance(
-                error, LocalEntryNotFoundError
-            )
-            if not required and (remote_missing_file or isinstance(error, LocalEntryNotFoundError)):
-                continue  # an optional file the repo lacks (or that is not cached while offline)
+            if not required and isinstance(error, EntryNotFoundError):
+                continue  # an optional file the repo lacks (or, offline, that was never cached)
             raise PretrainedNotFoundError(
                 _explain(
                     error,
@@ -268,9 +264,7 @@ def _explain(
     )
 
 
-def _list_repo_files(
-    repo_id: str, *, revision: str | None, token: str | bool | None, endpoint: str | None
-) -> list[str] | None:
+def _list_repo_files(repo_id: str, *, revision: str | None, token: str | bool | None, endpoint: str | None) -> list[str] | None:
     try:
         return sorted(HfApi(endpoint=endpoint, token=token).list_repo_files(repo_id, revision=revision))
     except Exception:  # only used to enrich an error message
