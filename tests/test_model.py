@@ -261,4 +261,5 @@ def test_print_trainable_parameters(capsys):
     assert "trainable%" in out
     trainable, total = model.get_nb_trainable_parameters()
     assert trainable == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert total == sum(counts.values())
     assert isinstance(model, SideTunedModel)
