@@ -4,13 +4,17 @@ comprehension (image + phrase → one box)."""
 __version__ = "0.1.0"
 
 from .config import M2ISTConfig
+from .hub import PretrainedNotFoundError
 from .model import RECModelOutput, SideTunedModel, get_side_tuned_model
+from .processing import RECProcessor
 from .taps import TAP_REGISTRY, Tap, TapSpec, register_taps
 
 __all__ = [
     "TAP_REGISTRY",
     "M2ISTConfig",
+    "PretrainedNotFoundError",
     "RECModelOutput",
+    "RECProcessor",
     "SideTunedModel",
     "Tap",
     "TapSpec",

@@ -24,6 +24,7 @@ from transformers.utils import ModelOutput
 from .config import CONFIG_NAME, M2ISTConfig
 from .head import RECHead, rec_loss
 from .layer import SideNetwork
+from .processing import PROCESSOR_CONFIG_NAME
 from .save_and_load import WEIGHTS_NAME, load_trainable_state, save_trainable_state, write_model_card
 from .taps import resolve_tap_spec
 from .towers import TEXT, VISION, Tower, TowerFeatures
@@ -93,6 +94,7 @@ class RECModel(nn.Module):
         self.text_model = text_model
         self.vision_tower = Tower(vision_model, resolve_tap_spec(vision_model, VISION, config.vision_taps), VISION)
         self.text_tower = Tower(text_model, resolve_tap_spec(text_model, TEXT, config.text_taps), TEXT)
+        self.processor = None  # a RECProcessor, used by predict() and saved with the adapter when set
 
     # ---------------------------------------------------------------------------------------------------------
     def _probe(self, kinds: list[str]) -> tuple[TowerFeatures, TowerFeatures, int, int]:
@@ -253,13 +255,16 @@ class SideTunedModel(RECModel):
         return {k: v for k, v in self.state_dict().items() if k.startswith(("side.", "head."))}
 
     def save_pretrained(self, save_directory: str | os.PathLike, *, model_card: bool = True) -> Path:
-        """Write ``m2ist_config.json``, ``m2ist_model.safetensors`` (side + head only) and a model card."""
+        """Write ``m2ist_config.json``, ``m2ist_model.safetensors`` (side + head only), a model card and, when
+        ``model.processor`` is set, the processor (tokenizer files + ``m2ist_processor.json``)."""
         folder = Path(save_directory)
         folder.mkdir(parents=True, exist_ok=True)
         self.config.save_pretrained(folder)
         save_trainable_state(self.trainable_state_dict(), folder / WEIGHTS_NAME)
         if model_card:
             write_model_card(folder, self.config, self.parameter_counts())
+        if self.processor is not None:
+            self.processor.save_pretrained(folder)
         return folder
 
     def push_to_hub(self, repo_id: str, *, commit_message: str = "Upload M²IST side adapter", private: bool | None = None,
@@ -298,7 +303,8 @@ class SideTunedModel(RECModel):
 
         hub = {"revision": revision, "token": token, "cache_dir": cache_dir, "local_files_only": local_files_only,
                "endpoint": endpoint}
-        folder = resolve_pretrained(str(name_or_path), filenames=[CONFIG_NAME, WEIGHTS_NAME], **hub)
+        folder = resolve_pretrained(str(name_or_path), filenames=[CONFIG_NAME, WEIGHTS_NAME],
+                                    optional_filenames=[PROCESSOR_CONFIG_NAME], **hub)
         saved = M2ISTConfig.from_json_file(folder / CONFIG_NAME)
         allowed = {"backbone_dtype", "side_dropout", "fusion_dropout"}
         if set(config_overrides) - allowed:
@@ -320,6 +326,13 @@ class SideTunedModel(RECModel):
                 if getattr(saved, f"{modality}_{key}") is not None:
                     setattr(model.config, f"{modality}_{key}", getattr(saved, f"{modality}_{key}"))
         load_trainable_state(model, folder / WEIGHTS_NAME)
+        if (folder / PROCESSOR_CONFIG_NAME).exists():
+            from .processing import RECProcessor
+
+            local = Path(name_or_path).is_dir()
+            model.processor = RECProcessor.from_pretrained(
+                str(folder) if local else str(name_or_path),
+                **({} if local else {k: v for k, v in hub.items() if k != "endpoint" and v is not None}))
         return model
 
 

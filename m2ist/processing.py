@@ -21,9 +21,9 @@ from typing import Any
 import numpy as np
 import torch
 from einops import rearrange
-from PIL import Image
 from transformers import AutoTokenizer, BatchFeature, PreTrainedTokenizerBase
 
+from m2ist.data.images import load_image
 from m2ist.data.transforms import RECAugmentation, resize_long_side
 from m2ist.ops.boxes import box_convert, clip_boxes
 
@@ -103,37 +103,6 @@ def post_process_boxes(
 
 
 # ---------------------------------------------------------------------------------------------- inputs
-def _to_pil_rgb(image: Any) -> Image.Image:
-    """A path, PIL image or ``(H, W[, C])`` uint8 array (or float array in [0, 1]) as an RGB PIL image."""
-    if isinstance(image, str | os.PathLike):
-        path = Path(image)
-        if not path.is_file():
-            raise FileNotFoundError(f"Image file not found: {path}")
-        with Image.open(path) as opened:
-            return opened.convert("RGB")
-    if isinstance(image, Image.Image):
-        return image if image.mode == "RGB" else image.convert("RGB")
-    if isinstance(image, np.ndarray):
-        array = image
-        if array.ndim == 3 and array.shape[-1] == 1:
-            array = array[..., 0]
-        if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
-            raise ValueError(
-                f"Image arrays must be (H, W), (H, W, 3) or (H, W, 4) (channels last), got shape {array.shape}."
-            )
-        if array.dtype != np.uint8:
-            if not np.issubdtype(array.dtype, np.floating) or (array.size and (array.min() < 0 or array.max() > 1)):
-                raise ValueError(
-                    f"Image arrays must be uint8 in [0, 255] or float in [0, 1], got dtype {array.dtype}; "
-                    "convert with array.astype(np.uint8)."
-                )
-            array = np.round(array * 255).astype(np.uint8)
-        return Image.fromarray(array).convert("RGB")
-    raise TypeError(
-        f"Unsupported image type {type(image).__name__}; pass a file path, a PIL image or a numpy uint8 array."
-    )
-
-
 def _clean_box(box: Any, width: int, height: int, index: int) -> list[float]:
     """Validate one ``xyxy`` pixel box and clip it to its image."""
     global _warned_normalised_boxes
@@ -146,7 +115,7 @@ def _clean_box(box: Any, width: int, height: int, index: int) -> list[float]:
             f"Box {index} {values} has x1 < x0 or y1 < y0. Boxes must be xyxy pixels of the original image; "
             "convert xywh (COCO) boxes with m2ist.ops.boxes.box_convert(boxes, 'xywh', 'xyxy')."
         )
-    if x0 >= width or y0 >= height or x1 <= 0 or y1 <= 0:
+    if x0 > width or y0 > height or x1 < 0 or y1 < 0:
         raise ValueError(f"Box {index} {values} lies outside its {width}x{height} image; boxes are xyxy pixels.")
     if max(values) <= 1.0 and max(width, height) > 32 and not _warned_normalised_boxes:
         _warned_normalised_boxes = True
@@ -229,7 +198,7 @@ class RECProcessor:
         """Process a batch (or one sample when ``texts`` is a string).
 
         Args:
-            images: file paths, PIL images or uint8 arrays (one per phrase).
+            images: file paths, PIL images or arrays (one per phrase; see :func:`m2ist.data.images.load_image`).
             texts: the referring phrases.
             boxes: optional ``(x0, y0, x1, y1)`` boxes in pixels of the original images (a list or ``(B, 4)``).
             train: apply ``self.augment`` (boxes required). Without ``augment`` this is the test-time transform.
@@ -260,32 +229,35 @@ class RECProcessor:
             raise ValueError("Training augmentation moves the box with the image: pass boxes when train=True.")
 
         size = self.canvas_size
-        pixel_values = np.zeros((len(texts), size, size, 3), dtype=np.float32)
-        pixel_mask = np.zeros((len(texts), size, size), dtype=np.int64)
-        geometry = np.zeros((len(texts), len(GEOMETRY_FIELDS)), dtype=np.float32)
+        pixel_values = torch.zeros((len(texts), 3, size, size), dtype=torch.float32)
+        pixel_mask = torch.zeros((len(texts), size, size), dtype=torch.long)
+        geometry = torch.zeros((len(texts), len(GEOMETRY_FIELDS)), dtype=torch.float32)
         clean_boxes: list[list[float]] = []
         final_texts: list[str] = []
-        mean = np.asarray(self.image_mean, dtype=np.float32)
-        std = np.asarray(self.image_std, dtype=np.float32)
+        # x / 255 then (x - mean) / std, folded into one multiply-add per channel
+        multiplier = torch.tensor([1.0 / (255.0 * s) for s in self.image_std], dtype=torch.float32)[:, None, None]
+        shift = torch.tensor([-m / s for m, s in zip(self.image_mean, self.image_std)], dtype=torch.float32)
+        shift = shift[:, None, None]
 
         for index, (image, text) in enumerate(zip(images, texts)):
             if not isinstance(text, str):
                 raise TypeError(f"Phrase {index} must be a string, got {type(text).__name__}.")
-            image = _to_pil_rgb(image)
+            image = load_image(image)
             width, height = image.size
             if boxes is not None:
                 clean_boxes.append(_clean_box(boxes[index], width, height, index))
             if augment is not None:
                 sample = augment(image, text, clean_boxes[index], size, rng=rng)
                 image, text, (offset_x, offset_y) = sample.image, sample.text, sample.offset
-                geometry[index] = (width, height, *sample.scale, *sample.translation)
+                geometry[index] = torch.tensor((width, height, *sample.scale, *sample.translation))
             else:
                 image, scale_x, scale_y = resize_long_side(image, size)
                 offset_x, offset_y = (size - image.width) // 2, (size - image.height) // 2
-                geometry[index] = (width, height, scale_x, scale_y, offset_x, offset_y)
-            array = (np.asarray(image, dtype=np.float32) / 255.0 - mean) / std
-            pixel_values[index, offset_y : offset_y + image.height, offset_x : offset_x + image.width] = array
-            pixel_mask[index, offset_y : offset_y + image.height, offset_x : offset_x + image.width] = 1
+                geometry[index] = torch.tensor((width, height, scale_x, scale_y, offset_x, offset_y))
+            pixels = rearrange(torch.from_numpy(np.array(image, dtype=np.uint8)), "h w c -> c h w")
+            window = (slice(offset_y, offset_y + image.height), slice(offset_x, offset_x + image.width))
+            torch.addcmul(shift, pixels, multiplier, out=pixel_values[index, :, window[0], window[1]])
+            pixel_mask[index, window[0], window[1]] = 1
             final_texts.append(text.lower() if self.lowercase else text)
 
         tokens = self.tokenizer(
@@ -297,15 +269,17 @@ class RECProcessor:
             return_tensors="np",
         )
         data: dict[str, Any] = {
-            "pixel_values": rearrange(pixel_values, "b h w c -> b c h w"),
+            "pixel_values": pixel_values,
             "pixel_mask": pixel_mask,
-            "input_ids": np.asarray(tokens["input_ids"], dtype=np.int64),
-            "attention_mask": np.asarray(tokens["attention_mask"], dtype=np.int64),
+            "input_ids": torch.from_numpy(np.asarray(tokens["input_ids"], dtype=np.int64)),
+            "attention_mask": torch.from_numpy(np.asarray(tokens["attention_mask"], dtype=np.int64)),
             "image_geometry": geometry,
         }
         if boxes is not None:
             labels = boxes_to_labels(torch.tensor(clean_boxes, dtype=torch.float64), geometry, size)
-            data["labels"] = labels.to(torch.float32).numpy()
+            data["labels"] = labels.to(torch.float32)
+        if return_tensors != "pt":
+            data = {key: value.numpy() for key, value in data.items()}
         return BatchFeature(data, tensor_type=return_tensors)
 
     # ------------------------------------------------------------------ boxes

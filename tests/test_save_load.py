@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from PIL import Image
 from safetensors import safe_open
 
 from m2ist import SideTunedModel, get_side_tuned_model
@@ -151,3 +152,23 @@ def test_config_records_the_towers(tmp_path):
     assert saved["vision_model_type"] == "swin" and saved["text_model_type"] == "distilbert"
     assert saved["vision_depth"] == 2 and saved["text_depth"] == 2
     assert saved["num_vision_tokens"] == model.head.num_vision_tokens
+
+
+def test_processor_is_saved_and_restored_with_the_adapter(tmp_path, batch):
+    from transformers import BertTokenizer
+
+    from m2ist import RECProcessor
+
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "red", "blue", "square"]) + "\n")
+    model = _trained_model()
+    model.processor = RECProcessor(BertTokenizer(str(vocab)), canvas_size=32, max_query_len=8)
+    model.save_pretrained(tmp_path / "adapter")
+    assert (tmp_path / "adapter" / "m2ist_processor.json").exists()
+    again = SideTunedModel.from_pretrained(tmp_path / "adapter", vision_model=model.vision_model,
+                                           text_model=model.text_model)
+    assert again.processor is not None
+    assert again.processor.canvas_size == 32 and again.processor.max_query_len == 8
+    image = Image.new("RGB", (20, 10))
+    assert again.processor(image, "Red square")["input_ids"].tolist() == \
+        model.processor(image, "Red square")["input_ids"].tolist()
