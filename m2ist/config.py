@@ -194,10 +194,10 @@ class M2ISTConfig:
         for name in ("vision_taps", "text_taps"):
             taps = getattr(self, name)
             if taps is not None:
-                unknown = set(taps) - {"layers", "attention", "ffn", "layout"}
+                unknown = set(taps) - {"layers", "attention", "ffn", "layout", "num_prefix_tokens"}
                 if not isinstance(taps, dict) or "layers" not in taps or unknown:
                     fail(name, "expected a dict with key 'layers' (glob of layer modules) and optional "
-                         "'attention', 'ffn', 'layout'.")
+                         "'attention', 'ffn', 'layout', 'num_prefix_tokens'.")
         if self.config_version > CONFIG_FORMAT_VERSION:
             fail("config_version", f"this file was written by a newer m2ist (format {self.config_version}, this "
                  f"version reads up to {CONFIG_FORMAT_VERSION}): upgrade m2ist.")

@@ -42,7 +42,8 @@ class TapSpec:
         attention: the attention sub-layer output inside a layer.
         ffn: the feed-forward sub-layer output inside a layer.
         layer_layout: layout of a layer's input and output and of the tower's final output.
-        num_prefix_tokens: tokens before the patch grid (CLS, distillation, register tokens).
+        num_prefix_tokens: tokens before the patch grid (CLS, distillation, register tokens); ``None`` infers
+            the smallest count that leaves a patch grid of the image's aspect.
         encode: a custom forward ``(model, **inputs) -> (tokens, token_mask | None)`` for towers whose own
             forward does more than the encoder (DETR runs a decoder that REC does not use).
         hidden_states_key: output field holding per-layer states for the ``output_hidden_states`` fallback.
@@ -55,7 +56,7 @@ class TapSpec:
     attention: Tap | None = None
     ffn: Tap | None = None
     layer_layout: str = TOKENS
-    num_prefix_tokens: Callable[[Any], int] = field(default=lambda config: 0)
+    num_prefix_tokens: Callable[[Any], int | None] = field(default=lambda config: None)
     encode: Callable[..., tuple[torch.Tensor, torch.Tensor | None]] | None = None
     hidden_states_key: str = "hidden_states"
     unused_modules: tuple[str, ...] = ()
@@ -92,14 +93,17 @@ def supported_model_types(modality: str) -> list[str]:
 
 
 def tap_spec_from_dict(values: dict[str, Any]) -> TapSpec:
-    """A spec from explicit names: ``{'layers': glob, 'attention': name, 'ffn': name, 'layout': pattern}``."""
+    """A spec from explicit names: ``{'layers': glob, 'attention': name, 'ffn': name, 'layout': pattern,
+    'num_prefix_tokens': int}`` (without ``num_prefix_tokens`` the count is inferred from the token grid)."""
     layout = values.get("layout", TOKENS)
+    prefix = values.get("num_prefix_tokens")
     layers = values["layers"]
     return TapSpec(
         layers=(layers,) if isinstance(layers, str) else tuple(layers),
         attention=Tap(values["attention"], layout) if values.get("attention") is not None else None,
         ffn=Tap(values["ffn"], layout) if values.get("ffn") is not None else None,
         layer_layout=layout,
+        num_prefix_tokens=lambda config: prefix,
         note="explicit taps",
     )
 
@@ -178,9 +182,14 @@ def _one(config: Any) -> int:
     return 1
 
 
+def _none(config: Any) -> int:
+    return 0
+
+
 register_taps("vision", ["detr"], TapSpec(
     layers=("encoder.layers.*",), attention=Tap("self_attn"), ffn=Tap("mlp"), encode=detr_encode,
     hidden_states_key="encoder_hidden_states", unused_modules=("decoder", "query_position_embeddings"),
+    num_prefix_tokens=_none,
     note="DETR encoder (ResNet + input projection + encoder; decoder skipped): raw self-attention and FFN outputs",
 ))
 register_taps("vision", ["vit"], TapSpec(
@@ -203,13 +212,13 @@ register_taps("vision", ["dinov2", "dinov2_with_registers"], TapSpec(
     note="DINOv2: attention and MLP outputs before layer scale; CLS (+ registers) first",
 ))
 register_taps("vision", ["swin", "swinv2"], TapSpec(
-    layers=("encoder.layers.*.blocks.*",), attention=Tap("layernorm_after"), ffn=Tap("mlp"),
+    layers=("encoder.layers.*.blocks.*",), attention=Tap("layernorm_after"), ffn=Tap("mlp"), num_prefix_tokens=_none,
     note="Swin: the raw attention output is windowed, so the IEA reads the normalised post-attention stream "
          "(layernorm_after); stages are pooled to the last stage's grid",
 ))
 register_taps("vision", ["convnext", "convnextv2"], TapSpec(
     layers=("encoder.stages.*.layers.*",), attention=Tap("dwconv", "b c h w"), ffn=Tap("pwconv2", "b h w c"),
-    layer_layout="b c h w",
+    layer_layout="b c h w", num_prefix_tokens=_none,
     note="ConvNeXt: depth-wise conv (token mixer) as the attention tap, pwconv2 as the FFN tap; stages pooled to "
          "the last stage's grid",
 ))

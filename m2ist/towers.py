@@ -68,6 +68,15 @@ def infer_grid(num_tokens: int, aspect: float) -> tuple[int, int]:
     return height, width
 
 
+def split_prefix(num_tokens: int, aspect: float, max_prefix: int = 8) -> tuple[int, tuple[int, int]]:
+    """The smallest number of prefix tokens (CLS, registers) that leaves a patch grid of ``aspect``, and that grid."""
+    for prefix in range(min(max_prefix, num_tokens - 1) + 1):
+        with contextlib.suppress(ValueError):
+            return prefix, infer_grid(num_tokens - prefix, aspect)
+    raise ValueError(f"{num_tokens} visual tokens do not form a patch grid of aspect {aspect:.3f} after up to {max_prefix} "
+                     "prefix tokens; give num_prefix_tokens in the tower's taps.")
+
+
 def resample_tokens(x: torch.Tensor, grid: tuple[int, int] | None, target: torch.Tensor, target_grid,
                     prefix: int) -> torch.Tensor:
     """Bring tap ``x`` to the final output's token layout by average-pooling its grid to ``target_grid``."""
@@ -115,23 +124,29 @@ class Tower:
             return tokens, mask, None
         out = self.model(pixel_values=pixel_values, output_hidden_states=hidden_states, return_dict=True)
         tokens, grid = to_tokens(out.last_hidden_state, self.spec.layer_layout)
-        return tokens, self.token_mask(pixel_mask, tokens, grid, pixel_values.shape[-2:]), out
+        if grid is not None and self.num_prefix_tokens is None:
+            self.num_prefix_tokens = 0
+        grid = grid or self.grid_of(tokens, pixel_values.shape[-2:])
+        return tokens, self.token_mask(pixel_mask, tokens, grid), out
 
-    def token_mask(self, pixel_mask: torch.Tensor | None, tokens: torch.Tensor, grid, image_hw) -> torch.Tensor:
+    def token_mask(self, pixel_mask: torch.Tensor | None, tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         """Validity of each visual token: prefix tokens are valid, patch tokens follow the downsampled pixel mask."""
         batch, num_tokens = tokens.shape[:2]
         if pixel_mask is None:
             return torch.ones((batch, num_tokens), dtype=torch.bool, device=tokens.device)
-        grid = grid or infer_grid(num_tokens - self.num_prefix_tokens, image_hw[0] / image_hw[1])
         patches = F.interpolate(pixel_mask[:, None].float(), size=grid, mode="nearest")[:, 0] > 0.5
         prefix = torch.ones((batch, self.num_prefix_tokens), dtype=torch.bool, device=tokens.device)
         return torch.cat([prefix, patches.flatten(1)], dim=1)
 
     def grid_of(self, tokens: torch.Tensor, image_hw) -> tuple[int, int] | None:
-        """The patch grid of the final tokens (vision only)."""
+        """The patch grid of the final tokens (vision only); infers the prefix count on first use if unknown."""
         if self.modality == TEXT:
             return None
-        return infer_grid(tokens.shape[1] - self.num_prefix_tokens, image_hw[0] / image_hw[1])
+        aspect = image_hw[0] / image_hw[1]
+        if self.num_prefix_tokens is None:
+            self.num_prefix_tokens, grid = split_prefix(tokens.shape[1], aspect)
+            return grid
+        return infer_grid(tokens.shape[1] - self.num_prefix_tokens, aspect)
 
     def __call__(self, inputs: dict[str, torch.Tensor]) -> TowerFeatures:
         """Final tokens and mask, with gradients if the caller enables them (used by the baselines)."""

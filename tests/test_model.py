@@ -263,3 +263,22 @@ def test_print_trainable_parameters(capsys):
     assert trainable == sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert total == sum(counts.values())
     assert isinstance(model, SideTunedModel)
+
+
+@pytest.mark.parametrize("how", ["explicit", "fallback"])
+def test_prefix_tokens_are_inferred_for_unregistered_vision_towers(how, batch):
+    """A ViT-like tower outside the registry: its CLS token is found from the token count (17 = 1 + 4x4)."""
+    from m2ist.taps import VISION_TAPS
+
+    saved = VISION_TAPS.pop("vit")
+    try:
+        taps = {"layers": "layers.*", "attention": "attention", "ffn": "mlp"} if how == "explicit" else None
+        model = get_side_tuned_model(vision_tower("vit"), text_tower("bert"), tiny_config(vision_taps=taps))
+        assert model.vision_tower.num_prefix_tokens == 1
+        assert model.vision_tower.spec.uses_hidden_states == (how == "fallback")
+        mask = model.encode(batch["pixel_values"], batch["pixel_mask"], batch["input_ids"], batch["attention_mask"])[1]
+        assert mask[:, 0].all()  # the CLS token is always valid
+        assert not mask[-1].all()  # the padded right quarter of the last image is masked
+        model(**batch).loss.backward()
+    finally:
+        VISION_TAPS["vit"] = saved
