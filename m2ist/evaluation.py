@@ -1,0 +1,350 @@
+"""REC evaluation with the TransVG protocol: Acc@0.5 per split, mean IoU, and a JSON results file.
+
+Protocol (TransVG, and the numbers the M²IST paper reports):
+
+* one prediction per expression (the evaluation unit is the sentence, not the referred object);
+* the predicted box is mapped back to ``xyxy`` pixels of the original image and clamped to the image;
+* a prediction is correct iff its **IoU** with the ground-truth box is ``>= 0.5`` (a tie at exactly 0.5 counts);
+* accuracy = correct / number of expressions; the mean IoU over expressions is reported too.
+
+This is IoU, as in TransVG and its descendants (DARA, M²IST), **not GIoU** as in MDETR's evaluation (GIoU >= 0.5
+is slightly stricter). IoU is invariant under the letterbox resize, so computing it in original pixels gives the
+same value as TransVG's computation on the padded canvas.
+
+Clamping: the spec clamps the prediction to the **image** (``clamp="image"``, the default). TransVG's code clamps
+the normalised prediction to the padded **canvas** ``[0, 1]`` instead (``clamp="canvas"``); the two differ only
+when a predicted box reaches into the padding, where clamping to the image gives an IoU at least as high.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import math
+import os
+import platform
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from m2ist.data.images import load_image
+from m2ist.data.sample import RECSample
+from m2ist.inference import eval_mode, forward_boxes, model_device, resolve_processor
+from m2ist.ops.boxes import box_convert, clip_boxes, paired_box_iou
+
+if TYPE_CHECKING:
+    from m2ist.processing import RECProcessor
+
+__all__ = ["CLAMP_MODES", "RESULTS_FORMAT_VERSION", "accuracy_at_iou", "evaluate", "metric_name", "paired_iou"]
+
+logger = logging.getLogger(__name__)
+
+RESULTS_FORMAT_VERSION = 1
+CLAMP_MODES = ("image", "canvas")
+DEFAULT_SPLIT_NAME = "eval"
+
+
+# ---------------------------------------------------------------------------------------------- metrics
+def metric_name(threshold: float) -> str:
+    """The key of an accuracy threshold in results: ``0.5 -> "acc@0.5"``, ``0.75 -> "acc@0.75"``."""
+    return f"acc@{threshold:g}"
+
+
+def _check_thresholds(thresholds: float | Sequence[float]) -> tuple[float, ...]:
+    values = (thresholds,) if isinstance(thresholds, int | float) else tuple(thresholds)
+    if not values:
+        raise ValueError("Give at least one IoU threshold, e.g. (0.5,).")
+    for value in values:
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 < float(value) <= 1.0:
+            raise ValueError(f"IoU thresholds must be numbers in (0, 1], got {value!r}.")
+    return tuple(float(v) for v in values)
+
+
+def _as_boxes(boxes: Any, name: str) -> torch.Tensor:
+    tensor = torch.as_tensor(boxes.detach().cpu() if isinstance(boxes, torch.Tensor) else boxes, dtype=torch.float64)
+    if tensor.ndim == 1 and tensor.shape[0] == 4:
+        tensor = tensor[None]
+    if tensor.ndim != 2 or tensor.shape[-1] != 4:
+        raise ValueError(f"{name} must have shape (N, 4) of (x0, y0, x1, y1) boxes, got {tuple(tensor.shape)}.")
+    if not torch.isfinite(tensor).all():
+        raise ValueError(f"{name} holds non-finite coordinates.")
+    return tensor
+
+
+def paired_iou(pred_xyxy: Any, gt_xyxy: Any) -> torch.Tensor:
+    """IoU of ``pred[i]`` with ``gt[i]`` for ``(N, 4)`` ``xyxy`` boxes, in float64 (so exact ties stay exact)."""
+    pred, gt = _as_boxes(pred_xyxy, "pred_xyxy"), _as_boxes(gt_xyxy, "gt_xyxy")
+    if pred.shape[0] != gt.shape[0]:
+        raise ValueError(f"Got {pred.shape[0]} predicted boxes and {gt.shape[0]} ground-truth boxes; pass one each.")
+    return paired_box_iou(pred, gt, eps=1e-12)
+
+
+def accuracy_at_iou(pred_xyxy: Any, gt_xyxy: Any, thresholds: float | Sequence[float] = (0.5,)) -> dict[float, float]:
+    """Fraction of predictions whose IoU with their ground-truth box is ``>= t``, for each threshold ``t``.
+
+    Boxes are ``(N, 4)`` ``xyxy`` in one frame (e.g. original-image pixels; clamp predictions to the image first,
+    as :func:`evaluate` does). This is the TransVG criterion (IoU), not MDETR's GIoU. Returns
+    ``{threshold: accuracy in [0, 1]}``; an empty input raises.
+    """
+    values = _check_thresholds(thresholds)
+    iou = paired_iou(pred_xyxy, gt_xyxy)
+    if iou.numel() == 0:
+        raise ValueError("No boxes to score: accuracy over zero expressions is undefined.")
+    return {t: float((iou >= t).double().mean()) for t in values}
+
+
+# ---------------------------------------------------------------------------------------------- data
+class _SampleList(Dataset):
+    """Every :class:`RECSample` of a list, none dropped (the denominator is the number of expressions)."""
+
+    def __init__(self, samples: Sequence[RECSample]) -> None:
+        self.samples = list(samples)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        sample = self.samples[index]
+        try:
+            image = load_image(sample.image)
+        except (OSError, ValueError, TypeError) as err:
+            raise type(err)(f"Sample {index} (image_id={sample.image_id!r}): {err}") from err
+        return {"image": image, "expression": sample.expression, "box": tuple(sample.box),
+                "image_id": sample.image_id, "index": index}
+
+
+def _as_dataset(data: Any, split: str) -> Dataset:
+    if isinstance(data, list | tuple) and data and isinstance(data[0], RECSample):
+        return _SampleList(data)
+    if hasattr(data, "__getitem__") and hasattr(data, "__len__"):
+        return data
+    raise TypeError(f"Split {split!r}: expected a RECDataset, a list of RECSample or a map-style dataset of REC items, "
+                    f"got {type(data).__name__}.")
+
+
+def _field(item: Any, key: str, index: int, split: str) -> Any:
+    if isinstance(item, Mapping):
+        if key in item:
+            return item[key]
+    elif hasattr(item, key):
+        return getattr(item, key)
+    raise KeyError(f"Split {split!r}, item {index}: no {key!r}. Evaluation items need 'image', 'expression' and 'box' "
+                   "(xyxy pixels); a RECDataset with a transform cannot be evaluated directly.")
+
+
+class _EvalCollator:
+    """Process images and phrases (no augmentation) and keep the ground-truth boxes apart, unvalidated."""
+
+    def __init__(self, processor: RECProcessor, split: str) -> None:
+        self.processor = processor
+        self.split = split
+
+    def __call__(self, items: Sequence[Any]) -> dict[str, Any]:
+        images, texts, boxes, image_ids, indices = [], [], [], [], []
+        for position, item in enumerate(items):
+            images.append(_field(item, "image", position, self.split))
+            texts.append(str(_field(item, "expression", position, self.split)))
+            box = _field(item, "box", position, self.split)
+            if box is None:
+                raise ValueError(f"Split {self.split!r}: item {position} has no ground-truth box.")
+            boxes.append([float(v) for v in (box.tolist() if hasattr(box, "tolist") else box)])
+            image_ids.append(item.get("image_id") if isinstance(item, Mapping) else getattr(item, "image_id", None))
+            indices.append(item.get("index") if isinstance(item, Mapping) else None)
+        encoded = self.processor(images, texts, return_tensors="pt")
+        gt = torch.tensor(boxes, dtype=torch.float64)
+        width, height = encoded["image_geometry"][:, 0].double(), encoded["image_geometry"][:, 1].double()
+        return {"encoded": encoded, "gt": clip_boxes(gt, width, height), "texts": texts, "image_ids": image_ids,
+                "indices": indices}
+
+
+# ---------------------------------------------------------------------------------------------- evaluate
+def _to_canvas_clamped(pred: torch.Tensor) -> torch.Tensor:
+    """TransVG's clamp: normalised ``cxcywh`` -> ``xyxy`` clamped to ``[0, 1]`` -> ``cxcywh``."""
+    return box_convert(box_convert(pred, "cxcywh", "xyxy").clamp(0.0, 1.0), "xyxy", "cxcywh")
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if value is None or isinstance(value, str | int | float | bool):
+        return value
+    if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:
+        return _json_safe(value.item())
+    return str(value)
+
+
+def _model_summary(model: nn.Module) -> dict[str, Any]:
+    config = getattr(model, "config", None)
+    keys = ("vision_model_name_or_path", "vision_revision", "vision_model_type", "text_model_name_or_path",
+            "text_revision", "text_model_type", "image_size", "max_query_len", "num_vision_tokens", "bottleneck",
+            "adapter_scale", "experts", "share_iea_up_projection", "intra_tap", "inter_tap", "fusion_dim",
+            "fusion_layers", "backbone_dtype")
+    summary: dict[str, Any] = {"class": type(model).__name__, "method": getattr(model, "method", "m2ist")}
+    if config is not None:
+        summary.update({key: getattr(config, key) for key in keys if hasattr(config, key)})
+    counts = getattr(model, "parameter_counts", None)
+    if callable(counts):
+        summary["parameters"] = counts()
+    return summary
+
+
+def _environment() -> dict[str, Any]:
+    import transformers
+
+    from m2ist import __version__
+
+    return {"m2ist_version": __version__, "torch_version": torch.__version__,
+            "transformers_version": transformers.__version__, "python_version": platform.python_version()}
+
+
+def write_results(results: Mapping[str, Any], output_file: str | os.PathLike) -> Path:
+    """Write ``results`` as indented JSON (parent folders created, replaced atomically); return the path."""
+    path = Path(output_file)
+    if path.is_dir():
+        raise IsADirectoryError(f"output_file {path} is a folder; give a file name such as {path / 'results.json'}.")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(_json_safe(results), indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def evaluate(
+    model: nn.Module,
+    processor: RECProcessor | None,
+    datasets: Mapping[str, Any] | Any,
+    batch_size: int = 32,
+    iou_thresholds: float | Sequence[float] = (0.5,),
+    output_file: str | os.PathLike | None = None,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+    *,
+    save_predictions: bool = False,
+    clamp: str = "image",
+    num_workers: int = 0,
+    metadata: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Score a REC model on one or more splits with the TransVG protocol (see the module docstring).
+
+    Accuracy uses **IoU >= threshold** (TransVG), not GIoU (MDETR). Every expression counts once: nothing is
+    dropped, and a ground-truth box is only clipped to its image.
+
+    Args:
+        model: the model to score; run in ``eval()`` mode without gradients, its mode restored afterwards.
+        processor: the :class:`~m2ist.processing.RECProcessor` the model was trained with (its test-time
+            transform is used); ``None`` uses ``model.processor``.
+        datasets: ``{split_name: data}`` or one ``data`` (named ``"eval"``), where ``data`` is a
+            :class:`~m2ist.data.RECDataset`, a list of :class:`~m2ist.data.sample.RECSample`, or any map-style
+            dataset whose items have ``image``, ``expression`` and ``box`` (``xyxy`` pixels).
+        batch_size: expressions per forward pass.
+        iou_thresholds: the accuracy thresholds; each is reported as ``acc@<t>`` (``acc@0.5``, ``acc@0.75``...).
+        output_file: write the results as JSON there.
+        device: move the model to this device first; default: where the model is.
+        progress: show a progress bar per split.
+        save_predictions: also return (and write) one record per expression: index, image id, expression,
+            predicted and ground-truth boxes, IoU.
+        clamp: ``"image"`` (spec; default) or ``"canvas"`` (TransVG's code) — see the module docstring.
+        num_workers: ``DataLoader`` workers that load and process the images.
+        metadata: extra entries for the results' ``metadata`` (e.g. the adapter path, the data files).
+
+    Returns:
+        ``{"metrics": {split: {"acc@0.5", "correct@0.5", "miou", "count"}}, "metadata": {...}}`` (accuracies in
+        ``[0, 1]``), plus ``"predictions": {split: [...]}`` with ``save_predictions``.
+    """
+    from tqdm.auto import tqdm
+
+    thresholds = _check_thresholds(iou_thresholds)
+    if clamp not in CLAMP_MODES:
+        raise ValueError(f"clamp must be one of {CLAMP_MODES}, got {clamp!r}.")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
+    processor = resolve_processor(model, processor)
+    if isinstance(datasets, Mapping):
+        splits = {str(name): _as_dataset(data, str(name)) for name, data in datasets.items()}
+    else:
+        splits = {DEFAULT_SPLIT_NAME: _as_dataset(datasets, DEFAULT_SPLIT_NAME)}
+    if not splits:
+        raise ValueError("No splits to evaluate: pass {split_name: dataset}.")
+    for name, data in splits.items():
+        if len(data) == 0:
+            raise ValueError(f"Split {name!r} is empty: accuracy over zero expressions is undefined.")
+    if device is not None:
+        model.to(device)
+    target = model_device(model)
+
+    metrics: dict[str, dict[str, Any]] = {}
+    predictions: dict[str, list[dict[str, Any]]] = {}
+    with eval_mode(model):
+        for name, data in splits.items():
+            loader = DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                                collate_fn=_EvalCollator(processor, name))
+            ious, records = [], []
+            seen = 0
+            for batch in tqdm(loader, desc=f"eval {name}", unit="batch", disable=not progress):
+                pred = forward_boxes(model, batch["encoded"], target)
+                if clamp == "canvas":
+                    pred = _to_canvas_clamped(pred)
+                geometry = batch["encoded"]["image_geometry"].double()
+                boxes = processor.post_process_boxes(pred.double(), geometry, clamp=clamp == "image")
+                iou = paired_iou(boxes, batch["gt"])
+                ious.append(iou)
+                if save_predictions:
+                    for row in range(iou.shape[0]):
+                        index = batch["indices"][row]
+                        records.append({
+                            "index": seen + row if index is None else index,
+                            "image_id": batch["image_ids"][row],
+                            "expression": batch["texts"][row],
+                            "pred_box": [round(v, 3) for v in boxes[row].tolist()],
+                            "gt_box": [round(v, 3) for v in batch["gt"][row].tolist()],
+                            "iou": round(float(iou[row]), 6),
+                        })
+                seen += iou.shape[0]
+            all_iou = torch.cat(ious)
+            split_metrics: dict[str, Any] = {}
+            for t in thresholds:
+                correct = int((all_iou >= t).sum())
+                split_metrics[metric_name(t)] = correct / all_iou.numel()
+                split_metrics[f"correct@{t:g}"] = correct
+            split_metrics["miou"] = float(all_iou.mean())
+            split_metrics["count"] = int(all_iou.numel())
+            metrics[name] = split_metrics
+            if save_predictions:
+                predictions[name] = records
+            logger.info("%s: %s", name, ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
+                                                  for k, v in split_metrics.items()))
+
+    results: dict[str, Any] = {
+        "metrics": metrics,
+        "metadata": {
+            "format_version": RESULTS_FORMAT_VERSION,
+            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "protocol": {
+                "criterion": "IoU (TransVG), not GIoU (MDETR)",
+                "iou_thresholds": list(thresholds),
+                "clamp": clamp,
+                "unit": "one prediction per expression",
+                "accuracy": "correct / expressions",
+            },
+            "model": _model_summary(model),
+            "processor": processor.to_dict() if hasattr(processor, "to_dict") else repr(processor),
+            "batch_size": batch_size,
+            "device": str(target),
+            **_environment(),
+            **dict(metadata or {}),
+        },
+    }
+    if save_predictions:
+        results["predictions"] = predictions
+    if output_file is not None:
+        write_results(results, output_file)
+    return results

@@ -1,0 +1,270 @@
+"""One-call inference: image(s) + phrase(s) -> one box per phrase, and a helper that draws the boxes.
+
+```python
+from m2ist import SideTunedModel
+from m2ist.processing import RECProcessor
+from m2ist.inference import predict_boxes, draw_boxes
+
+model = SideTunedModel.from_pretrained("out/refcoco")
+processor = RECProcessor.from_pretrained("out/refcoco")
+boxes = predict_boxes(model, ["dog.jpg"], ["the dog on the left"], processor=processor)  # (1, 4) xyxy pixels
+draw_boxes("dog.jpg", boxes, texts=["the dog on the left"]).save("dog_boxes.png")
+```
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+from torch import nn
+
+from m2ist.data.images import load_image
+
+if TYPE_CHECKING:
+    from m2ist.processing import RECProcessor
+
+__all__ = ["GT_COLOR", "PALETTE", "draw_boxes", "predict_boxes", "resolve_processor"]
+
+#: Colours of predicted boxes (cycled when there are several).
+PALETTE: tuple[str, ...] = ("#e6194b", "#4363d8", "#f58231", "#911eb4", "#f032e6", "#9a6324", "#000075", "#808000")
+#: Colour of ground-truth boxes.
+GT_COLOR = "#3cb44b"
+MODEL_INPUTS = ("pixel_values", "pixel_mask", "input_ids", "attention_mask")
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def resolve_processor(model: nn.Module, processor: RECProcessor | None) -> RECProcessor:
+    """``processor`` if given, else ``model.processor``; check that it matches the model's canvas and query length."""
+    if processor is None:
+        processor = getattr(model, "processor", None)
+    if processor is None:
+        raise ValueError(
+            "No processor: pass processor=RECProcessor.from_pretrained(<adapter folder>) (the folder the adapter "
+            "was saved to holds m2ist_processor.json), or attach one once with `model.processor = processor`."
+        )
+    config = getattr(model, "config", None)
+    image_size = getattr(config, "image_size", None)
+    if image_size is not None and getattr(processor, "canvas_size", image_size) != image_size:
+        raise ValueError(
+            f"The processor pads images to a {processor.canvas_size}x{processor.canvas_size} canvas but the model was "
+            f"built for image_size={image_size}: use the processor saved with the adapter, or build one with "
+            f"canvas_size={image_size}."
+        )
+    max_query_len = getattr(config, "max_query_len", None)
+    if max_query_len is not None and getattr(processor, "max_query_len", max_query_len) > max_query_len:
+        raise ValueError(
+            f"The processor makes {processor.max_query_len} text tokens but the model's head takes at most "
+            f"max_query_len={max_query_len}: use the processor saved with the adapter, or build one with "
+            f"max_query_len={max_query_len}."
+        )
+    return processor
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device the model's outputs are produced on (its ``device`` property, else its first parameter's)."""
+    device = getattr(model, "device", None)
+    if isinstance(device, torch.device):
+        return device
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Put ``model`` in ``eval()`` and gradients off for the block; restore its train/eval mode afterwards.
+
+    ``torch.no_grad`` rather than ``torch.inference_mode``: a module that caches a tensor during evaluation (a
+    position table, say) would otherwise keep an inference tensor that breaks the next training step.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield model
+    finally:
+        model.train(was_training)
+
+
+def forward_boxes(model: nn.Module, encoded: Any, device: torch.device) -> torch.Tensor:
+    """Run the model on a processed batch; return ``pred_boxes`` ``(B, 4)`` normalised ``cxcywh``, float32 on CPU."""
+    inputs = {key: encoded[key].to(device) for key in MODEL_INPUTS if key in encoded}
+    output = model(**inputs)
+    pred = output.pred_boxes if hasattr(output, "pred_boxes") else output[0]
+    return pred.detach().float().cpu()
+
+
+def _is_single_image(images: Any) -> bool:
+    return isinstance(images, str | Path | Image.Image | np.ndarray)
+
+
+def _pair_up(images: Any, texts: str | Sequence[str]) -> tuple[list[Any], list[str]]:
+    """Broadcast one image over several phrases (or one phrase over several images); check lengths."""
+    single_image = _is_single_image(images)
+    if isinstance(texts, str):
+        texts = [texts]
+    elif not isinstance(texts, Sequence) or not all(isinstance(t, str) for t in texts):
+        raise TypeError("texts must be a phrase string or a list of phrase strings.")
+    texts = list(texts)
+    if single_image:
+        images = [images]
+    elif not isinstance(images, Sequence):
+        raise TypeError("images must be an image (path, PIL image or array) or a list of them.")
+    images = list(images)
+    if not texts or not images:
+        raise ValueError("Nothing to predict: pass at least one image and one phrase.")
+    if len(images) == 1 and len(texts) > 1:
+        image = load_image(images[0])  # decode once, reuse for every phrase
+        images = [image] * len(texts)
+    elif len(texts) == 1 and len(images) > 1:
+        texts = texts * len(images)
+    if len(images) != len(texts):
+        raise ValueError(
+            f"Got {len(images)} images and {len(texts)} phrases: pass one phrase per image, one image with several "
+            "phrases, or several images with one phrase."
+        )
+    return images, texts
+
+
+# ---------------------------------------------------------------------------------------------- prediction
+def predict_boxes(
+    model: nn.Module,
+    images: Any,
+    texts: str | Sequence[str],
+    processor: RECProcessor | None = None,
+    batch_size: int = 16,
+    *,
+    device: str | torch.device | None = None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Predict one box per phrase, in ``xyxy`` pixels of its original image, clipped to the image.
+
+    Args:
+        model: a REC model (:class:`~m2ist.model.SideTunedModel` or a baseline) whose ``forward`` returns
+            ``pred_boxes``.
+        images: a path, PIL image or ``(H, W[, C])`` array, or a list of them. One image with several phrases is
+            used for each phrase; several images with one phrase use that phrase for each.
+        texts: a phrase or a list of phrases.
+        processor: the :class:`~m2ist.processing.RECProcessor` the model was trained with; defaults to
+            ``model.processor`` when one is attached.
+        batch_size: samples per forward pass.
+        device: run on this device (the model is moved there); default: where the model is.
+        progress: show a progress bar.
+
+    Returns:
+        A float32 CPU tensor ``(N, 4)`` (``N = 1`` for one image and one phrase).
+
+    The model runs in ``eval()`` mode without gradients; its train/eval mode is restored afterwards.
+    """
+    from tqdm.auto import tqdm
+
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
+    processor = resolve_processor(model, processor)
+    images, texts = _pair_up(images, texts)
+    if device is not None:
+        model.to(device)
+    target = model_device(model)
+    results = []
+    starts = range(0, len(texts), batch_size)
+    with eval_mode(model):
+        for start in tqdm(starts, desc="predict", unit="batch", disable=not progress or len(starts) < 2):
+            encoded = processor(images[start : start + batch_size], texts[start : start + batch_size], return_tensors="pt")
+            pred = forward_boxes(model, encoded, target)
+            results.append(processor.post_process_boxes(pred, encoded["image_geometry"]).float())
+    return torch.cat(results)
+
+
+# ---------------------------------------------------------------------------------------------- drawing
+def _as_box_list(boxes: Any, name: str) -> list[list[float]]:
+    if boxes is None:
+        return []
+    array = np.asarray(boxes.detach().cpu() if isinstance(boxes, torch.Tensor) else boxes, dtype=np.float64)
+    if array.ndim == 1:
+        array = array[None]
+    if array.ndim != 2 or array.shape[-1] != 4:
+        raise ValueError(f"{name} must be one (x0, y0, x1, y1) box or a list of them, got shape {array.shape}.")
+    if not np.isfinite(array).all():
+        raise ValueError(f"{name} holds non-finite numbers.")
+    corners = np.concatenate([np.minimum(array[:, :2], array[:, 2:]), np.maximum(array[:, :2], array[:, 2:])], axis=1)
+    return corners.tolist()
+
+
+def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1 has one fixed-size bitmap font
+        return ImageFont.load_default()
+
+
+def _label(draw: ImageDraw.ImageDraw, box: list[float], text: str, color: str, font: Any, image_size: tuple[int, int]):
+    """Write ``text`` on a filled band just above the box (inside it when there is no room above)."""
+    left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+    width, height = right - left + 4, bottom - top + 4
+    x = min(max(box[0], 0), max(image_size[0] - width, 0))
+    y = box[1] - height if box[1] - height >= 0 else box[1]
+    y = min(max(y, 0), max(image_size[1] - height, 0))
+    draw.rectangle((x, y, x + width, y + height), fill=color)
+    draw.text((x + 2 - left, y + 2 - top), text, fill="white", font=font)
+
+
+def draw_boxes(
+    image: Any,
+    boxes: Any,
+    texts: str | Sequence[str] | None = None,
+    gt_boxes: Any = None,
+    *,
+    colors: Sequence[str] = PALETTE,
+    gt_color: str = GT_COLOR,
+    line_width: int | None = None,
+    font_size: int | None = None,
+) -> Image.Image:
+    """Draw predicted boxes (and, optionally, ground-truth boxes in ``gt_color``) on a copy of ``image``.
+
+    Args:
+        image: a path, PIL image or array (see :func:`m2ist.data.images.load_image`).
+        boxes: one ``(x0, y0, x1, y1)`` pixel box or ``(N, 4)`` boxes (e.g. from :func:`predict_boxes`).
+        texts: the phrase of each predicted box, written above it.
+        gt_boxes: ground-truth ``xyxy`` pixel boxes, drawn in ``gt_color`` and labelled ``GT``.
+        colors: colours of the predicted boxes, cycled.
+        gt_color: colour of the ground-truth boxes.
+        line_width: outline width in pixels; default grows with the image (at least 2).
+        font_size: label size in pixels; default grows with the image.
+
+    Returns:
+        A new RGB :class:`PIL.Image.Image`; the input is not modified.
+    """
+    canvas = load_image(image).copy()
+    predicted = _as_box_list(boxes, "boxes")
+    truths = _as_box_list(gt_boxes, "gt_boxes")
+    if texts is None:
+        labels: list[str | None] = [None] * len(predicted)
+    else:
+        labels = [texts] if isinstance(texts, str) else list(texts)
+        if len(labels) == 1 and len(predicted) > 1:
+            labels = labels * len(predicted)
+        if len(labels) != len(predicted):
+            raise ValueError(f"Got {len(labels)} texts for {len(predicted)} boxes; pass one text per box.")
+    if not colors:
+        raise ValueError("colors must name at least one colour.")
+    short_side = min(canvas.size)
+    line_width = line_width or max(2, round(short_side / 200))
+    font = _font(font_size or max(10, round(short_side / 40)))
+    draw = ImageDraw.Draw(canvas)
+    for box in truths:
+        draw.rectangle(box, outline=gt_color, width=line_width)
+    for index, box in enumerate(predicted):
+        draw.rectangle(box, outline=colors[index % len(colors)], width=line_width)
+    for box in truths:
+        _label(draw, box, "GT", gt_color, font, canvas.size)
+    for index, (box, text) in enumerate(zip(predicted, labels)):
+        if text:
+            _label(draw, box, text, colors[index % len(colors)], font, canvas.size)
+    return canvas
