@@ -1,0 +1,524 @@
+"""Train M²IST (and the baselines) with the Hugging Face ``Trainer``.
+
+:class:`RECTrainer` adapts ``transformers.Trainer`` to REC models that are not ``PreTrainedModel`` s:
+
+* checkpoints hold only the trained tensors (side network + head for M²IST, in ``m2ist_model.safetensors`` next to
+  ``m2ist_config.json``), never the frozen towers; resuming and ``load_best_model_at_end`` load them strictly;
+  optimizer, scheduler, RNG and trainer state are saved by the ``Trainer`` itself;
+* two learning rates (the recipe: head 1e-4, side adapters 1e-5), weight decay on weights only, and a step schedule
+  (``lr_drop_epochs``: multiply the learning rate by ``lr_drop_factor`` at those epochs, like ``StepLR``);
+* evaluation reports ``acc@0.5`` (IoU >= 0.5), ``miou`` and the mean box losses, per evaluation set;
+* the training collator (with augmentation) and the evaluation collator (without) are kept apart.
+
+:func:`train_rec` wires all of it for a model, a :class:`~m2ist.processing.RECProcessor` and REC datasets.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import os
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate.utils import DistributedDataParallelKwargs
+from safetensors.torch import save_file
+from torch import nn
+from torch.utils.data import Dataset
+from transformers import EvalPrediction, Trainer, TrainingArguments
+from transformers.trainer import TRAINING_ARGS_NAME
+from transformers.trainer_pt_utils import get_parameter_names
+from transformers.trainer_utils import SchedulerType
+
+from . import __version__
+from .baselines import METHODS, BackboneTunedModel
+from .config import M2ISTConfig
+from .data.collator import RECCollator
+from .head import rec_loss
+from .model import RECModel, SideTunedModel
+from .ops.boxes import box_convert, paired_box_iou
+from .save_and_load import WEIGHTS_NAME, atomic_write, load_trainable_state
+
+__all__ = [
+    "RECMetrics",
+    "RECTrainer",
+    "RECTrainingArguments",
+    "StepDropSchedule",
+    "compute_rec_metrics",
+    "image_regions",
+    "load_trainable_tensors",
+    "model_method",
+    "save_trainable_tensors",
+    "train_rec",
+    "trainable_tensors",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Name of the headline metric (Acc@0.5); the Trainer reports it as ``eval_acc@0.5`` (``eval_<set>_acc@0.5``).
+ACCURACY_METRIC = "acc@0.5"
+
+
+# ---------------------------------------------------------------------------------------------- arguments
+@dataclass
+class RECTrainingArguments(TrainingArguments):
+    """``TrainingArguments`` with the M²IST recipe's defaults and the fields it needs.
+
+    Defaults follow the paper's training recipe: AdamW with weight decay 1e-4, head learning rate
+    ``learning_rate=1e-4``, side-adapter (and baseline tower) learning rate ``side_learning_rate=1e-5``, a constant
+    learning rate multiplied by ``lr_drop_factor=0.1`` at each epoch of ``lr_drop_epochs`` (the paper: ``[60]`` of
+    90 epochs), no gradient clipping, the best checkpoint chosen by ``acc@0.5``. ``remove_unused_columns`` must
+    stay False: the collator turns raw items (image, expression, box) into model inputs.
+    """
+
+    method: str | None = field(
+        default=None,
+        metadata={"help": f"Training method, one of {METHODS}; checked against the model. None: taken from the model "
+                  "(SideTunedModel -> 'm2ist', BackboneTunedModel -> its method)."},
+    )
+    side_learning_rate: float = field(
+        default=1e-5,
+        metadata={"help": "Learning rate of the side adapters (M²IST) or of the trained tower parameters (baselines: "
+                  "all tower weights for 'full', in-tower adapters, LoRA). The head uses `learning_rate`."},
+    )
+    lr_drop_epochs: list[int] = field(
+        default_factory=list,
+        metadata={"help": "Epochs (counted from 0) at whose start every learning rate is multiplied by "
+                  "`lr_drop_factor`, as torch's StepLR/MultiStepLR; e.g. [60] for the paper's 90-epoch RefCOCO run. "
+                  "Empty: constant learning rate. Needs lr_scheduler_type='constant' (the default)."},
+    )
+    lr_drop_factor: float = field(
+        default=0.1, metadata={"help": "Factor applied to the learning rates at each epoch of `lr_drop_epochs`."}
+    )
+    # --- defaults of TrainingArguments changed for REC --------------------------------------------------------
+    learning_rate: float = field(default=1e-4, metadata={"help": "Learning rate of the REC head (the recipe: 1e-4)."})
+    weight_decay: float = field(
+        default=1e-4,
+        metadata={"help": "AdamW weight decay, applied to weights only (not biases, norms or embeddings)."},
+    )
+    max_grad_norm: float = field(
+        default=0.0, metadata={"help": "Gradient clipping norm; 0 (the recipe) disables clipping."}
+    )
+    lr_scheduler_type: SchedulerType | str = field(
+        default="constant",
+        metadata={"help": "'constant' (the default) uses the step schedule of `lr_drop_epochs` (with `warmup_steps`); "
+                  "any other transformers schedule is used as is and cannot be combined with `lr_drop_epochs`."},
+    )
+    remove_unused_columns: bool = field(
+        default=False,
+        metadata={"help": "Must be False: REC items (image, expression, box) are not model arguments; the collator "
+                  "turns them into inputs."},
+    )
+    metric_for_best_model: str | None = field(
+        default=ACCURACY_METRIC,
+        metadata={"help": "Metric that picks the best checkpoint ('acc@0.5'). With several evaluation sets name one, "
+                  "e.g. 'val_acc@0.5'; a bare 'acc@0.5' then refers to the first set."},
+    )
+
+    def __post_init__(self) -> None:
+        if self.method is not None and self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS} (or None to take it from the model), got {self.method!r}.")
+        if self.side_learning_rate < 0:
+            raise ValueError(f"side_learning_rate must be >= 0, got {self.side_learning_rate}.")
+        if not self.lr_drop_factor > 0:
+            raise ValueError(f"lr_drop_factor must be > 0, got {self.lr_drop_factor}.")
+        drops = list(self.lr_drop_epochs or [])
+        if any(isinstance(e, bool) or int(e) != e or e < 1 for e in drops):
+            raise ValueError(f"lr_drop_epochs must be positive whole epochs (e.g. [60]), got {self.lr_drop_epochs}.")
+        self.lr_drop_epochs = sorted(int(e) for e in drops)
+        super().__post_init__()
+        if self.lr_drop_epochs and self.lr_scheduler_type != SchedulerType.CONSTANT:
+            raise ValueError(f"lr_drop_epochs={self.lr_drop_epochs} is a step schedule; it cannot be combined with "
+                             f"lr_scheduler_type={self.lr_scheduler_type.value!r}. Use one or the other.")
+
+
+# ---------------------------------------------------------------------------------------------- schedule
+class StepDropSchedule:
+    """Learning-rate factor per optimizer step: ``factor ** (drops passed)``, after an optional linear warm-up.
+
+    A callable object (not a lambda) so that ``LambdaLR.state_dict()`` saves it with the checkpoint.
+    """
+
+    def __init__(self, drop_steps: Sequence[int], factor: float = 0.1, warmup_steps: int = 0) -> None:
+        self.drop_steps = sorted(int(s) for s in drop_steps)
+        self.factor = float(factor)
+        self.warmup_steps = int(warmup_steps)
+
+    def __call__(self, step: int) -> float:
+        """The multiplier of every group's base learning rate at optimizer step ``step`` (0-based)."""
+        scale = self.factor ** sum(step >= drop for drop in self.drop_steps)
+        if step < self.warmup_steps:
+            scale *= step / max(1, self.warmup_steps)
+        return scale
+
+    def __repr__(self) -> str:
+        return f"StepDropSchedule(drop_steps={self.drop_steps}, factor={self.factor}, warmup_steps={self.warmup_steps})"
+
+
+# ---------------------------------------------------------------------------------------------- trained tensors
+def model_method(model: nn.Module) -> str | None:
+    """``'m2ist'`` for a :class:`SideTunedModel`, the baseline's method for a :class:`BackboneTunedModel`, else None."""
+    if isinstance(model, SideTunedModel):
+        return "m2ist"
+    if isinstance(model, BackboneTunedModel):
+        return model.method
+    return getattr(model, "method", None)
+
+
+def trainable_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors a checkpoint holds: ``model.trainable_state_dict()`` (M²IST: side + head) when the model has one,
+    else every parameter with ``requires_grad`` (baselines: head + trained tower parameters)."""
+    if hasattr(model, "trainable_state_dict"):
+        return model.trainable_state_dict()
+    return {name: param for name, param in model.named_parameters() if param.requires_grad}
+
+
+class _TrainableView:
+    """Gives :func:`m2ist.save_and_load.load_trainable_state` a model's trainable tensors (strict loading)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        return trainable_tensors(self.model)
+
+
+def save_trainable_tensors(model: nn.Module, output_dir: str | os.PathLike) -> Path:
+    """Write the model's trained tensors and config to ``output_dir`` (``m2ist_model.safetensors``,
+    ``m2ist_config.json``); never a frozen tower's weights. Returns the folder."""
+    folder = Path(output_dir)
+    if isinstance(model, SideTunedModel):
+        return model.save_pretrained(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if isinstance(getattr(model, "config", None), M2ISTConfig):
+        model.config.save_pretrained(folder)
+    tensors = {name: t.detach().contiguous().cpu() for name, t in trainable_tensors(model).items()}
+    metadata = {"format": "pt", "m2ist_version": __version__, "m2ist_method": str(model_method(model))}
+    atomic_write(folder / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    return folder
+
+
+def load_trainable_tensors(model: nn.Module, checkpoint_dir: str | os.PathLike) -> None:
+    """Load ``m2ist_model.safetensors`` of ``checkpoint_dir`` into ``model`` strictly: missing, unexpected or
+    mis-shaped tensors raise an error naming them, and nothing is loaded."""
+    folder = Path(checkpoint_dir)
+    path = folder / WEIGHTS_NAME
+    if not path.is_file():
+        found = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else "no such folder"
+        raise ValueError(f"{checkpoint_dir} holds no {WEIGHTS_NAME}, so it is not a checkpoint written by RECTrainer "
+                         f"(found: {found}).")
+    target = model if hasattr(model, "trainable_state_dict") else _TrainableView(model)
+    load_trainable_state(target, path)
+
+
+# ---------------------------------------------------------------------------------------------- metrics
+def image_regions(pixel_mask: torch.Tensor | None, batch_size: int, device: torch.device | None = None) -> torch.Tensor:
+    """The real-image part of each canvas as normalised ``xyxy`` ``(B, 4)``, read from ``pixel_mask`` (B, H, W);
+    the whole canvas without a mask."""
+    if pixel_mask is None:
+        return torch.tensor([[0.0, 0.0, 1.0, 1.0]], device=device).expand(batch_size, 4).clone()
+    mask = pixel_mask.bool()
+    height, width = mask.shape[-2:]
+    columns, rows = mask.any(dim=-2).float(), mask.any(dim=-1).float()  # (B, W), (B, H)
+    x0, y0 = columns.argmax(-1), rows.argmax(-1)
+    x1, y1 = width - columns.flip(-1).argmax(-1), height - rows.flip(-1).argmax(-1)
+    empty_x, empty_y = columns.sum(-1) == 0, rows.sum(-1) == 0
+    x0, x1 = torch.where(empty_x, 0, x0), torch.where(empty_x, width, x1)
+    y0, y1 = torch.where(empty_y, 0, y0), torch.where(empty_y, height, y1)
+    return torch.stack((x0 / width, y0 / height, x1 / width, y1 / height), dim=-1).float()
+
+
+def compute_rec_metrics(pred_boxes: Any, labels: Any, regions: Any = None,
+                        config: M2ISTConfig | None = None) -> dict[str, float]:
+    """REC metrics of ``(N, 4)`` normalised ``(cx, cy, w, h)`` predictions against labels of the same form.
+
+    * ``acc@0.5``: share of predictions with IoU >= 0.5 (the paper's Acc@0.5);
+    * ``miou``: mean IoU;
+    * ``loss_box``, ``loss_giou``: the mean coordinate and ``1 - GIoU`` losses (as in training, with ``config``).
+
+    IoU is computed on ``xyxy`` boxes with the prediction clamped to ``regions`` (``(N, 4)`` normalised
+    ``xyxy`` of the real image on the canvas, e.g. :func:`image_regions` of ``pixel_mask``), which equals the IoU
+    in original-image pixels after :meth:`RECProcessor.post_process_boxes` (letterboxing scales both axes equally).
+    """
+    pred = torch.as_tensor(np.asarray(pred_boxes), dtype=torch.float64)
+    target = torch.as_tensor(np.asarray(labels), dtype=torch.float64)
+    if pred.ndim != 2 or pred.shape[-1] != 4 or pred.shape != target.shape:
+        raise ValueError(f"pred_boxes and labels must both be (N, 4) normalised (cx, cy, w, h) boxes, got "
+                         f"{tuple(pred.shape)} and {tuple(target.shape)}.")
+    if pred.shape[0] == 0:
+        raise ValueError("No predictions to score: the evaluation set is empty.")
+    pred_xyxy = box_convert(pred, "cxcywh", "xyxy")
+    if regions is not None:
+        region = torch.as_tensor(np.asarray(regions), dtype=torch.float64)
+        low, high = region[:, :2].repeat(1, 2), region[:, 2:].repeat(1, 2)
+        pred_xyxy = torch.minimum(torch.maximum(pred_xyxy, low), high)
+    iou = paired_box_iou(pred_xyxy, box_convert(target, "cxcywh", "xyxy"))
+    losses = rec_loss(pred, target, config or M2ISTConfig())
+    return {
+        ACCURACY_METRIC: float((iou >= 0.5).double().mean()),
+        "miou": float(iou.mean()),
+        "loss_box": float(losses["loss_box"]),
+        "loss_giou": float(losses["loss_giou"]),
+    }
+
+
+class RECMetrics:
+    """``compute_metrics`` for the ``Trainer``: :func:`compute_rec_metrics` on an ``EvalPrediction`` whose
+    ``predictions`` are ``(pred_boxes, image_regions)`` (what :meth:`RECTrainer.prediction_step` returns)."""
+
+    def __init__(self, config: M2ISTConfig | None = None) -> None:
+        self.config = config
+
+    def __call__(self, eval_prediction: EvalPrediction) -> dict[str, float]:
+        predictions, labels = eval_prediction.predictions, eval_prediction.label_ids
+        if labels is None:
+            raise ValueError("REC evaluation needs boxes: give every evaluation item a 'box'.")
+        regions = None
+        if isinstance(predictions, tuple | list):
+            predictions, regions = predictions[0], (predictions[1] if len(predictions) > 1 else None)
+        return compute_rec_metrics(predictions, labels, regions, self.config)
+
+
+# ---------------------------------------------------------------------------------------------- the trainer
+class RECTrainer(Trainer):
+    """``transformers.Trainer`` for :class:`SideTunedModel` and the baselines of :func:`m2ist.baselines.build_model`.
+
+    Differences from ``Trainer`` (see the module docstring): checkpoints hold only the trained tensors and load
+    strictly; head and side/tower parameters get ``learning_rate`` and ``args.side_learning_rate``; the schedule is
+    a step schedule (``args.lr_drop_epochs``); evaluation reports ``acc@0.5``, ``miou``, ``loss_box`` and
+    ``loss_giou`` (``compute_metrics`` defaults to :class:`RECMetrics`); ``eval_data_collator`` (default: the
+    training collator) builds evaluation and prediction batches. ``predict()`` returns
+    ``predictions=(pred_boxes, image_regions)``.
+
+    Args:
+        model: a :class:`SideTunedModel` or a baseline (:class:`BackboneTunedModel`).
+        args: :class:`RECTrainingArguments` (the trainer works on a shallow copy).
+        data_collator: the training collator, e.g. ``RECCollator(processor, train=True)``.
+        eval_data_collator: the evaluation collator, e.g. ``RECCollator(processor)`` (no augmentation).
+        **kwargs: anything ``Trainer`` takes (``train_dataset``, ``eval_dataset`` (a dataset or a dict of them),
+            ``processing_class``, ``callbacks``, ...).
+    """
+
+    def __init__(self, model: RECModel | None = None, args: RECTrainingArguments | None = None,
+                 data_collator: Callable | None = None, eval_data_collator: Callable | None = None,
+                 **kwargs: Any) -> None:
+        if model is None:
+            raise ValueError("RECTrainer needs a model (model_init is not supported): pass a SideTunedModel or a "
+                             "baseline from m2ist.baselines.build_model().")
+        if not isinstance(model, RECModel):
+            raise TypeError(f"RECTrainer trains m2ist REC models (SideTunedModel, BackboneTunedModel), got "
+                            f"{type(model).__name__}; use transformers.Trainer for other models.")
+        if args is None:
+            args = RECTrainingArguments(output_dir="trainer_output")
+        if not isinstance(args, RECTrainingArguments):
+            raise TypeError(f"RECTrainer needs RECTrainingArguments (it adds side_learning_rate, lr_drop_epochs, "
+                            f"method), got {type(args).__name__}.")
+        if args.remove_unused_columns:
+            raise ValueError("remove_unused_columns=True would strip the items' 'image', 'expression' and 'box' before "
+                             "the REC collator sees them: set remove_unused_columns=False.")
+        found = model_method(model)
+        if args.method is not None and args.method != found:
+            raise ValueError(f"args.method={args.method!r} but the model is a {type(model).__name__} ({found!r}). "
+                             f"Build the model for that method: m2ist.baselines.build_model(vision, text, config, "
+                             f"method={args.method!r}).")
+        args = copy.copy(args)  # the metric name may be resolved below; never change the caller's arguments
+        eval_dataset = kwargs.get("eval_dataset")
+        metric = args.metric_for_best_model
+        if isinstance(eval_dataset, Mapping) and eval_dataset and metric is not None:
+            bare = metric.removeprefix("eval_")
+            if not any(bare.startswith(f"{name}_") for name in eval_dataset):
+                first = next(iter(eval_dataset))
+                args.metric_for_best_model = f"{first}_{bare}"
+                logger.info("metric_for_best_model=%r refers to the first evaluation set: using %r.", metric,
+                            args.metric_for_best_model)
+        if kwargs.get("compute_metrics") is None:
+            kwargs["compute_metrics"] = RECMetrics(model.config)
+        self.method = found
+        self.eval_data_collator = eval_data_collator
+        self._update_steps_per_epoch: int | None = None
+        super().__init__(model=model, args=args, data_collator=data_collator, **kwargs)
+        # Our forward takes no loss kwargs: the loss is a per-batch mean and the Trainer scales it for accumulation.
+        self.model_accepts_loss_kwargs = False
+
+    # ------------------------------------------------------------------ accelerate / DDP
+    def _build_accelerator_args(self, **kwargs: Any) -> dict[str, Any]:
+        """DDP's ``find_unused_parameters`` defaults to False for M²IST (every side and head parameter is used; the
+        frozen towers are not in DDP's buckets) and to True for baselines (e.g. DETR's unused decoder)."""
+        accelerator_args = super()._build_accelerator_args(**kwargs)
+        if self.args.ddp_find_unused_parameters is None:
+            for handler in accelerator_args.get("kwargs_handlers", []):
+                if isinstance(handler, DistributedDataParallelKwargs):
+                    handler.find_unused_parameters = not isinstance(self.model, SideTunedModel)
+        return accelerator_args
+
+    # ------------------------------------------------------------------ data
+    @contextlib.contextmanager
+    def _collator(self, collator: Callable | None) -> Iterator[None]:
+        saved = self.data_collator
+        if collator is not None:
+            self.data_collator = collator
+        try:
+            yield
+        finally:
+            self.data_collator = saved
+
+    def get_eval_dataloader(self, eval_dataset: str | Dataset | None = None):
+        """The evaluation ``DataLoader``, built with ``eval_data_collator`` (no augmentation)."""
+        with self._collator(self.eval_data_collator):
+            return super().get_eval_dataloader(eval_dataset)
+
+    def get_test_dataloader(self, test_dataset: Dataset):
+        """The prediction ``DataLoader``, built with ``eval_data_collator``."""
+        with self._collator(self.eval_data_collator):
+            return super().get_test_dataloader(test_dataset)
+
+    # ------------------------------------------------------------------ optimizer and schedule
+    def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
+        """Weights get weight decay; biases, norms and embeddings (position, [REG] token) do not."""
+        patterns = [r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)"]
+        return get_parameter_names(model, [nn.LayerNorm, nn.Embedding], patterns)
+
+    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+        """AdamW (``args.optim``) with four groups: head / side (and trained tower) parameters, each with and without
+        weight decay; the head at ``learning_rate``, the rest at ``side_learning_rate``."""
+        if self.optimizer is not None:
+            return self.optimizer
+        opt_model = self.accelerator.unwrap_model(model if model is not None else self.model)
+        decay = set(self.get_decay_parameter_names(opt_model))
+        args = self.args
+        rates = {"head": args.learning_rate, "side": args.side_learning_rate}
+        grouped: dict[tuple[str, bool], list[nn.Parameter]] = {(r, d): [] for r in ("head", "side") for d in (True, False)}
+        for name, param in opt_model.named_parameters():
+            if param.requires_grad:
+                grouped[("head" if name.startswith("head.") else "side", name in decay)].append(param)
+        groups = [{"params": params, "lr": rates[role], "weight_decay": args.weight_decay if decays else 0.0,
+                   "name": role if decays else f"{role}_no_decay"}
+                  for (role, decays), params in grouped.items() if params]
+        if not groups:
+            raise ValueError("The model has no trainable parameters: nothing to optimise.")
+        if self.optimizer_cls_and_kwargs is not None:
+            optimizer_cls, optimizer_kwargs = self.optimizer_cls_and_kwargs
+        else:
+            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(args, opt_model)
+        self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+        return self.optimizer
+
+    def set_initial_training_values(self, args: TrainingArguments, dataloader) -> tuple:
+        """As ``Trainer``'s; also remembers the optimizer steps per epoch (for ``lr_drop_epochs``)."""
+        values = super().set_initial_training_values(args, dataloader)
+        self._update_steps_per_epoch = values[1] if dataloader is not None and _has_length(dataloader) else None
+        return values
+
+    def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None):
+        """``lr_scheduler_type='constant'``: a :class:`StepDropSchedule` (drops at ``lr_drop_epochs`` times the
+        optimizer steps per epoch, plus ``warmup_steps``); any other type: the transformers schedule."""
+        if self.lr_scheduler is not None:
+            return self.lr_scheduler
+        args = self.args
+        if args.lr_scheduler_type != SchedulerType.CONSTANT:
+            return super().create_scheduler(num_training_steps, optimizer)
+        drop_steps: list[int] = []
+        if args.lr_drop_epochs:
+            if self._update_steps_per_epoch is None:
+                raise ValueError("lr_drop_epochs needs the number of steps per epoch: train on a dataset with a length "
+                                 "(or leave lr_drop_epochs empty).")
+            drop_steps = [epoch * self._update_steps_per_epoch for epoch in args.lr_drop_epochs]
+        schedule = StepDropSchedule(drop_steps, args.lr_drop_factor, args.get_warmup_steps(num_training_steps))
+        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer or self.optimizer, schedule)
+        self._created_lr_scheduler = True
+        return self.lr_scheduler
+
+    # ------------------------------------------------------------------ evaluation
+    def prediction_step(self, model: nn.Module, inputs: dict[str, Any], prediction_loss_only: bool,
+                        ignore_keys: list[str] | None = None) -> tuple:
+        """Return ``(loss, (pred_boxes, image_regions), labels)``; ``image_regions`` (B, 4) is the real image's
+        normalised ``xyxy`` on the canvas (from ``pixel_mask``), used to clamp predictions for IoU."""
+        inputs = self._prepare_inputs(inputs)
+        labels = inputs.get("labels")
+        with torch.no_grad(), self.compute_loss_context_manager():
+            outputs = model(**inputs)
+        loss = outputs["loss"].detach().mean() if labels is not None else None
+        if prediction_loss_only:
+            return loss, None, None
+        pred_boxes = outputs["pred_boxes"].detach().float()
+        regions = image_regions(inputs.get("pixel_mask"), pred_boxes.shape[0], pred_boxes.device)
+        return loss, (pred_boxes, regions), (labels.detach() if labels is not None else None)
+
+    # ------------------------------------------------------------------ saving and loading
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """Write only the trained tensors (M²IST: side + head) and the config, the processor and the arguments."""
+        if not self.args.should_save:
+            return
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        os.makedirs(output_dir, exist_ok=True)
+        logger.info("Saving the trained tensors to %s", output_dir)
+        save_trainable_tensors(self.accelerator.unwrap_model(self.model), output_dir)
+        if self.processing_class is not None and hasattr(self.processing_class, "save_pretrained"):
+            self.processing_class.save_pretrained(output_dir)
+        torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        """Load the trained tensors of a checkpoint strictly (optimizer, scheduler and RNG follow in ``Trainer``)."""
+        model = self.accelerator.unwrap_model(model if model is not None else self.model)
+        logger.info("Loading the trained tensors from %s", resume_from_checkpoint)
+        load_trainable_tensors(model, resume_from_checkpoint)
+
+    def _load_best_model(self) -> None:
+        """Load the trained tensors of ``state.best_model_checkpoint`` strictly."""
+        logger.info("Loading the best checkpoint %s (%s=%s).", self.state.best_model_checkpoint,
+                    self.args.metric_for_best_model, self.state.best_metric)
+        load_trainable_tensors(self.accelerator.unwrap_model(self.model), self.state.best_model_checkpoint)
+
+
+def _has_length(dataloader) -> bool:
+    try:
+        return len(dataloader) is not None
+    except (TypeError, NotImplementedError):
+        return False
+
+
+# ---------------------------------------------------------------------------------------------- convenience
+def train_rec(model: RECModel, processor, train_dataset: Dataset,
+              eval_datasets: Dataset | Mapping[str, Dataset] | None = None, args: RECTrainingArguments | None = None,
+              *, resume_from_checkpoint: str | bool | None = None, **kwargs: Any) -> RECTrainer:
+    """Train ``model`` on REC items and return the :class:`RECTrainer` (its ``state``, ``evaluate()``, ...).
+
+    Training batches come from ``RECCollator(processor, train=True)`` (the processor's augmentation, if it has one),
+    evaluation batches from ``RECCollator(processor)`` (test-time transform). ``eval_datasets`` is one dataset or a
+    dict of them (``{"val": ..., "testA": ...}`` gives ``eval_val_acc@0.5``, ``eval_testA_acc@0.5``, ...). Items are
+    dicts with ``image``, ``expression`` and ``box`` (``xyxy`` pixels), e.g. from :class:`m2ist.data.RECDataset`.
+    The processor is saved with every checkpoint. ``kwargs`` go to :class:`RECTrainer` (``callbacks``, ...).
+
+    ``resume_from_checkpoint`` (a folder, or True for the last one in ``args.output_dir``) restores the trained
+    tensors, optimizer, schedule, data order and the torch/numpy/python random states, so a run without
+    augmentation resumes exactly. The processor's augmentation draws from its own generator
+    (``RECAugmentation.seed``), which checkpoints do not hold: augmented runs resume with other augmentation draws.
+
+    Example::
+
+        args = RECTrainingArguments(output_dir="out", num_train_epochs=90, lr_drop_epochs=[60],
+                                    per_device_train_batch_size=64, eval_strategy="epoch", save_strategy="epoch",
+                                    load_best_model_at_end=True)
+        trainer = train_rec(model, processor, train_set, {"val": val_set}, args)
+        trainer.save_model("out/best")
+    """
+    if args is None:
+        args = RECTrainingArguments(output_dir="trainer_output")
+    trainer = RECTrainer(
+        model=model,
+        args=args,
+        data_collator=RECCollator(processor, train=True),
+        eval_data_collator=RECCollator(processor, train=False),
+        train_dataset=train_dataset,
+        eval_dataset=eval_datasets,
+        processing_class=processor,
+        **kwargs,
+    )
+    trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+    return trainer
+
