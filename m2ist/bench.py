@@ -53,29 +53,18 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(method: str, batch_size: int, steps: int, warmup: int, device: str, tiny: bool,
-            backbone_dtype: str | None) -> dict[str, Any]:
-    """Build ``method`` on fresh towers and time ``steps`` AdamW steps after ``warmup``; return the figures."""
-    from .baselines import build_model
+def profile_training_step(model: torch.nn.Module, batch: dict[str, torch.Tensor], steps: int = 3,
+                          warmup: int = 1, lr: float = 1e-5) -> dict[str, Any]:
+    """AdamW steps of ``model`` on ``batch``: exact bytes, process peak memory and median step time.
+
+    Exact bytes = autograd's saved tensors (one forward, distinct storages) + parameters + gradients + AdamW
+    state. Process peak = ``torch.cuda.max_memory_allocated`` since the warm-up on GPU, peak RSS on CPU (run one
+    method per process to compare peaks).
+    """
     from .profiling import saved_tensor_accounting, training_state_bytes
 
-    torch.manual_seed(0)
-    dev = torch.device(device)
-    config = _config(tiny, backbone_dtype if method == "m2ist" else None)
-    model = build_model(*_towers(tiny), config, method=method).to(dev)
-    model.train()
-    size, length = model.config.image_size, model.config.max_query_len
-    g = torch.Generator().manual_seed(0)
-    batch = {
-        "pixel_values": torch.randn(batch_size, 3, size, size, generator=g),
-        "pixel_mask": torch.ones(batch_size, size, size, dtype=torch.long),
-        "input_ids": torch.randint(1000, 2000, (batch_size, length), generator=g) % model.text_model.config.vocab_size,
-        "attention_mask": torch.ones(batch_size, length, dtype=torch.long),
-        "labels": torch.rand(batch_size, 4, generator=g) * 0.5 + 0.25,
-    }
-    batch = {k: v.to(dev) for k, v in batch.items()}
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-5, weight_decay=1e-4)
+    dev = next(p.device for p in model.parameters())
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=1e-4)
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
@@ -98,6 +87,38 @@ def measure(method: str, batch_size: int, steps: int, warmup: int, device: str, 
         step()
         _sync(dev)
         times.append(time.perf_counter() - start)
+    state = training_state_bytes(model)
+    peak = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else \
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {
+        "saved_tensor_bytes": saved.bytes,
+        "exact_bytes": saved.bytes + state["parameters"] + state["gradients"] + state["optimizer"],
+        "peak_memory_bytes": int(peak),
+        "step_time_s": statistics.median(times),
+    }
+
+
+def measure(method: str, batch_size: int, steps: int, warmup: int, device: str, tiny: bool,
+            backbone_dtype: str | None) -> dict[str, Any]:
+    """Build ``method`` on fresh towers and time ``steps`` AdamW steps after ``warmup``; return the figures."""
+    from .baselines import build_model
+
+    torch.manual_seed(0)
+    dev = torch.device(device)
+    config = _config(tiny, backbone_dtype if method == "m2ist" else None)
+    model = build_model(*_towers(tiny), config, method=method).to(dev)
+    model.train()
+    size, length = model.config.image_size, model.config.max_query_len
+    g = torch.Generator().manual_seed(0)
+    batch = {
+        "pixel_values": torch.randn(batch_size, 3, size, size, generator=g),
+        "pixel_mask": torch.ones(batch_size, size, size, dtype=torch.long),
+        "input_ids": torch.randint(1000, 2000, (batch_size, length), generator=g) % model.text_model.config.vocab_size,
+        "attention_mask": torch.ones(batch_size, length, dtype=torch.long),
+        "labels": torch.rand(batch_size, 4, generator=g) * 0.5 + 0.25,
+    }
+    batch = {k: v.to(dev) for k, v in batch.items()}
+    figures = profile_training_step(model, batch, steps=steps, warmup=warmup)
     with torch.no_grad():  # the floor: the frozen towers' forward alone
         floor = []
         for _ in range(max(1, steps)):
@@ -107,19 +128,13 @@ def measure(method: str, batch_size: int, steps: int, warmup: int, device: str, 
             model.text_tower({"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]})
             _sync(dev)
             floor.append(time.perf_counter() - start)
-    state = training_state_bytes(model)
-    peak = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else \
-        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     trainable, total = model.get_nb_trainable_parameters()
     return {
         "method": method,
         "trainable_params": trainable,
         "total_params": total,
         "parameter_counts": model.parameter_counts(),
-        "saved_tensor_bytes": saved.bytes,
-        "exact_bytes": saved.bytes + state["parameters"] + state["gradients"] + state["optimizer"],
-        "peak_memory_bytes": int(peak),
-        "step_time_s": statistics.median(times),
+        **figures,
         "floor_time_s": statistics.median(floor),
     }
 

@@ -1,0 +1,63 @@
+"""The embedded default and the evidence commands run end to end in their tiny modes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from m2ist.cli import main
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("M2IST_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def test_demo_tiny_trains_evaluates_saves_reloads_and_draws(tmp_path, cache, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--tiny", "--steps", "6", "--batch-size", "4", "--output-dir", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["metrics"]) == {"val", "test_attributes", "test_compositional", "test_relations", "test_spatial"}
+    for split, metrics in results["metrics"].items():
+        assert 0.0 <= metrics["acc@0.5"] <= 1.0 and metrics["count"] > 0, split
+        assert f"| {split} |" in printed
+    assert (out / "adapter" / "m2ist_model.safetensors").exists()
+    assert (out / "adapter" / "m2ist_processor.json").exists()
+    from PIL import Image
+
+    with Image.open(out / "predictions.png") as picture:
+        assert picture.width >= 512
+    assert any(cache.rglob("model.safetensors"))  # the pretrained vision tower was cached
+
+
+def test_compare_tiny_reports_ratios_to_full(tmp_path, cache, capsys):
+    output = tmp_path / "compare.json"
+    argv = ["compare", "--tiny", "--methods", "full,m2ist", "--steps", "3", "--batch-size", "4",
+            "--work-dir", str(tmp_path / "work"), "--output", str(output)]
+    assert main(argv) == 0
+    table = capsys.readouterr().out
+    assert "| full |" in table and "| m2ist |" in table
+    report = json.loads(output.read_text())
+    rows = {row["method"]: row for row in report["methods"]}
+    assert rows["full"]["ratios_to_full"]["exact_bytes"] == 1.0
+    m2ist = rows["m2ist"]
+    assert m2ist["trainable_params"] < rows["full"]["trainable_params"] / 10
+    assert m2ist["ratios_to_full"]["exact_bytes"] < 1.0
+    assert set(m2ist["metrics"]) >= {"test_attributes", "test_compositional", "test_relations"}
+
+
+def test_bench_tiny_writes_the_promised_json(tmp_path, capsys):
+    output = tmp_path / "bench.json"
+    assert main(["bench", "--tiny", "--methods", "full,m2ist", "--steps", "1", "--output", str(output)]) == 0
+    assert "floor (frozen towers' forward alone)" in capsys.readouterr().out
+    report = json.loads(output.read_text())
+    assert report["paper"] == {"trainable": 0.0211, "memory": 0.3961, "time": 0.6346}
+    for row in report["methods"]:
+        for key in ("trainable_params", "total_params", "saved_tensor_bytes", "peak_memory_bytes", "step_time_s",
+                    "ratios_to_full"):
+            assert key in row, key
+    m2ist = next(r for r in report["methods"] if r["method"] == "m2ist")
+    assert m2ist["ratios_to_full"]["saved_tensor_bytes"] < 0.6
