@@ -39,9 +39,10 @@ from . import __version__
 from .baselines import METHODS, BackboneTunedModel
 from .config import M2ISTConfig
 from .data.collator import RECCollator
+from .evaluation import paired_iou
 from .head import rec_loss
 from .model import RECModel, SideTunedModel
-from .ops.boxes import box_convert, paired_box_iou
+from .ops.boxes import box_convert
 from .save_and_load import WEIGHTS_NAME, atomic_write, load_trainable_state
 
 __all__ = [
@@ -257,7 +258,7 @@ def compute_rec_metrics(pred_boxes: Any, labels: Any, regions: Any = None,
         region = torch.as_tensor(np.asarray(regions), dtype=torch.float64)
         low, high = region[:, :2].repeat(1, 2), region[:, 2:].repeat(1, 2)
         pred_xyxy = torch.minimum(torch.maximum(pred_xyxy, low), high)
-    iou = paired_box_iou(pred_xyxy, box_convert(target, "cxcywh", "xyxy"))
+    iou = paired_iou(pred_xyxy, box_convert(target, "cxcywh", "xyxy"))
     losses = rec_loss(pred, target, config or M2ISTConfig())
     return {
         ACCURACY_METRIC: float((iou >= 0.5).double().mean()),
