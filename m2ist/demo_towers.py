@@ -102,6 +102,9 @@ class VisionPretrainRecipe:
         num_threads: CPU threads used while pretraining (fixed so the result does not depend on the machine).
         shapes, colours: the vocabularies of the pretraining scenes.
         max_objects: the most objects in a pretraining scene (count classes are ``0..max_objects``).
+        dense_weight: weight of the per-patch attribute loss (shape, colour and size class of the object covering
+            each patch, or background); 0 trains on presence and counts alone.
+        min_patch_coverage: fraction of a patch's pixels an object must cover to label that patch.
     """
 
     version: str = VISION_TOWER_VERSION
@@ -122,6 +125,8 @@ class VisionPretrainRecipe:
     shapes: tuple[str, ...] = ("circle", "square", "triangle", "diamond")
     colours: tuple[str, ...] = ("red", "green", "blue", "yellow", "purple")
     max_objects: int = 6
+    dense_weight: float = 1.0
+    min_patch_coverage: float = 0.0625
 
     def __post_init__(self) -> None:
         if self.image_size % self.patch_size:
@@ -208,33 +213,64 @@ def vision_tower_path(cache_dir: str | Path | None = None, recipe: VisionPretrai
 
 
 class _PretrainingHead(nn.Module):
-    """Linear heads on the mean patch token: pair presence logits and per-attribute count logits."""
+    """Linear heads: pair presence and count logits on the mean patch token, attribute logits on each patch."""
 
     def __init__(self, hidden_size: int, num_shapes: int, num_colours: int, max_objects: int) -> None:
         super().__init__()
         self.num_pairs = num_shapes * num_colours
         self.count_groups = num_shapes + num_colours + len(SIZES)
         self.num_counts = max_objects + 1
+        self.dense_sizes = (num_shapes + 1, num_colours + 1, len(SIZES) + 1)  # class 0: background / ignored
         self.linear = nn.Linear(hidden_size, self.num_pairs + self.count_groups * self.num_counts)
+        self.dense = nn.Linear(hidden_size, sum(self.dense_sizes))
 
-    def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.linear(tokens[:, 1:].mean(dim=1))
+    def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        patches = tokens[:, 1:]
+        out = self.linear(patches.mean(dim=1))
         presence = out[:, : self.num_pairs]
         counts = out[:, self.num_pairs :].reshape(-1, self.count_groups, self.num_counts)
-        return presence, counts
+        dense = list(self.dense(patches).split(self.dense_sizes, dim=-1))
+        return presence, counts, dense
+
+
+def _patch_labels(scene: Any, recipe: VisionPretrainRecipe) -> np.ndarray:
+    """``(num_patches, 3)`` shape / colour / size class of the object that covers each patch most (0 = none).
+
+    An object labels a patch when it covers at least ``recipe.min_patch_coverage`` of the patch's pixels.
+    """
+    p = recipe.patch_size
+    grid = recipe.image_size // p
+    inst = scene.instance_map.reshape(grid, p, grid, p).transpose(0, 2, 1, 3).reshape(grid * grid, p * p)
+    counts = np.stack([(inst == k + 1).sum(axis=1) for k in range(len(scene.objects))], axis=1)
+    best = counts.argmax(axis=1)
+    covered = counts.max(axis=1) >= recipe.min_patch_coverage * p * p
+    table = np.zeros((len(scene.objects) + 1, 3), dtype=np.int64)
+    for k, obj in enumerate(scene.objects):
+        table[k + 1] = (
+            recipe.shapes.index(obj.shape) + 1,
+            recipe.colours.index(obj.colour) + 1,
+            SIZES.index(obj.size) + 1,
+        )
+    labels = table[np.where(covered, best + 1, 0)]
+    labels[~covered, 0] = -100  # shape and size are only learnt on patches that show an object
+    labels[~covered, 2] = -100
+    return labels
 
 
 def _scene_batch(
     rng: np.random.Generator, config: SyntheticRECConfig, recipe: VisionPretrainRecipe, size: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``size`` fresh scenes as normalised pixels, pair-presence targets and count targets."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``size`` fresh scenes: normalised pixels, pair-presence, count and per-patch attribute targets."""
     shapes, colours = recipe.shapes, recipe.colours
+    grid = recipe.image_size // recipe.patch_size
     images = np.empty((size, recipe.image_size, recipe.image_size, 3), dtype=np.uint8)
     presence = np.zeros((size, len(shapes) * len(colours)), dtype=np.float32)
     counts = np.zeros((size, len(shapes) + len(colours) + len(SIZES)), dtype=np.int64)
+    dense = np.zeros((size, grid * grid, 3), dtype=np.int64)
     for b in range(size):
-        scene = generate_scene(rng, config)
+        scene = generate_scene(rng, config, with_instance_map=True)
         images[b] = np.asarray(scene.image)
+        dense[b] = _patch_labels(scene, recipe)
         for obj in scene.objects:
             s, c, z = shapes.index(obj.shape), colours.index(obj.colour), SIZES.index(obj.size)
             presence[b, s * len(colours) + c] = 1.0
@@ -242,26 +278,33 @@ def _scene_batch(
             counts[b, len(shapes) + c] += 1
             counts[b, len(shapes) + len(colours) + z] += 1
     pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
-    return pixels, torch.from_numpy(presence), torch.from_numpy(counts)
+    return pixels, torch.from_numpy(presence), torch.from_numpy(counts), torch.from_numpy(dense)
 
 
 @torch.no_grad()
 def _evaluate(model: nn.Module, head: _PretrainingHead, data: tuple[torch.Tensor, ...], batch: int) -> dict[str, float]:
-    pixels, presence, counts = data
+    pixels, presence, counts, dense = data
     model.eval()
-    pred_presence, pred_counts = [], []
+    pred_presence, pred_counts, pred_dense = [], [], []
     for start in range(0, len(pixels), batch):
-        p, c = head(model(pixel_values=pixels[start : start + batch]).last_hidden_state)
+        p, c, d = head(model(pixel_values=pixels[start : start + batch]).last_hidden_state)
         pred_presence.append(p > 0)
         pred_counts.append(c.argmax(-1))
+        pred_dense.append(torch.stack([logits.argmax(-1) for logits in d], dim=-1))
     model.train()
     hit = torch.cat(pred_presence) == presence.bool()
     count_hit = torch.cat(pred_counts) == counts
+    dense_hit = torch.cat(pred_dense) == dense.clamp(min=0)
+    on_object = dense[..., 1] > 0
     return {
         "pair_presence_label_accuracy": hit.float().mean().item(),
         "pair_presence_exact_match": hit.all(dim=1).float().mean().item(),
         "count_accuracy": count_hit.float().mean().item(),
         "count_exact_match": count_hit.all(dim=1).float().mean().item(),
+        "patch_colour_accuracy": dense_hit[..., 1].float().mean().item(),
+        "object_patch_shape_accuracy": dense_hit[..., 0][on_object].float().mean().item(),
+        "object_patch_colour_accuracy": dense_hit[..., 1][on_object].float().mean().item(),
+        "object_patch_size_accuracy": dense_hit[..., 2][on_object].float().mean().item(),
     }
 
 
@@ -326,13 +369,12 @@ def pretrain_vision_tower(
             bar = tqdm(range(recipe.steps), desc="pretraining shapes ViT", disable=not progress, leave=False)
             running = None
             for _step in bar:
-                pixels, presence, counts = _scene_batch(train_rng, scene_config, recipe, recipe.batch_size)
-                if train_rng.random() < 0.5:  # flips keep presence and counts
-                    pixels = pixels.flip(-1)
-                if train_rng.random() < 0.5:
-                    pixels = pixels.flip(-2)
-                pred_presence, pred_counts = head(model(pixel_values=pixels).last_hidden_state)
+                pixels, presence, counts, dense = _scene_batch(train_rng, scene_config, recipe, recipe.batch_size)
+                pred_presence, pred_counts, pred_dense = head(model(pixel_values=pixels).last_hidden_state)
                 loss = bce(pred_presence, presence) + ce(pred_counts.flatten(0, 1), counts.flatten())
+                if recipe.dense_weight > 0:
+                    dense_loss = sum(ce(logits.flatten(0, 1), dense[..., k].flatten()) for k, logits in enumerate(pred_dense))
+                    loss = loss + recipe.dense_weight * dense_loss
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(parameters, 1.0)

@@ -206,14 +206,3 @@ class Tower:
     def depth(self) -> int | None:
         """Number of tappable layers (None until measured for the ``output_hidden_states`` fallback)."""
         return len(self.layers) if self.layers else None
-
-
-@contextlib.contextmanager
-def frozen(module: nn.Module):
-    """Temporarily put ``module`` in eval mode (restoring its previous mode)."""
-    was_training = module.training
-    module.eval()
-    try:
-        yield module
-    finally:
-        module.train(was_training)

@@ -281,7 +281,11 @@ class SceneObject:
 
 @dataclass
 class Scene:
-    """A rendered image and the objects in it (index ``i`` of ``objects`` is object ``i``)."""
+    """A rendered image and the objects in it (index ``i`` of ``objects`` is object ``i``).
+
+    ``instance_map`` (only with ``generate_scene(..., with_instance_map=True)``) is an ``(H, W)`` uint8 array
+    holding ``i + 1`` on the pixels of object ``i`` and 0 on the background.
+    """
 
     image: Image.Image | None
     objects: list[SceneObject]
@@ -289,6 +293,7 @@ class Scene:
     height: int
     position_tolerance: float = 6.0
     size_tolerance: float = 6.0
+    instance_map: np.ndarray | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The scene without its image, JSON-serialisable (kept in each sample's metadata)."""
@@ -350,6 +355,7 @@ def generate_scene(
     config: SyntheticRECConfig | None = None,
     *,
     required_pair: tuple[str, str] | None = None,
+    with_instance_map: bool = False,
 ) -> Scene:
     """Draw and render one scene.
 
@@ -357,6 +363,7 @@ def generate_scene(
         rng: the source of randomness (``numpy.random.default_rng(seed)``); the scene depends on nothing else.
         config: what scenes look like (defaults to :class:`SyntheticRECConfig()`).
         required_pair: a ``(shape, colour)`` the scene must contain (the first object is given it).
+        with_instance_map: also return the per-pixel object index map (``Scene.instance_map``).
 
     Returns:
         A :class:`Scene` with ``config.min_objects``..``config.max_objects`` non-overlapping objects.
@@ -403,6 +410,7 @@ def generate_scene(
     image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB")
 
     objects: list[SceneObject] = []
+    instance_map = np.zeros((height, width), dtype=np.uint8) if with_instance_map else None
     for shape, colour, size, extent, nominal in placed:
         jitter = rng.integers(-config.colour_jitter, config.colour_jitter + 1, size=3)
         rgb = tuple(int(v) for v in np.clip(np.asarray(COLOURS[colour]) + jitter, 0, 255))
@@ -410,6 +418,8 @@ def generate_scene(
         bbox = mask.getbbox()
         assert bbox is not None  # every shape covers pixels
         image.paste(rgb, (0, 0, width, height), mask)
+        if instance_map is not None:
+            instance_map[np.asarray(mask) > 0] = len(objects) + 1
         objects.append(SceneObject(shape, colour, size, extent, tuple(int(v) for v in bbox), rgb))  # type: ignore[arg-type]
     return Scene(
         image=image,
@@ -418,6 +428,7 @@ def generate_scene(
         height=height,
         position_tolerance=float(config.position_tolerance),
         size_tolerance=float(config.size_tolerance),
+        instance_map=instance_map,
     )
 
 
