@@ -59,6 +59,7 @@ class BackboneTunedModel(RECModel):
         with torch.no_grad():
             vision, text = self.vision_tower(vision_inputs), self.text_tower(text_inputs)
         self._build_head(vision.tokens.shape[-1], text.tokens.shape[-1], vision.tokens.shape[1])
+        self.head.to(vision.tokens.device)
 
     def _add_adapters(self) -> None:
         for tower in (self.vision_tower, self.text_tower):

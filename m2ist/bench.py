@@ -64,6 +64,7 @@ def profile_training_step(model: torch.nn.Module, batch: dict[str, torch.Tensor]
     from .profiling import saved_tensor_accounting, training_state_bytes
 
     dev = next(p.device for p in model.parameters())
+    batch = {k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=1e-4)
 
     def step() -> None:

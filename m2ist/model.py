@@ -32,6 +32,9 @@ from .towers import TEXT, VISION, Tower, TowerFeatures
 logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# what a saved processor's tokenizer may consist of (whichever the tokenizer wrote)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.txt", "vocab.json", "merges.txt", "spiece.model", "sentencepiece.bpe.model")
 
 
 @dataclass
@@ -224,6 +227,8 @@ class SideTunedModel(RECModel):
                                 bottleneck=config.bottleneck, scale=config.adapter_scale, experts=config.experts,
                                 share_up_projection=config.share_iea_up_projection, dropout=config.side_dropout)
         self._build_head(vision.tokens.shape[-1], text.tokens.shape[-1], vision.tokens.shape[1])
+        self.side.to(vision.tokens.device)
+        self.head.to(vision.tokens.device)
         for modality, model, features, depth in ((VISION, vision_model, vision, vision_depth),
                                                  (TEXT, text_model, text, text_depth)):
             name, revision = _model_id(model)
@@ -304,7 +309,7 @@ class SideTunedModel(RECModel):
         hub = {"revision": revision, "token": token, "cache_dir": cache_dir, "local_files_only": local_files_only,
                "endpoint": endpoint}
         folder = resolve_pretrained(str(name_or_path), filenames=[CONFIG_NAME, WEIGHTS_NAME],
-                                    optional_filenames=[PROCESSOR_CONFIG_NAME], **hub)
+                                    optional_filenames=[PROCESSOR_CONFIG_NAME, *TOKENIZER_FILES], **hub)
         saved = M2ISTConfig.from_json_file(folder / CONFIG_NAME)
         allowed = {"backbone_dtype", "side_dropout", "fusion_dropout"}
         if set(config_overrides) - allowed:
@@ -326,13 +331,10 @@ class SideTunedModel(RECModel):
                 if getattr(saved, f"{modality}_{key}") is not None:
                     setattr(model.config, f"{modality}_{key}", getattr(saved, f"{modality}_{key}"))
         load_trainable_state(model, folder / WEIGHTS_NAME)
-        if (folder / PROCESSOR_CONFIG_NAME).exists():
+        if (folder / PROCESSOR_CONFIG_NAME).exists():  # the tokenizer files came with it, from the same commit
             from .processing import RECProcessor
 
-            local = Path(name_or_path).is_dir()
-            model.processor = RECProcessor.from_pretrained(
-                str(folder) if local else str(name_or_path),
-                **({} if local else {k: v for k, v in hub.items() if k != "endpoint" and v is not None}))
+            model.processor = RECProcessor.from_pretrained(str(folder))
         return model
 
 

@@ -8,8 +8,9 @@ import sys
 from pathlib import Path
 
 import torch
+from transformers import BertTokenizer
 
-from m2ist import SideTunedModel, get_side_tuned_model
+from m2ist import RECProcessor, SideTunedModel, get_side_tuned_model
 from tests.conftest import make_batch
 from tests.hub_server import LocalHub, hub_fixture
 from tests.tiny import text_tower, tiny_config, vision_tower
@@ -28,11 +29,14 @@ def test_push_pull_round_trip_then_offline_load(hub: LocalHub, tmp_path: Path):
     model.text_model.save_pretrained(tmp_path / "text")
     model.config.vision_model_name_or_path = str(tmp_path / "vision")
     model.config.text_model_name_or_path = str(tmp_path / "text")
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "red", "square"]) + "\n")
+    model.processor = RECProcessor(BertTokenizer(str(vocab)), canvas_size=32, max_query_len=8)
 
     url = model.push_to_hub("m2ist-test/tiny-rec", endpoint=hub.url)
     assert url.startswith(hub.url) and "m2ist-test/tiny-rec" in url
-    assert set(hub.files("m2ist-test/tiny-rec")) - {".gitattributes"} == {"m2ist_config.json", "m2ist_model.safetensors",
-                                                                          "README.md"}
+    assert {"m2ist_config.json", "m2ist_model.safetensors", "README.md", "m2ist_processor.json",
+            "tokenizer.json"} <= set(hub.files("m2ist-test/tiny-rec"))
 
     hf_home = tmp_path / "hf_home"
     again = SideTunedModel.from_pretrained("m2ist-test/tiny-rec", endpoint=hub.url,
@@ -40,12 +44,15 @@ def test_push_pull_round_trip_then_offline_load(hub: LocalHub, tmp_path: Path):
     batch = make_batch()
     expected = model(**batch).pred_boxes
     torch.testing.assert_close(again(**batch).pred_boxes, expected, rtol=0, atol=0)
+    assert again.processor is not None and again.processor.canvas_size == 32  # pulled from the same endpoint
+    assert again.processor.tokenizer.tokenize("red square") == ["red", "square"]
 
     torch.save({k: v for k, v in batch.items()}, tmp_path / "batch.pt")
     script = (
         "import torch\n"
         "from m2ist import SideTunedModel\n"
         "model = SideTunedModel.from_pretrained('m2ist-test/tiny-rec').eval()\n"
+        "assert model.processor.max_query_len == 8\n"
         f"batch = torch.load({str(tmp_path / 'batch.pt')!r})\n"
         f"torch.save(model(**batch).pred_boxes, {str(tmp_path / 'offline.pt')!r})\n"
     )
