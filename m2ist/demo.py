@@ -112,7 +112,7 @@ def draw_predictions(model, processor, samples: list[RECSample], path: Path) -> 
     return path
 
 
-def run(output_dir: str | Path = "outputs/demo", *, steps: int = 600, batch_size: int = 32, tiny: bool = False,
+def run(output_dir: str | Path = "outputs/demo", *, steps: int = 400, batch_size: int = 32, tiny: bool = False,
         cache_dir: str | None = None, seed: int = 0, progress: bool = True) -> dict[str, Any]:
     """The whole demo; returns the results (also written to ``output_dir/results.json``)."""
     from .data.synthetic import generate_split
@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="m2ist demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output-dir", default="outputs/demo", help="where the adapter, PNG and results go")
-    parser.add_argument("--steps", type=int, default=600, help="side-tuning steps (default: 600)")
+    parser.add_argument("--steps", type=int, default=400, help="side-tuning steps (default: 400)")
     parser.add_argument("--batch-size", type=int, default=32, help="training batch size (default: 32)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the data, the model and the training")
     parser.add_argument("--cache-dir", default=None, help="cache of the pretrained shapes ViT (default: ~/.cache/m2ist)")
