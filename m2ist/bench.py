@@ -170,18 +170,37 @@ def _run_isolated(method: str, args: argparse.Namespace) -> dict[str, Any]:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def add_ratios(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Add, to each method, its ratio to full fine-tuning for every figure (needs a 'full' row)."""
+RATIO_KEYS = ("trainable_params", "saved_tensor_bytes", "exact_bytes", "peak_memory_bytes", "step_time_s")
+
+
+def add_ratios(results: list[dict[str, Any]], keys: tuple[str, ...] = RATIO_KEYS) -> list[dict[str, Any]]:
+    """Add, to each method, its trainable fraction and its ratio to full fine-tuning for each of ``keys``
+    (when a 'full' row is present)."""
     full = next((r for r in results if r["method"] == "full"), None)
     for row in results:
         row["trainable_fraction"] = row["trainable_params"] / row["total_params"]
         row["side_fraction"] = row["parameter_counts"].get("side", 0) / row["total_params"]
         if full is not None:
-            row["ratios_to_full"] = {key: row[key] / full[key] for key in
-                                     ("trainable_params", "saved_tensor_bytes", "exact_bytes", "peak_memory_bytes",
-                                      "step_time_s")}
-            row["ratios_to_full"]["floor_time_s"] = row["floor_time_s"] / full["step_time_s"]
+            row["ratios_to_full"] = {key: row[key] / full[key] for key in keys}
+            if "floor_time_s" in row:
+                row["ratios_to_full"]["floor_time_s"] = row["floor_time_s"] / full["step_time_s"]
     return results
+
+
+def parse_methods(parser: argparse.ArgumentParser, text: str, known: tuple[str, ...]) -> list[str]:
+    """The comma-separated methods of ``text``, or a usage error naming the known ones."""
+    methods = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = set(methods) - set(known)
+    if unknown or not methods:
+        parser.error(f"unknown methods {sorted(unknown)}; choose from {', '.join(known)}")
+    return methods
+
+
+def describe_device(device: str) -> str:
+    """The GPU's name, or the CPU and its torch thread count."""
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name()
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
 def format_table(results: list[dict[str, Any]]) -> str:
@@ -231,17 +250,13 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(measure(args.one, args.batch_size, args.steps, args.warmup, args.device, args.tiny,
                                  args.backbone_dtype)))
         return 0
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = set(methods) - set(METHOD_ORDER)
-    if unknown:
-        parser.error(f"unknown methods {sorted(unknown)}; choose from {', '.join(METHOD_ORDER)}")
+    methods = parse_methods(parser, args.methods, METHOD_ORDER)
     results = []
     for method in methods:
         print(f"[bench] {method} ...", file=sys.stderr, flush=True)
         results.append(_run_isolated(method, args))
     add_ratios(results)
-    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else \
-        f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    device = describe_device(args.device)
     print(f"m2ist bench — {'tiny towers' if args.tiny else 'DETR-R50 + BERT-base, 640x640, L=20'}, batch "
           f"{args.batch_size}, device {device}, {date.today()}")
     print(format_table(results))

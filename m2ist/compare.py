@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
 import sys
 import time
@@ -20,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from .bench import add_ratios, describe_device, parse_methods
 
 METHODS = ("full", "adapter", "lora", "m2ist")
 # learning rate of what is trained inside or beside the towers; the head always uses the demo's head rate
@@ -65,17 +66,6 @@ def _isolated(method: str, args: argparse.Namespace) -> dict[str, Any]:
     if done.returncode:
         raise RuntimeError(f"compare: {method} failed:\n{done.stderr[-3000:]}")
     return json.loads(out.read_text(encoding="utf-8"))
-
-
-def add_ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Each figure of each method as a ratio to full fine-tuning's, measured in the same run."""
-    full = next((r for r in rows if r["method"] == "full"), None)
-    for row in rows:
-        row["trainable_fraction"] = row["trainable_params"] / row["total_params"]
-        if full is not None:
-            row["ratios_to_full"] = {k: row[k] / full[k] for k in
-                                     ("trainable_params", "exact_bytes", "peak_memory_bytes", "step_time_s")}
-    return rows
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
@@ -138,17 +128,13 @@ def main(argv: list[str] | None = None) -> int:
                          cache_dir=args.cache_dir, output_dir=Path(args.work_dir))
         (Path(args.work_dir) / f"{args.one}.json").write_text(json.dumps(row, indent=2), encoding="utf-8")
         return 0
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = set(methods) - set(METHODS)
-    if unknown:
-        parser.error(f"unknown methods {sorted(unknown)}; choose from {', '.join(METHODS)}")
+    methods = parse_methods(parser, args.methods, METHODS)
     rows = []
     for method in methods:
         print(f"[compare] training {method} ({args.steps} steps) ...", file=sys.stderr, flush=True)
         rows.append(_isolated(method, args))
-    add_ratios(rows)
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else \
-        f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
+    add_ratios(rows, keys=("trainable_params", "exact_bytes", "peak_memory_bytes", "step_time_s"))
+    device = describe_device("cuda" if torch.cuda.is_available() else "cpu")
     print(f"m2ist compare — procedural REC, {args.steps} steps × {args.batch_size}, seed {args.seed}, {device}, "
           f"{date.today()}")
     print(format_table(rows))
