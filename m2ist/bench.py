@@ -179,7 +179,7 @@ def add_ratios(results: list[dict[str, Any]], keys: tuple[str, ...] = RATIO_KEYS
     full = next((r for r in results if r["method"] == "full"), None)
     for row in results:
         row["trainable_fraction"] = row["trainable_params"] / row["total_params"]
-        row["side_fraction"] = row["parameter_counts"].get("side", 0) / row["total_params"]
+        row["side_fraction"] = row.get("parameter_counts", {}).get("side", 0) / row["total_params"]
         if full is not None:
             row["ratios_to_full"] = {key: row[key] / full[key] for key in keys}
             if "floor_time_s" in row:
