@@ -178,22 +178,22 @@ def detr_encode(model: nn.Module, pixel_values: torch.Tensor, pixel_mask: torch.
 # --------------------------------------------------------------------------------------------------------------
 # Vision towers
 # --------------------------------------------------------------------------------------------------------------
-def _one(config: Any) -> int:
+def _cls_token_only(config: Any) -> int:
     return 1
 
 
-def _none(config: Any) -> int:
+def _no_prefix_tokens(config: Any) -> int:
     return 0
 
 
 register_taps("vision", ["detr"], TapSpec(
     layers=("encoder.layers.*",), attention=Tap("self_attn"), ffn=Tap("mlp"), encode=detr_encode,
     hidden_states_key="encoder_hidden_states", unused_modules=("decoder", "query_position_embeddings"),
-    num_prefix_tokens=_none,
+    num_prefix_tokens=_no_prefix_tokens,
     note="DETR encoder (ResNet + input projection + encoder; decoder skipped): raw self-attention and FFN outputs",
 ))
 register_taps("vision", ["vit"], TapSpec(
-    layers=("layers.*", "encoder.layer.*"), attention=Tap("attention"), ffn=Tap("mlp"), num_prefix_tokens=_one,
+    layers=("layers.*", "encoder.layer.*"), attention=Tap("attention"), ffn=Tap("mlp"), num_prefix_tokens=_cls_token_only,
     unused_modules=("pooler",),
     note="ViT: attention and MLP sub-layer outputs; CLS first",
 ))
@@ -212,13 +212,13 @@ register_taps("vision", ["dinov2", "dinov2_with_registers"], TapSpec(
     note="DINOv2: attention and MLP outputs before layer scale; CLS (+ registers) first",
 ))
 register_taps("vision", ["swin", "swinv2"], TapSpec(
-    layers=("encoder.layers.*.blocks.*",), attention=Tap("layernorm_after"), ffn=Tap("mlp"), num_prefix_tokens=_none,
+    layers=("encoder.layers.*.blocks.*",), attention=Tap("layernorm_after"), ffn=Tap("mlp"), num_prefix_tokens=_no_prefix_tokens,
     note="Swin: the raw attention output is windowed, so the IEA reads the normalised post-attention stream "
          "(layernorm_after); stages are pooled to the last stage's grid",
 ))
 register_taps("vision", ["convnext", "convnextv2"], TapSpec(
     layers=("encoder.stages.*.layers.*",), attention=Tap("dwconv", "b c h w"), ffn=Tap("pwconv2", "b h w c"),
-    layer_layout="b c h w", num_prefix_tokens=_none,
+    layer_layout="b c h w", num_prefix_tokens=_no_prefix_tokens,
     note="ConvNeXt: depth-wise conv (token mixer) as the attention tap, pwconv2 as the FFN tap; stages pooled to "
          "the last stage's grid",
 ))
