@@ -74,11 +74,30 @@ class M2ISTConfig:
 
     # --- REC head -----------------------------------------------------------------------------------------
     fusion_dim: int = field(default=256, metadata={"help": "Width of the vision-language fusion encoder."})
-    fusion_layers: int = field(default=6, metadata={"help": "Post-norm layers of the fusion encoder."})
+    fusion_layers: int = field(
+        default=6, metadata={"help": "Layers of the fusion encoder; 0 (no fusion) needs reg_init='text'."}
+    )
     fusion_heads: int = field(default=8, metadata={"help": "Attention heads of the fusion encoder."})
     fusion_ffn_dim: int = field(default=2048, metadata={"help": "Feed-forward width of the fusion encoder."})
     fusion_dropout: float = field(default=0.1, metadata={"help": "Dropout of the fusion encoder."})
     box_mlp_layers: int = field(default=3, metadata={"help": "Linear layers of the box MLP on the [REG] token."})
+    fusion_norm: str = field(
+        default="post",
+        metadata={"help": "'post': post-norm fusion layers (TransVG). 'pre': pre-norm layers and a final LayerNorm, "
+                  "which train faster from scratch."},
+    )
+    reg_init: str = field(
+        default="learned",
+        metadata={"help": "'learned': [REG] starts as a learned embedding (TransVG). 'text': that embedding plus a "
+                  "projection of the attention-pooled expression tokens, so [REG] knows the expression before "
+                  "the first fusion layer."},
+    )
+    box_readout: str = field(
+        default="reg",
+        metadata={"help": "'reg': an MLP on the fused [REG] token regresses the box (TransVG). 'vote': every visual "
+                  "patch token votes for the edges of the box under it (relative to its cell) and [REG]'s "
+                  "attention over the patches weighs the votes (learns in far fewer steps)."},
+    )
     max_query_len: int = field(
         default=20, metadata={"help": "Text tokens fed to the head ([CLS] and [SEP] included); 40 for RefCOCOg."}
     )
@@ -149,8 +168,15 @@ class M2ISTConfig:
         for name in ("bottleneck", "fusion_dim", "fusion_layers", "fusion_heads", "fusion_ffn_dim",
                      "box_mlp_layers", "max_query_len"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                fail(name, "expected a positive integer.")
+            if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "fusion_layers" else 1):
+                fail(name, "expected a non-negative integer." if name == "fusion_layers" else "expected a positive integer.")
+        for name, choices in (("fusion_norm", ("post", "pre")), ("reg_init", ("learned", "text")),
+                              ("box_readout", ("reg", "vote"))):
+            if getattr(self, name) not in choices:
+                fail(name, f"expected one of {choices}.")
+        if self.fusion_layers == 0 and self.reg_init != "text":
+            fail("fusion_layers", "0 fusion layers leave a learned [REG] blind to the input: set reg_init='text' "
+                 "or use at least one layer.")
         for name in ("image_size", "num_vision_tokens"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):

@@ -26,8 +26,12 @@ from .data.sample import RECSample
 
 logger = logging.getLogger(__name__)
 
+DEMO_STEPS = 600
 DEMO_SIZES = {"train": 2500, "val": 150, "test_attributes": 150, "test_compositional": 150, "test_relations": 150,
               "test_spatial": 150}
+DEMO_HEAD = dict(fusion_layers=0, fusion_norm="pre", reg_init="text", box_readout="vote")
+"""The demo's head: no fusion layer, an expression-conditioned [REG] and the box-vote readout. TransVG's head (six
+fusion layers, an MLP on [REG]) stays at the mean box for the few thousand steps a CPU demo can afford."""
 TINY_SIZES = {"train": 24, "val": 6, "test_attributes": 6, "test_compositional": 6, "test_relations": 6,
               "test_spatial": 6}
 
@@ -70,9 +74,9 @@ def prepare(*, tiny: bool = False, cache_dir: str | None = None, seed: int = 0, 
     # the pretraining scenes' look, with the benchmark's held-out (shape, colour) pairs
     scenes = dataclasses.replace(recipe.scene_config(), heldout_pairs=None, seed=seed)
     splits = make_benchmark(sizes=sizes or (TINY_SIZES if tiny else DEMO_SIZES), seed=seed, config=scenes)
-    head = dict(fusion_layers=1, fusion_dim=32, fusion_heads=2, fusion_ffn_dim=64, bottleneck=8) if tiny else \
-        dict(fusion_layers=3, fusion_dim=256, fusion_heads=8, fusion_ffn_dim=512, bottleneck=64)
-    config = M2ISTConfig(image_size=recipe.image_size, max_query_len=16, fusion_dropout=0.0, **head)
+    head = dict(fusion_dim=32, fusion_heads=2, fusion_ffn_dim=64, bottleneck=8) if tiny else \
+        dict(fusion_dim=256, fusion_heads=8, fusion_ffn_dim=512, bottleneck=64)
+    config = M2ISTConfig(image_size=recipe.image_size, max_query_len=16, fusion_dropout=0.0, **DEMO_HEAD, **head)
     return DemoSetup(make_towers=make_towers, processor=processor, splits=splits, config=config, scenes=scenes,
                      tiny=tiny)
 
@@ -82,7 +86,7 @@ def training_arguments(output_dir: Path, *, steps: int, batch_size: int, seed: i
     from .trainer import RECTrainingArguments
 
     values = dict(output_dir=str(output_dir), max_steps=steps, per_device_train_batch_size=batch_size,
-                  learning_rate=5e-4, side_learning_rate=5e-4, lr_drop_epochs=[], lr_scheduler_type="cosine",
+                  learning_rate=1e-3, side_learning_rate=1e-3, lr_drop_epochs=[], lr_scheduler_type="cosine",
                   warmup_steps=max(1, steps // 20), save_strategy="no", eval_strategy="no", logging_steps=max(1, steps // 10),
                   seed=seed, data_seed=seed, use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0,
                   report_to="none", disable_tqdm=False)
@@ -112,7 +116,7 @@ def draw_predictions(model, processor, samples: list[RECSample], path: Path) -> 
     return path
 
 
-def run(output_dir: str | Path = "outputs/demo", *, steps: int = 400, batch_size: int = 32, tiny: bool = False,
+def run(output_dir: str | Path = "outputs/demo", *, steps: int = DEMO_STEPS, batch_size: int = 32, tiny: bool = False,
         cache_dir: str | None = None, seed: int = 0, progress: bool = True) -> dict[str, Any]:
     """The whole demo; returns the results (also written to ``output_dir/results.json``)."""
     from .data.synthetic import generate_split
@@ -186,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="m2ist demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output-dir", default="outputs/demo", help="where the adapter, PNG and results go")
-    parser.add_argument("--steps", type=int, default=400, help="side-tuning steps (default: 400)")
+    parser.add_argument("--steps", type=int, default=DEMO_STEPS, help=f"side-tuning steps (default: {DEMO_STEPS})")
     parser.add_argument("--batch-size", type=int, default=32, help="training batch size (default: 32)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the data, the model and the training")
     parser.add_argument("--cache-dir", default=None, help="cache of the pretrained shapes ViT (default: ~/.cache/m2ist)")

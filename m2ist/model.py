@@ -122,7 +122,13 @@ class RECModel(nn.Module):
                 f"config records num_vision_tokens={recorded}: use the tower and image size the head was trained with."
             )
         self.config.num_vision_tokens = num_vision_tokens
-        self.head = RECHead(self.config, vision_width, text_width, num_vision_tokens)
+        size = self.config.image_size
+        try:
+            grid = self.vision_tower.grid_of(torch.empty(1, num_vision_tokens, 0), (size, size))
+        except ValueError:  # tokens that do not form a grid: only box_readout='reg' can use them
+            grid = None
+        self.head = RECHead(self.config, vision_width, text_width, num_vision_tokens, vision_grid=grid,
+                            num_prefix_tokens=self.vision_tower.num_prefix_tokens or 0)
 
     def encode(self, pixel_values, pixel_mask, input_ids, attention_mask) -> tuple[torch.Tensor, ...]:
         """Return ``(vision_tokens, vision_mask, text_tokens, text_mask)`` for the head."""

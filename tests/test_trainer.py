@@ -399,3 +399,24 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path
     assert max(moved.values()) > 1e-2 and any(v > 1e-4 for k, v in moved.items() if k.startswith("side."))
     for key, value in rank0.items():
         torch.testing.assert_close(value, reference[key], rtol=0, atol=1e-6, msg=key)
+
+
+class _DenormalRecorder(TrainerCallback):
+    """Records whether a denormal float survives (False: flushed to zero) at every step."""
+
+    def __init__(self):
+        self.survives = set()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.survives.add(bool(torch.tensor([1e-40], dtype=torch.float32).item() != 0))
+
+
+@pytest.mark.parametrize("flush", [True, False])
+def test_cpu_training_flushes_denormals_only_while_it_runs(tmp_path, processor, flush):
+    recorder = _DenormalRecorder()
+    model = make_model()
+    trainer = train_rec(model, processor, make_dataset(4, seed=0), args=_args(tmp_path, max_steps=2, flush_denormal=flush),
+                        callbacks=[recorder])
+    assert trainer.state.global_step == 2
+    assert recorder.survives == {not flush}  # flushed during every step when asked, untouched otherwise
+    assert torch.tensor([1e-40], dtype=torch.float32).item() != 0  # the process-wide setting is restored
