@@ -124,7 +124,7 @@ class RECModel(nn.Module):
         self.config.num_vision_tokens = num_vision_tokens
         size = self.config.image_size
         try:
-            grid = self.vision_tower.grid_of(torch.empty(1, num_vision_tokens, 0), (size, size))
+            grid = self.vision_tower.grid_of(num_vision_tokens, (size, size))
         except ValueError:  # tokens that do not form a grid: only box_readout='reg' can use them
             grid = None
         self.head = RECHead(self.config, vision_width, text_width, num_vision_tokens, vision_grid=grid,

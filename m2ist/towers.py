@@ -126,7 +126,7 @@ class Tower:
         tokens, grid = to_tokens(out.last_hidden_state, self.spec.layer_layout)
         if grid is not None and self.num_prefix_tokens is None:
             self.num_prefix_tokens = 0
-        grid = grid or self.grid_of(tokens, pixel_values.shape[-2:])
+        grid = grid or self.grid_of(tokens.shape[1], pixel_values.shape[-2:])
         return tokens, self.token_mask(pixel_mask, tokens, grid), out
 
     def token_mask(self, pixel_mask: torch.Tensor | None, tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
@@ -138,15 +138,16 @@ class Tower:
         prefix = torch.ones((batch, self.num_prefix_tokens), dtype=torch.bool, device=tokens.device)
         return torch.cat([prefix, patches.flatten(1)], dim=1)
 
-    def grid_of(self, tokens: torch.Tensor, image_hw) -> tuple[int, int] | None:
-        """The patch grid of the final tokens (vision only); infers the prefix count on first use if unknown."""
+    def grid_of(self, num_tokens: int, image_hw) -> tuple[int, int] | None:
+        """The patch grid of ``num_tokens`` final tokens (vision only); infers the prefix count on first use if
+        unknown."""
         if self.modality == TEXT:
             return None
         aspect = image_hw[0] / image_hw[1]
         if self.num_prefix_tokens is None:
-            self.num_prefix_tokens, grid = split_prefix(tokens.shape[1], aspect)
+            self.num_prefix_tokens, grid = split_prefix(num_tokens, aspect)
             return grid
-        return infer_grid(tokens.shape[1] - self.num_prefix_tokens, aspect)
+        return infer_grid(num_tokens - self.num_prefix_tokens, aspect)
 
     def __call__(self, inputs: dict[str, torch.Tensor]) -> TowerFeatures:
         """Final tokens and mask, with gradients if the caller enables them (used by the baselines)."""
@@ -192,7 +193,7 @@ class Tower:
                 for kind in kinds:
                     captured[(kind, index)] = to_tokens(states[index + 1], self.spec.layer_layout)
         image_hw = inputs["pixel_values"].shape[-2:] if self.modality == VISION else None
-        grid = self.grid_of(tokens, image_hw)
+        grid = self.grid_of(tokens.shape[1], image_hw)
 
         def aligned(key) -> torch.Tensor:
             x, x_grid = captured[key]

@@ -353,7 +353,6 @@ class RECTrainer(Trainer):
         # Our forward takes no loss kwargs: the loss is a per-batch mean and the Trainer scales it for accumulation.
         self.model_accepts_loss_kwargs = False
 
-    # ------------------------------------------------------------------ accelerate / DDP
     def train(self, *args: Any, **kwargs: Any):
         """``Trainer.train``; on a CPU with ``args.flush_denormal``, with denormal floats flushed to zero (the
         process-wide setting is switched off again afterwards)."""
@@ -364,6 +363,7 @@ class RECTrainer(Trainer):
             if flush:
                 torch.set_flush_denormal(False)
 
+    # ------------------------------------------------------------------ accelerate / DDP
     def _build_accelerator_args(self, **kwargs: Any) -> dict[str, Any]:
         """DDP's ``find_unused_parameters`` defaults to False for M²IST (every side and head parameter is used; the
         frozen towers are not in DDP's buckets) and to True for baselines (e.g. DETR's unused decoder)."""
