@@ -96,7 +96,20 @@ class M2ISTConfig:
         default="reg",
         metadata={"help": "'reg': an MLP on the fused [REG] token regresses the box (TransVG). 'vote': every visual "
                   "patch token votes for the edges of the box under it (relative to its cell) and [REG]'s "
-                  "attention over the patches weighs the votes (learns in far fewer steps)."},
+                  "attention over the patches picks whose votes count (learns in far fewer steps; see vote_hops, "
+                  "vote_window, point_loss_weight)."},
+    )
+    vote_hops: int = field(
+        default=1,
+        metadata={"help": "Vote readout only: rounds of [REG] attending to the patches. From the second on, [REG] "
+                  "first takes in the patches it attended to and re-reads the expression, so 'the circle above the "
+                  "green square' can find the square, then the circle."},
+    )
+    vote_window: int | None = field(
+        default=1,
+        metadata={"help": "Vote readout only: count the votes of the patches within this many cells of the "
+                  "most-attended one (1: a 3 x 3 window), re-weighed by the attention, so a hesitation between two "
+                  "objects never averages them. None: every patch votes, weighed by the attention."},
     )
     max_query_len: int = field(
         default=20, metadata={"help": "Text tokens fed to the head ([CLS] and [SEP] included); 40 for RefCOCOg."}
@@ -119,6 +132,11 @@ class M2ISTConfig:
     box_loss_weight: float = field(default=1.0, metadata={"help": "Weight of the coordinate loss."})
     giou_loss_weight: float = field(default=1.0, metadata={"help": "Weight of the (1 - GIoU) loss."})
     smooth_l1_beta: float = field(default=1.0, metadata={"help": "Beta of the smooth-L1 loss."})
+    point_loss_weight: float = field(
+        default=1.0,
+        metadata={"help": "Vote readout only: weight of the cross-entropy between [REG]'s last attention over the "
+                  "patches and the patches inside the target box; it is what teaches the readout where to look."},
+    )
 
     # --- frozen towers ------------------------------------------------------------------------------------
     backbone_dtype: str | None = field(
@@ -174,6 +192,14 @@ class M2ISTConfig:
                               ("box_readout", ("reg", "vote"))):
             if getattr(self, name) not in choices:
                 fail(name, f"expected one of {choices}.")
+        if not isinstance(self.vote_hops, int) or isinstance(self.vote_hops, bool) or self.vote_hops < 1:
+            fail("vote_hops", "expected a positive integer.")
+        if self.vote_window is not None and (not isinstance(self.vote_window, int) or isinstance(self.vote_window, bool)
+                                             or self.vote_window < 0):
+            fail("vote_window", "expected a non-negative integer (cells around the most-attended patch) or None.")
+        if self.box_readout == "vote" and self.vote_window is not None and self.point_loss_weight == 0:
+            fail("point_loss_weight", "with vote_window set, only the point loss teaches the readout where to look: "
+                 "use a positive weight (1.0) or vote_window=None.")
         if self.fusion_layers == 0 and self.reg_init != "text":
             fail("fusion_layers", "0 fusion layers leave a learned [REG] blind to the input: set reg_init='text' "
                  "or use at least one layer.")
@@ -188,7 +214,7 @@ class M2ISTConfig:
         for name in ("side_dropout", "fusion_dropout"):
             if not 0.0 <= float(getattr(self, name)) < 1.0:
                 fail(name, "expected a probability in [0, 1).")
-        for name in ("adapter_scale", "box_loss_weight", "giou_loss_weight", "smooth_l1_beta"):
+        for name in ("adapter_scale", "box_loss_weight", "giou_loss_weight", "smooth_l1_beta", "point_loss_weight"):
             if not isinstance(getattr(self, name), int | float) or getattr(self, name) < 0:
                 fail(name, "expected a non-negative number.")
         if self.box_loss_weight == 0 and self.giou_loss_weight == 0:

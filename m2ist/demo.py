@@ -29,9 +29,10 @@ logger = logging.getLogger(__name__)
 DEMO_STEPS = 600
 DEMO_SIZES = {"train": 2500, "val": 150, "test_attributes": 150, "test_compositional": 150, "test_relations": 150,
               "test_spatial": 150}
-DEMO_HEAD = dict(fusion_layers=0, fusion_norm="pre", reg_init="text", box_readout="vote")
-"""The demo's head: no fusion layer, an expression-conditioned [REG] and the box-vote readout. TransVG's head (fusion
-layers, an MLP on [REG]) stays at the mean box for the few thousand steps a CPU demo can afford."""
+DEMO_HEAD = dict(fusion_layers=0, fusion_norm="pre", reg_init="text", box_readout="vote", vote_hops=2)
+"""The demo's head: no fusion layer, an expression-conditioned [REG] and the box-vote readout with two hops (votes
+within one cell of the attention's peak, the point loss on). TransVG's head (fusion layers, an MLP on [REG]) stays
+at the mean box for the few thousand steps a CPU demo can afford."""
 TINY_SIZES = {"train": 24, "val": 6, "test_attributes": 6, "test_compositional": 6, "test_relations": 6,
               "test_spatial": 6}
 

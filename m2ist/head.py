@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
 from .config import M2ISTConfig
 from .ops.boxes import box_convert, generalized_box_iou
+
+
+class HeadOutput(NamedTuple):
+    """What :class:`RECHead` returns: boxes ``(B, 4)`` as normalised ``(cx, cy, w, h)`` and, for the vote
+    readout, [REG]'s attention logits over the patch grid ``(B, h, w)`` (``None`` for the [REG] MLP)."""
+
+    pred_boxes: torch.Tensor
+    patch_logits: torch.Tensor | None = None
 
 
 class FusionEncoderLayer(nn.Module):
@@ -49,38 +60,93 @@ class ExpressionQuery(nn.Module):
         return self.proj(torch.einsum("bl,bld->bd", scores.softmax(-1), text))
 
 
+class RereadHop(nn.Module):
+    """A further round of the vote readout (``vote_hops > 1``): [REG] takes in the patches it attended to,
+    re-reads the expression with an attention conditioned on itself and attends to the patches again, so
+    "the circle above the green square" can find the square first and then the circle."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.gather = nn.Linear(dim, dim)
+        self.text_query = nn.Linear(dim, dim)
+        self.text_key = nn.Linear(dim, dim)
+        self.text_value = nn.Linear(dim, dim)
+        self.query = nn.Linear(dim, dim)
+        self.key = nn.Linear(dim, dim)
+
+    def forward(self, reg: torch.Tensor, attended: torch.Tensor, text: torch.Tensor,
+                text_mask: torch.Tensor) -> torch.Tensor:
+        """``reg`` ``(B, d)``, the attention-weighted patch keys ``(B, d)`` and the expression ``(B, L, d)`` with
+        validity ``(B, L)`` -> the next [REG] ``(B, d)``."""
+        reg = reg + self.gather(attended)
+        scores = torch.einsum("bd,bld->bl", self.text_query(reg), self.text_key(text)) / text.shape[-1] ** 0.5
+        scores = scores.masked_fill(~text_mask, torch.finfo(scores.dtype).min)
+        return reg + self.text_value(torch.einsum("bl,bld->bd", scores.softmax(-1), text))
+
+
 class BoxVoteReadout(nn.Module):
     """``box_readout='vote'``: each patch token votes for the edges ``(x0, y0, x1, y1)`` of the box under it,
     relative to its cell centre in cell units; [REG]'s attention over the patches (keys carry the positions)
-    weighs the votes into one box.
+    picks whose votes count.
 
-    Finding the referred object (attention) and reading its extent (the votes) are then separate, direct
-    problems, which is what makes this readout learn in a few thousand steps where the [REG] MLP needs many
-    epochs.
+    Finding the referred object (the attention, taught directly by the point loss of :func:`rec_loss`) and
+    reading its extent (the votes) are separate, direct problems, which is what makes this readout learn in a
+    few thousand steps where the [REG] MLP needs many epochs. With ``window`` set, only the patches within
+    ``window`` cells of the most-attended one vote (re-weighed by the attention), so a hesitation between two
+    objects never averages them into a box between them; ``hops > 1`` adds :class:`RereadHop` rounds.
     """
 
-    def __init__(self, dim: int, grid: tuple[int, int], num_prefix_tokens: int) -> None:
+    def __init__(self, dim: int, grid: tuple[int, int], num_prefix_tokens: int, hops: int = 1,
+                 window: int | None = None) -> None:
         super().__init__()
+        self.grid = tuple(grid)
         self.num_prefix_tokens = num_prefix_tokens
+        self.window = window
         self.query = nn.Linear(dim, dim)
         self.key = nn.Linear(dim, dim)
+        self.hops = nn.ModuleList(RereadHop(dim) for _ in range(hops - 1))
         self.vote = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, 4))
         height, width = grid
         ys, xs = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
         centres = torch.stack([(xs.flatten() + 0.5) / width, (ys.flatten() + 0.5) / height], dim=-1)
         self.register_buffer("cell_centres", centres.repeat(1, 2), persistent=False)  # (h w, 4) as x y x y
         self.register_buffer("cell_size", torch.tensor([1 / width, 1 / height] * 2), persistent=False)
+        self.register_buffer("cell_rows", ys.flatten(), persistent=False)
+        self.register_buffer("cell_cols", xs.flatten(), persistent=False)
 
-    def forward(self, reg: torch.Tensor, visual: torch.Tensor, position: torch.Tensor,
-                visual_mask: torch.Tensor) -> torch.Tensor:
+    def _voters(self, logits: torch.Tensor) -> torch.Tensor:
+        """Attention weights ``(B, N)`` over the patches, restricted to the window around the peak if set."""
+        weights = logits.softmax(-1)
+        if self.window is None:
+            return weights
+        peak = weights.argmax(-1, keepdim=True)
+        near = ((self.cell_rows - self.cell_rows[peak]).abs() <= self.window) & \
+            ((self.cell_cols - self.cell_cols[peak]).abs() <= self.window)
+        weights = weights * near
+        return weights / weights.sum(-1, keepdim=True)
+
+    def forward(self, reg: torch.Tensor, visual: torch.Tensor, position: torch.Tensor, visual_mask: torch.Tensor,
+                text: torch.Tensor | None = None, text_mask: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
         """``reg`` ``(B, d)``, visual tokens ``(B, N, d)`` with positions ``(1, N, d)`` and validity ``(B, N)``
-        -> boxes ``(B, 4)`` as normalised ``(cx, cy, w, h)``."""
+        (and, for ``hops > 1``, the expression ``(B, L, d)`` with validity ``(B, L)``) -> boxes ``(B, 4)`` as
+        normalised ``(cx, cy, w, h)`` and the last round's attention logits over the patch grid ``(B, h, w)``
+        (invalid patches at the dtype's minimum)."""
+        if self.hops and text is None:
+            raise ValueError("A vote readout with more than one hop needs the expression tokens (text, text_mask).")
         start = self.num_prefix_tokens
         visual, position, visual_mask = visual[:, start:], position[:, start:], visual_mask[:, start:]
-        logits = torch.einsum("bd,bnd->bn", self.query(reg), self.key(visual + position)) / visual.shape[-1] ** 0.5
-        weights = logits.masked_fill(~visual_mask, torch.finfo(logits.dtype).min).softmax(-1)
+        keys = visual + position
+        scale = visual.shape[-1] ** -0.5
+        logits = torch.einsum("bd,bnd->bn", self.query(reg), self.key(keys)) * scale
+        logits = logits.masked_fill(~visual_mask, torch.finfo(logits.dtype).min)
+        for hop in self.hops:
+            reg = hop(reg, torch.einsum("bn,bnd->bd", logits.softmax(-1), keys), text, text_mask)
+            logits = torch.einsum("bd,bnd->bn", hop.query(reg), hop.key(keys)) * scale
+            logits = logits.masked_fill(~visual_mask, torch.finfo(logits.dtype).min)
         edges = self.cell_centres.to(visual.dtype) + self.vote(visual) * self.cell_size.to(visual.dtype)
-        return box_convert(torch.einsum("bn,bnc->bc", weights, edges), "xyxy", "cxcywh")
+        boxes = box_convert(torch.einsum("bn,bnc->bc", self._voters(logits), edges), "xyxy", "cxcywh")
+        return boxes, rearrange(logits, "b (h w) -> b h w", h=self.grid[0])
 
 
 class RECHead(nn.Module):
@@ -114,7 +180,7 @@ class RECHead(nn.Module):
                     f"{num_vision_tokens} tokens without a known grid ({vision_grid}, {num_prefix_tokens} prefix "
                     "tokens): use box_readout='reg' for this tower."
                 )
-            self.box_votes = BoxVoteReadout(dim, vision_grid, num_prefix_tokens)
+            self.box_votes = BoxVoteReadout(dim, vision_grid, num_prefix_tokens, config.vote_hops, config.vote_window)
         else:
             mlp: list[nn.Module] = []
             for i in range(config.box_mlp_layers):
@@ -128,8 +194,9 @@ class RECHead(nn.Module):
                     nn.init.xavier_uniform_(p)
 
     def forward(self, vision_tokens: torch.Tensor, vision_mask: torch.Tensor, text_tokens: torch.Tensor,
-                text_mask: torch.Tensor) -> torch.Tensor:
-        """Boxes ``(B, 4)`` as normalised ``(cx, cy, w, h)``; masks are True for real tokens."""
+                text_mask: torch.Tensor) -> HeadOutput:
+        """Boxes ``(B, 4)`` as normalised ``(cx, cy, w, h)`` (and the vote readout's patch logits); masks are True
+        for real tokens."""
         batch, text_len = text_tokens.shape[:2]
         if text_len > self.max_query_len:
             raise ValueError(f"The text has {text_len} tokens but the head was built for max_query_len="
@@ -152,13 +219,34 @@ class RECHead(nn.Module):
             x = layer(x, position, ~valid)
         x = self.final_norm(x)
         if self.box_votes is not None:
-            return self.box_votes(x[:, 0], x[:, 1 + text_len:], position[:, 1 + text_len:], vision_mask.bool())
-        return self.box_mlp(x[:, 0]).sigmoid()
+            return HeadOutput(*self.box_votes(x[:, 0], x[:, 1 + text_len:], position[:, 1 + text_len:],
+                                              vision_mask.bool(), x[:, 1:1 + text_len], text_mask.bool()))
+        return HeadOutput(self.box_mlp(x[:, 0]).sigmoid())
 
 
-def rec_loss(pred_boxes: torch.Tensor, target_boxes: torch.Tensor, config: M2ISTConfig) -> dict[str, torch.Tensor]:
+def patch_targets(target_boxes: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Where the vote readout should look: ``(B, h, w)`` weights spread evenly over the cells whose centres lie
+    inside each normalised ``(cx, cy, w, h)`` box, plus the cell holding the box's centre (so a box smaller than
+    a cell still has one)."""
+    height, width = grid
+    x0, y0, x1, y1 = box_convert(target_boxes, "cxcywh", "xyxy").unbind(-1)
+    ys = (torch.arange(height, device=target_boxes.device, dtype=target_boxes.dtype) + 0.5) / height
+    xs = (torch.arange(width, device=target_boxes.device, dtype=target_boxes.dtype) + 0.5) / width
+    inside_rows = (ys >= y0[:, None]) & (ys <= y1[:, None])
+    inside_cols = (xs >= x0[:, None]) & (xs <= x1[:, None])
+    inside = (inside_rows[:, :, None] & inside_cols[:, None, :]).to(target_boxes.dtype)
+    rows = (target_boxes[:, 1] * height).long().clamp(0, height - 1)
+    cols = (target_boxes[:, 0] * width).long().clamp(0, width - 1)
+    inside[torch.arange(len(target_boxes), device=target_boxes.device), rows, cols] = 1
+    return inside / inside.sum((1, 2), keepdim=True)
+
+
+def rec_loss(pred_boxes: torch.Tensor, target_boxes: torch.Tensor, config: M2ISTConfig,
+             patch_logits: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """TransVG's loss on normalised ``(cx, cy, w, h)`` boxes: weighted coordinate loss + weighted ``1 - GIoU``,
-    each summed over a box's coordinates and averaged over the batch."""
+    each summed over a box's coordinates and averaged over the batch. Given the vote readout's ``patch_logits``
+    ``(B, h, w)``, adds ``config.point_loss_weight`` × the cross-entropy between [REG]'s attention and
+    :func:`patch_targets` (``loss_point``)."""
     target_boxes = target_boxes.to(pred_boxes.dtype)
     if config.box_loss == "l1":
         coord = F.l1_loss(pred_boxes, target_boxes, reduction="none")
@@ -168,4 +256,14 @@ def rec_loss(pred_boxes: torch.Tensor, target_boxes: torch.Tensor, config: M2IST
     giou = (1 - generalized_box_iou(box_convert(pred_boxes, "cxcywh", "xyxy"),
                                     box_convert(target_boxes, "cxcywh", "xyxy"))).mean()
     loss = config.box_loss_weight * coord + config.giou_loss_weight * giou
-    return {"loss": loss, "loss_box": coord.detach(), "loss_giou": giou.detach()}
+    losses = {"loss": loss, "loss_box": coord.detach(), "loss_giou": giou.detach()}
+    if patch_logits is not None:
+        logits = rearrange(patch_logits, "b h w -> b (h w)")
+        valid = logits > torch.finfo(logits.dtype).min / 2  # the readout sets masked patches to the minimum
+        targets = rearrange(patch_targets(target_boxes.to(logits.dtype), tuple(patch_logits.shape[1:])),
+                            "b h w -> b (h w)") * valid
+        targets = targets / targets.sum(-1, keepdim=True).clamp(min=torch.finfo(logits.dtype).tiny)
+        point = -(targets * logits.log_softmax(-1).masked_fill(~valid, 0)).sum(-1).mean()
+        losses["loss"] = loss + config.point_loss_weight * point
+        losses["loss_point"] = point.detach()
+    return losses

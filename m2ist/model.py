@@ -39,12 +39,15 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 @dataclass
 class RECModelOutput(ModelOutput):
-    """Output of a REC model: ``pred_boxes`` ``(B, 4)`` normalised ``(cx, cy, w, h)`` and, with labels, losses."""
+    """Output of a REC model: ``pred_boxes`` ``(B, 4)`` normalised ``(cx, cy, w, h)``, for the vote readout
+    ``patch_logits`` ``(B, h, w)`` ([REG]'s attention over the patch grid) and, with labels, the losses."""
 
     loss: torch.Tensor | None = None
     pred_boxes: torch.Tensor | None = None
+    patch_logits: torch.Tensor | None = None
     loss_box: torch.Tensor | None = None
     loss_giou: torch.Tensor | None = None
+    loss_point: torch.Tensor | None = None
 
 
 def pair_layers(config: M2ISTConfig, vision_depth: int, text_depth: int) -> list[tuple[int, int]]:
@@ -147,9 +150,9 @@ class RECModel(nn.Module):
         return the loss."""
         vision_tokens, vision_mask, text_tokens, text_mask = self.encode(pixel_values, pixel_mask, input_ids,
                                                                          attention_mask)
-        pred_boxes = self.head(vision_tokens, vision_mask, text_tokens, text_mask)
-        losses = rec_loss(pred_boxes, labels, self.config) if labels is not None else {}
-        output = RECModelOutput(pred_boxes=pred_boxes, **losses)
+        pred_boxes, patch_logits = self.head(vision_tokens, vision_mask, text_tokens, text_mask)
+        losses = rec_loss(pred_boxes, labels, self.config, patch_logits) if labels is not None else {}
+        output = RECModelOutput(pred_boxes=pred_boxes, patch_logits=patch_logits, **losses)
         return output if return_dict else output.to_tuple()
 
     # ---------------------------------------------------------------------------------------------------------

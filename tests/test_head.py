@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 from m2ist import M2ISTConfig, SideTunedModel, get_side_tuned_model
-from m2ist.head import BoxVoteReadout, RECHead
+from m2ist.head import BoxVoteReadout, RECHead, patch_targets, rec_loss
 from tests.tiny import text_tower, tiny_config, vision_tower
 
 FAST_HEAD = dict(fusion_norm="pre", reg_init="text", box_readout="vote")
@@ -29,21 +31,70 @@ def test_fast_head_trains_on_towers_with_and_without_prefix_tokens(vision_family
     assert model.head.box_mlp is None  # the vote readout replaces the [REG] MLP: no unused parameters
 
 
-def test_votes_are_weighed_by_attention_over_valid_patches_only():
-    readout = BoxVoteReadout(dim=4, grid=(2, 2), num_prefix_tokens=1)
+def _own_cell_votes(readout: BoxVoteReadout) -> BoxVoteReadout:
+    """Zero every weight so attention is uniform over valid patches and every patch votes for its own cell."""
     with torch.no_grad():
-        for module in (readout.query, readout.key, readout.vote[0], readout.vote[2]):
-            module.weight.zero_()
-            module.bias.zero_()
-        readout.vote[2].bias.copy_(torch.tensor([-0.5, -0.5, 0.5, 0.5]))  # every patch votes for its own cell
+        for p in readout.parameters():
+            p.zero_()
+        readout.vote[2].bias.copy_(torch.tensor([-0.5, -0.5, 0.5, 0.5]))
+    return readout
+
+
+def test_votes_are_weighed_by_attention_over_valid_patches_only():
+    readout = _own_cell_votes(BoxVoteReadout(dim=4, grid=(2, 2), num_prefix_tokens=1, window=None))
     visual = torch.randn(1, 5, 4)  # a prefix token, then a 2 x 2 grid
     position = torch.zeros(1, 5, 4)
     only_bottom_right = torch.tensor([[True, False, False, False, True]])
-    box = readout(torch.zeros(1, 4), visual, position, only_bottom_right)
+    box, logits = readout(torch.zeros(1, 4), visual, position, only_bottom_right)
     torch.testing.assert_close(box, torch.tensor([[0.75, 0.75, 0.5, 0.5]]))
+    assert logits.shape == (1, 2, 2) and logits[0, 1, 1] > logits[0, 0, 0]  # masked patches at the minimum
     everything = torch.ones(1, 5, dtype=torch.bool)
-    box = readout(torch.zeros(1, 4), visual, position, everything)  # uniform attention: the mean of the cells
+    box, _ = readout(torch.zeros(1, 4), visual, position, everything)  # uniform attention: the mean of the cells
     torch.testing.assert_close(box, torch.tensor([[0.5, 0.5, 0.5, 0.5]]))
+
+
+def test_windowed_votes_ignore_a_second_object_far_from_the_peak():
+    readout = _own_cell_votes(BoxVoteReadout(dim=1, grid=(1, 4), num_prefix_tokens=0, window=1))
+    with torch.no_grad():  # attention logits = the visual token's value: cell 0 strongest, cell 3 nearly as strong
+        readout.query.bias.fill_(1.0)
+        readout.key.weight.fill_(1.0)
+    visual = torch.tensor([[[3.0], [1.0], [-20.0], [2.9]]])
+    box, logits = readout(torch.zeros(1, 1), visual, torch.zeros(1, 4, 1), torch.ones(1, 4, dtype=torch.bool))
+    weights = logits.flatten().softmax(-1)
+    expected_x = (weights[0] * 0.125 + weights[1] * 0.375) / (weights[0] + weights[1])  # cells 0 and 1 only
+    torch.testing.assert_close(box[0, 0], expected_x)
+    soft = BoxVoteReadout(dim=1, grid=(1, 4), num_prefix_tokens=0, window=None)
+    soft.load_state_dict(readout.state_dict())
+    soft_box, _ = soft(torch.zeros(1, 1), visual, torch.zeros(1, 4, 1), torch.ones(1, 4, dtype=torch.bool))
+    assert 0.3 < soft_box[0, 0] < 0.7  # every patch voting: a box between the two objects, on neither
+
+
+def test_point_loss_targets_the_cells_inside_the_box_and_teaches_the_attention():
+    targets = patch_targets(torch.tensor([[0.3, 0.5, 0.5, 1.0], [0.9, 0.1, 0.01, 0.01]]), (2, 4))
+    torch.testing.assert_close(targets[0], torch.tensor([[0.25, 0.25, 0, 0], [0.25, 0.25, 0, 0]]))
+    assert targets[1, 0, 3] == 1  # a box smaller than a cell: the cell holding its centre
+    config = tiny_config(box_readout="vote")
+    boxes, labels = torch.full((2, 4), 0.5), torch.tensor([[0.3, 0.5, 0.5, 1.0], [0.9, 0.1, 0.01, 0.01]])
+    towards_target = rec_loss(boxes, labels, config, targets.log())["loss_point"]
+    uniform = rec_loss(boxes, labels, config, torch.zeros(2, 2, 4))["loss_point"]
+    assert towards_target < uniform
+    masked = torch.zeros(2, 2, 4)
+    masked[:, :, 3] = torch.finfo(torch.float32).min  # padded patches, one of them under the second box
+    point = rec_loss(boxes, labels, config, masked)["loss_point"]
+    torch.testing.assert_close(point, torch.tensor(6.0).log() / 2)  # only the first box counts; 6 valid cells
+    with_weight = rec_loss(boxes, labels, dataclasses.replace(config, point_loss_weight=2.0), torch.zeros(2, 2, 4))
+    plain = rec_loss(boxes, labels, config)
+    torch.testing.assert_close(with_weight["loss"], plain["loss"] + 2 * uniform)
+
+
+def test_a_second_hop_rereads_the_expression(batch):
+    model = get_side_tuned_model(vision_tower("vit"), text_tower("bert"),
+                                 tiny_config(fusion_layers=0, vote_hops=2, **FAST_HEAD)).train()
+    out = _forward(model, batch)
+    out.loss.backward()
+    hop = model.head.box_votes.hops[0]
+    assert hop.text_query.weight.grad is not None and hop.text_query.weight.grad.abs().sum() > 0
+    assert out.patch_logits.shape[0] == 2 and out.loss_point is not None
 
 
 def test_text_conditioned_reg_sees_the_expression_without_fusion_layers(batch):
@@ -61,6 +112,12 @@ def test_head_options_are_validated():
         M2ISTConfig(box_readout="mlp")
     with pytest.raises(ValueError, match="fusion_norm"):
         M2ISTConfig(fusion_norm="sandwich")
+    with pytest.raises(ValueError, match="vote_hops"):
+        M2ISTConfig(vote_hops=0)
+    with pytest.raises(ValueError, match="vote_window"):
+        M2ISTConfig(vote_window=-1)
+    with pytest.raises(ValueError, match="point_loss_weight"):
+        M2ISTConfig(box_readout="vote", point_loss_weight=0.0)
     with pytest.raises(ValueError, match="patch grid"):
         RECHead(tiny_config(box_readout="vote"), 32, 32, num_vision_tokens=17, vision_grid=None)
 
