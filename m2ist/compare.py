@@ -96,7 +96,8 @@ def plot(rows: list[dict[str, Any]], path: Path) -> Path | None:
         return None
     fig, ax = plt.subplots(figsize=(6, 4))
     for r in rows:
-        accuracy = 100 * sum(m["acc@0.5"] for m in r["metrics"].values()) / len(r["metrics"])
+        tests = [m for name, m in r["metrics"].items() if name.startswith("test")] or list(r["metrics"].values())
+        accuracy = 100 * sum(m["acc@0.5"] for m in tests) / len(tests)
         ax.scatter(r["exact_bytes"] / 2**20, accuracy, s=40 + 400 * r["trainable_fraction"], alpha=0.7)
         ax.annotate(r["method"], (r["exact_bytes"] / 2**20, accuracy), textcoords="offset points", xytext=(6, 6))
     ax.set_xlabel("exact training memory (MiB)")

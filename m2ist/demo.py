@@ -63,7 +63,7 @@ def prepare(*, tiny: bool = False, cache_dir: str | None = None, seed: int = 0, 
     def make_towers() -> tuple[torch.nn.Module, torch.nn.Module]:
         from transformers import AutoModel
 
-        vision = AutoModel.from_pretrained(vision_path, add_pooling_layer=False)
+        vision = AutoModel.from_pretrained(vision_path)  # its pooler output is never used, nor counted
         text, _ = load_text_tower()
         if tiny:  # two text layers are plenty for a smoke run
             text.encoder.layer = text.encoder.layer[:2]

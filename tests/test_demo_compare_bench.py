@@ -52,7 +52,8 @@ def test_compare_tiny_reports_ratios_to_full(tmp_path, cache, capsys):
 def test_bench_tiny_writes_the_promised_json(tmp_path, capsys):
     output = tmp_path / "bench.json"
     assert main(["bench", "--tiny", "--methods", "full,m2ist", "--steps", "1", "--output", str(output)]) == 0
-    assert "floor (frozen towers' forward alone)" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "floor (frozen towers' forward alone)" in printed and "beyond the floor: the REC head" in printed
     report = json.loads(output.read_text())
     assert report["paper"] == {"trainable": 0.0211, "memory": 0.3961, "time": 0.6346}
     for row in report["methods"]:
@@ -61,3 +62,4 @@ def test_bench_tiny_writes_the_promised_json(tmp_path, capsys):
             assert key in row, key
     m2ist = next(r for r in report["methods"] if r["method"] == "m2ist")
     assert m2ist["ratios_to_full"]["saved_tensor_bytes"] < 0.6
+    assert m2ist["head_time_s"] > 0 and m2ist["lower_bound_time_s"] > m2ist["floor_time_s"]
