@@ -114,6 +114,13 @@ class BoxVoteReadout(nn.Module):
         self.register_buffer("cell_rows", ys.flatten(), persistent=False)
         self.register_buffer("cell_cols", xs.flatten(), persistent=False)
 
+    @staticmethod
+    def _point(query: nn.Linear, key: nn.Linear, reg: torch.Tensor, keys: torch.Tensor,
+               mask: torch.Tensor) -> torch.Tensor:
+        """[REG]'s attention logits ``(B, N)`` over the patch keys; invalid patches at the dtype's minimum."""
+        logits = torch.einsum("bd,bnd->bn", query(reg), key(keys)) * keys.shape[-1] ** -0.5
+        return logits.masked_fill(~mask, torch.finfo(logits.dtype).min)
+
     def _voters(self, logits: torch.Tensor) -> torch.Tensor:
         """Attention weights ``(B, N)`` over the patches, restricted to the window around the peak if set."""
         weights = logits.softmax(-1)
@@ -137,13 +144,10 @@ class BoxVoteReadout(nn.Module):
         start = self.num_prefix_tokens
         visual, position, visual_mask = visual[:, start:], position[:, start:], visual_mask[:, start:]
         keys = visual + position
-        scale = visual.shape[-1] ** -0.5
-        logits = torch.einsum("bd,bnd->bn", self.query(reg), self.key(keys)) * scale
-        logits = logits.masked_fill(~visual_mask, torch.finfo(logits.dtype).min)
+        logits = self._point(self.query, self.key, reg, keys, visual_mask)
         for hop in self.hops:
             reg = hop(reg, torch.einsum("bn,bnd->bd", logits.softmax(-1), keys), text, text_mask)
-            logits = torch.einsum("bd,bnd->bn", hop.query(reg), hop.key(keys)) * scale
-            logits = logits.masked_fill(~visual_mask, torch.finfo(logits.dtype).min)
+            logits = self._point(hop.query, hop.key, reg, keys, visual_mask)
         edges = self.cell_centres.to(visual.dtype) + self.vote(visual) * self.cell_size.to(visual.dtype)
         boxes = box_convert(torch.einsum("bn,bnc->bc", self._voters(logits), edges), "xyxy", "cxcywh")
         return boxes, rearrange(logits, "b (h w) -> b h w", h=self.grid[0])
