@@ -6,8 +6,10 @@ M²IST model with a per-device batch of 2 and writes its side + head tensors to 
 
 from __future__ import annotations
 
+import os
 import random
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -84,7 +86,9 @@ def main(out_dir: str, steps: str) -> None:
                                 per_device_train_batch_size=2, save_strategy="no", logging_steps=1, report_to="none",
                                 disable_tqdm=True, dataloader_num_workers=0, ddp_backend="gloo", **DDP_SETTINGS)
     model = make_model(fusion_dropout=0.0)
-    trainer = train_rec(model, make_processor(out / "tokenizer"), make_dataset(16, seed=1), args=args)
+    # one tokenizer folder per rank: two ranks rewriting one vocab.txt can hand a reader a half-written file
+    processor = make_processor(out / f"tokenizer-rank{os.environ.get('RANK', '0')}")
+    trainer = train_rec(model, processor, make_dataset(16, seed=1), args=args)
     rank = trainer.args.process_index
     assert trainer.args.world_size == 2, trainer.args.world_size
     assert not model.vision_model.training and not model.text_model.training
@@ -93,6 +97,10 @@ def main(out_dir: str, steps: str) -> None:
     save_file({k: v.detach().contiguous() for k, v in trainable_tensors(model).items()},
               str(out / f"rank{rank}.safetensors"))
     torch.distributed.barrier()
+    # Let gloo's worker thread free the barrier's work first: it needs the GIL for that, and tearing the process
+    # group down (DDP's reducer is freed under the GIL, ~ProcessGroupGloo joins that thread) while it waits
+    # deadlocked about one run in twenty (pytorch/pytorch#56297).
+    time.sleep(0.2)
     trainer.end()
 
 
