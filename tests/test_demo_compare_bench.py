@@ -64,3 +64,16 @@ def test_bench_tiny_writes_the_promised_json(tmp_path, capsys):
     assert m2ist["ratios_to_full"]["saved_tensor_bytes"] < 0.6
     assert m2ist["head_time_s"] > 0 and m2ist["head_time_no_dropout_s"] > 0
     assert m2ist["lower_bound_time_s"] > m2ist["floor_time_s"]
+
+
+def test_head_ablation_tiny_scores_every_variant_on_every_test_split(cache, capsys):
+    from m2ist.ablation import VARIANTS
+    from m2ist.ablation import main as ablation_main
+    from m2ist.demo import DEMO_HEAD
+
+    assert list(VARIANTS.values())[-1] == DEMO_HEAD  # the table ends with the demo's own head
+    assert ablation_main(["--tiny", "--steps", "2", "--batch-size", "4"]) == 0
+    printed = capsys.readouterr().out
+    assert "| head | test_attributes | test_compositional | test_relations | test_spatial |" in printed
+    for name in VARIANTS:
+        assert f"| {name} |" in printed
