@@ -78,13 +78,13 @@ def train_head(head, features: tuple[torch.Tensor, ...], config, *, steps: int, 
 @torch.no_grad()
 def accuracy(head, features: tuple[torch.Tensor, ...]) -> float:
     """Acc@0.5 of ``head`` on encoded features (square canvas, no letterbox: IoU on the canvas)."""
-    from .ops.boxes import box_convert, paired_box_iou
+    from .evaluation import accuracy_at_iou
+    from .ops.boxes import box_convert
 
     head.eval()
     vision, vision_mask, text, text_mask, labels = features
     pred_boxes = head(vision, vision_mask, text, text_mask).pred_boxes
-    iou = paired_box_iou(box_convert(pred_boxes, "cxcywh", "xyxy"), box_convert(labels, "cxcywh", "xyxy"))
-    return float((iou >= 0.5).float().mean())
+    return accuracy_at_iou(box_convert(pred_boxes, "cxcywh", "xyxy"), box_convert(labels, "cxcywh", "xyxy"))[0.5]
 
 
 def run(*, steps: int = DEMO_STEPS, batch_size: int = 32, seed: int = 0, tiny: bool = False,
