@@ -137,13 +137,16 @@ def measure(method: str, batch_size: int, steps: int, warmup: int, device: str, 
                                             model.vision_layers, model.tap_kinds)
             text = model.text_tower.tap({"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]},
                                         model.text_layers, model.tap_kinds)
+        def head_step(v_tokens: torch.Tensor, t_tokens: torch.Tensor) -> None:
+            boxes, patch_logits = model.head(v_tokens, vision.mask, t_tokens, text.mask)
+            rec_loss(boxes, batch["labels"], model.config, patch_logits)["loss"].backward()
+
         side_head, head_only, head_no_dropout = [], [], []
         for _ in range(max(1, steps)):
             _sync(dev)
             start = time.perf_counter()
             v_tokens, t_tokens = model.side(vision, text, model.intra_kind, model.inter_kind)
-            boxes, patch_logits = model.head(v_tokens, vision.mask, t_tokens, text.mask)
-            rec_loss(boxes, batch["labels"], model.config, patch_logits)["loss"].backward()
+            head_step(v_tokens, t_tokens)
             _sync(dev)
             side_head.append(time.perf_counter() - start)
             v_tokens, t_tokens = v_tokens.detach(), t_tokens.detach()  # the head alone, on the same inputs
@@ -151,8 +154,7 @@ def measure(method: str, batch_size: int, steps: int, warmup: int, device: str, 
                 model.head.train(with_dropout)
                 _sync(dev)
                 start = time.perf_counter()
-                boxes, patch_logits = model.head(v_tokens, vision.mask, t_tokens, text.mask)
-                rec_loss(boxes, batch["labels"], model.config, patch_logits)["loss"].backward()
+                head_step(v_tokens, t_tokens)
                 _sync(dev)
                 timings.append(time.perf_counter() - start)
             model.head.train()

@@ -184,7 +184,7 @@ class M2ISTConfig:
             raise ValueError(f"M2ISTConfig.{name}={getattr(self, name)!r} is invalid: {why}")
 
         for name in ("bottleneck", "fusion_dim", "fusion_layers", "fusion_heads", "fusion_ffn_dim",
-                     "box_mlp_layers", "max_query_len"):
+                     "box_mlp_layers", "max_query_len", "vote_hops"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "fusion_layers" else 1):
                 fail(name, "expected a non-negative integer." if name == "fusion_layers" else "expected a positive integer.")
@@ -192,8 +192,6 @@ class M2ISTConfig:
                               ("box_readout", ("reg", "vote"))):
             if getattr(self, name) not in choices:
                 fail(name, f"expected one of {choices}.")
-        if not isinstance(self.vote_hops, int) or isinstance(self.vote_hops, bool) or self.vote_hops < 1:
-            fail("vote_hops", "expected a positive integer.")
         if self.vote_window is not None and (not isinstance(self.vote_window, int) or isinstance(self.vote_window, bool)
                                              or self.vote_window < 0):
             fail("vote_window", "expected a non-negative integer (cells around the most-attended patch) or None.")

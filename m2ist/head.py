@@ -21,6 +21,13 @@ class HeadOutput(NamedTuple):
     patch_logits: torch.Tensor | None = None
 
 
+def masked_pool(scores: torch.Tensor, mask: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Softmax of ``scores`` ``(B, L)`` over the positions where ``mask`` is True, then the weighted sum of
+    ``values`` ``(B, L, d)`` -> ``(B, d)``."""
+    weights = scores.masked_fill(~mask, torch.finfo(scores.dtype).min).softmax(-1)
+    return torch.einsum("bl,bld->bd", weights, values)
+
+
 class FusionEncoderLayer(nn.Module):
     """Transformer layer with the position embedding added to queries and keys (DETR/TransVG style); post-norm
     (TransVG) or pre-norm."""
@@ -56,8 +63,7 @@ class ExpressionQuery(nn.Module):
 
     def forward(self, text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
         """``(B, L, d)`` tokens and ``(B, L)`` validity -> ``(B, d)``."""
-        scores = self.score(text).squeeze(-1).masked_fill(~text_mask, torch.finfo(text.dtype).min)
-        return self.proj(torch.einsum("bl,bld->bd", scores.softmax(-1), text))
+        return self.proj(masked_pool(self.score(text).squeeze(-1), text_mask, text))
 
 
 class RereadHop(nn.Module):
@@ -80,8 +86,7 @@ class RereadHop(nn.Module):
         validity ``(B, L)`` -> the next [REG] ``(B, d)``."""
         reg = reg + self.gather(attended)
         scores = torch.einsum("bd,bld->bl", self.text_query(reg), self.text_key(text)) / text.shape[-1] ** 0.5
-        scores = scores.masked_fill(~text_mask, torch.finfo(scores.dtype).min)
-        return reg + self.text_value(torch.einsum("bl,bld->bd", scores.softmax(-1), text))
+        return reg + self.text_value(masked_pool(scores, text_mask, text))
 
 
 class BoxVoteReadout(nn.Module):
@@ -146,7 +151,7 @@ class BoxVoteReadout(nn.Module):
         keys = visual + position
         logits = self._point(self.query, self.key, reg, keys, visual_mask)
         for hop in self.hops:
-            reg = hop(reg, torch.einsum("bn,bnd->bd", logits.softmax(-1), keys), text, text_mask)
+            reg = hop(reg, masked_pool(logits, visual_mask, keys), text, text_mask)
             logits = self._point(hop.query, hop.key, reg, keys, visual_mask)
         edges = self.cell_centres.to(visual.dtype) + self.vote(visual) * self.cell_size.to(visual.dtype)
         boxes = box_convert(torch.einsum("bn,bnc->bc", self._voters(logits), edges), "xyxy", "cxcywh")
