@@ -1,8 +1,6 @@
 """m2ist: M²IST multi-modal interactive side-tuning of frozen Hugging Face towers for referring expression
 comprehension (image + phrase → one box)."""
 
-__version__ = "0.1.0"
-
 from .config import M2ISTConfig
 from .evaluation import accuracy_at_iou, evaluate
 from .hub import PretrainedNotFoundError
@@ -10,6 +8,7 @@ from .inference import draw_boxes, predict_boxes
 from .model import RECModelOutput, SideTunedModel, get_side_tuned_model
 from .processing import RECProcessor
 from .taps import TAP_REGISTRY, Tap, TapSpec, register_taps
+from .version import __version__
 
 _LAZY = {  # heavy imports (transformers.Trainer) load on first use
     "RECTrainer": "trainer",

@@ -200,7 +200,7 @@ def _model_summary(model: nn.Module) -> dict[str, Any]:
 def _environment() -> dict[str, Any]:
     import transformers
 
-    from m2ist import __version__
+    from m2ist.version import __version__
 
     return {"m2ist_version": __version__, "torch_version": torch.__version__,
             "transformers_version": transformers.__version__, "python_version": platform.python_version()}

@@ -25,6 +25,7 @@ from PIL import Image, ImageDraw, ImageFont
 from torch import nn
 
 from m2ist.data.images import load_image
+from m2ist.save_and_load import PIPELINE
 
 if TYPE_CHECKING:
     from m2ist.processing import RECProcessor
@@ -268,3 +269,6 @@ def draw_boxes(
         if text:
             _label(draw, box, text, colors[index % len(colors)], font, canvas.size)
     return canvas
+
+
+PIPELINE.predict = predict_boxes

@@ -24,17 +24,24 @@ from transformers.utils import ModelOutput
 from .config import CONFIG_NAME, M2ISTConfig
 from .head import RECHead, rec_loss
 from .layer import SideNetwork
-from .processing import PROCESSOR_CONFIG_NAME
-from .save_and_load import WEIGHTS_NAME, load_trainable_state, save_trainable_state, write_model_card
+from .save_and_load import (
+    PIPELINE,
+    PROCESSOR_CONFIG_NAME,
+    TOKENIZER_FILES,
+    WEIGHTS_NAME,
+    load_trainable_state,
+    save_trainable_state,
+    write_model_card,
+)
 from .taps import resolve_tap_spec
 from .towers import TEXT, VISION, Tower, TowerFeatures
 
 logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# what a saved processor's tokenizer may consist of (whichever the tokenizer wrote)
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                   "vocab.txt", "vocab.json", "merges.txt", "spiece.model", "sentencepiece.bpe.model")
+#: Training methods a REC model can carry (``model.method``): M²IST, and the baselines of
+#: :mod:`m2ist.evidence.baselines` (full fine-tuning, in-tower adapters, LoRA) that share its head.
+METHODS = ("m2ist", "full", "adapter", "lora")
 
 
 @dataclass
@@ -89,6 +96,9 @@ def _model_id(model: nn.Module) -> tuple[str | None, str | None]:
 
 class RECModel(nn.Module):
     """Two towers and a REC head; subclasses decide how the towers' features reach the head."""
+
+    #: the training method (one of :data:`METHODS`); set by each subclass
+    method: str | None = None
 
     def __init__(self, vision_model: nn.Module, text_model: nn.Module, config: M2ISTConfig) -> None:
         super().__init__()
@@ -201,9 +211,9 @@ class RECModel(nn.Module):
 
     def predict(self, images, texts, processor=None, batch_size: int = 16) -> torch.Tensor:
         """Boxes ``(N, 4)`` in original-image ``xyxy`` pixels for PIL images / paths / arrays and their phrases."""
-        from .inference import predict_boxes
-
-        return predict_boxes(self, images, texts, processor=processor, batch_size=batch_size)
+        if PIPELINE.predict is None:  # only when m2ist.model was loaded without the package (never via import)
+            raise RuntimeError("predict() needs the REC pipeline: import m2ist.inference first.")
+        return PIPELINE.predict(self, images, texts, processor=processor, batch_size=batch_size)
 
 
 class SideTunedModel(RECModel):
@@ -211,6 +221,8 @@ class SideTunedModel(RECModel):
 
     Build one with :func:`get_side_tuned_model` or load one with :meth:`from_pretrained`.
     """
+
+    method = "m2ist"
 
     def __init__(self, vision_model: nn.Module, text_model: nn.Module, config: M2ISTConfig | None = None) -> None:
         super().__init__(vision_model, text_model, config or M2ISTConfig())
@@ -340,10 +352,8 @@ class SideTunedModel(RECModel):
                 if getattr(saved, f"{modality}_{key}") is not None:
                     setattr(model.config, f"{modality}_{key}", getattr(saved, f"{modality}_{key}"))
         load_trainable_state(model, folder / WEIGHTS_NAME)
-        if (folder / PROCESSOR_CONFIG_NAME).exists():  # the tokenizer files came with it, from the same commit
-            from .processing import RECProcessor
-
-            model.processor = RECProcessor.from_pretrained(str(folder))
+        if (folder / PROCESSOR_CONFIG_NAME).exists() and PIPELINE.load_processor is not None:
+            model.processor = PIPELINE.load_processor(str(folder))  # tokenizer files came with it, same commit
         return model
 
 

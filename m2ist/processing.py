@@ -26,6 +26,7 @@ from transformers import AutoTokenizer, BatchFeature, PreTrainedTokenizerBase
 from m2ist.data.images import load_image
 from m2ist.data.transforms import RECAugmentation, resize_long_side
 from m2ist.ops.boxes import box_convert, clip_boxes
+from m2ist.save_and_load import PIPELINE, PROCESSOR_CONFIG_NAME
 
 __all__ = [
     "GEOMETRY_FIELDS",
@@ -42,7 +43,6 @@ logger = logging.getLogger(__name__)
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 #: File written by :meth:`RECProcessor.save_pretrained` next to the tokenizer files.
-PROCESSOR_CONFIG_NAME = "m2ist_processor.json"
 #: Columns of ``image_geometry`` (one row per sample): ``canvas_x = x * scale_x + offset_x`` (same for y).
 GEOMETRY_FIELDS: tuple[str, ...] = ("orig_width", "orig_height", "scale_x", "scale_y", "offset_x", "offset_y")
 
@@ -430,3 +430,6 @@ def _read_image_stats(source: str, hub_kwargs: dict[str, Any]) -> dict[str, tupl
         "image_mean": _three_floats("image_mean", config["image_mean"]),
         "image_std": _three_floats("image_std", config["image_std"]),
     }
+
+
+PIPELINE.load_processor = RECProcessor.from_pretrained

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from huggingface_hub import ModelCard, ModelCardData
@@ -12,11 +15,32 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from . import __version__
 from .config import M2ISTConfig
+from .version import __version__
 
 WEIGHTS_NAME = "m2ist_model.safetensors"
+#: The processor's settings, saved beside the adapter by ``RECProcessor.save_pretrained``.
+PROCESSOR_CONFIG_NAME = "m2ist_processor.json"
+#: What a saved processor's tokenizer may consist of (whichever files the tokenizer wrote).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.txt", "vocab.json", "merges.txt", "spiece.model", "sentencepiece.bpe.model")
 TRAINABLE_PREFIXES = ("side.", "head.")
+
+
+@dataclass
+class PipelineHooks:
+    """How the method layer reaches the REC pipeline without importing it.
+
+    :mod:`m2ist.processing` and :mod:`m2ist.inference` register themselves here when imported (``import m2ist``
+    always imports both), so ``SideTunedModel.from_pretrained`` can restore a saved processor and
+    ``SideTunedModel.predict`` can run one while the model files never import the pipeline.
+    """
+
+    load_processor: Callable[[str], Any] | None = None
+    predict: Callable[..., torch.Tensor] | None = None
+
+
+PIPELINE = PipelineHooks()
 
 
 def atomic_write(path: Path, write) -> None:

@@ -36,15 +36,14 @@ from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_pt_utils import get_parameter_names
 from transformers.trainer_utils import SchedulerType
 
-from . import __version__
-from .baselines import METHODS, BackboneTunedModel
 from .config import M2ISTConfig
 from .data.collator import RECCollator
 from .evaluation import paired_iou
 from .head import rec_loss
-from .model import RECModel, SideTunedModel
+from .model import METHODS, RECModel, SideTunedModel
 from .ops.boxes import box_convert
 from .save_and_load import WEIGHTS_NAME, atomic_write, load_trainable_state
+from .version import __version__
 
 __all__ = [
     "RECMetrics",
@@ -170,11 +169,8 @@ class StepDropSchedule:
 
 # ---------------------------------------------------------------------------------------------- trained tensors
 def model_method(model: nn.Module) -> str | None:
-    """``'m2ist'`` for a :class:`SideTunedModel`, the baseline's method for a :class:`BackboneTunedModel`, else None."""
-    if isinstance(model, SideTunedModel):
-        return "m2ist"
-    if isinstance(model, BackboneTunedModel):
-        return model.method
+    """The model's ``method`` (``'m2ist'`` for a :class:`SideTunedModel`, the baseline's for a model of
+    :func:`m2ist.evidence.baselines.build_model`), else None."""
     return getattr(model, "method", None)
 
 
@@ -294,7 +290,7 @@ class RECMetrics:
 
 # ---------------------------------------------------------------------------------------------- the trainer
 class RECTrainer(Trainer):
-    """``transformers.Trainer`` for :class:`SideTunedModel` and the baselines of :func:`m2ist.baselines.build_model`.
+    """``transformers.Trainer`` for :class:`SideTunedModel` and the baselines of :func:`m2ist.evidence.baselines.build_model`.
 
     Differences from ``Trainer`` (see the module docstring): checkpoints hold only the trained tensors and load
     strictly; head and side/tower parameters get ``learning_rate`` and ``args.side_learning_rate``; the schedule is
@@ -317,7 +313,7 @@ class RECTrainer(Trainer):
                  **kwargs: Any) -> None:
         if model is None:
             raise ValueError("RECTrainer needs a model (model_init is not supported): pass a SideTunedModel or a "
-                             "baseline from m2ist.baselines.build_model().")
+                             "baseline from m2ist.evidence.baselines.build_model().")
         if not isinstance(model, RECModel):
             raise TypeError(f"RECTrainer trains m2ist REC models (SideTunedModel, BackboneTunedModel), got "
                             f"{type(model).__name__}; use transformers.Trainer for other models.")
@@ -332,7 +328,7 @@ class RECTrainer(Trainer):
         found = model_method(model)
         if args.method is not None and args.method != found:
             raise ValueError(f"args.method={args.method!r} but the model is a {type(model).__name__} ({found!r}). "
-                             f"Build the model for that method: m2ist.baselines.build_model(vision, text, config, "
+                             f"Build the model for that method: m2ist.evidence.baselines.build_model(vision, text, config, "
                              f"method={args.method!r}).")
         args = copy.copy(args)  # the metric name may be resolved below; never change the caller's arguments
         eval_dataset = kwargs.get("eval_dataset")

@@ -67,9 +67,9 @@ def test_bench_tiny_writes_the_promised_json(tmp_path, capsys):
 
 
 def test_head_ablation_tiny_scores_every_variant_on_every_test_split(cache, capsys):
-    from m2ist.ablation import VARIANTS
-    from m2ist.ablation import main as ablation_main
-    from m2ist.demo import DEMO_HEAD
+    from m2ist.evidence.ablation import VARIANTS
+    from m2ist.evidence.ablation import main as ablation_main
+    from m2ist.evidence.demo import DEMO_HEAD
 
     assert list(VARIANTS.values())[-1] == DEMO_HEAD  # the table ends with the demo's own head
     assert ablation_main(["--tiny", "--steps", "2", "--batch-size", "4"]) == 0

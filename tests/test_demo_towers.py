@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from m2ist import demo_towers
-from m2ist.data.synthetic import generate_scene
-from m2ist.demo_towers import (
+from m2ist.evidence import demo_towers
+from m2ist.evidence.demo_towers import (
     PRETRAINING_FILE,
     VisionPretrainRecipe,
     edge_filter_bank,
@@ -21,6 +20,7 @@ from m2ist.demo_towers import (
     text_tower_path,
     vision_tower_path,
 )
+from m2ist.evidence.synthetic import generate_scene
 
 TINY = VisionPretrainRecipe.tiny()
 

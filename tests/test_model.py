@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from m2ist import M2ISTConfig, SideTunedModel, get_side_tuned_model
-from m2ist.baselines import build_model
+from m2ist.evidence.baselines import build_model
+from m2ist.evidence.profiling import saved_tensor_accounting
 from m2ist.model import pair_layers
-from m2ist.profiling import saved_tensor_accounting
 from tests.conftest import make_batch
 from tests.tiny import TEXT_FAMILIES, VISION_FAMILIES, text_tower, tiny_config, vision_tower
 

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from m2ist.data.synthetic import (
+from m2ist.evidence.synthetic import (
     SPLITS,
     Description,
     ExpressionSpec,

@@ -16,10 +16,10 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from m2ist import SideTunedModel
-from m2ist.baselines import METHODS, build_model
 from m2ist.data.collator import RECCollator
 from m2ist.data.dataset import RECDataset
 from m2ist.data.transforms import RECAugmentation
+from m2ist.evidence.baselines import METHODS, build_model
 from m2ist.ops.boxes import box_convert, paired_box_iou
 from m2ist.save_and_load import WEIGHTS_NAME
 from m2ist.trainer import (

@@ -11,16 +11,6 @@ from m2ist.data.images import ImageLoadError, ImageNotFoundError, image_size, lo
 from m2ist.data.refer import load_refer
 from m2ist.data.safe_pickle import restricted_load
 from m2ist.data.sample import RECSample
-from m2ist.data.synthetic import (
-    SyntheticRECConfig,
-    export_jsonl,
-    generate_scene,
-    generate_split,
-    make_benchmark,
-    referents,
-    to_hf_dataset,
-    to_records,
-)
 from m2ist.data.transforms import LOCATION_WORDS, RECAugmentation, has_location_word, swap_left_right
 from m2ist.data.transvg import load_transvg_split
 
@@ -33,12 +23,8 @@ __all__ = [
     "RECDataWarning",
     "RECDataset",
     "RECSample",
-    "SyntheticRECConfig",
     "ValidationReport",
-    "export_jsonl",
     "from_hf_dataset",
-    "generate_scene",
-    "generate_split",
     "has_location_word",
     "image_size",
     "load_coco_style",
@@ -47,10 +33,6 @@ __all__ = [
     "load_jsonl",
     "load_refer",
     "load_transvg_split",
-    "make_benchmark",
-    "referents",
     "restricted_load",
     "swap_left_right",
-    "to_hf_dataset",
-    "to_records",
 ]

@@ -33,14 +33,14 @@ def _towers(tiny: bool):
         layers = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128)
         return (T.ViTModel(T.ViTConfig(**layers, image_size=64, patch_size=16)),
                 T.BertModel(T.BertConfig(**layers, vocab_size=1000)))
-    from .reference import reference_towers
+    from m2ist.reference import reference_towers
 
     return reference_towers(pretrained=False)
 
 
 def _config(tiny: bool, backbone_dtype: str | None):
-    from .config import M2ISTConfig
-    from .reference import reference_config
+    from m2ist.config import M2ISTConfig
+    from m2ist.reference import reference_config
 
     if tiny:
         return M2ISTConfig(image_size=64, max_query_len=20, bottleneck=16, fusion_dim=64, fusion_layers=1,
@@ -102,8 +102,9 @@ def profile_training_step(model: torch.nn.Module, batch: dict[str, torch.Tensor]
 def measure(method: str, batch_size: int, steps: int, warmup: int, device: str, tiny: bool,
             backbone_dtype: str | None) -> dict[str, Any]:
     """Build ``method`` on fresh towers and time ``steps`` AdamW steps after ``warmup``; return the figures."""
+    from m2ist.head import rec_loss
+
     from .baselines import build_model
-    from .head import rec_loss
 
     torch.manual_seed(0)
     dev = torch.device(device)
@@ -175,7 +176,7 @@ def measure(method: str, batch_size: int, steps: int, warmup: int, device: str, 
 
 
 def _run_isolated(method: str, args: argparse.Namespace) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "m2ist.bench", "--one", method, "--batch-size", str(args.batch_size),
+    cmd = [sys.executable, "-m", "m2ist.evidence.bench", "--one", method, "--batch-size", str(args.batch_size),
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--device", args.device]
     cmd += ["--tiny"] if args.tiny else []
     cmd += ["--backbone-dtype", args.backbone_dtype] if args.backbone_dtype else []

@@ -21,8 +21,8 @@ from typing import Any
 
 import torch
 
-from .config import M2ISTConfig
-from .data.sample import RECSample
+from m2ist.config import M2ISTConfig
+from m2ist.data.sample import RECSample
 
 logger = logging.getLogger(__name__)
 
@@ -52,9 +52,10 @@ class DemoSetup:
 def prepare(*, tiny: bool = False, cache_dir: str | None = None, seed: int = 0, sizes: dict[str, int] | None = None,
             progress: bool = True) -> DemoSetup:
     """Load (or pretrain and cache) the towers, build the processor and generate the benchmark."""
-    from .data.synthetic import make_benchmark
+    from m2ist.processing import RECProcessor
+
     from .demo_towers import VisionPretrainRecipe, load_text_tower, load_vision_tower, text_tower_path, vision_tower_path
-    from .processing import RECProcessor
+    from .synthetic import make_benchmark
 
     recipe = VisionPretrainRecipe.tiny() if tiny else VisionPretrainRecipe()
     load_vision_tower(cache_dir=cache_dir, recipe=recipe, progress=progress)  # pretrain once, then cached
@@ -84,7 +85,7 @@ def prepare(*, tiny: bool = False, cache_dir: str | None = None, seed: int = 0, 
 
 def training_arguments(output_dir: Path, *, steps: int, batch_size: int, seed: int, **overrides: Any):
     """The demo's short schedule: higher learning rates than the paper's 90 epochs, no checkpoints."""
-    from .trainer import RECTrainingArguments
+    from m2ist.trainer import RECTrainingArguments
 
     values = dict(output_dir=str(output_dir), max_steps=steps, per_device_train_batch_size=batch_size,
                   learning_rate=1e-3, side_learning_rate=1e-3, lr_drop_epochs=[], lr_scheduler_type="cosine",
@@ -99,7 +100,7 @@ def draw_predictions(model, processor, samples: list[RECSample], path: Path) -> 
     """A grid of scenes with predicted (red) and ground-truth (green) boxes and the expressions; saved as PNG."""
     from PIL import Image
 
-    from .inference import draw_boxes, predict_boxes
+    from m2ist.inference import draw_boxes, predict_boxes
 
     boxes = predict_boxes(model, [s.image for s in samples], [s.expression for s in samples], processor=processor)
     tiles = [draw_boxes(s.image.convert("RGB").resize((256, 256 * s.image.height // s.image.width)),
@@ -120,10 +121,11 @@ def draw_predictions(model, processor, samples: list[RECSample], path: Path) -> 
 def run(output_dir: str | Path = "outputs/demo", *, steps: int = DEMO_STEPS, batch_size: int = 32, tiny: bool = False,
         cache_dir: str | None = None, seed: int = 0, progress: bool = True) -> dict[str, Any]:
     """The whole demo; returns the results (also written to ``output_dir/results.json``)."""
-    from .data.synthetic import generate_split
-    from .evaluation import evaluate
-    from .model import SideTunedModel, get_side_tuned_model
-    from .trainer import train_rec
+    from m2ist.evaluation import evaluate
+    from m2ist.model import SideTunedModel, get_side_tuned_model
+    from m2ist.trainer import train_rec
+
+    from .synthetic import generate_split
 
     output_dir = Path(output_dir)
     started = time.perf_counter()

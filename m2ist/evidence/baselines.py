@@ -17,11 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import M2ISTConfig
-from .model import RECModel, SideTunedModel, _dummy_inputs, get_side_tuned_model
-from .taps import get_submodule
+from m2ist.config import M2ISTConfig
+from m2ist.model import METHODS, RECModel, SideTunedModel, _dummy_inputs, get_side_tuned_model
+from m2ist.taps import get_submodule
 
-METHODS = ("m2ist", "full", "adapter", "lora")
 QUERY_VALUE_NAMES = ("query", "value", "q_proj", "v_proj", "q_lin", "v_lin", "query_proj", "value_proj", "qkv")
 
 

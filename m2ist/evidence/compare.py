@@ -30,12 +30,13 @@ TOWER_LEARNING_RATES = {"full": 5e-5, "adapter": 5e-4, "lora": 5e-4, "m2ist": 5e
 def run_method(method: str, *, steps: int, batch_size: int, seed: int, tiny: bool, cache_dir: str | None,
                output_dir: Path) -> dict[str, Any]:
     """Train and evaluate one method; return its figures."""
+    from m2ist.data.collator import RECCollator
+    from m2ist.evaluation import evaluate
+    from m2ist.trainer import train_rec
+
     from .baselines import build_model
     from .bench import profile_training_step
-    from .data.collator import RECCollator
     from .demo import prepare, training_arguments
-    from .evaluation import evaluate
-    from .trainer import train_rec
 
     torch.manual_seed(seed)
     setup = prepare(tiny=tiny, cache_dir=cache_dir, seed=seed, progress=False)
@@ -58,7 +59,7 @@ def run_method(method: str, *, steps: int, batch_size: int, seed: int, tiny: boo
 
 def _isolated(method: str, args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.work_dir) / f"{method}.json"
-    cmd = [sys.executable, "-m", "m2ist.compare", "--one", method, "--steps", str(args.steps), "--batch-size",
+    cmd = [sys.executable, "-m", "m2ist.evidence.compare", "--one", method, "--steps", str(args.steps), "--batch-size",
            str(args.batch_size), "--seed", str(args.seed), "--work-dir", args.work_dir]
     cmd += ["--tiny"] if args.tiny else []
     cmd += ["--cache-dir", args.cache_dir] if args.cache_dir else []

@@ -1,4 +1,4 @@
-"""`python -m m2ist.ablation`: which parts of the demo's head make it learn in a CPU budget.
+"""`python -m m2ist.evidence.ablation`: which parts of the demo's head make it learn in a CPU budget.
 
 Every variant trains only a REC head, from the same seed, on the same frozen features: the demo's towers and an
 untrained M³ISA side network encode the procedural benchmark once, then each head trains for the demo's 600 steps
@@ -35,7 +35,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
 @torch.no_grad()
 def encode_splits(model, processor, splits: dict[str, list], batch_size: int = 128) -> dict[str, tuple[torch.Tensor, ...]]:
     """``{split: (vision_tokens, vision_mask, text_tokens, text_mask, labels)}`` from the model's frozen encoder."""
-    from .data.collator import RECCollator
+    from m2ist.data.collator import RECCollator
 
     collate = RECCollator(processor)
     out = {}
@@ -54,7 +54,7 @@ def encode_splits(model, processor, splits: dict[str, list], batch_size: int = 1
 def train_head(head, features: tuple[torch.Tensor, ...], config, *, steps: int, batch_size: int, seed: int,
                learning_rate: float = 1e-3) -> float:
     """AdamW with the demo's schedule (5% warm-up, cosine); returns the last step's loss."""
-    from .head import rec_loss
+    from m2ist.head import rec_loss
 
     optimizer = torch.optim.AdamW(head.parameters(), lr=learning_rate, weight_decay=1e-4)
     warmup = max(1, steps // 20)
@@ -78,8 +78,8 @@ def train_head(head, features: tuple[torch.Tensor, ...], config, *, steps: int, 
 @torch.no_grad()
 def accuracy(head, features: tuple[torch.Tensor, ...]) -> float:
     """Acc@0.5 of ``head`` on encoded features (square canvas, no letterbox: IoU on the canvas)."""
-    from .evaluation import accuracy_at_iou
-    from .ops.boxes import box_convert
+    from m2ist.evaluation import accuracy_at_iou
+    from m2ist.ops.boxes import box_convert
 
     head.eval()
     vision, vision_mask, text, text_mask, labels = features
@@ -90,9 +90,10 @@ def accuracy(head, features: tuple[torch.Tensor, ...]) -> float:
 def run(*, steps: int = DEMO_STEPS, batch_size: int = 32, seed: int = 0, tiny: bool = False,
         cache_dir: str | None = None, variants: dict[str, dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     """Train every variant's head on the same frozen features; return one row per variant."""
+    from m2ist.head import RECHead
+    from m2ist.model import get_side_tuned_model
+
     from .demo import prepare
-    from .head import RECHead
-    from .model import get_side_tuned_model
 
     torch.manual_seed(seed)
     setup = prepare(tiny=tiny, cache_dir=cache_dir, seed=seed, progress=False)
@@ -124,8 +125,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``python -m m2ist.ablation``."""
-    parser = argparse.ArgumentParser(prog="python -m m2ist.ablation", description=__doc__,
+    """Entry point of ``python -m m2ist.evidence.ablation``."""
+    parser = argparse.ArgumentParser(prog="python -m m2ist.evidence.ablation", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=DEMO_STEPS, help=f"head training steps (default: {DEMO_STEPS})")
     parser.add_argument("--batch-size", type=int, default=32, help="training batch size (default: 32)")

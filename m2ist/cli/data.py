@@ -1,0 +1,120 @@
+"""Loading REC splits for the command line: ``--data-format`` picks one of the library's loaders
+(:mod:`m2ist.data`), and a missing option is reported with the flag to add."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from .errors import CLIError
+
+DATA_FORMATS = ("refer", "transvg", "jsonl", "csv", "coco", "hf")
+
+SPLIT_FORMATS = ("refer", "transvg", "hf")
+
+FILE_FORMATS = ("jsonl", "csv", "coco")
+
+def _eval_files(value: Any) -> dict[str, str]:
+    if value is None:
+        return {}
+    if isinstance(value, Mapping):
+        return {str(k): str(v) for k, v in value.items()}
+    items = [value] if isinstance(value, str) else list(value)
+    files: dict[str, str] = {}
+    for item in items:
+        name, _, path = str(item).rpartition("=")
+        files[name or Path(path).stem] = path
+    return files
+
+def _split_list(value: Any) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [part for part in re.split(r"[,\s]+", value) if part]
+    return [str(v) for v in value]
+
+def _hf_rows(data: Mapping[str, Any]) -> Any:
+    try:
+        import datasets
+    except ImportError as err:
+        raise CLIError("--data-format hf needs the `datasets` package: pip install 'm2ist[datasets]'.") from err
+    source = data.get("data_root")
+    if not source:
+        raise CLIError("--data-format hf needs --data-root: a Hub dataset id (e.g. jxu124/refcoco) or a folder "
+                       "written by Dataset.save_to_disk.")
+    if Path(source).is_dir() and any((Path(source) / n).is_file() for n in ("dataset_dict.json", "dataset_info.json")):
+        return datasets.load_from_disk(source)
+    return datasets.load_dataset(source, data.get("dataset"))
+
+def load_data_splits(data: Mapping[str, Any], role: str) -> dict[str, list]:
+    """Load ``{split_name: list[RECSample]}`` for ``role`` ``"train"`` (one split) or ``"eval"`` with the loader
+    of ``data['format']``; missing options raise a :class:`CLIError` that names the flag to add."""
+    from m2ist.data.files import load_coco_style, load_csv, load_jsonl
+    from m2ist.data.hf import from_hf_dataset
+    from m2ist.data.refer import load_refer
+    from m2ist.data.transvg import load_transvg_split
+
+    fmt = data.get("format")
+    if fmt is None:
+        raise CLIError(f"No data format: pass --data-format {{{','.join(DATA_FORMATS)}}} (or data.format in the config).")
+    if fmt not in DATA_FORMATS:
+        raise CLIError(f"Unknown data format {fmt!r}; choose one of {', '.join(DATA_FORMATS)}.")
+    image_root = data.get("image_root")
+    if role == "train":
+        files = {str(data.get("train_split", "train")): data["train_file"]} if data.get("train_file") else {}
+        names = [str(data.get("train_split", "train"))]
+    else:
+        files = _eval_files(data.get("eval_files"))
+        names = _split_list(data.get("eval_splits"))
+        if not names and not files and fmt in SPLIT_FORMATS:
+            names = ["val"]
+    limit = data.get("max_train_samples" if role == "train" else "max_eval_samples")
+
+    splits: dict[str, list] = {}
+    if fmt in FILE_FORMATS:
+        if not files:
+            flag = "--train-file FILE" if role == "train" else "--eval-file [NAME=]FILE"
+            raise CLIError(f"--data-format {fmt} reads files: pass {flag}.")
+        for name, path in files.items():
+            options = {"image_root": image_root, "normalized": bool(data.get("normalized", False))}
+            if fmt == "coco":
+                splits[name] = load_coco_style(path, data.get("box_format") or "xywh", **options)
+            else:
+                if not data.get("box_format"):
+                    raise CLIError(f"--data-format {fmt} needs --box-format {{xyxy,xywh,cxcywh}}: how {path} stores boxes.")
+                loader = load_jsonl if fmt == "jsonl" else load_csv
+                splits[name] = loader(path, data["box_format"], **options)
+    elif fmt == "transvg" and files:
+        for name, path in files.items():
+            splits[name] = load_transvg_split(path, data.get("dataset"), image_root, trusted=bool(data.get("trusted")))
+    elif fmt == "transvg":
+        if not data.get("data_root") or not data.get("dataset"):
+            raise CLIError("--data-format transvg needs --data-root (the split root holding <ds>/<ds>_<split>.pth) and "
+                           "--dataset (unc, unc+, gref, gref_umd, referit, flickr); or give the .pth files with "
+                           "--train-file / --eval-file.")
+        for name in names:
+            splits[name] = load_transvg_split(data["data_root"], data["dataset"], image_root, split=name,
+                                              trusted=bool(data.get("trusted")))
+    elif fmt == "refer":
+        if not data.get("data_root"):
+            raise CLIError("--data-format refer needs --data-root: the folder holding <dataset>/refs(<split_by>).p and "
+                           "instances.json.")
+        for name in names:
+            splits[name] = load_refer(data["data_root"], data.get("dataset") or "refcoco", data.get("split_by"),
+                                      split=name, image_root=image_root,
+                                      sentence_field=data.get("sentence_field") or "sent")
+    else:  # hf
+        rows = _hf_rows(data)
+        for name in names:
+            splits[name] = from_hf_dataset(rows, data.get("box_format"), image_root, split=name,
+                                           style=data.get("hf_style"), text_column=data.get("text_column"),
+                                           sentence_field=data.get("sentence_field") or "sent",
+                                           normalized=bool(data.get("normalized", False)))
+    for name, samples in splits.items():
+        if not samples:
+            raise CLIError(f"The {name!r} split has no samples.")
+        if limit is not None:
+            splits[name] = samples[: int(limit)]
+    return splits

@@ -1,0 +1,59 @@
+"""``m2ist eval``: score a saved adapter on REC splits with the TransVG protocol, to JSON."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from .data import load_data_splits
+from .flags import (
+    EXAMPLES,
+    HelpFormatter,
+    add_adapter_flags,
+    add_config_flags,
+    add_data_flags,
+    add_evaluation_flags,
+    add_tower_flags,
+    wrap,
+)
+from .loading import default_device, info, load_adapter
+from .report import print_metrics
+from .settings import plain
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add ``eval`` and its flags to the ``m2ist`` subcommands."""
+    evaluate = subparsers.add_parser(
+        "eval", formatter_class=HelpFormatter, help="score a saved adapter on REC splits (Acc@0.5, mean IoU) to JSON",
+        description=wrap("Evaluate a saved adapter with the TransVG protocol: one prediction per expression, "
+                          "predicted box clamped to the image, correct iff IoU >= 0.5 (not GIoU). Writes metrics per "
+                          "split and metadata to a JSON file."), epilog=EXAMPLES)
+    add_config_flags(evaluate)
+    add_adapter_flags(evaluate)
+    add_data_flags(evaluate, train=False)
+    add_evaluation_flags(evaluate, "eval")
+    add_tower_flags(evaluate, " (default: the one recorded in the adapter)")
+    return evaluate
+
+
+def run(settings: dict[str, dict[str, Any]], args: argparse.Namespace) -> int:
+    """Load an adapter and its processor, score the evaluation splits, write the JSON results."""
+    from m2ist.evaluation import evaluate
+
+    evaluation = settings["evaluation"]
+    splits = load_data_splits(settings["data"], "eval")
+    model, processor = load_adapter(settings)
+    adapter = settings["model"]["adapter"]
+    output = evaluation.get("output_file")
+    if output is None:
+        output = Path(adapter) / "eval_results.json" if Path(adapter).is_dir() else Path("eval_results.json")
+    results = evaluate(model, processor, splits, batch_size=int(evaluation.get("batch_size", 32)),
+                       iou_thresholds=evaluation.get("iou_thresholds", (0.5,)), output_file=output,
+                       device=default_device(evaluation), progress=bool(evaluation.get("progress", True)),
+                       save_predictions=bool(evaluation.get("save_predictions", False)),
+                       clamp=evaluation.get("clamp", "image"), num_workers=int(evaluation.get("num_workers", 0)),
+                       metadata={"adapter": str(adapter), "data": plain(settings["data"])})
+    print_metrics(results["metrics"])
+    info(f"Wrote {output}")
+    return 0

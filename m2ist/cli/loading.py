@@ -1,0 +1,82 @@
+"""The one place the command line loads towers and adapters (and reports what it loads on stderr)."""
+
+from __future__ import annotations
+
+import re
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from .errors import CLIError
+
+
+def info(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+def local_or_hub(name: str) -> str:
+    """An existing local path made absolute (so the adapter records where to reload it from), else the Hub id."""
+    path = Path(name).expanduser()
+    return str(path.resolve()) if path.exists() else name
+
+def load_tower(name: str, revision: str | None, trust_remote_code: bool):
+    from transformers import AutoModel
+
+    return AutoModel.from_pretrained(local_or_hub(name), revision=revision, trust_remote_code=trust_remote_code)
+
+def _looks_like_repo_id(name: str) -> bool:
+    """``owner/name`` with Hub-legal characters (adapters are always namespaced); paths like ``./x`` or ``a/b/c`` are not."""
+    return re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", name) is not None and not name.startswith(("./", "../"))
+
+def _refuse_baseline_checkpoint(folder: Path) -> None:
+    """Baseline checkpoints (``--method full|adapter|lora``) hold tower tensors a side adapter cannot load: say so."""
+    from safetensors import safe_open
+
+    from m2ist.save_and_load import WEIGHTS_NAME
+
+    weights = folder / WEIGHTS_NAME
+    if not weights.is_file():
+        return
+    with safe_open(str(weights), "pt") as handle:
+        method = (handle.metadata() or {}).get("m2ist_method")
+    if method not in (None, "m2ist"):
+        raise CLIError(f"{folder} holds a {method!r} baseline checkpoint, not an M²IST side adapter; eval and predict "
+                       "load side adapters. In Python: model = m2ist.evidence.baselines.build_model(vision, text, config, "
+                       f"method={method!r}); m2ist.trainer.load_trainable_tensors(model, {str(folder)!r}).")
+
+def load_adapter(settings: Mapping[str, Mapping[str, Any]]):
+    """``(model, processor)`` from ``model.adapter`` (+ optional tower and processor overrides)."""
+    from m2ist.model import SideTunedModel
+    from m2ist.processing import PROCESSOR_CONFIG_NAME, RECProcessor
+
+    model_settings = settings["model"]
+    adapter = model_settings.get("adapter")
+    if not adapter:
+        raise CLIError("No adapter: pass --adapter DIR (a folder written by `m2ist train`, or a Hub repo id).")
+    if Path(adapter).exists() and not Path(adapter).is_dir():
+        raise CLIError(f"--adapter {adapter} is a file; give the folder that holds m2ist_config.json.")
+    if not Path(adapter).exists() and not _looks_like_repo_id(adapter):
+        raise CLIError(f"Adapter folder not found: {adapter} (give the --output-dir of `m2ist train`, or a Hub repo id "
+                       "such as user/m2ist-refcoco).")
+    _refuse_baseline_checkpoint(Path(adapter))
+    trust = bool(model_settings.get("trust_remote_code", False))
+    towers = {}
+    for modality in ("vision", "text"):
+        if model_settings.get(f"{modality}_model"):
+            towers[f"{modality}_model"] = load_tower(model_settings[f"{modality}_model"],
+                                                      model_settings.get(f"{modality}_revision"), trust)
+    info(f"Loading the adapter {adapter}")
+    model = SideTunedModel.from_pretrained(adapter, **towers, trust_remote_code=trust)
+    source = model_settings.get("processor") or adapter
+    if Path(source).is_dir() and not (Path(source) / PROCESSOR_CONFIG_NAME).is_file():
+        raise CLIError(f"{source} holds no {PROCESSOR_CONFIG_NAME}: pass --processor DIR, the folder a processor was "
+                       "saved to (`m2ist train` saves it next to the adapter).")
+    processor = RECProcessor.from_pretrained(source, trust_remote_code=trust or None)
+    model.processor = processor
+    return model, processor
+
+def default_device(evaluation: Mapping[str, Any]) -> str | None:
+    """``evaluation.device``, else ``cuda`` when a GPU is visible, else ``None`` (stay on the CPU)."""
+    import torch
+
+    return evaluation.get("device") or ("cuda" if torch.cuda.is_available() else None)

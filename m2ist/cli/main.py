@@ -1,0 +1,136 @@
+"""``m2ist``: the entry point. Each command lives in its own module with ``add_parser(subparsers)`` and
+``run(settings, args)``; ``demo``, ``bench`` and ``compare`` pass their arguments to the evidence modules
+(:mod:`m2ist.evidence`), which parse them themselves."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from . import evaluate, predict, train
+from .errors import EXIT_USAGE, CLIError
+from .flags import EXAMPLES, HelpFormatter
+from .settings import plain, resolve_settings
+
+#: The commands parsed here: name -> module with ``add_parser(subparsers)`` and ``run(settings, args)``.
+COMMAND_MODULES = {"train": train, "eval": evaluate, "predict": predict}
+COMMANDS: dict[str, Callable[[dict[str, dict[str, Any]], argparse.Namespace], int]] = {
+    name: module.run for name, module in COMMAND_MODULES.items()
+}
+PASSTHROUGH = {
+    "demo": "m2ist.evidence.demo",
+    "bench": "m2ist.evidence.bench",
+    "compare": "m2ist.evidence.compare",
+}
+
+PASSTHROUGH_HELP = {
+    "demo": "offline end-to-end demo on synthetic data (arguments are passed to `m2ist demo --help`)",
+    "bench": "memory and time of one training step per method (see `m2ist bench --help`)",
+    "compare": "compare M²IST with the baselines (see `m2ist compare --help`)",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``m2ist`` argument parser with every subcommand."""
+    from m2ist.version import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="m2ist", formatter_class=HelpFormatter, epilog=EXAMPLES,
+        description="M²IST side-tuning for referring expression comprehension (image + phrase -> one box).")
+    parser.add_argument("--version", action="version", version=f"m2ist {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
+
+    for module in COMMAND_MODULES.values():
+        module.add_parser(subparsers)
+    for name, help_text in PASSTHROUGH_HELP.items():
+        subparsers.add_parser(name, help=help_text, add_help=False)
+    return parser
+
+
+def _run_passthrough(name: str, argv: list[str], debug: bool) -> int:
+    module_name = PASSTHROUGH[name]
+    if importlib.util.find_spec(module_name) is None:
+        print(f"m2ist {name}: this command is not available in this installation ({module_name} is missing); "
+              "update m2ist.", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        if debug:
+            raise
+        print(f"m2ist {name}: cannot start ({err}). Install the extras it needs, e.g. pip install 'm2ist[demo]'.",
+              file=sys.stderr)
+        return 1
+    entry = getattr(module, "main", None)
+    if not callable(entry):
+        print(f"m2ist {name}: {module_name} has no main(argv) entry point.", file=sys.stderr)
+        return 1
+    try:
+        code = entry(argv)
+    except SystemExit as exit_:  # argparse inside the command
+        code = exit_.code
+    return int(code or 0) if not isinstance(code, str) else 1
+
+def _expected_errors() -> tuple[type[BaseException], ...]:
+    import pickle
+
+    return (CLIError, OSError, ValueError, pickle.UnpicklingError)
+
+def _configure_logging(verbosity: int) -> None:
+    level = logging.WARNING if verbosity == 0 else logging.INFO if verbosity == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("m2ist").setLevel(level)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity(max(level, logging.WARNING) if verbosity < 2 else logging.INFO)
+    except ImportError:  # pragma: no cover
+        pass
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``m2ist`` command line with ``argv`` (default: ``sys.argv[1:]``); return the exit code.
+
+    Exit codes: 0 success, 2 a usage or input error (bad flag, missing file, invalid setting: a one-line message,
+    no traceback unless ``--debug``), 1 an unexpected failure, 130 interrupted.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    position = 0
+    while position < len(argv) and argv[position] in ("--debug", "-v", "-vv", "--verbose"):
+        position += 1
+    if position < len(argv) and argv[position] in PASSTHROUGH:
+        _configure_logging(sum(a.count("v") for a in argv[:position] if a.startswith("-v")))
+        return _run_passthrough(argv[position], argv[position + 1 :], "--debug" in argv[:position])
+
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:
+        return int(exit_.code or 0) if not isinstance(exit_.code, str) else EXIT_USAGE
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    _configure_logging(args.verbose)
+    try:
+        settings = resolve_settings(args)
+        if args.print_config:
+            print(json.dumps(plain(settings), indent=2))
+            return 0
+        return COMMANDS[args.command](settings, args)
+    except KeyboardInterrupt:
+        print(f"m2ist {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except _expected_errors() as err:
+        if args.debug:
+            raise
+        print(f"m2ist {args.command}: error: {err}", file=sys.stderr)
+        if not isinstance(err, CLIError):
+            print("(run with --debug for the full traceback)", file=sys.stderr)
+        return EXIT_USAGE

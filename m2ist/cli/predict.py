@@ -1,0 +1,69 @@
+"""``m2ist predict``: one box per phrase with a saved adapter, printed as JSON (optionally drawn)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from .errors import CLIError
+from .flags import EXAMPLES, HelpFormatter, add_adapter_flags, add_config_flags, add_evaluation_flags, add_tower_flags, wrap
+from .loading import default_device, info, load_adapter
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add ``predict`` and its flags to the ``m2ist`` subcommands."""
+    predict = subparsers.add_parser(
+        "predict", formatter_class=HelpFormatter, help="predict boxes for images and phrases, printed as JSON",
+        description=wrap("Predict one box per phrase (xyxy pixels of the original image) with a saved adapter; "
+                          "prints a JSON list of {image, text, box_xyxy}. One image with several phrases, several "
+                          "images with one phrase, or one phrase per image."), epilog=EXAMPLES)
+    add_config_flags(predict)
+    add_adapter_flags(predict)
+    group = predict.add_argument_group("inputs and outputs")
+    group.add_argument("--image", nargs="+", required=True, metavar="PATH", help="image file(s)")
+    group.add_argument("--text", nargs="+", required=True, metavar="PHRASE", help="referring phrase(s)")
+    group.add_argument("--draw", metavar="OUT.png", help="also draw the boxes (one file per image: OUT-<n>.png)")
+    group.add_argument("--output", metavar="FILE", help="also write the JSON to FILE")
+    add_evaluation_flags(predict, "predict")
+    add_tower_flags(predict, " (default: the one recorded in the adapter)")
+    return predict
+
+
+def run(settings: dict[str, dict[str, Any]], args: argparse.Namespace) -> int:
+    """Predict one box per phrase and print them as JSON (optionally draw them)."""
+    from m2ist.data.images import image_size
+    from m2ist.inference import draw_boxes, predict_boxes
+
+    images, texts = list(args.image), list(args.text)
+    if len(images) > 1 and len(texts) > 1 and len(images) != len(texts):
+        raise CLIError(f"Got {len(images)} images and {len(texts)} phrases: give one phrase per image, one image "
+                       "with several phrases, or several images with one phrase.")
+    for image in images:
+        image_size(image)  # a missing or unreadable file fails here, before the model is loaded
+    model, processor = load_adapter(settings)
+    evaluation = settings["evaluation"]
+    boxes = predict_boxes(model, images if len(images) > 1 else images[0], texts, processor=processor,
+                          batch_size=int(evaluation.get("batch_size", 16)), device=default_device(evaluation))
+    pairs = list(zip(images * len(texts) if len(images) == 1 else images,
+                     texts * len(images) if len(texts) == 1 else texts))
+    records = [{"image": str(image), "text": text, "box_xyxy": [round(v, 2) for v in box]}
+               for (image, text), box in zip(pairs, boxes.tolist())]
+    output = json.dumps(records, indent=2)
+    print(output)
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(output + "\n", encoding="utf-8")
+    if args.draw:
+        target = Path(args.draw)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        by_image: dict[str, list[int]] = {}
+        for index, (image, _) in enumerate(pairs):
+            by_image.setdefault(str(image), []).append(index)
+        for number, (image, indices) in enumerate(by_image.items()):
+            path = target if len(by_image) == 1 else target.with_name(f"{target.stem}-{number}{target.suffix or '.png'}")
+            drawn = draw_boxes(image, boxes[indices], texts=[pairs[i][1] for i in indices])
+            drawn.save(path)
+            info(f"Drew {len(indices)} box(es) on {image} -> {path}")
+    return 0

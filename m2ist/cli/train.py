@@ -1,0 +1,114 @@
+"""``m2ist train``: build the towers, the model and the processor, load the data, train, save, score."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .data import load_data_splits
+from .errors import CLIError
+from .flags import (
+    EXAMPLES,
+    HelpFormatter,
+    add_config_flags,
+    add_data_flags,
+    add_evaluation_flags,
+    add_m2ist_flags,
+    add_tower_flags,
+    add_training_flags,
+    wrap,
+)
+from .loading import info, load_tower, local_or_hub
+from .report import print_metrics
+from .settings import SETTINGS_HELP, build_augmentation, build_m2ist_config, build_training_arguments, plain
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add ``train`` and its flags to the ``m2ist`` subcommands."""
+    train = subparsers.add_parser(
+        "train", formatter_class=HelpFormatter, help="side-tune two frozen towers on REC data and save the adapter",
+        description=wrap("Side-tune frozen vision and text towers for REC (M²IST), or train a baseline (--method). "
+                          "Writes the adapter (m2ist_config.json, m2ist_model.safetensors) with the processor into "
+                          "--output-dir, then scores the evaluation splits (eval_results.json).") + "\n\n" + SETTINGS_HELP,
+        epilog=EXAMPLES)
+    add_config_flags(train)
+    add_tower_flags(train, " (required)")
+    add_data_flags(train, train=True)
+    add_m2ist_flags(train)
+    add_training_flags(train)
+    add_evaluation_flags(train, "train")
+    return train
+
+
+def _check_train_settings(settings: Mapping[str, Mapping[str, Any]]) -> None:
+    for key, flag in (("vision_model", "--vision-model"), ("text_model", "--text-model")):
+        if not settings["model"].get(key):
+            raise CLIError(f"train needs {flag} (a Hub id or a local folder), or model.{key} in the config file.")
+    if not settings["training"].get("output_dir"):
+        raise CLIError("train needs --output-dir DIR (or training.output_dir in the config file).")
+
+
+def run(settings: dict[str, dict[str, Any]], args: argparse.Namespace) -> int:
+    """Build the towers, the model and the processor, load the data, train, save, and score the evaluation splits."""
+    from m2ist.data.dataset import RECDataset
+    from m2ist.evaluation import evaluate, write_results
+    from m2ist.evidence.baselines import build_model
+    from m2ist.processing import RECProcessor
+    from m2ist.trainer import train_rec
+
+    _check_train_settings(settings)
+    config = build_m2ist_config(settings)
+    training_args = build_training_arguments(settings)
+    augment = build_augmentation(settings)
+    data = settings["data"]
+    train_samples = load_data_splits(data, "train")
+    eval_samples = (load_data_splits(data, "eval")
+                    if data.get("eval_splits") or data.get("eval_files") else {})
+
+    model_settings = settings["model"]
+    trust = bool(model_settings.get("trust_remote_code", False))
+    info(f"Loading the vision tower {model_settings['vision_model']} and the text tower {model_settings['text_model']}")
+    vision = load_tower(model_settings["vision_model"], model_settings.get("vision_revision"), trust)
+    text = load_tower(model_settings["text_model"], model_settings.get("text_revision"), trust)
+    method = settings["training"].get("method") or "m2ist"
+    model = build_model(vision, text, config, method=method)
+    processor = RECProcessor.from_pretrained(
+        local_or_hub(model_settings["text_model"]), local_or_hub(model_settings["vision_model"]),
+        revision=model_settings.get("text_revision"), vision_revision=model_settings.get("vision_revision"),
+        trust_remote_code=trust or None, canvas_size=model.config.image_size,
+        max_query_len=model.config.max_query_len, augment=augment)
+    model.print_trainable_parameters()
+
+    skip_invalid = bool(data.get("skip_invalid", False))
+    train_set = RECDataset(next(iter(train_samples.values())), skip_invalid=skip_invalid)
+    eval_sets = {name: RECDataset(samples, skip_invalid=skip_invalid) for name, samples in eval_samples.items()}
+    info(f"Training on {len(train_set)} expressions" +
+          (f"; evaluating on {', '.join(f'{n} ({len(d)})' for n, d in eval_sets.items())}" if eval_sets else ""))
+    resume = settings["training"].get("resume_from_checkpoint")
+    trainer = train_rec(model, processor, train_set, eval_sets or None, training_args,
+                        resume_from_checkpoint=resume if resume not in ("", False) else None)
+
+    output_dir = Path(training_args.output_dir)
+    trainer.save_model(str(output_dir))  # the trained tensors, the config and the processor
+    if not trainer.is_world_process_zero():
+        return 0
+    (output_dir / "m2ist_cli_config.yaml").write_text(yaml.safe_dump(plain(settings), sort_keys=False), encoding="utf-8")
+    info(f"Saved the adapter and the processor to {output_dir}")
+
+    evaluation = settings["evaluation"]
+    if eval_sets and evaluation.get("final_eval", True):
+        # every expression counts (as in `m2ist eval`), unless unreadable samples are to be skipped
+        results = evaluate(model, processor, eval_sets if skip_invalid else eval_samples,
+                           batch_size=int(evaluation.get("batch_size", 32)),
+                           iou_thresholds=evaluation.get("iou_thresholds", (0.5,)),
+                           progress=evaluation.get("progress", True), clamp=evaluation.get("clamp", "image"),
+                           num_workers=int(evaluation.get("num_workers", 0)),
+                           metadata={"adapter": str(output_dir), "data": plain(data)})
+        path = write_results(results, evaluation.get("output_file") or output_dir / "eval_results.json")
+        print_metrics(results["metrics"])
+        info(f"Wrote {path}")
+    return 0
