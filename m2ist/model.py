@@ -95,6 +95,9 @@ def _model_id(model: nn.Module) -> tuple[str | None, str | None]:
     commit = getattr(config, "_commit_hash", None)
     if name and commit is None:
         commit = commit_of(name)
+    snapshot = re.search(r"(?:^|/)models--([^/]+)/snapshots/[0-9a-f]{40}/?$", str(name or ""))
+    if snapshot:  # a Hub cache folder: record the repo id, the commit pins the files
+        name = snapshot.group(1).replace("--", "/")
     return name, commit
 
 
@@ -367,8 +370,10 @@ class SideTunedModel(RECModel):
     ) -> SideTunedModel:
         """Load a saved side adapter from a folder or a Hub repo id.
 
-        The towers are the ones passed in, or are re-loaded with ``AutoModel.from_pretrained`` from the names and
-        revisions recorded in the config (``trust_remote_code`` stays False unless you pass it). Loading is strict:
+        The towers are the ones passed in, or are re-built as the recorded transformers class (``AutoModel`` for
+        old configs) from the recorded names at the recorded commits, through the same ``endpoint``, ``token``,
+        ``cache_dir`` and ``local_files_only`` as the adapter, so an adapter never silently meets a newer tower
+        revision (``trust_remote_code`` stays False unless you pass it). Loading is strict:
         another tower, other widths or depths, missing or unexpected tensors, and corrupted or truncated files
         raise an error that names the difference. ``config_overrides`` change runtime-only fields such as
         ``backbone_dtype``.
@@ -396,7 +401,7 @@ class SideTunedModel(RECModel):
             raise ValueError(f"The adapter in {name_or_path} was trained on other towers: {'; '.join(mismatches)}. "
                              "Pass the towers it was built for (see its m2ist_config.json).")
         for modality in (VISION, TEXT):  # keep the recorded provenance
-            for key in ("model_name_or_path", "revision"):
+            for key in ("model_name_or_path", "revision", "model_class"):
                 if getattr(saved, f"{modality}_{key}") is not None:
                     setattr(model.config, f"{modality}_{key}", getattr(saved, f"{modality}_{key}"))
         load_trainable_state(model, folder / WEIGHTS_NAME)
@@ -407,18 +412,39 @@ class SideTunedModel(RECModel):
         return model
 
 
-def _load_tower(config: M2ISTConfig, modality: str, trust_remote_code: bool, hub: dict[str, Any]) -> nn.Module:
-    from transformers import AutoModel
+def tower_class(class_name: str | None) -> type:
+    """The transformers model class recorded for a tower, looked up by attribute name on ``transformers`` only
+    (never an arbitrary import); ``AutoModel`` when none is recorded or the name is not a model class."""
+    import transformers
 
+    cls = getattr(transformers, class_name, None) if class_name else None
+    if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
+        return cls
+    if class_name:
+        logger.warning("%r is not a transformers model class: re-loading the tower with AutoModel.", class_name)
+    return transformers.AutoModel
+
+
+def _load_tower(config: M2ISTConfig, modality: str, trust_remote_code: bool, hub: dict[str, Any]) -> nn.Module:
+    """Re-load a tower: its recorded class, from its recorded name at its recorded commit, through the same
+    endpoint, token, cache and offline setting as the adapter."""
     name = getattr(config, f"{modality}_model_name_or_path")
     if not name:
         raise ValueError(f"The saved config records no {modality} tower name: pass {modality}_model= to "
                          "SideTunedModel.from_pretrained().")
-    logger.info("Loading the %s tower %s", modality, name)
-    return AutoModel.from_pretrained(
-        name, revision=getattr(config, f"{modality}_revision"), token=hub["token"], cache_dir=hub["cache_dir"],
-        local_files_only=hub["local_files_only"], trust_remote_code=trust_remote_code,
-    )
+    cls = tower_class(getattr(config, f"{modality}_model_class", None))
+    revision = getattr(config, f"{modality}_revision")
+    logger.info("Loading the %s tower %s (%s) at %s", modality, name, cls.__name__, revision or "its latest commit")
+    folder = name
+    if not Path(name).is_dir():
+        from huggingface_hub import snapshot_download
+
+        options = {"repo_id": name, "revision": revision, "token": hub["token"], "cache_dir": hub["cache_dir"],
+                   "local_files_only": hub["local_files_only"], "endpoint": hub["endpoint"]}
+        folder = snapshot_download(**options, allow_patterns=["*.json", "*.safetensors"])
+        if not any(Path(folder).glob("*.safetensors")):
+            folder = snapshot_download(**options, allow_patterns=["*.json", "pytorch_model*.bin"])
+    return cls.from_pretrained(folder, trust_remote_code=trust_remote_code)
 
 
 def get_side_tuned_model(vision_model: nn.Module, text_model: nn.Module,
