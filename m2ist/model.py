@@ -301,8 +301,8 @@ class SideTunedModel(RECModel):
         self._build_head(vision.tokens.shape[-1], text.tokens.shape[-1], vision.tokens.shape[1])
         self.side.to(vision.tokens.device)
         self.head.to(vision.tokens.device)
-        for modality, model, features, depth in ((VISION, vision_model, vision, vision_depth),
-                                                 (TEXT, text_model, text, text_depth)):
+        for modality, model, features, depth in ((VISION, self.vision_model, vision, vision_depth),
+                                                 (TEXT, self.text_model, text, text_depth)):
             name, revision = self.tower_ids[modality]
             recorded = {"model_type": model.config.model_type, "width": features.tokens.shape[-1], "depth": depth,
                         "model_name_or_path": name, "revision": revision, "model_class": self.tower_classes[modality]}

@@ -520,8 +520,9 @@ register_taps("vision", ["convnext", "convnextv2"], TapSpec(
          "stages pooled to the last stage's grid",
 ))
 register_taps("vision", ["mobilevit", "mobilevitv2"], TapSpec(
+    layers=("encoder.layer.*",),
     note="its transformer blocks run on unfolded patches (batch x patch area), not on image tokens: both experts "
-         "read the stage outputs (output_hidden_states)", source="registry",
+         "read the stage outputs (its hidden_states lack the stem output, so the stages are hooked)",
 ))
 register_taps("vision", ["vit_mae"], TapSpec(
     refuse="ViTMAEModel shuffles and drops patches at random on every forward (MAE pre-training); load the same "

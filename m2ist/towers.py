@@ -17,6 +17,7 @@ from __future__ import annotations
 import inspect
 import logging
 import math
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -143,6 +144,11 @@ def _accepted(function: Any) -> tuple[set[str], bool]:
     return {p.name for p in parameters}, any(p.kind is p.VAR_KEYWORD for p in parameters)
 
 
+def _remove_all(handles: list[Any]) -> None:
+    for handle in handles:
+        handle.remove()
+
+
 @dataclass
 class _Capture:
     """What one :meth:`Tower.tap` call collects through the persistent hooks."""
@@ -254,8 +260,8 @@ class Tower:
         spec = structural_spec([name for name, _ in order], recorder, self.model_type)
         if spec.status == "fallback" and self._hidden_states_start_at(recorder.block_input, probe_inputs):
             # no attention / feed-forward pair (a CNN): the tower's own hidden states are its layers
-            return hidden_states_spec(self.model, "no attention/feed-forward residual pair in the repeated block "
-                                                  f"({type(order[0][1]).__name__}, a CNN stage)")
+            return hidden_states_spec(self.model, f"its repeated {type(order[0][1]).__name__} has no attention / "
+                                                  "feed-forward residual pair (a CNN)")
         self.layers = order
         return spec
 
@@ -289,17 +295,27 @@ class Tower:
         return order or modules
 
     def _install_hooks(self) -> None:
-        """Register the capture hooks once; they do nothing outside :meth:`tap`."""
+        """Register the capture hooks once; they do nothing outside :meth:`tap`. They hold the tower weakly and
+        are removed when it is garbage-collected, so re-wrapping the same model does not pile hooks up."""
+        ref = weakref.ref(self)
+
+        def call(method: str, *args: Any) -> None:
+            tower = ref()
+            if tower is not None and tower._state is not None:
+                getattr(tower, method)(*args)
+
         unique = {id(module): (name, module) for name, module in self.layers}
         for name, layer in unique.values():
-            self._handles.append(layer.register_forward_pre_hook(self._layer_enter, with_kwargs=True))
-            self._handles.append(layer.register_forward_hook(self._layer_leave))
+            self._handles.append(layer.register_forward_pre_hook(
+                lambda m, args, kwargs: call("_layer_enter", m, args, kwargs), with_kwargs=True))
+            self._handles.append(layer.register_forward_hook(lambda m, a, out: call("_layer_leave", m, a, out)))
             for kind in ("attention", "ffn"):
                 tap = self.spec.tap(kind)
                 if tap.module:
                     module = get_submodule(layer, tap.module, name)
                     self._handles.append(module.register_forward_hook(
-                        lambda _m, _a, out, kind=kind, tap=tap: self._sublayer(kind, tap, out)))
+                        lambda _m, _a, out, kind=kind, tap=tap: call("_sublayer", kind, tap, out)))
+        weakref.finalize(self, _remove_all, list(self._handles))
 
     def remove_hooks(self) -> None:
         """Remove the capture hooks (the tower then only runs through :meth:`__call__`)."""
@@ -353,6 +369,8 @@ class Tower:
             tokens, mask = self.spec.encode(self.model, pixel_values=pixel_values, pixel_mask=pixel_mask)
             return tokens, mask, None
         kwargs: dict[str, Any] = {"pixel_values": pixel_values}
+        if pixel_mask is not None and "pixel_mask" in self._forward_args[0]:
+            kwargs["pixel_mask"] = pixel_mask
         if self.spec.prepare_inputs is not None:
             kwargs = self.spec.prepare_inputs(self.model, pixel_values, pixel_mask)
         if "interpolate_pos_encoding" in self._forward_args[0] and self.native_size is not None \
