@@ -154,8 +154,7 @@ class RECModel(nn.Module):
         for tower, inputs in ((self.vision_tower, vision_inputs), (self.text_tower, text_inputs)):
             depth = tower.depth()
             if depth is None:
-                with torch.no_grad():
-                    _, _, out = tower._run(inputs, hidden_states=True)
+                _, _, out = tower._probe(inputs, hidden_states=True)
                 states = getattr(out, tower.spec.hidden_states_key, None)
                 if states is None:
                     raise ValueError(tower.refusal(f"no repeated block and no `{tower.spec.hidden_states_key}` in its "

@@ -242,8 +242,7 @@ class Tower:
                    for name, module in dict(modules).items()]
         recorder = BlockRecorder(modules[0][1])
         try:
-            with torch.no_grad():
-                self._run(probe_inputs, hidden_states=False)
+            self._probe(probe_inputs)
         finally:
             recorder.remove()
             for handle in handles:
@@ -253,8 +252,7 @@ class Tower:
         if order[0][1] is not modules[0][1]:  # the first block called is not the first in module order
             recorder = BlockRecorder(order[0][1])
             try:
-                with torch.no_grad():
-                    self._run(probe_inputs, hidden_states=False)
+                self._probe(probe_inputs)
             finally:
                 recorder.remove()
         spec = structural_spec([name for name, _ in order], recorder, self.model_type)
@@ -265,13 +263,28 @@ class Tower:
         self.layers = order
         return spec
 
+    def _probe(self, inputs: dict[str, torch.Tensor], hidden_states: bool = False) -> Any:
+        """One forward at build time; a tower that cannot run on these inputs is refused in one line."""
+        try:
+            with torch.no_grad():
+                return self._run(inputs, hidden_states=hidden_states)
+        except Exception as error:  # any failure of a foreign forward becomes one clear line
+            if isinstance(error, ValueError) and str(error).startswith("Cannot side-tune"):
+                raise
+            first_line = (str(error).splitlines() or [""])[0]
+            reason = f"its forward fails on the probe inputs ({type(error).__name__}: {first_line})"
+            if self.modality == VISION and self.native_size is not None \
+                    and tuple(inputs["pixel_values"].shape[-2:]) != self.native_size:
+                reason += (f"; its own image size is {self.native_size[0]}x{self.native_size[1]} and it cannot "
+                           f"interpolate its position encodings: use M2ISTConfig(image_size={self.native_size[0]})")
+            raise ValueError(self.refusal(reason)) from error
+
     def _hidden_states_start_at(self, seed: torch.Tensor | None, probe_inputs) -> bool:
         """Whether the tower's ``hidden_states`` begin with ``seed`` (the first block's input), i.e. they hold the
         embedding output and then one entry per stage, so they can serve as layer-output taps."""
         if seed is None or not hasattr(self.model.config, "output_hidden_states"):
             return False
-        with torch.no_grad():
-            _, _, out = self._run(probe_inputs, hidden_states=True)
+        _, _, out = self._probe(probe_inputs, hidden_states=True)
         states = getattr(out, self.spec.hidden_states_key, None) if out is not None else None
         if not states:
             return False
@@ -287,8 +300,7 @@ class Tower:
         handles = [module.register_forward_pre_hook(lambda *_, name=name, module=module: order.append((name, module)))
                    for name, module in modules]
         try:
-            with torch.no_grad():
-                self._run(probe_inputs, hidden_states=False)
+            self._probe(probe_inputs)
         finally:
             for handle in handles:
                 handle.remove()

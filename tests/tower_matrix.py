@@ -76,7 +76,11 @@ VISION_FAMILIES: list[Family] = [
     Family("clip_vision", _vit_like(T.CLIPVisionConfig, T.CLIPVisionModel), prefix=1, grid=G4),
     Family("clip (dual encoder)", lambda: T.CLIPModel(T.CLIPConfig(
         vision_config=dict(**_LAYERS, image_size=IMAGE_SIZE, patch_size=8),
-        text_config=dict(**_LAYERS, vocab_size=VOCAB), projection_dim=16)), prefix=1, grid=G4),
+        text_config=dict(**_LAYERS, vocab_size=VOCAB, bos_token_id=0, eos_token_id=2), projection_dim=16)),
+           prefix=1, grid=G4),
+    Family("siglip (dual encoder)", lambda: T.SiglipModel(T.SiglipConfig(
+        vision_config=dict(**_LAYERS, image_size=IMAGE_SIZE, patch_size=8),
+        text_config=dict(**_LAYERS, vocab_size=VOCAB))), prefix=0, grid=G4),
     Family("siglip_vision", _vit_like(T.SiglipVisionConfig, T.SiglipVisionModel), prefix=0, grid=G4),
     Family("siglip2_vision", lambda: T.Siglip2VisionModel(T.Siglip2VisionConfig(**_LAYERS, patch_size=8,
                                                                                   num_patches=16)), grid=G4),
@@ -157,6 +161,9 @@ TEXT_FAMILIES: list[Family] = [
                                pad_token_id=0, bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2),
            last_state_normed=True),
     Family("clip_text", _text(T.CLIPTextConfig, T.CLIPTextModel, bos_token_id=0, eos_token_id=2)),
+    Family("clip (dual encoder)", lambda: T.CLIPModel(T.CLIPConfig(
+        vision_config=dict(**_LAYERS, image_size=IMAGE_SIZE, patch_size=8),
+        text_config=dict(**_LAYERS, vocab_size=VOCAB, bos_token_id=0, eos_token_id=2), projection_dim=16))),
     Family("siglip_text", _text(T.SiglipTextConfig, T.SiglipTextModel)),
     Family("t5 (encoder)", lambda: T.T5EncoderModel(T.T5Config(d_model=H, d_kv=16, d_ff=F, num_layers=L, num_heads=A,
                                                                  vocab_size=VOCAB)), last_state_normed=True),
