@@ -173,7 +173,8 @@ class RECModel(nn.Module):
 
     def tap_report(self) -> tuple[TapReport, ...]:
         """Per tower (vision, text): which module paths feed each expert, exact sub-layer taps or the layer-output
-        fallback, and the visual token layout. ``print(*model.tap_report(), sep="\\n")`` shows it."""
+        fallback, and the visual token layout. ``print(*model.tap_report(), sep="\\n")`` shows it. Empty for the
+        in-tower baselines, which read no taps."""
         return self._tap_reports
 
     def _build_head(self, vision_width: int, text_width: int, num_vision_tokens: int) -> None:

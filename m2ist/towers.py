@@ -14,6 +14,7 @@ the last stage's grid and keeps its own width (the adapters' down-projections ab
 
 from __future__ import annotations
 
+import copy
 import inspect
 import logging
 import math
@@ -328,6 +329,23 @@ class Tower:
                     self._handles.append(module.register_forward_hook(
                         lambda _m, _a, out, kind=kind, tap=tap: call("_sublayer", kind, tap, out)))
         weakref.finalize(self, _remove_all, list(self._handles))
+
+    def __deepcopy__(self, memo: dict) -> Tower:
+        """A copy on the copied model, with its own hooks (the copied modules' hooks would feed this tower)."""
+        new = self.__class__.__new__(self.__class__)
+        memo[id(self)] = new
+        stale = {handle.id for handle in self._handles}
+        for key, value in self.__dict__.items():
+            if key not in ("_handles", "_state"):
+                setattr(new, key, copy.deepcopy(value, memo))
+        new._handles, new._state = [], None
+        for module in new.model.modules():
+            for hooks in (module._forward_hooks, module._forward_pre_hooks, module._forward_hooks_with_kwargs,
+                          module._forward_pre_hooks_with_kwargs, module._forward_hooks_always_called):
+                for hook_id in stale & set(hooks):
+                    del hooks[hook_id]
+        new._install_hooks()
+        return new
 
     def remove_hooks(self) -> None:
         """Remove the capture hooks (the tower then only runs through :meth:`__call__`)."""

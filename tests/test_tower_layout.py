@@ -78,6 +78,19 @@ def test_hooks_are_registered_once_and_capture_only_inside_tap(batch):
     assert model.vision_tower._state is None
 
 
+def test_a_deep_copy_taps_its_own_towers(batch):
+    import copy
+
+    model = get_side_tuned_model(vision_tower("vit"), text_tower("bert"), tiny_config()).eval()
+    clone = copy.deepcopy(model)
+    assert len(clone.vision_model.layers[0]._forward_pre_hooks) == 1
+    with torch.no_grad():
+        clone.vision_model.embeddings.patch_embeddings.projection.weight.mul_(2)
+        clone_boxes, boxes = clone(**batch).pred_boxes, model(**batch).pred_boxes
+    assert not torch.allclose(clone_boxes, boxes)  # the clone reads its own (changed) tower
+    torch.testing.assert_close(model(**batch).pred_boxes, boxes)
+
+
 def test_hooks_go_away_with_the_model():
     import gc
 
