@@ -487,6 +487,15 @@ def siglip2_inputs(model: nn.Module, pixel_values: torch.Tensor, pixel_mask: tor
     return {"pixel_values": patches, "pixel_attention_mask": mask, "spatial_shapes": shapes}
 
 
+def hiera_inputs(model: nn.Module, pixel_values: torch.Tensor, pixel_mask: torch.Tensor | None) -> dict[str, Any]:
+    """Hiera's unroll / reroll schedule is fixed for its ``config.image_size``: other canvases are refused."""
+    size = list(model.config.image_size)
+    if list(pixel_values.shape[-2:]) != size:
+        raise ValueError(f"its unroll schedule is fixed at its image size {size[0]}x{size[1]}, not "
+                         f"{pixel_values.shape[-2]}x{pixel_values.shape[-1]}: use M2ISTConfig(image_size={size[0]})")
+    return {"pixel_values": pixel_values}
+
+
 def hiera_raster(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     """Hiera keeps tokens "unrolled" between stages; put them back in raster order with the tower's own reroll
     (the stage is the one whose grid has this many tokens)."""
@@ -495,7 +504,9 @@ def hiera_raster(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
         _, size = encoder.schedule[stage]
         if size[0] * size[1] == tokens.shape[1]:
             return rearrange(encoder.reroll(tokens, stage_idx=stage), "b h w c -> b (h w) c")
-    return tokens
+    raise ValueError(f"Hiera's unroll schedule is fixed at its config.image_size={model.config.image_size}: "
+                     f"{tokens.shape[1]} tokens match none of its stages; use M2ISTConfig(image_size="
+                     f"{model.config.image_size[0]})")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -531,6 +542,7 @@ register_taps("vision", ["vit_mae"], TapSpec(
 ))
 register_taps("vision", ["hiera"], TapSpec(
     layers=("encoder.stages.*.layers.*",), attention=Tap("attn"), ffn=Tap("mlp"), reorder=hiera_raster,
+    prepare_inputs=hiera_inputs,
     num_prefix_tokens=lambda config: 0, unused_modules=("pooler",),
     note="tokens are unrolled between stages: every tap is put back in raster order with the tower's reroll",
 ))

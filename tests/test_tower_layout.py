@@ -42,6 +42,13 @@ def test_tower_that_cannot_change_canvas_size_is_refused_in_one_line():
     get_side_tuned_model(family.build(), text_tower("bert"), tiny_config(image_size=32))
 
 
+def test_hiera_at_another_canvas_is_refused_not_misordered():
+    family = next(f for f in VISION_FAMILIES if f.name == "hiera")
+    with pytest.raises(ValueError, match=r"^Cannot side-tune the vision tower HieraModel .*image_size=32") as error:
+        get_side_tuned_model(family.build(), text_tower("bert"), tiny_config(image_size=64))
+    assert "\n" not in str(error.value)
+
+
 def test_albert_shared_layer_is_one_layer_per_call():
     """ALBERT runs one shared layer twice: explicit taps and structure both see two layers, each its own call."""
     text = T.AlbertModel(T.AlbertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
