@@ -146,8 +146,9 @@ class M2ISTConfig:
     )
     vision_taps: dict[str, Any] | None = field(
         default=None,
-        metadata={"help": "Explicit tap names for a vision tower the registry does not know, e.g. "
-                  "{'layers': 'encoder.layer.*', 'attention': 'attention', 'ffn': 'output.dense'}."},
+        metadata={"help": "Explicit taps for a vision tower where the registry and the structural search are wrong, "
+                  "e.g. {'layers': 'encoder.layer.*', 'attention': 'attention', 'ffn': 'output.dense'}, and/or its "
+                  "token layout: {'num_prefix_tokens': 1, 'num_suffix_tokens': 0}."},
     )
     text_taps: dict[str, Any] | None = field(
         default=None, metadata={"help": "Explicit tap names for a text tower (same keys as `vision_taps`)."}
@@ -157,15 +158,25 @@ class M2ISTConfig:
     vision_model_name_or_path: str | None = field(
         default=None, metadata={"help": "Hub id or path the vision tower is re-loaded from."}
     )
-    vision_revision: str | None = field(default=None, metadata={"help": "Revision (commit) of the vision tower."})
+    vision_revision: str | None = field(
+        default=None, metadata={"help": "Commit of the vision tower actually loaded (the reload pins it)."}
+    )
     vision_model_type: str | None = field(default=None, metadata={"help": "`config.model_type` of the vision tower."})
+    vision_model_class: str | None = field(
+        default=None, metadata={"help": "transformers class of the vision tower as passed (re-built on reload)."}
+    )
     vision_width: int | None = field(default=None, metadata={"help": "Width of the vision tower's final output."})
     vision_depth: int | None = field(default=None, metadata={"help": "Number of tapped vision layers."})
     text_model_name_or_path: str | None = field(
         default=None, metadata={"help": "Hub id or path the text tower is re-loaded from."}
     )
-    text_revision: str | None = field(default=None, metadata={"help": "Revision (commit) of the text tower."})
+    text_revision: str | None = field(
+        default=None, metadata={"help": "Commit of the text tower actually loaded (the reload pins it)."}
+    )
     text_model_type: str | None = field(default=None, metadata={"help": "`config.model_type` of the text tower."})
+    text_model_class: str | None = field(
+        default=None, metadata={"help": "transformers class of the text tower as passed (re-built on reload)."}
+    )
     text_width: int | None = field(default=None, metadata={"help": "Width of the text tower's final output."})
     text_depth: int | None = field(default=None, metadata={"help": "Number of tapped text layers."})
 
@@ -244,10 +255,11 @@ class M2ISTConfig:
         for name in ("vision_taps", "text_taps"):
             taps = getattr(self, name)
             if taps is not None:
-                unknown = set(taps) - {"layers", "attention", "ffn", "layout", "num_prefix_tokens"}
-                if not isinstance(taps, dict) or "layers" not in taps or unknown:
-                    fail(name, "expected a dict with key 'layers' (glob of layer modules) and optional "
-                         "'attention', 'ffn', 'layout', 'num_prefix_tokens'.")
+                keys = ("layers", "attention", "ffn", "layout", "num_prefix_tokens", "num_suffix_tokens")
+                if not isinstance(taps, dict) or set(taps) - set(keys) or (
+                        set(taps) & {"attention", "ffn", "layout"} and "layers" not in taps):
+                    fail(name, f"expected a dict of {keys}: 'layers' (glob of layer modules) with optional "
+                         "'attention', 'ffn', 'layout', and/or the token counts alone.")
         if self.config_version > CONFIG_FORMAT_VERSION:
             fail("config_version", f"this file was written by a newer m2ist (format {self.config_version}, this "
                  f"version reads up to {CONFIG_FORMAT_VERSION}): upgrade m2ist.")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,8 +34,8 @@ from .save_and_load import (
     save_trainable_state,
     write_model_card,
 )
-from .taps import resolve_tap_spec
-from .towers import TEXT, VISION, Tower, TowerFeatures
+from .taps import TapReport, resolve_tap_spec
+from .towers import TEXT, VISION, Tower, TowerFeatures, unwrap_tower
 
 logger = logging.getLogger(__name__)
 
@@ -75,23 +76,54 @@ def pair_layers(config: M2ISTConfig, vision_depth: int, text_depth: int) -> list
 
 
 def _dummy_inputs(config: M2ISTConfig, vision_model: nn.Module, text_model: nn.Module) -> tuple[dict, dict]:
+    """Probe inputs at the canvas size and query length: random pixels and token ids (fixed seed, so no two
+    sub-layer outputs coincide by accident), no padding."""
     size = config.image_size
+    generator = torch.Generator().manual_seed(0)
     device = next(vision_model.parameters()).device
-    vision = {"pixel_values": torch.zeros(1, 3, size, size, device=device),
+    vision = {"pixel_values": torch.randn(1, 3, size, size, generator=generator).to(device),
               "pixel_mask": torch.ones(1, size, size, dtype=torch.long, device=device)}
     length = config.max_query_len
-    token = min(1, getattr(text_model.config, "vocab_size", 2) - 1)
+    vocab = max(2, min(int(getattr(text_model.config, "vocab_size", None) or 2), 1000))
     device = next(text_model.parameters()).device
-    text = {"input_ids": torch.full((1, length), token, dtype=torch.long, device=device),
+    text = {"input_ids": torch.randint(1, vocab, (1, length), generator=generator).to(device),
             "attention_mask": torch.ones(1, length, dtype=torch.long, device=device)}
     return vision, text
 
 
 def _model_id(model: nn.Module) -> tuple[str | None, str | None]:
-    """The Hub id / path and commit a tower was loaded from, when transformers recorded them."""
-    config = model.config
+    """The Hub id / path and the commit a tower was loaded from.
+
+    transformers 5 no longer fills ``config._commit_hash``: the commit is read from a cache snapshot path
+    (``.../snapshots/<sha>/``), else from the Hub cache's record of the repo's current ``main``.
+    """
+    config = getattr(model, "config", None)
     name = getattr(config, "_name_or_path", None) or None
-    return name, getattr(config, "_commit_hash", None)
+    commit = getattr(config, "_commit_hash", None)
+    if name and commit is None:
+        commit = commit_of(name)
+    snapshot = re.search(r"(?:^|/)models--([^/]+)/snapshots/[0-9a-f]{40}/?$", str(name or ""))
+    if snapshot:  # a Hub cache folder: record the repo id, the commit pins the files
+        name = snapshot.group(1).replace("--", "/")
+    return name, commit
+
+
+def commit_of(name_or_path: str, cache_dir: str | os.PathLike | None = None) -> str | None:
+    """The commit a tower named ``name_or_path`` was loaded from, when it can be known: the ``<sha>`` of a
+    ``snapshots/<sha>`` folder, else the commit the Hub cache holds for the repo id (None for a plain folder)."""
+    match = re.search(r"(?:^|/)snapshots/([0-9a-f]{40})(?:/|$)", str(name_or_path))
+    if match:
+        return match.group(1)
+    if Path(name_or_path).exists():
+        return None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(str(name_or_path), "config.json", cache_dir=cache_dir)
+    except Exception:  # not a repo id
+        return None
+    match = re.search(r"snapshots/([0-9a-f]{40})/", str(cached)) if isinstance(cached, str) else None
+    return match.group(1) if match else None
 
 
 class RECModel(nn.Module):
@@ -103,29 +135,57 @@ class RECModel(nn.Module):
     def __init__(self, vision_model: nn.Module, text_model: nn.Module, config: M2ISTConfig) -> None:
         super().__init__()
         config = dataclasses.replace(config)  # never mutate the caller's config
-        if config.image_size is None:
-            config.image_size = int(getattr(vision_model.config, "image_size", None) or 640)
         self.config = config
+        self.tower_classes = {VISION: type(vision_model).__name__, TEXT: type(text_model).__name__}
+        self.tower_ids = {VISION: _model_id(vision_model), TEXT: _model_id(text_model)}
+        vision_model, text_model = unwrap_tower(vision_model, VISION), unwrap_tower(text_model, TEXT)
+        if config.image_size is None:
+            native = getattr(vision_model.config, "image_size", None) or 640
+            config.image_size = int(native[0] if isinstance(native, list | tuple) else native)
         self.vision_model = vision_model
         self.text_model = text_model
-        self.vision_tower = Tower(vision_model, resolve_tap_spec(vision_model, VISION, config.vision_taps), VISION)
-        self.text_tower = Tower(text_model, resolve_tap_spec(text_model, TEXT, config.text_taps), TEXT)
+        specs = resolve_tap_spec(vision_model, VISION, config.vision_taps), \
+            resolve_tap_spec(text_model, TEXT, config.text_taps)
+        vision_inputs, text_inputs = _dummy_inputs(config, vision_model, text_model)
+        vision_model.eval()  # the probes (structural search) need deterministic towers: no dropout
+        text_model.eval()
+        with torch.no_grad():
+            self.vision_tower = Tower(vision_model, specs[0], VISION, vision_inputs, config.vision_taps)
+            self.text_tower = Tower(text_model, specs[1], TEXT, text_inputs, config.text_taps)
+        self._tap_reports: tuple[TapReport, ...] = ()
         self.processor = None  # a RECProcessor, used by predict() and saved with the adapter when set
 
     # ---------------------------------------------------------------------------------------------------------
     def _probe(self, kinds: list[str]) -> tuple[TowerFeatures, TowerFeatures, int, int]:
-        """One dummy forward of each tower, tapping every layer: widths, depths and the visual token count."""
+        """One dummy forward of each tower, tapping every layer: widths, depths and the visual token count.
+        Logs, once per tower, which modules feed each expert (see :meth:`tap_report`)."""
         vision_inputs, text_inputs = _dummy_inputs(self.config, self.vision_model, self.text_model)
         depths = []
         for tower, inputs in ((self.vision_tower, vision_inputs), (self.text_tower, text_inputs)):
             depth = tower.depth()
             if depth is None:
-                _, _, out = tower._run(inputs, hidden_states=True)
-                depth = len(getattr(out, tower.spec.hidden_states_key)) - 1
+                _, _, out = tower._probe(inputs, hidden_states=True)
+                states = getattr(out, tower.spec.hidden_states_key, None)
+                if states is None:
+                    raise ValueError(tower.refusal(f"no repeated block and no `{tower.spec.hidden_states_key}` in its "
+                                                   "output"))
+                depth = len(states) - 1
             depths.append(depth)
         vision = self.vision_tower.tap(vision_inputs, list(range(depths[0])), kinds)
         text = self.text_tower.tap(text_inputs, list(range(depths[1])), kinds)
+        size = self.config.image_size
+        self._tap_reports = (self.vision_tower.report(depths[0], self.vision_tower.grid_of(vision.tokens.shape[1],
+                                                                                            (size, size))),
+                             self.text_tower.report(depths[1]))
+        for report in self._tap_reports:
+            logger.info("%s", report)
         return vision, text, depths[0], depths[1]
+
+    def tap_report(self) -> tuple[TapReport, ...]:
+        """Per tower (vision, text): which module paths feed each expert, exact sub-layer taps or the layer-output
+        fallback, and the visual token layout. ``print(*model.tap_report(), sep="\\n")`` shows it. Empty for the
+        in-tower baselines, which read no taps."""
+        return self._tap_reports
 
     def _build_head(self, vision_width: int, text_width: int, num_vision_tokens: int) -> None:
         recorded = self.config.num_vision_tokens
@@ -141,7 +201,7 @@ class RECModel(nn.Module):
         except ValueError:  # tokens that do not form a grid: only box_readout='reg' can use them
             grid = None
         self.head = RECHead(self.config, vision_width, text_width, num_vision_tokens, vision_grid=grid,
-                            num_prefix_tokens=self.vision_tower.num_prefix_tokens or 0)
+                            num_prefix_tokens=self.vision_tower.num_leading_tokens)
 
     def encode(self, pixel_values, pixel_mask, input_ids, attention_mask) -> tuple[torch.Tensor, ...]:
         """Return ``(vision_tokens, vision_mask, text_tokens, text_mask)`` for the head."""
@@ -170,7 +230,10 @@ class RECModel(nn.Module):
         ids = set()
         for tower in (self.vision_tower, self.text_tower):
             for name in tower.spec.unused_modules:
-                module = getattr(tower.model, name, None)
+                try:
+                    module = tower.model.get_submodule(name)
+                except AttributeError:
+                    continue
                 if module is not None:
                     ids.update(id(p) for p in module.parameters())
         return ids
@@ -250,11 +313,11 @@ class SideTunedModel(RECModel):
         self._build_head(vision.tokens.shape[-1], text.tokens.shape[-1], vision.tokens.shape[1])
         self.side.to(vision.tokens.device)
         self.head.to(vision.tokens.device)
-        for modality, model, features, depth in ((VISION, vision_model, vision, vision_depth),
-                                                 (TEXT, text_model, text, text_depth)):
-            name, revision = _model_id(model)
+        for modality, model, features, depth in ((VISION, self.vision_model, vision, vision_depth),
+                                                 (TEXT, self.text_model, text, text_depth)):
+            name, revision = self.tower_ids[modality]
             recorded = {"model_type": model.config.model_type, "width": features.tokens.shape[-1], "depth": depth,
-                        "model_name_or_path": name, "revision": revision}
+                        "model_name_or_path": name, "revision": revision, "model_class": self.tower_classes[modality]}
             for key, value in recorded.items():
                 if getattr(config, f"{modality}_{key}") is None:
                     setattr(config, f"{modality}_{key}", value)
@@ -319,8 +382,10 @@ class SideTunedModel(RECModel):
     ) -> SideTunedModel:
         """Load a saved side adapter from a folder or a Hub repo id.
 
-        The towers are the ones passed in, or are re-loaded with ``AutoModel.from_pretrained`` from the names and
-        revisions recorded in the config (``trust_remote_code`` stays False unless you pass it). Loading is strict:
+        The towers are the ones passed in, or are re-built as the recorded transformers class (``AutoModel`` for
+        old configs) from the recorded names at the recorded commits, through the same ``endpoint``, ``token``,
+        ``cache_dir`` and ``local_files_only`` as the adapter, so an adapter never silently meets a newer tower
+        revision (``trust_remote_code`` stays False unless you pass it). Loading is strict:
         another tower, other widths or depths, missing or unexpected tensors, and corrupted or truncated files
         raise an error that names the difference. ``config_overrides`` change runtime-only fields such as
         ``backbone_dtype``.
@@ -348,7 +413,7 @@ class SideTunedModel(RECModel):
             raise ValueError(f"The adapter in {name_or_path} was trained on other towers: {'; '.join(mismatches)}. "
                              "Pass the towers it was built for (see its m2ist_config.json).")
         for modality in (VISION, TEXT):  # keep the recorded provenance
-            for key in ("model_name_or_path", "revision"):
+            for key in ("model_name_or_path", "revision", "model_class"):
                 if getattr(saved, f"{modality}_{key}") is not None:
                     setattr(model.config, f"{modality}_{key}", getattr(saved, f"{modality}_{key}"))
         load_trainable_state(model, folder / WEIGHTS_NAME)
@@ -357,18 +422,39 @@ class SideTunedModel(RECModel):
         return model
 
 
-def _load_tower(config: M2ISTConfig, modality: str, trust_remote_code: bool, hub: dict[str, Any]) -> nn.Module:
-    from transformers import AutoModel
+def tower_class(class_name: str | None) -> type:
+    """The transformers model class recorded for a tower, looked up by attribute name on ``transformers`` only
+    (never an arbitrary import); ``AutoModel`` when none is recorded or the name is not a model class."""
+    import transformers
 
+    cls = getattr(transformers, class_name, None) if class_name else None
+    if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
+        return cls
+    if class_name:
+        logger.warning("%r is not a transformers model class: re-loading the tower with AutoModel.", class_name)
+    return transformers.AutoModel
+
+
+def _load_tower(config: M2ISTConfig, modality: str, trust_remote_code: bool, hub: dict[str, Any]) -> nn.Module:
+    """Re-load a tower: its recorded class, from its recorded name at its recorded commit, through the same
+    endpoint, token, cache and offline setting as the adapter."""
     name = getattr(config, f"{modality}_model_name_or_path")
     if not name:
         raise ValueError(f"The saved config records no {modality} tower name: pass {modality}_model= to "
                          "SideTunedModel.from_pretrained().")
-    logger.info("Loading the %s tower %s", modality, name)
-    return AutoModel.from_pretrained(
-        name, revision=getattr(config, f"{modality}_revision"), token=hub["token"], cache_dir=hub["cache_dir"],
-        local_files_only=hub["local_files_only"], trust_remote_code=trust_remote_code,
-    )
+    cls = tower_class(getattr(config, f"{modality}_model_class", None))
+    revision = getattr(config, f"{modality}_revision")
+    logger.info("Loading the %s tower %s (%s) at %s", modality, name, cls.__name__, revision or "its latest commit")
+    folder = name
+    if not Path(name).is_dir():
+        from huggingface_hub import snapshot_download
+
+        options = {"repo_id": name, "revision": revision, "token": hub["token"], "cache_dir": hub["cache_dir"],
+                   "local_files_only": hub["local_files_only"], "endpoint": hub["endpoint"]}
+        folder = snapshot_download(**options, allow_patterns=["*.json", "*.safetensors"])
+        if not any(Path(folder).glob("*.safetensors")):
+            folder = snapshot_download(**options, allow_patterns=["*.json", "pytorch_model*.bin"])
+    return cls.from_pretrained(folder, trust_remote_code=trust_remote_code)
 
 
 def get_side_tuned_model(vision_model: nn.Module, text_model: nn.Module,

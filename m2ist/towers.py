@@ -3,14 +3,22 @@
 :class:`Tower` wraps one Hugging Face model with its :class:`~m2ist.taps.TapSpec`. ``tower(inputs)`` returns the
 final tokens and their mask; ``tower.tap(inputs, layers, kinds)`` also returns, for the requested layers, the
 attention / feed-forward outputs and the first layer's input (the side stream's seed), all as ``(B, N, C)``
-tokens on the final output's grid. Hierarchical towers (Swin, ConvNeXt) change grid and width per stage: every
-tap is average-pooled to the last stage's grid and keeps its own width (the adapters' down-projections absorb it).
+tokens on the final output's grid. The hooks are registered once, when the tower is built, and capture only
+inside :meth:`Tower.tap` (so ``torch.compile`` sees the same module graph every step).
+
+Visual tokens always come out in one canonical order: prefix tokens (CLS, distillation, registers, then any
+suffix tokens such as YOLOS's detection tokens, moved to the front), then the patch grid in raster order.
+Hierarchical towers (Swin, ConvNeXt, PVT, ...) change grid and width per stage: every tap is average-pooled to
+the last stage's grid and keeps its own width (the adapters' down-projections absorb it).
 """
 
 from __future__ import annotations
 
-import contextlib
+import copy
+import inspect
+import logging
 import math
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,8 +27,25 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from .taps import TOKENS, TapSpec, find_layers, get_submodule
+from .taps import (
+    PREFIX_PARAMETERS,
+    SUFFIX_PARAMETERS,
+    TOKENS,
+    BlockRecorder,
+    TapReport,
+    TapSpec,
+    _first_tensor,
+    count_token_parameters,
+    find_block_names,
+    find_layers,
+    get_submodule,
+    hidden_states_spec,
+    input_tensor,
+    resolve_tap_spec,
+    structural_spec,
+)
 
+logger = logging.getLogger(__name__)
 VISION, TEXT = "vision", "text"
 
 
@@ -41,11 +66,6 @@ class TowerFeatures:
     taps: dict[str, list[torch.Tensor]] = field(default_factory=dict)
 
 
-def _first_tensor(output: Any) -> torch.Tensor:
-    """Modules return a tensor or a tuple whose first item is the hidden states."""
-    return output[0] if isinstance(output, tuple | list) else output
-
-
 def to_tokens(x: torch.Tensor, layout: str) -> tuple[torch.Tensor, tuple[int, int] | None]:
     """``x`` in ``layout`` (an einops pattern) as ``(B, N, C)`` tokens, plus its grid when the layout has one.
 
@@ -59,48 +79,152 @@ def to_tokens(x: torch.Tensor, layout: str) -> tuple[torch.Tensor, tuple[int, in
     return rearrange(x, f"{layout} -> b (h w) c"), (grid_axes["h"], grid_axes["w"])
 
 
-def infer_grid(num_tokens: int, aspect: float) -> tuple[int, int]:
-    """The ``(h, w)`` grid of ``num_tokens`` patch tokens for an ``h / w`` aspect ratio."""
+def infer_grid(num_tokens: int, aspect: float, square_only: bool | None = None) -> tuple[int, int]:
+    """The ``(h, w)`` grid of ``num_tokens`` patch tokens for an ``h / w`` aspect ratio.
+
+    A square image (aspect 1) only takes a square grid unless ``square_only=False`` (a tower whose config says
+    its grid is not square).
+    """
+    square_only = aspect == 1.0 if square_only is None else square_only
     height = max(1, round(math.sqrt(num_tokens * aspect)))
     width = num_tokens // height
-    if height * width != num_tokens:
-        raise ValueError(f"Cannot lay {num_tokens} tokens on a grid of aspect {aspect:.3f}.")
+    if height * width != num_tokens or (square_only and height != width):
+        raise ValueError(f"Cannot lay {num_tokens} tokens on a {'square ' if square_only else ''}grid of aspect "
+                         f"{aspect:.3f}.")
     return height, width
-
-
-def split_prefix(num_tokens: int, aspect: float, max_prefix: int = 8) -> tuple[int, tuple[int, int]]:
-    """The smallest number of prefix tokens (CLS, registers) that leaves a patch grid of ``aspect``, and that grid."""
-    for prefix in range(min(max_prefix, num_tokens - 1) + 1):
-        with contextlib.suppress(ValueError):
-            return prefix, infer_grid(num_tokens - prefix, aspect)
-    raise ValueError(f"{num_tokens} visual tokens do not form a patch grid of aspect {aspect:.3f} after up to {max_prefix} "
-                     "prefix tokens; give num_prefix_tokens in the tower's taps.")
 
 
 def resample_tokens(x: torch.Tensor, grid: tuple[int, int] | None, target: torch.Tensor, target_grid,
                     prefix: int) -> torch.Tensor:
-    """Bring tap ``x`` to the final output's token layout by average-pooling its grid to ``target_grid``."""
+    """Bring tap ``x`` to the final output's token layout (``prefix`` leading tokens, then ``target_grid``) by
+    average-pooling its patch grid. A tap from a stage without the leading tokens (PVT adds its CLS token in the
+    last stage) gets their place filled with the mean of its pooled patches."""
     if x.shape[1] == target.shape[1] and (grid is None or grid == target_grid):
         return x
-    if prefix or target_grid is None:
-        raise ValueError(
-            f"A tap has {x.shape[1]} tokens but the final output has {target.shape[1]}; resampling needs a patch grid "
-            "without prefix tokens. Tap layers whose token count matches the output."
-        )
-    grid = grid or infer_grid(x.shape[1], target_grid[0] / target_grid[1])
-    x = rearrange(x, "b (h w) c -> b c h w", h=grid[0], w=grid[1])
-    return rearrange(F.adaptive_avg_pool2d(x, target_grid), "b c h w -> b (h w) c")
+    if target_grid is None:
+        raise ValueError(f"A tap has {x.shape[1]} tokens but the final output has {target.shape[1]} and no patch grid; "
+                         "tap layers whose token count matches the output.")
+    aspect = target_grid[0] / target_grid[1]
+    lead = prefix if grid is None else x.shape[1] - grid[0] * grid[1]
+    if grid is None:
+        try:
+            grid = infer_grid(x.shape[1] - prefix, aspect)
+        except ValueError:
+            lead, grid = 0, infer_grid(x.shape[1], aspect)
+    if lead not in (0, prefix):
+        raise ValueError(f"A tap has {lead} leading tokens, the final output {prefix}: they cannot be matched.")
+    patches = rearrange(x[:, lead:], "b (h w) c -> b c h w", h=grid[0], w=grid[1])
+    pooled = rearrange(F.adaptive_avg_pool2d(patches, target_grid), "b c h w -> b (h w) c")
+    leading = x[:, :lead] if lead else pooled.mean(dim=1, keepdim=True).expand(-1, prefix, -1)
+    return torch.cat([leading, pooled], dim=1)
+
+
+def unwrap_tower(model: nn.Module, modality: str) -> nn.Module:
+    """The tower to tap inside ``model``: a dual encoder's (CLIPModel, SiglipModel, ...) ``vision_model`` or
+    ``text_model``, an encoder-decoder's encoder (T5Model, BartModel); else ``model`` itself."""
+    other = "text_model" if modality == VISION else "vision_model"
+    inner = getattr(model, f"{modality}_model", None)
+    if isinstance(inner, nn.Module) and isinstance(getattr(model, other, None), nn.Module):
+        if getattr(inner, "config", None) is None:
+            inner.config = getattr(model.config, f"{modality}_config")
+        logger.info("%s is a dual encoder: using its %s_model (%s) as the %s tower.", type(model).__name__, modality,
+                    type(inner).__name__, modality)
+        return inner
+    config = getattr(model, "config", None)
+    if modality == TEXT and getattr(config, "is_encoder_decoder", False) and hasattr(model, "get_encoder"):
+        encoder = model.get_encoder()
+        logger.info("%s is an encoder-decoder: using its encoder (%s) as the text tower.", type(model).__name__,
+                    type(encoder).__name__)
+        return encoder
+    return model
+
+
+def _accepted(function: Any) -> tuple[set[str], bool]:
+    """The keyword names ``function`` takes, and whether it takes ``**kwargs``."""
+    parameters = inspect.signature(function).parameters.values()
+    return {p.name for p in parameters}, any(p.kind is p.VAR_KEYWORD for p in parameters)
+
+
+def _remove_all(handles: list[Any]) -> None:
+    for handle in handles:
+        handle.remove()
+
+
+@dataclass
+class _Capture:
+    """What one :meth:`Tower.tap` call collects through the persistent hooks."""
+
+    layers: set[int]
+    kinds: list[str]
+    layer: int = -1
+    calls: dict[str, int] = field(default_factory=dict)
+    out: dict[Any, tuple[torch.Tensor, Any]] = field(default_factory=dict)
 
 
 class Tower:
-    """A frozen Hugging Face tower with its tap spec. Not an ``nn.Module``: the owner registers the model."""
+    """A frozen Hugging Face tower with its tap spec. Not an ``nn.Module``: the owner registers the model.
 
-    def __init__(self, model: nn.Module, spec: TapSpec, modality: str) -> None:
+    Args:
+        model: the Hugging Face model (already unwrapped, see :func:`unwrap_tower`).
+        spec: a spec from :func:`~m2ist.taps.resolve_tap_spec`; ``None`` finds the taps by structure on a probe
+            forward of ``probe_inputs``.
+        modality: 'vision' or 'text'.
+        probe_inputs: inputs for the probe forwards (the layers' call order, the structural search).
+        override: the config's ``vision_taps`` / ``text_taps`` (token counts).
+    """
+
+    def __init__(self, model: nn.Module, spec: TapSpec | None, modality: str,
+                 probe_inputs: dict[str, torch.Tensor] | None = None, override: dict[str, Any] | None = None) -> None:
         if modality not in (VISION, TEXT):
             raise ValueError(f"modality must be 'vision' or 'text', got {modality!r}.")
-        self.model, self.spec, self.modality = model, spec, modality
-        self.layers = [] if spec.uses_hidden_states else find_layers(model, spec)
-        self.num_prefix_tokens = spec.num_prefix_tokens(model.config) if modality == VISION else 0
+        self.model, self.modality = model, modality
+        self._state: _Capture | None = None
+        self._handles: list[Any] = []
+        self._forward_args = _accepted(model.forward)
+        self.native_size = self._native_size()
+        self.layers: list[tuple[str, nn.Module]] = []
+        self.grid: tuple[int, int] | None = None
+        self.spec = spec or TapSpec(source="structure")
+        if self.spec.refuse:
+            raise ValueError(self.refusal(self.spec.refuse))
+        self._count_tokens(override)
+        if spec is None:
+            self.spec = self._discover(probe_inputs)
+            self._count_tokens(override)
+        if self.spec.layers and not self.layers:
+            self.layers = self._call_order(find_layers(model, self.spec), probe_inputs)
+        self._install_hooks()
+
+    def _count_tokens(self, override: dict[str, Any] | None) -> None:
+        """Prefix / suffix token counts: the override, else the spec, else the tower's token parameters."""
+        self.num_prefix_tokens: int | None = 0
+        self.num_suffix_tokens = 0
+        if self.modality == TEXT:
+            return
+        override = override or {}
+        skip = self.spec.unused_modules
+        prefix = override.get("num_prefix_tokens", self.spec.num_prefix_tokens(self.model.config))
+        suffix = override.get("num_suffix_tokens", self.spec.num_suffix_tokens(self.model.config))
+        self.num_prefix_tokens = count_token_parameters(self.model, PREFIX_PARAMETERS, skip) if prefix is None else prefix
+        self.num_suffix_tokens = count_token_parameters(self.model, SUFFIX_PARAMETERS, skip) if suffix is None else suffix
+
+    # --------------------------------------------------------------------------------------------------------
+    @property
+    def model_type(self) -> str | None:
+        """``config.model_type`` of the tower."""
+        return getattr(self.model.config, "model_type", None)
+
+    def refusal(self, reason: str) -> str:
+        """One line: which tower is refused, why, and the override that would fix it."""
+        return (f"Cannot side-tune the {self.modality} tower {type(self.model).__name__} "
+                f"(model_type={self.model_type!r}): {reason}. Override with M2ISTConfig({self.modality}_taps={{...}}) "
+                "or m2ist.taps.register_taps().")
+
+    def _native_size(self) -> tuple[int, int] | None:
+        size = getattr(getattr(self.model, "config", None), "image_size", None)
+        if isinstance(size, int):
+            return size, size
+        return tuple(size[:2]) if isinstance(size, list | tuple) and len(size) >= 2 else None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -108,11 +232,163 @@ class Tower:
         return next((p.dtype for p in self.model.parameters() if p.is_floating_point()), torch.float32)
 
     # --------------------------------------------------------------------------------------------------------
+    def _discover(self, probe_inputs: dict[str, torch.Tensor] | None) -> TapSpec:
+        """Find the repeated block and its attention / feed-forward sub-modules on one probe forward."""
+        names = find_block_names(self.model)
+        if not names or probe_inputs is None:
+            return hidden_states_spec(self.model)
+        modules = [(name, self.model.get_submodule(name)) for name in names]
+        order: list[tuple[str, nn.Module]] = []
+        handles = [module.register_forward_pre_hook(lambda *_, name=name, module=module: order.append((name, module)))
+                   for name, module in dict(modules).items()]
+        recorder = BlockRecorder(modules[0][1])
+        try:
+            self._probe(probe_inputs)
+        finally:
+            recorder.remove()
+            for handle in handles:
+                handle.remove()
+        if not order:
+            return hidden_states_spec(self.model)
+        if order[0][1] is not modules[0][1]:  # the first block called is not the first in module order
+            recorder = BlockRecorder(order[0][1])
+            try:
+                self._probe(probe_inputs)
+            finally:
+                recorder.remove()
+        spec = structural_spec([name for name, _ in order], recorder, self.model_type)
+        if spec.status == "fallback" and self._hidden_states_start_at(recorder.block_input, probe_inputs):
+            # no attention / feed-forward pair (a CNN): the tower's own hidden states are its layers
+            return hidden_states_spec(self.model, f"its repeated {type(order[0][1]).__name__} has no attention / "
+                                                  "feed-forward residual pair (a CNN)")
+        self.layers = order
+        return spec
+
+    def _probe(self, inputs: dict[str, torch.Tensor], hidden_states: bool = False) -> Any:
+        """One forward at build time; a tower that cannot run on these inputs is refused in one line."""
+        try:
+            with torch.no_grad():
+                return self._run(inputs, hidden_states=hidden_states)
+        except Exception as error:  # any failure of a foreign forward becomes one clear line
+            if isinstance(error, ValueError) and str(error).startswith("Cannot side-tune"):
+                raise
+            first_line = (str(error).splitlines() or [""])[0]
+            reason = f"its forward fails on the probe inputs ({type(error).__name__}: {first_line})"
+            if self.modality == VISION and self.native_size is not None \
+                    and tuple(inputs["pixel_values"].shape[-2:]) != self.native_size:
+                reason += (f"; its own image size is {self.native_size[0]}x{self.native_size[1]} and it cannot "
+                           f"interpolate its position encodings: use M2ISTConfig(image_size={self.native_size[0]})")
+            raise ValueError(self.refusal(reason)) from error
+
+    def _hidden_states_start_at(self, seed: torch.Tensor | None, probe_inputs) -> bool:
+        """Whether the tower's ``hidden_states`` begin with ``seed`` (the first block's input), i.e. they hold the
+        embedding output and then one entry per stage, so they can serve as layer-output taps."""
+        if seed is None or not hasattr(self.model.config, "output_hidden_states"):
+            return False
+        _, _, out = self._probe(probe_inputs, hidden_states=True)
+        states = getattr(out, self.spec.hidden_states_key, None) if out is not None else None
+        if not states:
+            return False
+        first, _ = to_tokens(states[0], self.spec.layer_layout)
+        seed, _ = to_tokens(seed, self.spec.layer_layout)
+        return first.shape == seed.shape and bool(torch.allclose(first.float(), seed.float()))
+
+    def _call_order(self, modules: list[tuple[str, nn.Module]], probe_inputs) -> list[tuple[str, nn.Module]]:
+        """The layer modules in the order the forward calls them (a shared module called twice is two layers)."""
+        if probe_inputs is None:
+            return modules
+        order: list[tuple[str, nn.Module]] = []
+        handles = [module.register_forward_pre_hook(lambda *_, name=name, module=module: order.append((name, module)))
+                   for name, module in modules]
+        try:
+            self._probe(probe_inputs)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return order or modules
+
+    def _install_hooks(self) -> None:
+        """Register the capture hooks once; they do nothing outside :meth:`tap`. They hold the tower weakly and
+        are removed when it is garbage-collected, so re-wrapping the same model does not pile hooks up."""
+        ref = weakref.ref(self)
+
+        def call(method: str, *args: Any) -> None:
+            tower = ref()
+            if tower is not None and tower._state is not None:
+                getattr(tower, method)(*args)
+
+        unique = {id(module): (name, module) for name, module in self.layers}
+        for name, layer in unique.values():
+            self._handles.append(layer.register_forward_pre_hook(
+                lambda m, args, kwargs: call("_layer_enter", m, args, kwargs), with_kwargs=True))
+            self._handles.append(layer.register_forward_hook(lambda m, a, out: call("_layer_leave", m, a, out)))
+            for kind in ("attention", "ffn"):
+                tap = self.spec.tap(kind)
+                if tap.module:
+                    module = get_submodule(layer, tap.module, name)
+                    self._handles.append(module.register_forward_hook(
+                        lambda _m, _a, out, kind=kind, tap=tap: call("_sublayer", kind, tap, out)))
+        weakref.finalize(self, _remove_all, list(self._handles))
+
+    def __deepcopy__(self, memo: dict) -> Tower:
+        """A copy on the copied model, with its own hooks (the copied modules' hooks would feed this tower)."""
+        new = self.__class__.__new__(self.__class__)
+        memo[id(self)] = new
+        stale = {handle.id for handle in self._handles}
+        for key, value in self.__dict__.items():
+            if key not in ("_handles", "_state"):
+                setattr(new, key, copy.deepcopy(value, memo))
+        new._handles, new._state = [], None
+        for module in new.model.modules():
+            for hooks in (module._forward_hooks, module._forward_pre_hooks, module._forward_hooks_with_kwargs,
+                          module._forward_pre_hooks_with_kwargs, module._forward_hooks_always_called):
+                for hook_id in stale & set(hooks):
+                    del hooks[hook_id]
+        new._install_hooks()
+        return new
+
+    def remove_hooks(self) -> None:
+        """Remove the capture hooks (the tower then only runs through :meth:`__call__`)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _layer_enter(self, _module, args, kwargs) -> None:
+        state = self._state
+        if state is None:
+            return
+        state.layer += 1
+        state.calls = {}
+        if state.layer == 0:
+            state.out["seed"] = (input_tensor(args, kwargs), self.spec.layer_layout)
+
+    def _layer_leave(self, _module, _args, out) -> None:
+        state = self._state
+        if state is None or state.layer not in state.layers:
+            return
+        for kind in state.kinds:  # 'layer', and the kinds that fall back to the layer output
+            if not self.spec.tap(kind).module:
+                state.out[(kind, state.layer)] = (_first_tensor(out), self.spec.layer_layout)
+
+    def _sublayer(self, kind: str, tap, out) -> None:
+        state = self._state
+        if state is None or kind not in state.kinds:
+            return
+        call = state.calls.get(kind, 0)
+        state.calls[kind] = call + 1
+        if call == tap.call and state.layer in state.layers:
+            state.out[(kind, state.layer)] = (_first_tensor(out), tap.layout)
+
+    # --------------------------------------------------------------------------------------------------------
+    def _call(self, **kwargs: Any) -> Any:
+        names, var_keyword = self._forward_args
+        return self.model(**{k: v for k, v in kwargs.items() if var_keyword or k in names})
+
     def _run(self, inputs: dict[str, torch.Tensor], hidden_states: bool) -> tuple[torch.Tensor, torch.Tensor, Any]:
-        """Forward the tower; return tokens ``(B, N, C)``, mask ``(B, N)`` and the raw output."""
+        """Forward the tower; return tokens ``(B, N, C)`` in canonical order, mask ``(B, N)`` and the raw output."""
         if self.modality == TEXT:
-            out = self.model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"),
-                             output_hidden_states=hidden_states, return_dict=True)
+            out = self._call(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"),
+                             output_hidden_states=hidden_states or None, use_cache=False)
             tokens = out.last_hidden_state
             mask = inputs.get("attention_mask")
             mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device) if mask is None else mask.bool()
@@ -122,12 +398,35 @@ class Tower:
         if self.spec.encode is not None and not hidden_states:
             tokens, mask = self.spec.encode(self.model, pixel_values=pixel_values, pixel_mask=pixel_mask)
             return tokens, mask, None
-        out = self.model(pixel_values=pixel_values, output_hidden_states=hidden_states, return_dict=True)
+        kwargs: dict[str, Any] = {"pixel_values": pixel_values}
+        if pixel_mask is not None and "pixel_mask" in self._forward_args[0]:
+            kwargs["pixel_mask"] = pixel_mask
+        if self.spec.prepare_inputs is not None:
+            kwargs = self.spec.prepare_inputs(self.model, pixel_values, pixel_mask)
+        if "interpolate_pos_encoding" in self._forward_args[0] and self.native_size is not None \
+                and tuple(pixel_values.shape[-2:]) != self.native_size:
+            kwargs["interpolate_pos_encoding"] = True
+        out = self._call(**kwargs, output_hidden_states=hidden_states or None)
         tokens, grid = to_tokens(out.last_hidden_state, self.spec.layer_layout)
-        if grid is not None and self.num_prefix_tokens is None:
-            self.num_prefix_tokens = 0
-        grid = grid or self.grid_of(tokens.shape[1], pixel_values.shape[-2:])
+        if grid is not None:  # a feature map: no prefix tokens, the grid is its own
+            self.num_prefix_tokens, self.num_suffix_tokens, self.grid = 0, 0, grid
+        tokens = self.canonical(tokens)
+        grid = self.grid_of(tokens.shape[1], pixel_values.shape[-2:])
         return tokens, self.token_mask(pixel_mask, tokens, grid), out
+
+    def canonical(self, x: torch.Tensor) -> torch.Tensor:
+        """Tokens in canonical order: raster order (``spec.reorder``), suffix tokens moved behind the prefix."""
+        if self.spec.reorder is not None:
+            x = self.spec.reorder(self.model, x)
+        if self.num_suffix_tokens and x.shape[1] > self.num_suffix_tokens + (self.num_prefix_tokens or 0):
+            x = torch.cat([x[:, : self.num_prefix_tokens], x[:, -self.num_suffix_tokens:],
+                           x[:, self.num_prefix_tokens: -self.num_suffix_tokens]], dim=1)
+        return x
+
+    @property
+    def num_leading_tokens(self) -> int:
+        """Tokens before the patch grid in canonical order (prefix + suffix tokens)."""
+        return (self.num_prefix_tokens or 0) + self.num_suffix_tokens
 
     def token_mask(self, pixel_mask: torch.Tensor | None, tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         """Validity of each visual token: prefix tokens are valid, patch tokens follow the downsampled pixel mask."""
@@ -135,19 +434,25 @@ class Tower:
         if pixel_mask is None:
             return torch.ones((batch, num_tokens), dtype=torch.bool, device=tokens.device)
         patches = F.interpolate(pixel_mask[:, None].float(), size=grid, mode="nearest")[:, 0] > 0.5
-        prefix = torch.ones((batch, self.num_prefix_tokens), dtype=torch.bool, device=tokens.device)
-        return torch.cat([prefix, patches.flatten(1)], dim=1)
+        prefix = torch.ones((batch, self.num_leading_tokens), dtype=torch.bool, device=tokens.device)
+        return torch.cat([prefix, rearrange(patches, "b h w -> b (h w)")], dim=1)
 
     def grid_of(self, num_tokens: int, image_hw) -> tuple[int, int] | None:
-        """The patch grid of ``num_tokens`` final tokens (vision only); infers the prefix count on first use if
-        unknown."""
+        """The patch grid of ``num_tokens`` final tokens (vision only), from the tower's token counts; refuses
+        (one line naming the override) when the remaining tokens form no grid of the image's aspect."""
         if self.modality == TEXT:
             return None
         aspect = image_hw[0] / image_hw[1]
-        if self.num_prefix_tokens is None:
-            self.num_prefix_tokens, grid = split_prefix(num_tokens, aspect)
-            return grid
-        return infer_grid(num_tokens - self.num_prefix_tokens, aspect)
+        patches = num_tokens - self.num_leading_tokens
+        if self.grid is not None and self.grid[0] * self.grid[1] == patches:
+            return self.grid
+        try:
+            return infer_grid(patches, aspect)
+        except ValueError:
+            raise ValueError(self.refusal(
+                f"{num_tokens} visual tokens minus {self.num_prefix_tokens} prefix and {self.num_suffix_tokens} suffix "
+                f"tokens leave {patches}, no patch grid of a {image_hw[0]}x{image_hw[1]} image; give the token counts "
+                "(vision_taps={'num_prefix_tokens': ..., 'num_suffix_tokens': ...})")) from None
 
     def __call__(self, inputs: dict[str, torch.Tensor]) -> TowerFeatures:
         """Final tokens and mask, with gradients if the caller enables them (used by the baselines)."""
@@ -162,42 +467,35 @@ class Tower:
         ``no_grad`` (not ``inference_mode``) so the taps can feed trainable adapters; nothing inside the tower
         is kept for backward. Taps are returned in float32 whatever the tower's dtype.
         """
-        captured: dict[tuple[str, int] | str, tuple[torch.Tensor, Any]] = {}
-        handles = []
         if self.layers:
             for index in layers:
                 if index >= len(self.layers):
                     raise ValueError(f"{self.modality} layer {index} requested, the tower has {len(self.layers)}.")
-                name, layer = self.layers[index]
-                for kind in kinds:
-                    tap = self.spec.tap(kind)
-                    module = get_submodule(layer, tap.module, name)
-                    handles.append(module.register_forward_hook(
-                        lambda _m, _a, out, key=(kind, index), layout=tap.layout:
-                        captured.__setitem__(key, to_tokens(_first_tensor(out), layout))))
-            handles.append(self.layers[0][1].register_forward_pre_hook(
-                lambda _m, args, kwargs: captured.__setitem__(
-                    "seed", to_tokens(args[0] if args else kwargs["hidden_states"], self.spec.layer_layout)),
-                with_kwargs=True))
+        state = _Capture(layers=set(layers), kinds=list(kinds)) if self.layers else None
+        self._state = state
         try:
             tokens, mask, out = self._run(inputs, hidden_states=not self.layers)
         finally:
-            for handle in handles:
-                handle.remove()
+            self._state = None
+        captured = state.out if state is not None else {}
         if not self.layers:
             states = getattr(out, self.spec.hidden_states_key)
-            captured["seed"] = to_tokens(states[0], self.spec.layer_layout)
+            captured["seed"] = (states[0], self.spec.layer_layout)
             for index in layers:
                 if index + 1 >= len(states):
                     raise ValueError(f"{self.modality} layer {index} requested, the tower has {len(states) - 1}.")
                 for kind in kinds:
-                    captured[(kind, index)] = to_tokens(states[index + 1], self.spec.layer_layout)
+                    captured[(kind, index)] = (states[index + 1], self.spec.layer_layout)
         image_hw = inputs["pixel_values"].shape[-2:] if self.modality == VISION else None
         grid = self.grid_of(tokens.shape[1], image_hw)
 
         def aligned(key) -> torch.Tensor:
-            x, x_grid = captured[key]
-            return resample_tokens(x, x_grid, tokens, grid, self.num_prefix_tokens).float()
+            if key not in captured:
+                raise ValueError(self.refusal(f"the tap {key} was never reached in the forward"))
+            x, x_grid = to_tokens(*captured[key])
+            if self.modality == VISION:
+                x = self.canonical(x)
+            return resample_tokens(x, x_grid, tokens, grid, self.num_leading_tokens).float()
 
         return TowerFeatures(
             tokens=tokens.float(), mask=mask, seed=aligned("seed"),
@@ -207,3 +505,24 @@ class Tower:
     def depth(self) -> int | None:
         """Number of tappable layers (None until measured for the ``output_hidden_states`` fallback)."""
         return len(self.layers) if self.layers else None
+
+    def report(self, depth: int, grid: tuple[int, int] | None = None) -> TapReport:
+        """What this tower feeds each expert (see :class:`~m2ist.taps.TapReport`)."""
+        spec = self.spec
+
+        def path(kind: str) -> str | None:
+            tap = spec.tap(kind)
+            if not tap.module or spec.uses_hidden_states:
+                return None
+            return tap.module + (f" (call {tap.call + 1})" if tap.call else "")
+
+        layers = tuple(dict.fromkeys(name for name, _ in self.layers)) or (f"{spec.hidden_states_key}[1:]",)
+        return TapReport(modality=self.modality, model_type=self.model_type, model_class=type(self.model).__name__,
+                         status=spec.status, source=spec.source, depth=depth, layers=layers,
+                         attention=path("attention"), ffn=path("ffn"),
+                         num_prefix_tokens=self.num_prefix_tokens or 0, num_suffix_tokens=self.num_suffix_tokens,
+                         grid=grid, note=spec.note)
+
+
+__all__ = ["TEXT", "VISION", "Tower", "TowerFeatures", "infer_grid", "resample_tokens", "resolve_tap_spec",
+           "to_tokens", "unwrap_tower"]

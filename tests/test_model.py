@@ -174,7 +174,9 @@ def test_layer_pairing_rules():
         pair_layers(M2ISTConfig(vision_layers=[11], text_layers=[0]), 6, 12)
 
 
-def test_unregistered_tower_falls_back_to_hidden_states(batch):
+def test_unregistered_tower_is_tapped_by_structure(batch):
+    """ELECTRA outside the registry: the structural search finds its attention and FFN sub-layers (the outputs
+    added to the residual stream), not the layer outputs."""
     import transformers as T
 
     from m2ist.taps import TEXT_TAPS
@@ -184,11 +186,44 @@ def test_unregistered_tower_falls_back_to_hidden_states(batch):
         text = T.ElectraModel(T.ElectraConfig(embedding_size=32, hidden_size=32, num_hidden_layers=2,
                                               num_attention_heads=2, intermediate_size=64, vocab_size=100))
         model = get_side_tuned_model(vision_tower("vit"), text, tiny_config())
-        assert model.text_tower.spec.uses_hidden_states
+        spec = model.text_tower.spec
+        assert (spec.source, spec.status) == ("structure", "exact")
+        assert (spec.attention.module, spec.ffn.module) == ("attention.output.dense", "output.dense")
         model(**batch).loss.backward()
         assert all(p.grad is None for p in text.parameters())
     finally:
         TEXT_TAPS["electra"] = saved
+
+
+def test_tower_without_repeated_block_falls_back_to_hidden_states(batch):
+    """No ModuleList of blocks to hook: both experts read the layer outputs from ``output_hidden_states``."""
+    from m2ist.taps import TEXT_TAPS
+
+    class Layers(torch.nn.Module):  # iterable like a ModuleList, but not one
+        def __init__(self, layers):
+            super().__init__()
+            for i, layer in enumerate(layers):
+                self.add_module(f"l{i}", layer)
+
+        def __iter__(self):
+            return iter(self._modules.values())
+
+        def __len__(self):
+            return len(self._modules)
+
+        def __getitem__(self, index):
+            return list(self._modules.values())[index]
+
+    text = text_tower("bert")
+    text.encoder.layer = Layers(text.encoder.layer)  # same layers, no ModuleList
+
+    spec = TEXT_TAPS.pop("bert")
+    try:
+        model = get_side_tuned_model(vision_tower("vit"), text, tiny_config())
+        assert model.text_tower.spec.uses_hidden_states and model.text_tower.spec.status == "fallback"
+        model(**batch).loss.backward()
+    finally:
+        TEXT_TAPS["bert"] = spec
 
 
 def test_untappable_tower_names_the_supported_types():
@@ -265,20 +300,15 @@ def test_print_trainable_parameters(capsys):
     assert isinstance(model, SideTunedModel)
 
 
-@pytest.mark.parametrize("how", ["explicit", "fallback"])
-def test_prefix_tokens_are_inferred_for_unregistered_vision_towers(how, batch):
-    """A ViT-like tower outside the registry: its CLS token is found from the token count (17 = 1 + 4x4)."""
-    from m2ist.taps import VISION_TAPS
-
-    saved = VISION_TAPS.pop("vit")
-    try:
-        taps = {"layers": "layers.*", "attention": "attention", "ffn": "mlp"} if how == "explicit" else None
-        model = get_side_tuned_model(vision_tower("vit"), text_tower("bert"), tiny_config(vision_taps=taps))
-        assert model.vision_tower.num_prefix_tokens == 1
-        assert model.vision_tower.spec.uses_hidden_states == (how == "fallback")
-        mask = model.encode(batch["pixel_values"], batch["pixel_mask"], batch["input_ids"], batch["attention_mask"])[1]
-        assert mask[:, 0].all()  # the CLS token is always valid
-        assert not mask[-1].all()  # the padded right quarter of the last image is masked
-        model(**batch).loss.backward()
-    finally:
-        VISION_TAPS["vit"] = saved
+@pytest.mark.parametrize("how", ["explicit", "structure"])
+def test_prefix_tokens_are_read_from_the_tower(how, batch):
+    """ViT's CLS token is read from its ``cls_token`` parameter (17 = 1 + 4x4), whether the taps are explicit or
+    found by structure."""
+    taps = {"layers": "layers.*", "attention": "attention", "ffn": "mlp"} if how == "explicit" else None
+    model = get_side_tuned_model(vision_tower("vit"), text_tower("bert"), tiny_config(vision_taps=taps))
+    assert model.vision_tower.num_prefix_tokens == 1
+    assert model.vision_tower.spec.source == how
+    mask = model.encode(batch["pixel_values"], batch["pixel_mask"], batch["input_ids"], batch["attention_mask"])[1]
+    assert mask[:, 0].all()  # the CLS token is always valid
+    assert not mask[-1].all()  # the padded right quarter of the last image is masked
+    model(**batch).loss.backward()

@@ -1,0 +1,281 @@
+"""The tower support matrix: tiny random towers of every family tried, their expected token layout, and the
+support table of the docs (``python -m tests.tower_matrix`` rewrites ``docs/reference/support.md``).
+
+Each vision family pairs with a tiny BERT, each text family with a tiny ViT (``tests/test_tower_matrix.py``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import transformers as T
+
+from tests.tiny import IMAGE_SIZE, VOCAB
+
+H, L, A, F = 32, 2, 2, 64  # hidden, layers, heads, feed-forward
+_LAYERS = dict(hidden_size=H, num_hidden_layers=L, num_attention_heads=A, intermediate_size=F)
+_DECODER = dict(**_LAYERS, vocab_size=VOCAB, num_key_value_heads=A, max_position_embeddings=64)
+SUPPORT_PAGE = Path(__file__).resolve().parents[1] / "docs" / "reference" / "support.md"
+
+
+@dataclass(frozen=True)
+class Family:
+    """One tower family: how to build a tiny random tower, and the truth its token layout is checked against.
+
+    ``prefix`` / ``suffix``: tokens before / after the patch grid; ``grid``: the patch grid at ``IMAGE_SIZE``
+    (None: text); ``refused``: the family is refused at build, with this text in the error.
+    """
+
+    name: str
+    build: Callable[[], object]
+    prefix: int = 0
+    suffix: int = 0
+    grid: tuple[int, int] | None = None
+    refused: str | None = None
+    states: str | None = None  # output field of layer outputs to compare taps with (default: the spec's)
+    states_layout: str = "b n c"
+    states_offset: int = 1  # index of layer 0's output in those states (0: no embedding entry)
+    last_state_normed: bool = False  # the last state carries the tower's final norm (decoders, T5, ModernBERT)
+    states_are_layers: bool = True  # False: the states are stage outputs after a stage norm (PVTv2, SegFormer)
+    depth: int = 2  # layer calls the taps cover (the configs have two layers or stages)
+
+
+def _vit_like(config_class, model_class, **extra):
+    return lambda: model_class(config_class(**_LAYERS, image_size=IMAGE_SIZE, patch_size=8, **extra))
+
+
+def _detr(model_class, config_class, **extra):
+    def build():
+        resnet = T.ResNetConfig(depths=[1, 1], hidden_sizes=[16, 32], embedding_size=8, layer_type="basic",
+                                out_features=["stage2"])
+        return model_class(config_class(use_timm_backbone=False, use_pretrained_backbone=False, backbone_config=resnet,
+                                        d_model=H, encoder_layers=L, decoder_layers=1, encoder_attention_heads=A,
+                                        decoder_attention_heads=A, encoder_ffn_dim=F, decoder_ffn_dim=F,
+                                        num_queries=4, **extra))
+    return build
+
+
+G4 = (4, 4)  # 32 px / patch 8
+VISION_FAMILIES: list[Family] = [
+    Family("vit", _vit_like(T.ViTConfig, T.ViTModel), prefix=1, grid=G4),
+    Family("deit", _vit_like(T.DeiTConfig, T.DeiTModel), prefix=2, grid=G4),
+    Family("beit", _vit_like(T.BeitConfig, T.BeitModel, use_mask_token=False), prefix=1, grid=G4),
+    Family("data2vec-vision", _vit_like(T.Data2VecVisionConfig, T.Data2VecVisionModel), prefix=1, grid=G4),
+    Family("vit_msn", _vit_like(T.ViTMSNConfig, T.ViTMSNModel), prefix=1, grid=G4),
+    Family("ijepa", _vit_like(T.IJepaConfig, T.IJepaModel), prefix=0, grid=G4),
+    Family("dinov2", lambda: T.Dinov2Model(T.Dinov2Config(hidden_size=H, num_hidden_layers=L, num_attention_heads=A,
+                                                           mlp_ratio=2, image_size=IMAGE_SIZE, patch_size=8)),
+           prefix=1, grid=G4),
+    Family("dinov2_with_registers", lambda: T.Dinov2WithRegistersModel(T.Dinov2WithRegistersConfig(
+        hidden_size=H, num_hidden_layers=L, num_attention_heads=A, mlp_ratio=2, image_size=IMAGE_SIZE, patch_size=8,
+        num_register_tokens=3)), prefix=4, grid=G4),
+    Family("dinov3_vit", lambda: T.DINOv3ViTModel(T.DINOv3ViTConfig(
+        **_LAYERS, image_size=IMAGE_SIZE, patch_size=8, num_register_tokens=4)), prefix=5, grid=G4),
+    Family("clip_vision", _vit_like(T.CLIPVisionConfig, T.CLIPVisionModel), prefix=1, grid=G4),
+    Family("clip (dual encoder)", lambda: T.CLIPModel(T.CLIPConfig(
+        vision_config=dict(**_LAYERS, image_size=IMAGE_SIZE, patch_size=8),
+        text_config=dict(**_LAYERS, vocab_size=VOCAB, bos_token_id=0, eos_token_id=2), projection_dim=16)),
+           prefix=1, grid=G4),
+    Family("siglip (dual encoder)", lambda: T.SiglipModel(T.SiglipConfig(
+        vision_config=dict(**_LAYERS, image_size=IMAGE_SIZE, patch_size=8),
+        text_config=dict(**_LAYERS, vocab_size=VOCAB))), prefix=0, grid=G4),
+    Family("siglip_vision", _vit_like(T.SiglipVisionConfig, T.SiglipVisionModel), prefix=0, grid=G4),
+    Family("siglip2_vision", lambda: T.Siglip2VisionModel(T.Siglip2VisionConfig(**_LAYERS, patch_size=8,
+                                                                                  num_patches=16)), grid=G4),
+    Family("aimv2_vision", _vit_like(T.Aimv2VisionConfig, T.Aimv2VisionModel), prefix=0, grid=G4),
+    Family("yolos", lambda: T.YolosModel(T.YolosConfig(
+        **_LAYERS, image_size=[IMAGE_SIZE, IMAGE_SIZE], patch_size=8, num_detection_tokens=3)), prefix=1, suffix=3, grid=G4),
+    Family("vit_mae", _vit_like(T.ViTMAEConfig, T.ViTMAEModel), refused="at random"),
+    Family("swin", lambda: T.SwinModel(T.SwinConfig(embed_dim=16, depths=[1, 1], num_heads=[2, 2], image_size=IMAGE_SIZE,
+                                                     patch_size=4, window_size=4)), grid=(4, 4)),
+    Family("swinv2", lambda: T.Swinv2Model(T.Swinv2Config(embed_dim=16, depths=[1, 1], num_heads=[2, 2],
+                                                           image_size=IMAGE_SIZE, patch_size=4, window_size=4)),
+           grid=(4, 4)),
+    Family("focalnet", lambda: T.FocalNetModel(T.FocalNetConfig(embed_dim=16, depths=[1, 1], image_size=IMAGE_SIZE,
+                                                                 patch_size=4)), grid=(4, 4)),
+    Family("hiera", lambda: T.HieraModel(T.HieraConfig(embed_dim=16, depths=[1, 1], num_heads=[1, 2],
+                                                        image_size=[IMAGE_SIZE, IMAGE_SIZE], patch_size=[3, 3],
+                                                        patch_stride=[4, 4], patch_padding=[1, 1],
+                                                        masked_unit_size=[4, 4], query_stride=[2, 2],
+                                                        num_query_pool=1)), grid=(4, 4),
+           states="reshaped_hidden_states", states_layout="b h w c"),
+    Family("pvt", lambda: T.PvtModel(T.PvtConfig(image_size=IMAGE_SIZE, num_encoder_blocks=2, depths=[1, 1],
+                                                  sequence_reduction_ratios=[2, 1], hidden_sizes=[16, 32],
+                                                  patch_sizes=[4, 2], strides=[4, 2], num_attention_heads=[1, 2],
+                                                  mlp_ratios=[2, 2])), prefix=1, grid=(4, 4), states_offset=0),
+    Family("pvt_v2", lambda: T.PvtV2Model(T.PvtV2Config(image_size=IMAGE_SIZE, num_encoder_blocks=2, depths=[1, 1],
+                                                         sr_ratios=[2, 1], hidden_sizes=[16, 32], patch_sizes=[7, 3],
+                                                         strides=[4, 2], num_attention_heads=[1, 2],
+                                                         mlp_ratios=[2, 2])), grid=(4, 4), states_are_layers=False),
+    Family("segformer", lambda: T.SegformerModel(T.SegformerConfig(num_encoder_blocks=2, depths=[1, 1],
+                                                                    sr_ratios=[2, 1], hidden_sizes=[16, 32],
+                                                                    patch_sizes=[7, 3], strides=[4, 2],
+                                                                    num_attention_heads=[1, 2], mlp_ratios=[2, 2])),
+           grid=(4, 4), states_are_layers=False),
+    Family("convnext", lambda: T.ConvNextModel(T.ConvNextConfig(hidden_sizes=[16, 32], depths=[1, 1], num_stages=2)),
+           grid=(4, 4)),
+    Family("convnextv2", lambda: T.ConvNextV2Model(T.ConvNextV2Config(hidden_sizes=[16, 32], depths=[1, 1],
+                                                                       num_stages=2)), grid=(4, 4)),
+    Family("resnet", lambda: T.ResNetModel(T.ResNetConfig(depths=[1, 1], hidden_sizes=[16, 32], embedding_size=8,
+                                                          layer_type="basic")), grid=(4, 4)),
+    Family("regnet", lambda: T.RegNetModel(T.RegNetConfig(depths=[1, 1], hidden_sizes=[16, 32], embedding_size=8,
+                                                          groups_width=8)), grid=(4, 4)),
+    Family("efficientnet", lambda: T.EfficientNetModel(T.EfficientNetConfig(
+        image_size=IMAGE_SIZE, width_coefficient=0.25, depth_coefficient=0.25, hidden_dim=320)), grid=(1, 1), depth=7),
+    Family("mobilevit", lambda: T.MobileViTModel(T.MobileViTConfig(
+        image_size=IMAGE_SIZE, hidden_sizes=[16, 16, 16], neck_hidden_sizes=[8, 8, 16, 16, 16, 24, 32],
+        num_attention_heads=2)), grid=(1, 1), depth=5, states_offset=0),
+    Family("poolformer", lambda: T.PoolFormerModel(T.PoolFormerConfig(depths=[1, 1], hidden_sizes=[16, 32],
+                                                                       num_encoder_blocks=2, patch_sizes=[7, 3],
+                                                                       strides=[4, 2], padding=[2, 1],
+                                                                       layer_scale_init_value=0.1)),
+           grid=(4, 4), states_offset=0),
+    Family("detr", _detr(T.DetrModel, T.DetrConfig), grid=(4, 4)),
+    Family("conditional_detr", _detr(T.ConditionalDetrModel, T.ConditionalDetrConfig), grid=(4, 4)),
+    Family("deformable_detr", _detr(T.DeformableDetrModel, T.DeformableDetrConfig, num_feature_levels=1),
+           refused="multi-scale"),
+]
+
+
+def _text(config_class, model_class, **extra):
+    return lambda: model_class(config_class(**{**_LAYERS, "vocab_size": VOCAB, **extra}))
+
+
+TEXT_FAMILIES: list[Family] = [
+    Family("bert", _text(T.BertConfig, T.BertModel)),
+    Family("roberta", _text(T.RobertaConfig, T.RobertaModel)),
+    Family("xlm-roberta", _text(T.XLMRobertaConfig, T.XLMRobertaModel)),
+    Family("camembert", _text(T.CamembertConfig, T.CamembertModel)),
+    Family("electra", _text(T.ElectraConfig, T.ElectraModel, embedding_size=H)),
+    Family("ernie", _text(T.ErnieConfig, T.ErnieModel)),
+    Family("deberta", _text(T.DebertaConfig, T.DebertaModel)),
+    Family("deberta-v2", _text(T.DebertaV2Config, T.DebertaV2Model)),
+    Family("distilbert", lambda: T.DistilBertModel(T.DistilBertConfig(dim=H, n_layers=L, n_heads=A, hidden_dim=F,
+                                                                       vocab_size=VOCAB))),
+    Family("albert", _text(T.AlbertConfig, T.AlbertModel, embedding_size=16)),
+    Family("mpnet", _text(T.MPNetConfig, T.MPNetModel)),
+    Family("roformer", _text(T.RoFormerConfig, T.RoFormerModel, embedding_size=H)),
+    Family("modernbert", _text(T.ModernBertConfig, T.ModernBertModel, global_attn_every_n_layers=2,
+                               pad_token_id=0, bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2),
+           last_state_normed=True),
+    Family("clip_text", _text(T.CLIPTextConfig, T.CLIPTextModel, bos_token_id=0, eos_token_id=2)),
+    Family("clip (dual encoder)", lambda: T.CLIPModel(T.CLIPConfig(
+        vision_config=dict(**_LAYERS, image_size=IMAGE_SIZE, patch_size=8),
+        text_config=dict(**_LAYERS, vocab_size=VOCAB, bos_token_id=0, eos_token_id=2), projection_dim=16))),
+    Family("siglip_text", _text(T.SiglipTextConfig, T.SiglipTextModel)),
+    Family("t5 (encoder)", lambda: T.T5EncoderModel(T.T5Config(d_model=H, d_kv=16, d_ff=F, num_layers=L, num_heads=A,
+                                                                 vocab_size=VOCAB)), last_state_normed=True),
+    Family("bart (encoder of BartModel)", lambda: T.BartModel(T.BartConfig(
+        d_model=H, encoder_layers=L, decoder_layers=1, encoder_attention_heads=A, decoder_attention_heads=A,
+        encoder_ffn_dim=F, decoder_ffn_dim=F, vocab_size=VOCAB, max_position_embeddings=64))),
+    Family("gpt2", lambda: T.GPT2Model(T.GPT2Config(n_embd=H, n_layer=L, n_head=A, vocab_size=VOCAB, n_positions=64)),
+           last_state_normed=True),
+    Family("llama", _text(T.LlamaConfig, T.LlamaModel, **_DECODER), last_state_normed=True),
+    Family("mistral", _text(T.MistralConfig, T.MistralModel, **_DECODER), last_state_normed=True),
+    Family("qwen2", _text(T.Qwen2Config, T.Qwen2Model, **_DECODER), last_state_normed=True),
+    Family("qwen3", _text(T.Qwen3Config, T.Qwen3Model, **_DECODER, head_dim=16), last_state_normed=True),
+    Family("gemma", _text(T.GemmaConfig, T.GemmaModel, **_DECODER, head_dim=16), last_state_normed=True),
+    Family("phi", _text(T.PhiConfig, T.PhiModel, **_DECODER), last_state_normed=True),
+]
+
+
+@dataclass
+class Built:
+    """One family built into a side-tuned model (``model``), or the error that refused it (``error``)."""
+
+    family: Family
+    role: str
+    model: object | None = None
+    error: Exception | None = None
+
+    @property
+    def tower(self):
+        """The tested tower (the vision tower for a vision family, else the text tower)."""
+        return getattr(self.model, f"{self.role}_tower")
+
+    @property
+    def report(self):
+        """The tested tower's :class:`~m2ist.taps.TapReport`."""
+        return self.model.tap_report()[0 if self.role == "vision" else 1]
+
+
+def build(family: Family, role: str) -> Built:
+    """A side-tuned model on ``family`` (paired with a tiny BERT or ViT), or the refusal."""
+    import torch
+
+    from m2ist import get_side_tuned_model
+    from tests.tiny import text_tower, tiny_config, vision_tower
+
+    torch.manual_seed(0)
+    tower = family.build()
+    vision, text = (tower, text_tower("bert")) if role == "vision" else (vision_tower("vit"), tower)
+    try:
+        return Built(family, role, model=get_side_tuned_model(vision, text, tiny_config()))
+    except ValueError as error:
+        if family.refused is None:
+            raise
+        return Built(family, role, error=error)
+
+
+def build_all() -> list[Built]:
+    """Every family of the matrix, vision then text."""
+    return [build(f, "vision") for f in VISION_FAMILIES] + [build(f, "text") for f in TEXT_FAMILIES]
+
+
+def support_table(built: list[Built]) -> str:
+    """The support page: one row per family with the taps used and exact / fallback / refused."""
+    lines = [
+        "# Tower support",
+        "",
+        "Generated by `python -m tests.tower_matrix` from the families that `tests/test_tower_matrix.py` builds",
+        "(tiny random towers of transformers' base-model classes; each is built, trained one step, checked against",
+        "its own hidden states and token layout, saved and re-loaded). **exact**: the IEA reads the attention",
+        "sub-layer and the VEA/LEA the feed-forward sub-layer, as in the paper; **fallback**: both read the layer",
+        "(CNN stage) output; **refused**: the build raises one line naming the family and the override.",
+        "Layers: the layer modules and, in brackets, how many layer calls are tapped (ALBERT calls one shared layer",
+        "twice). Sub-module paths are relative to one layer; `(call 2)` is the second call of a module used twice.",
+        "",
+    ]
+    counts = {"exact": 0, "fallback": 0, "refused": 0}
+    for role in ("vision", "text"):
+        expert = "VEA" if role == "vision" else "LEA"
+        lines += [f"## {role.capitalize()} towers", "",
+                  f"| family | class | support | taps from | layers | IEA reads | {expert} reads | tokens | notes |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for item in (b for b in built if b.role == role):
+            if item.error is not None:
+                counts["refused"] += 1
+                reason = str(item.error).split(": ", 1)[-1].split(". Override", 1)[0]
+                lines.append(f"| {item.family.name} | | refused | | | | | | {reason} |")
+                continue
+            r = item.report
+            counts[r.status] += 1
+            layers = ", ".join(f"`{name}`" for name in _patterns(r.layers)) + f" ({r.depth})"
+            tokens = "" if role == "text" else (
+                f"{r.num_prefix_tokens} prefix" + (f" + {r.num_suffix_tokens} suffix" if r.num_suffix_tokens else "")
+                + (f" + {r.grid[0]}x{r.grid[1]} grid" if r.grid else ""))
+            note = r.note.split(": ", 1)[-1] if r.source != "structure" else ""
+            lines.append(f"| {item.family.name} | `{r.model_class}` | {r.status} | {r.source} | {layers} | "
+                         f"{_code(r.attention)} | {_code(r.ffn)} | {tokens} | {note} |")
+        lines.append("")
+    lines.insert(10, f"{counts['exact']} exact, {counts['fallback']} fallback, {counts['refused']} refused, "
+                    f"0 broken ({sum(counts.values())} families).\n")
+    return "\n".join(lines)
+
+
+def _patterns(layers: tuple[str, ...]) -> list[str]:
+    import re
+
+    return list(dict.fromkeys(re.sub(r"(^|\.)\d+(?=\.|$)", r"\1*", name) for name in layers))
+
+
+def _code(path: str | None) -> str:
+    return f"`{path}`" if path else "layer output"
+
+
+if __name__ == "__main__":
+    SUPPORT_PAGE.parent.mkdir(parents=True, exist_ok=True)
+    SUPPORT_PAGE.write_text(support_table(build_all()), encoding="utf-8")
+    print(f"wrote {SUPPORT_PAGE}")
