@@ -1,4 +1,4 @@
-"""Saving and loading the trainable tensors (side network + head) as safetensors, and the model card."""
+"""Saving and loading the trainable tensors (side network + head) as safetensors (the card is in ``m2ist.card``)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from huggingface_hub import ModelCard, ModelCardData
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -24,6 +23,12 @@ PROCESSOR_CONFIG_NAME = "m2ist_processor.json"
 #: What a saved processor's tokenizer may consist of (whichever files the tokenizer wrote).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "vocab.txt", "vocab.json", "merges.txt", "spiece.model", "sentencepiece.bpe.model")
+#: The processor files transformers' ``ProcessorMixin.save_pretrained`` writes (found by ``AutoProcessor``).
+PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
+#: Every file an adapter folder may publish: config, weights, card, processor and tokenizer. Pushes upload these
+#: only (never optimizer state, training arguments, trainer state or checkpoints).
+ADAPTER_FILES = ("m2ist_config.json", WEIGHTS_NAME, "README.md", PROCESSOR_CONFIG_NAME, *PROCESSOR_FILES,
+                 *TOKENIZER_FILES)
 TRAINABLE_PREFIXES = ("side.", "head.")
 
 
@@ -48,12 +53,20 @@ def atomic_write(path: Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the mode a plain open() would (0644 usually)
     try:
         write(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _umask() -> int:
+    """The process's umask (read by setting it and setting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def save_trainable_state(state: dict[str, torch.Tensor], path: Path) -> None:
@@ -93,40 +106,3 @@ def load_trainable_state(model: nn.Module, path: Path) -> None:
     with torch.no_grad():
         for key, tensor in expected.items():
             tensor.copy_(state[key])
-
-
-def write_model_card(folder: Path, config: M2ISTConfig, counts: dict[str, int]) -> Path:
-    """Write ``README.md`` with Hub metadata (``library_name: m2ist``, both base models, tags) and a summary."""
-    base_models = [m for m in (config.vision_model_name_or_path, config.text_model_name_or_path)
-                   if m and not os.path.isabs(m) and not m.startswith(".")]
-    data = ModelCardData(
-        library_name="m2ist",
-        license="apache-2.0",
-        base_model=base_models or None,
-        tags=["m2ist", "side-tuning", "referring-expression-comprehension", "visual-grounding", "peft"],
-        pipeline_tag="zero-shot-object-detection",
-    )
-    total = sum(counts.values())
-    body = f"""
-# M²IST side adapter
-
-Multi-modal interactive side-tuning (M²IST, arXiv 2407.01131) for referring expression comprehension: both
-towers stay frozen; this repository holds only the side network and the REC head ({WEIGHTS_NAME}).
-
-| part | model |
-|---|---|
-| vision tower (frozen) | `{config.vision_model_name_or_path}` ({config.vision_model_type}) |
-| text tower (frozen) | `{config.text_model_name_or_path}` ({config.text_model_type}) |
-| side adapters | {counts.get("side", 0):,d} parameters ({100 * counts.get("side", 0) / max(total, 1):.2f}% of the model) |
-| REC head | {counts.get("head", 0):,d} parameters |
-
-```python
-from m2ist import SideTunedModel
-model = SideTunedModel.from_pretrained("<this repo id>")  # re-loads both towers by their recorded names
-boxes = model.predict(["image.jpg"], ["the man on the left"])
-```
-"""
-    card = ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
-    path = folder / "README.md"
-    atomic_write(path, lambda tmp: Path(tmp).write_text(str(card), encoding="utf-8"))
-    return path
