@@ -104,6 +104,8 @@ def _section(config: M2ISTConfig, counts: Mapping[str, int], repo_id: str | None
     total = sum(counts.values())
     side, head = counts.get("side", 0), counts.get("head", 0)
     load = repo_id or PLACEHOLDER_REPO_ID
+    vision = _tower_cell(config.vision_model_name_or_path, config.vision_model_type, config.vision_revision)
+    text = _tower_cell(config.text_model_name_or_path, config.text_model_type, config.text_revision)
     lines = [
         SECTION_START,
         "# M²IST side adapter",
@@ -114,8 +116,8 @@ def _section(config: M2ISTConfig, counts: Mapping[str, int], repo_id: str | None
         "",
         "| part | model |",
         "|---|---|",
-        f"| vision tower (frozen) | {_tower_cell(config.vision_model_name_or_path, config.vision_model_type, config.vision_revision)} |",
-        f"| text tower (frozen) | {_tower_cell(config.text_model_name_or_path, config.text_model_type, config.text_revision)} |",
+        f"| vision tower (frozen) | {vision} |",
+        f"| text tower (frozen) | {text} |",
         f"| side adapters | {side:,d} parameters ({100 * side / max(total, 1):.2f}% of the model) |",
         f"| REC head | {head:,d} parameters |",
     ]

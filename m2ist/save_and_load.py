@@ -14,7 +14,6 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .config import M2ISTConfig
 from .version import __version__
 
 WEIGHTS_NAME = "m2ist_model.safetensors"
