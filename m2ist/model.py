@@ -196,9 +196,11 @@ class RECModel(nn.Module):
         return counts
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
-        """``(trainable, total)`` parameter counts, as in PEFT."""
-        counts = self.parameter_counts()
-        return sum(n for role, n in counts.items() if role != "frozen"), sum(counts.values())
+        """``(trainable, total)`` parameter counts, as in PEFT: parameters with ``requires_grad`` (0 for an adapter
+        loaded for inference, ``from_pretrained(..., is_trainable=False)``)."""
+        unused = self._unused_parameters()
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad and id(p) not in unused)
+        return trainable, sum(self.parameter_counts().values())
 
     def print_trainable_parameters(self) -> None:
         """Print parameters per role with their share of the whole model, then PEFT's summary line."""
