@@ -171,3 +171,28 @@ def test_to_dtype_half_and_bfloat16_move_side_and_head_only() -> None:
         model.to(torch.int64)
     with pytest.raises(TypeError, match="device and/or a floating dtype"):
         model.to("not-a-device")
+
+
+def test_a_pull_is_one_snapshot_download_that_names_m2ist(hub: LocalHub, tmp_path: Path) -> None:
+    """Two listing requests, then a HEAD and a GET per adapter file the repo has; nothing for absent candidates
+    (the previous hand-written loop sent 14 requests for a 3-file adapter, 17 for 6 files)."""
+    from m2ist import __version__
+
+    model = saved_adapter(tmp_path / "adapter")
+    (tmp_path / "adapter" / "optimizer.pt").write_bytes(b"not pulled")
+    push_folder_to_hub(tmp_path / "adapter", "org/pulled", endpoint=hub.url, allow_patterns=None, ignore_patterns=None)
+    agents: list[str] = []
+    answer = hub.handle
+
+    def spy(method: str, path: str, headers: dict[str, str], body: bytes):
+        agents.append({key.lower(): value for key, value in headers.items()}.get("user-agent", ""))
+        return answer(method, path, headers, body)
+
+    hub.handle = spy
+    hub.request_log.clear()
+    load("org/pulled", model, endpoint=hub.url, cache_dir=tmp_path / "cache")
+
+    pulled = ["m2ist_config.json", "m2ist_model.safetensors"]  # README.md and optimizer.pt are not needed
+    assert len(hub.request_log) == 2 + 2 * len(pulled), hub.request_log
+    assert not any(path.endswith(("optimizer.pt", "README.md")) for _, path in hub.request_log)
+    assert agents and all(f"m2ist/{__version__}" in agent for agent in agents)
