@@ -47,7 +47,7 @@ _SECTION = re.compile(re.escape(SECTION_START) + r".*?" + re.escape(SECTION_END)
 
 def hub_model_id(name: str | None) -> str | None:
     """``name`` when it is a Hub model id (``namespace/name`` or a canonical name), None for a local path."""
-    if not name or os.path.isabs(name) or name.startswith((".", "~")) or os.path.exists(name):
+    if not name or os.path.isabs(name) or os.path.exists(name):
         return None
     try:
         validate_repo_id(name)

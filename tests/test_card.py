@@ -83,11 +83,14 @@ def test_measured_results_fill_datasets_and_model_index(tmp_path: Path) -> None:
     assert "/home/someone" not in text  # results metadata never reaches the card
 
 
-def test_local_tower_paths_never_reach_the_card(tmp_path: Path) -> None:
+@pytest.mark.parametrize("text_path", ["./towers/text", "towers/text", "~/towers/text"])
+def test_local_tower_paths_never_reach_the_card(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, text_path: str) -> None:
+    monkeypatch.chdir(tmp_path)
     model = get_side_tuned_model(vision_tower("vit"), text_tower("bert"), tiny_config())
     model.vision_model.save_pretrained(tmp_path / "towers" / "vision")
+    model.text_model.save_pretrained(tmp_path / "towers" / "text")  # "towers/text" looks like a Hub id, but exists here
     model.config.vision_model_name_or_path = str(tmp_path / "towers" / "vision")
-    model.config.text_model_name_or_path = "./towers/text"
+    model.config.text_model_name_or_path = text_path
     model.save_pretrained(tmp_path / "adapter")
     text = (tmp_path / "adapter" / "README.md").read_text()
 
