@@ -2,10 +2,12 @@
 
 Thin, generic helpers over `huggingface_hub` used by `SideTunedModel.push_to_hub` / `from_pretrained`:
 
-- `push_folder_to_hub` creates the repo if needed and uploads a folder in one commit.
+- `push_folder_to_hub` creates the repo if needed and uploads a folder's adapter files in one commit (never
+  optimizer state, training arguments or checkpoints).
 - `push_to_hub` saves into a temporary folder with a callback (e.g. `model.save_pretrained`) and pushes it.
 - `resolve_pretrained` turns a local folder or a Hub repo id into a local folder holding the requested files,
-  using the standard Hub cache (so a repo pulled once also loads with `HF_HUB_OFFLINE=1`).
+  with one `snapshot_download(allow_patterns=...)` into the standard Hub cache (so a repo pulled once also loads
+  with `HF_HUB_OFFLINE=1`).
 
 Pass `endpoint=` to talk to another Hub (a mirror, or the loopback server used in tests): `HF_ENDPOINT` is
 only read when `huggingface_hub` is imported.

@@ -47,7 +47,7 @@ def resolve_processor(model: nn.Module, processor: RECProcessor | None) -> RECPr
     if processor is None:
         raise ValueError(
             "No processor: pass processor=RECProcessor.from_pretrained(<adapter folder>) (the folder the adapter "
-            "was saved to holds m2ist_processor.json), or attach one once with `model.processor = processor`."
+            "was saved to holds processor_config.json), or attach one once with `model.processor = processor`."
         )
     config = getattr(model, "config", None)
     image_size = getattr(config, "image_size", None)
