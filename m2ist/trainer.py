@@ -20,6 +20,7 @@ import contextlib
 import copy
 import logging
 import os
+import shutil
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,13 +29,14 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate.utils import DistributedDataParallelKwargs
+from huggingface_hub import HfApi
 from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import Dataset
 from transformers import EvalPrediction, Trainer, TrainingArguments
 from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_pt_utils import get_parameter_names
-from transformers.trainer_utils import SchedulerType
+from transformers.trainer_utils import SaveStrategy, SchedulerType
 
 from .card import EVAL_RESULTS_NAME, read_eval_results, write_model_card
 from .config import M2ISTConfig
@@ -43,7 +45,7 @@ from .evaluation import paired_iou, write_results
 from .head import rec_loss
 from .model import METHODS, RECModel, SideTunedModel
 from .ops.boxes import box_convert
-from .save_and_load import WEIGHTS_NAME, atomic_write, load_trainable_state
+from .save_and_load import ADAPTER_FILES, WEIGHTS_NAME, atomic_write, load_trainable_state
 from .version import __version__
 
 __all__ = [
@@ -533,8 +535,6 @@ class RECTrainer(Trainer):
         ``kwargs`` go to :meth:`create_model_card`; ``endpoint`` names another Hub (a mirror or a test server). The
         upload is synchronous (``blocking=False`` is accepted and ignored). Returns the commit URL.
         """
-        from huggingface_hub import HfApi
-
         from .hub import push_folder_to_hub
 
         self.callback_handler.on_push_begin(self.args, self.state, self.control)
@@ -553,6 +553,47 @@ class RECTrainer(Trainer):
         return push_folder_to_hub(self.args.output_dir, self.hub_model_id, commit_message=commit_message or "End of training",
                                   token=token, revision=revision or self.args.hub_revision, private=private,
                                   endpoint=endpoint)
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        """With ``args.push_to_hub``: after each save, push the adapter's files and the m2ist card from the output
+        folder (never ``training_args.bin``, optimizer state or ``trainer_state.json``). With ``hub_strategy``
+        ``"checkpoint"`` / ``"all_checkpoints"`` the checkpoint folder itself is pushed too, as those ask."""
+        from transformers.trainer_utils import HubStrategy
+        from transformers.utils import PushInProgress
+
+        from .hub import ADAPTER_PATTERNS, IGNORED_PATTERNS
+
+        if not self.is_world_process_zero() or self.args.hub_strategy == HubStrategy.END:
+            return
+        if not self.args.hub_always_push and self.push_in_progress is not None and not self.push_in_progress.is_done():
+            return
+        self.callback_handler.on_push_begin(self.args, self.state, self.control)
+        output_dir = self.args.output_dir
+        for name in ADAPTER_FILES:  # the checkpoint's adapter, not a copy of the whole model
+            if os.path.isfile(os.path.join(checkpoint_folder, name)):
+                shutil.copy(os.path.join(checkpoint_folder, name), os.path.join(output_dir, name))
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        self.create_model_card(repo_id=self.hub_model_id)
+        if self.args.save_strategy == SaveStrategy.STEPS:
+            commit_message = f"Training in progress, step {self.state.global_step}"
+        else:
+            commit_message = f"Training in progress, epoch {int(self.state.epoch)}"
+        api = HfApi(library_name="m2ist", library_version=__version__)
+        jobs = [api.upload_folder(repo_id=self.hub_model_id, folder_path=output_dir, commit_message=commit_message,
+                                  token=self.args.hub_token, run_as_future=True, revision=self.args.hub_revision,
+                                  allow_patterns=list(ADAPTER_PATTERNS), ignore_patterns=list(IGNORED_PATTERNS))]
+        if self.args.hub_strategy in (HubStrategy.CHECKPOINT, HubStrategy.ALL_CHECKPOINTS):
+            path_in_repo = ("last-checkpoint" if self.args.hub_strategy == HubStrategy.CHECKPOINT
+                            else Path(checkpoint_folder).name)
+            jobs.append(api.upload_folder(repo_id=self.hub_model_id, folder_path=checkpoint_folder,
+                                          path_in_repo=path_in_repo, commit_message=commit_message + ", checkpoint",
+                                          token=self.args.hub_token, run_as_future=True,
+                                          revision=self.args.hub_revision))
+        if self.push_in_progress is None or self.push_in_progress.is_done():
+            self.push_in_progress = PushInProgress(jobs)
+        else:
+            self.push_in_progress.jobs.extend(jobs)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         """Load the trained tensors of a checkpoint strictly (optimizer, scheduler and RNG follow in ``Trainer``)."""

@@ -210,3 +210,40 @@ def test_trainer_card_and_push(hub: LocalHub, tmp_path: Path) -> None:
     assert 'from_pretrained("org/trained")' in card
     assert json.loads((tmp_path / "out" / EVAL_RESULTS_NAME).read_text())["metrics"]["val"]["miou"] == \
         measured["eval_val_miou"]
+
+
+LIVE_PUSH = r"""
+import sys
+import torch
+from m2ist import get_side_tuned_model
+from m2ist.trainer import RECTrainingArguments, train_rec
+from tests.ddp_worker import make_dataset, make_processor
+from tests.tiny import text_tower, tiny_config, vision_tower
+
+out = sys.argv[1]
+torch.manual_seed(0)
+model = get_side_tuned_model(vision_tower("vit"), text_tower("bert"), tiny_config())
+args = RECTrainingArguments(output_dir=out, use_cpu=True, report_to="none", disable_tqdm=True, max_steps=2,
+                            per_device_train_batch_size=4, save_strategy="steps", save_steps=1, push_to_hub=True,
+                            hub_model_id="org/live", hub_strategy="every_save")
+from pathlib import Path
+trainer = train_rec(model, make_processor(Path(out + "-tokenizer")), make_dataset(8, seed=0), None, args)
+trainer._finish_current_push()
+"""
+
+
+def test_pushes_during_training_carry_the_adapter_only(hub: LocalHub, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    repo_root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_"))}
+    env.update(HF_ENDPOINT=hub.url, HF_HOME=str(tmp_path / "hf_home"), PYTHONPATH=str(repo_root), OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "-c", LIVE_PUSH, str(tmp_path / "out")], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    files = set(hub.files("org/live"))
+    assert {"m2ist_config.json", "m2ist_model.safetensors", "README.md", "processor_config.json"} <= files
+    assert not {"training_args.bin", "trainer_state.json", "optimizer.pt"} & files
+    assert yaml.safe_load(hub.files("org/live")["README.md"].decode().split("---\n")[1])["library_name"] == "m2ist"
+    assert any(commit.title.startswith("Training in progress, step") for commit in hub.repo("org/live").commits.values())
