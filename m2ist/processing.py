@@ -489,8 +489,10 @@ class RECProcessor(ProcessorMixin):
         output["augment"] = None if self.augment is None else self.augment.to_dict()
         return output
 
-    def legacy_dict(self) -> dict[str, Any]:
-        """The flat settings of ``m2ist_processor.json`` (the format of m2ist before ``processor_config.json``)."""
+    def flat_settings(self) -> dict[str, Any]:
+        """The processor's settings as one flat dict (canvas, normalisation, tokens, augmentation): what
+        ``m2ist_processor.json`` holds (the format of m2ist before ``processor_config.json``) and what evaluation
+        results record."""
         return {
             "processor_class": type(self).__name__,
             "library": "m2ist",
@@ -511,7 +513,7 @@ class RECProcessor(ProcessorMixin):
         directory.mkdir(parents=True, exist_ok=True)
         written = [str(p) for p in super().save_pretrained(str(directory), **kwargs)]
         config_path = directory / PROCESSOR_CONFIG_NAME
-        config_path.write_text(json.dumps(self.legacy_dict(), indent=2) + "\n", encoding="utf-8")
+        config_path.write_text(json.dumps(self.flat_settings(), indent=2) + "\n", encoding="utf-8")
         return [*written, str(config_path)]
 
     @classmethod
