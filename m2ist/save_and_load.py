@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,25 +49,28 @@ PIPELINE = PipelineHooks()
 
 
 def atomic_write(path: Path, write) -> None:
-    """Call ``write(tmp_path)`` on a temporary file beside ``path``, then move it into place in one step."""
+    """Call ``write(tmp_path)`` on a temporary file beside ``path``, then move it into place in one step.
+
+    The file gets the permissions a plain ``open(path, "w")`` would give (``0644`` under the usual umask ``022``),
+    not the ``0600`` of ``tempfile.mkstemp``.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    while True:
+        tmp = str(path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as for open()
+            break
+        except FileExistsError:
+            continue
+    mode = stat.S_IMODE(os.fstat(fd).st_mode)
     os.close(fd)
     try:
         write(tmp)
-        # mkstemp (and safetensors' own writer) make 0600: give the mode a plain open() would (0644 usually)
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, mode)  # a writer that replaces the file (safetensors does) would leave its own 0600
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-
-
-def _umask() -> int:
-    """The process's umask (read by setting it and setting it back)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 def save_trainable_state(state: dict[str, torch.Tensor], path: Path) -> None:
