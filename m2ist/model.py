@@ -107,7 +107,7 @@ class RECModel(nn.Module):
     def __init__(self, vision_model: nn.Module, text_model: nn.Module, config: M2ISTConfig) -> None:
         super().__init__()
         config = dataclasses.replace(config)  # never mutate the caller's config
-        config._text_tower_config = text_model.config  # for config.get_text_config() (not a field: never saved)
+        config._text_tower_config = getattr(text_model, "config", None)  # for config.get_text_config(); never saved
         if config.image_size is None:
             config.image_size = int(getattr(vision_model.config, "image_size", None) or 640)
         self.config = config
