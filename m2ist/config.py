@@ -310,6 +310,13 @@ class M2ISTConfig:
         folder = resolve_pretrained(str(name_or_path), filenames=[CONFIG_NAME], **hub_kwargs)
         return cls.from_json_file(folder / CONFIG_NAME)
 
+    def get_text_config(self, *args: Any, **kwargs: Any) -> Any:
+        """The text tower's own config (transformers' composite-config API, used by its ``Trainer`` to align the
+        tokenizer's special tokens): the model sets it when built; before that, an empty ``PretrainedConfig``."""
+        from transformers import PretrainedConfig
+
+        return getattr(self, "_text_tower_config", None) or PretrainedConfig()
+
     def tower_mismatches(self, other: M2ISTConfig) -> list[str]:
         """Human-readable differences between the towers recorded here and in ``other``."""
         diffs = []

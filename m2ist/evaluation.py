@@ -336,7 +336,8 @@ def evaluate(
                 "accuracy": "correct / expressions",
             },
             "model": _model_summary(model),
-            "processor": processor.to_dict() if hasattr(processor, "to_dict") else repr(processor),
+            "processor": (processor.flat_settings() if hasattr(processor, "flat_settings")
+                          else processor.to_dict() if hasattr(processor, "to_dict") else repr(processor)),
             "batch_size": batch_size,
             "device": str(target),
             **_environment(),

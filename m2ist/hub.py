@@ -2,10 +2,12 @@
 
 Thin, generic helpers over `huggingface_hub` used by `SideTunedModel.push_to_hub` / `from_pretrained`:
 
-- `push_folder_to_hub` creates the repo if needed and uploads a folder in one commit.
+- `push_folder_to_hub` creates the repo if needed and uploads a folder's adapter files in one commit (never
+  optimizer state, training arguments or checkpoints).
 - `push_to_hub` saves into a temporary folder with a callback (e.g. `model.save_pretrained`) and pushes it.
 - `resolve_pretrained` turns a local folder or a Hub repo id into a local folder holding the requested files,
-  using the standard Hub cache (so a repo pulled once also loads with `HF_HUB_OFFLINE=1`).
+  with one `snapshot_download(allow_patterns=...)` into the standard Hub cache (so a repo pulled once also loads
+  with `HF_HUB_OFFLINE=1`).
 
 Pass `endpoint=` to talk to another Hub (a mirror, or the loopback server used in tests): `HF_ENDPOINT` is
 only read when `huggingface_hub` is imported.
@@ -13,13 +15,14 @@ only read when `huggingface_hub` is imported.
 
 from __future__ import annotations
 
-import re
+import os
+import shutil
 import tempfile
 from collections.abc import Callable, Sequence
 from os import PathLike
 from pathlib import Path, PurePosixPath
 
-from huggingface_hub import CommitInfo, HfApi, constants, hf_hub_download
+from huggingface_hub import CommitInfo, HfApi, constants, hf_hub_download, snapshot_download
 from huggingface_hub.errors import (
     EntryNotFoundError,
     GatedRepoError,
@@ -29,11 +32,22 @@ from huggingface_hub.errors import (
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
-from huggingface_hub.utils import validate_repo_id
+from huggingface_hub.utils import filter_repo_objects, validate_repo_id
 
-__all__ = ["PretrainedNotFoundError", "push_folder_to_hub", "push_to_hub", "resolve_pretrained"]
+from .card import CARD_NAME, PLACEHOLDER_REPO_ID
+from .save_and_load import ADAPTER_FILES
+from .version import __version__
 
-_COMMIT_SHA = re.compile(r"[0-9a-f]{40}")
+__all__ = ["ADAPTER_PATTERNS", "IGNORED_PATTERNS", "PretrainedNotFoundError", "push_folder_to_hub", "push_to_hub",
+           "resolve_pretrained"]
+
+#: What a push uploads by default: an adapter's own files (config, weights, card, processor, tokenizer), at the top
+#: of the folder or in an adapter's subfolder.
+ADAPTER_PATTERNS: tuple[str, ...] = (*ADAPTER_FILES, *(f"*/{name}" for name in ADAPTER_FILES))
+#: Never uploaded by default, even when they match: Trainer checkpoints, run logs, caches.
+IGNORED_PATTERNS: tuple[str, ...] = ("checkpoint-*", "*/checkpoint-*", "runs/*", "*/runs/*", ".git/*", ".cache/*",
+                                     "*/.cache/*")
+
 _LOGIN_HINT = "log in with `hf auth login` (or set HF_TOKEN), or pass token=..."
 
 
@@ -56,11 +70,18 @@ def push_folder_to_hub(
     revision: str | None = None,
     create_pr: bool = False,
     endpoint: str | None = None,
+    allow_patterns: Sequence[str] | None = ADAPTER_PATTERNS,
+    ignore_patterns: Sequence[str] | None = IGNORED_PATTERNS,
 ) -> CommitInfo:
-    """Upload every file of `folder` to the model repo `repo_id` in one commit, creating the repo if needed.
+    """Upload the adapter files of `folder` to the model repo `repo_id` in one commit, creating the repo if needed.
+
+    Only an adapter's own files go up by default (`ADAPTER_PATTERNS`: `m2ist_config.json`, the weights, `README.md`,
+    the processor and tokenizer files), never optimizer state, `training_args.bin`, `trainer_state.json` or
+    `checkpoint-*` folders, so the output folder of a training run can be pushed as it is. A card still showing the
+    placeholder repo id in its usage snippet gets the real one.
 
     Args:
-        folder: local directory to upload (its layout is kept; `.git/` is skipped).
+        folder: local directory to upload (its layout is kept).
         repo_id: `"namespace/name"` of the model repo.
         commit_message / commit_description: commit title and body.
         private: visibility when the repo is created (an existing repo keeps its visibility).
@@ -68,6 +89,8 @@ def push_folder_to_hub(
         revision: branch to commit to (created from `main` if missing); None means `main`.
         create_pr: open a pull request with the change instead of committing to the branch.
         endpoint: Hub URL; None uses `HF_ENDPOINT` / huggingface.co.
+        allow_patterns / ignore_patterns: which files to upload (fnmatch patterns on paths relative to `folder`);
+            `allow_patterns=None, ignore_patterns=None` uploads every file.
 
     Returns:
         The commit's `CommitInfo`: a `str` equal to the commit URL, with `.oid` and `.pr_url`.
@@ -75,27 +98,35 @@ def push_folder_to_hub(
     folder_path = Path(folder)
     if not folder_path.is_dir():
         raise NotADirectoryError(f"Cannot push '{folder}': it is not a directory. Pass the folder to upload.")
-    if not any(path.is_file() for path in folder_path.rglob("*")):
+    present = sorted(path.relative_to(folder_path).as_posix() for path in folder_path.rglob("*") if path.is_file())
+    if not present:
         raise ValueError(f"Cannot push '{folder}': the folder contains no files.")
+    selected = list(filter_repo_objects(present, allow_patterns=allow_patterns, ignore_patterns=ignore_patterns))
+    if not selected:
+        shown = present[:20] + ([f"... ({len(present) - 20} more)"] if len(present) > 20 else [])
+        raise ValueError(f"Cannot push '{folder}': none of its files is an adapter file (found {shown}). Push the "
+                         "folder written by save_pretrained(), or pass allow_patterns=None to upload every file.")
     if create_pr and revision not in (None, constants.DEFAULT_REVISION):
         raise ValueError(
             f"create_pr=True opens the pull request against '{constants.DEFAULT_REVISION}'; "
             f"drop revision={revision!r} or drop create_pr."
         )
-    api = HfApi(endpoint=endpoint, token=token)
+    api = HfApi(endpoint=endpoint, token=token, library_name="m2ist", library_version=__version__)
     try:
-        api.create_repo(repo_id, exist_ok=True, private=private, repo_type="model")
+        repo_id = api.create_repo(repo_id, exist_ok=True, private=private, repo_type="model").repo_id
         if revision is not None and revision != constants.DEFAULT_REVISION:
             api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
-        return api.upload_folder(
-            repo_id=repo_id,
-            folder_path=folder_path,
-            commit_message=commit_message,
-            commit_description=commit_description,
-            revision=revision,
-            create_pr=create_pr,
-            repo_type="model",
-        )
+        with tempfile.TemporaryDirectory(prefix="m2ist-upload-") as staging:
+            _stage(folder_path, selected, Path(staging), repo_id)
+            return api.upload_folder(
+                repo_id=repo_id,
+                folder_path=staging,
+                commit_message=commit_message,
+                commit_description=commit_description,
+                revision=revision,
+                create_pr=create_pr,
+                repo_type="model",
+            )
     except HfHubHTTPError as error:
         status = error.response.status_code if error.response is not None else None
         if isinstance(error, RepositoryNotFoundError) or status in (401, 403):
@@ -106,15 +137,47 @@ def push_folder_to_hub(
         raise
 
 
+def _stage(folder: Path, selected: Sequence[str], staging: Path, repo_id: str) -> None:
+    """Link (or copy) the selected files into `staging`; the card gets the real repo id in its usage snippet."""
+    for name in selected:
+        source, target = folder / name, staging / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if PurePosixPath(name).name == CARD_NAME:
+            text = source.read_text(encoding="utf-8")
+            if PLACEHOLDER_REPO_ID in text:
+                target.write_text(text.replace(PLACEHOLDER_REPO_ID, repo_id), encoding="utf-8")
+                continue
+        try:
+            os.link(source, target)
+        except OSError:  # another file system, or links not allowed
+            shutil.copy2(source, target)
+
+
 def push_to_hub(save_fn: Callable[[Path], object], repo_id: str, **push_kwargs: object) -> CommitInfo:
     """Call `save_fn(folder)` on a fresh temporary folder, then `push_folder_to_hub(folder, repo_id, **push_kwargs)`.
 
+    The repo's current `README.md`, when there is one, is put in the folder first, so that a `save_fn` that updates
+    an existing card (as `SideTunedModel.save_pretrained` does) keeps the text and metadata written on the Hub.
     `SideTunedModel.push_to_hub` uses this with its own `save_pretrained`. Returns the `CommitInfo` (the commit URL).
     """
     with tempfile.TemporaryDirectory(prefix="m2ist-push-") as tmp:
-        folder = Path(tmp)
+        folder = Path(tmp) / "adapter"
+        folder.mkdir()
+        _fetch_card(repo_id, folder, Path(tmp) / "cache", push_kwargs)
         save_fn(folder)
         return push_folder_to_hub(folder, repo_id, **push_kwargs)  # type: ignore[arg-type]
+
+
+def _fetch_card(repo_id: str, folder: Path, cache: Path, push_kwargs: dict[str, object]) -> None:
+    """Copy the repo's README.md into `folder` when the repo and the card exist (anything else: nothing)."""
+    revision = push_kwargs.get("revision")
+    try:
+        card = hf_hub_download(repo_id, CARD_NAME, revision=revision if isinstance(revision, str) else None,
+                               token=push_kwargs.get("token"), endpoint=push_kwargs.get("endpoint"),  # type: ignore[arg-type]
+                               cache_dir=cache, library_name="m2ist", library_version=__version__)
+    except Exception:  # no repo yet, no card, no network: the card is written fresh
+        return
+    shutil.copyfile(card, folder / CARD_NAME)
 
 
 def resolve_pretrained(
@@ -122,6 +185,7 @@ def resolve_pretrained(
     *,
     filenames: Sequence[str],
     optional_filenames: Sequence[str] = (),
+    subfolder: str | None = None,
     revision: str | None = None,
     token: str | bool | None = None,
     cache_dir: str | PathLike[str] | None = None,
@@ -130,11 +194,16 @@ def resolve_pretrained(
 ) -> Path:
     """Return a local folder that holds `filenames` (and whichever `optional_filenames` exist).
 
+    With `subfolder`, the files are looked for in that subfolder of the folder or repo, and that subfolder is
+    returned.
+
     `name_or_path` is either an existing local directory (checked, then returned as is; `revision` and the Hub
     options are ignored) or a Hub model repo id (`"namespace/name"`): the files are then downloaded into the Hub
     cache (`cache_dir`, default `HF_HUB_CACHE`) and the cache's snapshot folder of the resolved commit is
-    returned. Every file comes from the same commit, even if the branch moves during the download. With
-    `local_files_only=True` or `HF_HUB_OFFLINE=1` only the cache is used.
+    returned. The download is one `snapshot_download(allow_patterns=[...])` (the revision, the file list, then
+    only the wanted files), sent with `library_name="m2ist"` and `library_version`; every file comes from the same
+    commit, even if the branch moves during the download. With `local_files_only=True` or `HF_HUB_OFFLINE=1` only
+    the cache is used.
 
     Raises:
         PretrainedNotFoundError (a FileNotFoundError): missing local files, unknown repo / revision / file,
@@ -145,9 +214,13 @@ def resolve_pretrained(
     if not filenames:
         raise ValueError("filenames must name at least one file to resolve.")
 
+    if subfolder is not None:
+        subfolder = PurePosixPath(str(subfolder).replace("\\", "/")).as_posix().strip("/")
+        if not subfolder or subfolder == "." or ".." in PurePosixPath(subfolder).parts:
+            raise ValueError(f"subfolder={subfolder!r} must be a relative path inside the folder or repo, e.g. 'refcoco'.")
     local = Path(name_or_path).expanduser()
     if local.is_dir():
-        return _check_local_folder(local, filenames)
+        return _check_local_folder(local / subfolder if subfolder else local, filenames)
     if local.exists():
         raise PretrainedNotFoundError(
             f"'{name_or_path}' is a file, not a folder: pass the folder that contains {list(filenames)}, or a Hub repo id."
@@ -165,44 +238,56 @@ def resolve_pretrained(
             f"Local folder '{name_or_path}' does not exist. Pass an existing folder, or the Hub repo id as a str."
         )
 
-    snapshot_dir: Path | None = None
-    pinned_revision = revision
-    for filename in [*filenames, *optional_filenames]:
-        required = filename in filenames
-        try:
-            downloaded = Path(
-                hf_hub_download(
-                    repo_id,
-                    filename,
-                    revision=pinned_revision,
-                    token=token,
-                    cache_dir=cache_dir,
-                    local_files_only=local_files_only,
-                    endpoint=endpoint,
-                )
+    prefix = f"{subfolder}/" if subfolder else ""
+    wanted = [*filenames, *(name for name in optional_filenames if name not in filenames)]
+    try:
+        snapshot = Path(
+            snapshot_download(
+                repo_id,
+                revision=revision,
+                allow_patterns=[prefix + name for name in wanted],
+                token=token,
+                cache_dir=cache_dir,
+                local_files_only=local_files_only,
+                endpoint=endpoint,
+                library_name="m2ist",
+                library_version=__version__,
             )
-        except (RepositoryNotFoundError, RevisionNotFoundError, EntryNotFoundError) as error:
-            if not required and isinstance(error, EntryNotFoundError):
-                continue  # an optional file the repo lacks (or, offline, that was never cached)
-            raise PretrainedNotFoundError(
-                _explain(
-                    error,
-                    repo_id=repo_id,
-                    filename=filename,
-                    filenames=filenames,
-                    revision=revision,
-                    cache_dir=cache_dir,
-                    local_files_only=local_files_only,
-                    endpoint=endpoint,
-                    token=token,
-                )
-            ) from error
-        if snapshot_dir is None:
-            snapshot_dir = downloaded.parents[len(PurePosixPath(filename).parts) - 1]
-            if _COMMIT_SHA.fullmatch(snapshot_dir.name):
-                pinned_revision = snapshot_dir.name  # later files come from the same commit
-    assert snapshot_dir is not None  # filenames is not empty and every required file resolved
-    return snapshot_dir
+        )
+    except (RepositoryNotFoundError, RevisionNotFoundError, LocalEntryNotFoundError) as error:
+        raise PretrainedNotFoundError(
+            _explain(
+                error,
+                repo_id=repo_id,
+                filename=prefix + filenames[0],
+                filenames=filenames,
+                revision=revision,
+                cache_dir=cache_dir,
+                local_files_only=local_files_only,
+                endpoint=endpoint,
+                token=token,
+            )
+        ) from error
+    folder = snapshot / subfolder if subfolder else snapshot
+    missing = [name for name in filenames if not (folder / name).is_file()]
+    if missing:
+        offline = local_files_only or constants.HF_HUB_OFFLINE
+        cause: Exception = (LocalEntryNotFoundError(f"{prefix}{missing[0]} is not cached") if offline
+                            else EntryNotFoundError(f"{prefix}{missing[0]} is not in the repo"))
+        raise PretrainedNotFoundError(
+            _explain(
+                cause,
+                repo_id=repo_id,
+                filename=prefix + missing[0],
+                filenames=filenames,
+                revision=revision,
+                cache_dir=cache_dir,
+                local_files_only=local_files_only,
+                endpoint=endpoint,
+                token=token,
+            )
+        )
+    return folder
 
 
 def _check_local_folder(folder: Path, filenames: Sequence[str]) -> Path:

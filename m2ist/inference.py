@@ -24,7 +24,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import nn
 
-from m2ist.data.images import load_image
+from m2ist.processing import load_rec_image
 from m2ist.save_and_load import PIPELINE
 
 if TYPE_CHECKING:
@@ -47,7 +47,7 @@ def resolve_processor(model: nn.Module, processor: RECProcessor | None) -> RECPr
     if processor is None:
         raise ValueError(
             "No processor: pass processor=RECProcessor.from_pretrained(<adapter folder>) (the folder the adapter "
-            "was saved to holds m2ist_processor.json), or attach one once with `model.processor = processor`."
+            "was saved to holds processor_config.json), or attach one once with `model.processor = processor`."
         )
     config = getattr(model, "config", None)
     image_size = getattr(config, "image_size", None)
@@ -103,7 +103,7 @@ def forward_boxes(model: nn.Module, encoded: Any, device: torch.device) -> torch
 
 
 def _is_single_image(images: Any) -> bool:
-    return isinstance(images, str | Path | Image.Image | np.ndarray)
+    return isinstance(images, str | Path | Image.Image | np.ndarray) or (isinstance(images, torch.Tensor) and images.ndim == 3)
 
 
 def _pair_up(images: Any, texts: str | Sequence[str]) -> tuple[list[Any], list[str]]:
@@ -122,7 +122,7 @@ def _pair_up(images: Any, texts: str | Sequence[str]) -> tuple[list[Any], list[s
     if not texts or not images:
         raise ValueError("Nothing to predict: pass at least one image and one phrase.")
     if len(images) == 1 and len(texts) > 1:
-        image = load_image(images[0])  # decode once, reuse for every phrase
+        image = load_rec_image(images[0])  # decode (or download) once, reuse for every phrase
         images = [image] * len(texts)
     elif len(texts) == 1 and len(images) > 1:
         texts = texts * len(images)
@@ -150,7 +150,8 @@ def predict_boxes(
     Args:
         model: a REC model (:class:`~m2ist.model.SideTunedModel` or a baseline) whose ``forward`` returns
             ``pred_boxes``.
-        images: a path, PIL image or ``(H, W[, C])`` array, or a list of them. One image with several phrases is
+        images: a path, ``http(s)`` URL, base64 data URI, PIL image, ``(H, W[, C])`` array or tensor, or a list of
+            them. One image with several phrases is
             used for each phrase; several images with one phrase use that phrase for each.
         texts: a phrase or a list of phrases.
         processor: the :class:`~m2ist.processing.RECProcessor` the model was trained with; defaults to
@@ -230,7 +231,7 @@ def draw_boxes(
     """Draw predicted boxes (and, optionally, ground-truth boxes in ``gt_color``) on a copy of ``image``.
 
     Args:
-        image: a path, PIL image or array (see :func:`m2ist.data.images.load_image`).
+        image: a path, URL, base64 data URI, PIL image, array or tensor (see :func:`m2ist.processing.fetch_image`).
         boxes: one ``(x0, y0, x1, y1)`` pixel box or ``(N, 4)`` boxes (e.g. from :func:`predict_boxes`).
         texts: the phrase of each predicted box, written above it.
         gt_boxes: ground-truth ``xyxy`` pixel boxes, drawn in ``gt_color`` and labelled ``GT``.
@@ -242,7 +243,7 @@ def draw_boxes(
     Returns:
         A new RGB :class:`PIL.Image.Image`; the input is not modified.
     """
-    canvas = load_image(image).copy()
+    canvas = load_rec_image(image).copy()
     predicted = _as_box_list(boxes, "boxes")
     truths = _as_box_list(gt_boxes, "gt_boxes")
     if texts is None:

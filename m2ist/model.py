@@ -14,6 +14,7 @@ import dataclasses
 import logging
 import os
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,17 +23,18 @@ import torch
 from torch import nn
 from transformers.utils import ModelOutput
 
+from .card import write_model_card
 from .config import CONFIG_NAME, M2ISTConfig
 from .head import RECHead, rec_loss
 from .layer import SideNetwork
 from .save_and_load import (
     PIPELINE,
     PROCESSOR_CONFIG_NAME,
+    PROCESSOR_FILES,
     TOKENIZER_FILES,
     WEIGHTS_NAME,
     load_trainable_state,
     save_trainable_state,
-    write_model_card,
 )
 from .taps import TapReport, resolve_tap_spec
 from .towers import TEXT, VISION, Tower, TowerFeatures, unwrap_tower
@@ -40,6 +42,8 @@ from .towers import TEXT, VISION, Tower, TowerFeatures, unwrap_tower
 logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+#: Config fields that ``SideTunedModel.from_pretrained`` lets a caller change (runtime settings, not architecture).
+LOAD_OVERRIDES = ("backbone_dtype", "side_dropout", "fusion_dropout")
 #: Training methods a REC model can carry (``model.method``): M²IST, and the baselines of
 #: :mod:`m2ist.evidence.baselines` (full fine-tuning, in-tower adapters, LoRA) that share its head.
 METHODS = ("m2ist", "full", "adapter", "lora")
@@ -139,6 +143,7 @@ class RECModel(nn.Module):
         self.tower_classes = {VISION: type(vision_model).__name__, TEXT: type(text_model).__name__}
         self.tower_ids = {VISION: _model_id(vision_model), TEXT: _model_id(text_model)}
         vision_model, text_model = unwrap_tower(vision_model, VISION), unwrap_tower(text_model, TEXT)
+        config._text_tower_config = getattr(text_model, "config", None)  # for config.get_text_config(); never saved
         if config.image_size is None:
             native = getattr(vision_model.config, "image_size", None) or 640
             config.image_size = int(native[0] if isinstance(native, list | tuple) else native)
@@ -255,9 +260,11 @@ class RECModel(nn.Module):
         return counts
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
-        """``(trainable, total)`` parameter counts, as in PEFT."""
-        counts = self.parameter_counts()
-        return sum(n for role, n in counts.items() if role != "frozen"), sum(counts.values())
+        """``(trainable, total)`` parameter counts, as in PEFT: parameters with ``requires_grad`` (0 for an adapter
+        loaded for inference, ``from_pretrained(..., is_trainable=False)``)."""
+        unused = self._unused_parameters()
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad and id(p) not in unused)
+        return trainable, sum(self.parameter_counts().values())
 
     def print_trainable_parameters(self) -> None:
         """Print parameters per role with their share of the whole model, then PEFT's summary line."""
@@ -271,6 +278,11 @@ class RECModel(nn.Module):
     def device(self) -> torch.device:
         """The device of the head (where outputs are produced)."""
         return next(self.head.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the trained part (side network and head); the towers keep ``config.backbone_dtype``."""
+        return next(self.head.parameters()).dtype
 
     def predict(self, images, texts, processor=None, batch_size: int = 16) -> torch.Tensor:
         """Boxes ``(N, 4)`` in original-image ``xyxy`` pixels for PIL images / paths / arrays and their phrases."""
@@ -329,12 +341,49 @@ class SideTunedModel(RECModel):
         self.text_model.eval()
         return self
 
+    def to(self, *args: Any, **kwargs: Any) -> SideTunedModel:
+        """Move the whole model to a device; cast only the side network and the head to a dtype.
+
+        ``model.to("cuda")``, ``model.to(torch.bfloat16)``, ``model.to("cuda", torch.float16)`` work as on any
+        module, except that a dtype applies to the trained part only: the frozen towers keep the dtype set by
+        ``config.backbone_dtype`` (rebuild or reload with ``backbone_dtype=...`` to change it).
+        """
+        try:
+            device, dtype, non_blocking, _ = torch._C._nn._parse_to(*args, **kwargs)
+        except (TypeError, RuntimeError) as err:
+            raise TypeError(f"SideTunedModel.to() takes a device and/or a floating dtype, e.g. to('cuda') or "
+                            f"to(torch.bfloat16); got args={args}, kwargs={kwargs} ({err}).") from None
+        if dtype is not None and not dtype.is_floating_point:
+            raise TypeError(f"SideTunedModel.to({dtype}): the side network and head need a floating dtype "
+                            f"(torch.float32, torch.bfloat16 or torch.float16).")
+        if device is not None:
+            super().to(device=device, non_blocking=non_blocking)
+        if dtype is not None:
+            self.side.to(dtype=dtype, non_blocking=non_blocking)
+            self.head.to(dtype=dtype, non_blocking=non_blocking)
+        return self
+
+    def half(self) -> SideTunedModel:
+        """Cast the side network and head to float16 (the towers keep ``config.backbone_dtype``)."""
+        return self.to(torch.float16)
+
+    def bfloat16(self) -> SideTunedModel:
+        """Cast the side network and head to bfloat16 (the towers keep ``config.backbone_dtype``)."""
+        return self.to(torch.bfloat16)
+
+    def float(self) -> SideTunedModel:
+        """Cast the side network and head to float32 (the towers keep ``config.backbone_dtype``)."""
+        return self.to(torch.float32)
+
     def encode(self, pixel_values, pixel_mask, input_ids, attention_mask):
         """Run the frozen towers under ``no_grad``, collect the taps, run the side network."""
         vision = self.vision_tower.tap({"pixel_values": pixel_values, "pixel_mask": pixel_mask},
                                        self.vision_layers, self.tap_kinds)
         text = self.text_tower.tap({"input_ids": input_ids, "attention_mask": attention_mask},
                                    self.text_layers, self.tap_kinds)
+        dtype = self.dtype
+        if dtype != torch.float32:  # taps come in float32; a half-precision side network reads them in its dtype
+            vision, text = _cast_features(vision, dtype), _cast_features(text, dtype)
         vision_tokens, text_tokens = self.side(vision, text, self.intra_kind, self.inter_kind)
         return vision_tokens, vision.mask, text_tokens, text.mask
 
@@ -343,15 +392,20 @@ class SideTunedModel(RECModel):
         """The tensors that are saved: the side network's and the head's, never a tower's."""
         return {k: v for k, v in self.state_dict().items() if k.startswith(("side.", "head."))}
 
-    def save_pretrained(self, save_directory: str | os.PathLike, *, model_card: bool = True) -> Path:
+    def save_pretrained(self, save_directory: str | os.PathLike, *, model_card: bool = True,
+                        repo_id: str | None = None) -> Path:
         """Write ``m2ist_config.json``, ``m2ist_model.safetensors`` (side + head only), a model card and, when
-        ``model.processor`` is set, the processor (tokenizer files + ``m2ist_processor.json``)."""
+        ``model.processor`` is set, the processor (tokenizer files, ``processor_config.json``).
+
+        The card (``README.md``) is updated when the folder already has one (its text and metadata are kept);
+        ``repo_id`` is the Hub repo it is for (``push_to_hub`` passes it), shown in its usage snippet.
+        """
         folder = Path(save_directory)
         folder.mkdir(parents=True, exist_ok=True)
         self.config.save_pretrained(folder)
         save_trainable_state(self.trainable_state_dict(), folder / WEIGHTS_NAME)
         if model_card:
-            write_model_card(folder, self.config, self.parameter_counts())
+            write_model_card(folder, self.config, self.parameter_counts(), repo_id=repo_id)
         if self.processor is not None:
             self.processor.save_pretrained(folder)
         return folder
@@ -359,10 +413,14 @@ class SideTunedModel(RECModel):
     def push_to_hub(self, repo_id: str, *, commit_message: str = "Upload M²IST side adapter", private: bool | None = None,
                     token: str | None = None, revision: str | None = None, create_pr: bool = False,
                     endpoint: str | None = None) -> str:
-        """Save into a temporary folder and upload it to ``repo_id`` (created if needed); return the commit URL."""
+        """Save into a temporary folder and upload the adapter's files to ``repo_id`` (created if needed); return the
+        commit URL. The card names ``repo_id`` in its usage snippet."""
         from .hub import push_to_hub
 
-        return push_to_hub(self.save_pretrained, repo_id, commit_message=commit_message, private=private,
+        def save(folder: Path) -> Path:
+            return self.save_pretrained(folder, repo_id=repo_id)
+
+        return push_to_hub(save, repo_id, commit_message=commit_message, private=private,
                            token=token, revision=revision, create_pr=create_pr, endpoint=endpoint)
 
     @classmethod
@@ -372,39 +430,73 @@ class SideTunedModel(RECModel):
         vision_model: nn.Module | None = None,
         text_model: nn.Module | None = None,
         *,
+        is_trainable: bool = False,
+        subfolder: str | None = None,
         revision: str | None = None,
+        dtype: str | torch.dtype | None = None,
+        device: str | int | torch.device | None = None,
+        device_map: str | int | torch.device | dict[str, Any] | None = None,
         token: str | bool | None = None,
         cache_dir: str | os.PathLike | None = None,
         local_files_only: bool = False,
         endpoint: str | None = None,
         trust_remote_code: bool = False,
-        **config_overrides: Any,
+        **kwargs: Any,
     ) -> SideTunedModel:
-        """Load a saved side adapter from a folder or a Hub repo id.
+        """Load a saved side adapter from a folder or a Hub repo id, ready for inference (as PEFT does).
 
-        The towers are the ones passed in, or are re-built as the recorded transformers class (``AutoModel`` for
-        old configs) from the recorded names at the recorded commits, through the same ``endpoint``, ``token``,
-        ``cache_dir`` and ``local_files_only`` as the adapter, so an adapter never silently meets a newer tower
-        revision (``trust_remote_code`` stays False unless you pass it). Loading is strict:
-        another tower, other widths or depths, missing or unexpected tensors, and corrupted or truncated files
-        raise an error that names the difference. ``config_overrides`` change runtime-only fields such as
-        ``backbone_dtype``.
+        Args:
+            name_or_path: a folder written by :meth:`save_pretrained`, or a Hub repo id.
+            vision_model / text_model: the towers; by default re-built as the recorded transformers class
+                (``AutoModel`` for old configs) from the recorded names at the recorded commits, through the same
+                ``endpoint``, ``token``, ``cache_dir`` and ``local_files_only`` as the adapter, so an adapter never
+                silently meets a newer tower revision (``trust_remote_code`` stays False unless passed).
+            is_trainable: False (default): the model is in ``eval()`` mode and the side network and head have
+                ``requires_grad=False``, so two identical forwards give identical boxes. True: ``train()`` mode
+                with the side network and head trainable, to continue training.
+            subfolder: the adapter lies in this subfolder of the folder or repo.
+            revision: branch, tag or commit of the Hub repo.
+            dtype: dtype of the side network and head: ``torch.float32`` (default), ``torch.bfloat16``,
+                ``torch.float16``, their names, or ``"auto"`` (the dtype of the saved tensors). The towers follow
+                ``backbone_dtype`` instead. ``torch_dtype=`` is a deprecated alias.
+            device / device_map: one device for the whole model (``"cuda"``, ``"cuda:1"``, ``0``, ``"cpu"``;
+                ``device_map`` also takes ``{"": device}`` or ``"auto"``: the first GPU if any, else the CPU).
+                Default: where the towers are.
+            token / cache_dir / local_files_only / endpoint: Hub options (``endpoint`` for a mirror).
+            trust_remote_code: passed to ``AutoModel.from_pretrained`` when the towers are re-loaded.
+            **kwargs: runtime settings of the config that may differ from the saved ones: ``backbone_dtype``,
+                ``side_dropout``, ``fusion_dropout``. Anything else is refused.
+
+        Loading is strict: another tower, other widths or depths, missing or unexpected tensors, and corrupted
+        or truncated files raise an error that names the difference.
         """
         from .hub import resolve_pretrained
 
+        if "torch_dtype" in kwargs:
+            torch_dtype = kwargs.pop("torch_dtype")
+            if dtype is not None:
+                raise TypeError("Pass dtype= only: torch_dtype= is its deprecated alias, and both were given.")
+            warnings.warn("`torch_dtype` is deprecated: use `dtype` instead (as in transformers 5).", FutureWarning,
+                          stacklevel=2)
+            dtype = torch_dtype
+        unknown = sorted(set(kwargs) - set(LOAD_OVERRIDES))
+        if unknown:
+            raise TypeError(f"SideTunedModel.from_pretrained() got unexpected keyword arguments {unknown}. It accepts "
+                            f"{sorted(_FROM_PRETRAINED_ARGUMENTS + LOAD_OVERRIDES)} (the last three change runtime "
+                            "settings of the saved config; architecture settings cannot change when loading).")
+        target_device = _single_device(device, device_map)
         hub = {"revision": revision, "token": token, "cache_dir": cache_dir, "local_files_only": local_files_only,
                "endpoint": endpoint}
         folder = resolve_pretrained(str(name_or_path), filenames=[CONFIG_NAME, WEIGHTS_NAME],
-                                    optional_filenames=[PROCESSOR_CONFIG_NAME, *TOKENIZER_FILES], **hub)
+                                    optional_filenames=[PROCESSOR_CONFIG_NAME, *TOKENIZER_FILES, *PROCESSOR_FILES],
+                                    subfolder=subfolder, **hub)
         saved = M2ISTConfig.from_json_file(folder / CONFIG_NAME)
-        allowed = {"backbone_dtype", "side_dropout", "fusion_dropout"}
-        if set(config_overrides) - allowed:
-            raise ValueError(f"Only {sorted(allowed)} can be overridden when loading; got {sorted(config_overrides)}.")
+        adapter_dtype = _adapter_dtype(dtype, folder / WEIGHTS_NAME)
         vision_model = vision_model or _load_tower(saved, VISION, trust_remote_code, hub)
         text_model = text_model or _load_tower(saved, TEXT, trust_remote_code, hub)
         measured = {f"{m}_{k}": None for m in (VISION, TEXT) for k in M2ISTConfig.TOWER_FIELDS}
         model = cls(vision_model, text_model,
-                    dataclasses.replace(saved, **config_overrides, **measured, num_vision_tokens=None))
+                    dataclasses.replace(saved, **kwargs, **measured, num_vision_tokens=None))
         mismatches = saved.tower_mismatches(model.config)
         if saved.num_vision_tokens not in (None, model.config.num_vision_tokens):
             mismatches.append(f"num_vision_tokens: saved {saved.num_vision_tokens}, given "
@@ -417,9 +509,72 @@ class SideTunedModel(RECModel):
                 if getattr(saved, f"{modality}_{key}") is not None:
                     setattr(model.config, f"{modality}_{key}", getattr(saved, f"{modality}_{key}"))
         load_trainable_state(model, folder / WEIGHTS_NAME)
-        if (folder / PROCESSOR_CONFIG_NAME).exists() and PIPELINE.load_processor is not None:
+        if PIPELINE.load_processor is not None and any((folder / name).is_file() for name in
+                                                       (PROCESSOR_CONFIG_NAME, *PROCESSOR_FILES)):
             model.processor = PIPELINE.load_processor(str(folder))  # tokenizer files came with it, same commit
+        if target_device is not None:
+            model.to(target_device)
+        if adapter_dtype is not None:
+            model.to(adapter_dtype)
+        for module in (model.side, model.head):
+            module.requires_grad_(is_trainable)
+        model.train(is_trainable)
         return model
+
+
+_FROM_PRETRAINED_ARGUMENTS = ("vision_model", "text_model", "is_trainable", "subfolder", "revision", "dtype",
+                              "torch_dtype", "device", "device_map", "token", "cache_dir", "local_files_only",
+                              "endpoint", "trust_remote_code")
+
+
+def _cast_features(features: TowerFeatures, dtype: torch.dtype) -> TowerFeatures:
+    """The floating tensors of ``features`` in ``dtype`` (masks untouched)."""
+    return dataclasses.replace(
+        features, tokens=features.tokens.to(dtype),
+        seed=None if features.seed is None else features.seed.to(dtype),
+        taps={kind: [t.to(dtype) for t in tensors] for kind, tensors in features.taps.items()})
+
+
+def _adapter_dtype(dtype: str | torch.dtype | None, weights: Path) -> torch.dtype | None:
+    """The dtype asked for the side network and head: None (keep float32), a torch dtype, a name, or "auto"."""
+    if dtype is None:
+        return None
+    if dtype == "auto":
+        from safetensors import safe_open
+
+        with safe_open(str(weights), "pt") as handle:
+            keys = list(handle.keys())
+            return handle.get_tensor(keys[0]).dtype if keys else None
+    if isinstance(dtype, str):
+        name = dtype.removeprefix("torch.")
+        if name not in DTYPES:
+            raise ValueError(f"dtype={dtype!r} is not supported: use one of {sorted(DTYPES)}, a torch dtype, or 'auto'.")
+        return DTYPES[name]
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype={dtype!r} is not a floating torch dtype: use torch.float32, torch.bfloat16, "
+                         "torch.float16 or 'auto'.")
+    return dtype
+
+
+def _single_device(device: str | int | torch.device | None,
+                   device_map: str | int | torch.device | dict[str, Any] | None) -> torch.device | None:
+    """The one device that ``device`` or a single-device ``device_map`` names (an M²IST model is not sharded)."""
+    if device is not None and device_map is not None:
+        raise TypeError("Pass device= or device_map=, not both.")
+    if device_map is None:
+        return None if device is None else torch.device(device)
+    if isinstance(device_map, dict):
+        if set(device_map) != {""}:
+            raise ValueError(f"device_map={device_map} splits the model; an M²IST model loads on one device: pass "
+                             "device='cuda:0' (or device_map={'': 'cuda:0'}).")
+        device_map = device_map[""]
+    if device_map == "auto":
+        return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    if device_map in ("balanced", "balanced_low_0", "sequential"):
+        raise ValueError(f"device_map={device_map!r} shards a model over devices; an M²IST model loads on one "
+                         "device: pass device='cuda:0' or device_map='auto'.")
+    return torch.device(device_map)
+
 
 
 def tower_class(class_name: str | None) -> type:

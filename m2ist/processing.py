@@ -9,21 +9,36 @@ affine map ``canvas_pixel = original_pixel * scale + offset``, which :func:`post
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import logging
 import math
 import os
 import random
 from collections.abc import Sequence
+from io import BytesIO
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from einops import rearrange
-from transformers import AutoTokenizer, BatchFeature, PreTrainedTokenizerBase
+from PIL import Image
+from transformers import (
+    AutoImageProcessor,
+    AutoProcessor,
+    AutoTokenizer,
+    BaseImageProcessor,
+    BatchFeature,
+    PretrainedConfig,
+    PreTrainedTokenizerBase,
+    ProcessorMixin,
+)
+from transformers.image_transforms import to_channel_dimension_format
+from transformers.image_utils import ChannelDimension, infer_channel_dimension_format, to_numpy_array
 
-from m2ist.data.images import load_image
+from m2ist.data.images import ImageLoadError, load_image
 from m2ist.data.transforms import RECAugmentation, resize_long_side
 from m2ist.ops.boxes import box_convert, clip_boxes
 from m2ist.save_and_load import PIPELINE, PROCESSOR_CONFIG_NAME
@@ -33,8 +48,12 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "PROCESSOR_CONFIG_NAME",
+    "RECImageProcessor",
     "RECProcessor",
+    "RECProcessorConfig",
     "boxes_to_labels",
+    "fetch_image",
+    "load_rec_image",
     "post_process_boxes",
 ]
 
@@ -46,7 +65,7 @@ IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 #: Columns of ``image_geometry`` (one row per sample): ``canvas_x = x * scale_x + offset_x`` (same for y).
 GEOMETRY_FIELDS: tuple[str, ...] = ("orig_width", "orig_height", "scale_x", "scale_y", "offset_x", "offset_y")
 
-_HUB_KWARGS = ("revision", "token", "cache_dir", "local_files_only")
+_HUB_KWARGS = ("revision", "token", "cache_dir", "local_files_only", "subfolder")
 _warned_normalised_boxes = False
 
 
@@ -132,13 +151,154 @@ def _three_floats(name: str, value: Any) -> tuple[float, float, float]:
     return (values[0], values[1], values[2])
 
 
+# ---------------------------------------------------------------------------------------------- images
+def _decode_bytes(data: bytes, source: str) -> Image.Image:
+    try:
+        image = Image.open(BytesIO(data))
+        image.load()
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise ImageLoadError(f"{source} is not an image PIL can read ({err}).") from err
+    return image
+
+
+def fetch_image(image: Any, *, timeout: float | None = 30.0) -> Any:
+    """Turn a URL, a base64 data URI or a tensor into something :func:`m2ist.data.images.load_image` reads.
+
+    * ``http://`` / ``https://`` URLs are downloaded (with transformers' HTTP client, ``httpx``);
+    * ``data:image/...;base64,...`` URIs are decoded;
+    * ``torch.Tensor`` s become arrays, channels-first ``(C, H, W)`` ones moved to ``(H, W, C)`` with
+      ``transformers.image_utils``; floats stay in ``[0, 1]``;
+    * anything else (paths, PIL images, arrays) is returned as it is.
+
+    The pixels then follow m2ist's rules for every source alike (EXIF orientation not applied, transparency on
+    white; see :mod:`m2ist.data.images`), so a file and the same file served by URL give the same boxes.
+    """
+    if isinstance(image, str) and image.startswith(("http://", "https://")):
+        import httpx
+
+        try:
+            response = httpx.get(image, timeout=timeout, follow_redirects=True)
+            response.raise_for_status()
+        except httpx.HTTPStatusError as err:
+            raise ImageLoadError(f"Could not download the image {image}: HTTP {err.response.status_code}.") from err
+        except httpx.HTTPError as err:
+            raise ImageLoadError(f"Could not download the image {image}: {type(err).__name__}: {err}. Check the URL "
+                                 "and the network, or pass a local path.") from err
+        return _decode_bytes(response.content, f"The download of {image}")
+    if isinstance(image, str) and image.startswith("data:"):
+        header, _, payload = image.partition(",")
+        if not header.startswith("data:image/") or not header.endswith(";base64") or not payload:
+            raise ImageLoadError(f"Unsupported data URI {image[:40]!r}...: pass 'data:image/<type>;base64,<data>'.")
+        try:
+            data = base64.b64decode(payload, validate=True)
+        except binascii.Error as err:
+            raise ImageLoadError(f"The data URI {image[:40]!r}... holds invalid base64 ({err}).") from err
+        return _decode_bytes(data, "The data URI")
+    if isinstance(image, torch.Tensor):
+        array = to_numpy_array(image.detach().cpu())
+        channels_first = array.ndim == 3 and array.shape[-1] not in (1, 3, 4)
+        if channels_first and infer_channel_dimension_format(array) == ChannelDimension.FIRST:
+            array = to_channel_dimension_format(array, ChannelDimension.LAST, ChannelDimension.FIRST)
+        return array
+    return image
+
+
+def load_rec_image(image: Any) -> Image.Image:
+    """An RGB PIL image from a path, URL, base64 data URI, PIL image, array or tensor (see :func:`fetch_image`)."""
+    return load_image(fetch_image(image))
+
+
+# ---------------------------------------------------------------------------------------------- the image processor
+class RECImageProcessor(BaseImageProcessor):
+    """The image half of :class:`RECProcessor`: letterbox each image onto a square canvas and normalise it.
+
+    The image is resized (aspect kept) so its long side is ``canvas_size``, normalised with ``image_mean`` /
+    ``image_std`` (values in [0, 1]) and pasted centred on a zero canvas; ``pixel_mask`` marks the real pixels and
+    ``image_geometry`` maps original pixels to the canvas (see :data:`GEOMETRY_FIELDS`).
+
+    Args:
+        canvas_size: side ``S`` of the square canvas (640 in TransVG).
+        image_mean / image_std: the vision tower's normalisation, one number or three.
+    """
+
+    model_input_names: ClassVar[list[str]] = ["pixel_values", "pixel_mask"]
+
+    def __init__(self, canvas_size: int = 640, image_mean: Sequence[float] | float = IMAGENET_MEAN,
+                 image_std: Sequence[float] | float = IMAGENET_STD, **kwargs: Any) -> None:
+        kwargs.pop("image_processor_type", None)
+        super().__init__(**kwargs)
+        if isinstance(canvas_size, bool) or int(canvas_size) != canvas_size or int(canvas_size) < 1:
+            raise ValueError(f"canvas_size must be a positive number of pixels, got {canvas_size}.")
+        self.canvas_size = int(canvas_size)
+        self.image_mean = list(_three_floats("image_mean", image_mean))
+        self.image_std = list(_three_floats("image_std", image_std))
+        if min(self.image_std) <= 0:
+            raise ValueError(f"image_std must be positive, got {tuple(self.image_std)}.")
+
+    def preprocess(self, images: Any, return_tensors: str | None = "pt", **kwargs: Any) -> BatchFeature:
+        """Letterbox a batch of images (paths, URLs, data URIs, PIL images, arrays or tensors) onto the canvas.
+
+        Returns ``pixel_values`` (B, 3, S, S), ``pixel_mask`` (B, S, S) and ``image_geometry`` (B, 6).
+        """
+        if kwargs:
+            raise TypeError(f"RECImageProcessor got unexpected arguments {sorted(kwargs)}.")
+        if return_tensors not in ("pt", "np", None):
+            raise ValueError(f"return_tensors must be 'pt', 'np' or None, got {return_tensors!r}.")
+        if not isinstance(images, list | tuple):
+            images = [images]
+        pixel_values, pixel_mask, geometry = self.empty_batch(len(images))
+        for index, image in enumerate(images):
+            geometry[index] = self.letterbox(load_rec_image(image), pixel_values[index], pixel_mask[index])
+        data = {"pixel_values": pixel_values, "pixel_mask": pixel_mask, "image_geometry": geometry}
+        if return_tensors != "pt":
+            data = {key: value.numpy() for key, value in data.items()}
+        return BatchFeature(data, tensor_type=return_tensors)
+
+    def empty_batch(self, batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Zero ``pixel_values``, ``pixel_mask`` and ``image_geometry`` for ``batch`` samples."""
+        size = self.canvas_size
+        return (torch.zeros((batch, 3, size, size), dtype=torch.float32),
+                torch.zeros((batch, size, size), dtype=torch.long),
+                torch.zeros((batch, len(GEOMETRY_FIELDS)), dtype=torch.float32))
+
+    def letterbox(self, image: Image.Image, pixel_values: torch.Tensor, pixel_mask: torch.Tensor) -> torch.Tensor:
+        """Resize ``image`` to the canvas, centre it, write it into ``pixel_values`` / ``pixel_mask``; return its
+        geometry row."""
+        width, height = image.size
+        size = self.canvas_size
+        resized, scale_x, scale_y = resize_long_side(image, size)
+        offset_x, offset_y = (size - resized.width) // 2, (size - resized.height) // 2
+        self.paste(resized, (offset_x, offset_y), pixel_values, pixel_mask)
+        return torch.tensor((width, height, scale_x, scale_y, offset_x, offset_y))
+
+    def paste(self, image: Image.Image, offset: tuple[int, int], pixel_values: torch.Tensor,
+              pixel_mask: torch.Tensor) -> None:
+        """Normalise an RGB image already at canvas scale and write it at ``offset`` (x, y) of one sample's
+        ``pixel_values`` (3, S, S) and ``pixel_mask`` (S, S)."""
+        # x / 255 then (x - mean) / std, folded into one multiply-add per channel
+        multiplier = torch.tensor([1.0 / (255.0 * s) for s in self.image_std], dtype=torch.float32)[:, None, None]
+        shift = torch.tensor([-m / s for m, s in zip(self.image_mean, self.image_std)], dtype=torch.float32)
+        shift = shift[:, None, None]
+        offset_x, offset_y = offset
+        pixels = rearrange(torch.from_numpy(np.array(image, dtype=np.uint8)), "h w c -> c h w")
+        window = (slice(offset_y, offset_y + image.height), slice(offset_x, offset_x + image.width))
+        torch.addcmul(shift, pixels, multiplier, out=pixel_values[:, window[0], window[1]])
+        pixel_mask[window[0], window[1]] = 1
+
+
 # ---------------------------------------------------------------------------------------------- the processor
-class RECProcessor:
+class RECProcessor(ProcessorMixin):
     """Turn images, phrases and (optionally) boxes into the batch an M²IST model takes, and predictions back.
+
+    A ``transformers`` processor (``ProcessorMixin``): a :class:`RECImageProcessor` and the text tower's tokenizer.
+    ``save_pretrained`` writes the tokenizer files and ``processor_config.json`` (plus ``m2ist_processor.json``
+    for older m2ist versions); ``AutoProcessor.from_pretrained(folder)`` finds it once ``m2ist`` is imported.
 
     Args:
         tokenizer: a Hugging Face tokenizer of the text tower (adds ``[CLS]``/``[SEP]`` itself).
-        image_mean: per-channel mean of the vision tower's normalisation (values in [0, 1]).
+        image_processor: a :class:`RECImageProcessor`; by default one built from ``canvas_size``, ``image_mean``
+            and ``image_std``.
+        image_mean: per-channel mean of the vision tower's normalisation (values in [0, 1]; ImageNet's by default).
         image_std: per-channel standard deviation of that normalisation.
         canvas_size: side ``S`` of the square padded canvas (640 in TransVG).
         max_query_len: token length of every phrase, ``[CLS]`` and ``[SEP]`` included (20; 40 for RefCOCOg).
@@ -146,37 +306,61 @@ class RECProcessor:
         augment: training augmentations, applied when called with ``train=True``.
     """
 
-    model_input_names = ("pixel_values", "pixel_mask", "input_ids", "attention_mask")
-
     def __init__(
         self,
         tokenizer: PreTrainedTokenizerBase,
-        image_mean: Sequence[float] = IMAGENET_MEAN,
-        image_std: Sequence[float] = IMAGENET_STD,
-        canvas_size: int = 640,
+        image_processor: RECImageProcessor | None = None,
+        image_mean: Sequence[float] | None = None,
+        image_std: Sequence[float] | None = None,
+        canvas_size: int | None = None,
         max_query_len: int = 20,
         lowercase: bool = True,
-        augment: RECAugmentation | None = None,
+        augment: RECAugmentation | dict[str, Any] | None = None,
+        **kwargs: Any,
     ) -> None:
-        if not callable(tokenizer):
+        if not isinstance(tokenizer, PreTrainedTokenizerBase):
             raise TypeError(f"tokenizer must be a Hugging Face tokenizer, got {type(tokenizer).__name__}.")
         if getattr(tokenizer, "pad_token", None) is None:
             raise ValueError("The tokenizer has no pad token; set tokenizer.pad_token before building the processor.")
-        if int(canvas_size) < 1:
-            raise ValueError(f"canvas_size must be a positive number of pixels, got {canvas_size}.")
-        if int(max_query_len) < 2:
+        settings = {"canvas_size": canvas_size, "image_mean": image_mean, "image_std": image_std}
+        given = {key: value for key, value in settings.items() if value is not None}
+        if image_processor is None:
+            image_processor = RECImageProcessor(**{"canvas_size": 640, **given})
+        elif not isinstance(image_processor, RECImageProcessor):
+            raise TypeError(f"image_processor must be a RECImageProcessor, got {type(image_processor).__name__}.")
+        elif given:
+            raise ValueError(f"Pass {sorted(given)} to the RECImageProcessor, or no image_processor: not both.")
+        if isinstance(max_query_len, bool) or int(max_query_len) < 2:
             raise ValueError(f"max_query_len must be >= 2 (room for [CLS] and [SEP]), got {max_query_len}.")
+        if isinstance(augment, dict):
+            augment = RECAugmentation.from_dict(augment)
         if augment is not None and not isinstance(augment, RECAugmentation):
             raise TypeError(f"augment must be a RECAugmentation or None, got {type(augment).__name__}.")
-        self.tokenizer = tokenizer
-        self.image_mean = _three_floats("image_mean", image_mean)
-        self.image_std = _three_floats("image_std", image_std)
-        if min(self.image_std) <= 0:
-            raise ValueError(f"image_std must be positive, got {self.image_std}.")
-        self.canvas_size = int(canvas_size)
         self.max_query_len = int(max_query_len)
         self.lowercase = bool(lowercase)
         self.augment = augment
+        super().__init__(tokenizer, image_processor, **kwargs)
+
+    # the image settings live on the image processor
+    @property
+    def canvas_size(self) -> int:
+        """Side of the square canvas (the image processor's)."""
+        return self.image_processor.canvas_size
+
+    @property
+    def image_mean(self) -> tuple[float, float, float]:
+        """The normalisation mean (the image processor's)."""
+        return tuple(self.image_processor.image_mean)  # type: ignore[return-value]
+
+    @property
+    def image_std(self) -> tuple[float, float, float]:
+        """The normalisation standard deviation (the image processor's)."""
+        return tuple(self.image_processor.image_std)  # type: ignore[return-value]
+
+    @property
+    def model_input_names(self) -> list[str]:
+        """The inputs the model takes (``image_geometry`` and ``labels`` are for boxes, not the model)."""
+        return ["pixel_values", "pixel_mask", "input_ids", "attention_mask"]
 
     def __repr__(self) -> str:
         return (
@@ -188,18 +372,21 @@ class RECProcessor:
     # ------------------------------------------------------------------ main entry point
     def __call__(
         self,
-        images: Any,
-        texts: str | Sequence[str],
+        images: Any = None,
+        texts: str | Sequence[str] | None = None,
         boxes: Any = None,
         train: bool = False,
         return_tensors: str | None = "pt",
         rng: random.Random | torch.Generator | None = None,
+        *,
+        text: str | Sequence[str] | None = None,
     ) -> BatchFeature:
         """Process a batch (or one sample when ``texts`` is a string).
 
         Args:
-            images: file paths, PIL images or arrays (one per phrase; see :func:`m2ist.data.images.load_image`).
-            texts: the referring phrases.
+            images: file paths, ``http(s)`` URLs, base64 data URIs, PIL images, arrays or tensors (one per
+                phrase; see :func:`fetch_image`).
+            texts: the referring phrases (``text=`` is accepted too, as in transformers' processors).
             boxes: optional ``(x0, y0, x1, y1)`` boxes in pixels of the original images (a list or ``(B, 4)``).
             train: apply ``self.augment`` (boxes required). Without ``augment`` this is the test-time transform.
             return_tensors: ``"pt"``, ``"np"`` or ``None`` (numpy).
@@ -210,6 +397,12 @@ class RECProcessor:
             ``input_ids`` and ``attention_mask`` (B, L) long, ``image_geometry`` (B, 6) float and, with boxes,
             ``labels`` (B, 4) normalised ``(cx, cy, w, h)``.
         """
+        if text is not None:
+            if texts is not None:
+                raise TypeError("Pass the phrases once: texts= or text=, not both.")
+            texts = text
+        if images is None or texts is None:
+            raise ValueError("RECProcessor needs images and phrases: processor(images, texts[, boxes]).")
         if return_tensors not in ("pt", "np", None):
             raise ValueError(f"return_tensors must be 'pt', 'np' or None, got {return_tensors!r}.")
         if isinstance(texts, str):
@@ -228,37 +421,26 @@ class RECProcessor:
         if augment is not None and boxes is None:
             raise ValueError("Training augmentation moves the box with the image: pass boxes when train=True.")
 
-        size = self.canvas_size
-        pixel_values = torch.zeros((len(texts), 3, size, size), dtype=torch.float32)
-        pixel_mask = torch.zeros((len(texts), size, size), dtype=torch.long)
-        geometry = torch.zeros((len(texts), len(GEOMETRY_FIELDS)), dtype=torch.float32)
+        image_processor = self.image_processor
+        size = image_processor.canvas_size
+        pixel_values, pixel_mask, geometry = image_processor.empty_batch(len(texts))
         clean_boxes: list[list[float]] = []
         final_texts: list[str] = []
-        # x / 255 then (x - mean) / std, folded into one multiply-add per channel
-        multiplier = torch.tensor([1.0 / (255.0 * s) for s in self.image_std], dtype=torch.float32)[:, None, None]
-        shift = torch.tensor([-m / s for m, s in zip(self.image_mean, self.image_std)], dtype=torch.float32)
-        shift = shift[:, None, None]
-
-        for index, (image, text) in enumerate(zip(images, texts)):
-            if not isinstance(text, str):
-                raise TypeError(f"Phrase {index} must be a string, got {type(text).__name__}.")
-            image = load_image(image)
+        for index, (image, phrase) in enumerate(zip(images, texts)):
+            if not isinstance(phrase, str):
+                raise TypeError(f"Phrase {index} must be a string, got {type(phrase).__name__}.")
+            image = load_rec_image(image)
             width, height = image.size
             if boxes is not None:
                 clean_boxes.append(_clean_box(boxes[index], width, height, index))
             if augment is not None:
-                sample = augment(image, text, clean_boxes[index], size, rng=rng)
-                image, text, (offset_x, offset_y) = sample.image, sample.text, sample.offset
+                sample = augment(image, phrase, clean_boxes[index], size, rng=rng)
+                phrase = sample.text
+                image_processor.paste(sample.image, sample.offset, pixel_values[index], pixel_mask[index])
                 geometry[index] = torch.tensor((width, height, *sample.scale, *sample.translation))
             else:
-                image, scale_x, scale_y = resize_long_side(image, size)
-                offset_x, offset_y = (size - image.width) // 2, (size - image.height) // 2
-                geometry[index] = torch.tensor((width, height, scale_x, scale_y, offset_x, offset_y))
-            pixels = rearrange(torch.from_numpy(np.array(image, dtype=np.uint8)), "h w c -> c h w")
-            window = (slice(offset_y, offset_y + image.height), slice(offset_x, offset_x + image.width))
-            torch.addcmul(shift, pixels, multiplier, out=pixel_values[index, :, window[0], window[1]])
-            pixel_mask[index, window[0], window[1]] = 1
-            final_texts.append(text.lower() if self.lowercase else text)
+                geometry[index] = image_processor.letterbox(image, pixel_values[index], pixel_mask[index])
+            final_texts.append(phrase.lower() if self.lowercase else phrase)
 
         tokens = self.tokenizer(
             final_texts,
@@ -301,7 +483,16 @@ class RECProcessor:
 
     # ------------------------------------------------------------------ save / load
     def to_dict(self) -> dict[str, Any]:
-        """The processor's settings (without the tokenizer) as a JSON-serialisable dict."""
+        """The processor's settings (without the tokenizer) as transformers writes them to ``processor_config.json``:
+        ``image_processor`` (canvas and normalisation), ``max_query_len``, ``lowercase``, ``augment``."""
+        output = super().to_dict()
+        output["augment"] = None if self.augment is None else self.augment.to_dict()
+        return output
+
+    def flat_settings(self) -> dict[str, Any]:
+        """The processor's settings as one flat dict (canvas, normalisation, tokens, augmentation): what
+        ``m2ist_processor.json`` holds (the format of m2ist before ``processor_config.json``) and what evaluation
+        results record."""
         return {
             "processor_class": type(self).__name__,
             "library": "m2ist",
@@ -314,70 +505,91 @@ class RECProcessor:
         }
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> list[str]:
-        """Write the tokenizer files and ``m2ist_processor.json`` to ``save_directory``; returns the file paths."""
+        """Write the tokenizer files, ``processor_config.json`` and ``m2ist_processor.json``; returns the paths of
+        the two processor files."""
         directory = Path(save_directory)
         if directory.is_file():
             raise ValueError(f"save_pretrained needs a directory, but {directory} is a file.")
         directory.mkdir(parents=True, exist_ok=True)
-        written = [str(p) for p in self.tokenizer.save_pretrained(str(directory), **kwargs)]
+        written = [str(p) for p in super().save_pretrained(str(directory), **kwargs)]
         config_path = directory / PROCESSOR_CONFIG_NAME
-        config_path.write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
+        config_path.write_text(json.dumps(self.flat_settings(), indent=2) + "\n", encoding="utf-8")
         return [*written, str(config_path)]
 
     @classmethod
     def from_pretrained(
         cls,
-        text_model_name_or_path: str | os.PathLike,
+        pretrained_model_name_or_path: str | os.PathLike,
         vision_model_name_or_path: str | os.PathLike | None = None,
         **kwargs: Any,
     ) -> RECProcessor:
-        """Build a processor from a text tower's tokenizer (and a vision tower's normalisation), or reload one.
+        """Reload a saved processor, or build one from a text tower's tokenizer (and a vision tower's normalisation).
 
-        ``text_model_name_or_path`` is a Hub repo id or a local folder. If it holds ``m2ist_processor.json``
-        (written by :meth:`save_pretrained`) the saved settings are restored. Otherwise the tokenizer is loaded
-        with ``AutoTokenizer`` and ``image_mean``/``image_std`` are read from the ``preprocessor_config.json`` of
+        ``pretrained_model_name_or_path`` is a Hub repo id or a local folder. A folder written by
+        :meth:`save_pretrained` (``processor_config.json``, or ``m2ist_processor.json`` of older versions) is
+        restored with its settings. Otherwise it names the text tower: the tokenizer is loaded with
+        ``AutoTokenizer`` and ``image_mean``/``image_std`` are read from the ``preprocessor_config.json`` of
         ``vision_model_name_or_path`` (ImageNet statistics when there is none).
 
-        Keyword arguments ``revision``, ``token``, ``cache_dir``, ``local_files_only`` and ``trust_remote_code``
-        are passed to the Hub (``vision_revision`` sets the vision repo's revision); the other keyword arguments
-        (``canvas_size``, ``max_query_len``, ``lowercase``, ``augment``, ``image_mean``, ``image_std``) override
-        the processor settings.
+        Keyword arguments ``revision``, ``token``, ``cache_dir``, ``local_files_only``, ``subfolder`` and
+        ``trust_remote_code`` are passed to the Hub (``vision_revision`` sets the vision repo's revision); the
+        other keyword arguments (``canvas_size``, ``max_query_len``, ``lowercase``, ``augment``, ``image_mean``,
+        ``image_std``) override the processor settings.
         """
+        for key in _AUTO_KWARGS:  # what AutoProcessor passes along; m2ist resolves files itself
+            kwargs.pop(key, None)
         hub_kwargs = {key: kwargs.pop(key) for key in _HUB_KWARGS if kwargs.get(key) is not None}
         for key in _HUB_KWARGS:
             kwargs.pop(key, None)
         trust_remote_code = kwargs.pop("trust_remote_code", None)
         vision_revision = kwargs.pop("vision_revision", None)
-        unknown = set(kwargs) - {"canvas_size", "max_query_len", "lowercase", "augment", "image_mean", "image_std"}
+        unknown = set(kwargs) - set(_SETTINGS)
         if unknown:
-            raise TypeError(f"RECProcessor.from_pretrained got unexpected keyword arguments {sorted(unknown)}.")
-
+            raise TypeError(f"RECProcessor.from_pretrained got unexpected keyword arguments {sorted(unknown)}; it "
+                            f"accepts {sorted(_SETTINGS)} and the Hub options {sorted(_HUB_KWARGS)}, "
+                            "trust_remote_code, vision_revision.")
         tokenizer_kwargs = dict(hub_kwargs)
         if trust_remote_code is not None:
             tokenizer_kwargs["trust_remote_code"] = trust_remote_code
-        text_source = str(text_model_name_or_path)
-        tokenizer = AutoTokenizer.from_pretrained(text_source, **tokenizer_kwargs)
+        source = str(pretrained_model_name_or_path)
 
-        settings: dict[str, Any] = {}
-        saved_config = _find_file(text_source, PROCESSOR_CONFIG_NAME, hub_kwargs)
-        if saved_config is not None:
-            saved = json.loads(Path(saved_config).read_text(encoding="utf-8"))
-            settings = {
-                key: saved[key]
-                for key in ("canvas_size", "image_mean", "image_std", "max_query_len", "lowercase")
-                if key in saved
-            }
-            if saved.get("augment") is not None:
-                settings["augment"] = RECAugmentation.from_dict(saved["augment"])
+        processor: RECProcessor | None = None
+        saved = _find_file(source, "processor_config.json", hub_kwargs)
+        if saved is not None and json.loads(Path(saved).read_text(encoding="utf-8")).get("processor_class") == cls.__name__:
+            processor = super().from_pretrained(source, **tokenizer_kwargs)
+        legacy = None if processor is not None else _find_file(source, PROCESSOR_CONFIG_NAME, hub_kwargs)
+        if processor is None:
+            tokenizer = AutoTokenizer.from_pretrained(source, **tokenizer_kwargs)
+            settings: dict[str, Any] = {}
+            if legacy is not None:
+                values = json.loads(Path(legacy).read_text(encoding="utf-8"))
+                settings = {key: values[key] for key in _SETTINGS if values.get(key) is not None}
+            elif vision_model_name_or_path is None:
+                logger.info("No vision model given: normalising images with ImageNet statistics.")
+            processor = cls(tokenizer, **settings)
+        overrides = dict(kwargs)
         if vision_model_name_or_path is not None:
-            vision_kwargs = {k: v for k, v in hub_kwargs.items() if k != "revision"}
+            vision_kwargs = {k: v for k, v in hub_kwargs.items() if k not in ("revision", "subfolder")}
             if vision_revision is not None:
                 vision_kwargs["revision"] = vision_revision
-            settings.update(_read_image_stats(str(vision_model_name_or_path), vision_kwargs))
-        elif saved_config is None:
-            logger.info("No vision model given: normalising images with ImageNet statistics.")
-        settings.update(kwargs)
-        return cls(tokenizer, **settings)
+            overrides = {**_read_image_stats(str(vision_model_name_or_path), vision_kwargs), **overrides}
+        return processor._with(**overrides)
+
+    def _with(self, **overrides: Any) -> RECProcessor:
+        """This processor with some settings changed (a new image processor when an image setting changes)."""
+        if not overrides:
+            return self
+        image_keys = ("canvas_size", "image_mean", "image_std")
+        image_settings = {key: overrides.pop(key, getattr(self, key)) for key in image_keys}
+        settings = {"max_query_len": self.max_query_len, "lowercase": self.lowercase, "augment": self.augment,
+                    **overrides}
+        return type(self)(self.tokenizer, RECImageProcessor(**image_settings), **settings)
+
+
+#: The settings ``RECProcessor.from_pretrained`` reads from a saved processor and takes as overrides.
+_SETTINGS = ("canvas_size", "image_mean", "image_std", "max_query_len", "lowercase", "augment")
+#: Loader options ``AutoProcessor`` / ``ProcessorMixin`` pass to ``from_pretrained`` that m2ist does not need.
+_AUTO_KWARGS = ("_from_auto", "force_download", "proxies", "user_agent", "_commit_hash", "code_revision")
 
 
 def _find_file(source: str, filename: str, hub_kwargs: dict[str, Any]) -> str | None:
@@ -432,4 +644,14 @@ def _read_image_stats(source: str, hub_kwargs: dict[str, Any]) -> dict[str, tupl
     }
 
 
+class RECProcessorConfig(PretrainedConfig):
+    """The key under which :class:`RECProcessor` and :class:`RECImageProcessor` are registered with transformers'
+    ``AutoProcessor`` / ``AutoImageProcessor`` (an M²IST adapter has no ``config.json`` of its own)."""
+
+    model_type = "m2ist_rec"
+
+
+# Found by AutoProcessor / AutoImageProcessor once m2ist is imported: no remote code, no auto_map.
+AutoImageProcessor.register(RECProcessorConfig, image_processor_classes={"pil": RECImageProcessor}, exist_ok=True)
+AutoProcessor.register(RECProcessorConfig, RECProcessor, exist_ok=True)
 PIPELINE.load_processor = RECProcessor.from_pretrained

@@ -1,21 +1,20 @@
-"""Saving and loading the trainable tensors (side network + head) as safetensors, and the model card."""
+"""Saving and loading the trainable tensors (side network + head) as safetensors (the card is in ``m2ist.card``)."""
 
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from huggingface_hub import ModelCard, ModelCardData
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .config import M2ISTConfig
 from .version import __version__
 
 WEIGHTS_NAME = "m2ist_model.safetensors"
@@ -24,6 +23,12 @@ PROCESSOR_CONFIG_NAME = "m2ist_processor.json"
 #: What a saved processor's tokenizer may consist of (whichever files the tokenizer wrote).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "vocab.txt", "vocab.json", "merges.txt", "spiece.model", "sentencepiece.bpe.model")
+#: The processor files transformers' ``ProcessorMixin.save_pretrained`` writes (found by ``AutoProcessor``).
+PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
+#: Every file an adapter folder may publish: config, weights, card, processor and tokenizer. Pushes upload these
+#: only (never optimizer state, training arguments, trainer state or checkpoints).
+ADAPTER_FILES = ("m2ist_config.json", WEIGHTS_NAME, "README.md", PROCESSOR_CONFIG_NAME, *PROCESSOR_FILES,
+                 *TOKENIZER_FILES)
 TRAINABLE_PREFIXES = ("side.", "head.")
 
 
@@ -44,12 +49,24 @@ PIPELINE = PipelineHooks()
 
 
 def atomic_write(path: Path, write) -> None:
-    """Call ``write(tmp_path)`` on a temporary file beside ``path``, then move it into place in one step."""
+    """Call ``write(tmp_path)`` on a temporary file beside ``path``, then move it into place in one step.
+
+    The file gets the permissions a plain ``open(path, "w")`` would give (``0644`` under the usual umask ``022``),
+    not the ``0600`` of ``tempfile.mkstemp``.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    while True:
+        tmp = str(path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as for open()
+            break
+        except FileExistsError:
+            continue
+    mode = stat.S_IMODE(os.fstat(fd).st_mode)
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, mode)  # a writer that replaces the file (safetensors does) would leave its own 0600
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -93,40 +110,3 @@ def load_trainable_state(model: nn.Module, path: Path) -> None:
     with torch.no_grad():
         for key, tensor in expected.items():
             tensor.copy_(state[key])
-
-
-def write_model_card(folder: Path, config: M2ISTConfig, counts: dict[str, int]) -> Path:
-    """Write ``README.md`` with Hub metadata (``library_name: m2ist``, both base models, tags) and a summary."""
-    base_models = [m for m in (config.vision_model_name_or_path, config.text_model_name_or_path)
-                   if m and not os.path.isabs(m) and not m.startswith(".")]
-    data = ModelCardData(
-        library_name="m2ist",
-        license="apache-2.0",
-        base_model=base_models or None,
-        tags=["m2ist", "side-tuning", "referring-expression-comprehension", "visual-grounding", "peft"],
-        pipeline_tag="zero-shot-object-detection",
-    )
-    total = sum(counts.values())
-    body = f"""
-# M²IST side adapter
-
-Multi-modal interactive side-tuning (M²IST, arXiv 2407.01131) for referring expression comprehension: both
-towers stay frozen; this repository holds only the side network and the REC head ({WEIGHTS_NAME}).
-
-| part | model |
-|---|---|
-| vision tower (frozen) | `{config.vision_model_name_or_path}` ({config.vision_model_type}) |
-| text tower (frozen) | `{config.text_model_name_or_path}` ({config.text_model_type}) |
-| side adapters | {counts.get("side", 0):,d} parameters ({100 * counts.get("side", 0) / max(total, 1):.2f}% of the model) |
-| REC head | {counts.get("head", 0):,d} parameters |
-
-```python
-from m2ist import SideTunedModel
-model = SideTunedModel.from_pretrained("<this repo id>")  # re-loads both towers by their recorded names
-boxes = model.predict(["image.jpg"], ["the man on the left"])
-```
-"""
-    card = ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
-    path = folder / "README.md"
-    atomic_write(path, lambda tmp: Path(tmp).write_text(str(card), encoding="utf-8"))
-    return path

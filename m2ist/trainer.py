@@ -20,6 +20,7 @@ import contextlib
 import copy
 import logging
 import os
+import shutil
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,21 +29,23 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate.utils import DistributedDataParallelKwargs
+from huggingface_hub import HfApi
 from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import Dataset
 from transformers import EvalPrediction, Trainer, TrainingArguments
 from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_pt_utils import get_parameter_names
-from transformers.trainer_utils import SchedulerType
+from transformers.trainer_utils import SaveStrategy, SchedulerType
 
+from .card import EVAL_RESULTS_NAME, read_eval_results, write_model_card
 from .config import M2ISTConfig
 from .data.collator import RECCollator
-from .evaluation import paired_iou
+from .evaluation import paired_iou, write_results
 from .head import rec_loss
 from .model import METHODS, RECModel, SideTunedModel
 from .ops.boxes import box_convert
-from .save_and_load import WEIGHTS_NAME, atomic_write, load_trainable_state
+from .save_and_load import ADAPTER_FILES, WEIGHTS_NAME, atomic_write, load_trainable_state
 from .version import __version__
 
 __all__ = [
@@ -414,7 +417,8 @@ class RECTrainer(Trainer):
                    "name": role if decays else f"{role}_no_decay"}
                   for (role, decays), params in grouped.items() if params]
         if not groups:
-            raise ValueError("The model has no trainable parameters: nothing to optimise.")
+            raise ValueError("The model has no trainable parameters: nothing to optimise. SideTunedModel.from_pretrained() "
+                             "loads an adapter for inference; pass is_trainable=True to continue training it.")
         if self.optimizer_cls_and_kwargs is not None:
             optimizer_cls, optimizer_kwargs = self.optimizer_cls_and_kwargs
         else:
@@ -465,16 +469,131 @@ class RECTrainer(Trainer):
 
     # ------------------------------------------------------------------ saving and loading
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        """Write only the trained tensors (M²IST: side + head) and the config, the processor and the arguments."""
+        """Write only the trained tensors (M²IST: side + head) and the config, the processor and the arguments; with
+        the evaluation results measured so far in ``eval_results.json``, which the model card reports."""
         if not self.args.should_save:
             return
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         os.makedirs(output_dir, exist_ok=True)
+        results = self.measured_results(best=self.args.load_best_model_at_end
+                                        and not Path(output_dir).name.startswith("checkpoint-"))
+        if results is not None:
+            write_results(results, Path(output_dir) / EVAL_RESULTS_NAME)
         logger.info("Saving the trained tensors to %s", output_dir)
         save_trainable_tensors(self.accelerator.unwrap_model(self.model), output_dir)
         if self.processing_class is not None and hasattr(self.processing_class, "save_pretrained"):
             self.processing_class.save_pretrained(output_dir)
         torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+
+    def measured_results(self, best: bool = False) -> dict[str, Any] | None:
+        """The evaluation results of the training run in :func:`m2ist.evaluation.evaluate`'s format
+        (``{"metrics": {split: {"acc@0.5", "miou"}}, "metadata": {...}}``): those of the last evaluation, or with
+        ``best`` those of the best checkpoint's step; None before any evaluation."""
+        steps: dict[int, dict[str, dict[str, float]]] = {}
+        for entry in self.state.log_history:
+            for key, value in entry.items():
+                for metric in ("acc@0.5", "miou"):
+                    if key.startswith("eval_") and key.endswith(metric) and isinstance(value, int | float):
+                        split = key[len("eval_"):-len(metric)].rstrip("_") or "eval"
+                        steps.setdefault(int(entry.get("step", 0)), {}).setdefault(split, {})[metric] = float(value)
+        if not steps:
+            return None
+        step = max(steps)
+        checkpoint = self.state.best_model_checkpoint
+        if best and checkpoint and Path(checkpoint).name.removeprefix("checkpoint-").isdigit():
+            step = int(Path(checkpoint).name.removeprefix("checkpoint-"))
+            if step not in steps:
+                return None
+        return {"metrics": steps[step], "metadata": {"source": "RECTrainer", "step": step,
+                                                     "best": bool(best and checkpoint)}}
+
+    def create_model_card(self, language: str | None = None, license: str | None = None,
+                          tags: str | list[str] | None = None, model_name: str | None = None,
+                          finetuned_from: str | None = None, tasks: str | list[str] | None = None,
+                          dataset_tags: str | list[str] | None = None, dataset: str | list[str] | None = None,
+                          dataset_args: str | list[str] | None = None, *, repo_id: str | None = None) -> None:
+        """Write (or update) the m2ist model card in ``args.output_dir``: ``library_name: m2ist``, both towers as
+        ``base_model``, ``dataset_tags`` (Hub dataset ids) as ``datasets``, and the measured results as
+        ``model-index``. ``finetuned_from`` / ``tasks`` / ``dataset_args`` are accepted for transformers' signature;
+        the towers and the task come from the model."""
+        if not self.is_world_process_zero():
+            return
+        model = self.accelerator.unwrap_model(self.model)
+        results = self.measured_results(best=self.args.load_best_model_at_end) or read_eval_results(self.args.output_dir)
+        hub_datasets = [d for d in [*_as_list(dataset_tags), *_as_list(dataset)] if "/" in d]
+        write_model_card(self.args.output_dir, model.config, model.parameter_counts(),
+                         repo_id=repo_id or getattr(self, "hub_model_id", None), results=results,
+                         datasets=hub_datasets, tags=_as_list(tags), model_name=model_name, license=license,
+                         language=language)
+
+    def push_to_hub(self, commit_message: str | None = "End of training", blocking: bool = True,
+                    token: str | None = None, revision: str | None = None, private: bool | None = None, *,
+                    endpoint: str | None = None, **kwargs: Any):
+        """Save the model, write the m2ist card and upload the adapter's files (never optimizer state, training
+        arguments or checkpoints) to ``args.hub_model_id`` (default: the output folder's name) in one commit.
+
+        ``kwargs`` go to :meth:`create_model_card`; ``endpoint`` names another Hub (a mirror or a test server). The
+        upload is synchronous (``blocking=False`` is accepted and ignored). Returns the commit URL.
+        """
+        from .hub import push_folder_to_hub
+
+        self.callback_handler.on_push_begin(self.args, self.state, self.control)
+        model_name = kwargs.pop("model_name", None)
+        token = token if token is not None else self.args.hub_token
+        self.save_model(_internal_call=True)
+        if not self.is_world_process_zero():
+            return None
+        private = private if private is not None else self.args.hub_private_repo
+        name = self.args.hub_model_id or Path(self.args.output_dir).absolute().name
+        self.hub_model_id = HfApi(endpoint=endpoint, token=token).create_repo(name, private=private,
+                                                                                exist_ok=True).repo_id
+        self.create_model_card(model_name=model_name or self.hub_model_id.split("/")[-1], repo_id=self.hub_model_id,
+                               **kwargs)
+        self._finish_current_push()
+        return push_folder_to_hub(self.args.output_dir, self.hub_model_id, commit_message=commit_message or "End of training",
+                                  token=token, revision=revision or self.args.hub_revision, private=private,
+                                  endpoint=endpoint)
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        """With ``args.push_to_hub``: after each save, push the adapter's files and the m2ist card from the output
+        folder (never ``training_args.bin``, optimizer state or ``trainer_state.json``). With ``hub_strategy``
+        ``"checkpoint"`` / ``"all_checkpoints"`` the checkpoint folder itself is pushed too, as those ask."""
+        from transformers.trainer_utils import HubStrategy
+        from transformers.utils import PushInProgress
+
+        from .hub import ADAPTER_PATTERNS, IGNORED_PATTERNS
+
+        if not self.is_world_process_zero() or self.args.hub_strategy == HubStrategy.END:
+            return
+        if not self.args.hub_always_push and self.push_in_progress is not None and not self.push_in_progress.is_done():
+            return
+        self.callback_handler.on_push_begin(self.args, self.state, self.control)
+        output_dir = self.args.output_dir
+        for name in ADAPTER_FILES:  # the checkpoint's adapter, not a copy of the whole model
+            if os.path.isfile(os.path.join(checkpoint_folder, name)):
+                shutil.copy(os.path.join(checkpoint_folder, name), os.path.join(output_dir, name))
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        self.create_model_card(repo_id=self.hub_model_id)
+        if self.args.save_strategy == SaveStrategy.STEPS:
+            commit_message = f"Training in progress, step {self.state.global_step}"
+        else:
+            commit_message = f"Training in progress, epoch {int(self.state.epoch)}"
+        api = HfApi(library_name="m2ist", library_version=__version__)
+        jobs = [api.upload_folder(repo_id=self.hub_model_id, folder_path=output_dir, commit_message=commit_message,
+                                  token=self.args.hub_token, run_as_future=True, revision=self.args.hub_revision,
+                                  allow_patterns=list(ADAPTER_PATTERNS), ignore_patterns=list(IGNORED_PATTERNS))]
+        if self.args.hub_strategy in (HubStrategy.CHECKPOINT, HubStrategy.ALL_CHECKPOINTS):
+            path_in_repo = ("last-checkpoint" if self.args.hub_strategy == HubStrategy.CHECKPOINT
+                            else Path(checkpoint_folder).name)
+            jobs.append(api.upload_folder(repo_id=self.hub_model_id, folder_path=checkpoint_folder,
+                                          path_in_repo=path_in_repo, commit_message=commit_message + ", checkpoint",
+                                          token=self.args.hub_token, run_as_future=True,
+                                          revision=self.args.hub_revision))
+        if self.push_in_progress is None or self.push_in_progress.is_done():
+            self.push_in_progress = PushInProgress(jobs)
+        else:
+            self.push_in_progress.jobs.extend(jobs)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         """Load the trained tensors of a checkpoint strictly (optimizer, scheduler and RNG follow in ``Trainer``)."""
@@ -487,6 +606,12 @@ class RECTrainer(Trainer):
         logger.info("Loading the best checkpoint %s (%s=%s).", self.state.best_model_checkpoint,
                     self.args.metric_for_best_model, self.state.best_metric)
         load_trainable_tensors(self.accelerator.unwrap_model(self.model), self.state.best_model_checkpoint)
+
+
+def _as_list(value: str | list[str] | None) -> list[str]:
+    if value is None:
+        return []
+    return [value] if isinstance(value, str) else list(value)
 
 
 def _has_length(dataloader) -> bool:

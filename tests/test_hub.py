@@ -85,15 +85,16 @@ def test_all_files_come_from_one_commit_even_if_the_branch_moves_mid_download(
     second = write_checkpoint(tmp_path / "v2", scale=2.0)
     answer_request = hub.handle
 
-    def push_v2_after_the_first_file(method: str, path: str, headers: dict[str, str], body: bytes):
+    def push_v2_once_main_is_resolved(method: str, path: str, headers: dict[str, str], body: bytes):
         answer = answer_request(method, path, headers, body)
-        if method == "GET" and path.endswith("/resolve/main/m2ist_config.json"):
+        if method == "GET" and path.endswith(f"/{REPO_ID}/revision/main"):
             hub.add_commit(REPO_ID, second, title="v2 lands mid-download")
         return answer
 
-    monkeypatch.setattr(hub, "handle", push_v2_after_the_first_file)
+    monkeypatch.setattr(hub, "handle", push_v2_once_main_is_resolved)
     folder = resolve_pretrained(REPO_ID, filenames=FILES, cache_dir=tmp_path / "cache", endpoint=hub.url)
 
+    assert hub.repo(REPO_ID).commits[hub.repo(REPO_ID).refs["main"]].title == "v2 lands mid-download"
     for name in FILES:
         assert (folder / name).read_bytes() == first[name]
 
@@ -296,7 +297,7 @@ def test_local_hub_serves_snapshot_download_and_file_listing(tmp_path: Path) -> 
 
 def test_local_hub_bounds_request_bodies_and_its_own_lifetime(tmp_path: Path) -> None:
     (tmp_path / "big").mkdir()
-    (tmp_path / "big" / "weights.bin").write_bytes(bytes(64 * 1024))
+    (tmp_path / "big" / "m2ist_model.safetensors").write_bytes(bytes(64 * 1024))
     with online_client(), LocalHub(max_body_bytes=16 * 1024) as hub:
         with pytest.raises(HfHubHTTPError, match="larger than the local test Hub's limit"):
             push_folder_to_hub(tmp_path / "big", REPO_ID, endpoint=hub.url)

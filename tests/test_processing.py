@@ -330,7 +330,8 @@ def test_from_pretrained_on_hub_repos(tmp_path: Path) -> None:
     assert tuple(result["bare"]) == IMAGENET_MEAN
     assert PROCESSOR_CONFIG_NAME in result["saved_files"]
     assert result["missing"] == "RepositoryNotFoundError"
-    assert reloaded["image_mean"] == [0.1, 0.2, 0.3] and reloaded["max_query_len"] == 12
+    assert "processor_config.json" in result["saved_files"]
+    assert reloaded["image_processor"]["image_mean"] == [0.1, 0.2, 0.3] and reloaded["max_query_len"] == 12
 
 
 # ------------------------------------------------------------------------------------------------ collator

@@ -68,8 +68,9 @@ def load_adapter(settings: Mapping[str, Mapping[str, Any]]):
     info(f"Loading the adapter {adapter}")
     model = SideTunedModel.from_pretrained(adapter, **towers, trust_remote_code=trust)
     source = model_settings.get("processor") or adapter
-    if Path(source).is_dir() and not (Path(source) / PROCESSOR_CONFIG_NAME).is_file():
-        raise CLIError(f"{source} holds no {PROCESSOR_CONFIG_NAME}: pass --processor DIR, the folder a processor was "
+    saved_processor = [name for name in (PROCESSOR_CONFIG_NAME, "processor_config.json") if (Path(source) / name).is_file()]
+    if Path(source).is_dir() and not saved_processor:
+        raise CLIError(f"{source} holds no processor_config.json: pass --processor DIR, the folder a processor was "
                        "saved to (`m2ist train` saves it next to the adapter).")
     processor = RECProcessor.from_pretrained(source, trust_remote_code=trust or None)
     model.processor = processor

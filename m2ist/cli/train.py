@@ -54,9 +54,11 @@ def _check_train_settings(settings: Mapping[str, Mapping[str, Any]]) -> None:
 
 def run(settings: dict[str, dict[str, Any]], args: argparse.Namespace) -> int:
     """Build the towers, the model and the processor, load the data, train, save, and score the evaluation splits."""
+    from m2ist.card import write_model_card
     from m2ist.data.dataset import RECDataset
     from m2ist.evaluation import evaluate, write_results
     from m2ist.evidence.baselines import build_model
+    from m2ist.model import SideTunedModel
     from m2ist.processing import RECProcessor
     from m2ist.trainer import train_rec
 
@@ -109,6 +111,8 @@ def run(settings: dict[str, dict[str, Any]], args: argparse.Namespace) -> int:
                            num_workers=int(evaluation.get("num_workers", 0)),
                            metadata={"adapter": str(output_dir), "data": plain(data)})
         path = write_results(results, evaluation.get("output_file") or output_dir / "eval_results.json")
+        if isinstance(model, SideTunedModel) and path == output_dir / "eval_results.json":
+            write_model_card(output_dir, model.config, model.parameter_counts())  # the card reports these results
         print_metrics(results["metrics"])
         info(f"Wrote {path}")
     return 0
