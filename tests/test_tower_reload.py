@@ -28,7 +28,7 @@ def test_tower_classes_are_rebuilt_by_name(tmp_path, batch):
     text = T.T5EncoderModel(T.T5Config(d_model=32, d_kv=16, d_ff=64, num_layers=2, num_heads=2, vocab_size=VOCAB))
     vision.config._name_or_path = _save(vision, tmp_path / "vision")
     text.config._name_or_path = _save(text, tmp_path / "text")
-    model = get_side_tuned_model(vision, text, tiny_config()).eval()
+    model = get_side_tuned_model(vision, text, tiny_config()).eval().requires_grad_(False)  # as loaded: same fast paths
     assert (model.config.vision_model_class, model.config.text_model_class) == ("CLIPVisionModel", "T5EncoderModel")
     model.save_pretrained(tmp_path / "adapter")
     again = SideTunedModel.from_pretrained(tmp_path / "adapter").eval()
@@ -87,7 +87,7 @@ def test_reload_pins_the_recorded_commit_through_the_endpoint(hub: LocalHub, tmp
     vision = T.ViTModel.from_pretrained(folder)
     text = text_tower("bert")
     text.config._name_or_path = _save(text, tmp_path / "text")
-    model = get_side_tuned_model(vision, text, tiny_config()).eval()
+    model = get_side_tuned_model(vision, text, tiny_config()).eval().requires_grad_(False)  # as loaded: same fast paths
     assert (model.config.vision_model_name_or_path, model.config.vision_revision) == ("org/tiny-vit", first)
     model.save_pretrained(tmp_path / "adapter")
 
@@ -101,7 +101,7 @@ def test_old_config_without_class_and_commit_still_loads(tmp_path, batch):
     vision, text = vision_tower("vit"), text_tower("bert")
     vision.config._name_or_path = _save(vision, tmp_path / "vision")
     text.config._name_or_path = _save(text, tmp_path / "text")
-    model = get_side_tuned_model(vision, text, tiny_config()).eval()
+    model = get_side_tuned_model(vision, text, tiny_config()).eval().requires_grad_(False)  # as loaded: same fast paths
     model.save_pretrained(tmp_path / "adapter")
     path = tmp_path / "adapter" / "m2ist_config.json"
     import json
