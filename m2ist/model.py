@@ -30,6 +30,7 @@ from .save_and_load import (
     TOKENIZER_FILES,
     WEIGHTS_NAME,
     load_trainable_state,
+    save_folder_atomically,
     save_trainable_state,
     write_model_card,
 )
@@ -282,16 +283,22 @@ class SideTunedModel(RECModel):
 
     def save_pretrained(self, save_directory: str | os.PathLike, *, model_card: bool = True) -> Path:
         """Write ``m2ist_config.json``, ``m2ist_model.safetensors`` (side + head only), a model card and, when
-        ``model.processor`` is set, the processor (tokenizer files + ``m2ist_processor.json``)."""
-        folder = Path(save_directory)
-        folder.mkdir(parents=True, exist_ok=True)
+        ``model.processor`` is set, the processor (tokenizer files + ``m2ist_processor.json``).
+
+        The folder is replaced as a whole (see :func:`m2ist.save_and_load.save_folder_atomically`): it always holds
+        one complete adapter, the old or the new one, even with concurrent savers or a save that fails half-way;
+        other entries of the folder (notes, ``checkpoint-*`` folders) are kept. Non-finite weights are refused."""
+        return save_folder_atomically(save_directory, lambda folder: self.write_adapter_files(folder, model_card))
+
+    def write_adapter_files(self, folder: Path, model_card: bool = True) -> None:
+        """Write the adapter's files into an existing ``folder`` as they come (``save_pretrained`` calls this on a
+        temporary folder that it then swaps in whole: use ``save_pretrained``)."""
         self.config.save_pretrained(folder)
         save_trainable_state(self.trainable_state_dict(), folder / WEIGHTS_NAME)
         if model_card:
             write_model_card(folder, self.config, self.parameter_counts())
         if self.processor is not None:
             self.processor.save_pretrained(folder)
-        return folder
 
     def push_to_hub(self, repo_id: str, *, commit_message: str = "Upload M²IST side adapter", private: bool | None = None,
                     token: str | None = None, revision: str | None = None, create_pr: bool = False,
