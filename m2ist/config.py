@@ -258,10 +258,10 @@ class M2ISTConfig:
                 low, high = bounds
                 above = high is not None and (value >= high if spec.name in _OPEN_ABOVE else value > high)
                 if value < low or above:
-                    if isinstance(value, int):
+                    if not _matches_type(0.5, hint):  # an integer field
                         kind = {0: "a non-negative integer", 1: "a positive integer"}.get(low, f"an integer >= {low}")
                         fail(spec.name, f"expected {kind}" + (f" (at most {high})." if high is not None else "."))
-                    closing = ")" if spec.name in _OPEN_ABOVE else "]"
+                    closing = ")" if spec.name in _OPEN_ABOVE or high is None else "]"
                     fail(spec.name, f"expected a number in [{low}, {'∞' if high is None else high}{closing}.")
 
         for name in ("bottleneck", "fusion_dim", "fusion_layers", "fusion_heads", "fusion_ffn_dim",

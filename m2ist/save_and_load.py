@@ -197,10 +197,9 @@ def _data_offset(blob: bytes | memoryview) -> int:
 def check_finite(tensors: dict[str, torch.Tensor], what: str) -> None:
     """Raise ``ValueError`` naming the first tensor of ``tensors`` that holds NaN or infinite values."""
     for name, tensor in tensors.items():
-        if tensor.is_floating_point() or tensor.is_complex():
-            if not bool(torch.isfinite(tensor).all()):
-                bad = int((~torch.isfinite(tensor)).sum())
-                raise ValueError(f"{what}: tensor {name} holds {bad} non-finite value(s) (NaN or inf).")
+        if (tensor.is_floating_point() or tensor.is_complex()) and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise ValueError(f"{what}: tensor {name} holds {bad} non-finite value(s) (NaN or inf).")
 
 
 def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
