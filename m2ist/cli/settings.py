@@ -26,7 +26,7 @@ MODEL_KEYS = ("vision_model", "text_model", "vision_revision", "text_revision", 
 
 DATA_KEYS = ("format", "data_root", "dataset", "split_by", "image_root", "train_split", "eval_splits", "train_file",
              "eval_files", "box_format", "normalized", "trusted", "text_column", "sentence_field", "hf_style",
-             "max_train_samples", "max_eval_samples", "skip_invalid", "augment")
+             "max_train_samples", "max_eval_samples", "skip_invalid", "augment", "allow_outside_image_root")
 
 EVALUATION_KEYS = ("batch_size", "iou_thresholds", "output_file", "save_predictions", "clamp", "num_workers", "device",
                    "progress", "final_eval")
@@ -45,7 +45,7 @@ explicit flags. A config file has these sections (all optional):
   m2ist:        M2ISTConfig fields (bottleneck, image_size, max_query_len, experts, ...)
   data:         format, data_root, dataset, split_by, image_root, train_split, eval_splits, train_file, eval_files,
                 box_format, normalized, trusted, text_column, sentence_field, hf_style, max_train_samples,
-                max_eval_samples, skip_invalid, augment
+                max_eval_samples, skip_invalid, augment, allow_outside_image_root
   training:     RECTrainingArguments fields (output_dir, num_train_epochs, per_device_train_batch_size,
                 learning_rate, side_learning_rate, weight_decay, lr_drop_epochs, method, resume_from_checkpoint, ...)
   augmentation: RECAugmentation fields (hflip_p, random_crop, jitter_p, ...)
