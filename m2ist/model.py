@@ -116,16 +116,32 @@ class RECModel(nn.Module):
     # ---------------------------------------------------------------------------------------------------------
     def _probe(self, kinds: list[str]) -> tuple[TowerFeatures, TowerFeatures, int, int]:
         """One dummy forward of each tower, tapping every layer: widths, depths and the visual token count."""
+        positions = getattr(self.text_model.config, "max_position_embeddings", None)
+        if isinstance(positions, int) and 0 < positions < self.config.max_query_len:
+            raise ValueError(f"M2ISTConfig.max_query_len={self.config.max_query_len} exceeds the text tower's "
+                             f"{positions} positions ({type(self.text_model).__name__}): use max_query_len <= {positions}.")
         vision_inputs, text_inputs = _dummy_inputs(self.config, self.vision_model, self.text_model)
         depths = []
-        for tower, inputs in ((self.vision_tower, vision_inputs), (self.text_tower, text_inputs)):
-            depth = tower.depth()
-            if depth is None:
-                _, _, out = tower._run(inputs, hidden_states=True)
-                depth = len(getattr(out, tower.spec.hidden_states_key)) - 1
-            depths.append(depth)
-        vision = self.vision_tower.tap(vision_inputs, list(range(depths[0])), kinds)
-        text = self.text_tower.tap(text_inputs, list(range(depths[1])), kinds)
+        modality = VISION
+        try:
+            for modality, tower, inputs in ((VISION, self.vision_tower, vision_inputs),
+                                            (TEXT, self.text_tower, text_inputs)):
+                depth = tower.depth()
+                if depth is None:
+                    _, _, out = tower._run(inputs, hidden_states=True)
+                    depth = len(getattr(out, tower.spec.hidden_states_key)) - 1
+                depths.append(depth)
+            modality = VISION
+            vision = self.vision_tower.tap(vision_inputs, list(range(depths[0])), kinds)
+            modality = TEXT
+            text = self.text_tower.tap(text_inputs, list(range(depths[1])), kinds)
+        except (ValueError, RuntimeError, TypeError, IndexError, AttributeError) as err:
+            model = self.vision_model if modality == VISION else self.text_model
+            probe = (f"a {self.config.image_size}x{self.config.image_size} image (image_size)" if modality == VISION
+                     else f"{self.config.max_query_len} tokens (max_query_len)")
+            raise ValueError(f"The {modality} tower ({type(model).__name__}) fails on {probe}: "
+                             f"{' '.join(str(err).split()).rstrip('.')}. Is it a {modality} model (vision_model first, text_model "
+                             "second), built for this image size?") from err
         return vision, text, depths[0], depths[1]
 
     def _build_head(self, vision_width: int, text_width: int, num_vision_tokens: int) -> None:
@@ -159,6 +175,13 @@ class RECModel(nn.Module):
     ) -> RECModelOutput | tuple:
         """Predict one box per (image, expression); with ``labels`` ``(B, 4)`` (normalised cx, cy, w, h) also
         return the loss."""
+        if pixel_values.shape[0] == 0 or input_ids.shape[0] == 0:
+            raise ValueError("Empty batch: pass at least one image and one expression.")
+        vocab = getattr(self.text_model.config, "vocab_size", None)
+        if isinstance(vocab, int) and input_ids.numel() and (int(input_ids.max()) >= vocab or int(input_ids.min()) < 0):
+            raise ValueError(f"input_ids hold token ids outside the text tower's vocabulary (0..{vocab - 1}; got "
+                             f"{int(input_ids.min())}..{int(input_ids.max())}): the tokenizer does not belong to this "
+                             "text tower. Use the processor saved with the adapter.")
         vision_tokens, vision_mask, text_tokens, text_mask = self.encode(pixel_values, pixel_mask, input_ids,
                                                                          attention_mask)
         pred_boxes, patch_logits = self.head(vision_tokens, vision_mask, text_tokens, text_mask)
