@@ -124,7 +124,7 @@ class RECModel(nn.Module):
         depths = []
         modality = VISION
         try:
-            for modality, tower, inputs in ((VISION, self.vision_tower, vision_inputs),
+            for modality, tower, inputs in ((VISION, self.vision_tower, vision_inputs),  # noqa: B007 (read below)
                                             (TEXT, self.text_tower, text_inputs)):
                 depth = tower.depth()
                 if depth is None:
@@ -139,9 +139,10 @@ class RECModel(nn.Module):
             model = self.vision_model if modality == VISION else self.text_model
             probe = (f"a {self.config.image_size}x{self.config.image_size} image (image_size)" if modality == VISION
                      else f"{self.config.max_query_len} tokens (max_query_len)")
-            raise ValueError(f"The {modality} tower ({type(model).__name__}) fails on {probe}: "
-                             f"{' '.join(str(err).split()).rstrip('.')}. Is it a {modality} model (vision_model first, text_model "
-                             "second), built for this image size?") from err
+            reason = " ".join(str(err).split()).rstrip(".")
+            raise ValueError(f"The {modality} tower ({type(model).__name__}) fails on {probe}: {reason}. Is it a "
+                             f"{modality} model (vision_model first, text_model second), built for this image size?"
+                             ) from err
         return vision, text, depths[0], depths[1]
 
     def _build_head(self, vision_width: int, text_width: int, num_vision_tokens: int) -> None:
