@@ -366,8 +366,8 @@ class SideTunedModel(RECModel):
         allowed = {"backbone_dtype", "side_dropout", "fusion_dropout"}
         if set(config_overrides) - allowed:
             raise ValueError(f"Only {sorted(allowed)} can be overridden when loading; got {sorted(config_overrides)}.")
-        vision_model = vision_model or _load_tower(saved, VISION, trust_remote_code, hub)
-        text_model = text_model or _load_tower(saved, TEXT, trust_remote_code, hub)
+        vision_model = vision_model or _load_recorded_tower(saved, VISION, trust_remote_code, hub, name_or_path)
+        text_model = text_model or _load_recorded_tower(saved, TEXT, trust_remote_code, hub, name_or_path)
         measured = {f"{m}_{k}": None for m in (VISION, TEXT) for k in M2ISTConfig.TOWER_FIELDS}
         model = cls(vision_model, text_model,
                     dataclasses.replace(saved, **config_overrides, **measured, num_vision_tokens=None))
@@ -384,8 +384,34 @@ class SideTunedModel(RECModel):
                     setattr(model.config, f"{modality}_{key}", getattr(saved, f"{modality}_{key}"))
         load_trainable_state(model, folder / WEIGHTS_NAME)
         if (folder / PROCESSOR_CONFIG_NAME).exists() and PIPELINE.load_processor is not None:
-            model.processor = PIPELINE.load_processor(str(folder))  # tokenizer files came with it, same commit
+            try:
+                model.processor = PIPELINE.load_processor(str(folder))  # tokenizer files came with it, same commit
+            except (ValueError, TypeError, KeyError, AttributeError) as err:  # JSONDecodeError is a ValueError
+                raise ValueError(f"{folder / PROCESSOR_CONFIG_NAME}: the processor saved with the adapter cannot be "
+                                 f"restored ({type(err).__name__}: {' '.join(str(err).split())}). Fix or delete that "
+                                 "file and pass a processor yourself.") from err
         return model
+
+
+def _load_recorded_tower(config: M2ISTConfig, modality: str, trust_remote_code: bool, hub: dict[str, Any],
+                         adapter: Any) -> nn.Module:
+    """:func:`_load_tower`, with a failure explained in one line: the name came from the adapter's config, whether
+    it is a local path, and whether offline mode is on."""
+    try:
+        return _load_tower(config, modality, trust_remote_code, hub)
+    except OSError as err:
+        from huggingface_hub import constants
+
+        name = str(getattr(config, f"{modality}_model_name_or_path"))
+        if Path(name).is_absolute() or name.startswith((".", "~")) or ".." in Path(name).parts:
+            where = (f"a local path, resolved against the working directory {Path.cwd()}" if not Path(name).is_absolute()
+                     else "a local path") + (": no such folder" if not Path(name).expanduser().exists() else "")
+        else:
+            where = "a Hub id" + (" and offline mode is on (HF_HUB_OFFLINE=1 or local_files_only=True): the tower is "
+                                  "not in the Hub cache" if hub.get("local_files_only") or constants.HF_HUB_OFFLINE else "")
+        reason = " ".join(str(err).split())
+        raise OSError(f"The adapter {adapter} records the {modality} tower {name!r} ({where}), which cannot be loaded "
+                      f"({reason}). Pass {modality}_model= (or --{modality}-model) to give the tower yourself.") from err
 
 
 def _load_tower(config: M2ISTConfig, modality: str, trust_remote_code: bool, hub: dict[str, Any]) -> nn.Module:

@@ -87,7 +87,11 @@ def load_adapter(settings: Mapping[str, Mapping[str, Any]]):
     if Path(source).is_dir() and not (Path(source) / PROCESSOR_CONFIG_NAME).is_file():
         raise CLIError(f"{source} holds no {PROCESSOR_CONFIG_NAME}: pass --processor DIR, the folder a processor was "
                        "saved to (`m2ist train` saves it next to the adapter).")
-    processor = RECProcessor.from_pretrained(source, trust_remote_code=trust or None)
+    try:
+        processor = RECProcessor.from_pretrained(source, trust_remote_code=trust or None)
+    except (ValueError, TypeError, KeyError, AttributeError) as err:
+        raise CLIError(f"{Path(source) / PROCESSOR_CONFIG_NAME}: the processor cannot be restored ({type(err).__name__}: "
+                       f"{' '.join(str(err).split())}). Fix that file, or pass --processor DIR.") from err
     model.processor = processor
     return model, processor
 
