@@ -399,7 +399,7 @@ def _load_recorded_tower(config: M2ISTConfig, modality: str, trust_remote_code: 
     it is a local path, and whether offline mode is on."""
     try:
         return _load_tower(config, modality, trust_remote_code, hub)
-    except OSError as err:
+    except (OSError, ValueError) as err:  # ValueError: a folder that is not a model ("Unrecognized model in ...")
         from huggingface_hub import constants
 
         name = str(getattr(config, f"{modality}_model_name_or_path"))
