@@ -135,6 +135,26 @@ def test_a_config_file_with_bad_values_or_bytes_names_the_file_and_field(tmp_pat
         M2ISTConfig.from_json_file(path)
 
 
+def test_a_non_utf8_cli_config_file_names_the_file_and_line(capsys, tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_bytes(b"m2ist:\n  bottleneck: 8\n# caf\xe9\n")
+    code, _, err = run_cli(capsys, "train", "--config", str(config), "--print-config")
+    assert_one_line_error(code, err, f"{config}:3: not UTF-8 text (byte 0xe9)")
+
+
+def test_a_damaged_processor_file_beside_an_adapter_is_named(workspace, tmp_path):
+    import shutil
+
+    adapter = tmp_path / "adapter"
+    shutil.copytree(workspace / "adapter", adapter)
+    (adapter / "m2ist_processor.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"m2ist_processor.json: the processor saved with the adapter cannot be restored"):
+        SideTunedModel.from_pretrained(adapter)
+    (adapter / "m2ist_processor.json").write_text(json.dumps({"canvas_size": "big", "max_query_len": 8}))
+    with pytest.raises(ValueError, match=r"m2ist_processor.json: the processor saved with the adapter cannot be restored"):
+        SideTunedModel.from_pretrained(adapter)
+
+
 def test_cli_set_with_a_nan_is_one_line(capsys, tmp_path):
     code, _, err = run_cli(capsys, "train", "--set", "m2ist.adapter_scale=.nan", "--vision-model", "v",
                            "--text-model", "t", "--data-format", "jsonl", "--box-format", "xyxy", "--train-file",

@@ -115,7 +115,13 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     Top-level keys are section names (see the module docstring) or bare keys that belong to one section only.
     """
     file = _config_path(path)
-    text = file.read_text(encoding="utf-8")
+    data = file.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise CLIError(f"Config file {file}:{line}: not UTF-8 text (byte {data[err.start]:#04x}); save it as UTF-8."
+                       ) from None
     try:
         values = json.loads(text) if file.suffix == ".json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as err:
