@@ -470,7 +470,9 @@ class RECTrainer(Trainer):
         if not bool(torch.isfinite(loss.detach()).all()):
             raise NonFiniteTrainingError(f"Training diverged at step {step}: the loss is {float(loss)}."
                                          + _non_finite_inputs(inputs) + " Nothing was saved from this step.")
-        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        # with fp16 mixed precision the grad scaler expects inf gradients now and then (it skips those steps)
+        scaled = getattr(self.accelerator, "scaler", None) is not None
+        grads = [] if scaled else [p.grad for p in model.parameters() if p.grad is not None]
         if grads and not bool(torch.isfinite(torch.stack(torch._foreach_norm(grads, float("inf")))).all()):
             name = next(n for n, p in model.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all())
             raise NonFiniteTrainingError(f"Training diverged at step {step}: the gradient of {name} is not finite "
