@@ -15,8 +15,6 @@ import json
 import logging
 import os
 import pickle
-import subprocess
-import sys
 import time
 import zipfile
 from pathlib import Path
@@ -41,9 +39,6 @@ from m2ist.save_and_load import SHA256_KEY, WEIGHTS_NAME, read_safetensors
 from m2ist.trainer import NonFiniteTrainingError, RECTrainingArguments, train_rec
 from tests.ddp_worker import make_dataset, make_model, make_processor, make_tokenizer
 from tests.tiny import text_tower, tiny_config, vision_tower
-
-REPO = Path(__file__).resolve().parents[1]
-WORKER = REPO / "tests" / "hostile_worker.py"
 
 
 @pytest.fixture(autouse=True)
@@ -233,28 +228,71 @@ def _complete_adapter(folder: Path) -> int:
     return config.bottleneck
 
 
+def _snapshot(folder: Path) -> tuple[int, set[float]]:
+    """The bottleneck in the config and the values in the weights, both read from one directory (through a
+    directory descriptor: a swap between the two reads cannot mix two folders)."""
+    from safetensors.torch import load as load_bytes
+
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        def opener(name, flags):
+            return os.open(name, flags, dir_fd=descriptor)
+
+        with open("m2ist_config.json", encoding="utf-8", opener=opener) as handle:
+            bottleneck = json.load(handle)["bottleneck"]
+        with open(WEIGHTS_NAME, "rb", opener=opener) as handle:
+            tensors = load_bytes(handle.read())
+    finally:
+        os.close(descriptor)
+    return bottleneck, {float(v) for t in tensors.values() for v in t.unique().tolist()}
+
+
+def _save_repeatedly(model, folder: str, count: int, barrier, times) -> None:
+    barrier.wait(timeout=60)  # both savers start together
+    began = time.time()
+    for _ in range(count):
+        model.save_pretrained(folder)
+    times.put((began, time.time()))
+
+
 def test_two_concurrent_savers_leave_one_complete_adapter(tmp_path):
-    folder, start = tmp_path / "shared", tmp_path / "go"
+    """Two processes (forked here, so nothing is imported twice; ``python tests/hostile_worker.py save-loop`` runs
+    the same in fresh interpreters) save adapters of different shapes into one folder 40 times each, at once."""
+    import multiprocessing
+
+    folder = tmp_path / "shared"
     (folder / "checkpoint-1").mkdir(parents=True)
     (folder / "notes.txt").write_text("mine")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    workers = [subprocess.Popen([sys.executable, str(WORKER), "save-loop", str(folder), str(b), "40", str(start)],
-                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for b in (8, 16)]
-    deadline = time.monotonic() + 240
-    while not all(Path(f"{start}.ready-{b}").exists() for b in (8, 16)) and time.monotonic() < deadline:
-        assert all(w.poll() is None for w in workers), [w.communicate() for w in workers]
-        time.sleep(0.01)
-    start.touch()  # both workers are built: they save at the same time
-    outputs = [w.communicate(timeout=240) for w in workers]
-    assert all(w.returncode == 0 for w in workers), outputs
-    windows = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
-    assert max(w["began"] for w in windows) < min(w["ended"] for w in windows), windows  # they did overlap
-    for ready in tmp_path.glob("go.ready-*"):
-        ready.unlink()
-    start.unlink()
+    models = []
+    for bottleneck in (8, 16):
+        model = make_model(bottleneck=bottleneck)
+        with torch.no_grad():
+            for tensor in model.trainable_state_dict().values():
+                tensor.fill_(float(bottleneck))
+        models.append(model)
+    context = multiprocessing.get_context("fork")
+    barrier, times = context.Barrier(2), context.Queue()
+    savers = [context.Process(target=_save_repeatedly, args=(m, str(folder), 40, barrier, times)) for m in models]
+    for saver in savers:
+        saver.start()
+    reads, mixes = 0, []
+    while any(saver.is_alive() for saver in savers):  # meanwhile, the folder must always hold one whole adapter
+        try:
+            bottleneck, values = _snapshot(folder)
+        except (FileNotFoundError, NotADirectoryError):
+            continue  # the folder we opened was swapped out and removed between two reads
+        reads += 1
+        if values != {float(bottleneck)}:
+            mixes.append((bottleneck, values))
+    for saver in savers:
+        saver.join(timeout=240)
+    assert [saver.exitcode for saver in savers] == [0, 0]
+    assert reads > 0 and mixes == [], (reads, mixes[:3])
+    windows = [times.get(timeout=5) for _ in savers]
+    assert max(w[0] for w in windows) < min(w[1] for w in windows), windows  # the saves did overlap
     assert _complete_adapter(folder) in (8, 16)
     assert (folder / "notes.txt").read_text() == "mine" and (folder / "checkpoint-1").is_dir()
-    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary folders left
+    assert [p.name for p in tmp_path.iterdir() if p.name != "shared"] == []  # no temporary folders left
 
 
 def test_a_save_that_fails_half_way_keeps_the_old_adapter(tmp_path, monkeypatch):
