@@ -397,6 +397,8 @@ def _load_recorded_tower(config: M2ISTConfig, modality: str, trust_remote_code: 
                          adapter: Any) -> nn.Module:
     """:func:`_load_tower`, with a failure explained in one line: the name came from the adapter's config, whether
     it is a local path, and whether offline mode is on."""
+    if not getattr(config, f"{modality}_model_name_or_path"):
+        return _load_tower(config, modality, trust_remote_code, hub)  # raises: no name recorded
     try:
         return _load_tower(config, modality, trust_remote_code, hub)
     except (OSError, ValueError) as err:  # ValueError: a folder that is not a model ("Unrecognized model in ...")

@@ -6,7 +6,8 @@ bottleneck (its weights all equal to it), touch ``START_FILE.ready-BOTTLENECK``,
 workers overlap), save it ``COUNT`` times into ``FOLDER`` and print when the saves began and ended (JSON).
 
 ``python tests/hostile_worker.py save-limited FOLDER LIMIT_BYTES``: save a tiny adapter into ``FOLDER`` under
-``RLIMIT_FSIZE = LIMIT_BYTES`` (what ``ulimit -f`` sets; a full disk fails the same way) and print the error.
+``RLIMIT_FSIZE = LIMIT_BYTES`` (what ``ulimit -f`` sets; a full disk fails the same way) and print the error;
+``LIMIT_BYTES`` ``none`` keeps the limit the shell set (``(ulimit -S -f 20; python ... save-limited DIR none)``).
 """
 
 from __future__ import annotations
@@ -51,7 +52,8 @@ def save_loop(folder: str, bottleneck: str, count: str, start_file: str) -> None
 
 def save_limited(folder: str, limit: str) -> None:
     model = build(16)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (int(limit), int(limit)))
+    if limit != "none":  # "none": the limit was set by the shell (ulimit -S -f)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (int(limit), resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
     try:
         model.save_pretrained(folder)
     except OSError as err:

@@ -463,6 +463,7 @@ def test_images_that_are_not_regular_files_are_refused_at_once(tmp_path):
             RECDataset([RECSample(image=str(path), expression="x", box=(0, 0, 1, 1))])
 
 
+@pytest.mark.filterwarnings("ignore:None of the first")
 def test_image_paths_are_contained_to_the_image_root(tmp_path):
     root = tmp_path / "images"
     root.mkdir()
