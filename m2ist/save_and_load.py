@@ -141,46 +141,57 @@ def save_folder_atomically(save_directory: str | os.PathLike, write: Callable[[P
     If ``write`` (or anything before the swap) fails, ``save_directory`` is untouched and the temporary folder is
     removed. Concurrent savers each swap in a complete folder; the last one wins. Returns ``save_directory``.
     """
-    folder = Path(save_directory)
+    folder = Path(os.path.abspath(save_directory))  # "." has no name and no sibling: use the full path
     if folder.exists() and not folder.is_dir():
         raise NotADirectoryError(f"Cannot save into {folder}: it is a file. Pass a folder (it is created if needed).")
+    if folder.parent == folder:
+        raise ValueError(f"Cannot save an adapter as the root folder {folder}: pass a folder inside it.")
     folder.parent.mkdir(parents=True, exist_ok=True)
+    cwd_is_folder = folder.is_dir() and os.path.samefile(os.getcwd(), folder)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=_SAVING_SUFFIX, dir=folder.parent))
     try:
-        os.chmod(tmp, 0o777 & ~_umask())
-        write(tmp)
-        replaced = set(owned) | {entry.name for entry in tmp.iterdir()}
-        for _ in range(100):  # retried only while other savers race for the same folder
-            if not folder.exists():
-                try:
-                    os.rename(tmp, folder)  # atomic; fails if another saver created a non-empty folder meanwhile
-                    return folder
-                except FileExistsError:
-                    continue
-                except OSError as err:
-                    if err.errno != errno.ENOTEMPTY:
-                        raise
-                    continue
-            _move_entries(folder, tmp, replaced)  # keep what is not the adapter's
-            if _EXCHANGE is not None and _EXCHANGE(str(tmp), str(folder)):
-                _move_entries(tmp, folder, replaced)  # tmp now holds the old folder: rescue late arrivals
-                return folder
-            aside = folder.with_name(f".{folder.name}.{uuid.uuid4().hex}.m2ist-old")
-            try:
-                os.rename(folder, aside)
-            except FileNotFoundError:
-                continue
-            try:
-                os.rename(tmp, folder)
-            except OSError:
-                os.rename(aside, folder)
-                continue
-            _move_entries(aside, folder, replaced)
-            shutil.rmtree(aside, ignore_errors=True)
-            return folder
-        raise OSError(f"Could not swap the new adapter into {folder}: other processes keep replacing it.")
+        _swap_in(folder, tmp, write, owned)
+        return Path(save_directory)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if cwd_is_folder and folder.is_dir():
+            os.chdir(folder)  # the working directory was the old folder, now removed: enter the new one
+
+
+def _swap_in(folder: Path, tmp: Path, write: Callable[[Path], object], owned: Iterable[str]) -> Path:
+    """The body of :func:`save_folder_atomically`: fill ``tmp``, then swap it in for ``folder``."""
+    os.chmod(tmp, 0o777 & ~_umask())
+    write(tmp)
+    replaced = set(owned) | {entry.name for entry in tmp.iterdir()}
+    for _ in range(100):  # retried only while other savers race for the same folder
+        if not folder.exists():
+            try:
+                os.rename(tmp, folder)  # atomic; fails if another saver created a non-empty folder meanwhile
+                return folder
+            except FileExistsError:
+                continue
+            except OSError as err:
+                if err.errno != errno.ENOTEMPTY:
+                    raise
+                continue
+        _move_entries(folder, tmp, replaced)  # keep what is not the adapter's
+        if _EXCHANGE is not None and _EXCHANGE(str(tmp), str(folder)):
+            _move_entries(tmp, folder, replaced)  # tmp now holds the old folder: rescue late arrivals
+            return folder
+        aside = folder.with_name(f".{folder.name}.{uuid.uuid4().hex}.m2ist-old")
+        try:
+            os.rename(folder, aside)
+        except FileNotFoundError:
+            continue
+        try:
+            os.rename(tmp, folder)
+        except OSError:
+            os.rename(aside, folder)
+            continue
+        _move_entries(aside, folder, replaced)
+        shutil.rmtree(aside, ignore_errors=True)
+        return folder
+    raise OSError(f"Could not swap the new adapter into {folder}: other processes keep replacing it.")
 
 
 # ---------------------------------------------------------------------------------------------- weights files

@@ -337,6 +337,17 @@ def test_a_save_under_ulimit_f_keeps_the_old_adapter(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
 
 
+def test_saving_into_the_working_directory_keeps_it_usable(model, tmp_path, monkeypatch):
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "notes.txt").write_text("kept")
+    monkeypatch.chdir(work)
+    assert model.save_pretrained(".") == Path(".")
+    model.save_pretrained("")  # twice: the second swaps out the folder the process is in
+    assert Path.cwd() == work and Path("notes.txt").read_text() == "kept" and Path(WEIGHTS_NAME).is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["work"]
+
+
 def test_a_new_save_never_keeps_an_older_adapters_processor(model, processor, tmp_path):
     with_processor = make_model()
     with_processor.processor = processor
