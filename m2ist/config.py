@@ -5,7 +5,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
+import tempfile
+import types
+import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -20,6 +24,58 @@ TAP_KINDS = ("attention", "ffn", "layer")
 LAYER_PAIRINGS = ("first", "spread")
 BOX_LOSSES = ("l1", "smooth_l1")
 DTYPES = ("float32", "bfloat16", "float16")
+
+#: Inclusive ``(low, high)`` bounds of the numeric fields (``high`` None: no upper bound). The upper bounds are far
+#: above any real model and only stop absurd values (``bottleneck: 1e9``) from attempting huge allocations.
+FIELD_BOUNDS: dict[str, tuple[float, float | None]] = {
+    "bottleneck": (1, 16384), "fusion_dim": (1, 16384), "fusion_layers": (0, 64), "fusion_heads": (1, 256),
+    "fusion_ffn_dim": (1, 131072), "box_mlp_layers": (1, 32), "vote_hops": (1, 32), "vote_window": (0, 4096),
+    "max_query_len": (1, 8192), "image_size": (1, 16384), "num_vision_tokens": (1, 1 << 22),
+    "side_dropout": (0.0, 1.0), "fusion_dropout": (0.0, 1.0), "adapter_scale": (0.0, None),
+    "box_loss_weight": (0.0, None), "giou_loss_weight": (0.0, None), "smooth_l1_beta": (0.0, None),
+    "point_loss_weight": (0.0, None), "vision_width": (1, 1 << 20), "vision_depth": (1, 4096),
+    "text_width": (1, 1 << 20), "text_depth": (1, 4096), "config_version": (1, None),
+}
+#: Fields whose upper bound is excluded (a dropout of 1 drops everything).
+_OPEN_ABOVE = frozenset({"side_dropout", "fusion_dropout"})
+
+
+def _describe_type(hint: Any) -> str:
+    """``list[int] | None`` -> "a list of integers or null", for error messages."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe_type(a) for a in args)
+    if hint is type(None):
+        return "null"
+    if origin is list:
+        return f"a list of {_describe_type(args[0]).removeprefix('a ').removeprefix('an ')}s" if args else "a list"
+    if origin is dict or hint is dict:
+        return "a mapping"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(hint, str(hint))
+
+
+def _matches_type(value: Any, hint: Any) -> bool:
+    """Whether ``value`` (as read from Python or JSON) is of the annotated type ``hint``."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches_type(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if origin is list:
+        return isinstance(value, list | tuple) and all(_matches_type(item, args[0]) for item in value)
+    if origin is dict or hint is dict:
+        return isinstance(value, dict) and all(isinstance(key, str) for key in value)
+    return isinstance(value, hint) if isinstance(hint, type) else True
 
 
 @dataclass
@@ -189,10 +245,35 @@ class M2ISTConfig:
 
     # ------------------------------------------------------------------------------------------------------
     def validate(self) -> None:
-        """Raise ``ValueError`` naming the first invalid value and what would be valid."""
+        """Raise ``ValueError`` naming the first invalid value and what would be valid.
+
+        Every field is checked against its annotated type (an integer field refuses ``1e9`` and ``"8"``, a float
+        field refuses NaN and infinities), then against :data:`FIELD_BOUNDS`, then against the rules that tie
+        fields together.
+        """
 
         def fail(name: str, why: str) -> None:
             raise ValueError(f"M2ISTConfig.{name}={getattr(self, name)!r} is invalid: {why}")
+
+        hints = typing.get_type_hints(type(self))
+        for spec in dataclasses.fields(self):
+            value, hint = getattr(self, spec.name), hints[spec.name]
+            if not _matches_type(value, hint):
+                fail(spec.name, f"expected {_describe_type(hint)}, got a value of type {type(value).__name__}.")
+            if isinstance(value, float) and not math.isfinite(value):
+                fail(spec.name, "expected a finite number.")
+            if isinstance(value, list | tuple):
+                setattr(self, spec.name, list(value))
+            bounds = FIELD_BOUNDS.get(spec.name)
+            if bounds is not None and value is not None:
+                low, high = bounds
+                above = high is not None and (value >= high if spec.name in _OPEN_ABOVE else value > high)
+                if value < low or above:
+                    if not _matches_type(0.5, hint):  # an integer field
+                        kind = {0: "a non-negative integer", 1: "a positive integer"}.get(low, f"an integer >= {low}")
+                        fail(spec.name, f"expected {kind}" + (f" (at most {high})." if high is not None else "."))
+                    closing = ")" if spec.name in _OPEN_ABOVE or high is None else "]"
+                    fail(spec.name, f"expected a number in [{low}, {'∞' if high is None else high}{closing}.")
 
         for name in ("bottleneck", "fusion_dim", "fusion_layers", "fusion_heads", "fusion_ffn_dim",
                      "box_mlp_layers", "max_query_len", "vote_hops"):
@@ -286,21 +367,32 @@ class M2ISTConfig:
         """Write ``m2ist_config.json`` into ``save_directory`` (created if needed); return its path."""
         path = Path(save_directory) / CONFIG_NAME
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(self.to_json_string(), encoding="utf-8")
-        os.replace(tmp, path)
+        fd, tmp = tempfile.mkstemp(prefix=f".{CONFIG_NAME}.", suffix=".tmp", dir=path.parent)  # one per writer
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                handle.write(self.to_json_string())
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
         return path
 
     @classmethod
     def from_json_file(cls, path: str | os.PathLike) -> M2ISTConfig:
         """Read a config JSON file, with a clear error when it is not valid JSON."""
         try:
-            values = json.loads(Path(path).read_text(encoding="utf-8"))
+            values = json.loads(Path(path).read_bytes().decode("utf-8"))
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{path} is not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start}): "
+                             "corrupted, or not an m2ist config.") from err
         except json.JSONDecodeError as err:
             raise ValueError(f"{path} is not valid JSON ({err}): corrupted, or not an m2ist config.") from err
         if not isinstance(values, dict):
             raise ValueError(f"{path} holds a {type(values).__name__}, expected a JSON object of config values.")
-        return cls.from_dict(values)
+        try:
+            return cls.from_dict(values)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{path}: {err}") from err
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, **hub_kwargs: Any) -> M2ISTConfig:

@@ -152,14 +152,48 @@ class _EvalCollator:
             box = _field(item, "box", position, self.split)
             if box is None:
                 raise ValueError(f"Split {self.split!r}: item {position} has no ground-truth box.")
-            boxes.append([float(v) for v in (box.tolist() if hasattr(box, "tolist") else box)])
+            try:
+                values = [float(v) for v in (box.tolist() if hasattr(box, "tolist") else box)]
+            except (TypeError, ValueError):
+                values = []
             image_ids.append(item.get("image_id") if isinstance(item, Mapping) else getattr(item, "image_id", None))
             indices.append(item.get("index") if isinstance(item, Mapping) else None)
+            if len(values) != 4:
+                raise ValueError(f"{self._where(position, indices[-1], image_ids[-1])}: the ground-truth box {box!r} "
+                                 "is not 4 numbers (x0, y0, x1, y1).")
+            boxes.append(values)
         encoded = self.processor(images, texts, return_tensors="pt")
         gt = torch.tensor(boxes, dtype=torch.float64)
         width, height = encoded["image_geometry"][:, 0].double(), encoded["image_geometry"][:, 1].double()
+        for position in range(gt.shape[0]):
+            problem = _ground_truth_problem(gt[position], float(width[position]), float(height[position]))
+            if problem:
+                raise ValueError(f"{self._where(position, indices[position], image_ids[position])}: the ground-truth "
+                                 f"box {[round(v, 4) for v in boxes[position]]} {problem} Fix the data (or its "
+                                 "box_format / normalized setting): scoring it would count a miss without a word.")
         return {"encoded": encoded, "gt": clip_boxes(gt, width, height), "texts": texts, "image_ids": image_ids,
                 "indices": indices}
+
+    def _where(self, position: int, index: Any, image_id: Any) -> str:
+        sample = f"sample {index}" if index is not None else f"batch position {position}"
+        return f"Split {self.split!r}, {sample} (image_id={image_id!r})"
+
+
+def _ground_truth_problem(box: torch.Tensor, width: float, height: float) -> str:
+    """Why an ``xyxy`` pixel ground-truth box cannot be scored in a ``width`` x ``height`` image ("" if it can)."""
+    if not bool(torch.isfinite(box).all()):
+        return "holds non-finite numbers (NaN or inf)."
+    x0, y0, x1, y1 = box.tolist()
+    if x1 < x0 or y1 < y0:
+        return "has x1 < x0 or y1 < y0 (is it x, y, w, h rather than x0, y0, x1, y1?)."
+    if x1 == x0 or y1 == y0:
+        return "has zero area."
+    if x1 <= 0 or y1 <= 0 or x0 >= width or y0 >= height:
+        return f"lies outside the {width:g}x{height:g} image."
+    if max(x0, y0, x1, y1) <= 1.0 and min(width, height) > 4:
+        return (f"lies within [0, 1] in a {width:g}x{height:g} image: it looks normalised, but evaluation boxes are "
+                "pixels (load with normalized=True).")
+    return ""
 
 
 # ---------------------------------------------------------------------------------------------- evaluate

@@ -48,6 +48,21 @@ ADAPTER_PATTERNS: tuple[str, ...] = (*ADAPTER_FILES, *(f"*/{name}" for name in A
 IGNORED_PATTERNS: tuple[str, ...] = ("checkpoint-*", "*/checkpoint-*", "runs/*", "*/runs/*", ".git/*", ".cache/*",
                                      "*/.cache/*")
 
+
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    """The HTTP clients' "could not talk to the server" errors (connection refused, DNS, timeouts, TLS)."""
+    found: list[type[BaseException]] = []
+    for module, name in (("httpx2", "TransportError"), ("httpx", "TransportError"), ("requests", "ConnectionError"),
+                         ("requests", "Timeout")):
+        try:
+            found.append(getattr(__import__(module), name))
+        except (ImportError, AttributeError):
+            continue
+    return tuple(found) or (ConnectionError,)
+
+
+_TRANSPORT_ERRORS = _transport_errors()
+
 _LOGIN_HINT = "log in with `hf auth login` (or set HF_TOKEN), or pass token=..."
 
 
@@ -127,6 +142,12 @@ def push_folder_to_hub(
                 create_pr=create_pr,
                 repo_type="model",
             )
+    except _TRANSPORT_ERRORS as error:
+        raise ConnectionError(
+            f"Cannot reach the Hub at {api.endpoint} to push '{repo_id}' ({type(error).__name__}: "
+            f"{' '.join(str(error).split()) or 'no answer'}). Check the endpoint (endpoint= or HF_ENDPOINT) and the "
+            "network, then push again; no commit was made."
+        ) from error
     except HfHubHTTPError as error:
         status = error.response.status_code if error.response is not None else None
         if isinstance(error, RepositoryNotFoundError) or status in (401, 403):

@@ -14,6 +14,7 @@ import dataclasses
 import logging
 import os
 import re
+import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,7 @@ import torch
 from torch import nn
 from transformers.utils import ModelOutput
 
-from .card import write_model_card
+from .card import CARD_NAME, EVAL_RESULTS_NAME, write_model_card
 from .config import CONFIG_NAME, M2ISTConfig
 from .head import RECHead, rec_loss
 from .layer import SideNetwork
@@ -34,6 +35,7 @@ from .save_and_load import (
     TOKENIZER_FILES,
     WEIGHTS_NAME,
     load_trainable_state,
+    save_folder_atomically,
     save_trainable_state,
 )
 from .taps import TapReport, resolve_tap_spec
@@ -164,20 +166,39 @@ class RECModel(nn.Module):
     def _probe(self, kinds: list[str]) -> tuple[TowerFeatures, TowerFeatures, int, int]:
         """One dummy forward of each tower, tapping every layer: widths, depths and the visual token count.
         Logs, once per tower, which modules feed each expert (see :meth:`tap_report`)."""
+        positions = getattr(self.text_model.config, "max_position_embeddings", None)
+        if isinstance(positions, int) and 0 < positions < self.config.max_query_len:
+            raise ValueError(f"M2ISTConfig.max_query_len={self.config.max_query_len} exceeds the text tower's "
+                             f"{positions} positions ({type(self.text_model).__name__}): use max_query_len <= {positions}.")
         vision_inputs, text_inputs = _dummy_inputs(self.config, self.vision_model, self.text_model)
         depths = []
-        for tower, inputs in ((self.vision_tower, vision_inputs), (self.text_tower, text_inputs)):
-            depth = tower.depth()
-            if depth is None:
-                _, _, out = tower._probe(inputs, hidden_states=True)
-                states = getattr(out, tower.spec.hidden_states_key, None)
-                if states is None:
-                    raise ValueError(tower.refusal(f"no repeated block and no `{tower.spec.hidden_states_key}` in its "
-                                                   "output"))
-                depth = len(states) - 1
-            depths.append(depth)
-        vision = self.vision_tower.tap(vision_inputs, list(range(depths[0])), kinds)
-        text = self.text_tower.tap(text_inputs, list(range(depths[1])), kinds)
+        modality = VISION
+        try:
+            for modality, tower, inputs in ((VISION, self.vision_tower, vision_inputs),  # noqa: B007 (read below)
+                                            (TEXT, self.text_tower, text_inputs)):
+                depth = tower.depth()
+                if depth is None:
+                    _, _, out = tower._probe(inputs, hidden_states=True)
+                    states = getattr(out, tower.spec.hidden_states_key, None)
+                    if states is None:
+                        raise ValueError(tower.refusal(f"no repeated block and no `{tower.spec.hidden_states_key}` in "
+                                                       "its output"))
+                    depth = len(states) - 1
+                depths.append(depth)
+            modality = VISION
+            vision = self.vision_tower.tap(vision_inputs, list(range(depths[0])), kinds)
+            modality = TEXT
+            text = self.text_tower.tap(text_inputs, list(range(depths[1])), kinds)
+        except (ValueError, RuntimeError, TypeError, IndexError, AttributeError) as err:
+            if str(err).startswith("Cannot side-tune"):
+                raise  # the tower's own one-line refusal already names the family and the override
+            model = self.vision_model if modality == VISION else self.text_model
+            probe = (f"a {self.config.image_size}x{self.config.image_size} image (image_size)" if modality == VISION
+                     else f"{self.config.max_query_len} tokens (max_query_len)")
+            reason = " ".join(str(err).split()).rstrip(".")
+            raise ValueError(f"The {modality} tower ({type(model).__name__}) fails on {probe}: {reason}. Is it a "
+                             f"{modality} model (vision_model first, text_model second), built for this image size?"
+                             ) from err
         size = self.config.image_size
         self._tap_reports = (self.vision_tower.report(depths[0], self.vision_tower.grid_of(vision.tokens.shape[1],
                                                                                             (size, size))),
@@ -223,6 +244,13 @@ class RECModel(nn.Module):
     ) -> RECModelOutput | tuple:
         """Predict one box per (image, expression); with ``labels`` ``(B, 4)`` (normalised cx, cy, w, h) also
         return the loss."""
+        if pixel_values.shape[0] == 0 or input_ids.shape[0] == 0:
+            raise ValueError("Empty batch: pass at least one image and one expression.")
+        vocab = getattr(self.text_model.config, "vocab_size", None)
+        if isinstance(vocab, int) and input_ids.numel() and (int(input_ids.max()) >= vocab or int(input_ids.min()) < 0):
+            raise ValueError(f"input_ids hold token ids outside the text tower's vocabulary (0..{vocab - 1}; got "
+                             f"{int(input_ids.min())}..{int(input_ids.max())}): the tokenizer does not belong to this "
+                             "text tower. Use the processor saved with the adapter.")
         vision_tokens, vision_mask, text_tokens, text_mask = self.encode(pixel_values, pixel_mask, input_ids,
                                                                          attention_mask)
         pred_boxes, patch_logits = self.head(vision_tokens, vision_mask, text_tokens, text_mask)
@@ -399,16 +427,29 @@ class SideTunedModel(RECModel):
 
         The card (``README.md``) is updated when the folder already has one (its text and metadata are kept);
         ``repo_id`` is the Hub repo it is for (``push_to_hub`` passes it), shown in its usage snippet.
-        """
-        folder = Path(save_directory)
-        folder.mkdir(parents=True, exist_ok=True)
+
+        The folder is replaced as a whole (see :func:`m2ist.save_and_load.save_folder_atomically`): it always holds
+        one complete adapter, the old or the new one, even with concurrent savers or a save that fails half-way;
+        other entries of the folder (notes, ``checkpoint-*`` folders) are kept. Non-finite weights are refused."""
+        target = Path(save_directory)
+        return save_folder_atomically(
+            save_directory, lambda folder: self.write_adapter_files(folder, model_card, repo_id=repo_id, previous=target))
+
+    def write_adapter_files(self, folder: Path, model_card: bool = True, *, repo_id: str | None = None,
+                            previous: Path | None = None) -> None:
+        """Write the adapter's files into an existing ``folder`` as they come (``save_pretrained`` calls this on a
+        temporary folder that it then swaps in whole: use ``save_pretrained``). ``previous`` is the folder being
+        replaced: its card and measured results are carried over, so the card is updated rather than replaced."""
+        if model_card and previous is not None:
+            for name in (CARD_NAME, EVAL_RESULTS_NAME):
+                if (previous / name).is_file():
+                    shutil.copy2(previous / name, folder / name)
         self.config.save_pretrained(folder)
         save_trainable_state(self.trainable_state_dict(), folder / WEIGHTS_NAME)
         if model_card:
             write_model_card(folder, self.config, self.parameter_counts(), repo_id=repo_id)
         if self.processor is not None:
             self.processor.save_pretrained(folder)
-        return folder
 
     def push_to_hub(self, repo_id: str, *, commit_message: str = "Upload M²IST side adapter", private: bool | None = None,
                     token: str | None = None, revision: str | None = None, create_pr: bool = False,
@@ -492,8 +533,8 @@ class SideTunedModel(RECModel):
                                     subfolder=subfolder, **hub)
         saved = M2ISTConfig.from_json_file(folder / CONFIG_NAME)
         adapter_dtype = _adapter_dtype(dtype, folder / WEIGHTS_NAME)
-        vision_model = vision_model or _load_tower(saved, VISION, trust_remote_code, hub)
-        text_model = text_model or _load_tower(saved, TEXT, trust_remote_code, hub)
+        vision_model = vision_model or _load_recorded_tower(saved, VISION, trust_remote_code, hub, name_or_path)
+        text_model = text_model or _load_recorded_tower(saved, TEXT, trust_remote_code, hub, name_or_path)
         measured = {f"{m}_{k}": None for m in (VISION, TEXT) for k in M2ISTConfig.TOWER_FIELDS}
         model = cls(vision_model, text_model,
                     dataclasses.replace(saved, **kwargs, **measured, num_vision_tokens=None))
@@ -511,7 +552,13 @@ class SideTunedModel(RECModel):
         load_trainable_state(model, folder / WEIGHTS_NAME)
         if PIPELINE.load_processor is not None and any((folder / name).is_file() for name in
                                                        (PROCESSOR_CONFIG_NAME, *PROCESSOR_FILES)):
-            model.processor = PIPELINE.load_processor(str(folder))  # tokenizer files came with it, same commit
+            try:
+                model.processor = PIPELINE.load_processor(str(folder))  # tokenizer files came with it, same commit
+            except (ValueError, TypeError, KeyError, AttributeError) as err:  # JSONDecodeError is a ValueError
+                raise ValueError(f"{folder}: the processor saved with the adapter cannot be restored "
+                                 f"({type(err).__name__}: {' '.join(str(err).split())}). Fix or delete its files "
+                                 f"({PROCESSOR_CONFIG_NAME}, {', '.join(PROCESSOR_FILES)}) and pass a processor "
+                                 "yourself.") from err
         if target_device is not None:
             model.to(target_device)
         if adapter_dtype is not None:
@@ -588,6 +635,30 @@ def tower_class(class_name: str | None) -> type:
     if class_name:
         logger.warning("%r is not a transformers model class: re-loading the tower with AutoModel.", class_name)
     return transformers.AutoModel
+
+
+def _load_recorded_tower(config: M2ISTConfig, modality: str, trust_remote_code: bool, hub: dict[str, Any],
+                         adapter: Any) -> nn.Module:
+    """:func:`_load_tower`, with a failure explained in one line: the name came from the adapter's config, whether
+    it is a local path, and whether offline mode is on."""
+    if not getattr(config, f"{modality}_model_name_or_path"):
+        return _load_tower(config, modality, trust_remote_code, hub)  # raises: no name recorded
+    try:
+        return _load_tower(config, modality, trust_remote_code, hub)
+    except (OSError, ValueError) as err:  # ValueError: a folder that is not a model ("Unrecognized model in ...")
+        from huggingface_hub import constants
+
+        name = str(getattr(config, f"{modality}_model_name_or_path"))
+        if Path(name).is_absolute() or name.startswith((".", "~")) or ".." in Path(name).parts:
+            where = (f"a local path, resolved against the working directory {Path.cwd()}" if not Path(name).is_absolute()
+                     else "a local path") + (": no such folder" if not Path(name).expanduser().exists() else "")
+        else:
+            where = "a Hub id" + (" and offline mode is on (HF_HUB_OFFLINE=1 or local_files_only=True): the tower is "
+                                  "not in the Hub cache" if hub.get("local_files_only") or constants.HF_HUB_OFFLINE else "")
+        reason = " ".join(str(err).split())
+        raise OSError(f"The adapter {adapter} records the {modality} tower {name!r} ({where}), which cannot be loaded "
+                      f"({reason}). Pass {modality}_model= (or --{modality}-model) to give the tower yourself.") from err
+
 
 
 def _load_tower(config: M2ISTConfig, modality: str, trust_remote_code: bool, hub: dict[str, Any]) -> nn.Module:

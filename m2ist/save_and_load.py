@@ -1,20 +1,43 @@
-"""Saving and loading the trainable tensors (side network + head) as safetensors (the card is in ``m2ist.card``)."""
+"""Saving and loading the trainable tensors (side network + head) as safetensors (the model card is in ``m2ist.card``).
+
+Two guarantees, stated once:
+
+* **A saved folder always holds exactly one complete adapter.** :func:`save_folder_atomically` writes every file
+  into a temporary sibling folder, then swaps it in with one ``rename`` (an atomic exchange on Linux), so two
+  processes saving into one folder leave the last complete adapter, never a mix, and a save that dies half-way
+  (a full disk, ``ulimit -f``, an exception) leaves the previous adapter untouched. Entries of the folder that are
+  not the adapter's (a user's notes, a training run's ``checkpoint-*`` folders) are kept.
+* **What loads is what was saved.** The weights file records the SHA-256 of its tensor data
+  (``m2ist_sha256`` in the safetensors metadata); loading checks it, and every tensor's name, shape, dtype and
+  finiteness, before anything is copied into the model.
+"""
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import errno
+import hashlib
+import json
 import os
 import secrets
+import shutil
 import stat
-from collections.abc import Callable
+import struct
+import tempfile
+import uuid
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_safetensors_bytes
+from safetensors.torch import save as save_safetensors_bytes
 from torch import nn
 
+from .config import CONFIG_NAME
 from .version import __version__
 
 WEIGHTS_NAME = "m2ist_model.safetensors"
@@ -30,6 +53,14 @@ PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
 ADAPTER_FILES = ("m2ist_config.json", WEIGHTS_NAME, "README.md", PROCESSOR_CONFIG_NAME, *PROCESSOR_FILES,
                  *TOKENIZER_FILES)
 TRAINABLE_PREFIXES = ("side.", "head.")
+#: What an adapter folder's own files are called: a new save replaces all of them (a processor saved by an older
+#: adapter never survives beside a newer adapter's weights); every other entry of the folder is kept.
+#: ``README.md`` is replaced only when the new save writes a model card.
+OWNED_FILES = frozenset({CONFIG_NAME, WEIGHTS_NAME, PROCESSOR_CONFIG_NAME, *PROCESSOR_FILES, *TOKENIZER_FILES,
+                         "training_args.bin", "m2ist_run.json"})
+#: safetensors metadata key holding the SHA-256 of the file's tensor data.
+SHA256_KEY = "m2ist_sha256"
+_SAVING_SUFFIX = ".m2ist-saving"
 
 
 @dataclass
@@ -73,40 +104,214 @@ def atomic_write(path: Path, write) -> None:
             os.unlink(tmp)
 
 
+# ---------------------------------------------------------------------------------------------- whole folders
+def _renameat2_exchange() -> Callable[[str, str], bool] | None:
+    """``exchange(a, b)`` swapping two paths in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``), or None."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return None
+    renameat2.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint)
+    at_fdcwd, rename_exchange = -100, 2
+
+    def exchange(first: str, second: str) -> bool:
+        if renameat2(at_fdcwd, os.fsencode(first), at_fdcwd, os.fsencode(second), rename_exchange) == 0:
+            return True
+        code = ctypes.get_errno()
+        if code in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):  # kernel or file system without the flag
+            return False
+        raise OSError(code, f"Cannot swap {first} and {second}: {os.strerror(code)}")
+
+    return exchange
+
+
+_EXCHANGE = _renameat2_exchange() if os.name == "posix" else None
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _move_entries(source: Path, target: Path, skip: Iterable[str]) -> None:
+    """Move every entry of ``source`` whose name is not in ``skip`` and not already in ``target`` into ``target``."""
+    skip = set(skip)
+    try:
+        entries = list(source.iterdir())
+    except FileNotFoundError:
+        return
+    for entry in entries:
+        if entry.name in skip or (target / entry.name).exists():
+            continue
+        try:
+            os.rename(entry, target / entry.name)
+        except FileNotFoundError:  # another saver moved it first
+            continue
+
+
+def save_folder_atomically(save_directory: str | os.PathLike, write: Callable[[Path], object],
+                           owned: Iterable[str] = OWNED_FILES) -> Path:
+    """Run ``write(tmp)`` on a fresh temporary sibling of ``save_directory``, then swap it in as a whole.
+
+    ``save_directory`` then holds exactly what ``write`` wrote, plus the entries it held before that are neither in
+    ``owned`` nor written now (kept: notes, ``checkpoint-*`` folders). The old folder is moved aside and removed.
+    If ``write`` (or anything before the swap) fails, ``save_directory`` is untouched and the temporary folder is
+    removed. Concurrent savers each swap in a complete folder; the last one wins. Returns ``save_directory``.
+    """
+    folder = Path(os.path.abspath(save_directory))  # "." has no name and no sibling: use the full path
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(f"Cannot save into {folder}: it is a file. Pass a folder (it is created if needed).")
+    if folder.parent == folder:
+        raise ValueError(f"Cannot save an adapter as the root folder {folder}: pass a folder inside it.")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    cwd_is_folder = folder.is_dir() and os.path.samefile(os.getcwd(), folder)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=_SAVING_SUFFIX, dir=folder.parent))
+    try:
+        _swap_in(folder, tmp, write, owned)
+        return Path(save_directory)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if cwd_is_folder and folder.is_dir():
+            os.chdir(folder)  # the working directory was the old folder, now removed: enter the new one
+
+
+def _swap_in(folder: Path, tmp: Path, write: Callable[[Path], object], owned: Iterable[str]) -> Path:
+    """The body of :func:`save_folder_atomically`: fill ``tmp``, then swap it in for ``folder``."""
+    os.chmod(tmp, 0o777 & ~_umask())
+    write(tmp)
+    replaced = set(owned) | {entry.name for entry in tmp.iterdir()}
+    for _ in range(100):  # retried only while other savers race for the same folder
+        if not folder.exists():
+            try:
+                os.rename(tmp, folder)  # atomic; fails if another saver created a non-empty folder meanwhile
+                return folder
+            except FileExistsError:
+                continue
+            except OSError as err:
+                if err.errno != errno.ENOTEMPTY:
+                    raise
+                continue
+        _move_entries(folder, tmp, replaced)  # keep what is not the adapter's
+        if _EXCHANGE is not None and _EXCHANGE(str(tmp), str(folder)):
+            _move_entries(tmp, folder, replaced)  # tmp now holds the old folder: rescue late arrivals
+            return folder
+        aside = folder.with_name(f".{folder.name}.{uuid.uuid4().hex}.m2ist-old")
+        try:
+            os.rename(folder, aside)
+        except FileNotFoundError:
+            continue
+        try:
+            os.rename(tmp, folder)
+        except OSError:
+            os.rename(aside, folder)
+            continue
+        _move_entries(aside, folder, replaced)
+        shutil.rmtree(aside, ignore_errors=True)
+        return folder
+    raise OSError(f"Could not swap the new adapter into {folder}: other processes keep replacing it.")
+
+
+# ---------------------------------------------------------------------------------------------- weights files
+def _data_offset(blob: bytes | memoryview) -> int:
+    """Where a safetensors file's tensor data starts (after the 8-byte length and the JSON header)."""
+    if len(blob) < 8:
+        raise ValueError("the file is shorter than a safetensors header")
+    (header_length,) = struct.unpack("<Q", bytes(blob[:8]))
+    if header_length > len(blob) - 8:
+        raise ValueError(f"the header claims {header_length} bytes but the file has {len(blob)}")
+    return 8 + header_length
+
+
+def check_finite(tensors: dict[str, torch.Tensor], what: str) -> None:
+    """Raise ``ValueError`` naming the first tensor of ``tensors`` that holds NaN or infinite values."""
+    for name, tensor in tensors.items():
+        if (tensor.is_floating_point() or tensor.is_complex()) and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise ValueError(f"{what}: tensor {name} holds {bad} non-finite value(s) (NaN or inf).")
+
+
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Write ``tensors`` to ``path`` atomically, with the SHA-256 of the tensor data in the metadata; refuse
+    non-finite tensors (a diverged run must not leave weights that load)."""
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    check_finite(tensors, f"Refusing to save {path.name}")
+    metadata = {"format": "pt", "m2ist_version": __version__, **(metadata or {})}
+    plain = save_safetensors_bytes(tensors, metadata=metadata)
+    digest = hashlib.sha256(memoryview(plain)[_data_offset(plain):]).hexdigest()
+    blob = save_safetensors_bytes(tensors, metadata={**metadata, SHA256_KEY: digest})
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as handle:
+            handle.write(blob)
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    atomic_write(path, write)
+
+
 def save_trainable_state(state: dict[str, torch.Tensor], path: Path) -> None:
     """Write ``state`` (side and head tensors only) to a safetensors file, atomically."""
     tower_keys = [k for k in state if not k.startswith(TRAINABLE_PREFIXES)]
     if tower_keys:
         raise ValueError(f"Refusing to save tower tensors {tower_keys[:3]}: only side and head tensors are saved.")
-    tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt", "m2ist_version": __version__}))
+    write_safetensors(path, state)
 
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    """Load a safetensors file, turning a truncated or corrupted file into a clear ``ValueError``."""
+    """Load a safetensors file, checking its SHA-256 when it records one; a truncated, corrupted or damaged file
+    raises a one-line ``ValueError`` and nothing is loaded."""
+    advice = "nothing was loaded. Save or download it again."
     try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as err:
-        raise ValueError(f"{path} is corrupted or truncated ({err}); nothing was loaded. Save or download it again."
-                         ) from err
+        if not Path(path).is_file():
+            raise ValueError("not a regular file")
+        blob = Path(path).read_bytes()
+        offset = _data_offset(blob)
+        header = json.loads(blob[8:offset].decode("utf-8"))
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
+        ends = [entry["data_offsets"][1] for key, entry in header.items()
+                if key != "__metadata__" and isinstance(entry, dict) and len(entry.get("data_offsets") or ()) == 2]
+        if ends and len(blob) - offset < max(ends):
+            raise ValueError(f"its tensor data should take {max(ends)} bytes, the file holds {len(blob) - offset}")
+        recorded = (header.get("__metadata__") or {}).get(SHA256_KEY)
+        if recorded is not None and hashlib.sha256(memoryview(blob)[offset:]).hexdigest() != recorded:
+            raise ValueError(f"{path} is damaged: its tensor data does not match the SHA-256 recorded when it was "
+                             f"saved; {advice}")
+        return load_safetensors_bytes(blob)
+    except ValueError as err:
+        if str(err).startswith(f"{path} is damaged"):
+            raise
+        raise ValueError(f"{path} is corrupted or truncated ({err}); {advice}") from err
+    except (SafetensorError, OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is corrupted or truncated ({err}); {advice}") from err
 
 
 def load_trainable_state(model: nn.Module, path: Path) -> None:
-    """Load the side and head tensors of ``path`` into ``model`` strictly, or raise naming every difference."""
+    """Load the side and head tensors of ``path`` into ``model`` strictly, or raise naming every difference
+    (missing or unexpected names, other shapes or dtypes, non-finite values); nothing is loaded then."""
     state = read_safetensors(path)
     expected = model.trainable_state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}" for k, v in expected.items()
               if k in state and state[k].shape != v.shape]
+    dtypes = [f"{k}: file {state[k].dtype} vs model {v.dtype}" for k, v in expected.items()
+              if k in state and state[k].dtype != v.dtype]
     problems = []
-    for label, items in (("missing tensors", missing), ("unexpected tensors", unexpected), ("shape mismatches", shapes)):
+    for label, items in (("missing tensors", missing), ("unexpected tensors", unexpected), ("shape mismatches", shapes),
+                         ("dtype mismatches", dtypes)):
         if items:
             shown = ", ".join(items[:8]) + (f", ... ({len(items)} in all)" if len(items) > 8 else "")
             problems.append(f"{label}: {shown}")
     if problems:
         raise ValueError(f"{path} does not fit this model ({'; '.join(problems)}). It was saved for another "
                          "configuration or other towers; nothing was loaded.")
+    try:
+        check_finite(state, str(path))
+    except ValueError as err:
+        raise ValueError(f"{err} The run that wrote it diverged or the file is damaged; nothing was loaded.") from None
     with torch.no_grad():
         for key, tensor in expected.items():
             tensor.copy_(state[key])

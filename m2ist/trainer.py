@@ -18,9 +18,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import logging
+import math
 import os
+import re
 import shutil
+import zipfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,33 +34,43 @@ import numpy as np
 import torch
 from accelerate.utils import DistributedDataParallelKwargs
 from huggingface_hub import HfApi
-from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import Dataset
 from transformers import EvalPrediction, Trainer, TrainingArguments
-from transformers.trainer import TRAINING_ARGS_NAME
+from transformers.trainer import TRAINER_STATE_NAME, TRAINING_ARGS_NAME
 from transformers.trainer_pt_utils import get_parameter_names
-from transformers.trainer_utils import SaveStrategy, SchedulerType
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SaveStrategy, SchedulerType
 
 from .card import EVAL_RESULTS_NAME, read_eval_results, write_model_card
-from .config import M2ISTConfig
+from .config import CONFIG_NAME, M2ISTConfig
 from .data.collator import RECCollator
 from .evaluation import paired_iou, write_results
 from .head import rec_loss
 from .model import METHODS, RECModel, SideTunedModel
 from .ops.boxes import box_convert
-from .save_and_load import ADAPTER_FILES, WEIGHTS_NAME, atomic_write, load_trainable_state
+from .save_and_load import (
+    ADAPTER_FILES,
+    WEIGHTS_NAME,
+    check_finite,
+    load_trainable_state,
+    read_safetensors,
+    save_folder_atomically,
+    write_safetensors,
+)
 from .version import __version__
 
 __all__ = [
+    "NonFiniteTrainingError",
     "RECMetrics",
     "RECTrainer",
     "RECTrainingArguments",
     "StepDropSchedule",
+    "checkpoint_problems",
     "compute_rec_metrics",
     "image_regions",
     "load_trainable_tensors",
     "model_method",
+    "run_settings",
     "save_trainable_tensors",
     "train_rec",
     "trainable_tensors",
@@ -66,6 +80,13 @@ logger = logging.getLogger(__name__)
 
 #: Name of the headline metric (Acc@0.5); the Trainer reports it as ``eval_acc@0.5`` (``eval_<set>_acc@0.5``).
 ACCURACY_METRIC = "acc@0.5"
+#: The settings that define a run, written into every checkpoint and compared when resuming.
+RUN_SETTINGS_NAME = "m2ist_run.json"
+_CHECKPOINT_PATTERN = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
+
+
+class NonFiniteTrainingError(FloatingPointError):
+    """Training met a NaN or infinite loss, gradient or weight; raised at once, before anything non-finite is saved."""
 
 
 # ---------------------------------------------------------------------------------------------- arguments
@@ -124,6 +145,12 @@ class RECTrainingArguments(TrainingArguments):
         metadata={"help": "Must be False: REC items (image, expression, box) are not model arguments; the collator "
                   "turns them into inputs."},
     )
+    resume_allow_changes: bool = field(
+        default=False,
+        metadata={"help": "Resume from a checkpoint even when the run settings recorded in it (learning rates, seed, "
+                  "batch size, method, M2ISTConfig, training-set size) differ from this run's. By default such a "
+                  "resume is refused with the differences named."},
+    )
     metric_for_best_model: str | None = field(
         default=ACCURACY_METRIC,
         metadata={"help": "Metric that picks the best checkpoint ('acc@0.5'). With several evaluation sets name one, "
@@ -133,6 +160,13 @@ class RECTrainingArguments(TrainingArguments):
     def __post_init__(self) -> None:
         if self.method is not None and self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS} (or None to take it from the model), got {self.method!r}.")
+        for name in ("learning_rate", "side_learning_rate", "num_train_epochs", "weight_decay", "max_grad_norm"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}.")
+        if self.max_steps <= 0 and not self.num_train_epochs > 0:
+            raise ValueError(f"num_train_epochs={self.num_train_epochs} with max_steps={self.max_steps} trains nothing: "
+                             "give a positive number of epochs (or max_steps > 0).")
         if self.side_learning_rate < 0:
             raise ValueError(f"side_learning_rate must be >= 0, got {self.side_learning_rate}.")
         if not self.lr_drop_factor > 0:
@@ -195,19 +229,22 @@ class _TrainableView:
         return trainable_tensors(self.model)
 
 
-def save_trainable_tensors(model: nn.Module, output_dir: str | os.PathLike) -> Path:
-    """Write the model's trained tensors and config to ``output_dir`` (``m2ist_model.safetensors``,
-    ``m2ist_config.json``); never a frozen tower's weights. Returns the folder."""
-    folder = Path(output_dir)
+def _write_trainable_tensors(model: nn.Module, folder: Path) -> None:
+    """Write the model's trained tensors and config into the existing ``folder`` as they come."""
     if isinstance(model, SideTunedModel):
-        return model.save_pretrained(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+        model.write_adapter_files(folder)
+        return
     if isinstance(getattr(model, "config", None), M2ISTConfig):
         model.config.save_pretrained(folder)
-    tensors = {name: t.detach().contiguous().cpu() for name, t in trainable_tensors(model).items()}
-    metadata = {"format": "pt", "m2ist_version": __version__, "m2ist_method": str(model_method(model))}
-    atomic_write(folder / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata=metadata))
-    return folder
+    metadata = {"m2ist_version": __version__, "m2ist_method": str(model_method(model))}
+    write_safetensors(folder / WEIGHTS_NAME, trainable_tensors(model), metadata)
+
+
+def save_trainable_tensors(model: nn.Module, output_dir: str | os.PathLike) -> Path:
+    """Write the model's trained tensors and config to ``output_dir`` (``m2ist_model.safetensors``,
+    ``m2ist_config.json``); never a frozen tower's weights, never non-finite ones. The folder is replaced as a
+    whole (other entries kept, see :func:`m2ist.save_and_load.save_folder_atomically`). Returns the folder."""
+    return save_folder_atomically(output_dir, lambda folder: _write_trainable_tensors(model, folder))
 
 
 def load_trainable_tensors(model: nn.Module, checkpoint_dir: str | os.PathLike) -> None:
@@ -335,6 +372,10 @@ class RECTrainer(Trainer):
                              f"method={args.method!r}).")
         args = copy.copy(args)  # the metric name may be resolved below; never change the caller's arguments
         eval_dataset = kwargs.get("eval_dataset")
+        if args.save_strategy == SaveStrategy.BEST and not eval_dataset:
+            raise ValueError("save_strategy='best' saves a checkpoint when the evaluation metric improves, but there is "
+                             "no evaluation data: pass eval_dataset (--eval-splits / --eval-file), or use "
+                             "save_strategy='steps' or 'epoch'.")
         metric = args.metric_for_best_model
         if isinstance(eval_dataset, Mapping) and eval_dataset and metric is not None:
             bare = metric.removeprefix("eval_")
@@ -352,15 +393,98 @@ class RECTrainer(Trainer):
         # Our forward takes no loss kwargs: the loss is a per-batch mean and the Trainer scales it for accumulation.
         self.model_accepts_loss_kwargs = False
 
-    def train(self, *args: Any, **kwargs: Any):
-        """``Trainer.train``; on a CPU with ``args.flush_denormal``, with denormal floats flushed to zero (the
-        process-wide setting is switched off again afterwards)."""
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):
+        """``Trainer.train``, refusing an empty training set; on a CPU with ``args.flush_denormal``, with denormal
+        floats flushed to zero (the process-wide setting is switched off again afterwards).
+
+        ``resume_from_checkpoint=True`` resumes from the latest *complete* checkpoint of ``args.output_dir`` (an
+        incomplete one, e.g. from a run killed while writing it, is skipped with a warning naming it); a folder must
+        be complete. The run settings recorded in the checkpoint must match this run's (see
+        :func:`run_settings`) unless ``args.resume_allow_changes``.
+        """
+        train_dataset = self.train_dataset
+        if train_dataset is None:
+            raise ValueError("RECTrainer.train needs a train_dataset.")
+        if _length(train_dataset) == 0:
+            raise ValueError("The training set is empty: nothing to train on.")
+        if resume_from_checkpoint is not None and resume_from_checkpoint is not False:
+            resume_from_checkpoint = self._resolve_checkpoint(resume_from_checkpoint)
+            self._check_run_settings(resume_from_checkpoint)
+        elif resume_from_checkpoint is False:
+            resume_from_checkpoint = None
         flush = self.args.flush_denormal and self.args.device.type == "cpu" and torch.set_flush_denormal(True)
         try:
-            return super().train(*args, **kwargs)
+            return super().train(resume_from_checkpoint, *args, **kwargs)
         finally:
             if flush:
                 torch.set_flush_denormal(False)
+
+    # ------------------------------------------------------------------ resuming
+    def _resolve_checkpoint(self, checkpoint: str | bool) -> str:
+        if checkpoint is True:
+            folder = Path(self.args.output_dir)
+            found = sorted(((int(m.group(1)), path) for path in (folder.iterdir() if folder.is_dir() else [])
+                            if path.is_dir() and (m := _CHECKPOINT_PATTERN.match(path.name))), reverse=True)
+            skipped = []
+            for _, path in found:
+                problems = checkpoint_problems(path, needs_optimizer=not self.args.save_only_model)
+                if not problems:
+                    for name, why in skipped:
+                        logger.warning("Skipping the incomplete checkpoint %s (%s); resuming from %s.", name, why, path)
+                    return str(path)
+                skipped.append((str(path), problems))
+            detail = "; ".join(f"{name}: {why}" for name, why in skipped)
+            raise ValueError(f"No complete checkpoint to resume from in {folder}" + (f" ({detail})" if detail else
+                             " (no checkpoint-* folders)") + ". Start without --resume, or pass a checkpoint folder.")
+        path = Path(checkpoint)
+        if not path.is_dir():
+            raise ValueError(f"Checkpoint folder not found: {path}.")
+        problems = checkpoint_problems(path, needs_optimizer=not self.args.save_only_model)
+        if problems:
+            raise ValueError(f"Checkpoint {path} is incomplete ({problems}), e.g. the run was killed while writing it: "
+                             "resume from an earlier checkpoint, or with resume=True to take the latest complete one.")
+        return str(path)
+
+    def _check_run_settings(self, checkpoint: str) -> None:
+        path = Path(checkpoint) / RUN_SETTINGS_NAME
+        if not path.is_file():
+            logger.warning("%s records no run settings (written by an older m2ist): cannot check that it belongs to "
+                           "this run.", checkpoint)
+            return
+        try:
+            saved = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ValueError(f"{path} is damaged ({err}): resume from another checkpoint.") from err
+        current = json.loads(json.dumps(run_settings(self), default=str))
+        differences = [f"{key}: checkpoint {saved.get(key)!r}, now {current.get(key)!r}"
+                       for key in sorted(set(saved) | set(current)) if saved.get(key) != current.get(key)]
+        if not differences:
+            return
+        message = (f"{checkpoint} was written by another run ({'; '.join(differences)}). Resume with the same "
+                   "settings, train into another output folder, or set resume_allow_changes=True "
+                   "(--set training.resume_allow_changes=true) to resume anyway.")
+        if not self.args.resume_allow_changes:
+            raise ValueError(message)
+        logger.warning("Resuming although %s", message.split(". Resume with")[0])
+
+    # ------------------------------------------------------------------ non-finite guard
+    def training_step(self, model: nn.Module, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> torch.Tensor:
+        """``Trainer.training_step``, then stop with :class:`NonFiniteTrainingError` (naming the step and the cause)
+        if the loss or a gradient is NaN or infinite: nothing non-finite is ever applied or saved."""
+        loss = super().training_step(model, inputs, *args, **kwargs)
+        step = self.state.global_step + 1
+        if not bool(torch.isfinite(loss.detach()).all()):
+            raise NonFiniteTrainingError(f"Training diverged at step {step}: the loss is {float(loss)}."
+                                         + _non_finite_inputs(inputs) + " Nothing was saved from this step.")
+        # with fp16 mixed precision the grad scaler expects inf gradients now and then (it skips those steps)
+        scaled = getattr(self.accelerator, "scaler", None) is not None
+        grads = [] if scaled else [p.grad for p in model.parameters() if p.grad is not None]
+        if grads and not bool(torch.isfinite(torch.stack(torch._foreach_norm(grads, float("inf")))).all()):
+            name = next(n for n, p in model.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all())
+            raise NonFiniteTrainingError(f"Training diverged at step {step}: the gradient of {name} is not finite "
+                                         f"(loss {float(loss):.4g}). Lower the learning rates or set max_grad_norm; "
+                                         "nothing was saved from this step.")
+        return loss
 
     # ------------------------------------------------------------------ accelerate / DDP
     def _build_accelerator_args(self, **kwargs: Any) -> dict[str, Any]:
@@ -474,16 +598,28 @@ class RECTrainer(Trainer):
         if not self.args.should_save:
             return
         output_dir = output_dir if output_dir is not None else self.args.output_dir
-        os.makedirs(output_dir, exist_ok=True)
+        logger.info("Saving the trained tensors to %s", output_dir)
+        model = self.accelerator.unwrap_model(self.model)
+        try:
+            check_finite(trainable_tensors(model), "The trained weights")
+        except ValueError as err:
+            raise NonFiniteTrainingError(f"Training diverged by step {self.state.global_step}: {err} Nothing was "
+                                         f"saved to {output_dir}.") from None
+
         results = self.measured_results(best=self.args.load_best_model_at_end
                                         and not Path(output_dir).name.startswith("checkpoint-"))
-        if results is not None:
-            write_results(results, Path(output_dir) / EVAL_RESULTS_NAME)
-        logger.info("Saving the trained tensors to %s", output_dir)
-        save_trainable_tensors(self.accelerator.unwrap_model(self.model), output_dir)
-        if self.processing_class is not None and hasattr(self.processing_class, "save_pretrained"):
-            self.processing_class.save_pretrained(output_dir)
-        torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+
+        def write(folder: Path) -> None:
+            _write_trainable_tensors(model, folder)
+            if results is not None:
+                write_results(results, folder / EVAL_RESULTS_NAME)
+            if self.processing_class is not None and hasattr(self.processing_class, "save_pretrained"):
+                self.processing_class.save_pretrained(folder)
+            torch.save(self.args, folder / TRAINING_ARGS_NAME)
+            (folder / RUN_SETTINGS_NAME).write_text(json.dumps(run_settings(self), indent=2, sort_keys=True,
+                                                               default=str) + "\n", encoding="utf-8")
+
+        save_folder_atomically(output_dir, write)
 
     def measured_results(self, best: bool = False) -> dict[str, Any] | None:
         """The evaluation results of the training run in :func:`m2ist.evaluation.evaluate`'s format
@@ -612,6 +748,73 @@ def _as_list(value: str | list[str] | None) -> list[str]:
     if value is None:
         return []
     return [value] if isinstance(value, str) else list(value)
+
+
+def _length(data: Any) -> int | None:
+    try:
+        return len(data)
+    except (TypeError, NotImplementedError):
+        return None
+
+
+def _non_finite_inputs(inputs: Mapping[str, Any]) -> str:
+    """" The batch's labels hold non-finite values ..." when the inputs explain a non-finite loss, else ""."""
+    bad = [key for key, value in inputs.items() if isinstance(value, torch.Tensor) and value.is_floating_point()
+           and not bool(torch.isfinite(value).all())]
+    if not bad:
+        return " The inputs are finite: the learning rates are probably too high (or set max_grad_norm)."
+    return (f" The batch's {', '.join(bad)} hold non-finite values (NaN or inf): check the data (boxes and images) "
+            "and the processor.")
+
+
+def run_settings(trainer: RECTrainer) -> dict[str, Any]:
+    """The settings that define a training run, recorded in each checkpoint (``m2ist_run.json``) and compared when
+    resuming: learning rates and their schedule, seed, batch sizes, method, the model's M2ISTConfig (without the
+    recorded tower names) and the training-set size. Epoch and step counts are left out: extending a run is fine."""
+    args = trainer.args
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    config = getattr(model, "config", None)
+    config_values = None
+    if isinstance(config, M2ISTConfig):
+        config_values = {key: value for key, value in config.to_dict().items()
+                         if not key.endswith(("_model_name_or_path", "_revision"))}
+    return {
+        "learning_rate": args.learning_rate, "side_learning_rate": args.side_learning_rate,
+        "weight_decay": args.weight_decay, "lr_scheduler_type": str(getattr(args.lr_scheduler_type, "value",
+                                                                            args.lr_scheduler_type)),
+        "lr_drop_epochs": list(args.lr_drop_epochs), "lr_drop_factor": args.lr_drop_factor,
+        "seed": args.seed, "data_seed": args.data_seed, "per_device_train_batch_size": args.per_device_train_batch_size,
+        "gradient_accumulation_steps": args.gradient_accumulation_steps, "world_size": args.world_size,
+        "method": model_method(model), "m2ist_config": config_values,
+        "train_samples": _length(trainer.train_dataset) if trainer.train_dataset is not None else None,
+    }
+
+
+def checkpoint_problems(folder: str | os.PathLike, *, needs_optimizer: bool = True) -> str:
+    """What a checkpoint folder lacks to be resumed from ("" when complete): the weights (readable, matching their
+    SHA-256), the config, ``trainer_state.json`` (valid JSON; written last, so its absence means the save was cut
+    short) and, unless ``needs_optimizer`` is False, readable optimizer and scheduler states."""
+    folder = Path(folder)
+    problems = []
+    try:
+        read_safetensors(folder / WEIGHTS_NAME)
+    except ValueError:
+        problems.append(f"{WEIGHTS_NAME} missing or damaged")
+    if not (folder / CONFIG_NAME).is_file():
+        problems.append(f"no {CONFIG_NAME}")
+    try:
+        json.loads((folder / TRAINER_STATE_NAME).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        problems.append(f"no {TRAINER_STATE_NAME}")
+    except (OSError, ValueError):
+        problems.append(f"{TRAINER_STATE_NAME} damaged")
+    if needs_optimizer:
+        for name in ("optimizer.pt", "scheduler.pt"):
+            if not (folder / name).is_file():
+                problems.append(f"no {name}")
+            elif not zipfile.is_zipfile(folder / name):
+                problems.append(f"{name} truncated or damaged")
+    return ", ".join(problems)
 
 
 def _has_length(dataloader) -> bool:

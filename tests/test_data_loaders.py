@@ -484,7 +484,10 @@ def test_jsonl_xywh_with_aliases_lists_and_paths_relative_to_the_file(tmp_path):
     assert samples[0].image == str(tmp_path / "imgs" / "a.jpg") and samples[1].image == "/abs/b.jpg"
     assert samples[0].image_id == "a" and samples[0].metadata["source_id"] == 7
     assert samples[0].metadata["source"] == f"{path}:1"
-    assert load_jsonl(path, "xywh", image_root="/root")[0].image == str(Path("/root/imgs/a.jpg"))
+    loaded = load_jsonl(path, "xywh", image_root="/root", allow_outside_image_root=True)
+    assert loaded[0].image == str(Path("/root/imgs/a.jpg")) and loaded[1].image == "/abs/b.jpg"
+    with pytest.raises(ValueError, match=r"data.jsonl:2: the image path '/abs/b.jpg' leads outside the image root"):
+        load_jsonl(path, "xywh", image_root="/root")  # an absolute path elsewhere escapes an explicit root
 
 
 def test_jsonl_normalized_boxes_use_width_height_or_the_image_header(tmp_path):

@@ -105,24 +105,27 @@ def test_evaluate_canvas_clamp_reproduces_transvg_code(processor):
 
 
 def test_every_expression_counts_and_results_file_is_written(processor, tmp_path):
-    degenerate = RECSample(IMAGE, "the dog", (20, 20, 20, 40), image_id="d")  # zero-width GT: kept, scored 0
+    degenerate = RECSample(IMAGE, "the dog", (20, 20, 20, 40), image_id="d")  # zero-width GT: refused, named
+    with pytest.raises(ValueError, match=r"Split 'test', sample 2 \(image_id='d'\).*zero area"):
+        evaluate(FixedBoxModel([*FIXED, [0.5, 0.5, 0.2, 0.2]]), processor, {"test": [*SAMPLES[1:], degenerate]},
+                 progress=False)
     model = FixedBoxModel([*FIXED, [0.5, 0.5, 0.2, 0.2]]).train()
     output = tmp_path / "nested" / "results.json"
-    results = evaluate(model, processor, {"val": SAMPLES[:1], "test": [*SAMPLES[1:], degenerate]}, batch_size=2,
+    results = evaluate(model, processor, {"val": SAMPLES[:1], "test": SAMPLES[1:]}, batch_size=2,
                        output_file=output, save_predictions=True, progress=False, metadata={"adapter": "somewhere"})
     assert model.training and all(call == (False, False) for call in model.calls)
     assert results["metrics"]["val"] == {"acc@0.5": 1.0, "correct@0.5": 1, "miou": pytest.approx(1.0), "count": 1}
-    assert results["metrics"]["test"]["count"] == 3 and results["metrics"]["test"]["correct@0.5"] == 1
+    assert results["metrics"]["test"]["count"] == 2 and results["metrics"]["test"]["correct@0.5"] == 1
 
     saved = json.loads(output.read_text())
-    assert saved["metrics"]["test"]["acc@0.5"] == pytest.approx(1 / 3)
+    assert saved["metrics"]["test"]["acc@0.5"] == pytest.approx(1 / 2)
     metadata = saved["metadata"]
     assert metadata["m2ist_version"] == __version__ and metadata["adapter"] == "somewhere"
     assert "IoU" in metadata["protocol"]["criterion"] and "GIoU" in metadata["protocol"]["criterion"]
     assert metadata["date"] and metadata["model"]["class"] == "FixedBoxModel"
     assert metadata["processor"]["canvas_size"] == 100
     records = saved["predictions"]["test"]
-    assert [r["image_id"] for r in records] == ["b", "c", "d"]
+    assert [r["image_id"] for r in records] == ["b", "c"]
     assert records[0]["gt_box"] == [0.0, 0.0, 100.0, 50.0]  # clipped ground truth
     assert records[0]["pred_box"] == pytest.approx([0.0, 0.0, 100.0, 70.0], abs=1e-3)
     assert records[0]["iou"] == pytest.approx(5 / 7, abs=1e-5)

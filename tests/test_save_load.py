@@ -138,11 +138,12 @@ def test_saving_is_atomic_over_an_existing_checkpoint(tmp_path, monkeypatch):
     def crash(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(sl, "save_file", crash)
+    monkeypatch.setattr(sl, "save_safetensors_bytes", crash)
     with pytest.raises(KeyboardInterrupt):
         model.save_pretrained(tmp_path)
     assert (tmp_path / WEIGHTS_NAME).read_bytes() == good
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+    assert [p.name for p in tmp_path.parent.iterdir() if p.name.endswith(".m2ist-saving")] == []
 
 
 def test_config_records_the_towers(tmp_path):

@@ -62,6 +62,7 @@ def load_data_splits(data: Mapping[str, Any], role: str) -> dict[str, list]:
     if fmt not in DATA_FORMATS:
         raise CLIError(f"Unknown data format {fmt!r}; choose one of {', '.join(DATA_FORMATS)}.")
     image_root = data.get("image_root")
+    outside = {"allow_outside_image_root": bool(data.get("allow_outside_image_root", False))}
     if role == "train":
         files = {str(data.get("train_split", "train")): data["train_file"]} if data.get("train_file") else {}
         names = [str(data.get("train_split", "train"))]
@@ -78,7 +79,7 @@ def load_data_splits(data: Mapping[str, Any], role: str) -> dict[str, list]:
             flag = "--train-file FILE" if role == "train" else "--eval-file [NAME=]FILE"
             raise CLIError(f"--data-format {fmt} reads files: pass {flag}.")
         for name, path in files.items():
-            options = {"image_root": image_root, "normalized": bool(data.get("normalized", False))}
+            options = {"image_root": image_root, "normalized": bool(data.get("normalized", False)), **outside}
             if fmt == "coco":
                 splits[name] = load_coco_style(path, data.get("box_format") or "xywh", **options)
             else:
@@ -88,7 +89,8 @@ def load_data_splits(data: Mapping[str, Any], role: str) -> dict[str, list]:
                 splits[name] = loader(path, data["box_format"], **options)
     elif fmt == "transvg" and files:
         for name, path in files.items():
-            splits[name] = load_transvg_split(path, data.get("dataset"), image_root, trusted=bool(data.get("trusted")))
+            splits[name] = load_transvg_split(path, data.get("dataset"), image_root, trusted=bool(data.get("trusted")),
+                                              **outside)
     elif fmt == "transvg":
         if not data.get("data_root") or not data.get("dataset"):
             raise CLIError("--data-format transvg needs --data-root (the split root holding <ds>/<ds>_<split>.pth) and "
@@ -96,7 +98,7 @@ def load_data_splits(data: Mapping[str, Any], role: str) -> dict[str, list]:
                            "--train-file / --eval-file.")
         for name in names:
             splits[name] = load_transvg_split(data["data_root"], data["dataset"], image_root, split=name,
-                                              trusted=bool(data.get("trusted")))
+                                              trusted=bool(data.get("trusted")), **outside)
     elif fmt == "refer":
         if not data.get("data_root"):
             raise CLIError("--data-format refer needs --data-root: the folder holding <dataset>/refs(<split_by>).p and "
@@ -104,14 +106,14 @@ def load_data_splits(data: Mapping[str, Any], role: str) -> dict[str, list]:
         for name in names:
             splits[name] = load_refer(data["data_root"], data.get("dataset") or "refcoco", data.get("split_by"),
                                       split=name, image_root=image_root,
-                                      sentence_field=data.get("sentence_field") or "sent")
+                                      sentence_field=data.get("sentence_field") or "sent", **outside)
     else:  # hf
         rows = _hf_rows(data)
         for name in names:
             splits[name] = from_hf_dataset(rows, data.get("box_format"), image_root, split=name,
                                            style=data.get("hf_style"), text_column=data.get("text_column"),
                                            sentence_field=data.get("sentence_field") or "sent",
-                                           normalized=bool(data.get("normalized", False)))
+                                           normalized=bool(data.get("normalized", False)), **outside)
     for name, samples in splits.items():
         if not samples:
             raise CLIError(f"The {name!r} split has no samples.")

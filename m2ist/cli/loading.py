@@ -19,10 +19,25 @@ def local_or_hub(name: str) -> str:
     path = Path(name).expanduser()
     return str(path.resolve()) if path.exists() else name
 
-def load_tower(name: str, revision: str | None, trust_remote_code: bool):
+def load_tower(name: str, revision: str | None, trust_remote_code: bool, role: str = "tower"):
+    """``AutoModel.from_pretrained`` of a local folder or a Hub id; a failure is one line naming the tower, whether
+    a local folder of that name exists, and offline mode when it is on."""
+    import os
+
     from transformers import AutoModel
 
-    return AutoModel.from_pretrained(local_or_hub(name), revision=revision, trust_remote_code=trust_remote_code)
+    try:
+        return AutoModel.from_pretrained(local_or_hub(name), revision=revision, trust_remote_code=trust_remote_code)
+    except OSError as err:
+        local = Path(name).expanduser()
+        reason = " ".join(str(err).split())
+        if local.exists():
+            raise CLIError(f"Cannot load the {role} from the folder {local.resolve()}: {reason}") from err
+        offline = os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+        where = ("offline mode is on (HF_HUB_OFFLINE=1) and the Hub cache does not hold it" if offline
+                 else f"as a Hub id it could not be loaded ({reason})")
+        raise CLIError(f"Cannot load the {role} {name!r}: there is no local folder {local.absolute()}, and {where}."
+                       ) from err
 
 def _looks_like_repo_id(name: str) -> bool:
     """``owner/name`` with Hub-legal characters (adapters are always namespaced); paths like ``./x`` or ``a/b/c`` are not."""
@@ -64,7 +79,8 @@ def load_adapter(settings: Mapping[str, Mapping[str, Any]]):
     for modality in ("vision", "text"):
         if model_settings.get(f"{modality}_model"):
             towers[f"{modality}_model"] = load_tower(model_settings[f"{modality}_model"],
-                                                      model_settings.get(f"{modality}_revision"), trust)
+                                                      model_settings.get(f"{modality}_revision"), trust,
+                                                      role=f"{modality} tower")
     info(f"Loading the adapter {adapter}")
     model = SideTunedModel.from_pretrained(adapter, **towers, trust_remote_code=trust)
     source = model_settings.get("processor") or adapter
@@ -72,7 +88,11 @@ def load_adapter(settings: Mapping[str, Mapping[str, Any]]):
     if Path(source).is_dir() and not saved_processor:
         raise CLIError(f"{source} holds no processor_config.json: pass --processor DIR, the folder a processor was "
                        "saved to (`m2ist train` saves it next to the adapter).")
-    processor = RECProcessor.from_pretrained(source, trust_remote_code=trust or None)
+    try:
+        processor = RECProcessor.from_pretrained(source, trust_remote_code=trust or None)
+    except (ValueError, TypeError, KeyError, AttributeError) as err:
+        raise CLIError(f"{Path(source) / PROCESSOR_CONFIG_NAME}: the processor cannot be restored ({type(err).__name__}: "
+                       f"{' '.join(str(err).split())}). Fix that file, or pass --processor DIR.") from err
     model.processor = processor
     return model, processor
 

@@ -82,7 +82,11 @@ def _run_passthrough(name: str, argv: list[str], debug: bool) -> int:
 def _expected_errors() -> tuple[type[BaseException], ...]:
     import pickle
 
-    return (CLIError, OSError, ValueError, pickle.UnpicklingError)
+    return (CLIError, OSError, ValueError, ArithmeticError, pickle.UnpicklingError)
+
+def one_line(err: BaseException) -> str:
+    """An error's message on one line (whitespace and line breaks collapsed), never empty."""
+    return " ".join(str(err).split()) or type(err).__name__
 
 def _configure_logging(verbosity: int) -> None:
     level = logging.WARNING if verbosity == 0 else logging.INFO if verbosity == 1 else logging.DEBUG
@@ -130,7 +134,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _expected_errors() as err:
         if args.debug:
             raise
-        print(f"m2ist {args.command}: error: {err}", file=sys.stderr)
-        if not isinstance(err, CLIError):
-            print("(run with --debug for the full traceback)", file=sys.stderr)
+        hint = "" if isinstance(err, CLIError) else " (run with --debug for the full traceback)"
+        print(f"m2ist {args.command}: error: {one_line(err)}{hint}", file=sys.stderr)
         return EXIT_USAGE
+    except Exception as err:  # a bug or a failure nobody foresaw: still one line, and a failing exit status
+        if args.debug:
+            raise
+        print(f"m2ist {args.command}: unexpected error: {type(err).__name__}: {one_line(err)} (run with --debug for "
+              "the full traceback, and please report it)", file=sys.stderr)
+        return 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,12 @@ def run(settings: dict[str, dict[str, Any]], args: argparse.Namespace) -> int:
     from m2ist.inference import draw_boxes, predict_boxes
 
     images, texts = list(args.image), list(args.text)
+    for number, text in enumerate(texts, start=1):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise CLIError(f"--text phrase {number} ({text.encode('utf-8', 'surrogateescape')!r}) is not valid UTF-8: "
+                           "pass the phrase as UTF-8 text.") from None
     if len(images) > 1 and len(texts) > 1 and len(images) != len(texts):
         raise CLIError(f"Got {len(images)} images and {len(texts)} phrases: give one phrase per image, one image "
                        "with several phrases, or several images with one phrase.")
@@ -48,9 +55,13 @@ def run(settings: dict[str, dict[str, Any]], args: argparse.Namespace) -> int:
                           batch_size=int(evaluation.get("batch_size", 16)), device=default_device(evaluation))
     pairs = list(zip(images * len(texts) if len(images) == 1 else images,
                      texts * len(images) if len(texts) == 1 else texts))
+    for (image, text), box in zip(pairs, boxes.tolist()):
+        if not all(math.isfinite(v) for v in box):
+            raise CLIError(f"The adapter predicted a non-finite box {box} for {image} / {text!r}: its weights are "
+                           "damaged or its training diverged. Retrain it (or load an earlier checkpoint).")
     records = [{"image": str(image), "text": text, "box_xyxy": [round(v, 2) for v in box]}
                for (image, text), box in zip(pairs, boxes.tolist())]
-    output = json.dumps(records, indent=2)
+    output = json.dumps(records, indent=2, allow_nan=False)
     print(output)
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)

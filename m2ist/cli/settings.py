@@ -26,7 +26,7 @@ MODEL_KEYS = ("vision_model", "text_model", "vision_revision", "text_revision", 
 
 DATA_KEYS = ("format", "data_root", "dataset", "split_by", "image_root", "train_split", "eval_splits", "train_file",
              "eval_files", "box_format", "normalized", "trusted", "text_column", "sentence_field", "hf_style",
-             "max_train_samples", "max_eval_samples", "skip_invalid", "augment")
+             "max_train_samples", "max_eval_samples", "skip_invalid", "augment", "allow_outside_image_root")
 
 EVALUATION_KEYS = ("batch_size", "iou_thresholds", "output_file", "save_predictions", "clamp", "num_workers", "device",
                    "progress", "final_eval")
@@ -45,7 +45,7 @@ explicit flags. A config file has these sections (all optional):
   m2ist:        M2ISTConfig fields (bottleneck, image_size, max_query_len, experts, ...)
   data:         format, data_root, dataset, split_by, image_root, train_split, eval_splits, train_file, eval_files,
                 box_format, normalized, trusted, text_column, sentence_field, hf_style, max_train_samples,
-                max_eval_samples, skip_invalid, augment
+                max_eval_samples, skip_invalid, augment, allow_outside_image_root
   training:     RECTrainingArguments fields (output_dir, num_train_epochs, per_device_train_batch_size,
                 learning_rate, side_learning_rate, weight_decay, lr_drop_epochs, method, resume_from_checkpoint, ...)
   augmentation: RECAugmentation fields (hflip_p, random_crop, jitter_p, ...)
@@ -115,7 +115,13 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     Top-level keys are section names (see the module docstring) or bare keys that belong to one section only.
     """
     file = _config_path(path)
-    text = file.read_text(encoding="utf-8")
+    data = file.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise CLIError(f"Config file {file}:{line}: not UTF-8 text (byte {data[err.start]:#04x}); save it as UTF-8."
+                       ) from None
     try:
         values = json.loads(text) if file.suffix == ".json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as err:

@@ -74,8 +74,8 @@ def run(settings: dict[str, dict[str, Any]], args: argparse.Namespace) -> int:
     model_settings = settings["model"]
     trust = bool(model_settings.get("trust_remote_code", False))
     info(f"Loading the vision tower {model_settings['vision_model']} and the text tower {model_settings['text_model']}")
-    vision = load_tower(model_settings["vision_model"], model_settings.get("vision_revision"), trust)
-    text = load_tower(model_settings["text_model"], model_settings.get("text_revision"), trust)
+    vision = load_tower(model_settings["vision_model"], model_settings.get("vision_revision"), trust, role="vision tower")
+    text = load_tower(model_settings["text_model"], model_settings.get("text_revision"), trust, role="text tower")
     method = settings["training"].get("method") or "m2ist"
     model = build_model(vision, text, config, method=method)
     processor = RECProcessor.from_pretrained(

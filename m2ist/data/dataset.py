@@ -89,7 +89,8 @@ class RECDataset(Dataset):
     Args:
         samples: the :class:`RECSample` list a loader returned.
         transform: ``transform(image, expression, box) -> dict`` applied in ``__getitem__``.
-        skip_invalid: skip (and count) samples whose image cannot be read instead of raising.
+        skip_invalid: skip (and count) samples whose image cannot be read instead of raising. Each image is then
+            decoded in full while building (a truncated file is caught here, not in the middle of training).
         validate_images: read each image's size while building (needed for clipping and for catching missing
             files early). With ``False`` only expressions and boxes are checked; boxes are still clipped to the
             decoded image in ``__getitem__``.
@@ -151,7 +152,10 @@ class RECDataset(Dataset):
                 size = sizes.get(key)
                 if size is None:
                     try:
-                        size = image_size(sample.image, exif_transpose=self.exif_transpose)
+                        if self.skip_invalid:  # decode in full: a truncated file must be skipped now, not stop training
+                            size = load_image(sample.image, exif_transpose=self.exif_transpose).size
+                        else:
+                            size = image_size(sample.image, exif_transpose=self.exif_transpose)
                     except _IMAGE_ERRORS as err:
                         if not self.skip_invalid:
                             context = f"Sample {index} (image_id={sample.image_id!r})"

@@ -14,6 +14,7 @@ keys are kept in ``metadata``.
 from __future__ import annotations
 
 import csv
+import io
 import json
 from collections import defaultdict
 from collections.abc import Iterable
@@ -33,6 +34,7 @@ from m2ist.data.loaders import (
     first_key,
     join_image_path,
     parse_box,
+    read_text_file,
 )
 from m2ist.data.sample import RECSample
 
@@ -95,6 +97,7 @@ def _add_records(
     *,
     image_root: Path,
     read_box: Any,
+    allow_outside_image_root: bool = True,
 ) -> None:
     for where, record in records:
         if not isinstance(record, dict):
@@ -106,7 +109,8 @@ def _add_records(
                 f"found {sorted(record)}."
             )
         box, box_keys = read_box(record, where)
-        image = join_image_path(str(record[image_key]), image_root)
+        image = join_image_path(str(record[image_key]), image_root, allow_outside_image_root=allow_outside_image_root,
+                                where=where)
         texts = [text for text, _ in expressions_of(record[text_key], sentence_field="sent", where=where)]
         used = {text_key, image_key, "image_id", *box_keys}
         metadata = {key: value for key, value in record.items() if key not in used}
@@ -134,23 +138,24 @@ def load_jsonl(
     image_root: str | PathLike[str] | None = None,
     *,
     normalized: bool = False,
+    allow_outside_image_root: bool = False,
 ) -> list[RECSample]:
-    """Load a JSON-lines file: one object per line with ``image``, ``text`` and ``bbox`` (see module docstring)."""
+    """Load a JSON-lines file: one object per line with ``image``, ``text`` and ``bbox`` (see module docstring).
+
+    With an ``image_root``, image paths must stay inside it unless ``allow_outside_image_root``."""
     path = Path(path)
     box_format = check_box_format(box_format, source=str(path))
-    if not path.is_file():
-        raise FileNotFoundError(f"JSONL file not found: {path}")
     records = []
-    with path.open("r", encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                records.append((f"{path}:{number}", json.loads(line)))
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{number}: not valid JSON ({err.msg}).") from err
+    for number, line in enumerate(read_text_file(path, "JSONL file").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append((f"{path}:{number}", json.loads(line)))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{number}: not valid JSON ({err.msg}).") from err
     builder = _SampleBuilder(box_format=box_format, normalized=normalized)
-    _add_records(builder, records, image_root=Path(image_root) if image_root else path.parent, read_box=_read_box_key)
+    _add_records(builder, records, image_root=Path(image_root) if image_root else path.parent, read_box=_read_box_key,
+                 allow_outside_image_root=allow_outside_image_root or image_root is None)
     return builder.build()
 
 
@@ -161,13 +166,12 @@ def load_csv(
     *,
     normalized: bool = False,
     delimiter: str = ",",
+    allow_outside_image_root: bool = False,
 ) -> list[RECSample]:
     """Load a CSV file with a header row: ``image``, ``text`` and ``bbox`` (``"[x, y, w, h]"`` or ``"x y w h"``)
     or four box columns named after ``box_format`` (``x0,y0,x1,y1`` / ``x,y,w,h`` / ``cx,cy,w,h``)."""
     path = Path(path)
     box_format = check_box_format(box_format, source=str(path))
-    if not path.is_file():
-        raise FileNotFoundError(f"CSV file not found: {path}")
 
     def read_box(record: dict[str, Any], where: str) -> tuple[Box, tuple[str, ...]]:
         if first_key(record, BOX_KEYS) is not None:
@@ -178,11 +182,14 @@ def load_csv(
         names = " or ".join(",".join(columns) for columns in _CSV_BOX_COLUMNS[box_format])
         raise ValueError(f"{where}: no box; expected a 'bbox' column or the columns {names}.")
 
-    with path.open("r", encoding="utf-8-sig", newline="") as handle:
-        reader = csv.DictReader(handle, delimiter=delimiter)
-        records = [(f"{path}:{number}", dict(row)) for number, row in enumerate(reader, start=2)]
+    reader = csv.DictReader(io.StringIO(read_text_file(path, "CSV file"), newline=""), delimiter=delimiter)
+    try:
+        records = [(f"{path}:{reader.line_num}", dict(row)) for row in reader]
+    except csv.Error as err:
+        raise ValueError(f"{path}:{reader.line_num}: not valid CSV ({err}).") from err
     builder = _SampleBuilder(box_format=box_format, normalized=normalized)
-    _add_records(builder, records, image_root=Path(image_root) if image_root else path.parent, read_box=read_box)
+    _add_records(builder, records, image_root=Path(image_root) if image_root else path.parent, read_box=read_box,
+                 allow_outside_image_root=allow_outside_image_root or image_root is None)
     return builder.build()
 
 
@@ -192,6 +199,7 @@ def load_coco_style(
     image_root: str | PathLike[str] | None = None,
     *,
     normalized: bool = False,
+    allow_outside_image_root: bool = False,
 ) -> list[RECSample]:
     """Load a COCO-style JSON (``images``, ``annotations``) whose expressions sit on annotations or images.
 
@@ -205,13 +213,23 @@ def load_coco_style(
     """
     path = Path(path)
     box_format = check_box_format(box_format, source=str(path))
-    if not path.is_file():
-        raise FileNotFoundError(f"COCO-style JSON not found: {path}")
-    with path.open("r", encoding="utf-8") as handle:
-        data = json.load(handle)
-    if not isinstance(data, dict) or "images" not in data or "annotations" not in data:
+    try:
+        data = json.loads(read_text_file(path, "COCO-style JSON"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}:{err.lineno}: not valid JSON ({err.msg}).") from err
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list) or not isinstance(
+            data.get("annotations"), list):
         raise ValueError(f"{path}: a COCO-style file needs top-level 'images' and 'annotations' lists.")
     root = Path(image_root) if image_root else path.parent
+    contain = not allow_outside_image_root and image_root is not None
+    for position, image in enumerate(data["images"]):
+        missing = [key for key in ("id", "file_name") if not isinstance(image, dict) or key not in image]
+        if missing:
+            raise ValueError(f"{path} images[{position}]: no {' and no '.join(repr(k) for k in missing)} "
+                             "(every image entry needs an 'id' and a 'file_name').")
+    for position, ann in enumerate(data["annotations"]):
+        if not isinstance(ann, dict) or "image_id" not in ann:
+            raise ValueError(f"{path} annotations[{position}]: not an object with an 'image_id'.")
     images = {image["id"]: image for image in data["images"]}
     anns_by_image: dict[Any, list[dict[str, Any]]] = defaultdict(list)
     for ann in data["annotations"]:
@@ -227,7 +245,7 @@ def load_coco_style(
             metadata["split"] = ann.get("split", image.get("split"))
         texts = [text for text, _ in expressions_of(text_value, sentence_field="sent", where=where)]
         builder.add(
-            image=join_image_path(image["file_name"], root),
+            image=join_image_path(image["file_name"], root, allow_outside_image_root=not contain, where=where),
             texts=texts,
             box=parse_box(ann["bbox"], where=where),
             image_id=image.get("original_id", image["id"]),

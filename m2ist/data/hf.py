@@ -26,7 +26,7 @@ from typing import Any
 
 from PIL import Image
 
-from m2ist.data.images import image_size
+from m2ist.data.images import ImageLoadError, image_size
 from m2ist.data.loaders import (
     BOX_KEYS,
     IMAGE_KEYS,
@@ -36,6 +36,7 @@ from m2ist.data.loaders import (
     check_box_format,
     expressions_of,
     first_key,
+    join_image_path,
     normalize_split_request,
     parse_box,
 )
@@ -83,8 +84,9 @@ class _RelativeImagePaths:
     ``train2014`` folder itself; the first few paths are probed to find how many leading parts to drop.
     """
 
-    def __init__(self, image_root: str | PathLike[str] | None) -> None:
+    def __init__(self, image_root: str | PathLike[str] | None, allow_outside_image_root: bool = False) -> None:
         self.root = Path(image_root) if image_root is not None else None
+        self.allow_outside_image_root = allow_outside_image_root
 
     def resolve_all(self, names: list[str | None]) -> list[str | None]:
         if self.root is None:
@@ -97,7 +99,9 @@ class _RelativeImagePaths:
                 resolved.append(name)
                 continue
             parts = Path(name).parts
-            resolved.append(str(self.root.joinpath(*parts[min(drop, len(parts) - 1) :])))
+            resolved.append(join_image_path(Path(*parts[min(drop, len(parts) - 1) :]), self.root,
+                                            allow_outside_image_root=self.allow_outside_image_root,
+                                            where=f"image path {name!r}"))
         return resolved
 
     def _leading_parts_to_drop(self, names: list[str]) -> int:
@@ -117,13 +121,37 @@ class _RelativeImagePaths:
         return 0
 
 
+def _named_rows(rows: Iterable[Any], subset: str | None) -> Iterator[Any]:
+    """``rows``, with an error raised while producing one (``datasets`` decodes images lazily) naming its index."""
+    iterator = iter(rows)
+    index = 0
+    while True:
+        try:
+            row = next(iterator)
+        except StopIteration:
+            return
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+            split = f" of split {subset!r}" if subset is not None else ""
+            message = str(err).split(" <_io.BytesIO")[0]
+            raise ImageLoadError(f"row {index}{split}: cannot be read ({type(err).__name__}: {message}).") from None
+        if not isinstance(row, Mapping):
+            raise ValueError(f"row {index}: rows must be dicts (column -> value), got {type(row).__name__}.")
+        yield row
+        index += 1
+
+
 def _image_of(value: Any, *, where: str) -> tuple[Any, str | None]:
     """``(image, relative_name)``: an in-memory image, or ``(None, path)`` for a path still to resolve."""
     if isinstance(value, Image.Image):
         return value, None
     if isinstance(value, dict):
         if value.get("bytes"):
-            return Image.open(io.BytesIO(value["bytes"])), None
+            try:
+                return Image.open(io.BytesIO(value["bytes"])), None
+            except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+                message = str(err).split(" <_io.BytesIO")[0]  # PIL names the in-memory stream, not the row
+                raise ImageLoadError(f"{where}: the image bytes ({len(value['bytes'])} bytes) cannot be decoded "
+                                     f"({message}).") from None
         if value.get("path"):
             return None, str(value["path"])
     if isinstance(value, str | PathLike):
@@ -179,6 +207,7 @@ def from_hf_dataset(
     text_column: str | None = None,
     sentence_field: str = "sent",
     normalized: bool = False,
+    allow_outside_image_root: bool = False,
 ) -> list[RECSample]:
     """Convert Hugging Face rows (or any iterable of dict rows) to one :class:`RECSample` per expression.
 
@@ -196,6 +225,7 @@ def from_hf_dataset(
         text_column: the column holding the expression(s), overriding the style's default.
         sentence_field: for ``refer``-style sentence dicts, ``sent`` or ``raw``.
         normalized: the box numbers are fractions of the image size (the image size is read from each image).
+        allow_outside_image_root: accept relative image paths that lead outside ``image_root``.
     """
     if _is_split_mapping(dataset):
         subsets: list[tuple[str | None, Iterable[Any]]] = [(str(name), rows) for name, rows in dataset.items()]
@@ -255,7 +285,7 @@ def from_hf_dataset(
     for subset, rows in peeked:
         if subset not in whole and not row_filter:
             continue
-        for index, row in enumerate(rows):
+        for index, row in enumerate(_named_rows(rows, subset)):
             row_split = row.get("split", subset)
             if subset not in whole:
                 seen_splits.add(str(row_split))
@@ -286,7 +316,7 @@ def from_hf_dataset(
 
     if row_filter and not filtered_rows:
         raise ValueError(f"No rows with split in {sorted(row_filter)}; the rows' split values are {sorted(seen_splits)}.")
-    resolved = _RelativeImagePaths(image_root).resolve_all(names)
+    resolved = _RelativeImagePaths(image_root, allow_outside_image_root).resolve_all(names)
     images = [image if image is not None else path for image, path in zip(images, resolved)]
     sizes = None
     if normalized:

@@ -47,6 +47,8 @@ def _check_path(path: Path) -> None:
         raise ImageNotFoundError(f"Image file not found: {path}")
     if path.is_dir():
         raise ImageLoadError(f"Expected an image file but got a directory: {path}")
+    if not path.is_file():  # a FIFO or a device (/dev/zero) would block or never end
+        raise ImageLoadError(f"Expected an image file but {path} is not a regular file (a FIFO, a device or a socket).")
 
 
 def image_size(image: Any, *, exif_transpose: bool = False) -> tuple[int, int]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import json
 import math
+import os
 import re
 from collections.abc import Iterable, Sequence
 from os import PathLike
@@ -148,12 +149,50 @@ def repair_mojibake(text: str) -> str:
         return text
 
 
-def join_image_path(name: str | PathLike[str], image_root: str | PathLike[str] | None) -> str:
-    """``image_root / name`` unless ``name`` is absolute or there is no root."""
+def join_image_path(name: str | PathLike[str], image_root: str | PathLike[str] | None, *,
+                    allow_outside_image_root: bool = True, where: str | None = None) -> str:
+    """``image_root / name`` unless ``name`` is absolute or there is no root.
+
+    With ``allow_outside_image_root=False`` (what the loaders pass by default) a path that leads outside
+    ``image_root`` (``../../etc/passwd``, an absolute path elsewhere) raises ``ValueError`` naming ``where``. The
+    check is on the path as written (``..`` collapsed), so symbolic links inside the root may point anywhere.
+    """
     path = Path(name)
-    if image_root is None or path.is_absolute():
+    if image_root is None:
         return str(path)
-    return str(Path(image_root) / path)
+    joined = path if path.is_absolute() else Path(image_root) / path
+    if not allow_outside_image_root:
+        root = os.path.normpath(os.path.abspath(image_root))
+        target = os.path.normpath(os.path.abspath(joined))
+        if os.path.commonpath([root, target]) != root:
+            raise ValueError(f"{where + ': ' if where else ''}the image path {str(name)!r} leads outside the image root "
+                             f"{image_root}. Move the image under the root, or pass allow_outside_image_root=True "
+                             "(--set data.allow_outside_image_root=true) if the annotations are trusted.")
+    return str(joined)
+
+
+def check_regular_file(path: str | PathLike[str], what: str = "File") -> Path:
+    """``Path(path)`` if it is a regular file (or a link to one); otherwise ``FileNotFoundError`` (missing) or
+    ``ValueError`` (a folder, a FIFO, a device: reading those could block or never end)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    if not path.is_file():
+        kind = "a folder" if path.is_dir() else "not a regular file (a FIFO, a device or a socket)"
+        raise ValueError(f"{what} {path} is {kind}; give a regular file.")
+    return path
+
+
+def read_text_file(path: str | PathLike[str], what: str = "File", *, encoding: str = "utf-8") -> str:
+    """The text of a regular file, with an error naming the file and the line of the first byte that is not
+    ``encoding`` (UTF-8; a leading byte-order mark is dropped)."""
+    data = check_regular_file(path, what).read_bytes()
+    try:
+        return data.decode("utf-8-sig" if encoding == "utf-8" else encoding)
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise ValueError(f"{path}:{line}: not {encoding} text (byte {data[err.start]:#04x} at offset {err.start}); "
+                         f"save the file as {encoding}.") from None
 
 
 def first_key(row: dict[str, Any], keys: Sequence[str]) -> str | None:

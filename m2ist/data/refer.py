@@ -8,6 +8,7 @@ one or more sentences; the loader returns one :class:`RECSample` per sentence.
 from __future__ import annotations
 
 import json
+import pickle
 from collections.abc import Sequence
 from os import PathLike
 from pathlib import Path
@@ -19,6 +20,7 @@ from m2ist.data.loaders import (
     match_splits,
     normalize_split_request,
     parse_box,
+    read_text_file,
     repair_mojibake,
     sentence_text,
 )
@@ -41,6 +43,7 @@ def load_refer(
     image_root: str | PathLike[str] | None = None,
     *,
     sentence_field: str = "sent",
+    allow_outside_image_root: bool = False,
 ) -> list[RECSample]:
     """Load a ``refer``-layout dataset as one :class:`RECSample` per sentence.
 
@@ -55,6 +58,7 @@ def load_refer(
             ``<root>/images/mscoco/images/train2014`` (``<root>/images/saiapr_tc-12`` for refclef).
         sentence_field: which sentence text to use: ``sent`` (the normalised lower-case form the benchmarks
             and TransVG split files use) or ``raw`` (as typed by the annotator).
+        allow_outside_image_root: accept ``file_name`` values that lead outside ``image_root``.
 
     Returns:
         Samples with ``box`` in ``xyxy`` pixels (converted from the annotation's ``xywh``), ``image_id`` the COCO
@@ -80,11 +84,36 @@ def load_refer(
     if not instances_path.is_file():
         raise FileNotFoundError(f"No instances.json in {dataset_dir} (the COCO-style boxes and image names).")
 
-    refs = restricted_load(refs_path)
+    if not refs_path.is_file():
+        raise ValueError(f"{refs_path} is not a regular file.")
+    try:
+        refs = restricted_load(refs_path)
+    except (EOFError, pickle.UnpicklingError, ValueError, TypeError, IndexError, KeyError, AttributeError,
+            MemoryError, OverflowError) as err:
+        if isinstance(err, pickle.UnpicklingError) and "Refused" in str(err):
+            raise
+        what = "empty" if refs_path.stat().st_size == 0 else "truncated or not a pickle"
+        raise ValueError(f"{refs_path} is {what} ({type(err).__name__}: {err}); download it again.") from None
     if not isinstance(refs, list):
         raise ValueError(f"{refs_path} should hold a list of ref dicts, found {type(refs).__name__}.")
-    with instances_path.open("r", encoding="utf-8") as handle:
-        instances = json.load(handle)
+    for position, ref in enumerate(refs):
+        if not isinstance(ref, dict):
+            raise ValueError(f"{refs_path} ref {position}: expected a dict (ref_id, ann_id, image_id, sentences, "
+                             f"split), found {type(ref).__name__} {ref!r:.60}.")
+    try:
+        instances = json.loads(read_text_file(instances_path, "instances.json"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{instances_path}:{err.lineno}: not valid JSON ({err.msg}).") from err
+    if not isinstance(instances, dict):
+        raise ValueError(f"{instances_path} should hold a JSON object with 'images' and 'annotations'.")
+    for key, needed in (("annotations", ("id", "bbox")), ("images", ("id", "file_name"))):
+        entries = instances.get(key, [])
+        if not isinstance(entries, list):
+            raise ValueError(f"{instances_path}: '{key}' should be a list.")
+        for position, entry in enumerate(entries):
+            missing = [name for name in needed if not isinstance(entry, dict) or name not in entry]
+            if missing:
+                raise ValueError(f"{instances_path} {key}[{position}]: no {' and no '.join(map(repr, missing))}.")
     boxes_by_ann = {ann["id"]: ann["bbox"] for ann in instances.get("annotations", [])}
     file_by_image = {image["id"]: image["file_name"] for image in instances.get("images", [])}
 
@@ -108,7 +137,8 @@ def load_refer(
         if image_id not in file_by_image:
             raise ValueError(f"{where}: image_id {image_id} is not in {instances_path}.")
         box = parse_box(boxes_by_ann[ann_id], where=where)
-        image_path = join_image_path(file_by_image[image_id], image_root)
+        image_path = join_image_path(file_by_image[image_id], image_root,
+                                     allow_outside_image_root=allow_outside_image_root, where=where)
         sent_ids = ref.get("sent_ids") or []
         for position, sentence in enumerate(ref.get("sentences", [])):
             text = repair_mojibake(sentence_text(sentence, sentence_field=sentence_field, where=where))

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import pickle
+import zipfile
 from os import PathLike
 from pathlib import Path
 from typing import Any
@@ -84,6 +85,20 @@ def _infer_dataset_and_split(file: Path) -> tuple[str | None, str | None]:
 
 
 def _load_rows(file: Path, *, trusted: bool) -> Any:
+    if not file.is_file():
+        raise ValueError(f"{file} is not a regular file.")
+    if not zipfile.is_zipfile(file) and file.stat().st_size and file.read_bytes()[:1] != b"\x80":
+        raise ValueError(f"{file} is not a torch.save file (neither a zip archive nor a pickle): corrupted, or "
+                         "another format.")
+    try:
+        return _torch_load(file, trusted=trusted)
+    except (EOFError, RuntimeError, zipfile.BadZipFile) as err:
+        what = "empty" if file.stat().st_size == 0 else "truncated or corrupted"
+        raise ValueError(f"{file} is {what} ({str(err).splitlines()[0] if str(err) else type(err).__name__}); "
+                         "download it again.") from None
+
+
+def _torch_load(file: Path, *, trusted: bool) -> Any:
     if trusted:
         return torch.load(file, map_location="cpu", weights_only=False)
     try:
@@ -96,6 +111,8 @@ def _load_rows(file: Path, *, trusted: bool) -> Any:
             return torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         reason = str(err).split("WeightsUnpickler error:")[-1].strip().splitlines()[0].split(" Please use")[0]
+        if "global" not in reason.lower() and "unsupported" not in reason.lower():
+            raise ValueError(f"{file} is not a readable torch.save file ({reason}): truncated or corrupted.") from None
         raise pickle.UnpicklingError(
             f"{file} cannot be read with torch.load(weights_only=True): it needs unrestricted unpickling, which "
             f"can run code from the file ({reason}). If you trust the file, either pass trusted=True, or convert it "
@@ -111,6 +128,7 @@ def load_transvg_split(
     *,
     split: str | None = None,
     trusted: bool = False,
+    allow_outside_image_root: bool = False,
 ) -> list[RECSample]:
     """Load a TransVG-family split file as one :class:`RECSample` per row.
 
@@ -124,6 +142,7 @@ def load_transvg_split(
         trusted: load with unrestricted unpickling. Only for files you trust: a pickle can run code. By default
             the file is read with ``torch.load(weights_only=True)`` (numeric numpy arrays allowed) and a file that
             needs more is refused with an explanation.
+        allow_outside_image_root: accept image file names that lead outside ``image_root``.
 
     Returns:
         Samples with ``box`` in ``xyxy`` pixels, ``image_id`` the image file name and ``metadata`` holding
@@ -158,7 +177,8 @@ def load_transvg_split(
             metadata["mask_file"] = mask_file
         if not isinstance(phrase, str):
             raise ValueError(f"{where}: the phrase should be a string, found {phrase!r}.")
-        images.append(join_image_path(str(image_file), image_root))
+        images.append(join_image_path(str(image_file), image_root, allow_outside_image_root=allow_outside_image_root,
+                                      where=where))
         texts.append(phrase)
         raw_boxes.append(parse_box(box, where=where))
         metadatas.append(metadata)
