@@ -6,7 +6,7 @@ m2ist app                                    # the adapter `make demo` saved, wi
 m2ist app --adapter out/refcoco --port 7861  # any adapter folder or Hub repo id; repeat --adapter to compare
 ```
 
-The page is a `Gradio <https://www.gradio.app>`_ app; gradio is imported only when a page is built. The model-facing
+The page is a [Gradio](https://www.gradio.app) app; gradio is imported only when a page is built. The model-facing
 part, :func:`predict_page`, takes a list of ``(name, model)`` pairs and is plain Python (no gradio): every adapter
 gets the same image and expressions and draws its own picture. Bad input (no image, no expression, an unreadable,
 corrupt or huge image, too many expressions) comes back as a message on the page, never as a stack trace, and the
@@ -313,19 +313,21 @@ class _Unreadable:
 
 
 def _image_input(gr: Any, **kwargs: Any):
-    """A ``gr.Image`` whose unreadable uploads reach :func:`predict_page` as a message instead of an error modal."""
+    """A ``gr.Image`` whose unreadable uploads reach :func:`predict_page` as a message instead of an error modal.
 
-    class SafeImage(gr.Image):
-        def get_block_name(self) -> str:  # the frontend's ``image`` component
-            return "image"
+    The instance's ``preprocess`` is wrapped (a subclass would make gradio write a ``.pyi`` stub next to this file).
+    """
+    component = gr.Image(**kwargs)
+    original = component.preprocess
 
-        def preprocess(self, payload: Any) -> Any:
-            try:
-                return super().preprocess(payload)
-            except Exception as err:
-                return _Unreadable(_short(err))
+    def preprocess(payload: Any) -> Any:
+        try:
+            return original(payload)
+        except Exception as err:
+            return _Unreadable(_short(err))
 
-    return SafeImage(**kwargs)
+    component.preprocess = preprocess
+    return component
 
 
 def build_app(models: Sequence[tuple[str, nn.Module]], examples: Sequence[tuple[str, str]] | None = None, *,
@@ -364,11 +366,12 @@ def build_app(models: Sequence[tuple[str, nn.Module]], examples: Sequence[tuple[
                 with gr.Row():
                     button = gr.Button("Find", variant="primary", elem_id="m2ist-find")
                     clear = gr.ClearButton(value="Clear")
-            with gr.Column(scale=max(1, len(models))), gr.Row():
-                pictures = [gr.Image(label=name, type="pil", format="png", interactive=False, height=360,
-                                     elem_id=f"m2ist-result-{index}") for index, (name, _) in enumerate(models)]
-        status = gr.Markdown(elem_id="m2ist-status")
-        table = gr.Markdown(elem_id="m2ist-boxes")
+            with gr.Column(scale=max(1, len(models))):
+                with gr.Row():
+                    pictures = [gr.Image(label=name, type="pil", format="png", interactive=False, height=360,
+                                         elem_id=f"m2ist-result-{index}") for index, (name, _) in enumerate(models)]
+                status = gr.Markdown(elem_id="m2ist-status")
+                table = gr.Markdown(elem_id="m2ist-boxes")
         if examples:
             gr.Examples(examples=[[path, phrases] for path, phrases in examples], inputs=[image, text],
                         label="Examples (procedural scenes)" if examples else None)
