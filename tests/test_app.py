@@ -8,6 +8,7 @@ import importlib.util
 import os
 import shutil
 import socket
+import sys
 import urllib.request
 from pathlib import Path
 
@@ -161,6 +162,7 @@ def test_demo_examples_are_scenes_with_phrases(tmp_path):
 @needs_gradio
 def test_space_entry_file_builds_the_page_without_launching(adapter_dir, monkeypatch):
     monkeypatch.setenv("M2IST_ADAPTER", str(adapter_dir))
+    monkeypatch.setattr(sys, "dont_write_bytecode", True)  # no __pycache__ left in examples/
     spec = importlib.util.spec_from_file_location("space_app", REPO / "examples" / "space" / "app.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)  # __name__ is not "__main__": nothing is launched
