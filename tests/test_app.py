@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import os
 import shutil
 import socket
@@ -213,6 +214,7 @@ def test_the_page_in_a_headless_browser(models, tmp_path):
     for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--no-first-run",
                  "--window-size=1280,1000", "--disable-background-networking", "--disable-component-update"):
         options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"performance": "ALL"})  # every request the page makes
     browser = webdriver.Chrome(service=Service(driver_path), options=options)
     try:
         wait = WebDriverWait(browser, 30)
@@ -259,6 +261,12 @@ def test_the_page_in_a_headless_browser(models, tmp_path):
         browser.get(url)
         wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "#m2ist-image input[type=file]")))
         assert "1 expression in" in submit(scene(tmp_path / "again.png"), "the red square", "1 expression in")
+
+        # nothing was fetched from anywhere but this server (no web fonts, no analytics, no CDN)
+        requests = [json.loads(entry["message"])["message"] for entry in browser.get_log("performance")]
+        urls = {m["params"]["request"]["url"] for m in requests if m["method"] == "Network.requestWillBeSent"}
+        outside = sorted(u for u in urls if not u.startswith((url, "data:", "blob:", f"ws://127.0.0.1:{port}/")))
+        assert urls and not outside, outside
     finally:
         browser.quit()
         app.close()
