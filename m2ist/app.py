@@ -211,7 +211,8 @@ def predict_page(models: Sequence[tuple[str, nn.Module]], image: Any, text: str 
         box_list = boxes.tolist()
         result.boxes[name] = box_list
         result.seconds[name] = seconds
-        result.images[index] = draw_boxes(shown, [[v * scale for v in box] for box in box_list], texts=phrases)
+        result.images[index] = draw_boxes(shown, [[v * scale for v in box] for box in box_list], texts=phrases,
+                                          font_size=max(14, round(min(shown.size) / 30)))
         rows += [(name, phrase, box) for phrase, box in zip(phrases, box_list)]
         count = f"{len(phrases)} expression{'s' if len(phrases) > 1 else ''}"
         notes.append(f"**{_escape(name)}**: {count} in {1000 * seconds:.0f} ms "
