@@ -223,12 +223,23 @@ def predict_page(models: Sequence[tuple[str, nn.Module]], image: Any, text: str 
 
 
 # ---------------------------------------------------------------------------------------------- models and examples
+def _evidence(name: str, old: str | None = None) -> Any:
+    """The demo's module ``name``: ``m2ist.<old or name>`` where it lived first, else ``m2ist.evidence.<name>``."""
+    import importlib
+
+    try:
+        return importlib.import_module(f"m2ist.{old or name}")
+    except ModuleNotFoundError as err:
+        if err.name not in (f"m2ist.{old or name}", f"m2ist.{(old or name).split('.')[0]}"):
+            raise
+        return importlib.import_module(f"m2ist.evidence.{name}")
+
+
 def default_adapter() -> Path:
     """Where ``make demo`` (``m2ist demo``) saves its adapter: ``<its default output dir>/adapter``."""
     import inspect
 
-    from m2ist import demo
-
+    demo = _evidence("demo")
     output_dir = inspect.signature(demo.run).parameters["output_dir"].default
     return Path(output_dir) / "adapter"
 
@@ -275,10 +286,9 @@ def demo_examples(count: int = 4, seed: int = 2024, folder: str | Path | None = 
     """``count`` fresh procedural scenes of the demo's look (as PNG files) with their expressions, one per line."""
     import dataclasses
 
-    from m2ist.data.synthetic import generate_split
-    from m2ist.demo_towers import VisionPretrainRecipe
-
-    scenes = dataclasses.replace(VisionPretrainRecipe().scene_config(), heldout_pairs=None, seed=seed)
+    generate_split = _evidence("synthetic", "data.synthetic").generate_split
+    recipe = _evidence("demo_towers").VisionPretrainRecipe()
+    scenes = dataclasses.replace(recipe.scene_config(), heldout_pairs=None, seed=seed)
     folder = Path(folder or tempfile.mkdtemp(prefix="m2ist-app-examples-"))
     folder.mkdir(parents=True, exist_ok=True)
     samples = generate_split("examples", count, seed, scenes, expressions_per_image=3,
