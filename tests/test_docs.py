@@ -26,6 +26,7 @@ KEY_PAGES = [
     "how-to/evaluation/index.html",
     "how-to/multi-gpu/index.html",
     "how-to/hub/index.html",
+    "how-to/app/index.html",
     "benchmarks/index.html",
     "differences/index.html",
     "reference/index.html",
@@ -36,6 +37,7 @@ API_ANCHORS = {
     "reference/model/index.html": "m2ist.model.SideTunedModel.from_pretrained",
     "reference/taps/index.html": "m2ist.taps.register_taps",
     "reference/data/index.html": "m2ist.data.refer.load_refer",
+    "reference/app/index.html": "m2ist.app.predict_page",
 }
 
 _FENCE = re.compile(r"^(```|~~~).*?^\1", re.S | re.M)

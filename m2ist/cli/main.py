@@ -13,13 +13,13 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from . import evaluate, predict, train
+from . import app, evaluate, predict, train
 from .errors import EXIT_USAGE, CLIError
 from .flags import EXAMPLES, HelpFormatter
 from .settings import plain, resolve_settings
 
 #: The commands parsed here: name -> module with ``add_parser(subparsers)`` and ``run(settings, args)``.
-COMMAND_MODULES = {"train": train, "eval": evaluate, "predict": predict}
+COMMAND_MODULES = {"train": train, "eval": evaluate, "predict": predict, "app": app}
 COMMANDS: dict[str, Callable[[dict[str, dict[str, Any]], argparse.Namespace], int]] = {
     name: module.run for name, module in COMMAND_MODULES.items()
 }
@@ -124,7 +124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _configure_logging(args.verbose)
     try:
         settings = resolve_settings(args)
-        if args.print_config:
+        if getattr(args, "print_config", False):
             print(json.dumps(plain(settings), indent=2))
             return 0
         return COMMANDS[args.command](settings, args)
