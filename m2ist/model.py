@@ -550,15 +550,15 @@ class SideTunedModel(RECModel):
                 if getattr(saved, f"{modality}_{key}") is not None:
                     setattr(model.config, f"{modality}_{key}", getattr(saved, f"{modality}_{key}"))
         load_trainable_state(model, folder / WEIGHTS_NAME)
-        if PIPELINE.load_processor is not None and any((folder / name).is_file() for name in
-                                                       (PROCESSOR_CONFIG_NAME, *PROCESSOR_FILES)):
+        saved_processor = next((folder / name for name in (*PROCESSOR_FILES, PROCESSOR_CONFIG_NAME)
+                                if (folder / name).is_file()), None)  # the file RECProcessor reads first
+        if PIPELINE.load_processor is not None and saved_processor is not None:
             try:
                 model.processor = PIPELINE.load_processor(str(folder))  # tokenizer files came with it, same commit
             except (ValueError, TypeError, KeyError, AttributeError) as err:  # JSONDecodeError is a ValueError
-                raise ValueError(f"{folder}: the processor saved with the adapter cannot be restored "
-                                 f"({type(err).__name__}: {' '.join(str(err).split())}). Fix or delete its files "
-                                 f"({PROCESSOR_CONFIG_NAME}, {', '.join(PROCESSOR_FILES)}) and pass a processor "
-                                 "yourself.") from err
+                raise ValueError(f"{saved_processor}: the processor saved with the adapter cannot be restored "
+                                 f"({type(err).__name__}: {' '.join(str(err).split())}). Fix or delete that file "
+                                 "and pass a processor yourself.") from err
         if target_device is not None:
             model.to(target_device)
         if adapter_dtype is not None:

@@ -142,12 +142,19 @@ def test_a_damaged_processor_file_beside_an_adapter_is_named(workspace, tmp_path
 
     adapter = tmp_path / "adapter"
     shutil.copytree(workspace / "adapter", adapter)
-    (adapter / "m2ist_processor.json").write_text("{not json")
-    with pytest.raises(ValueError, match=r"m2ist_processor.json: the processor saved with the adapter cannot be restored"):
-        SideTunedModel.from_pretrained(adapter)
-    (adapter / "m2ist_processor.json").write_text(json.dumps({"canvas_size": "big", "max_query_len": 8}))
-    with pytest.raises(ValueError, match=r"m2ist_processor.json: the processor saved with the adapter cannot be restored"):
-        SideTunedModel.from_pretrained(adapter)
+    for name in ("processor_config.json", "m2ist_processor.json"):  # today's file, then an older adapter's only file
+        (adapter / name).write_text("{not json")
+        with pytest.raises(ValueError, match=rf"{name}: the processor saved with the adapter cannot be restored"):
+            SideTunedModel.from_pretrained(adapter)
+        bad = {"canvas_size": "big", "max_query_len": 8}
+        if name == "processor_config.json":  # transformers' layout: the image processor's settings nested
+            bad = {"image_processor": {"canvas_size": "big", "image_processor_type": "RECImageProcessor"},
+                   "max_query_len": 8, "processor_class": "RECProcessor"}
+        (adapter / name).write_text(json.dumps(bad))
+        with pytest.raises(ValueError, match=rf"{name}: the processor saved with the adapter cannot be restored"):
+            SideTunedModel.from_pretrained(adapter)
+        if name == "processor_config.json":
+            (adapter / name).unlink()
 
 
 def test_cli_set_with_a_nan_is_one_line(capsys, tmp_path):
