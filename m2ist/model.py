@@ -153,6 +153,10 @@ class RECModel(nn.Module):
         self.text_model = text_model
         specs = resolve_tap_spec(vision_model, VISION, config.vision_taps), \
             resolve_tap_spec(text_model, TEXT, config.text_taps)
+        positions = getattr(text_model.config, "max_position_embeddings", None)
+        if isinstance(positions, int) and 0 < positions < config.max_query_len:
+            raise ValueError(f"M2ISTConfig.max_query_len={config.max_query_len} exceeds the text tower's "
+                             f"{positions} positions ({type(text_model).__name__}): use max_query_len <= {positions}.")
         vision_inputs, text_inputs = _dummy_inputs(config, vision_model, text_model)
         vision_model.eval()  # the probes (structural search) need deterministic towers: no dropout
         text_model.eval()
@@ -166,10 +170,6 @@ class RECModel(nn.Module):
     def _probe(self, kinds: list[str]) -> tuple[TowerFeatures, TowerFeatures, int, int]:
         """One dummy forward of each tower, tapping every layer: widths, depths and the visual token count.
         Logs, once per tower, which modules feed each expert (see :meth:`tap_report`)."""
-        positions = getattr(self.text_model.config, "max_position_embeddings", None)
-        if isinstance(positions, int) and 0 < positions < self.config.max_query_len:
-            raise ValueError(f"M2ISTConfig.max_query_len={self.config.max_query_len} exceeds the text tower's "
-                             f"{positions} positions ({type(self.text_model).__name__}): use max_query_len <= {positions}.")
         vision_inputs, text_inputs = _dummy_inputs(self.config, self.vision_model, self.text_model)
         depths = []
         modality = VISION
@@ -549,7 +549,11 @@ class SideTunedModel(RECModel):
             for key in ("model_name_or_path", "revision", "model_class"):
                 if getattr(saved, f"{modality}_{key}") is not None:
                     setattr(model.config, f"{modality}_{key}", getattr(saved, f"{modality}_{key}"))
+        if adapter_dtype is not None:  # asked for a dtype: load in the saved one (checked exactly), then cast
+            model.to(_adapter_dtype("auto", folder / WEIGHTS_NAME) or adapter_dtype)
         load_trainable_state(model, folder / WEIGHTS_NAME)
+        if adapter_dtype is not None:
+            model.to(adapter_dtype)
         saved_processor = next((folder / name for name in (*PROCESSOR_FILES, PROCESSOR_CONFIG_NAME)
                                 if (folder / name).is_file()), None)  # the file RECProcessor reads first
         if PIPELINE.load_processor is not None and saved_processor is not None:
@@ -561,8 +565,6 @@ class SideTunedModel(RECModel):
                                  "and pass a processor yourself.") from err
         if target_device is not None:
             model.to(target_device)
-        if adapter_dtype is not None:
-            model.to(adapter_dtype)
         for module in (model.side, model.head):
             module.requires_grad_(is_trainable)
         model.train(is_trainable)

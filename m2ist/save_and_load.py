@@ -288,9 +288,14 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise ValueError(f"{path} is corrupted or truncated ({err}); {advice}") from err
 
 
+#: ``(saved, model)`` dtypes whose cast loses nothing: the only casts loading makes without being asked.
+_EXACT_CASTS = {(torch.bfloat16, torch.float32), (torch.float16, torch.float32)}
+
+
 def load_trainable_state(model: nn.Module, path: Path) -> None:
     """Load the side and head tensors of ``path`` into ``model`` strictly, or raise naming every difference
-    (missing or unexpected names, other shapes or dtypes, non-finite values); nothing is loaded then."""
+    (missing or unexpected names, other shapes, a dtype that would lose precision, non-finite values); nothing is
+    loaded then. Only exact casts happen: 16-bit floats into a float32 model."""
     state = read_safetensors(path)
     expected = model.trainable_state_dict()
     missing = sorted(set(expected) - set(state))
@@ -298,7 +303,7 @@ def load_trainable_state(model: nn.Module, path: Path) -> None:
     shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}" for k, v in expected.items()
               if k in state and state[k].shape != v.shape]
     dtypes = [f"{k}: file {state[k].dtype} vs model {v.dtype}" for k, v in expected.items()
-              if k in state and state[k].dtype != v.dtype]
+              if k in state and state[k].dtype != v.dtype and (state[k].dtype, v.dtype) not in _EXACT_CASTS]
     problems = []
     for label, items in (("missing tensors", missing), ("unexpected tensors", unexpected), ("shape mismatches", shapes),
                          ("dtype mismatches", dtypes)):
@@ -306,8 +311,9 @@ def load_trainable_state(model: nn.Module, path: Path) -> None:
             shown = ", ".join(items[:8]) + (f", ... ({len(items)} in all)" if len(items) > 8 else "")
             problems.append(f"{label}: {shown}")
     if problems:
-        raise ValueError(f"{path} does not fit this model ({'; '.join(problems)}). It was saved for another "
-                         "configuration or other towers; nothing was loaded.")
+        hint = ("It was saved for another configuration or other towers" if missing or unexpected or shapes else
+                "It was saved in another dtype: load it with from_pretrained(..., dtype='auto') (or that dtype)")
+        raise ValueError(f"{path} does not fit this model ({'; '.join(problems)}). {hint}; nothing was loaded.")
     try:
         check_finite(state, str(path))
     except ValueError as err:

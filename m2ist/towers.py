@@ -278,6 +278,10 @@ class Tower:
                     and tuple(inputs["pixel_values"].shape[-2:]) != self.native_size:
                 reason += (f"; its own image size is {self.native_size[0]}x{self.native_size[1]} and it cannot "
                            f"interpolate its position encodings: use M2ISTConfig(image_size={self.native_size[0]})")
+            else:
+                other = TEXT if self.modality == VISION else VISION
+                reason += (f"; is it a {self.modality} model? (get_side_tuned_model takes the vision tower first and "
+                           f"the text tower second; a {other} tower in this place fails like this)")
             raise ValueError(self.refusal(reason)) from error
 
     def _hidden_states_start_at(self, seed: torch.Tensor | None, probe_inputs) -> bool:
