@@ -12,7 +12,7 @@ from typing import Any
 from PIL import Image
 from torch.utils.data import Dataset
 
-from m2ist.data.images import WHITE, RGBColor, image_size, load_image
+from m2ist.data.images import WHITE, DeferredImage, RGBColor, image_size, load_image
 from m2ist.data.sample import RECSample
 
 __all__ = ["RECDataWarning", "RECDataset", "ValidationReport"]
@@ -52,7 +52,7 @@ class ValidationReport:
 
 
 def _describe(index: int, sample: RECSample) -> str:
-    image = sample.image if isinstance(sample.image, str | Path) else type(sample.image).__name__
+    image = sample.image if isinstance(sample.image, str | Path | DeferredImage) else type(sample.image).__name__
     return f"#{index} (image_id={sample.image_id!r}, image={image}, expression={sample.expression!r}, box={sample.box})"
 
 
