@@ -20,6 +20,7 @@ import contextlib
 import copy
 import logging
 import os
+import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,7 @@ from torch import nn
 from torch.utils.data import Dataset
 from transformers import EvalPrediction, Trainer, TrainingArguments
 from transformers.trainer import TRAINING_ARGS_NAME
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_pt_utils import get_parameter_names
 from transformers.trainer_utils import SchedulerType
 
@@ -289,6 +291,23 @@ class RECMetrics:
 
 
 # ---------------------------------------------------------------------------------------------- the trainer
+class StderrProgressCallback(ProgressCallback):
+    """transformers' progress bars, with the log dicts (loss, learning rate, ...) written on stderr above the bar
+    instead of on stdout, which stays for results."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        with contextlib.redirect_stdout(sys.stderr):
+            return super().on_log(args, state, control, logs=logs, **kwargs)
+
+
+class StderrPrinterCallback(PrinterCallback):
+    """transformers' log printer (used when progress bars are off), printing on stderr instead of stdout."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        with contextlib.redirect_stdout(sys.stderr):
+            return super().on_log(args, state, control, logs=logs, **kwargs)
+
+
 class RECTrainer(Trainer):
     """``transformers.Trainer`` for :class:`SideTunedModel` and the baselines of :func:`m2ist.evidence.baselines.build_model`.
 
@@ -297,7 +316,7 @@ class RECTrainer(Trainer):
     a step schedule (``args.lr_drop_epochs``); evaluation reports ``acc@0.5``, ``miou``, ``loss_box`` and
     ``loss_giou`` (``compute_metrics`` defaults to :class:`RECMetrics`); ``eval_data_collator`` (default: the
     training collator) builds evaluation and prediction batches. ``predict()`` returns
-    ``predictions=(pred_boxes, image_regions)``.
+    ``predictions=(pred_boxes, image_regions)``. The log dicts (loss, learning rate, ...) go to stderr, not stdout.
 
     Args:
         model: a :class:`SideTunedModel` or a baseline (:class:`BackboneTunedModel`).
@@ -346,6 +365,10 @@ class RECTrainer(Trainer):
         self.eval_data_collator = eval_data_collator
         self._update_steps_per_epoch: int | None = None
         super().__init__(model=model, args=args, data_collator=data_collator, **kwargs)
+        for stdout_callback, stderr_callback in ((ProgressCallback, StderrProgressCallback),
+                                                 (PrinterCallback, StderrPrinterCallback)):
+            if self.pop_callback(stdout_callback) is not None:  # log dicts on stderr: stdout is for results
+                self.add_callback(stderr_callback)
         # Our forward takes no loss kwargs: the loss is a per-batch mean and the Trainer scales it for accumulation.
         self.model_accepts_loss_kwargs = False
 

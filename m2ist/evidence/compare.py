@@ -112,8 +112,10 @@ def plot(rows: list[dict[str, Any]], path: Path) -> Path | None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``m2ist compare``."""
-    parser = argparse.ArgumentParser(prog="m2ist compare", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    from m2ist.cli.flags import HelpFormatter
+    from m2ist.cli.verbosity import configure, configured
+
+    parser = argparse.ArgumentParser(prog="m2ist compare", description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of full,adapter,lora,m2ist")
     parser.add_argument("--steps", type=int, default=300, help="training steps per method (default: 300)")
     parser.add_argument("--batch-size", type=int, default=32, help="training batch size (default: 32)")
@@ -123,7 +125,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work-dir", default="outputs/compare", help="where per-method outputs go")
     parser.add_argument("--output", help="write the JSON results to this file (default: <work-dir>/compare.json)")
     parser.add_argument("--one", help=argparse.SUPPRESS)
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="progress messages, transformers' warnings and third-party warnings (-vv: debug)")
     args = parser.parse_args(argv)
+    if args.verbose or not configured():  # run as `python -m`, or asked for more than `m2ist` was
+        configure(args.verbose)
     Path(args.work_dir).mkdir(parents=True, exist_ok=True)
     if args.one:
         row = run_method(args.one, steps=args.steps, batch_size=args.batch_size, seed=args.seed, tiny=args.tiny,
