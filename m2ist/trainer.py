@@ -63,6 +63,9 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+#: Seconds of work after which progress bars appear (shorter work draws none).
+PROGRESS_DELAY_S = 2.0
+
 #: Name of the headline metric (Acc@0.5); the Trainer reports it as ``eval_acc@0.5`` (``eval_<set>_acc@0.5``).
 ACCURACY_METRIC = "acc@0.5"
 
@@ -293,7 +296,16 @@ class RECMetrics:
 # ---------------------------------------------------------------------------------------------- the trainer
 class StderrProgressCallback(ProgressCallback):
     """transformers' progress bars, with the log dicts (loss, learning rate, ...) written on stderr above the bar
-    instead of on stdout, which stays for results."""
+    instead of on stdout, which stays for results. The training bar shows up once training has taken a few seconds:
+    a short run draws none."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        from tqdm.auto import tqdm
+
+        super().on_train_begin(args, state, control, **kwargs)
+        if self.training_bar is not None:
+            self.training_bar.close()
+            self.training_bar = tqdm(total=state.max_steps, dynamic_ncols=True, delay=PROGRESS_DELAY_S)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         with contextlib.redirect_stdout(sys.stderr):
