@@ -74,7 +74,8 @@ def test_the_short_aliases_are_kept(capsys):
 def test_generated_flags_build_the_library_objects(capsys):
     argv = ["train", "--output-dir", "out", "--experts", "vea", "iea", "--vote-window", "none", "--box-readout",
             "vote", "--backbone-dtype", "bfloat16", "--vision-taps", '{"layers": "encoder.layer.*", "attention": "x"}',
-            "--vision-layers", "0", "1", "--text-layers", "0", "1", "--no-share-iea-up-projection", "--lr", "3e-4", "--epochs", "2",
+            "--vision-layers", "0", "1", "--text-layers", "0", "1", "--no-share-iea-up-projection", "--lr", "3e-4",
+            "--epochs", "2",
             "--lr-scheduler-type", "cosine", "--warmup-steps", "5", "--lr-scheduler-kwargs", '{"num_cycles": 1}',
             "--report-to", "none", "--no-flush-denormal", "--data-seed", "7", "--use-cpu", "--resume",
             "--jitter", "0.5", "1.5", "--no-hflip", "--crop-p", "0.25", "--augmentation-seed", "3", "--seed", "11"]
@@ -87,6 +88,7 @@ def test_generated_flags_build_the_library_objects(capsys):
     training = build_training_arguments(settings)
     assert (training.learning_rate, training.num_train_epochs, training.warmup_steps) == (3e-4, 2.0, 5)
     assert training.lr_scheduler_type.value == "cosine" and training.lr_scheduler_kwargs == {"num_cycles": 1}
+    assert training.report_to == []  # "none" is report_to's own word, not None
     assert training.flush_denormal is False and training.data_seed == 7 and training.use_cpu and training.seed == 11
     assert settings["training"]["resume_from_checkpoint"] is True  # bare --resume: the last checkpoint
     augmentation = build_augmentation(settings)

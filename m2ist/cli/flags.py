@@ -165,6 +165,11 @@ def flag_kwargs(f: dataclasses.Field, hint: Any, choices: Sequence[str] | None =
     """``add_argument`` keywords for a dataclass field: the type, ``nargs``, the choices, and a help that ends with
     the type and the default."""
     members, optional = _members(hint)
+    default = f.default if f.default is not dataclasses.MISSING else (
+        f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+    default = default.value if isinstance(default, enum.Enum) else default
+    if isinstance(default, str) and default.lower() in _NONE_WORDS:
+        optional = False  # "none" is a value of its own here (report_to="none"), not None
     choices = choices or f.metadata.get("choices")
     enums = [m for m in members if isinstance(m, type) and issubclass(m, enum.Enum)]
     if enums:
@@ -199,9 +204,6 @@ def flag_kwargs(f: dataclasses.Field, hint: Any, choices: Sequence[str] | None =
             listed = f" Choices: {', '.join(map(str, kwargs['choices']))}."
         else:
             kwargs.pop("metavar", None)
-    default = f.default if f.default is not dataclasses.MISSING else (
-        f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
-    default = default.value if isinstance(default, enum.Enum) else default
     kind = " | ".join(_type_name(m) for m in members) + (" | none" if optional else "")
     text = " ".join((help_text or f.metadata.get("help") or "").split())
     kwargs["help"] = f"{text}{listed} [{kind}; default: {default!r}]".strip().replace("%", "%%")
