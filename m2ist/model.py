@@ -215,7 +215,8 @@ class RECModel(nn.Module):
         """Recompute the head's fusion layers (and, for M²IST, the side network's blocks) in the backward pass
         instead of keeping their activations, as transformers' method of that name does; ``Trainer`` calls it for
         ``RECTrainingArguments(gradient_checkpointing=True)``. The frozen towers run under ``no_grad`` and keep
-        nothing for the backward pass, so they are left alone (a baseline's trained towers are not checkpointed).
+        nothing for the backward pass, so they are left alone; the towers a baseline trains (full fine-tuning,
+        in-tower adapters, LoRA) get transformers' own checkpointing of their layers.
 
         Args:
             activation_checkpointing_kwargs: passed to ``torch.utils.checkpoint.checkpoint`` (default
@@ -228,6 +229,13 @@ class RECModel(nn.Module):
         function = make_checkpoint_function(activation_checkpointing_kwargs, offload)
         for module in self._checkpointed_modules():
             module.checkpoint_function, module.checkpoint_every = function, every_n_layers
+        for tower in self._trained_towers():  # baselines: the towers they train checkpoint their own layers
+            tower.activation_checkpointing_enable(activation_checkpointing_kwargs, every_n_layers, offload)
+
+    def _trained_towers(self) -> list[nn.Module]:
+        return [tower for tower in (self.vision_model, self.text_model)
+                if getattr(tower, "supports_gradient_checkpointing", False) and hasattr(tower, "activation_checkpointing_enable")
+                and any(p.requires_grad for p in tower.parameters())]
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kwargs: Any) -> None:
         """The older name of :meth:`activation_checkpointing_enable` (transformers 4 and PEFT call this one)."""
@@ -237,6 +245,8 @@ class RECModel(nn.Module):
         """Keep every activation again (the default)."""
         for module in self._checkpointed_modules():
             module.checkpoint_function = None
+        for tower in self._trained_towers():
+            tower.activation_checkpointing_disable()
 
     gradient_checkpointing_disable = activation_checkpointing_disable
 

@@ -109,3 +109,22 @@ def test_side_network_and_head_compile_without_graph_breaks(readout, checkpointi
     explained = torch._dynamo.explain(side_and_head)(vision, text)
     assert explained.graph_break_count == 0, [reason.reason for reason in explained.break_reasons]
     assert explained.graph_count == 1
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_baselines_checkpoint_the_towers_they_train_too(method):
+    from m2ist.evidence.baselines import build_model
+    from tests.tiny import text_tower, tiny_config, vision_tower
+
+    torch.manual_seed(0)
+    model = build_model(vision_tower("vit"), text_tower("bert"), tiny_config(), method=method)
+    batch = make_batch(2)
+    reference_loss, reference = _loss_and_gradients(model, batch)
+    model.gradient_checkpointing_enable()
+    assert model.vision_model.is_activation_checkpointing and model.text_model.is_activation_checkpointing
+    loss, gradients = _loss_and_gradients(model, batch)
+    assert loss == pytest.approx(reference_loss, abs=1e-6) and gradients.keys() == reference.keys()
+    for name, gradient in gradients.items():
+        torch.testing.assert_close(gradient, reference[name], atol=1e-6, rtol=1e-5, msg=name)
+    model.gradient_checkpointing_disable()
+    assert not model.vision_model.is_activation_checkpointing
