@@ -70,3 +70,38 @@ def test_trainer_log_dicts_go_to_stderr(tmp_path, capsys):
     train_rec(make_model(), make_processor(tmp_path / "tokenizer"), make_dataset(4, seed=0), args=args)
     out, err = capsys.readouterr()
     assert "'loss'" not in out and "'loss'" in err
+
+
+def test_the_demo_prints_only_its_table_and_loads_each_tower_and_tokenizer_once(tmp_path, monkeypatch, capsys):
+    """`make demo`: the results table on stdout (no log dicts), each checkpoint folder read once."""
+    from collections import Counter
+
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from m2ist.cli import main
+
+    monkeypatch.setenv("M2IST_CACHE", str(tmp_path / "cache"))
+    loads: Counter[tuple[str, str]] = Counter()
+    for base, kind in ((PreTrainedModel, "model"), (PreTrainedTokenizerBase, "tokenizer")):
+        original = base.from_pretrained.__func__
+
+        def counted(cls, path, *args, _original=original, _kind=kind, **kwargs):
+            loads[(_kind, Path(path).name)] += 1
+            return _original(cls, path, *args, **kwargs)
+
+        monkeypatch.setattr(base, "from_pretrained", classmethod(counted))
+    # the tiny shapes ViT is pretrained first (saved, then read back once as the cache check), before the demo runs
+    from m2ist.evidence.demo_towers import VisionPretrainRecipe, load_vision_tower
+
+    load_vision_tower(recipe=VisionPretrainRecipe.tiny(), progress=False)
+    loads.clear()
+
+    out = tmp_path / "demo"
+    assert main(["demo", "--tiny", "--steps", "2", "--batch-size", "4", "--output-dir", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.splitlines()[0] == "| split | Acc@0.5 | mean IoU | expressions |"
+    assert "'loss'" not in printed and "Loading weights" not in printed and "train_runtime" not in printed
+    towers = {key: count for key, count in loads.items() if key[0] == "model"}
+    assert len(towers) == 2 and set(towers.values()) == {1}, loads  # the vision and the text tower, once each
+    tokenizers = {folder: count for (kind, folder), count in loads.items() if kind == "tokenizer"}
+    assert tokenizers == {"model": 1, "adapter": 1}, loads  # the processor's; the saved one reloaded for the picture

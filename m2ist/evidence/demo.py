@@ -54,7 +54,7 @@ def prepare(*, tiny: bool = False, cache_dir: str | None = None, seed: int = 0, 
     """Load (or pretrain and cache) the towers, build the processor and generate the benchmark."""
     from m2ist.processing import RECProcessor
 
-    from .demo_towers import VisionPretrainRecipe, load_text_tower, load_vision_tower, text_tower_path, vision_tower_path
+    from .demo_towers import VisionPretrainRecipe, load_vision_tower, text_tower_path, vision_tower_path
     from .synthetic import make_benchmark
 
     recipe = VisionPretrainRecipe.tiny() if tiny else VisionPretrainRecipe()
@@ -67,7 +67,7 @@ def prepare(*, tiny: bool = False, cache_dir: str | None = None, seed: int = 0, 
 
         # its pooler output is never used, nor counted
         vision = loaded.pop() if loaded else AutoModel.from_pretrained(vision_path)
-        text, _ = load_text_tower()
+        text = AutoModel.from_pretrained(text_tower_path()).eval()  # the tokenizer comes with the processor, once
         if tiny:  # two text layers are plenty for a smoke run
             text.encoder.layer = text.encoder.layer[:2]
             text.config.num_hidden_layers = 2
