@@ -95,6 +95,9 @@ def test_generated_flags_build_the_library_objects(capsys):
     assert augmentation.jitter == [0.5, 1.5] or tuple(augmentation.jitter) == (0.5, 1.5)
     assert augmentation.hflip is False and augmentation.crop_p == 0.25 and augmentation.seed == 3
 
+    none = resolve_settings(build_parser("train").parse_args(["train", "--backbone-dtype", "none", "--method", "none"]))
+    assert none["m2ist"]["backbone_dtype"] is None and none["training"]["method"] is None
+
     assert main(["train", "--box-loss", "huber"]) == 2
     assert "invalid choice: 'huber'" in capsys.readouterr().err
 

@@ -116,6 +116,13 @@ RESERVED = ("--debug", "--verbose", "--version", "--help")
 _NONE_WORDS = ("none", "null")
 
 
+class _ChoicesOrNone(list):
+    """Choices shown with ``none``, which the flag's type has already turned into None when argparse checks it."""
+
+    def __contains__(self, item: object) -> bool:
+        return item is None or super().__contains__(item)
+
+
 def _none_or(convert: Callable[[str], Any]) -> Callable[[str], Any]:
     def parse(text: str) -> Any:
         return None if text.strip().lower() in _NONE_WORDS else convert(text)
@@ -196,7 +203,7 @@ def flag_kwargs(f: dataclasses.Field, hint: Any, choices: Sequence[str] | None =
         kwargs["type"] = _none_or(kwargs["type"])
     listed = ""
     if choices:
-        kwargs["choices"] = list(choices) + (["none"] if optional and "nargs" not in kwargs else [])
+        kwargs["choices"] = _ChoicesOrNone([*choices, "none"]) if optional and "nargs" not in kwargs else list(choices)
         if "type" in kwargs and not kwargs.get("nargs"):
             kwargs["type"] = _none_or(str) if optional else str
         if len(kwargs["choices"]) > 8:  # a long list goes into the help text, not into the usage line
