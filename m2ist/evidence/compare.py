@@ -116,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     from m2ist.cli.verbosity import configure, configured
 
     parser = argparse.ArgumentParser(prog="m2ist compare", description=__doc__, formatter_class=HelpFormatter)
-    parser.add_argument("--methods", metavar="LIST", default=",".join(METHODS), help="comma-separated subset of full,adapter,lora,m2ist")
+    parser.add_argument("--methods", metavar="LIST", default=",".join(METHODS),
+                        help="comma-separated subset of full,adapter,lora,m2ist")
     parser.add_argument("--steps", metavar="N", type=int, default=300, help="training steps per method (default: 300)")
     parser.add_argument("--batch-size", metavar="N", type=int, default=32, help="training batch size (default: 32)")
     parser.add_argument("--seed", metavar="N", type=int, default=0, help="seed shared by every method")

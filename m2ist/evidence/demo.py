@@ -200,7 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", metavar="N", type=int, default=DEMO_STEPS, help=f"side-tuning steps (default: {DEMO_STEPS})")
     parser.add_argument("--batch-size", metavar="N", type=int, default=32, help="training batch size (default: 32)")
     parser.add_argument("--seed", metavar="N", type=int, default=0, help="seed of the data, the model and the training")
-    parser.add_argument("--cache-dir", metavar="DIR", default=None, help="cache of the pretrained shapes ViT (default: ~/.cache/m2ist)")
+    parser.add_argument("--cache-dir", metavar="DIR", default=None,
+                        help="cache of the pretrained shapes ViT (default: ~/.cache/m2ist)")
     parser.add_argument("--tiny", action="store_true", help="a seconds-long smoke run with tiny settings")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("-v", "--verbose", action="count", default=0,
