@@ -112,3 +112,20 @@ def test_in_memory_rows_are_referenced_and_one_pass_iterables_still_work():
     assert load_image(samples[1].image).tobytes() == _image(1).tobytes()
     once = from_hf_dataset(iter(rows), box_format="xyxy")  # no random access: the cell itself is kept
     assert load_image(once[2].image).tobytes() == _image(2).tobytes()
+
+
+def test_building_a_dataset_reads_no_deferred_image():
+    """A size read from a table row reads the whole encoded image: RECDataset leaves those for __getitem__."""
+
+    class Counting(DeferredImage):
+        opened = 0
+
+        def open(self):
+            Counting.opened += 1
+            return _image(0)
+
+    from m2ist.data import RECSample
+
+    dataset = RECDataset([RECSample(image=Counting(), expression="the square", box=(8, 10, 90, 50)) for _ in range(3)])
+    assert Counting.opened == 0
+    assert dataset[1]["box"] == (8.0, 10.0, 64.0, 50.0) and Counting.opened == 1  # clipped to the image when read

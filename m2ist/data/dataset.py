@@ -92,7 +92,9 @@ class RECDataset(Dataset):
         skip_invalid: skip (and count) samples whose image cannot be read instead of raising.
         validate_images: read each image's size while building (needed for clipping and for catching missing
             files early). With ``False`` only expressions and boxes are checked; boxes are still clipped to the
-            decoded image in ``__getitem__``.
+            decoded image in ``__getitem__``. Images kept as :class:`~m2ist.data.images.DeferredImage` (rows of a
+            Hugging Face table) are never read while building, whatever this says: reading a size there means
+            reading the whole encoded image, gigabytes for RefCOCO-size tables; they are checked when taken.
         exif_transpose: apply EXIF orientation (see :func:`m2ist.data.images.load_image`; off for dataset boxes
             that refer to the stored pixel grid, like COCO's).
         background: colour transparent pixels are composited on.
@@ -146,7 +148,7 @@ class RECDataset(Dataset):
                 report.num_invalid_boxes += 1
                 note("invalid_box", _describe(index, sample))
                 continue
-            if validate_images:
+            if validate_images and not isinstance(sample.image, DeferredImage):  # a table row: read when used
                 key = _image_key(sample.image)
                 size = sizes.get(key)
                 if size is None:
