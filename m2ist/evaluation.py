@@ -323,7 +323,7 @@ def evaluate(
                                 collate_fn=_EvalCollator(processor, name))
             ious, records = [], []
             seen = 0
-            for batch in tqdm(loader, desc=f"eval {name}", unit="batch", disable=not progress):
+            for batch in tqdm(loader, desc=f"eval {name}", unit="batch", disable=not progress, delay=2.0):  # long work only
                 pred = forward_boxes(model, batch["encoded"], target)
                 if clamp == "canvas":
                     pred = _to_canvas_clamped(pred)

@@ -10,6 +10,7 @@ from einops import rearrange
 from torch import nn
 
 from .config import M2ISTConfig
+from .layer import run_layer
 from .ops.boxes import box_convert, generalized_box_iou
 
 
@@ -180,6 +181,8 @@ class RECHead(nn.Module):
             for _ in range(config.fusion_layers)
         )
         self.final_norm = nn.LayerNorm(dim) if pre_norm else nn.Identity()
+        self.checkpoint_function = None  # set by the model's activation_checkpointing_enable()
+        self.checkpoint_every = 1
         self.box_mlp: nn.Sequential | None = None
         self.box_votes: BoxVoteReadout | None = None
         if config.box_readout == "vote":
@@ -224,8 +227,8 @@ class RECHead(nn.Module):
         ])
         position = self.position(positions)[None]
         valid = torch.cat([torch.ones_like(text_mask[:, :1]), text_mask, vision_mask], dim=1).bool()
-        for layer in self.layers:
-            x = layer(x, position, ~valid)
+        for index, layer in enumerate(self.layers):
+            x = run_layer(self, index, layer, x, position, ~valid)
         x = self.final_norm(x)
         if self.box_votes is not None:
             return HeadOutput(*self.box_votes(x[:, 0], x[:, 1 + text_len:], position[:, 1 + text_len:],

@@ -17,9 +17,38 @@ its seed and the model starts from the frozen towers' features.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable, Mapping
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+
+def make_checkpoint_function(checkpoint_kwargs: Mapping[str, Any] | None = None, offload: bool = False) -> Callable:
+    """``torch.utils.checkpoint.checkpoint`` with ``checkpoint_kwargs`` (default ``use_reentrant=False``), keeping
+    the saved inputs in host memory when ``offload`` (as transformers' ``activation_checkpointing_enable`` does)."""
+    kwargs = {"use_reentrant": False, **(checkpoint_kwargs or {})}
+    if not offload:
+        return functools.partial(checkpoint, **kwargs)
+
+    def offloaded(function: Callable, *args: Any) -> Any:
+        device_type = "cuda" if torch.cuda.is_available() else "cpu"
+        with torch.autograd.graph.save_on_cpu(pin_memory=device_type != "cpu", device_type=device_type):
+            return checkpoint(function, *args, **kwargs)
+
+    return offloaded
+
+
+def run_layer(owner: nn.Module, index: int, layer: nn.Module, *args: Any) -> Any:
+    """``layer(*args)``; recomputed in the backward pass instead of keeping its activations when ``owner`` has
+    activation checkpointing on (``owner.checkpoint_function``) for every ``owner.checkpoint_every``-th layer."""
+    function = owner.checkpoint_function
+    if function is not None and owner.training and torch.is_grad_enabled() and index % owner.checkpoint_every == 0:
+        return function(layer, *args)
+    return layer(*args)
 
 
 def _zero_init(linear: nn.Linear) -> nn.Linear:
@@ -121,11 +150,13 @@ class SideNetwork(nn.Module):
             for v_intra, l_intra, v_inter, l_inter in zip(vision_dims["intra"], text_dims["intra"],
                                                           vision_dims["inter"], text_dims["inter"], strict=True)
         )
+        self.checkpoint_function: Callable | None = None  # set by the model's activation_checkpointing_enable()
+        self.checkpoint_every = 1
 
     def forward(self, vision, text, intra: str, inter: str) -> tuple[torch.Tensor, torch.Tensor]:
         """``vision`` / ``text`` are :class:`~m2ist.towers.TowerFeatures`; returns ``(E_v + s_v,n, E_l + s_l,n)``."""
         s_v, s_l = self.vision_seed(vision.seed), self.text_seed(text.seed)
         for i, block in enumerate(self.blocks):
-            s_v, s_l = block(s_v, s_l, vision.taps[intra][i], text.taps[intra][i],
-                             vision.taps[inter][i], text.taps[inter][i])
+            s_v, s_l = run_layer(self, i, block, s_v, s_l, vision.taps[intra][i], text.taps[intra][i],
+                                 vision.taps[inter][i], text.taps[inter][i])
         return vision.tokens + s_v, text.tokens + s_l

@@ -27,7 +27,7 @@ from transformers.utils import ModelOutput
 from .card import CARD_NAME, EVAL_RESULTS_NAME, write_model_card
 from .config import CONFIG_NAME, M2ISTConfig
 from .head import RECHead, rec_loss
-from .layer import SideNetwork
+from .layer import SideNetwork, make_checkpoint_function
 from .save_and_load import (
     PIPELINE,
     PROCESSOR_CONFIG_NAME,
@@ -301,6 +301,59 @@ class RECModel(nn.Module):
         parts = [f"{role} params: {n:,d} ({100 * n / total:.2f}%)" for role, n in counts.items()]
         print(" || ".join(parts))
         print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+
+    # ---------------------------------------------------------------------------------------------------------
+    supports_gradient_checkpointing = True
+
+    def _checkpointed_modules(self) -> list[nn.Module]:
+        return [module for module in (getattr(self, "side", None), self.head) if module is not None]
+
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None,
+                                        every_n_layers: int = 1, offload: bool = False) -> None:
+        """Recompute the head's fusion layers (and, for M²IST, the side network's blocks) in the backward pass
+        instead of keeping their activations, as transformers' method of that name does; ``Trainer`` calls it for
+        ``RECTrainingArguments(gradient_checkpointing=True)``. The frozen towers run under ``no_grad`` and keep
+        nothing for the backward pass, so they are left alone; the towers a baseline trains (full fine-tuning,
+        in-tower adapters, LoRA) get transformers' own checkpointing of their layers.
+
+        Args:
+            activation_checkpointing_kwargs: passed to ``torch.utils.checkpoint.checkpoint`` (default
+                ``use_reentrant=False``).
+            every_n_layers: checkpoint only every n-th layer of each stack (1: all of them).
+            offload: keep the checkpointed layers' inputs in host memory.
+        """
+        if not isinstance(every_n_layers, int) or every_n_layers < 1:
+            raise ValueError(f"every_n_layers must be a positive integer, got {every_n_layers!r}.")
+        function = make_checkpoint_function(activation_checkpointing_kwargs, offload)
+        for module in self._checkpointed_modules():
+            module.checkpoint_function, module.checkpoint_every = function, every_n_layers
+        for tower in self._trained_towers():  # baselines: the towers they train checkpoint their own layers
+            tower.activation_checkpointing_enable(activation_checkpointing_kwargs, every_n_layers, offload)
+
+    def _trained_towers(self) -> list[nn.Module]:
+        return [tower for tower in (self.vision_model, self.text_model)
+                if getattr(tower, "supports_gradient_checkpointing", False) and hasattr(tower, "activation_checkpointing_enable")
+                and any(p.requires_grad for p in tower.parameters())]
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kwargs: Any) -> None:
+        """The older name of :meth:`activation_checkpointing_enable` (transformers 4 and PEFT call this one)."""
+        self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **kwargs)
+
+    def activation_checkpointing_disable(self) -> None:
+        """Keep every activation again (the default)."""
+        for module in self._checkpointed_modules():
+            module.checkpoint_function = None
+        for tower in self._trained_towers():
+            tower.activation_checkpointing_disable()
+
+    gradient_checkpointing_disable = activation_checkpointing_disable
+
+    @property
+    def is_activation_checkpointing(self) -> bool:
+        """Whether activation checkpointing is on."""
+        return any(module.checkpoint_function is not None for module in self._checkpointed_modules())
+
+    is_gradient_checkpointing = is_activation_checkpointing
 
     @property
     def device(self) -> torch.device:

@@ -24,6 +24,7 @@ import math
 import os
 import re
 import shutil
+import sys
 import zipfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ from torch import nn
 from torch.utils.data import Dataset
 from transformers import EvalPrediction, Trainer, TrainingArguments
 from transformers.trainer import TRAINER_STATE_NAME, TRAINING_ARGS_NAME
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_pt_utils import get_parameter_names
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SaveStrategy, SchedulerType
 
@@ -77,6 +79,9 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+#: Seconds of work after which progress bars appear (shorter work draws none).
+PROGRESS_DELAY_S = 2.0
 
 #: Name of the headline metric (Acc@0.5); the Trainer reports it as ``eval_acc@0.5`` (``eval_<set>_acc@0.5``).
 ACCURACY_METRIC = "acc@0.5"
@@ -329,6 +334,32 @@ class RECMetrics:
 
 
 # ---------------------------------------------------------------------------------------------- the trainer
+class StderrProgressCallback(ProgressCallback):
+    """transformers' progress bars, with the log dicts (loss, learning rate, ...) written on stderr above the bar
+    instead of on stdout, which stays for results. The training bar shows up once training has taken a few seconds:
+    a short run draws none."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        from tqdm.auto import tqdm
+
+        super().on_train_begin(args, state, control, **kwargs)
+        if self.training_bar is not None:
+            self.training_bar.close()
+            self.training_bar = tqdm(total=state.max_steps, dynamic_ncols=True, delay=PROGRESS_DELAY_S)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        with contextlib.redirect_stdout(sys.stderr):
+            return super().on_log(args, state, control, logs=logs, **kwargs)
+
+
+class StderrPrinterCallback(PrinterCallback):
+    """transformers' log printer (used when progress bars are off), printing on stderr instead of stdout."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        with contextlib.redirect_stdout(sys.stderr):
+            return super().on_log(args, state, control, logs=logs, **kwargs)
+
+
 class RECTrainer(Trainer):
     """``transformers.Trainer`` for :class:`SideTunedModel` and the baselines of :func:`m2ist.evidence.baselines.build_model`.
 
@@ -337,7 +368,7 @@ class RECTrainer(Trainer):
     a step schedule (``args.lr_drop_epochs``); evaluation reports ``acc@0.5``, ``miou``, ``loss_box`` and
     ``loss_giou`` (``compute_metrics`` defaults to :class:`RECMetrics`); ``eval_data_collator`` (default: the
     training collator) builds evaluation and prediction batches. ``predict()`` returns
-    ``predictions=(pred_boxes, image_regions)``.
+    ``predictions=(pred_boxes, image_regions)``. The log dicts (loss, learning rate, ...) go to stderr, not stdout.
 
     Args:
         model: a :class:`SideTunedModel` or a baseline (:class:`BackboneTunedModel`).
@@ -390,6 +421,10 @@ class RECTrainer(Trainer):
         self.eval_data_collator = eval_data_collator
         self._update_steps_per_epoch: int | None = None
         super().__init__(model=model, args=args, data_collator=data_collator, **kwargs)
+        for stdout_callback, stderr_callback in ((ProgressCallback, StderrProgressCallback),
+                                                 (PrinterCallback, StderrPrinterCallback)):
+            if self.pop_callback(stdout_callback) is not None:  # log dicts on stderr: stdout is for results
+                self.add_callback(stderr_callback)
         # Our forward takes no loss kwargs: the loss is a per-batch mean and the Trainer scales it for accumulation.
         self.model_accepts_loss_kwargs = False
 

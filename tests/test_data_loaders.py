@@ -16,10 +16,12 @@ import torch
 from PIL import Image
 
 from m2ist.data import (
+    DeferredImage,
     RECSample,
     from_hf_dataset,
     load_coco_style,
     load_csv,
+    load_image,
     load_jsonl,
     load_refer,
     load_transvg_split,
@@ -425,7 +427,7 @@ def test_lmms_lab_rows_use_the_answers_and_xywh_boxes():
     samples = from_hf_dataset(_lmms_rows())
     assert [s.expression for s in samples] == ["man in red", "left guy"]  # not the captioning prompt
     assert all(_close(s.box, (10, 5, 30, 35)) for s in samples)
-    assert isinstance(samples[0].image, Image.Image) and samples[0].image.size == (50, 40)
+    assert isinstance(samples[0].image, DeferredImage) and load_image(samples[0].image).size == (50, 40)  # lazy
     assert samples[0].metadata["question_id"] == "101" and samples[0].image_id == COCO_NAME.format(11)
 
 
@@ -433,7 +435,7 @@ def test_lmms_lab_embedded_image_bytes_are_decoded(tmp_path):
     path = _save_image(tmp_path / "x.png", (30, 20))
     row = {**_lmms_rows()[0], "image": {"bytes": path.read_bytes(), "path": None}}
     (first, _) = from_hf_dataset([row])
-    assert isinstance(first.image, Image.Image) and first.image.size == (30, 20)
+    assert isinstance(first.image, DeferredImage) and load_image(first.image).size == (30, 20)
 
 
 def test_lmms_lab_has_no_train_split_and_never_falls_back_to_val():

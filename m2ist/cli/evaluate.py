@@ -8,28 +8,31 @@ from typing import Any
 
 from .data import load_data_splits
 from .flags import (
-    EXAMPLES,
     HelpFormatter,
     add_adapter_flags,
     add_config_flags,
     add_data_flags,
     add_evaluation_flags,
     add_tower_flags,
+    examples,
     wrap,
 )
 from .loading import default_device, info, load_adapter
 from .report import print_metrics
-from .settings import plain
+from .settings import plain, settings_help
+
+#: The line ``m2ist --help`` shows for this command.
+HELP = "score a saved adapter on REC splits (Acc@0.5, mean IoU) to JSON"
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add ``eval`` and its flags to the ``m2ist`` subcommands."""
     evaluate = subparsers.add_parser(
-        "eval", formatter_class=HelpFormatter, help="score a saved adapter on REC splits (Acc@0.5, mean IoU) to JSON",
+        "eval", formatter_class=HelpFormatter, help=HELP,
         description=wrap("Evaluate a saved adapter with the TransVG protocol: one prediction per expression, "
                           "predicted box clamped to the image, correct iff IoU >= 0.5 (not GIoU). Writes metrics per "
-                          "split and metadata to a JSON file."), epilog=EXAMPLES)
-    add_config_flags(evaluate)
+                          "split and metadata to a JSON file.") + "\n\n" + settings_help("eval"), epilog=examples("eval"))
+    add_config_flags(evaluate, "eval")
     add_adapter_flags(evaluate)
     add_data_flags(evaluate, train=False)
     add_evaluation_flags(evaluate, "eval")

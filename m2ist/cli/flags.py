@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 import argparse
+import collections.abc
 import dataclasses
+import enum
+import re
 import textwrap
+import types
+import typing
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import yaml
+
+from m2ist.config import BOX_LOSSES, DTYPES, EXPERTS, LAYER_PAIRINGS, TAP_KINDS
+
 from .data import DATA_FORMATS
-from .settings import m2ist_fields
+from .settings import COMMAND_SECTIONS, m2ist_fields
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -21,15 +31,20 @@ def wrap(text: str) -> str:
 def _add(group, *flags: str, dest: str, **kwargs: Any) -> None:
     group.add_argument(*flags, dest=dest, default=argparse.SUPPRESS, **kwargs)
 
-def add_config_flags(parser: argparse.ArgumentParser) -> None:
+def add_config_flags(parser: argparse.ArgumentParser, command: str) -> None:
+    """``--config``, ``--set`` (naming only ``command``'s sections) and ``--print-config``."""
+    sections = COMMAND_SECTIONS[command]
+    example = {"train": "training.num_train_epochs=5", "eval": "evaluation.batch_size=64",
+               "predict": "evaluation.device=cpu"}[command]
     group = parser.add_argument_group("configuration")
     group.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS,
                        help="YAML or JSON config file, or a shipped config name (refcoco, refcoco+, refcocog, referit)")
     group.add_argument("--set", metavar="KEY=VALUE", action="append", default=argparse.SUPPRESS,
-                       help="override one setting, e.g. --set training.num_train_epochs=5 (repeatable; explicit flags "
-                            "win over --set, which wins over the config file)")
+                       help=f"override one setting of a section ({', '.join(sections)}), e.g. --set {example} "
+                            "(repeatable; explicit flags win over --set, which wins over the config file)")
     group.add_argument("--print-config", action="store_true", default=False,
                        help="print the resolved settings as JSON and exit")
+    parser.set_defaults(command=command)
 
 def add_tower_flags(parser: argparse.ArgumentParser, required_note: str) -> None:
     group = parser.add_argument_group("towers")
@@ -43,10 +58,11 @@ def add_tower_flags(parser: argparse.ArgumentParser, required_note: str) -> None
          help="allow towers whose code lives in their Hub repo (runs that code)")
 
 def add_data_flags(parser: argparse.ArgumentParser, train: bool) -> None:
+    files = "--train-file/--eval-file" if train else "--eval-file"
     group = parser.add_argument_group(
         "data", wrap("--data-format picks the loader: refer (refer API: --data-root, --dataset, --split-by), transvg "
-        "(split files: --data-root + --dataset, or --train-file/--eval-file .pth), jsonl/csv/coco (your files: "
-        "--train-file/--eval-file, --box-format), hf (Hugging Face datasets: --data-root id or saved folder)."))
+        f"(split files: --data-root + --dataset, or {files} .pth), jsonl/csv/coco (your files: "
+        f"{files}, --box-format), hf (Hugging Face datasets: --data-root id or saved folder)."))
     _add(group, "--data-format", dest="data.format", choices=DATA_FORMATS, help="dataset layout")
     _add(group, "--data-root", dest="data.data_root", metavar="PATH",
          help="refer: the refer data folder; transvg: the split root; hf: a Hub dataset id or a save_to_disk folder")
@@ -54,6 +70,8 @@ def add_data_flags(parser: argparse.ArgumentParser, train: bool) -> None:
          help="refer: refcoco|refcoco+|refcocog|refclef; transvg: unc|unc+|gref|gref_umd|referit|flickr; hf: config name")
     _add(group, "--split-by", dest="data.split_by", metavar="NAME", help="refer: unc|google|umd (default: the dataset's)")
     _add(group, "--image-root", dest="data.image_root", metavar="DIR", help="folder the image file names are relative to")
+    _add(group, "--allow-outside-image-root", dest="data.allow_outside_image_root", action="store_true",
+         help="accept image paths that lead outside --image-root (refused by default)")
     if train:
         _add(group, "--train-split", dest="data.train_split", metavar="NAME", help="training split name (default: train)")
         _add(group, "--train-file", dest="data.train_file", metavar="FILE", help="jsonl/csv/coco/transvg: the training file")
@@ -82,67 +100,193 @@ def add_data_flags(parser: argparse.ArgumentParser, train: bool) -> None:
     _add(group, "--max-eval-samples", dest="data.max_eval_samples", type=int, metavar="N",
          help="use only the first N expressions of each evaluation split")
 
-def _m2ist_flag_kwargs(f: dataclasses.Field) -> dict[str, Any] | None:
-    kind = str(f.type).replace(" ", "")
+#: Choices of M2ISTConfig's string fields (the config validates against the same tuples).
+M2IST_CHOICES: dict[str, tuple[str, ...]] = {
+    "experts": EXPERTS, "intra_tap": TAP_KINDS, "inter_tap": TAP_KINDS, "layer_pairing": LAYER_PAIRINGS,
+    "box_loss": BOX_LOSSES, "backbone_dtype": DTYPES, "fusion_norm": ("post", "pre"), "reg_init": ("learned", "text"),
+    "box_readout": ("reg", "vote"),
+}
+#: The short names the CLI has always had, beside the generated ``--field-name`` flags.
+ALIASES: dict[str, tuple[str, ...]] = {
+    "training.learning_rate": ("--lr",), "training.side_learning_rate": ("--side-lr",),
+    "training.num_train_epochs": ("--epochs",), "training.per_device_train_batch_size": ("--batch-size",),
+    "training.per_device_eval_batch_size": ("--eval-batch-size",),
+    "training.dataloader_num_workers": ("--num-workers",), "training.resume_from_checkpoint": ("--resume",),
+}
+#: Flags of the ``m2ist`` command itself: a field of that name gets its section in front (``--training-debug``).
+RESERVED = ("--debug", "--verbose", "--version", "--help")
+_NONE_WORDS = ("none", "null")
+
+
+class _ChoicesOrNone(list):
+    """Choices shown with ``none``, which the flag's type has already turned into None when argparse checks it."""
+
+    def __contains__(self, item: object) -> bool:
+        return item is None or super().__contains__(item)
+
+
+def _none_or(convert: Callable[[str], Any]) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        return None if text.strip().lower() in _NONE_WORDS else convert(text)
+
+    parse.__name__ = getattr(convert, "__name__", "value")  # argparse names the type in its error messages
+    return parse
+
+
+def _yaml_value(text: str) -> Any:
+    """A value read as YAML: numbers, true/false, [lists] and {mappings}; anything else stays text."""
+    try:
+        return yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        return text
+
+
+def _mapping(text: str) -> dict[str, Any] | str:
+    """A ``{key: value}`` mapping in JSON or YAML (a path or other text is passed on as it is)."""
+    value = _yaml_value(text)
+    return value if isinstance(value, dict) else text
+
+
+_mapping.__name__ = "mapping"
+_yaml_value.__name__ = "value"
+
+
+def _members(hint: Any) -> tuple[list[Any], bool]:
+    """The types a field accepts (``Optional`` and ``Literal[False]`` unwrapped) and whether None is one."""
+    args = list(typing.get_args(hint)) if typing.get_origin(hint) in (typing.Union, types.UnionType) else [hint]
+    optional = type(None) in args
+    members = [a for a in args if a is not type(None) and not (typing.get_origin(a) is typing.Literal and
+                                                                 typing.get_args(a) == (False,))]
+    return members, optional
+
+
+def _type_name(member: Any) -> str:
+    origin = typing.get_origin(member)
+    if origin in (list, tuple, collections.abc.Sequence):
+        return f"list of {_type_name(typing.get_args(member)[0])}" if typing.get_args(member) else "list"
+    if origin is dict or member is dict:
+        return "mapping"
+    return getattr(member, "__name__", str(member))
+
+
+def flag_kwargs(f: dataclasses.Field, hint: Any, choices: Sequence[str] | None = None,
+                help_text: str | None = None) -> dict[str, Any]:
+    """``add_argument`` keywords for a dataclass field: the type, ``nargs``, the choices, and a help that ends with
+    the type and the default."""
+    members, optional = _members(hint)
     default = f.default if f.default is not dataclasses.MISSING else (
         f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
-    help_text = f"{f.metadata.get('help', '')} (default: {default})".replace("%", "%%")
-    if kind in ("int", "int|None"):
-        return {"type": int, "metavar": "N", "help": help_text}
-    if kind in ("float", "float|None"):
-        return {"type": float, "metavar": "X", "help": help_text}
-    if kind in ("str", "str|None"):
-        return {"type": str, "metavar": "NAME", "help": help_text}
-    if kind == "bool":
-        return {"action": argparse.BooleanOptionalAction, "help": help_text}
-    if kind in ("list[str]", "list[str]|None"):
-        return {"nargs": "+", "type": str, "metavar": "NAME", "help": help_text}
-    if kind in ("list[int]", "list[int]|None"):
-        return {"nargs": "+", "type": int, "metavar": "I", "help": help_text}
-    return None  # dicts (explicit tap names): config file or --set only
+    default = default.value if isinstance(default, enum.Enum) else default
+    if isinstance(default, str) and default.lower() in _NONE_WORDS:
+        optional = False  # "none" is a value of its own here (report_to="none"), not None
+    choices = choices or f.metadata.get("choices")
+    enums = [m for m in members if isinstance(m, type) and issubclass(m, enum.Enum)]
+    if enums:
+        choices = [e.value for e in enums[0]]
+    kwargs: dict[str, Any] = {}
+    member = members[0] if len(members) == 1 else None
+    origin = typing.get_origin(member)
+    if member is bool:
+        kwargs["action"] = argparse.BooleanOptionalAction
+    elif origin is tuple and typing.get_args(member) and ... not in typing.get_args(member):
+        kwargs.update(nargs=len(typing.get_args(member)), type=typing.get_args(member)[0], metavar="X")
+    elif origin in (list, tuple, collections.abc.Sequence):
+        item = (typing.get_args(member) or (str,))[0]
+        kwargs.update(nargs="*", type=item if item in (int, float, str) else _yaml_value)
+    elif origin is dict or member is dict or any(typing.get_origin(m) is dict or m is dict for m in members):
+        kwargs.update(type=_mapping, metavar="JSON")
+    elif member in (int, float, str):
+        kwargs["type"] = member
+    else:  # str | bool, str | list[str], an object: read as YAML
+        kwargs["type"] = str if enums or choices else _yaml_value
+    if "type" in kwargs and "metavar" not in kwargs:
+        kwargs["metavar"] = {int: "N", float: "X", str: "TEXT"}.get(kwargs["type"], "VALUE")
+    if "type" in kwargs and optional and not kwargs.get("nargs"):
+        kwargs["type"] = _none_or(kwargs["type"])
+    listed = ""
+    if choices:
+        kwargs["choices"] = _ChoicesOrNone([*choices, "none"]) if optional and "nargs" not in kwargs else list(choices)
+        if "type" in kwargs and not kwargs.get("nargs"):
+            kwargs["type"] = _none_or(str) if optional else str
+        if len(kwargs["choices"]) > 8:  # a long list goes into the help text, not into the usage line
+            kwargs["metavar"] = "NAME"
+            listed = f" Choices: {', '.join(map(str, kwargs['choices']))}."
+        else:
+            kwargs.pop("metavar", None)
+    kind = " | ".join(_type_name(m) for m in members) + (" | none" if optional else "")
+    text = " ".join((help_text or f.metadata.get("help") or "").split())
+    kwargs["help"] = f"{text}{listed} [{kind}; default: {default!r}]".strip().replace("%", "%%")
+    return kwargs
+
+
+def _field_help(cls: type) -> dict[str, str]:
+    """Per-field help from a Google-style ``Attributes:`` docstring section (for dataclasses without metadata)."""
+    found: dict[str, str] = {}
+    lines = (cls.__doc__ or "").splitlines()
+    name = None
+    for line in lines:
+        match = re.match(r"^\s{4,8}(\w+): (.*)$", line)
+        if match:
+            name, found[match.group(1)] = match.group(1), match.group(2)
+        elif name and line.strip() and line.startswith(" " * 12):
+            found[name] += " " + line.strip()
+        else:
+            name = None
+    return found
+
+
+def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, section: str, title: str, *,
+                        fields: Mapping[str, dataclasses.Field] | None = None,
+                        choices: Mapping[str, Sequence[str]] | None = None) -> argparse._ArgumentGroup:
+    """One ``--kebab-name`` flag per init field of the dataclass ``cls`` (or of ``fields``), storing into
+    ``section.name``; a name another flag of the parser already has gets the section in front
+    (``--training-debug``). :data:`ALIASES` add the short names."""
+    group = parser.add_argument_group(title)
+    hints = typing.get_type_hints(cls)
+    docs = _field_help(cls)
+    taken = set(parser._option_string_actions) | set(RESERVED)
+    for name, f in (fields if fields is not None else dataclasses_fields(cls)).items():
+        flag = f"--{name.replace('_', '-')}"
+        if flag in taken or f"--no-{name.replace('_', '-')}" in taken:
+            flag = f"--{section}-{name.replace('_', '-')}"
+        dest = f"{section}.{name}"
+        kwargs = flag_kwargs(f, hints[name], (choices or {}).get(name), docs.get(name))
+        if dest == "training.resume_from_checkpoint":
+            kwargs.update(nargs="?", const=True, metavar="CHECKPOINT", type=str,
+                          help="resume from CHECKPOINT, or from the last checkpoint in --output-dir when no path is "
+                               "given")
+        extra = [alias for alias in ALIASES.get(dest, ()) if alias not in taken]
+        _add(group, flag, *extra, dest=dest, **kwargs)
+        taken.update((flag, *extra, f"--no-{flag[2:]}"))
+    return group
+
+
+def dataclasses_fields(cls: type) -> dict[str, dataclasses.Field]:
+    """The init fields of ``cls`` that settings can hold (private ones left out)."""
+    return {f.name: f for f in dataclasses.fields(cls) if f.init and not f.name.startswith("_")}
+
 
 def add_m2ist_flags(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("M²IST model (M2ISTConfig; defaults are the paper's)")
-    for name, f in m2ist_fields().items():
-        kwargs = _m2ist_flag_kwargs(f)
-        if kwargs is not None:
-            _add(group, f"--{name.replace('_', '-')}", dest=f"m2ist.{name}", **kwargs)
+    from m2ist.config import M2ISTConfig
+
+    add_dataclass_flags(parser, M2ISTConfig, "m2ist", "M²IST model (M2ISTConfig; defaults are the paper's)",
+                        fields=m2ist_fields(), choices=M2IST_CHOICES)
+
+
+def add_augmentation_flags(parser: argparse.ArgumentParser) -> None:
+    from m2ist.data.transforms import RECAugmentation
+
+    add_dataclass_flags(parser, RECAugmentation, "augmentation",
+                        "augmentation (RECAugmentation, TransVG's; --no-augment turns it off)")
+
 
 def add_training_flags(parser: argparse.ArgumentParser) -> None:
     from m2ist.model import METHODS
+    from m2ist.trainer import RECTrainingArguments
 
-    group = parser.add_argument_group(
-        "training (RECTrainingArguments; any other field via --set training.NAME=VALUE)")
-    _add(group, "--output-dir", dest="training.output_dir", metavar="DIR",
-         help="where checkpoints, the final adapter + processor and eval_results.json go (required)")
-    _add(group, "--method", dest="training.method", choices=METHODS,
-         help="m2ist (side-tuning, default) or a baseline: full fine-tuning, in-tower adapters, LoRA")
-    _add(group, "--epochs", dest="training.num_train_epochs", type=float, metavar="N", help="training epochs (paper: 90)")
-    _add(group, "--max-steps", dest="training.max_steps", type=int, metavar="N", help="stop after N optimizer steps")
-    _add(group, "--batch-size", dest="training.per_device_train_batch_size", type=int, metavar="N",
-         help="training batch size per device (paper: 64)")
-    _add(group, "--eval-batch-size", dest="training.per_device_eval_batch_size", type=int, metavar="N",
-         help="evaluation batch size per device during training")
-    _add(group, "--gradient-accumulation-steps", dest="training.gradient_accumulation_steps", type=int, metavar="N",
-         help="accumulate gradients over N batches (effective batch = batch size x N x devices)")
-    _add(group, "--lr", "--learning-rate", dest="training.learning_rate", type=float, metavar="LR",
-         help="learning rate of the REC head (default 1e-4)")
-    _add(group, "--side-lr", "--side-learning-rate", dest="training.side_learning_rate", type=float, metavar="LR",
-         help="learning rate of the side adapters / trained tower parameters (default 1e-5)")
-    _add(group, "--weight-decay", dest="training.weight_decay", type=float, metavar="WD",
-         help="AdamW weight decay (default 1e-4)")
-    _add(group, "--lr-drop-epochs", dest="training.lr_drop_epochs", type=int, nargs="+", metavar="EPOCH",
-         help="multiply the learning rates by 0.1 at these epochs (paper: 60)")
-    _add(group, "--eval-strategy", dest="training.eval_strategy", choices=("no", "steps", "epoch"),
-         help="when to evaluate during training")
-    _add(group, "--save-strategy", dest="training.save_strategy", choices=("no", "steps", "epoch", "best"),
-         help="when to write checkpoints")
-    _add(group, "--seed", dest="training.seed", type=int, metavar="N", help="random seed")
-    _add(group, "--num-workers", dest="training.dataloader_num_workers", type=int, metavar="N",
-         help="DataLoader worker processes")
-    _add(group, "--logging-steps", dest="training.logging_steps", type=float, metavar="N", help="log every N steps")
-    _add(group, "--resume", dest="training.resume_from_checkpoint", nargs="?", const=True, metavar="CHECKPOINT",
-         help="resume from CHECKPOINT, or from the last checkpoint in --output-dir when no path is given")
+    add_dataclass_flags(parser, RECTrainingArguments, "training",
+                        "training (RECTrainingArguments: transformers' TrainingArguments with the recipe's defaults)",
+                        choices={"method": METHODS})
 
 def add_evaluation_flags(parser: argparse.ArgumentParser, command: str) -> None:
     group = parser.add_argument_group("inference" if command == "predict" else "evaluation")
@@ -183,3 +327,9 @@ EXAMPLES = """examples:
   m2ist eval --adapter out/refcoco --config refcoco --eval-splits val testA testB
   m2ist predict --adapter out/refcoco --image dog.jpg --text "the dog on the left" --draw dog_box.png
 """
+
+
+def examples(command: str) -> str:
+    """The lines of :data:`EXAMPLES` that run ``command``."""
+    blocks = EXAMPLES.split("\n  m2ist ")
+    return "\n  m2ist ".join([blocks[0]] + [b for b in blocks[1:] if b.startswith(f"{command} ")]).rstrip() + "\n"

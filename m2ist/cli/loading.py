@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import logging
 import re
-import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from .errors import CLIError
 
+logger = logging.getLogger("m2ist.cli")
+
 
 def info(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    """A progress message of the command line: on stderr with ``-v``, hidden by default."""
+    logger.info(message)
 
 def local_or_hub(name: str) -> str:
     """An existing local path made absolute (so the adapter records where to reload it from), else the Hub id."""

@@ -8,7 +8,6 @@ import argparse
 import importlib
 import importlib.util
 import json
-import logging
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -17,6 +16,7 @@ from . import app, evaluate, predict, train
 from .errors import EXIT_USAGE, CLIError
 from .flags import EXAMPLES, HelpFormatter
 from .settings import plain, resolve_settings
+from .verbosity import configure
 
 #: The commands parsed here: name -> module with ``add_parser(subparsers)`` and ``run(settings, args)``.
 COMMAND_MODULES = {"train": train, "eval": evaluate, "predict": predict, "app": app}
@@ -36,8 +36,9 @@ PASSTHROUGH_HELP = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``m2ist`` argument parser with every subcommand."""
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The ``m2ist`` argument parser with every subcommand; given ``command``, only that one gets its flags (the
+    others are listed: building the training flags imports the trainer, which takes seconds)."""
     from m2ist.version import __version__
 
     parser = argparse.ArgumentParser(
@@ -45,11 +46,15 @@ def build_parser() -> argparse.ArgumentParser:
         description="M²IST side-tuning for referring expression comprehension (image + phrase -> one box).")
     parser.add_argument("--version", action="version", version=f"m2ist {__version__}")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="progress messages, transformers' warnings and third-party warnings on stderr (-vv: debug)")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
 
-    for module in COMMAND_MODULES.values():
-        module.add_parser(subparsers)
+    for name, module in COMMAND_MODULES.items():
+        if command is None or command == name:
+            module.add_parser(subparsers)
+        else:
+            subparsers.add_parser(name, help=module.HELP, add_help=False)
     for name, help_text in PASSTHROUGH_HELP.items():
         subparsers.add_parser(name, help=help_text, add_help=False)
     return parser
@@ -89,15 +94,7 @@ def one_line(err: BaseException) -> str:
     return " ".join(str(err).split()) or type(err).__name__
 
 def _configure_logging(verbosity: int) -> None:
-    level = logging.WARNING if verbosity == 0 else logging.INFO if verbosity == 1 else logging.DEBUG
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("m2ist").setLevel(level)
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.set_verbosity(max(level, logging.WARNING) if verbosity < 2 else logging.INFO)
-    except ImportError:  # pragma: no cover
-        pass
+    configure(verbosity)
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``m2ist`` command line with ``argv`` (default: ``sys.argv[1:]``); return the exit code.
@@ -110,10 +107,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     while position < len(argv) and argv[position] in ("--debug", "-v", "-vv", "--verbose"):
         position += 1
     if position < len(argv) and argv[position] in PASSTHROUGH:
-        _configure_logging(sum(a.count("v") for a in argv[:position] if a.startswith("-v")))
+        _configure_logging(sum({"-v": 1, "-vv": 2, "--verbose": 1}.get(a, 0) for a in argv[:position]))
         return _run_passthrough(argv[position], argv[position + 1 :], "--debug" in argv[:position])
 
-    parser = build_parser()
+    parser = build_parser(argv[position] if position < len(argv) else "")
     try:
         args = parser.parse_args(argv)
     except SystemExit as exit_:

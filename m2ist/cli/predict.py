@@ -9,18 +9,23 @@ from pathlib import Path
 from typing import Any
 
 from .errors import CLIError
-from .flags import EXAMPLES, HelpFormatter, add_adapter_flags, add_config_flags, add_evaluation_flags, add_tower_flags, wrap
+from .flags import HelpFormatter, add_adapter_flags, add_config_flags, add_evaluation_flags, add_tower_flags, examples, wrap
 from .loading import default_device, info, load_adapter
+from .settings import settings_help
+
+#: The line ``m2ist --help`` shows for this command.
+HELP = "predict boxes for images and phrases, printed as JSON"
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add ``predict`` and its flags to the ``m2ist`` subcommands."""
     predict = subparsers.add_parser(
-        "predict", formatter_class=HelpFormatter, help="predict boxes for images and phrases, printed as JSON",
+        "predict", formatter_class=HelpFormatter, help=HELP,
         description=wrap("Predict one box per phrase (xyxy pixels of the original image) with a saved adapter; "
                           "prints a JSON list of {image, text, box_xyxy}. One image with several phrases, several "
-                          "images with one phrase, or one phrase per image."), epilog=EXAMPLES)
-    add_config_flags(predict)
+                          "images with one phrase, or one phrase per image.") + "\n\n" + settings_help("predict"),
+        epilog=examples("predict"))
+    add_config_flags(predict, "predict")
     add_adapter_flags(predict)
     group = predict.add_argument_group("inputs and outputs")
     group.add_argument("--image", nargs="+", required=True, metavar="PATH", help="image file(s)")

@@ -36,26 +36,56 @@ _RECORDED_FIELDS = ("vision_model_name_or_path", "vision_revision", "vision_mode
                     "config_version", "num_vision_tokens")
 
 _SCIENTIFIC = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
+#: The sections each command reads (``--set`` refuses the others; config files may hold them all).
+COMMAND_SECTIONS = {"train": SECTIONS, "eval": ("model", "data", "evaluation"), "predict": ("model", "evaluation")}
+
+_SECTION_HELP = {
+    "model": "vision_model, text_model, vision_revision, text_revision, trust_remote_code, adapter, processor",
+    "m2ist": "M2ISTConfig fields (bottleneck, image_size, max_query_len, experts, ...)",
+    "data": "format, data_root, dataset, split_by, image_root, train_split, eval_splits, train_file, eval_files, "
+            "box_format, normalized, trusted, text_column, sentence_field, hf_style, max_train_samples, "
+            "max_eval_samples, skip_invalid, augment, allow_outside_image_root",
+    "training": "RECTrainingArguments fields (output_dir, num_train_epochs, per_device_train_batch_size, "
+                "learning_rate, side_learning_rate, weight_decay, lr_drop_epochs, method, resume_from_checkpoint, ...)",
+    "augmentation": "RECAugmentation fields (hflip_p, random_crop, jitter_p, ...)",
+    "evaluation": "batch_size, iou_thresholds, output_file, save_predictions, clamp, num_workers, device, progress, "
+                  "final_eval",
+}
+_COMMAND_KEYS = {
+    ("eval", "model"): "adapter, processor, vision_model, text_model, vision_revision, text_revision, "
+                       "trust_remote_code",
+    ("predict", "model"): "adapter, processor, vision_model, text_model, vision_revision, text_revision, "
+                          "trust_remote_code",
+    ("eval", "data"): _SECTION_HELP["data"].replace("train_split, ", "").replace("train_file, ", "")
+                      .replace("max_train_samples, ", "").replace(", skip_invalid, augment", ""),
+    ("eval", "evaluation"): "batch_size, iou_thresholds, output_file, save_predictions, clamp, num_workers, device, "
+                            "progress",
+    ("predict", "evaluation"): "batch_size, device",
+}
+_SET_EXAMPLES = {"train": "--set training.lr_drop_epochs=[60]", "eval": "--set evaluation.iou_thresholds=[0.5,0.75]",
+                 "predict": "--set evaluation.batch_size=8"}
+
+
+def settings_help(command: str = "train") -> str:
+    """How settings are layered and which keys each section of ``command`` takes (its ``--help`` shows this)."""
+    import textwrap
+
+    lines = [textwrap.fill("Settings come in layers, later ones winning: built-in defaults < --config FILE (YAML "
+                           "or JSON) < --set key=value < explicit flags. The sections this command reads (a config "
+                           "file may hold others, which it ignores):", width=110), ""]
+    for section in COMMAND_SECTIONS[command]:
+        keys = _COMMAND_KEYS.get((command, section), _SECTION_HELP[section])
+        lines.append(textwrap.fill(keys, width=110, initial_indent=f"  {section + ':':<14}",
+                                   subsequent_indent=" " * 16))
+    lines += ["", textwrap.fill(f"--set takes section.key=value, or a bare key=value when the key belongs to one "
+                                f"section only; values are read as YAML ({_SET_EXAMPLES[command]}). Shipped configs "
+                                "(the paper's settings): --config refcoco, refcoco+, refcocog, referit "
+                                "(m2ist/configs/*.yaml).", width=110)]
+    return "\n".join(lines) + "\n"
+
+
 #: How settings are layered and which keys each config-file section takes (shown by ``m2ist train --help``).
-SETTINGS_HELP = """\
-Settings come in layers, later ones winning: built-in defaults < --config FILE (YAML or JSON) < --set key=value <
-explicit flags. A config file has these sections (all optional):
-
-  model:        vision_model, text_model, vision_revision, text_revision, trust_remote_code, adapter, processor
-  m2ist:        M2ISTConfig fields (bottleneck, image_size, max_query_len, experts, ...)
-  data:         format, data_root, dataset, split_by, image_root, train_split, eval_splits, train_file, eval_files,
-                box_format, normalized, trusted, text_column, sentence_field, hf_style, max_train_samples,
-                max_eval_samples, skip_invalid, augment, allow_outside_image_root
-  training:     RECTrainingArguments fields (output_dir, num_train_epochs, per_device_train_batch_size,
-                learning_rate, side_learning_rate, weight_decay, lr_drop_epochs, method, resume_from_checkpoint, ...)
-  augmentation: RECAugmentation fields (hflip_p, random_crop, jitter_p, ...)
-  evaluation:   batch_size, iou_thresholds, output_file, save_predictions, clamp, num_workers, device, progress,
-                final_eval
-
---set takes section.key=value, or a bare key=value when the key belongs to one section only; values are read as
-YAML (--set training.lr_drop_epochs=[60]). Shipped configs (the paper's settings): --config refcoco, refcoco+,
-refcocog, referit (m2ist/configs/*.yaml).
-"""
+SETTINGS_HELP = settings_help("train")
 
 
 def _dataclass_fields(cls: type) -> dict[str, dataclasses.Field]:
@@ -78,15 +108,17 @@ def _training_arguments_class() -> type:
         raise CLIError(f"The trainer cannot be imported ({err}); reinstall m2ist.") from err
     return RECTrainingArguments
 
-def _section_keys() -> dict[str, set[str]]:
-    return {
-        "model": set(MODEL_KEYS),
-        "m2ist": set(m2ist_fields()),
-        "data": set(DATA_KEYS),
-        "training": set(_dataclass_fields(_training_arguments_class())) | {"resume_from_checkpoint"},
-        "augmentation": set(_augmentation_fields()),
-        "evaluation": set(EVALUATION_KEYS),
+def _section_keys(sections: tuple[str, ...] = SECTIONS) -> dict[str, set[str]]:
+    """The keys of ``sections`` (only those asked for are computed: the training keys import the trainer)."""
+    keys = {
+        "model": lambda: set(MODEL_KEYS),
+        "m2ist": lambda: set(m2ist_fields()),
+        "data": lambda: set(DATA_KEYS),
+        "training": lambda: set(_dataclass_fields(_training_arguments_class())) | {"resume_from_checkpoint"},
+        "augmentation": lambda: set(_augmentation_fields()),
+        "evaluation": lambda: set(EVALUATION_KEYS),
     }
+    return {section: keys[section]() for section in sections if section in keys}
 
 def _coerce_scalars(value: Any) -> Any:
     """YAML 1.1 reads ``1e-4`` (no dot) as a string: turn such strings into floats, recursively."""
@@ -145,8 +177,8 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
             _assign(sections, section, str(key), value, source=str(file))
     return _coerce_scalars(sections)
 
-def _section_of(key: str, *, source: str) -> str:
-    owners = [section for section, keys in _section_keys().items() if key in keys]
+def _section_of(key: str, *, source: str, allowed: tuple[str, ...] = SECTIONS) -> str:
+    owners = [section for section, keys in _section_keys(allowed).items() if key in keys]
     if not owners:
         raise CLIError(f"{source}: unknown setting '{key}'. Use 'section.key' with a section among {', '.join(SECTIONS)} "
                        "(see `m2ist train --help`).")
@@ -158,14 +190,14 @@ def _section_of(key: str, *, source: str) -> str:
 def _assign(settings: dict[str, Any], section: str, key: str, value: Any, *, source: str) -> None:
     if section not in SECTIONS:
         raise CLIError(f"{source}: unknown section '{section}'; sections are {', '.join(SECTIONS)}.")
-    known = _section_keys()[section]
+    known = _section_keys((section,))[section]
     if key not in known:
         close = sorted(k for k in known if k.startswith(key[:4]))[:5]
         hint = f" Did you mean one of {close}?" if close else ""
         raise CLIError(f"{source}: '{key}' is not a {section} setting.{hint}")
     settings.setdefault(section, {})[key] = value
 
-def _parse_set(item: str) -> tuple[str, str, Any]:
+def _parse_set(item: str, allowed: tuple[str, ...] = SECTIONS) -> tuple[str, str, Any]:
     if "=" not in item:
         raise CLIError(f"--set expects key=value (e.g. --set training.num_train_epochs=5), got {item!r}.")
     key, raw = item.split("=", 1)
@@ -177,7 +209,10 @@ def _parse_set(item: str) -> tuple[str, str, Any]:
     if "." in key:
         section, name = key.split(".", 1)
     else:
-        section, name = _section_of(key, source=f"--set {item}"), key
+        section, name = _section_of(key, source=f"--set {item}", allowed=allowed), key
+    if section in SECTIONS and section not in allowed:
+        raise CLIError(f"--set {item}: this command takes no {section} settings; its sections are "
+                       f"{', '.join(allowed)}.")
     return section, name, _coerce_scalars(value)
 
 def resolve_settings(namespace: argparse.Namespace) -> dict[str, dict[str, Any]]:
@@ -187,8 +222,10 @@ def resolve_settings(namespace: argparse.Namespace) -> dict[str, dict[str, Any]]
     if config is not None:
         for section, values in load_config_file(config).items():
             settings[section].update(values)
+    command = getattr(namespace, "command", None)
+    allowed = COMMAND_SECTIONS.get(command, SECTIONS)
     for item in getattr(namespace, "set", None) or []:
-        section, name, value = _parse_set(item)
+        section, name, value = _parse_set(item, allowed)
         _assign(settings, section, name, value, source=f"--set {item}")
     for dest, value in vars(namespace).items():
         if "." in dest:

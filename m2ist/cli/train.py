@@ -12,35 +12,43 @@ import yaml
 from .data import load_data_splits
 from .errors import CLIError
 from .flags import (
-    EXAMPLES,
     HelpFormatter,
+    add_augmentation_flags,
     add_config_flags,
     add_data_flags,
     add_evaluation_flags,
     add_m2ist_flags,
     add_tower_flags,
     add_training_flags,
+    examples,
     wrap,
 )
 from .loading import info, load_tower, local_or_hub
 from .report import print_metrics
-from .settings import SETTINGS_HELP, build_augmentation, build_m2ist_config, build_training_arguments, plain
+from .settings import build_augmentation, build_m2ist_config, build_training_arguments, plain, settings_help
+
+#: The line ``m2ist --help`` shows for this command.
+HELP = "side-tune two frozen towers on REC data and save the adapter"
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Add ``train`` and its flags to the ``m2ist`` subcommands."""
+    """Add ``train`` and its flags to the ``m2ist`` subcommands: every field of M2ISTConfig (but the recorded
+    towers), RECAugmentation and RECTrainingArguments is a flag."""
     train = subparsers.add_parser(
-        "train", formatter_class=HelpFormatter, help="side-tune two frozen towers on REC data and save the adapter",
+        "train", formatter_class=HelpFormatter, help=HELP,
+        usage="m2ist train --vision-model ID --text-model ID --output-dir DIR [data flags] [any flag below]",
         description=wrap("Side-tune frozen vision and text towers for REC (M²IST), or train a baseline (--method). "
                           "Writes the adapter (m2ist_config.json, m2ist_model.safetensors) with the processor into "
-                          "--output-dir, then scores the evaluation splits (eval_results.json).") + "\n\n" + SETTINGS_HELP,
-        epilog=EXAMPLES)
-    add_config_flags(train)
+                          "--output-dir, then scores the evaluation splits (eval_results.json).") + "\n\n" +
+        settings_help("train"),
+        epilog=examples("train"))
+    add_config_flags(train, "train")
     add_tower_flags(train, " (required)")
     add_data_flags(train, train=True)
+    add_evaluation_flags(train, "train")
     add_m2ist_flags(train)
     add_training_flags(train)
-    add_evaluation_flags(train, "train")
+    add_augmentation_flags(train)  # after training: augmentation.seed is --augmentation-seed, --seed stays training's
     return train
 
 

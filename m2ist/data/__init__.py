@@ -7,7 +7,7 @@ from m2ist.data.collator import RECCollator
 from m2ist.data.dataset import RECDataset, RECDataWarning, ValidationReport
 from m2ist.data.files import load_coco_style, load_csv, load_jsonl
 from m2ist.data.hf import from_hf_dataset
-from m2ist.data.images import ImageLoadError, ImageNotFoundError, image_size, load_image
+from m2ist.data.images import DeferredImage, ImageLoadError, ImageNotFoundError, image_size, load_image
 from m2ist.data.refer import load_refer
 from m2ist.data.safe_pickle import restricted_load
 from m2ist.data.sample import RECSample
@@ -16,6 +16,7 @@ from m2ist.data.transvg import load_transvg_split
 
 __all__ = [
     "LOCATION_WORDS",
+    "DeferredImage",
     "ImageLoadError",
     "ImageNotFoundError",
     "RECAugmentation",

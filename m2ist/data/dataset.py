@@ -12,7 +12,7 @@ from typing import Any
 from PIL import Image
 from torch.utils.data import Dataset
 
-from m2ist.data.images import WHITE, RGBColor, image_size, load_image
+from m2ist.data.images import WHITE, DeferredImage, RGBColor, image_size, load_image
 from m2ist.data.sample import RECSample
 
 __all__ = ["RECDataWarning", "RECDataset", "ValidationReport"]
@@ -52,7 +52,7 @@ class ValidationReport:
 
 
 def _describe(index: int, sample: RECSample) -> str:
-    image = sample.image if isinstance(sample.image, str | Path) else type(sample.image).__name__
+    image = sample.image if isinstance(sample.image, str | Path | DeferredImage) else type(sample.image).__name__
     return f"#{index} (image_id={sample.image_id!r}, image={image}, expression={sample.expression!r}, box={sample.box})"
 
 
@@ -93,7 +93,9 @@ class RECDataset(Dataset):
             decoded in full while building (a truncated file is caught here, not in the middle of training).
         validate_images: read each image's size while building (needed for clipping and for catching missing
             files early). With ``False`` only expressions and boxes are checked; boxes are still clipped to the
-            decoded image in ``__getitem__``.
+            decoded image in ``__getitem__``. Images kept as :class:`~m2ist.data.images.DeferredImage` (rows of a
+            Hugging Face table) are never read while building, whatever this says: reading a size there means
+            reading the whole encoded image, gigabytes for RefCOCO-size tables; they are checked when taken.
         exif_transpose: apply EXIF orientation (see :func:`m2ist.data.images.load_image`; off for dataset boxes
             that refer to the stored pixel grid, like COCO's).
         background: colour transparent pixels are composited on.
@@ -147,7 +149,7 @@ class RECDataset(Dataset):
                 report.num_invalid_boxes += 1
                 note("invalid_box", _describe(index, sample))
                 continue
-            if validate_images:
+            if validate_images and not isinstance(sample.image, DeferredImage):  # a table row: read when used
                 key = _image_key(sample.image)
                 size = sizes.get(key)
                 if size is None:

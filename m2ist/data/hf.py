@@ -12,6 +12,11 @@
 * anything else (**generic**): an image column (``image``/``image_path``/``file_name``), a text column
   (``text``/``expression``/``phrase``/``sentence``/``caption``, or ``text_column=``), ``bbox`` and an explicit
   ``box_format``.
+
+Nothing is decoded while loading: the samples hold paths, or :class:`HFRowImage` references (table, row, column)
+that read the image when an item is taken, so a RefCOCO-size table (120k expressions) costs no more memory than a
+small one. A ``datasets.Dataset`` is read without its image columns and those are opened undecoded
+(``datasets.Image(decode=False)``) row by row; the table itself stays memory-mapped.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from typing import Any
 
 from PIL import Image
 
-from m2ist.data.images import ImageLoadError, image_size
+from m2ist.data.images import DeferredImage, ImageLoadError, image_size
 from m2ist.data.loaders import (
     BOX_KEYS,
     IMAGE_KEYS,
@@ -42,7 +47,7 @@ from m2ist.data.loaders import (
 )
 from m2ist.data.sample import RECSample
 
-__all__ = ["HF_STYLES", "detect_hf_style", "from_hf_dataset"]
+__all__ = ["HF_STYLES", "HFRowImage", "detect_hf_style", "from_hf_dataset"]
 
 #: style -> the box format its ``bbox`` column uses (``None``: must be given).
 HF_STYLES: dict[str, str | None] = {"jxu124": "xyxy", "lmms-lab": "xywh", "generic": None}
@@ -140,25 +145,85 @@ def _named_rows(rows: Iterable[Any], subset: str | None) -> Iterator[Any]:
         index += 1
 
 
-def _image_of(value: Any, *, where: str) -> tuple[Any, str | None]:
-    """``(image, relative_name)``: an in-memory image, or ``(None, path)`` for a path still to resolve."""
-    if isinstance(value, Image.Image):
+class HFRowImage(DeferredImage):
+    """The image in ``column`` of row ``index`` of ``rows``, read each time it is used.
+
+    ``rows`` is a ``datasets.Dataset`` whose image column is not decoded (it yields ``{"bytes", "path"}``) or any
+    indexable sequence of dict rows; the cell may hold a PIL image, encoded bytes, a path or an array.
+    """
+
+    __slots__ = ("column", "index", "rows")
+
+    def __init__(self, rows: Any, index: int, column: str) -> None:
+        self.rows, self.index, self.column = rows, index, column
+
+    def open(self) -> Any:
+        """The cell as a PIL image (lazily opened from its bytes: reading the size decodes nothing), path or array."""
+        value = self.rows[self.index][self.column]
+        if isinstance(value, dict):
+            if value.get("bytes"):
+                return Image.open(io.BytesIO(value["bytes"]))
+            if value.get("path"):
+                return str(value["path"])
+        if isinstance(value, Image.Image | str | PathLike) or hasattr(value, "__array__"):
+            return value
+        raise ValueError(f"cannot read an image from {type(value).__name__} {value!r:.80}")
+
+    def describe(self) -> str:
+        """``row N, column 'image'``."""
+        return f"row {self.index}, column {self.column!r}"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.rows, self.index, self.column))
+
+
+def _is_image_feature(feature: Any) -> bool:
+    return type(feature).__name__ == "Image" and type(feature).__module__.startswith("datasets")
+
+
+def _without_decoding(rows: Any) -> Any:
+    """A ``datasets.Dataset`` read without decoding images: its image columns come out as :class:`HFRowImage`
+    references into an undecoded view of the table. Other inputs are returned as they are."""
+    features = getattr(rows, "features", None)
+    if not isinstance(features, Mapping) or not hasattr(rows, "cast_column") or not hasattr(rows, "__getitem__"):
+        return rows
+    image_columns = [name for name, feature in features.items() if _is_image_feature(feature)]
+    if not image_columns or not hasattr(rows, "__len__"):
+        return rows  # no images to defer, or a streaming dataset (no random access: its cells are kept as read)
+    undecoded = {
+        column: rows.select_columns([column]).cast_column(column, type(features[column])(decode=False))
+        for column in image_columns
+    }
+    others = rows.remove_columns(image_columns)
+
+    def generate() -> Iterator[dict[str, Any]]:
+        for index, row in enumerate(others):
+            yield {**row, **{column: HFRowImage(view, index, column) for column, view in undecoded.items()}}
+
+    return generate()
+
+
+def _image_of(value: Any, *, where: str, rows: Any, index: int, column: str) -> tuple[Any, str | None]:
+    """``(image, relative_name)``: a deferred image, or ``(None, path)`` for a path still to resolve.
+
+    In-memory cells (PIL images, bytes, arrays) of an indexable ``rows`` are referenced, not kept: the sample
+    list then holds no pixels of its own (the user's rows still do).
+    """
+    if isinstance(value, DeferredImage):
         return value, None
-    if isinstance(value, dict):
-        if value.get("bytes"):
-            try:
-                return Image.open(io.BytesIO(value["bytes"])), None
-            except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-                message = str(err).split(" <_io.BytesIO")[0]  # PIL names the in-memory stream, not the row
-                raise ImageLoadError(f"{where}: the image bytes ({len(value['bytes'])} bytes) cannot be decoded "
-                                     f"({message}).") from None
-        if value.get("path"):
-            return None, str(value["path"])
+    if isinstance(value, dict) and not value.get("bytes") and value.get("path"):
+        return None, str(value["path"])
     if isinstance(value, str | PathLike):
         return None, str(value)
-    if hasattr(value, "__array__"):
-        return value, None
-    raise ValueError(f"{where}: cannot read an image from {type(value).__name__} {value!r:.80}.")
+    in_memory = isinstance(value, Image.Image) or hasattr(value, "__array__") or (
+        isinstance(value, dict) and value.get("bytes"))
+    if not in_memory:
+        raise ValueError(f"{where}: cannot read an image from {type(value).__name__} {value!r:.80}.")
+    if hasattr(rows, "__getitem__") and hasattr(rows, "__len__") and not isinstance(rows, str | Mapping):
+        return HFRowImage(rows, index, column), None
+    if isinstance(value, dict):  # a one-pass iterable: keep the encoded bytes, decoded when used
+        return Image.open(io.BytesIO(value["bytes"])), None
+    return value, None
 
 
 def _select_subsets(
@@ -232,11 +297,11 @@ def from_hf_dataset(
     else:
         subsets = [(None, dataset)]
 
-    peeked: list[tuple[str | None, Iterator[Any]]] = []
+    peeked: list[tuple[str | None, Any, Iterator[Any]]] = []
     first_row = None
     for name, rows in subsets:
-        first, iterator = _peek(rows)
-        peeked.append((name, iterator))
+        first, iterator = _peek(_without_decoding(rows))
+        peeked.append((name, rows, iterator))
         if first_row is None and first is not None:
             first_row = first
     if first_row is None:
@@ -282,7 +347,7 @@ def from_hf_dataset(
     metadatas: list[dict[str, Any]] = []
     seen_splits: set[str] = set()
     filtered_rows = 0
-    for subset, rows in peeked:
+    for subset, source, rows in peeked:
         if subset not in whole and not row_filter:
             continue
         for index, row in enumerate(_named_rows(rows, subset)):
@@ -296,7 +361,7 @@ def from_hf_dataset(
             if text_key not in row or box_key not in row or image_key not in row:
                 raise ValueError(f"{where}: missing one of the columns {text_key!r}, {box_key!r}, {image_key!r}.")
             box = parse_box(row[box_key], where=where)
-            image, name = _image_of(row[image_key], where=where)
+            image, name = _image_of(row[image_key], where=where, rows=source, index=index, column=image_key)
             image_id = row.get("image_id", row.get("file_name", name))
             sent_ids = row.get("sent_ids") or []
             for position, (text, item) in enumerate(expressions_of(row[text_key], sentence_field=sentence_field, where=where)):

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-__all__ = ["ImageLoadError", "ImageNotFoundError", "image_size", "load_image"]
+__all__ = ["DeferredImage", "ImageLoadError", "ImageNotFoundError", "image_size", "load_image"]
 
 RGBColor = tuple[int, int, int]
 WHITE: RGBColor = (255, 255, 255)
@@ -42,6 +42,38 @@ class ImageNotFoundError(ImageLoadError, FileNotFoundError):
     """An image file does not exist."""
 
 
+class DeferredImage:
+    """An image read only when it is used: a row of a Hugging Face table, a member of an archive, ...
+
+    Loaders put these (or paths) in :class:`~m2ist.data.sample.RECSample` so that a sample list never holds pixels
+    or encoded bytes; :func:`load_image` and :func:`image_size` call :meth:`open` each time they need the image.
+    Subclasses implement :meth:`open` (return a PIL image, ideally lazily opened so that reading the size decodes
+    nothing) and :meth:`describe` (a short name for error messages).
+    """
+
+    __slots__ = ()
+
+    def open(self) -> Image.Image:
+        """The image, opened now (a PIL image; decoding may be left to PIL's ``load()``)."""
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        """Where the image comes from, for error messages."""
+        return type(self).__name__
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.describe()})"
+
+
+def _open_deferred(image: DeferredImage) -> Image.Image:
+    try:
+        return image.open()
+    except ImageLoadError:
+        raise
+    except (*_READ_ERRORS, KeyError, IndexError) as err:
+        raise ImageLoadError(f"Cannot read image {image.describe()}: {err}") from err
+
+
 def _check_path(path: Path) -> None:
     if not path.exists():
         raise ImageNotFoundError(f"Image file not found: {path}")
@@ -57,6 +89,8 @@ def image_size(image: Any, *, exif_transpose: bool = False) -> tuple[int, int]:
     With ``exif_transpose=True`` the size is the displayed one (axes swapped for EXIF orientations 5-8), matching
     what :func:`load_image` returns with the same flag.
     """
+    if isinstance(image, DeferredImage):
+        image = _open_deferred(image)
     if isinstance(image, str | PathLike):
         path = Path(image)
         _check_path(path)
@@ -82,8 +116,8 @@ def load_image(image: Any, *, exif_transpose: bool = False, background: RGBColor
     """Return ``image`` as an 8-bit RGB :class:`PIL.Image.Image`.
 
     Args:
-        image: a path, a PIL image (any mode: 1, L, P with or without transparency, LA, RGBA, CMYK, YCbCr,
-            I;16, I, F) or an array ``(H, W)``, ``(H, W, 1)``, ``(H, W, 3)`` or ``(H, W, 4)`` of ``uint8``,
+        image: a path, a :class:`DeferredImage`, a PIL image (any mode: 1, L, P with or without transparency, LA,
+            RGBA, CMYK, YCbCr, I;16, I, F) or an array ``(H, W)``, ``(H, W, 1)``, ``(H, W, 3)`` or ``(H, W, 4)`` of ``uint8``,
             ``uint16``, ``bool`` or floats in ``[0, 1]``.
         exif_transpose: rotate/flip by the EXIF orientation tag. Off by default because dataset boxes refer to
             the stored pixel grid (see the module docstring).
@@ -94,6 +128,8 @@ def load_image(image: Any, *, exif_transpose: bool = False, background: RGBColor
         ImageLoadError: the file cannot be decoded (the message names it).
         ValueError / TypeError: an array of unsupported shape, dtype or value range.
     """
+    if isinstance(image, DeferredImage):
+        image = _open_deferred(image)
     if isinstance(image, str | PathLike):
         path = Path(image)
         _check_path(path)

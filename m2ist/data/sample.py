@@ -9,7 +9,11 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-ImageLike = str | Path | Image.Image | np.ndarray
+from m2ist.data.images import DeferredImage
+
+#: What a sample's image may be. Loaders give paths or :class:`~m2ist.data.images.DeferredImage` references (read
+#: when an item is taken), so a sample list of any size holds no pixels; in-memory images are accepted too.
+ImageLike = str | Path | DeferredImage | Image.Image | np.ndarray
 
 
 @dataclass
@@ -17,7 +21,8 @@ class RECSample:
     """One referring expression and the one box it names.
 
     Attributes:
-        image: a path, a PIL image or an ``(H, W[, C])`` array.
+        image: a path, a :class:`~m2ist.data.images.DeferredImage` (e.g. a row of a Hugging Face dataset), a PIL
+            image or an ``(H, W[, C])`` array.
         expression: the referring phrase.
         box: ``(x0, y0, x1, y1)`` in absolute pixels of the original image (``xyxy``).
         image_id: an identifier of the image (used to group expressions and in result files).

@@ -254,20 +254,26 @@ def format_table(results: list[dict[str, Any]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``m2ist bench``."""
-    parser = argparse.ArgumentParser(prog="m2ist bench", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--methods", default=",".join(METHOD_ORDER),
+    from m2ist.cli.flags import HelpFormatter
+    from m2ist.cli.verbosity import configure, configured
+
+    parser = argparse.ArgumentParser(prog="m2ist bench", description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--methods", metavar="LIST", default=",".join(METHOD_ORDER),
                         help="comma-separated methods among full, adapter, lora, m2ist (default: all)")
-    parser.add_argument("--batch-size", type=int, default=2, help="images per step (default: 2)")
-    parser.add_argument("--steps", type=int, default=3, help="timed steps per method (median reported)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed steps before timing")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    parser.add_argument("--batch-size", metavar="N", type=int, default=2, help="images per step (default: 2)")
+    parser.add_argument("--steps", metavar="N", type=int, default=3, help="timed steps per method (median reported)")
+    parser.add_argument("--warmup", metavar="N", type=int, default=1, help="untimed steps before timing")
+    parser.add_argument("--device", metavar="DEVICE", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     parser.add_argument("--backbone-dtype", choices=["bfloat16", "float16"], default=None,
                         help="run M²IST's frozen towers in this dtype (side network and head stay float32)")
     parser.add_argument("--tiny", action="store_true", help="tiny towers (a smoke test of the benchmark itself)")
-    parser.add_argument("--output", help="write the results as JSON to this file")
+    parser.add_argument("--output", metavar="FILE", help="write the results as JSON to this file")
     parser.add_argument("--one", help=argparse.SUPPRESS)
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="progress messages, transformers' warnings and third-party warnings (-vv: debug)")
     args = parser.parse_args(argv)
+    if args.verbose or not configured():  # run as `python -m`, or asked for more than `m2ist` was
+        configure(args.verbose)
     if args.one:
         print(json.dumps(measure(args.one, args.batch_size, args.steps, args.warmup, args.device, args.tiny,
                                  args.backbone_dtype)))

@@ -112,18 +112,25 @@ def plot(rows: list[dict[str, Any]], path: Path) -> Path | None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``m2ist compare``."""
-    parser = argparse.ArgumentParser(prog="m2ist compare", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of full,adapter,lora,m2ist")
-    parser.add_argument("--steps", type=int, default=300, help="training steps per method (default: 300)")
-    parser.add_argument("--batch-size", type=int, default=32, help="training batch size (default: 32)")
-    parser.add_argument("--seed", type=int, default=0, help="seed shared by every method")
+    from m2ist.cli.flags import HelpFormatter
+    from m2ist.cli.verbosity import configure, configured
+
+    parser = argparse.ArgumentParser(prog="m2ist compare", description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--methods", metavar="LIST", default=",".join(METHODS),
+                        help="comma-separated subset of full,adapter,lora,m2ist")
+    parser.add_argument("--steps", metavar="N", type=int, default=300, help="training steps per method (default: 300)")
+    parser.add_argument("--batch-size", metavar="N", type=int, default=32, help="training batch size (default: 32)")
+    parser.add_argument("--seed", metavar="N", type=int, default=0, help="seed shared by every method")
     parser.add_argument("--tiny", action="store_true", help="a seconds-long smoke run with tiny settings")
-    parser.add_argument("--cache-dir", default=None, help="cache of the pretrained shapes ViT")
-    parser.add_argument("--work-dir", default="outputs/compare", help="where per-method outputs go")
-    parser.add_argument("--output", help="write the JSON results to this file (default: <work-dir>/compare.json)")
+    parser.add_argument("--cache-dir", metavar="DIR", default=None, help="cache of the pretrained shapes ViT")
+    parser.add_argument("--work-dir", metavar="DIR", default="outputs/compare", help="where per-method outputs go")
+    parser.add_argument("--output", metavar="FILE", help="write the JSON results to this file (default: <work-dir>/compare.json)")
     parser.add_argument("--one", help=argparse.SUPPRESS)
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="progress messages, transformers' warnings and third-party warnings (-vv: debug)")
     args = parser.parse_args(argv)
+    if args.verbose or not configured():  # run as `python -m`, or asked for more than `m2ist` was
+        configure(args.verbose)
     Path(args.work_dir).mkdir(parents=True, exist_ok=True)
     if args.one:
         row = run_method(args.one, steps=args.steps, batch_size=args.batch_size, seed=args.seed, tiny=args.tiny,

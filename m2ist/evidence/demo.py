@@ -54,18 +54,20 @@ def prepare(*, tiny: bool = False, cache_dir: str | None = None, seed: int = 0, 
     """Load (or pretrain and cache) the towers, build the processor and generate the benchmark."""
     from m2ist.processing import RECProcessor
 
-    from .demo_towers import VisionPretrainRecipe, load_text_tower, load_vision_tower, text_tower_path, vision_tower_path
+    from .demo_towers import VisionPretrainRecipe, load_vision_tower, text_tower_path, vision_tower_path
     from .synthetic import make_benchmark
 
     recipe = VisionPretrainRecipe.tiny() if tiny else VisionPretrainRecipe()
-    load_vision_tower(cache_dir=cache_dir, recipe=recipe, progress=progress)  # pretrain once, then cached
+    # pretrained once, then cached; this first load serves the first make_towers() call (not loaded twice)
+    loaded = [load_vision_tower(cache_dir=cache_dir, recipe=recipe, progress=progress)]
     vision_path = vision_tower_path(cache_dir, recipe)
 
     def make_towers() -> tuple[torch.nn.Module, torch.nn.Module]:
         from transformers import AutoModel
 
-        vision = AutoModel.from_pretrained(vision_path)  # its pooler output is never used, nor counted
-        text, _ = load_text_tower()
+        # its pooler output is never used, nor counted
+        vision = loaded.pop() if loaded else AutoModel.from_pretrained(vision_path)
+        text = AutoModel.from_pretrained(text_tower_path()).eval()  # the tokenizer comes with the processor, once
         if tiny:  # two text layers are plenty for a smoke run
             text.encoder.layer = text.encoder.layer[:2]
             text.config.num_hidden_layers = 2
@@ -190,18 +192,23 @@ def format_results(results: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``m2ist demo``."""
-    parser = argparse.ArgumentParser(prog="m2ist demo", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output-dir", default="outputs/demo", help="where the adapter, PNG and results go")
-    parser.add_argument("--steps", type=int, default=DEMO_STEPS, help=f"side-tuning steps (default: {DEMO_STEPS})")
-    parser.add_argument("--batch-size", type=int, default=32, help="training batch size (default: 32)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the data, the model and the training")
-    parser.add_argument("--cache-dir", default=None, help="cache of the pretrained shapes ViT (default: ~/.cache/m2ist)")
+    from m2ist.cli.flags import HelpFormatter
+    from m2ist.cli.verbosity import configure, configured
+
+    parser = argparse.ArgumentParser(prog="m2ist demo", description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--output-dir", metavar="DIR", default="outputs/demo", help="where the adapter, PNG and results go")
+    parser.add_argument("--steps", metavar="N", type=int, default=DEMO_STEPS, help=f"side-tuning steps (default: {DEMO_STEPS})")
+    parser.add_argument("--batch-size", metavar="N", type=int, default=32, help="training batch size (default: 32)")
+    parser.add_argument("--seed", metavar="N", type=int, default=0, help="seed of the data, the model and the training")
+    parser.add_argument("--cache-dir", metavar="DIR", default=None,
+                        help="cache of the pretrained shapes ViT (default: ~/.cache/m2ist)")
     parser.add_argument("--tiny", action="store_true", help="a seconds-long smoke run with tiny settings")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="progress messages, transformers' warnings and third-party warnings (-vv: debug)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    logging.getLogger("transformers").setLevel(logging.WARNING)
+    if args.verbose or not configured():  # run as `python -m`, or asked for more than `m2ist` was
+        configure(args.verbose)
     results = run(args.output_dir, steps=args.steps, batch_size=args.batch_size, tiny=args.tiny,
                   cache_dir=args.cache_dir, seed=args.seed, progress=not args.no_progress)
     print(format_results(results))

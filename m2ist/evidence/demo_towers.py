@@ -29,6 +29,7 @@ import logging
 import math
 import os
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -483,7 +484,7 @@ def pretrain_vision_tower(
     )
     logger.info(message)
     if progress:
-        tqdm.write(message)
+        tqdm.write(message, file=sys.stderr)  # stdout is for results
     if output_dir is not None:
         output_dir = Path(output_dir)
         model.save_pretrained(output_dir, safe_serialization=True)

@@ -1,0 +1,130 @@
+"""Activation (gradient) checkpointing of the side network and the head, and torch.compile without graph breaks."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from m2ist.trainer import RECTrainingArguments, train_rec
+from tests.conftest import make_batch
+from tests.ddp_worker import make_dataset, make_model, make_processor
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _loss_and_gradients(model, batch) -> tuple[float, dict[str, torch.Tensor]]:
+    torch.manual_seed(1)  # the same dropout masks in both runs
+    model.train()
+    loss = model(**batch).loss
+    loss.backward()
+    gradients = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    return loss.item(), gradients
+
+
+def _forward_calls(module: torch.nn.Module) -> list[int]:
+    calls = [0]
+    module.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))  # a recompute may stop early
+    return calls
+
+
+@pytest.mark.parametrize("readout", ["reg", "vote"])
+def test_checkpointing_gives_the_same_loss_and_gradients_and_recomputes(readout):
+    model = make_model(fusion_layers=2, side_dropout=0.1, fusion_dropout=0.1, box_readout=readout)
+    batch = make_batch(4)
+    reference_loss, reference = _loss_and_gradients(model, batch)
+    fusion_calls, side_calls = _forward_calls(model.head.layers[0]), _forward_calls(model.side.blocks[0])
+
+    model.gradient_checkpointing_enable()
+    assert model.is_gradient_checkpointing and model.is_activation_checkpointing
+    loss, gradients = _loss_and_gradients(model, batch)
+    assert fusion_calls[0] == 2 and side_calls[0] == 2  # run again in the backward pass: activations not kept
+    assert loss == pytest.approx(reference_loss, abs=1e-6)
+    assert gradients.keys() == reference.keys() and len(gradients) > 0
+    for name, gradient in gradients.items():
+        torch.testing.assert_close(gradient, reference[name], atol=1e-6, rtol=1e-5, msg=name)
+
+    # the frozen towers are not touched: they run under no_grad and keep nothing for the backward pass
+    assert not model.vision_model.is_activation_checkpointing and not model.text_model.is_activation_checkpointing
+
+    with torch.no_grad():  # no recomputation when nothing is trained, nor in eval mode
+        model(**batch)
+    assert fusion_calls[0] == 3
+    model.gradient_checkpointing_disable()
+    assert not model.is_gradient_checkpointing
+    _loss_and_gradients(model, batch)
+    assert fusion_calls[0] == 4
+
+
+def test_every_n_layers_checkpoints_only_those_layers():
+    model = make_model(fusion_layers=2)
+    first, second = _forward_calls(model.head.layers[0]), _forward_calls(model.head.layers[1])
+    model.activation_checkpointing_enable(every_n_layers=2)
+    _loss_and_gradients(model, make_batch(2))
+    assert (first[0], second[0]) == (2, 1)
+    with pytest.raises(ValueError, match="every_n_layers"):
+        model.activation_checkpointing_enable(every_n_layers=0)
+
+
+@pytest.mark.parametrize("flag", ["gradient_checkpointing", "activation_checkpointing"])
+def test_trainer_argument_turns_it_on(tmp_path, flag):
+    model = make_model()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # transformers 5 renamed gradient_ to activation_checkpointing
+        args = RECTrainingArguments(output_dir=str(tmp_path / "run"), use_cpu=True, max_steps=2, report_to="none",
+                                    disable_tqdm=True, save_strategy="no", per_device_train_batch_size=2,
+                                    **{flag: True})
+    trainer = train_rec(model, make_processor(Path(tmp_path) / "tokenizer"), make_dataset(4, seed=0), args=args)
+    assert model.is_gradient_checkpointing and trainer.state.global_step == 2
+
+
+@pytest.mark.parametrize("readout", ["reg", "vote"])
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_side_network_and_head_compile_without_graph_breaks(readout, checkpointing):
+    model = make_model(box_readout=readout, fusion_layers=1)
+    if checkpointing:
+        model.gradient_checkpointing_enable()
+    batch = make_batch(2)
+    with torch.no_grad():
+        vision = model.vision_tower.tap({"pixel_values": batch["pixel_values"], "pixel_mask": batch["pixel_mask"]},
+                                        model.vision_layers, model.tap_kinds)
+        text = model.text_tower.tap({"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]},
+                                    model.text_layers, model.tap_kinds)
+
+    def side_and_head(vision, text):
+        vision_tokens, text_tokens = model.side(vision, text, model.intra_kind, model.inter_kind)
+        return model.head(vision_tokens, vision.mask, text_tokens, text.mask).pred_boxes
+
+    model.train()
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(side_and_head)(vision, text)
+    assert explained.graph_break_count == 0, [reason.reason for reason in explained.break_reasons]
+    assert explained.graph_count == 1
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_baselines_checkpoint_the_towers_they_train_too(method):
+    from m2ist.evidence.baselines import build_model
+    from tests.tiny import text_tower, tiny_config, vision_tower
+
+    torch.manual_seed(0)
+    model = build_model(vision_tower("vit"), text_tower("bert"), tiny_config(), method=method)
+    batch = make_batch(2)
+    reference_loss, reference = _loss_and_gradients(model, batch)
+    model.gradient_checkpointing_enable()
+    assert model.vision_model.is_activation_checkpointing and model.text_model.is_activation_checkpointing
+    loss, gradients = _loss_and_gradients(model, batch)
+    assert loss == pytest.approx(reference_loss, abs=1e-6) and gradients.keys() == reference.keys()
+    for name, gradient in gradients.items():
+        torch.testing.assert_close(gradient, reference[name], atol=1e-6, rtol=1e-5, msg=name)
+    model.gradient_checkpointing_disable()
+    assert not model.vision_model.is_activation_checkpointing
