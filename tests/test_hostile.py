@@ -17,6 +17,7 @@ import os
 import pickle
 import time
 import zipfile
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -27,7 +28,7 @@ from transformers import AutoModel
 
 from m2ist import M2ISTConfig, SideTunedModel, evaluate, get_side_tuned_model
 from m2ist.cli import main
-from m2ist.data.dataset import RECDataset
+from m2ist.data.dataset import RECDataset, RECDataWarning
 from m2ist.data.files import load_coco_style, load_csv, load_jsonl
 from m2ist.data.hf import from_hf_dataset
 from m2ist.data.images import ImageLoadError, load_image
@@ -567,10 +568,15 @@ def test_damaged_transvg_and_coco_files_are_named(tmp_path):
 
 
 def test_corrupt_image_bytes_in_hf_rows_name_the_row():
+    """Rows stay lazy (decoded when used): the error comes when the image is read, and names the row."""
     rows = [{"image": {"bytes": b"not an image"}, "text": "x", "bbox": [0, 0, 1, 1]}]
-    with pytest.raises(ImageLoadError, match=r"row 0: the image bytes \(12 bytes\) cannot be decoded") as caught:
-        from_hf_dataset(rows, "xyxy")
+    samples = from_hf_dataset(rows, "xyxy")
+    with pytest.raises(ImageLoadError, match=r"row 0, column 'image': the image bytes \(12 bytes\) cannot be decoded"
+                       ) as caught:
+        load_image(samples[0].image)
     assert "BytesIO" not in str(caught.value)
+    with pytest.warns(RECDataWarning, match="row 0"):  # skip_invalid decodes table rows too, and names the row
+        assert len(RECDataset([*samples, replace(samples[0], image=Image.new("RGB", (4, 4)))], skip_invalid=True)) == 1
 
 
 def test_skip_invalid_decodes_in_full_and_skips_truncated_images(tmp_path):

@@ -7,13 +7,16 @@ from typing import Any
 
 from .flags import HelpFormatter, wrap
 
+#: The line ``m2ist --help`` shows for this command.
+HELP = "a local web page to try adapters: image + phrases -> boxes"
+
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add ``app`` and its flags to the ``m2ist`` subcommands."""
     from m2ist import app
 
     parser = subparsers.add_parser(
-        "app", formatter_class=HelpFormatter, help="a local web page to try adapters: image + phrases -> boxes",
+        "app", formatter_class=HelpFormatter, help=HELP,
         description=wrap("Serve a page where you upload an image, type one expression per line and see each predicted "
                          "box drawn with its pixel coordinates and the time it took. Without --adapter it loads the "
                          "adapter `make demo` saved and offers the demo's procedural scenes as examples."))

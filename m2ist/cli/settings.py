@@ -233,6 +233,7 @@ def resolve_settings(namespace: argparse.Namespace) -> dict[str, dict[str, Any]]
             settings[section][name] = value
     return settings
 
+
 def build_m2ist_config(settings: Mapping[str, Mapping[str, Any]]):
     """The :class:`~m2ist.config.M2ISTConfig` of ``settings['m2ist']`` (unknown keys and bad values raise CLIError)."""
     from m2ist.config import M2ISTConfig

@@ -95,7 +95,8 @@ class RECDataset(Dataset):
             files early). With ``False`` only expressions and boxes are checked; boxes are still clipped to the
             decoded image in ``__getitem__``. Images kept as :class:`~m2ist.data.images.DeferredImage` (rows of a
             Hugging Face table) are never read while building, whatever this says: reading a size there means
-            reading the whole encoded image, gigabytes for RefCOCO-size tables; they are checked when taken.
+            reading the whole encoded image, gigabytes for RefCOCO-size tables; they are checked when taken
+            (except with ``skip_invalid``, which decodes every image once to find the unreadable ones).
         exif_transpose: apply EXIF orientation (see :func:`m2ist.data.images.load_image`; off for dataset boxes
             that refer to the stored pixel grid, like COCO's).
         background: colour transparent pixels are composited on.
@@ -149,7 +150,8 @@ class RECDataset(Dataset):
                 report.num_invalid_boxes += 1
                 note("invalid_box", _describe(index, sample))
                 continue
-            if validate_images and not isinstance(sample.image, DeferredImage):  # a table row: read when used
+            # a table row is read when used, unless skip_invalid asks to find (and skip) the unreadable ones now
+            if validate_images and (self.skip_invalid or not isinstance(sample.image, DeferredImage)):
                 key = _image_key(sample.image)
                 size = sizes.get(key)
                 if size is None:

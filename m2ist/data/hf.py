@@ -162,7 +162,12 @@ class HFRowImage(DeferredImage):
         value = self.rows[self.index][self.column]
         if isinstance(value, dict):
             if value.get("bytes"):
-                return Image.open(io.BytesIO(value["bytes"]))
+                try:
+                    return Image.open(io.BytesIO(value["bytes"]))
+                except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+                    message = str(err).split(" <_io.BytesIO")[0]  # PIL names the in-memory stream, not the row
+                    raise ImageLoadError(f"{self.describe()}: the image bytes ({len(value['bytes'])} bytes) cannot be "
+                                         f"decoded ({message}).") from None
             if value.get("path"):
                 return str(value["path"])
         if isinstance(value, Image.Image | str | PathLike) or hasattr(value, "__array__"):
