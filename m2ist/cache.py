@@ -525,7 +525,7 @@ def _size(num_bytes: float) -> str:
 def expected_records(dataset: Any, views: int = 1) -> tuple[int, int]:
     """Upper bounds of the image records (unique images × views) and expression records (unique expressions, × 2
     with views for a flip that rewrites left / right) a dataset can fill; its length when items are opaque."""
-    samples = getattr(dataset, "samples", None)
+    samples = getattr(dataset, "samples", dataset)
     if isinstance(samples, Sequence) and samples and hasattr(samples[0], "expression"):
         images = {getattr(s, "image_id", None) or (s.image if isinstance(s.image, str | os.PathLike) else id(s))
                   for s in samples}

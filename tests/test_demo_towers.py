@@ -75,7 +75,7 @@ def test_vision_tower_pretrains_caches_and_reloads(tmp_path, count_pretraining):
         assert (folder / name).is_file(), name
     report = json.loads((folder / PRETRAINING_FILE).read_text())
     assert report["recipe"] == TINY.to_dict()
-    assert 0.0 <= report["metrics"]["pair_presence_label_accuracy"] <= 1.0
+    assert 0.0 <= report["metrics"]["presence_label_accuracy"] <= 1.0
     assert [p.name for p in folder.parent.iterdir()] == [folder.name]  # no staging folder left behind
     assert len(count_pretraining) == 1
 
@@ -141,12 +141,12 @@ def test_cache_location_follows_the_environment(monkeypatch, tmp_path):
     monkeypatch.delenv("M2IST_CACHE", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     default = VisionPretrainRecipe()
-    assert vision_tower_path(recipe=default) == tmp_path / "xdg" / "m2ist" / "towers" / "shapes-vit-v1"
+    assert vision_tower_path(recipe=default) == tmp_path / "xdg" / "m2ist" / "towers" / "shapes-vit-v2"
     monkeypatch.setenv("M2IST_CACHE", str(tmp_path / "mine"))
-    assert vision_tower_path(recipe=default) == tmp_path / "mine" / "towers" / "shapes-vit-v1"
-    assert vision_tower_path(tmp_path / "arg", default) == tmp_path / "arg" / "towers" / "shapes-vit-v1"
+    assert vision_tower_path(recipe=default) == tmp_path / "mine" / "towers" / "shapes-vit-v2"
+    assert vision_tower_path(tmp_path / "arg", default) == tmp_path / "arg" / "towers" / "shapes-vit-v2"
     other = vision_tower_path(tmp_path, VisionPretrainRecipe(steps=10))
-    assert other.name.startswith("shapes-vit-v1-") and other != vision_tower_path(tmp_path, default)
+    assert other.name.startswith("shapes-vit-v2-") and other != vision_tower_path(tmp_path, default)
 
 
 def test_bad_recipes_and_arguments_are_explained(tmp_path):
