@@ -446,6 +446,7 @@ class SideTunedModel(RECModel):
             tower_features = self.tower_features(pixel_values, pixel_mask, input_ids, attention_mask, unique)
         pred_boxes: torch.Tensor | None = None
         patch_logits: torch.Tensor | None = None
+        every_has_logits = True  # patch_logits only when every sample's adapter gives them (vote readouts)
         for name in unique:
             rows = torch.tensor([i for i, n in enumerate(adapter_names) if n == name],
                                 device=tower_features.vision.tokens.device)
@@ -453,12 +454,12 @@ class SideTunedModel(RECModel):
             if pred_boxes is None:
                 pred_boxes = output.pred_boxes.new_zeros((batch, *output.pred_boxes.shape[1:]))
             pred_boxes[rows] = output.pred_boxes
-            if output.patch_logits is not None:
+            every_has_logits = every_has_logits and output.patch_logits is not None
+            if every_has_logits:
                 if patch_logits is None:
                     patch_logits = output.patch_logits.new_zeros((batch, *output.patch_logits.shape[1:]))
-                if patch_logits.shape[1:] == output.patch_logits.shape[1:]:
-                    patch_logits[rows] = output.patch_logits
-        output = RECModelOutput(pred_boxes=pred_boxes, patch_logits=patch_logits)
+                patch_logits[rows] = output.patch_logits
+        output = RECModelOutput(pred_boxes=pred_boxes, patch_logits=patch_logits if every_has_logits else None)
         return output if return_dict else output.to_tuple()
 
     def forward_all_adapters(

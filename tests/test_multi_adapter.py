@@ -113,6 +113,18 @@ def test_adapter_names_is_one_adapter_per_sample():
         mixed = model(**{k: batch[k] for k in INPUTS}, adapter_names=names).pred_boxes
     for row, name in enumerate(names):
         torch.testing.assert_close(mixed[row], _alone(model, name, batch)[row], rtol=1e-5, atol=1e-6)
+    # patch logits only when every sample's adapter has a vote readout
+    model.add_adapter("votes", tiny_config(box_readout="vote"))
+    model.add_adapter("votes2", tiny_config(box_readout="vote", vote_hops=2))
+    with torch.no_grad():
+        voting = model(**{k: batch[k] for k in INPUTS}, adapter_names=["votes", "votes2", "votes2", "votes"])
+        partly = model(**{k: batch[k] for k in INPUTS}, adapter_names=["votes", "default", "votes", "votes"])
+    assert voting.patch_logits is not None and partly.patch_logits is None
+    model.set_adapter("votes2")
+    with torch.no_grad():
+        alone = model(**{k: batch[k] for k in INPUTS}).patch_logits
+    model.set_adapter("default")
+    torch.testing.assert_close(voting.patch_logits[1:3], alone[1:3], rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="one adapter name per sample"):
         model(**{k: batch[k] for k in INPUTS}, adapter_names=["default"])
     with pytest.raises(ValueError, match="for inference"):
