@@ -412,13 +412,19 @@ class _TowerRecords:
         self.misses += len(missing)
         self.hits += len(keys) - len(missing)
         first, second = _INPUTS[self.tower.modality]
-        computed = self.tower.tap({first: batch[first], second: batch.get(second)}, self.layers, self.kinds)
-        rows = self.layout.pack(computed, self.kinds)
-        stored = rows.to(DTYPES[self.dtype])
-        self.store.add([keys[i] for i in missing], stored[missing].cpu())
-        if self.dtype != "float32":  # every epoch sees the stored (rounded) features, the first one too
-            return self.layout.unpack(stored.float(), self.kinds, self.layers)
-        return computed
+        if self.dtype == "float32":  # exact: the towers see the whole batch, as without a cache
+            computed = self.tower.tap({first: batch[first], second: batch.get(second)}, self.layers, self.kinds)
+            self.store.add([keys[i] for i in missing], self.layout.pack(computed, self.kinds)[missing].cpu())
+            return computed
+        # rounded anyway: run the towers on the missing inputs only (once each), then read the whole batch back,
+        # so every epoch, the first one too, sees the stored features
+        unique = list({keys[i]: i for i in missing}.values())
+        rows = torch.tensor(unique, device=batch[first].device)
+        mask = batch.get(second)
+        computed = self.tower.tap({first: batch[first][rows], second: None if mask is None else mask[rows]},
+                                  self.layers, self.kinds)
+        self.store.add([keys[i] for i in unique], self.layout.pack(computed, self.kinds).to(DTYPES[self.dtype]).cpu())
+        return self.layout.unpack(self.store.read(self.store.get(keys)), self.kinds, self.layers)
 
 
 class TowerFeatureCache:

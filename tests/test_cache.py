@@ -174,3 +174,22 @@ def test_refusals(tmp_path, monkeypatch):
     for bad in (dict(tower_cache_dtype="int8"), dict(tower_cache_views=-1), dict(tower_cache="")):
         with pytest.raises(ValueError, match="tower_cache"):
             _args(tmp_path / "d", **bad)
+
+
+def test_rounded_cache_runs_the_towers_on_missing_inputs_only(tmp_path):
+    """With a bfloat16 cache a batch runs the vision tower on its new images only, once each; float32 runs the
+    whole batch (exactness)."""
+    data = shared_image_dataset(3)  # samples 2k and 2k+1 share image k
+    model = make_model(seed=0)
+    collate = TowerCacheCollator(RECCollator(make_processor(tmp_path / "tok")))
+    sizes: list[int] = []
+    model.vision_tower.layers[0][1].register_forward_hook(lambda _m, args, _o: sizes.append(args[0].shape[0]))
+    for dtype, expected in (("bfloat16", [1, 2]), ("float32", [2, 4])):
+        cache = TowerFeatureCache(model, None, dtype)
+        sizes.clear()  # the cache's probe of the layout ran the tower once
+        cache.features(collate([data[0], data[1]]))  # one image, twice
+        cache.features(collate([data[0], data[2], data[3], data[4]]))  # image 0 again, images 1 and 2 new
+        assert sizes == expected, dtype
+        assert cache.stats["vision_records"] == 3
+    features = cache.features(collate([data[2], data[5]]))
+    assert features.vision.tokens.shape[0] == 2 and cache.stats["vision_misses"] == 5
