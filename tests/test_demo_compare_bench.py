@@ -86,3 +86,11 @@ def test_head_ablation_tiny_scores_every_variant_on_every_test_split(cache, caps
     assert "| head | test_attributes | test_compositional | test_relations | test_spatial |" in printed
     for name in VARIANTS:
         assert f"| {name} |" in printed
+
+
+def test_cache_step_tiny_prints_the_three_timings(cache, capsys):
+    from m2ist.evidence.cache_step import main as cache_step_main
+
+    assert cache_step_main(["--tiny", "--rounds", "2", "--batch-size", "4"]) == 0
+    printed = capsys.readouterr().out
+    assert "uncached" in printed and "reading the tower cache" in printed and "KiB per image" in printed
