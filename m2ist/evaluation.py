@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from m2ist.data.images import load_image
 from m2ist.data.sample import RECSample
-from m2ist.inference import eval_mode, forward_boxes, model_device, resolve_processor
+from m2ist.inference import eval_mode, forward_boxes_per_adapter, model_device, resolve_adapters, resolve_processor
 from m2ist.ops.boxes import box_convert, clip_boxes, paired_box_iou
 
 if TYPE_CHECKING:
@@ -266,6 +266,7 @@ def evaluate(
     clamp: str = "image",
     num_workers: int = 0,
     metadata: Mapping[str, Any] | None = None,
+    adapter_names: str | Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Score a REC model on one or more splits with the TransVG protocol (see the module docstring).
 
@@ -289,10 +290,14 @@ def evaluate(
         clamp: ``"image"`` (spec; default) or ``"canvas"`` (TransVG's code) — see the module docstring.
         num_workers: ``DataLoader`` workers that load and process the images.
         metadata: extra entries for the results' ``metadata`` (e.g. the adapter path, the data files).
+        adapter_names: ``"all"`` or a list of a :class:`~m2ist.model.SideTunedModel`'s adapters to score together,
+            on one pass of the frozen towers per batch; default: the active adapter only.
 
     Returns:
         ``{"metrics": {split: {"acc@0.5", "correct@0.5", "miou", "count"}}, "metadata": {...}}`` (accuracies in
-        ``[0, 1]``), plus ``"predictions": {split: [...]}`` with ``save_predictions``.
+        ``[0, 1]``), plus ``"predictions": {split: [...]}`` with ``save_predictions``. With ``adapter_names``,
+        also ``"adapters": {name: {"metrics": ..., ["predictions": ...]}}``; ``"metrics"`` is then the first
+        named adapter's.
     """
     from tqdm.auto import tqdm
 
@@ -315,47 +320,53 @@ def evaluate(
         model.to(device)
     target = model_device(model)
 
-    metrics: dict[str, dict[str, Any]] = {}
-    predictions: dict[str, list[dict[str, Any]]] = {}
+    names = resolve_adapters(model, adapter_names)
+    keys: list[str | None] = list(names) if names is not None else [None]
+    metrics_by: dict[str | None, dict[str, dict[str, Any]]] = {key: {} for key in keys}
+    predictions_by: dict[str | None, dict[str, list[dict[str, Any]]]] = {key: {} for key in keys}
     with eval_mode(model):
         for name, data in splits.items():
             loader = DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                                 collate_fn=_EvalCollator(processor, name))
-            ious, records = [], []
+            ious: dict[str | None, list[torch.Tensor]] = {key: [] for key in keys}
+            records: dict[str | None, list[dict[str, Any]]] = {key: [] for key in keys}
             seen = 0
             for batch in tqdm(loader, desc=f"eval {name}", unit="batch", disable=not progress, delay=2.0):  # long work only
-                pred = forward_boxes(model, batch["encoded"], target)
-                if clamp == "canvas":
-                    pred = _to_canvas_clamped(pred)
-                geometry = batch["encoded"]["image_geometry"].double()
-                boxes = processor.post_process_boxes(pred.double(), geometry, clamp=clamp == "image")
-                iou = paired_iou(boxes, batch["gt"])
-                ious.append(iou)
+                for key, pred in forward_boxes_per_adapter(model, batch["encoded"], target, names).items():
+                    if clamp == "canvas":
+                        pred = _to_canvas_clamped(pred)
+                    geometry = batch["encoded"]["image_geometry"].double()
+                    boxes = processor.post_process_boxes(pred.double(), geometry, clamp=clamp == "image")
+                    iou = paired_iou(boxes, batch["gt"])
+                    ious[key].append(iou)
+                    if save_predictions:
+                        for row in range(iou.shape[0]):
+                            index = batch["indices"][row]
+                            records[key].append({
+                                "index": seen + row if index is None else index,
+                                "image_id": batch["image_ids"][row],
+                                "expression": batch["texts"][row],
+                                "pred_box": [round(v, 3) for v in boxes[row].tolist()],
+                                "gt_box": [round(v, 3) for v in batch["gt"][row].tolist()],
+                                "iou": round(float(iou[row]), 6),
+                            })
+                seen += len(batch["gt"])
+            for key in keys:
+                all_iou = torch.cat(ious[key])
+                split_metrics: dict[str, Any] = {}
+                for t in thresholds:
+                    correct = int((all_iou >= t).sum())
+                    split_metrics[metric_name(t)] = correct / all_iou.numel()
+                    split_metrics[f"correct@{t:g}"] = correct
+                split_metrics["miou"] = float(all_iou.mean())
+                split_metrics["count"] = int(all_iou.numel())
+                metrics_by[key][name] = split_metrics
                 if save_predictions:
-                    for row in range(iou.shape[0]):
-                        index = batch["indices"][row]
-                        records.append({
-                            "index": seen + row if index is None else index,
-                            "image_id": batch["image_ids"][row],
-                            "expression": batch["texts"][row],
-                            "pred_box": [round(v, 3) for v in boxes[row].tolist()],
-                            "gt_box": [round(v, 3) for v in batch["gt"][row].tolist()],
-                            "iou": round(float(iou[row]), 6),
-                        })
-                seen += iou.shape[0]
-            all_iou = torch.cat(ious)
-            split_metrics: dict[str, Any] = {}
-            for t in thresholds:
-                correct = int((all_iou >= t).sum())
-                split_metrics[metric_name(t)] = correct / all_iou.numel()
-                split_metrics[f"correct@{t:g}"] = correct
-            split_metrics["miou"] = float(all_iou.mean())
-            split_metrics["count"] = int(all_iou.numel())
-            metrics[name] = split_metrics
-            if save_predictions:
-                predictions[name] = records
-            logger.info("%s: %s", name, ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
-                                                  for k, v in split_metrics.items()))
+                    predictions_by[key][name] = records[key]
+                logger.info("%s%s: %s", "" if key is None else f"[{key}] ", name,
+                            ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
+                                      for k, v in split_metrics.items()))
+    metrics, predictions = metrics_by[keys[0]], predictions_by[keys[0]]
 
     results: dict[str, Any] = {
         "metrics": metrics,
@@ -380,6 +391,9 @@ def evaluate(
     }
     if save_predictions:
         results["predictions"] = predictions
+    if names is not None:
+        results["adapters"] = {key: {"metrics": metrics_by[key], **({"predictions": predictions_by[key]}
+                                                                    if save_predictions else {})} for key in keys}
     if output_file is not None:
         write_results(results, output_file)
     return results

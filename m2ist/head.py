@@ -29,6 +29,27 @@ def masked_pool(scores: torch.Tensor, mask: torch.Tensor, values: torch.Tensor) 
     return torch.einsum("bl,bld->bd", weights, values)
 
 
+def fused_attention(attention: nn.MultiheadAttention, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                    padding: torch.Tensor) -> torch.Tensor:
+    """``attention``'s multi-head attention (its parameters, ``batch_first``) through
+    ``F.scaled_dot_product_attention``: the fused kernel where the device has one (flash / memory-efficient on
+    CUDA, with the dropout inside the kernel), one code path whatever ``requires_grad`` says (``nn.MultiheadAttention``
+    switches kernels on it, so an adapter's outputs would depend on whether it is the one being trained).
+    ``padding`` ``(B, L)`` is True for keys to ignore."""
+    heads = attention.num_heads
+    w_q, w_k, w_v = attention.in_proj_weight.chunk(3)
+    b_q, b_k, b_v = attention.in_proj_bias.chunk(3) if attention.in_proj_bias is not None else (None, None, None)
+
+    def split(x: torch.Tensor) -> torch.Tensor:
+        return rearrange(x, "b l (h d) -> b h l d", h=heads)
+
+    q, k, v = split(F.linear(query, w_q, b_q)), split(F.linear(key, w_k, b_k)), split(F.linear(value, w_v, b_v))
+    allowed = ~padding[:, None, None, :]
+    dropout = attention.dropout if attention.training else 0.0
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout)
+    return attention.out_proj(rearrange(out, "b h l d -> b l (h d)"))
+
+
 class FusionEncoderLayer(nn.Module):
     """Transformer layer with the position embedding added to queries and keys (DETR/TransVG style); post-norm
     (TransVG) or pre-norm."""
@@ -45,11 +66,11 @@ class FusionEncoderLayer(nn.Module):
     def forward(self, x: torch.Tensor, position: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
         if self.pre_norm:
             h = self.norm1(x)
-            attended, _ = self.attention(h + position, h + position, h, key_padding_mask=padding, need_weights=False)
+            attended = fused_attention(self.attention, h + position, h + position, h, padding)
             x = x + self.dropout(attended)
             return x + self.dropout(self.ffn(self.norm2(x)))
         query = x + position
-        attended, _ = self.attention(query, query, x, key_padding_mask=padding, need_weights=False)
+        attended = fused_attention(self.attention, query, query, x, padding)
         x = self.norm1(x + self.dropout(attended))
         return self.norm2(x + self.dropout(self.ffn(x)))
 

@@ -102,6 +102,33 @@ def forward_boxes(model: nn.Module, encoded: Any, device: torch.device) -> torch
     return pred.detach().float().cpu()
 
 
+def forward_boxes_per_adapter(model: nn.Module, encoded: Any, device: torch.device,
+                              adapters: Sequence[str] | None) -> dict[str | None, torch.Tensor]:
+    """:func:`forward_boxes` for every adapter in ``adapters`` on one pass of the towers
+    (``model.forward_all_adapters``), ``{name: pred_boxes}``; ``None`` gives ``{None: the model's boxes}``."""
+    if adapters is None:
+        return {None: forward_boxes(model, encoded, device)}
+    if not hasattr(model, "forward_all_adapters"):
+        raise TypeError(f"adapters= needs a model with several adapters (a SideTunedModel), got {type(model).__name__}.")
+    inputs = {key: encoded[key].to(device) for key in MODEL_INPUTS if key in encoded}
+    outputs = model.forward_all_adapters(**inputs, adapter_names=list(adapters))
+    return {name: output.pred_boxes.detach().float().cpu() for name, output in outputs.items()}
+
+
+def resolve_adapters(model: nn.Module, adapters: str | Sequence[str] | None) -> list[str] | None:
+    """``None`` (the active adapter only), ``"all"`` (every adapter of the model) or a list of adapter names."""
+    if adapters is None:
+        return None
+    if adapters == "all":
+        if not hasattr(model, "list_adapters"):
+            raise TypeError(f"adapters='all' needs a SideTunedModel, got {type(model).__name__}.")
+        return model.list_adapters()
+    names = [adapters] if isinstance(adapters, str) else list(adapters)
+    if not names:
+        raise ValueError("adapters is empty: pass 'all' or at least one adapter name.")
+    return names
+
+
 def _is_single_image(images: Any) -> bool:
     return isinstance(images, str | Path | Image.Image | np.ndarray) or (isinstance(images, torch.Tensor) and images.ndim == 3)
 
@@ -144,7 +171,8 @@ def predict_boxes(
     *,
     device: str | torch.device | None = None,
     progress: bool = False,
-) -> torch.Tensor:
+    adapters: str | Sequence[str] | None = None,
+) -> torch.Tensor | dict[str, torch.Tensor]:
     """Predict one box per phrase, in ``xyxy`` pixels of its original image, clipped to the image.
 
     Args:
@@ -159,9 +187,12 @@ def predict_boxes(
         batch_size: samples per forward pass.
         device: run on this device (the model is moved there); default: where the model is.
         progress: show a progress bar.
+        adapters: ``None`` (the model's active adapter), ``"all"`` or a list of adapter names: every named
+            adapter answers, on one pass of the frozen towers per batch.
 
     Returns:
-        A float32 CPU tensor ``(N, 4)`` (``N = 1`` for one image and one phrase).
+        A float32 CPU tensor ``(N, 4)`` (``N = 1`` for one image and one phrase); with ``adapters``,
+        ``{adapter name: (N, 4) tensor}``.
 
     The model runs in ``eval()`` mode without gradients; its train/eval mode is restored afterwards.
     """
@@ -174,14 +205,17 @@ def predict_boxes(
     if device is not None:
         model.to(device)
     target = model_device(model)
-    results = []
+    names = resolve_adapters(model, adapters)
+    results: dict[str | None, list[torch.Tensor]] = {}
     starts = range(0, len(texts), batch_size)
     with eval_mode(model):
         for start in tqdm(starts, desc="predict", unit="batch", disable=not progress or len(starts) < 2):
             encoded = processor(images[start : start + batch_size], texts[start : start + batch_size], return_tensors="pt")
-            pred = forward_boxes(model, encoded, target)
-            results.append(processor.post_process_boxes(pred, encoded["image_geometry"]).float())
-    return torch.cat(results)
+            for name, pred in forward_boxes_per_adapter(model, encoded, target, names).items():
+                results.setdefault(name, []).append(processor.post_process_boxes(pred, encoded["image_geometry"]).float())
+    if names is None:
+        return torch.cat(results[None])
+    return {name: torch.cat(boxes) for name, boxes in results.items()}
 
 
 # ---------------------------------------------------------------------------------------------- drawing

@@ -16,7 +16,8 @@ import os
 import re
 import shutil
 import warnings
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,76 @@ LOAD_OVERRIDES = ("backbone_dtype", "side_dropout", "fusion_dropout")
 #: Training methods a REC model can carry (``model.method``): M²IST, and the baselines of
 #: :mod:`m2ist.evidence.baselines` (full fine-tuning, in-tower adapters, LoRA) that share its head.
 METHODS = ("m2ist", "full", "adapter", "lora")
+#: The adapter built with the model, saved at the root of the adapter folder (others go into ``<name>/``).
+DEFAULT_ADAPTER = "default"
+#: PEFT's name for "no adapter"; a REC model has no output without one, so it is refused as a name.
+BASE_ADAPTER = "__base__"
+#: Where the adapters that are not active live in the module tree (and in ``state_dict()``).
+INACTIVE_PREFIX = "inactive_adapters."
+
+
+@dataclass
+class AdapterSetup:
+    """What one adapter reads from the towers: its config, its paired layers and its two tap kinds."""
+
+    config: M2ISTConfig
+    vision_layers: list[int]
+    text_layers: list[int]
+    intra_kind: str
+    inter_kind: str
+
+    @property
+    def tap_kinds(self) -> list[str]:
+        """The tap kinds it reads (sorted, no duplicates)."""
+        return sorted({self.intra_kind, self.inter_kind})
+
+
+@dataclass
+class TowerFeatureSet:
+    """Both towers' features for a batch, tapped at ``vision_layers`` / ``text_layers`` (the union of what the
+    adapters that will read them need): what :meth:`SideTunedModel.tower_features` returns and what a
+    :class:`m2ist.cache.TowerFeatureCache` stores. Everything in it is a pure function of the inputs."""
+
+    vision: TowerFeatures
+    text: TowerFeatures
+    vision_layers: list[int] = field(default_factory=list)
+    text_layers: list[int] = field(default_factory=list)
+
+    def select(self, modality: str, layers: list[int], kinds: list[str]) -> TowerFeatures:
+        """One tower's features restricted to ``layers`` (in that order) and ``kinds``."""
+        features, have = (self.vision, self.vision_layers) if modality == VISION else (self.text, self.text_layers)
+        if layers == have and set(kinds) == set(features.taps):
+            return features
+        missing = [layer for layer in layers if layer not in have]
+        absent = [kind for kind in kinds if kind not in features.taps]
+        if missing or absent:
+            raise ValueError(f"These {modality} features were tapped at layers {have} with kinds {sorted(features.taps)}; "
+                             f"the adapter needs layers {missing} / kinds {absent} too. Compute them with "
+                             "tower_features(..., adapter_names=[...]) naming every adapter that reads them.")
+        positions = [have.index(layer) for layer in layers]
+        return TowerFeatures(tokens=features.tokens, mask=features.mask, seed=features.seed,
+                             taps={kind: [features.taps[kind][i] for i in positions] for kind in kinds})
+
+    def index(self, rows: torch.Tensor) -> TowerFeatureSet:
+        """The features of the samples ``rows`` (a 1-D index tensor)."""
+
+        def pick(features: TowerFeatures) -> TowerFeatures:
+            return TowerFeatures(tokens=features.tokens[rows], mask=features.mask[rows],
+                                 seed=None if features.seed is None else features.seed[rows],
+                                 taps={kind: [t[rows] for t in taps] for kind, taps in features.taps.items()})
+
+        return TowerFeatureSet(pick(self.vision), pick(self.text), self.vision_layers, self.text_layers)
+
+
+class _AdapterView:
+    """An inactive adapter's ``ModuleDict(side=..., head=...)`` seen as a model with ``trainable_state_dict``
+    (the keys are the ones the active adapter has: ``side.*``, ``head.*``)."""
+
+    def __init__(self, modules: nn.Module) -> None:
+        self.modules = modules
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        return dict(self.modules.state_dict())
 
 
 @dataclass
@@ -214,20 +285,24 @@ class RECModel(nn.Module):
         return self._tap_reports
 
     def _build_head(self, vision_width: int, text_width: int, num_vision_tokens: int) -> None:
-        recorded = self.config.num_vision_tokens
+        self.head = self._make_head(self.config, vision_width, text_width, num_vision_tokens)
+
+    def _make_head(self, config: M2ISTConfig, vision_width: int, text_width: int, num_vision_tokens: int) -> RECHead:
+        """A REC head for ``config`` (records ``num_vision_tokens`` in it) on this model's vision tower."""
+        recorded = config.num_vision_tokens
         if recorded is not None and recorded != num_vision_tokens:
             raise ValueError(
                 f"The vision tower gives {num_vision_tokens} tokens at image_size={self.config.image_size}, but the "
                 f"config records num_vision_tokens={recorded}: use the tower and image size the head was trained with."
             )
-        self.config.num_vision_tokens = num_vision_tokens
-        size = self.config.image_size
+        config.num_vision_tokens = num_vision_tokens
+        size = config.image_size
         try:
             grid = self.vision_tower.grid_of(num_vision_tokens, (size, size))
         except ValueError:  # tokens that do not form a grid: only box_readout='reg' can use them
             grid = None
-        self.head = RECHead(self.config, vision_width, text_width, num_vision_tokens, vision_grid=grid,
-                            num_prefix_tokens=self.vision_tower.num_leading_tokens)
+        return RECHead(config, vision_width, text_width, num_vision_tokens, vision_grid=grid,
+                       num_prefix_tokens=self.vision_tower.num_leading_tokens)
 
     def encode(self, pixel_values, pixel_mask, input_ids, attention_mask) -> tuple[torch.Tensor, ...]:
         """Return ``(vision_tokens, vision_mask, text_tokens, text_mask)`` for the head."""
@@ -277,7 +352,7 @@ class RECModel(nn.Module):
         unused = self._unused_parameters()
         counts = {"side": 0, "head": 0, "tower": 0, "frozen": 0}
         for name, param in self.named_parameters():
-            if id(param) in unused:
+            if id(param) in unused or name.startswith(INACTIVE_PREFIX):
                 continue
             group = name.split(".", 1)[0]
             if group not in ("side", "head"):
@@ -388,24 +463,45 @@ class SideTunedModel(RECModel):
             tower.eval()
             if config.backbone_dtype is not None:
                 tower.to(DTYPES[config.backbone_dtype])
-        self.intra_kind, self.inter_kind = config.intra_tap, config.inter_tap
-        self.tap_kinds = sorted({config.intra_tap, config.inter_tap})
-        vision, text, vision_depth, text_depth = self._probe(self.tap_kinds)
+        vision, text, vision_depth, text_depth = self._probe(sorted({config.intra_tap, config.inter_tap}))
+        setup = self._adapter_setup(config, vision_depth, text_depth)
+        self.adapter_setups: dict[str, AdapterSetup] = {DEFAULT_ADAPTER: setup}
+        self._active_adapter = DEFAULT_ADAPTER
+        self._use_setup(setup)
+        self.side = self._make_side(setup, vision, text)
+        self._build_head(vision.tokens.shape[-1], text.tokens.shape[-1], vision.tokens.shape[1])
+        self.side.to(vision.tokens.device)
+        self.head.to(vision.tokens.device)
+        #: the adapters that are not active (``{name: ModuleDict(side=..., head=...)}``); see :meth:`set_adapter`
+        self.inactive_adapters = nn.ModuleDict()
+        self._record_towers(config, vision, text, vision_depth, text_depth)
+
+    # ---------------------------------------------------------------------------------------------------------
+    def _adapter_setup(self, config: M2ISTConfig, vision_depth: int, text_depth: int) -> AdapterSetup:
         pairs = pair_layers(config, vision_depth, text_depth)
-        self.vision_layers = [v for v, _ in pairs]
-        self.text_layers = [t for _, t in pairs]
+        return AdapterSetup(config, [v for v, _ in pairs], [t for _, t in pairs], config.intra_tap, config.inter_tap)
+
+    def _use_setup(self, setup: AdapterSetup) -> None:
+        """Point ``config``, the layer lists and the tap kinds at ``setup`` (the active adapter's)."""
+        self.config = setup.config
+        self.vision_layers, self.text_layers = setup.vision_layers, setup.text_layers
+        self.intra_kind, self.inter_kind = setup.intra_kind, setup.inter_kind
+        self.tap_kinds = setup.tap_kinds
+
+    def _make_side(self, setup: AdapterSetup, vision: TowerFeatures, text: TowerFeatures) -> SideNetwork:
+        config = setup.config
 
         def dims(features: TowerFeatures, layers: list[int]) -> dict[str, Any]:
             return {"width": features.tokens.shape[-1], "seed": features.seed.shape[-1],
                     "intra": [features.taps[config.intra_tap][i].shape[-1] for i in layers],
                     "inter": [features.taps[config.inter_tap][i].shape[-1] for i in layers]}
 
-        self.side = SideNetwork(vision_dims=dims(vision, self.vision_layers), text_dims=dims(text, self.text_layers),
-                                bottleneck=config.bottleneck, scale=config.adapter_scale, experts=config.experts,
-                                share_up_projection=config.share_iea_up_projection, dropout=config.side_dropout)
-        self._build_head(vision.tokens.shape[-1], text.tokens.shape[-1], vision.tokens.shape[1])
-        self.side.to(vision.tokens.device)
-        self.head.to(vision.tokens.device)
+        return SideNetwork(vision_dims=dims(vision, setup.vision_layers), text_dims=dims(text, setup.text_layers),
+                           bottleneck=config.bottleneck, scale=config.adapter_scale, experts=config.experts,
+                           share_up_projection=config.share_iea_up_projection, dropout=config.side_dropout)
+
+    def _record_towers(self, config: M2ISTConfig, vision: TowerFeatures, text: TowerFeatures, vision_depth: int,
+                       text_depth: int) -> None:
         for modality, model, features, depth in ((VISION, self.vision_model, vision, vision_depth),
                                                  (TEXT, self.text_model, text, text_depth)):
             name, revision = self.tower_ids[modality]
@@ -439,9 +535,9 @@ class SideTunedModel(RECModel):
                             f"(torch.float32, torch.bfloat16 or torch.float16).")
         if device is not None:
             super().to(device=device, non_blocking=non_blocking)
-        if dtype is not None:
-            self.side.to(dtype=dtype, non_blocking=non_blocking)
-            self.head.to(dtype=dtype, non_blocking=non_blocking)
+        if dtype is not None:  # every adapter's side network and head, the inactive ones too
+            for module in (self.side, self.head, self.inactive_adapters):
+                module.to(dtype=dtype, non_blocking=non_blocking)
         return self
 
     def half(self) -> SideTunedModel:
@@ -456,17 +552,280 @@ class SideTunedModel(RECModel):
         """Cast the side network and head to float32 (the towers keep ``config.backbone_dtype``)."""
         return self.to(torch.float32)
 
-    def encode(self, pixel_values, pixel_mask, input_ids, attention_mask):
-        """Run the frozen towers under ``no_grad``, collect the taps, run the side network."""
-        vision = self.vision_tower.tap({"pixel_values": pixel_values, "pixel_mask": pixel_mask},
-                                       self.vision_layers, self.tap_kinds)
-        text = self.text_tower.tap({"input_ids": input_ids, "attention_mask": attention_mask},
-                                   self.text_layers, self.tap_kinds)
-        dtype = self.dtype
+    # ---------------------------------------------------------------------------------------------------------
+    # the two halves of a forward: the frozen towers' features, then one adapter's side network and head on them
+    def tower_features(self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor | None, input_ids: torch.Tensor,
+                       attention_mask: torch.Tensor | None, adapter_names: Sequence[str] | None = None) -> TowerFeatureSet:
+        """Run both frozen towers once under ``no_grad`` and tap what the adapters ``adapter_names`` (default: the
+        active one) read: the union of their layers and tap kinds."""
+        setups = [self._setup(name) for name in (adapter_names or [self._active_adapter])]
+        vision_layers = sorted({layer for setup in setups for layer in setup.vision_layers})
+        text_layers = sorted({layer for setup in setups for layer in setup.text_layers})
+        kinds = sorted({kind for setup in setups for kind in setup.tap_kinds})
+        vision = self.vision_tower.tap({"pixel_values": pixel_values, "pixel_mask": pixel_mask}, vision_layers, kinds)
+        text = self.text_tower.tap({"input_ids": input_ids, "attention_mask": attention_mask}, text_layers, kinds)
+        return TowerFeatureSet(vision, text, vision_layers, text_layers)
+
+    def side_tokens(self, features: TowerFeatureSet, adapter_name: str | None = None) -> tuple[torch.Tensor, ...]:
+        """``(vision_tokens, vision_mask, text_tokens, text_mask)`` for the head: adapter ``adapter_name``'s side
+        network (default: the active one) on tower features from :meth:`tower_features` or a feature cache."""
+        name = adapter_name or self._active_adapter
+        setup = self._setup(name)
+        side, _ = self._adapter_modules(name)
+        vision = features.select(VISION, setup.vision_layers, setup.tap_kinds)
+        text = features.select(TEXT, setup.text_layers, setup.tap_kinds)
+        dtype = next(side.parameters()).dtype
         if dtype != torch.float32:  # taps come in float32; a half-precision side network reads them in its dtype
             vision, text = _cast_features(vision, dtype), _cast_features(text, dtype)
-        vision_tokens, text_tokens = self.side(vision, text, self.intra_kind, self.inter_kind)
+        vision_tokens, text_tokens = side(vision, text, setup.intra_kind, setup.inter_kind)
         return vision_tokens, vision.mask, text_tokens, text.mask
+
+    def forward_features(self, features: TowerFeatureSet, labels: torch.Tensor | None = None,
+                         adapter_name: str | None = None, return_dict: bool = True) -> RECModelOutput | tuple:
+        """Side network + head of adapter ``adapter_name`` (default: the active one) on precomputed tower
+        features; with ``labels`` also the loss (with that adapter's loss settings)."""
+        name = adapter_name or self._active_adapter
+        _, head = self._adapter_modules(name)
+        pred_boxes, patch_logits = head(*self.side_tokens(features, name))
+        config = self._setup(name).config
+        losses = rec_loss(pred_boxes, labels, config, patch_logits) if labels is not None else {}
+        output = RECModelOutput(pred_boxes=pred_boxes, patch_logits=patch_logits, **losses)
+        return output if return_dict else output.to_tuple()
+
+    def encode(self, pixel_values, pixel_mask, input_ids, attention_mask):
+        """Run the frozen towers under ``no_grad``, collect the taps, run the active adapter's side network."""
+        return self.side_tokens(self.tower_features(pixel_values, pixel_mask, input_ids, attention_mask))
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        pixel_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        return_dict: bool = True,
+        adapter_names: Sequence[str] | None = None,
+        tower_features: TowerFeatureSet | None = None,
+    ) -> RECModelOutput | tuple:
+        """Predict one box per (image, expression); with ``labels`` ``(B, 4)`` (normalised cx, cy, w, h) also
+        return the loss.
+
+        ``adapter_names`` (PEFT's mixed-batch inference): one adapter name per sample; the towers run once for the
+        batch and each sample goes through its own adapter's side network and head (no labels then: train one
+        adapter at a time with :meth:`set_adapter`). For every adapter's answer on the same inputs use
+        :meth:`forward_all_adapters`. ``tower_features`` (from :meth:`tower_features` or
+        :class:`m2ist.cache.TowerFeatureCache`) replaces the towers' pass.
+        """
+        if adapter_names is None:
+            if tower_features is None:
+                tower_features = self.tower_features(pixel_values, pixel_mask, input_ids, attention_mask)
+            return self.forward_features(tower_features, labels, return_dict=return_dict)
+        return self._forward_mixed(pixel_values, input_ids, attention_mask, pixel_mask, labels, return_dict,
+                                   list(adapter_names), tower_features)
+
+    def _forward_mixed(self, pixel_values, input_ids, attention_mask, pixel_mask, labels, return_dict,
+                       adapter_names: list[str], tower_features: TowerFeatureSet | None) -> RECModelOutput | tuple:
+        if labels is not None:
+            raise ValueError("adapter_names (one adapter per sample) is for inference; to train, activate one adapter "
+                             "with set_adapter(name) and call the model without adapter_names.")
+        batch = (tower_features.vision.tokens if tower_features is not None else pixel_values).shape[0]
+        if len(adapter_names) != batch:
+            raise ValueError(f"adapter_names needs one adapter name per sample: got {len(adapter_names)} names for a "
+                             f"batch of {batch}.")
+        unique = list(dict.fromkeys(adapter_names))
+        for name in unique:
+            self._setup(name)  # an unknown name raises here, before the towers run
+        if tower_features is None:
+            tower_features = self.tower_features(pixel_values, pixel_mask, input_ids, attention_mask, unique)
+        pred_boxes: torch.Tensor | None = None
+        patch_logits: torch.Tensor | None = None
+        every_has_logits = True  # patch_logits only when every sample's adapter gives them (vote readouts)
+        for name in unique:
+            rows = torch.tensor([i for i, n in enumerate(adapter_names) if n == name],
+                                device=tower_features.vision.tokens.device)
+            output = self.forward_features(tower_features.index(rows), adapter_name=name)
+            if pred_boxes is None:
+                pred_boxes = output.pred_boxes.new_zeros((batch, *output.pred_boxes.shape[1:]))
+            pred_boxes[rows] = output.pred_boxes
+            every_has_logits = every_has_logits and output.patch_logits is not None
+            if every_has_logits:
+                if patch_logits is None:
+                    patch_logits = output.patch_logits.new_zeros((batch, *output.patch_logits.shape[1:]))
+                patch_logits[rows] = output.patch_logits
+        output = RECModelOutput(pred_boxes=pred_boxes, patch_logits=patch_logits if every_has_logits else None)
+        return output if return_dict else output.to_tuple()
+
+    def forward_all_adapters(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        pixel_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        adapter_names: Sequence[str] | None = None,
+        tower_features: TowerFeatureSet | None = None,
+    ) -> dict[str, RECModelOutput]:
+        """Every adapter's answer on the same inputs, ``{name: RECModelOutput}``: the towers run once (tapping
+        the union of the adapters' layers), then each adapter's side network and head. ``adapter_names`` limits it
+        to those adapters (default: all, the active one first). Each output equals running that adapter alone."""
+        names = list(adapter_names) if adapter_names is not None else self.list_adapters()
+        if not names:
+            raise ValueError("adapter_names is empty: name at least one adapter.")
+        for name in names:
+            self._setup(name)
+        if tower_features is None:
+            tower_features = self.tower_features(pixel_values, pixel_mask, input_ids, attention_mask, names)
+        return {name: self.forward_features(tower_features, labels, adapter_name=name) for name in names}
+
+    def predict(self, images, texts, processor=None, batch_size: int = 16,
+                adapters: str | Sequence[str] | None = None) -> torch.Tensor | dict[str, torch.Tensor]:
+        """Boxes ``(N, 4)`` in original-image ``xyxy`` pixels for PIL images / paths / arrays and their phrases.
+
+        ``adapters``: None (the active adapter) gives a tensor; ``"all"`` or a list of names gives
+        ``{name: boxes}``, every adapter on one pass of the towers."""
+        if adapters is None:
+            return super().predict(images, texts, processor=processor, batch_size=batch_size)
+        if PIPELINE.predict is None:
+            raise RuntimeError("predict() needs the REC pipeline: import m2ist.inference first.")
+        names = self.list_adapters() if adapters == "all" else [adapters] if isinstance(adapters, str) else list(adapters)
+        return PIPELINE.predict(self, images, texts, processor=processor, batch_size=batch_size, adapters=names)
+
+    # ---------------------------------------------------------------------------------------------------------
+    # PEFT's multi-adapter verbs
+    @property
+    def active_adapter(self) -> str:
+        """The name of the adapter that ``forward``, training and ``trainable_state_dict`` use."""
+        return self._active_adapter
+
+    @property
+    def active_adapters(self) -> list[str]:
+        """``[active_adapter]`` (PEFT's list form; M²IST activates one adapter at a time)."""
+        return [self._active_adapter]
+
+    @property
+    def peft_config(self) -> dict[str, M2ISTConfig]:
+        """``{adapter name: its M2ISTConfig}``, as PEFT's ``model.peft_config``."""
+        return {name: setup.config for name, setup in self.adapter_setups.items()}
+
+    def list_adapters(self) -> list[str]:
+        """Names of every adapter on the towers, the active one first."""
+        return [self._active_adapter, *(n for n in self.adapter_setups if n != self._active_adapter)]
+
+    def _setup(self, name: str) -> AdapterSetup:
+        if name not in self.adapter_setups:
+            raise KeyError(f"No adapter named {name!r}; this model has {self.list_adapters()}. Add one with "
+                           "add_adapter(name, config) or load_adapter(path, adapter_name).")
+        return self.adapter_setups[name]
+
+    def _adapter_modules(self, name: str) -> tuple[SideNetwork, RECHead]:
+        self._setup(name)
+        if name == self._active_adapter:
+            return self.side, self.head
+        modules = self.inactive_adapters[name]
+        return modules["side"], modules["head"]
+
+    def _check_compatible(self, name: str, config: M2ISTConfig) -> M2ISTConfig:
+        """``config`` completed with the towers' settings; raise if it cannot share this model's towers."""
+        if not isinstance(name, str) or not name or name == BASE_ADAPTER or "/" in name or "\\" in name \
+                or name.startswith("."):
+            raise ValueError(f"Adapter name {name!r} is not usable: give a non-empty name without '/' (it becomes a "
+                             f"subfolder when saving), other than {BASE_ADAPTER!r}.")
+        if name in self.adapter_setups:
+            raise ValueError(f"An adapter named {name!r} already exists; delete_adapter({name!r}) first or pick "
+                             "another name.")
+        if not isinstance(config, M2ISTConfig):
+            raise TypeError(f"config must be an M2ISTConfig, got {type(config).__name__}.")
+        config = dataclasses.replace(config)
+        shared = self.config
+        for key in ("image_size", "max_query_len", "vision_taps", "text_taps", "backbone_dtype"):
+            mine, theirs = getattr(shared, key), getattr(config, key)
+            if key == "image_size" and theirs is None:
+                config.image_size = mine
+            elif mine != theirs:
+                raise ValueError(f"Adapter {name!r} has {key}={theirs!r} but the towers run with {key}={mine!r}: "
+                                 "adapters on one pair of towers share the inputs and the towers' settings.")
+        mismatches = config.tower_mismatches(shared)
+        if mismatches:
+            raise ValueError(f"Adapter {name!r} was built for other towers: {'; '.join(mismatches)}.")
+        return config
+
+    def add_adapter(self, adapter_name: str, config: M2ISTConfig) -> None:
+        """Add a new, untrained adapter (side network + head) named ``adapter_name`` on the same towers; it is not
+        made active (use :meth:`set_adapter`). Its tap kinds and layers may differ from the other adapters'; the
+        image size, query length and tap specs must be the towers'."""
+        config = self._check_compatible(adapter_name, config)
+        config.num_vision_tokens = None
+        vision, text, vision_depth, text_depth = self._probe(sorted({config.intra_tap, config.inter_tap}))
+        setup = self._adapter_setup(config, vision_depth, text_depth)
+        side = self._make_side(setup, vision, text)
+        head = self._make_head(config, vision.tokens.shape[-1], text.tokens.shape[-1], vision.tokens.shape[1])
+        self._record_towers(config, vision, text, vision_depth, text_depth)
+        modules = nn.ModuleDict({"side": side, "head": head}).to(self.device)
+        modules.train(self.training)
+        modules.requires_grad_(False)
+        self.inactive_adapters[adapter_name] = modules
+        self.adapter_setups[adapter_name] = setup
+
+    def set_adapter(self, adapter_name: str) -> None:
+        """Make ``adapter_name`` the active adapter: the one ``forward`` runs, training trains (its parameters
+        require grad, the others' do not) and ``trainable_state_dict`` returns."""
+        setup = self._setup(adapter_name)
+        if adapter_name == self._active_adapter:
+            return
+        previous = nn.ModuleDict({"side": self.side, "head": self.head})
+        previous.requires_grad_(False)
+        chosen = self.inactive_adapters.pop(adapter_name)
+        self.inactive_adapters[self._active_adapter] = previous
+        self.side, self.head = chosen["side"], chosen["head"]
+        self.side.requires_grad_(True)
+        self.head.requires_grad_(True)
+        self._active_adapter = adapter_name
+        self._use_setup(setup)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove ``adapter_name``; deleting the active adapter activates the next one (the last cannot go)."""
+        self._setup(adapter_name)
+        if len(self.adapter_setups) == 1:
+            raise ValueError(f"{adapter_name!r} is the only adapter: a SideTunedModel needs one.")
+        if adapter_name == self._active_adapter:
+            self.set_adapter(next(n for n in self.adapter_setups if n != adapter_name))
+        del self.inactive_adapters[adapter_name]
+        del self.adapter_setups[adapter_name]
+
+    def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, *, subfolder: str | None = None,
+                     is_trainable: bool = False, revision: str | None = None, token: str | bool | None = None,
+                     cache_dir: str | os.PathLike | None = None, local_files_only: bool = False,
+                     endpoint: str | None = None) -> None:
+        """Load an adapter saved by :meth:`save_pretrained` (a folder or a Hub repo id, optionally its
+        ``subfolder``) as ``adapter_name`` on these towers; loading is strict as in :meth:`from_pretrained`. As in
+        PEFT, it is not activated; ``is_trainable=False`` leaves it in ``eval()`` until :meth:`set_adapter`."""
+        from .hub import resolve_pretrained
+
+        prefix = f"{subfolder.strip('/')}/" if subfolder else ""
+        folder = resolve_pretrained(str(model_id), filenames=[prefix + CONFIG_NAME, prefix + WEIGHTS_NAME],
+                                    revision=revision, token=token, cache_dir=cache_dir,
+                                    local_files_only=local_files_only, endpoint=endpoint) / prefix
+        saved = M2ISTConfig.from_json_file(folder / CONFIG_NAME)
+        self._check_compatible(adapter_name, saved)
+        measured = {f"{m}_{k}": None for m in (VISION, TEXT) for k in M2ISTConfig.TOWER_FIELDS}
+        self.add_adapter(adapter_name, dataclasses.replace(saved, **measured, num_vision_tokens=None))
+        config = self.adapter_setups[adapter_name].config
+        mismatches = saved.tower_mismatches(config)
+        if saved.num_vision_tokens not in (None, config.num_vision_tokens):
+            mismatches.append(f"num_vision_tokens: saved {saved.num_vision_tokens}, given {config.num_vision_tokens}")
+        try:
+            if mismatches:
+                raise ValueError(f"The adapter in {model_id} was trained on other towers: {'; '.join(mismatches)}.")
+            load_trainable_state(_AdapterView(self.inactive_adapters[adapter_name]), folder / WEIGHTS_NAME)
+        except Exception:
+            self.delete_adapter(adapter_name)
+            raise
+        for modality in (VISION, TEXT):
+            for key in ("model_name_or_path", "revision"):
+                if getattr(saved, f"{modality}_{key}") is not None:
+                    setattr(config, f"{modality}_{key}", getattr(saved, f"{modality}_{key}"))
+        if not is_trainable:
+            self.inactive_adapters[adapter_name].eval()
 
     # ---------------------------------------------------------------------------------------------------------
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
@@ -474,9 +833,12 @@ class SideTunedModel(RECModel):
         return {k: v for k, v in self.state_dict().items() if k.startswith(("side.", "head."))}
 
     def save_pretrained(self, save_directory: str | os.PathLike, *, model_card: bool = True,
-                        repo_id: str | None = None) -> Path:
+                        repo_id: str | None = None, selected_adapters: Sequence[str] | None = None) -> Path:
         """Write ``m2ist_config.json``, ``m2ist_model.safetensors`` (side + head only), a model card and, when
         ``model.processor`` is set, the processor (tokenizer files, ``processor_config.json``).
+
+        With several adapters (PEFT's layout): the ``"default"`` adapter at the folder's root, every other one in a
+        ``<name>/`` subfolder (its config and weights); ``selected_adapters`` saves only those.
 
         The card (``README.md``) is updated when the folder already has one (its text and metadata are kept);
         ``repo_id`` is the Hub repo it is for (``push_to_hub`` passes it), shown in its usage snippet.
@@ -485,22 +847,31 @@ class SideTunedModel(RECModel):
         one complete adapter, the old or the new one, even with concurrent savers or a save that fails half-way;
         other entries of the folder (notes, ``checkpoint-*`` folders) are kept. Non-finite weights are refused."""
         target = Path(save_directory)
-        return save_folder_atomically(
-            save_directory, lambda folder: self.write_adapter_files(folder, model_card, repo_id=repo_id, previous=target))
+        return save_folder_atomically(save_directory, lambda folder: self.write_adapter_files(
+            folder, model_card, repo_id=repo_id, previous=target, selected_adapters=selected_adapters))
 
     def write_adapter_files(self, folder: Path, model_card: bool = True, *, repo_id: str | None = None,
-                            previous: Path | None = None) -> None:
-        """Write the adapter's files into an existing ``folder`` as they come (``save_pretrained`` calls this on a
+                            previous: Path | None = None, selected_adapters: Sequence[str] | None = None) -> None:
+        """Write the adapters' files into an existing ``folder`` as they come (``save_pretrained`` calls this on a
         temporary folder that it then swaps in whole: use ``save_pretrained``). ``previous`` is the folder being
         replaced: its card and measured results are carried over, so the card is updated rather than replaced."""
-        if model_card and previous is not None:
-            for name in (CARD_NAME, EVAL_RESULTS_NAME):
-                if (previous / name).is_file():
-                    shutil.copy2(previous / name, folder / name)
-        self.config.save_pretrained(folder)
-        save_trainable_state(self.trainable_state_dict(), folder / WEIGHTS_NAME)
+        names = list(selected_adapters) if selected_adapters is not None else list(self.adapter_setups)
+        for name in names:
+            side, head = self._adapter_modules(name)
+            target = folder if name == DEFAULT_ADAPTER else folder / name
+            target.mkdir(parents=True, exist_ok=True)
+            self.adapter_setups[name].config.save_pretrained(target)
+            state = _AdapterView(nn.ModuleDict({"side": side, "head": head})).trainable_state_dict()
+            save_trainable_state(state, target / WEIGHTS_NAME)
+        if DEFAULT_ADAPTER not in names:
+            return
         if model_card:
-            write_model_card(folder, self.config, self.parameter_counts(), repo_id=repo_id)
+            if previous is not None:
+                for name in (CARD_NAME, EVAL_RESULTS_NAME):
+                    if (previous / name).is_file():
+                        shutil.copy2(previous / name, folder / name)
+            write_model_card(folder, self.adapter_setups[DEFAULT_ADAPTER].config, self.parameter_counts(),
+                             repo_id=repo_id)
         if self.processor is not None:
             self.processor.save_pretrained(folder)
 

@@ -43,6 +43,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_pt_utils import get_parameter_names
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SaveStrategy, SchedulerType
 
+from .cache import CACHE_DTYPES, KEY_FIELDS, CachedViewsCollator, TowerCacheCollator, TowerFeatureCache, expected_records
 from .card import EVAL_RESULTS_NAME, read_eval_results, write_model_card
 from .config import CONFIG_NAME, M2ISTConfig
 from .data.collator import RECCollator
@@ -145,6 +146,22 @@ class RECTrainingArguments(TrainingArguments):
                   "gradients decay into denormals, which make CPU matmuls several times slower after a few hundred "
                   "steps. No effect on GPUs."},
     )
+    tower_cache: str = field(
+        default="off",
+        metadata={"help": "Cache the frozen towers' features (M²IST only): 'off', 'memory' (RAM), 'disk' (memory-mapped "
+                  "files in <output_dir>/tower_cache) or a folder. Each image (view) and expression runs its tower once; "
+                  "later epochs and evaluations read the cache. See m2ist.cache."},
+    )
+    tower_cache_dtype: str = field(
+        default="bfloat16",
+        metadata={"help": "Dtype of the cached features: 'bfloat16' (half the bytes of float32), 'float16' or "
+                  "'float32' (training then gives the same weights as without the cache)."},
+    )
+    tower_cache_views: int = field(
+        default=0,
+        metadata={"help": "With a cache and a training augmentation: the fixed number of augmented views per image, "
+                  "one picked at random each time the image is batched. Required (>= 1) when the processor augments."},
+    )
     remove_unused_columns: bool = field(
         default=False,
         metadata={"help": "Must be False: REC items (image, expression, box) are not model arguments; the collator "
@@ -180,6 +197,13 @@ class RECTrainingArguments(TrainingArguments):
         if any(isinstance(e, bool) or int(e) != e or e < 1 for e in drops):
             raise ValueError(f"lr_drop_epochs must be positive whole epochs (e.g. [60]), got {self.lr_drop_epochs}.")
         self.lr_drop_epochs = sorted(int(e) for e in drops)
+        if not isinstance(self.tower_cache, str) or not self.tower_cache.strip():
+            raise ValueError(f"tower_cache must be 'off', 'memory', 'disk' or a folder, got {self.tower_cache!r}.")
+        if self.tower_cache_dtype not in CACHE_DTYPES:
+            raise ValueError(f"tower_cache_dtype must be one of {CACHE_DTYPES}, got {self.tower_cache_dtype!r}.")
+        if isinstance(self.tower_cache_views, bool) or not isinstance(self.tower_cache_views, int) \
+                or self.tower_cache_views < 0:
+            raise ValueError(f"tower_cache_views must be a whole number >= 0, got {self.tower_cache_views!r}.")
         super().__post_init__()
         if self.lr_drop_epochs and self.lr_scheduler_type != SchedulerType.CONSTANT:
             raise ValueError(f"lr_drop_epochs={self.lr_drop_epochs} is a step schedule; it cannot be combined with "
@@ -420,6 +444,10 @@ class RECTrainer(Trainer):
         self.method = found
         self.eval_data_collator = eval_data_collator
         self._update_steps_per_epoch: int | None = None
+        self.tower_cache: TowerFeatureCache | None = None
+        if args.tower_cache != "off":
+            data_collator, self.eval_data_collator = self._caching_collators(model, args, data_collator,
+                                                                            eval_data_collator)
         super().__init__(model=model, args=args, data_collator=data_collator, **kwargs)
         for stdout_callback, stderr_callback in ((ProgressCallback, StderrProgressCallback),
                                                  (PrinterCallback, StderrPrinterCallback)):
@@ -427,6 +455,62 @@ class RECTrainer(Trainer):
                 self.add_callback(stderr_callback)
         # Our forward takes no loss kwargs: the loss is a per-batch mean and the Trainer scales it for accumulation.
         self.model_accepts_loss_kwargs = False
+
+    # ------------------------------------------------------------------ the tower cache
+    @staticmethod
+    def _caching_collators(model: nn.Module, args: RECTrainingArguments, train_collator: Callable | None,
+                           eval_collator: Callable | None) -> tuple[Callable, Callable | None]:
+        """The collators wrapped to add cache keys; an augmenting training collator gets fixed views."""
+        if not isinstance(model, SideTunedModel):
+            raise ValueError(f"tower_cache={args.tower_cache!r} needs frozen towers, but method {model_method(model)!r} "
+                             "trains its towers: use tower_cache='off' for baselines.")
+        if train_collator is None:
+            raise ValueError("tower_cache needs the REC collator: pass data_collator=RECCollator(processor, train=True).")
+        augments = getattr(train_collator, "train", False) and \
+            getattr(getattr(train_collator, "processor", None), "augment", None) is not None
+        if augments and not args.tower_cache_views:
+            raise ValueError("tower_cache cannot hold random augmentations: set tower_cache_views=K (a fixed number "
+                             "of augmented views per image, e.g. 4), turn the augmentation off, or set tower_cache='off'.")
+        train = CachedViewsCollator(train_collator, args.tower_cache_views) if augments else \
+            TowerCacheCollator(train_collator)
+        return train, (TowerCacheCollator(eval_collator) if eval_collator is not None else None)
+
+    def _open_tower_cache(self) -> None:
+        args = self.args
+        if args.tower_cache == "off" or self.tower_cache is not None:
+            return
+        model = self.accelerator.unwrap_model(self.model)
+        location = None if args.tower_cache == "memory" else \
+            Path(args.output_dir) / "tower_cache" if args.tower_cache == "disk" else Path(args.tower_cache)
+        images = texts = 0
+        sets = [self.train_dataset]
+        eval_sets = self.eval_dataset
+        sets += list(eval_sets.values()) if isinstance(eval_sets, Mapping) else [eval_sets] if eval_sets is not None else []
+        for index, dataset in enumerate(sets):
+            if dataset is not None:
+                more_images, more_texts = expected_records(dataset, args.tower_cache_views if index == 0 else 1)
+                images, texts = images + more_images, texts + more_texts
+        self.tower_cache = TowerFeatureCache(model, location, args.tower_cache_dtype, expected_images=images,
+                                             expected_texts=texts, rank=args.process_index)
+        if args.should_log:
+            print(self.tower_cache.describe(), flush=True)
+
+    def _with_tower_features(self, model: nn.Module, inputs: dict[str, Any]) -> dict[str, Any]:
+        """Replace the cache keys of a batch by its tower features (read from the cache or computed once)."""
+        if not any(name in inputs for name in KEY_FIELDS.values()):
+            return inputs
+        if self.tower_cache is None:
+            self._open_tower_cache()
+        features = self.tower_cache.features(inputs)
+        inputs = {key: value for key, value in inputs.items() if key not in KEY_FIELDS.values()}
+        inputs["tower_features"] = features
+        return inputs
+
+    def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: Any = None):
+        """``Trainer.compute_loss``, with the towers' features from the tower cache when one is on."""
+        inputs = self._with_tower_features(model, inputs)
+        return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):
         """``Trainer.train``, refusing an empty training set; on a CPU with ``args.flush_denormal``, with denormal
@@ -448,6 +532,7 @@ class RECTrainer(Trainer):
         elif resume_from_checkpoint is False:
             resume_from_checkpoint = None
         flush = self.args.flush_denormal and self.args.device.type == "cpu" and torch.set_flush_denormal(True)
+        self._open_tower_cache()
         try:
             return super().train(resume_from_checkpoint, *args, **kwargs)
         finally:
@@ -615,7 +700,7 @@ class RECTrainer(Trainer):
                         ignore_keys: list[str] | None = None) -> tuple:
         """Return ``(loss, (pred_boxes, image_regions), labels)``; ``image_regions`` (B, 4) is the real image's
         normalised ``xyxy`` on the canvas (from ``pixel_mask``), used to clamp predictions for IoU."""
-        inputs = self._prepare_inputs(inputs)
+        inputs = self._with_tower_features(model, self._prepare_inputs(inputs))
         labels = inputs.get("labels")
         with torch.no_grad(), self.compute_loss_context_manager():
             outputs = model(**inputs)

@@ -31,6 +31,10 @@ def test_demo_tiny_trains_evaluates_saves_reloads_and_draws(tmp_path, cache, cap
     with Image.open(out / "predictions.png") as picture:
         assert picture.width >= 512
     assert any(cache.rglob("model.safetensors"))  # the pretrained vision tower was cached
+    stats = results["tower_cache_stats"]  # 24 training samples: 6 steps x 4 is one epoch, each image stored once
+    assert results["tower_cache"] == "memory" and stats["vision_hits"] + stats["vision_misses"] == 24
+    assert 0 < stats["vision_records"] <= 24
+    assert stats["bytes_per_image"] > 0 and "tower cache (bfloat16)" in printed
 
 
 def test_compare_tiny_reports_ratios_to_full(tmp_path, cache, capsys):
@@ -51,8 +55,11 @@ def test_compare_tiny_reports_ratios_to_full(tmp_path, cache, capsys):
 
 def test_bench_tiny_writes_the_promised_json(tmp_path, capsys):
     output = tmp_path / "bench.json"
-    assert main(["bench", "--tiny", "--methods", "full,m2ist", "--steps", "1", "--output", str(output)]) == 0
+    assert main(["bench", "--tiny", "--methods", "full,m2ist,m2ist-cached,m2ist-x4", "--steps", "1",
+                 "--output", str(output)]) == 0
     printed = capsys.readouterr().out
+    assert "| m2ist (cached) |" in printed and "m2ist ×4 adapters: 4 adapters answer on one pass" in printed
+    assert "KiB per image" in printed
     assert "floor (frozen towers' forward alone)" in printed and "beyond the floor: the REC head" in printed
     report = json.loads(output.read_text())
     assert report["paper"] == {"trainable": 0.0211, "memory": 0.3961, "time": 0.6346}
@@ -60,7 +67,9 @@ def test_bench_tiny_writes_the_promised_json(tmp_path, capsys):
         for key in ("trainable_params", "total_params", "saved_tensor_bytes", "peak_memory_bytes", "step_time_s",
                     "ratios_to_full"):
             assert key in row, key
-    m2ist = next(r for r in report["methods"] if r["method"] == "m2ist")
+    rows = {r["method"]: r for r in report["methods"]}
+    assert rows["m2ist-cached"]["cache_bytes_per_image"] > 0 and rows["m2ist-x4"]["inference_all_time_s"] > 0
+    m2ist = rows["m2ist"]
     assert m2ist["ratios_to_full"]["saved_tensor_bytes"] < 0.6
     assert m2ist["head_time_s"] > 0 and m2ist["head_time_no_dropout_s"] > 0
     assert m2ist["lower_bound_time_s"] > m2ist["floor_time_s"]
@@ -77,3 +86,11 @@ def test_head_ablation_tiny_scores_every_variant_on_every_test_split(cache, caps
     assert "| head | test_attributes | test_compositional | test_relations | test_spatial |" in printed
     for name in VARIANTS:
         assert f"| {name} |" in printed
+
+
+def test_cache_step_tiny_prints_the_three_timings(cache, capsys):
+    from m2ist.evidence.cache_step import main as cache_step_main
+
+    assert cache_step_main(["--tiny", "--rounds", "2", "--batch-size", "4"]) == 0
+    printed = capsys.readouterr().out
+    assert "uncached" in printed and "reading the tower cache" in printed and "KiB per image" in printed

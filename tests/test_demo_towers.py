@@ -75,7 +75,7 @@ def test_vision_tower_pretrains_caches_and_reloads(tmp_path, count_pretraining):
         assert (folder / name).is_file(), name
     report = json.loads((folder / PRETRAINING_FILE).read_text())
     assert report["recipe"] == TINY.to_dict()
-    assert 0.0 <= report["metrics"]["pair_presence_label_accuracy"] <= 1.0
+    assert 0.0 <= report["metrics"]["presence_label_accuracy"] <= 1.0
     assert [p.name for p in folder.parent.iterdir()] == [folder.name]  # no staging folder left behind
     assert len(count_pretraining) == 1
 
@@ -170,3 +170,24 @@ def test_initialisation_tables():
     table = sincos_position_table(192, 8)
     assert table.shape == (1, 65, 192) and table[0, 0].abs().sum() == 0
     assert len({tuple(row.tolist()) for row in table[0, 1:]}) == 64  # every patch position is distinct
+
+
+def test_factorised_presence_target_is_a_recipe_option():
+    """presence='attributes' trains on shape / colour / size presence; the default v1 recipe (pairs) keeps its
+    recipe dict, so towers cached before the option existed stay valid."""
+    from m2ist.evidence.demo_towers import VisionPretrainRecipe, _PretrainingHead, _scene_batch
+
+    assert "presence" not in VisionPretrainRecipe().to_dict()
+    factorised = VisionPretrainRecipe.tiny(presence="attributes")
+    assert factorised.to_dict()["presence"] == "attributes"
+    assert factorised.fingerprint() != VisionPretrainRecipe.tiny().fingerprint()
+    import numpy as np
+
+    _, presence, _, _ = _scene_batch(np.random.default_rng(0), factorised.scene_config(), factorised, 4)
+    shapes, colours = len(factorised.shapes), len(factorised.colours)
+    assert presence.shape[1] == shapes + colours + 2  # + the two size classes
+    assert (presence[:, :shapes].sum(1) >= 1).all() and (presence[:, shapes:shapes + colours].sum(1) >= 1).all()
+    head = _PretrainingHead(32, shapes, colours, factorised.max_objects, "attributes")
+    assert head.num_pairs == presence.shape[1]
+    with pytest.raises(ValueError, match="presence"):
+        VisionPretrainRecipe.tiny(presence="both")

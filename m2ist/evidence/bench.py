@@ -23,7 +23,10 @@ from typing import Any
 import torch
 
 PAPER = {"trainable": 0.0211, "memory": 0.3961, "time": 0.6346}
-METHOD_ORDER = ("full", "adapter", "lora", "m2ist")
+#: ``m2ist-cached``: M²IST reading its towers' features from a filled tower cache (bfloat16, RAM);
+#: ``m2ist-x4``: inference of four adapters on one pass of the towers, against one adapter's inference.
+METHOD_ORDER = ("full", "adapter", "lora", "m2ist", "m2ist-cached", "m2ist-x4")
+LABELS = {"m2ist-cached": "m2ist (cached)", "m2ist-x4": "m2ist ×4 adapters"}
 
 
 def _towers(tiny: bool):
@@ -54,7 +57,7 @@ def _sync(device: torch.device) -> None:
 
 
 def profile_training_step(model: torch.nn.Module, batch: dict[str, torch.Tensor], steps: int = 3,
-                          warmup: int = 1, lr: float = 1e-5) -> dict[str, Any]:
+                          warmup: int = 1, lr: float = 1e-5, forward: Any = None) -> dict[str, Any]:
     """AdamW steps of ``model`` on ``batch``: exact bytes, process peak memory and median step time.
 
     Exact bytes = autograd's saved tensors (one forward, distinct storages) + parameters + gradients + AdamW
@@ -65,11 +68,13 @@ def profile_training_step(model: torch.nn.Module, batch: dict[str, torch.Tensor]
 
     dev = next(p.device for p in model.parameters())
     batch = {k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=1e-4)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=1e-4,
+                                  fused=True if dev.type == "cuda" else None)
+    forward = forward or (lambda: model(**batch))
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        model(**batch).loss.backward()
+        forward().loss.backward()
         optimizer.step()
 
     for _ in range(warmup):
@@ -78,7 +83,7 @@ def profile_training_step(model: torch.nn.Module, batch: dict[str, torch.Tensor]
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     with saved_tensor_accounting() as saved:
-        loss = model(**batch).loss
+        loss = forward().loss
     loss.backward()
     del loss
     times = []
@@ -108,6 +113,7 @@ def measure(method: str, batch_size: int, steps: int, warmup: int, device: str, 
 
     torch.manual_seed(0)
     dev = torch.device(device)
+    variant, method = method, method.split("-")[0]
     config = _config(tiny, backbone_dtype if method == "m2ist" else None)
     model = build_model(*_towers(tiny), config, method=method).to(dev)
     model.train()
@@ -121,7 +127,13 @@ def measure(method: str, batch_size: int, steps: int, warmup: int, device: str, 
         "labels": torch.rand(batch_size, 4, generator=g) * 0.5 + 0.25,
     }
     batch = {k: v.to(dev) for k, v in batch.items()}
-    figures = profile_training_step(model, batch, steps=steps, warmup=warmup)
+    extra: dict[str, Any] = {}
+    forward = None
+    if variant == "m2ist-cached":
+        forward, extra = _cached_forward(model, batch)
+    if variant == "m2ist-x4":
+        extra = _adapters_inference(model, batch, steps, adapters=4)
+    figures = profile_training_step(model, batch, steps=steps, warmup=warmup, forward=forward)
     with torch.no_grad():  # the floor: the frozen towers' forward alone
         floor = []
         for _ in range(max(1, steps)):
@@ -163,7 +175,8 @@ def measure(method: str, batch_size: int, steps: int, warmup: int, device: str, 
         head_time, head_time_no_dropout = statistics.median(head_only), statistics.median(head_no_dropout)
     trainable, total = model.get_nb_trainable_parameters()
     return {
-        "method": method,
+        "method": variant,
+        **extra,
         "trainable_params": trainable,
         "total_params": total,
         "parameter_counts": model.parameter_counts(),
@@ -173,6 +186,49 @@ def measure(method: str, batch_size: int, steps: int, warmup: int, device: str, 
         "head_time_s": head_time,
         "head_time_no_dropout_s": head_time_no_dropout,
     }
+
+
+def _cached_forward(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[Any, dict[str, Any]]:
+    """A training forward that reads the towers' features from a filled tower cache (bfloat16, RAM): the keys
+    of the batch are hashed (as the collator does) and the records read every step."""
+    from m2ist.cache import KEY_FIELDS, TowerFeatureCache, cache_keys
+
+    cache = TowerFeatureCache(model, None, "bfloat16", expected_images=batch["pixel_values"].shape[0],
+                              expected_texts=batch["input_ids"].shape[0])
+    cpu = {k: v.cpu() for k, v in batch.items()}
+
+    def forward():
+        keyed = {**cpu, **{name: cache_keys(cpu, modality) for modality, name in KEY_FIELDS.items()}}
+        return model(labels=batch["labels"], tower_features=cache.features(keyed))
+
+    with torch.no_grad():
+        forward()  # fills the cache
+    return forward, {"cache_bytes_per_image": cache.bytes_per_image,
+                     "cache_bytes_per_expression": cache.bytes_per_expression}
+
+
+def _adapters_inference(model: torch.nn.Module, batch: dict[str, torch.Tensor], steps: int,
+                        adapters: int) -> dict[str, Any]:
+    """Inference time of one adapter, and of ``adapters`` adapters answering on one pass of the towers."""
+    for index in range(1, adapters):
+        model.add_adapter(f"adapter{index}", model.config)
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    dev = batch["pixel_values"].device
+    model.eval()
+    timings: dict[str, list[float]] = {"one": [], "all": []}
+    with torch.no_grad():
+        for _ in range(max(1, steps) + 1):
+            for key, run in (("one", lambda: model(**inputs)), ("all", lambda: model.forward_all_adapters(**inputs))):
+                _sync(dev)
+                start = time.perf_counter()
+                run()
+                _sync(dev)
+                timings[key].append(time.perf_counter() - start)
+    model.train()
+    for index in range(1, adapters):
+        model.delete_adapter(f"adapter{index}")
+    one, every = statistics.median(timings["one"][1:]), statistics.median(timings["all"][1:])
+    return {"adapters": adapters, "inference_time_s": one, "inference_all_time_s": every}
 
 
 def _run_isolated(method: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -226,8 +282,11 @@ def format_table(results: list[dict[str, Any]]) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         ratio = r.get("ratios_to_full", {})
+        if r["method"] == "m2ist-x4":
+            continue  # an inference figure: reported below
         lines.append(
-            f"| {r['method']} | {r['trainable_params'] / 1e6:.2f} | {100 * r['trainable_fraction']:.2f} | "
+            f"| {LABELS.get(r['method'], r['method'])} | {r['trainable_params'] / 1e6:.2f} | "
+            f"{100 * r['trainable_fraction']:.2f} | "
             f"{100 * r['side_fraction']:.2f} | {r['saved_tensor_bytes'] / 2**20:.0f} | {r['exact_bytes'] / 2**20:.0f} | "
             f"{r['peak_memory_bytes'] / 2**20:.0f} | {r['step_time_s']:.3f} | {ratio.get('exact_bytes', float('nan')):.3f} | "
             f"{ratio.get('peak_memory_bytes', float('nan')):.3f} | {ratio.get('step_time_s', float('nan')):.3f} |")
@@ -247,6 +306,15 @@ def format_table(results: list[dict[str, Any]]) -> str:
                          f"{r['head_time_s']:.3f} s = {r['head_time_s'] / r['floor_time_s']:.2f} of the floor "
                          f"({r['head_time_no_dropout_s']:.3f} s with its dropout off); the side network {side:.3f} s = "
                          f"{side / r['floor_time_s']:.2f} of the floor")
+    for r in results:
+        if r.get("cache_bytes_per_image"):
+            lines.append(f"m2ist (cached): the tower cache stores {r['cache_bytes_per_image'] / 2**10:.0f} KiB per image and "
+                         f"{r['cache_bytes_per_expression'] / 2**10:.1f} KiB per expression (bfloat16)")
+        if r.get("inference_all_time_s"):
+            lines.append(f"m2ist ×{r['adapters']} adapters: {r['adapters']} adapters answer on one pass of the towers in "
+                         f"{r['inference_all_time_s']:.3f} s = {r['inference_all_time_s'] / r['inference_time_s']:.2f}× one "
+                         f"adapter's inference ({r['inference_time_s']:.3f} s; {r['adapters']} separate passes: "
+                         f"{r['adapters']}×)")
     lines.append(f"paper (M²IST vs full, RefCOCO, A100): side params {100 * PAPER['trainable']:.2f}%, memory "
                  f"{PAPER['memory']:.4f}, time {PAPER['time']:.4f}")
     return "\n".join(lines)
@@ -259,7 +327,8 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="m2ist bench", description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--methods", metavar="LIST", default=",".join(METHOD_ORDER),
-                        help="comma-separated methods among full, adapter, lora, m2ist (default: all)")
+                        help="comma-separated methods among full, adapter, lora, m2ist, m2ist-cached (M²IST on a filled "
+                        "tower cache), m2ist-x4 (four adapters' inference on one tower pass) (default: all)")
     parser.add_argument("--batch-size", metavar="N", type=int, default=2, help="images per step (default: 2)")
     parser.add_argument("--steps", metavar="N", type=int, default=3, help="timed steps per method (median reported)")
     parser.add_argument("--warmup", metavar="N", type=int, default=1, help="untimed steps before timing")

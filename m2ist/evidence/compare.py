@@ -28,8 +28,9 @@ TOWER_LEARNING_RATES = {"full": 5e-5, "adapter": 5e-4, "lora": 5e-4, "m2ist": 5e
 
 
 def run_method(method: str, *, steps: int, batch_size: int, seed: int, tiny: bool, cache_dir: str | None,
-               output_dir: Path) -> dict[str, Any]:
-    """Train and evaluate one method; return its figures."""
+               output_dir: Path, tower_cache: str = "memory") -> dict[str, Any]:
+    """Train and evaluate one method; return its figures. M²IST trains on the tower cache (``tower_cache``; the
+    baselines train their towers, so they cannot)."""
     from m2ist.data.collator import RECCollator
     from m2ist.evaluation import evaluate
     from m2ist.trainer import train_rec
@@ -42,7 +43,8 @@ def run_method(method: str, *, steps: int, batch_size: int, seed: int, tiny: boo
     setup = prepare(tiny=tiny, cache_dir=cache_dir, seed=seed, progress=False)
     model = build_model(*setup.make_towers(), setup.config, method=method)
     args = training_arguments(output_dir / method, steps=steps, batch_size=batch_size, seed=seed, disable_tqdm=True,
-                              side_learning_rate=TOWER_LEARNING_RATES[method], method=method)
+                              side_learning_rate=TOWER_LEARNING_RATES[method], method=method,
+                              tower_cache=tower_cache if method == "m2ist" else "off")
     start = time.perf_counter()
     train_rec(model, setup.processor, setup.splits["train"], args=args)
     train_seconds = time.perf_counter() - start
@@ -63,6 +65,7 @@ def _isolated(method: str, args: argparse.Namespace) -> dict[str, Any]:
            str(args.batch_size), "--seed", str(args.seed), "--work-dir", args.work_dir]
     cmd += ["--tiny"] if args.tiny else []
     cmd += ["--cache-dir", args.cache_dir] if args.cache_dir else []
+    cmd += ["--tower-cache", args.tower_cache]
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if done.returncode:
         raise RuntimeError(f"compare: {method} failed:\n{done.stderr[-3000:]}")
@@ -125,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache-dir", metavar="DIR", default=None, help="cache of the pretrained shapes ViT")
     parser.add_argument("--work-dir", metavar="DIR", default="outputs/compare", help="where per-method outputs go")
     parser.add_argument("--output", metavar="FILE", help="write the JSON results to this file (default: <work-dir>/compare.json)")
+    parser.add_argument("--tower-cache", metavar="MODE", default="memory",
+                        help="M²IST's tower-feature cache: memory (default), disk, a folder, or off")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("-v", "--verbose", action="count", default=0,
                         help="progress messages, transformers' warnings and third-party warnings (-vv: debug)")
@@ -134,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     Path(args.work_dir).mkdir(parents=True, exist_ok=True)
     if args.one:
         row = run_method(args.one, steps=args.steps, batch_size=args.batch_size, seed=args.seed, tiny=args.tiny,
-                         cache_dir=args.cache_dir, output_dir=Path(args.work_dir))
+                         cache_dir=args.cache_dir, output_dir=Path(args.work_dir), tower_cache=args.tower_cache)
         (Path(args.work_dir) / f"{args.one}.json").write_text(json.dumps(row, indent=2), encoding="utf-8")
         return 0
     methods = parse_methods(parser, args.methods, METHODS)

@@ -6,7 +6,8 @@
   of :mod:`m2ist.evidence.synthetic`. No pretrained vision checkpoint can be downloaded offline, so the tower is
   pretrained once, on the CPU (about 2 minutes on 2 cores), with attribute-recognition tasks that are *not*
   grounding (no language, no boxes): from the mean patch token, linear heads predict which ``(shape, colour)``
-  pairs are present (BCE) and how many objects of each shape, colour and size class there are
+  pairs are present (BCE; ``presence="attributes"`` predicts each shape, colour and size class instead, the
+  factorised labels a real tower sees) and how many objects of each shape, colour and size class there are
   (cross-entropy); from each patch token, a linear head predicts the shape, colour and size class of the object
   covering that patch (cross-entropy; background for colour, ignored for shape and size). The per-patch task
   and a fixed edge-filter initialisation of the patch embedding (:func:`edge_filter_bank`) are what make a ViT
@@ -116,6 +117,10 @@ class VisionPretrainRecipe:
             to learn shapes), ``"random"`` keeps the default initialisation.
         position_init: ``"sincos"`` starts the position embeddings from 2-D sine-cosine tables, ``"random"``
             keeps the default initialisation (both stay trainable).
+        presence: the image-level presence target: ``"pairs"`` (the default: one label per ``(shape, colour)``
+            pair, which gives a pair never named in training its own feature code) or ``"attributes"``
+            (factorised: each shape, colour and size class, as the labels a real pretrained tower sees; not yet
+            measured on the demo, so not the default).
     """
 
     version: str = VISION_TOWER_VERSION
@@ -140,6 +145,7 @@ class VisionPretrainRecipe:
     min_patch_coverage: float = 0.0625
     patch_init: str = "edges"
     position_init: str = "sincos"
+    presence: str = "pairs"
 
     def __post_init__(self) -> None:
         if self.image_size % self.patch_size:
@@ -155,6 +161,8 @@ class VisionPretrainRecipe:
                 f"patch_init must be 'edges' or 'random' and position_init 'sincos' or 'random', got "
                 f"{self.patch_init!r} and {self.position_init!r}."
             )
+        if self.presence not in ("attributes", "pairs"):
+            raise ValueError(f"presence must be 'attributes' (factorised) or 'pairs', got {self.presence!r}.")
         if self.image_size < 32:
             raise ValueError(f"image_size must be >= 32 pixels to fit the shapes, got {self.image_size}.")
         object.__setattr__(self, "shapes", tuple(self.shapes))
@@ -204,6 +212,8 @@ class VisionPretrainRecipe:
         """A JSON-serialisable copy."""
         out = dataclasses.asdict(self)
         out["shapes"], out["colours"] = list(self.shapes), list(self.colours)
+        if out["presence"] == "pairs":  # the v1 target: absent from v1 recipes, so their cached towers stay valid
+            del out["presence"]
         return out
 
     def fingerprint(self) -> str:
@@ -277,11 +287,13 @@ def sincos_position_table(hidden_size: int, grid: int) -> torch.Tensor:
 
 
 class _PretrainingHead(nn.Module):
-    """Linear heads: pair presence and count logits on the mean patch token, attribute logits on each patch."""
+    """Linear heads: presence and count logits on the mean patch token, attribute logits on each patch."""
 
-    def __init__(self, hidden_size: int, num_shapes: int, num_colours: int, max_objects: int) -> None:
+    def __init__(self, hidden_size: int, num_shapes: int, num_colours: int, max_objects: int,
+                 presence: str = "pairs") -> None:
         super().__init__()
-        self.num_pairs = num_shapes * num_colours
+        # factorised presence labels (each shape, colour, size class) or one per (shape, colour) pair (v1)
+        self.num_pairs = num_shapes * num_colours if presence == "pairs" else num_shapes + num_colours + len(SIZES)
         self.count_groups = num_shapes + num_colours + len(SIZES)
         self.num_counts = max_objects + 1
         self.dense_sizes = (num_shapes + 1, num_colours + 1, len(SIZES) + 1)  # class 0: background / ignored
@@ -328,7 +340,9 @@ def _scene_batch(
     shapes, colours = recipe.shapes, recipe.colours
     grid = recipe.image_size // recipe.patch_size
     images = np.empty((size, recipe.image_size, recipe.image_size, 3), dtype=np.uint8)
-    presence = np.zeros((size, len(shapes) * len(colours)), dtype=np.float32)
+    pairs = recipe.presence == "pairs"
+    presence = np.zeros((size, len(shapes) * len(colours) if pairs else len(shapes) + len(colours) + len(SIZES)),
+                        dtype=np.float32)
     counts = np.zeros((size, len(shapes) + len(colours) + len(SIZES)), dtype=np.int64)
     dense = np.zeros((size, grid * grid, 3), dtype=np.int64)
     for b in range(size):
@@ -337,7 +351,10 @@ def _scene_batch(
         dense[b] = _patch_labels(scene, recipe)
         for obj in scene.objects:
             s, c, z = shapes.index(obj.shape), colours.index(obj.colour), SIZES.index(obj.size)
-            presence[b, s * len(colours) + c] = 1.0
+            if pairs:
+                presence[b, s * len(colours) + c] = 1.0
+            else:
+                presence[b, [s, len(shapes) + c, len(shapes) + len(colours) + z]] = 1.0
             counts[b, s] += 1
             counts[b, len(shapes) + c] += 1
             counts[b, len(shapes) + len(colours) + z] += 1
@@ -361,8 +378,8 @@ def _evaluate(model: nn.Module, head: _PretrainingHead, data: tuple[torch.Tensor
     dense_hit = torch.cat(pred_dense) == dense.clamp(min=0)
     on_object = dense[..., 1] > 0
     return {
-        "pair_presence_label_accuracy": hit.float().mean().item(),
-        "pair_presence_exact_match": hit.all(dim=1).float().mean().item(),
+        "presence_label_accuracy": hit.float().mean().item(),
+        "presence_exact_match": hit.all(dim=1).float().mean().item(),
         "count_accuracy": count_hit.float().mean().item(),
         "count_exact_match": count_hit.all(dim=1).float().mean().item(),
         "patch_colour_accuracy": dense_hit[..., 1].float().mean().item(),
@@ -421,7 +438,8 @@ def pretrain_vision_tower(
                 if recipe.position_init == "sincos":
                     grid = recipe.image_size // recipe.patch_size
                     model.embeddings.position_embeddings.copy_(sincos_position_table(recipe.hidden_size, grid))
-            head = _PretrainingHead(recipe.hidden_size, len(recipe.shapes), len(recipe.colours), recipe.max_objects)
+            head = _PretrainingHead(recipe.hidden_size, len(recipe.shapes), len(recipe.colours), recipe.max_objects,
+                                    recipe.presence)
             parameters = list(model.parameters()) + list(head.parameters())
             decay = [p for p in parameters if p.ndim >= 2]
             no_decay = [p for p in parameters if p.ndim < 2]
@@ -469,7 +487,8 @@ def pretrain_vision_tower(
     model.eval()
     wall = time.perf_counter() - started
     report = {
-        "task": "(shape, colour) presence + shape/colour/size counts from the mean patch token; "
+        "task": f"{'(shape, colour) pair' if recipe.presence == 'pairs' else 'shape, colour and size'} presence + "
+        "shape/colour/size counts from the mean patch token; "
         "shape/colour/size class of the object under each patch",
         "recipe": recipe.to_dict(),
         "scene_config": scene_config.to_dict(),
@@ -478,8 +497,8 @@ def pretrain_vision_tower(
         "torch_version": torch.__version__,
     }
     message = (
-        f"shapes ViT pretrained in {wall:.1f}s: pair-presence label accuracy "
-        f"{metrics['pair_presence_label_accuracy']:.3f}, exact match {metrics['pair_presence_exact_match']:.3f}, "
+        f"shapes ViT pretrained in {wall:.1f}s: presence label accuracy "
+        f"{metrics['presence_label_accuracy']:.3f}, exact match {metrics['presence_exact_match']:.3f}, "
         f"count accuracy {metrics['count_accuracy']:.3f}"
     )
     logger.info(message)

@@ -1,0 +1,545 @@
+"""A cache of the frozen towers' features for training: what only side-tuning allows.
+
+M²IST's towers are frozen and no gradient crosses them, so everything the side network and the head read from
+a tower (the seed, the tapped layers' outputs, the final tokens and the mask) is a pure function of the tower's
+input. :class:`TowerFeatureCache` stores it the first time an input is seen and reads it back afterwards:
+
+* **keys**: a record is keyed by the content of its input (a BLAKE2 digest of one sample's ``pixel_values`` and
+  ``pixel_mask``, or of its ``input_ids`` and ``attention_mask``), so an image shared by several expressions runs
+  its tower once, one expression shared by several images too, and a changed processor setting (canvas size,
+  normalisation, tokenizer, augmentation) can only miss, never read a stale record;
+* **what changes features** beyond the input (the tower's class, name, revision and a digest of its weights, its
+  tap spec, the layers and kinds tapped, the tower dtype, the cache dtype) makes the **fingerprint**, and each
+  fingerprint has its own folder (``vision-<fingerprint>/``, ``text-<fingerprint>/``), so a stale cache is never
+  read;
+* **storage**: ``"memory"`` (RAM) or a folder of memory-mapped files (one row per record, ``bfloat16`` by
+  default), each rank of a distributed run writing its own shard and reading the others', with an append-only
+  index written after its row, so a cache survives a crash or a resumed run and is shared by later runs;
+* **augmentation** meets the cache through a fixed number of views per image (:class:`CachedViewsCollator`):
+  each epoch picks one of ``views`` deterministic augmentations of every image at random.
+
+With ``dtype="float32"`` and no augmentation, training with the cache gives the same weights as without it:
+a batch with any missing record runs the towers on the whole batch, exactly as without a cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .model import DTYPES, SideTunedModel, TowerFeatureSet, _dummy_inputs, _model_id
+from .save_and_load import atomic_write
+from .towers import TEXT, VISION, Tower, TowerFeatures
+
+__all__ = ["CACHE_DTYPES", "CachedViewsCollator", "TowerCacheCollator", "TowerFeatureCache", "cache_keys"]
+
+logger = logging.getLogger(__name__)
+
+#: Bumped whenever the record layout changes (it is part of every fingerprint).
+CACHE_FORMAT = 1
+CACHE_DTYPES = ("bfloat16", "float16", "float32")
+#: The batch entries :class:`TowerCacheCollator` adds (lists of hex digests, one per sample).
+KEY_FIELDS = {VISION: "vision_cache_keys", TEXT: "text_cache_keys"}
+_NUMPY_STORAGE = {"bfloat16": np.uint16, "float16": np.float16, "float32": np.float32}
+_INPUTS = {VISION: ("pixel_values", "pixel_mask"), TEXT: ("input_ids", "attention_mask")}
+
+
+# ---------------------------------------------------------------------------------------------- keys
+def _digest(*arrays: torch.Tensor) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    for array in arrays:
+        h.update(str(tuple(array.shape)).encode())
+        h.update(array.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def cache_keys(batch: Mapping[str, Any], modality: str) -> list[str]:
+    """One content key per sample of ``batch`` for ``modality``: a digest of the tower's inputs of that sample."""
+    first, second = _INPUTS[modality]
+    values = batch[first]
+    if modality == VISION:
+        values = values.float()
+    mask = batch.get(second)
+    if mask is None:
+        return [_digest(values[i]) for i in range(values.shape[0])]
+    mask = mask.to(torch.uint8)
+    return [_digest(values[i], mask[i]) for i in range(values.shape[0])]
+
+
+class TowerCacheCollator:
+    """Wraps a collator and adds the cache keys of every sample (``vision_cache_keys``, ``text_cache_keys``),
+    computed where the batch is built (in the ``DataLoader`` workers, on CPU tensors)."""
+
+    def __init__(self, collator: Callable[[Sequence[Any]], dict[str, Any]]) -> None:
+        self.collator = collator
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.collator!r})"
+
+    def __call__(self, items: Sequence[Any]) -> dict[str, Any]:
+        batch = self.collator(items)
+        for modality, name in KEY_FIELDS.items():
+            batch[name] = cache_keys(batch, modality)
+        return batch
+
+
+def _image_key(item: Any) -> str:
+    """What identifies an item's image: its ``image_id``, its path, or a digest of its pixels."""
+    get = item.get if isinstance(item, Mapping) else lambda key, default=None: getattr(item, key, default)
+    image_id = get("image_id")
+    if image_id is not None:
+        return f"id:{image_id}"
+    image = get("image")
+    if isinstance(image, str | os.PathLike):
+        return f"path:{os.fspath(image)}"
+    array = np.asarray(image)
+    return "pixels:" + hashlib.blake2b(array.tobytes() + str(array.shape).encode(), digest_size=16).hexdigest()
+
+
+class CachedViewsCollator(TowerCacheCollator):
+    """Augmentation that a cache can hold: each image has ``views`` fixed augmentations (view ``v`` of image
+    ``i`` is drawn from a generator seeded by ``(augmentation seed, i, v)``), and every time an item is
+    batched one of its image's views is picked at random (``torch``'s generator, so the Trainer's seed governs
+    it). ``collator`` must be a training ``RECCollator`` whose processor has an augmentation."""
+
+    def __init__(self, collator: Any, views: int) -> None:
+        super().__init__(collator)
+        if not isinstance(views, int) or views < 1:
+            raise ValueError(f"views must be a positive integer, got {views!r}.")
+        augment = getattr(getattr(collator, "processor", None), "augment", None)
+        if augment is None or not getattr(collator, "train", False):
+            raise ValueError("CachedViewsCollator needs a training RECCollator whose processor has an augmentation.")
+        self.views = views
+
+    def __call__(self, items: Sequence[Any]) -> dict[str, Any]:
+        augment = self.collator.processor.augment
+        saved = augment._rng.getstate()
+        parts = []
+        try:
+            for item in items:
+                view = int(torch.randint(self.views, (1,)).item())
+                seed = int.from_bytes(hashlib.blake2b(f"{augment.seed}|{_image_key(item)}|{view}".encode(),
+                                                      digest_size=8).digest(), "little")
+                augment._rng.seed(seed)
+                parts.append(self.collator([item]))
+        finally:
+            augment._rng.setstate(saved)
+        batch = {key: torch.cat([part[key] for part in parts]) if isinstance(parts[0][key], torch.Tensor)
+                 else [value for part in parts for value in part[key]] for key in parts[0]}
+        for modality, name in KEY_FIELDS.items():
+            batch[name] = cache_keys(batch, modality)
+        return batch
+
+
+# ---------------------------------------------------------------------------------------------- fingerprints
+def _weights_digest(model: nn.Module) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    for name, tensor in model.state_dict().items():
+        h.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def fingerprint(tower: Tower, layers: list[int], kinds: list[str], dtype: str, extra: Mapping[str, Any]) -> dict:
+    """Everything besides the input that changes what ``tower.tap(inputs, layers, kinds)`` returns."""
+    name, revision = _model_id(tower.model)
+    return {
+        "format": CACHE_FORMAT,
+        "modality": tower.modality,
+        "tower_class": type(tower.model).__name__,
+        "tower_name_or_path": name,
+        "tower_revision": revision,
+        "tower_weights": _weights_digest(tower.model),
+        "tower_dtype": str(tower.dtype).removeprefix("torch."),
+        "tap_spec": repr(tower.spec),
+        "layers": list(layers),
+        "kinds": list(kinds),
+        "cache_dtype": dtype,
+        **dict(extra),
+    }
+
+
+# ---------------------------------------------------------------------------------------------- storage
+@dataclass
+class _Layout:
+    """How one tower's features for one sample lie in a flat row: ``(name, shape)`` per field, in order."""
+
+    fields: list[tuple[str, tuple[int, ...]]]
+
+    @classmethod
+    def of(cls, features: TowerFeatures, layers: list[int], kinds: list[str]) -> _Layout:
+        fields = [("tokens", tuple(features.tokens.shape[1:])), ("mask", tuple(features.mask.shape[1:])),
+                  ("seed", tuple(features.seed.shape[1:]))]
+        for kind in kinds:
+            fields += [(f"{kind}.{layer}", tuple(t.shape[1:])) for layer, t in zip(layers, features.taps[kind], strict=True)]
+        return cls(fields)
+
+    @property
+    def width(self) -> int:
+        return sum(int(np.prod(shape)) for _, shape in self.fields)
+
+    def pack(self, features: TowerFeatures, kinds: list[str]) -> torch.Tensor:
+        """``(B, width)`` float32 rows."""
+        tensors = [features.tokens, features.mask.float(), features.seed]
+        for kind in kinds:
+            tensors += list(features.taps[kind])
+        return torch.cat([t.float().flatten(1) for t in tensors], dim=1)
+
+    def unpack(self, rows: torch.Tensor, kinds: list[str], layers: list[int]) -> TowerFeatures:
+        sizes = [int(np.prod(shape)) for _, shape in self.fields]
+        parts = [part.reshape(rows.shape[0], *shape) for part, (_, shape) in zip(rows.split(sizes, dim=1), self.fields,
+                                                                                  strict=True)]
+        taps, rest = {}, parts[3:]
+        for kind in kinds:
+            taps[kind], rest = rest[: len(layers)], rest[len(layers):]
+        return TowerFeatures(tokens=parts[0], mask=parts[1] > 0.5, seed=parts[2], taps=taps)
+
+
+class _MemoryStore:
+    """Rows in a growing RAM tensor."""
+
+    def __init__(self, width: int, dtype: torch.dtype, capacity: int) -> None:
+        self.rows = torch.empty((max(capacity, 1), width), dtype=dtype)
+        self.index: dict[str, int] = {}
+
+    def get(self, keys: list[str]) -> list[int | None]:
+        return [self.index.get(key) for key in keys]
+
+    def read(self, rows: list[int]) -> torch.Tensor:
+        return self.rows[rows].float()
+
+    def add(self, keys: list[str], values: torch.Tensor) -> None:
+        for key, value in zip(keys, values, strict=True):
+            if key in self.index:
+                continue
+            row = len(self.index)
+            if row >= self.rows.shape[0]:
+                grown = torch.empty((2 * self.rows.shape[0], self.rows.shape[1]), dtype=self.rows.dtype)
+                grown[:row] = self.rows[:row]
+                self.rows = grown
+            self.rows[row] = value.to(self.rows.dtype)
+            self.index[key] = row
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+
+class _Shard:
+    """One rank's memory-mapped rows (``rows.<rank>.bin``) and its append-only index (``index.<rank>.txt``:
+    ``<key> <row>`` lines, each written after its row is flushed)."""
+
+    def __init__(self, folder: Path, rank: int, width: int, dtype: str, capacity: int, writable: bool) -> None:
+        self.data_path, self.index_path = folder / f"rows.{rank}.bin", folder / f"index.{rank}.txt"
+        self.width, self.dtype, self.writable = width, dtype, writable
+        self.storage = _NUMPY_STORAGE[dtype]
+        self.itemsize = np.dtype(self.storage).itemsize
+        self.index: dict[str, int] = {}
+        self.next_row = 0
+        self._index_size = 0
+        self.array: np.memmap | None = None
+        if writable:
+            self._repair_index()
+        self.refresh()
+        if writable and capacity:  # reserve the estimate up front (sparse); else grow on the first write
+            self._ensure(max(capacity, self.next_row))
+
+    def _repair_index(self) -> None:
+        """Cut a torn last line (a crash while appending) so the next append starts on a fresh line."""
+        if self.index_path.exists():
+            data = self.index_path.read_bytes()
+            cut = data.rfind(b"\n") + 1
+            if cut != len(data):
+                with open(self.index_path, "r+b") as f:
+                    f.truncate(cut)
+
+    def refresh(self) -> None:
+        """Read index lines added since the last call (another rank's shard grows while we train)."""
+        if not self.index_path.exists():
+            return
+        with open(self.index_path, "rb") as f:
+            f.seek(self._index_size)
+            data = f.read()
+        end = data.rfind(b"\n") + 1
+        self._index_size += end
+        for line in data[:end].decode("ascii", "replace").splitlines():
+            parts = line.split()
+            if len(parts) == 2 and len(parts[0]) == 32 and parts[1].isdigit():
+                row = int(parts[1])
+                self.index[parts[0]] = row
+                self.next_row = max(self.next_row, row + 1)
+
+    def _ensure(self, rows: int) -> None:
+        have = self.array.shape[0] if self.array is not None else 0
+        if rows <= have:
+            return
+        row_bytes = self.width * self.itemsize
+        existing = os.path.getsize(self.data_path) // row_bytes if self.data_path.exists() else 0
+        capacity = existing
+        if self.writable and rows > existing:  # grow (never shrink: other processes may have written further)
+            capacity = max(rows, 2 * have)
+            with open(self.data_path, "ab") as f:
+                f.truncate(capacity * row_bytes)  # sparse where the filesystem allows
+        self.array = np.memmap(self.data_path, dtype=self.storage, mode="r+" if self.writable else "r",
+                               shape=(capacity, self.width))
+
+    def read(self, rows: list[int]) -> torch.Tensor:
+        self._ensure(max(rows) + 1)
+        values = np.ascontiguousarray(self.array[rows])
+        if self.dtype == "bfloat16":
+            return torch.from_numpy(values.view(np.int16)).view(torch.bfloat16).float()
+        return torch.from_numpy(values).float()
+
+    def add(self, keys: list[str], values: torch.Tensor) -> None:
+        fresh = [(key, value) for key, value in zip(keys, values, strict=True) if key not in self.index]
+        if not fresh:
+            return
+        first = self.next_row
+        self._ensure(first + len(fresh))
+        block = torch.stack([value for _, value in fresh]).to(DTYPES[self.dtype]).cpu()
+        if self.dtype == "bfloat16":
+            self.array[first: first + len(fresh)] = block.view(torch.int16).numpy().view(np.uint16)
+        else:
+            self.array[first: first + len(fresh)] = block.numpy()
+        self.array.flush()
+        lines = "".join(f"{key} {first + i}\n" for i, (key, _) in enumerate(fresh))
+        with open(self.index_path, "a", encoding="ascii") as f:
+            f.write(lines)
+            f.flush()
+            os.fsync(f.fileno())
+        for i, (key, _) in enumerate(fresh):
+            self.index[key] = first + i
+        self.next_row = first + len(fresh)
+
+
+class _DiskStore:
+    """This rank's shard (read and written) and the other ranks' shards (read), in one folder."""
+
+    REFRESH_SECONDS = 10.0
+
+    def __init__(self, folder: Path, width: int, dtype: str, capacity: int, rank: int) -> None:
+        self.folder, self.width, self.dtype, self.rank = folder, width, dtype, rank
+        self.own = _Shard(folder, rank, width, dtype, capacity, writable=True)
+        self.others: dict[int, _Shard] = {}
+        self._last_refresh = 0.0
+        self._refresh_others(force=True)
+
+    def _refresh_others(self, force: bool = False) -> None:
+        if not force and time.monotonic() - self._last_refresh < self.REFRESH_SECONDS:
+            return
+        self._last_refresh = time.monotonic()
+        for path in self.folder.glob("index.*.txt"):
+            rank = int(path.name.split(".")[1]) if path.name.split(".")[1].isdigit() else None
+            if rank is None or rank == self.rank:
+                continue
+            if rank not in self.others:
+                self.others[rank] = _Shard(self.folder, rank, self.width, self.dtype, 0, writable=False)
+            else:
+                self.others[rank].refresh()
+
+    def _find(self, key: str) -> tuple[_Shard, int] | None:
+        if key in self.own.index:
+            return self.own, self.own.index[key]
+        for shard in self.others.values():
+            if key in shard.index:
+                return shard, shard.index[key]
+        return None
+
+    def get(self, keys: list[str]) -> list[tuple[_Shard, int] | None]:
+        found = [self._find(key) for key in keys]
+        if any(f is None for f in found):
+            self._refresh_others()
+            found = [f or self._find(key) for f, key in zip(found, keys, strict=True)]
+        return found
+
+    def read(self, locations: list[tuple[_Shard, int]]) -> torch.Tensor:
+        return torch.cat([shard.read([row]) for shard, row in locations])
+
+    def add(self, keys: list[str], values: torch.Tensor) -> None:
+        self.own.add(keys, values)
+
+    def __len__(self) -> int:
+        return len(set(self.own.index).union(*(shard.index for shard in self.others.values())))
+
+
+# ---------------------------------------------------------------------------------------------- the cache
+class _TowerRecords:
+    """One tower's records: its fingerprint folder, layout and store."""
+
+    def __init__(self, tower: Tower, layers: list[int], kinds: list[str], layout: _Layout, dtype: str,
+                 location: Path | None, capacity: int, rank: int, extra: Mapping[str, Any]) -> None:
+        self.tower, self.layers, self.kinds, self.layout, self.dtype = tower, layers, kinds, layout, dtype
+        self.fingerprint = fingerprint(tower, layers, kinds, dtype, extra)
+        digest = hashlib.blake2b(json.dumps(self.fingerprint, sort_keys=True).encode(), digest_size=8).hexdigest()
+        self.folder = None if location is None else location / f"{tower.modality}-{digest}"
+        self.hits = self.misses = 0
+        if self.folder is None:
+            self.store: _MemoryStore | _DiskStore = _MemoryStore(layout.width, DTYPES[dtype], capacity)
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        manifest = {"fingerprint": self.fingerprint, "layout": [[n, list(s)] for n, s in layout.fields],
+                    "row_width": layout.width}
+        path = self.folder / "manifest.json"
+        if path.exists():
+            recorded = json.loads(path.read_text(encoding="utf-8"))
+            if recorded.get("layout") != manifest["layout"] or recorded.get("fingerprint") != self.fingerprint:
+                raise ValueError(f"The tower cache in {self.folder} was written with another layout; delete that folder.")
+        else:
+            atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=2), encoding="utf-8"))
+        self.store = _DiskStore(self.folder, layout.width, dtype, capacity, rank)
+
+    @property
+    def bytes_per_record(self) -> int:
+        return self.layout.width * torch.finfo(DTYPES[self.dtype]).bits // 8
+
+    def features(self, batch: Mapping[str, Any], keys: list[str]) -> TowerFeatures:
+        found = self.store.get(keys)
+        missing = [i for i, f in enumerate(found) if f is None]
+        if not missing:
+            self.hits += len(keys)
+            return self.layout.unpack(self.store.read(found), self.kinds, self.layers)
+        self.misses += len(missing)
+        self.hits += len(keys) - len(missing)
+        first, second = _INPUTS[self.tower.modality]
+        if self.dtype == "float32":  # exact: the towers see the whole batch, as without a cache
+            computed = self.tower.tap({first: batch[first], second: batch.get(second)}, self.layers, self.kinds)
+            self.store.add([keys[i] for i in missing], self.layout.pack(computed, self.kinds)[missing].cpu())
+            return computed
+        # rounded anyway: run the towers on the missing inputs only (once each), then read the whole batch back,
+        # so every epoch, the first one too, sees the stored features
+        unique = list({keys[i]: i for i in missing}.values())
+        rows = torch.tensor(unique, device=batch[first].device)
+        mask = batch.get(second)
+        computed = self.tower.tap({first: batch[first][rows], second: None if mask is None else mask[rows]},
+                                  self.layers, self.kinds)
+        self.store.add([keys[i] for i in unique], self.layout.pack(computed, self.kinds).to(DTYPES[self.dtype]).cpu())
+        return self.layout.unpack(self.store.read(self.store.get(keys)), self.kinds, self.layers)
+
+
+class TowerFeatureCache:
+    """The features a :class:`~m2ist.model.SideTunedModel`'s active adapter reads from its frozen towers, stored
+    per input and read back instead of running the towers.
+
+    Args:
+        model: the model; its active adapter's layers and tap kinds are cached.
+        location: ``None`` for RAM, or a folder (memory-mapped files in per-fingerprint subfolders).
+        dtype: ``"bfloat16"`` (default), ``"float16"`` or ``"float32"`` (exact: training gives the same weights as
+            without the cache).
+        expected_images: how many image records (images × views) the run should store, for the size estimate.
+        expected_texts: how many expression records.
+        rank: this process's rank (each rank writes its own shard of a folder cache).
+        check_space: refuse a folder cache that the disk cannot hold.
+    """
+
+    def __init__(self, model: SideTunedModel, location: str | os.PathLike | None = None, dtype: str = "bfloat16",
+                 expected_images: int = 0, expected_texts: int = 0, rank: int = 0, check_space: bool = True) -> None:
+        if not isinstance(model, SideTunedModel):
+            raise TypeError(f"The tower cache needs frozen towers (a SideTunedModel), got {type(model).__name__}: the "
+                            "baselines train their towers, so their features change every step.")
+        if dtype not in CACHE_DTYPES:
+            raise ValueError(f"dtype must be one of {CACHE_DTYPES}, got {dtype!r}.")
+        self.model, self.dtype = model, dtype
+        self.location = None if location is None else Path(location).expanduser()
+        setup = model.adapter_setups[model.active_adapter]
+        self.adapter = model.active_adapter
+        self.vision_layers, self.text_layers, self.kinds = setup.vision_layers, setup.text_layers, setup.tap_kinds
+        vision_inputs, text_inputs = _dummy_inputs(model.config, model.vision_model, model.text_model)
+        probe = {VISION: model.vision_tower.tap(vision_inputs, self.vision_layers, self.kinds),
+                 TEXT: model.text_tower.tap(text_inputs, self.text_layers, self.kinds)}
+        layouts = {VISION: _Layout.of(probe[VISION], self.vision_layers, self.kinds),
+                   TEXT: _Layout.of(probe[TEXT], self.text_layers, self.kinds)}
+        size = {VISION: {"image_size": model.config.image_size}, TEXT: {"max_query_len": model.config.max_query_len}}
+        itemsize = torch.finfo(DTYPES[dtype]).bits // 8
+        self.estimate = {VISION: expected_images * layouts[VISION].width * itemsize,
+                         TEXT: expected_texts * layouts[TEXT].width * itemsize}
+        total = sum(self.estimate.values())
+        if self.location is not None and check_space:
+            self.location.mkdir(parents=True, exist_ok=True)
+            free = shutil.disk_usage(self.location).free
+            if total > 0.95 * free:
+                raise ValueError(f"The tower cache needs about {_size(total)} at {self.location} but only {_size(free)} is "
+                                 "free: free some space, give tower_cache another folder, use tower_cache_dtype="
+                                 "'bfloat16', or set tower_cache='off'.")
+        self.records = {
+            modality: _TowerRecords(tower, layers, self.kinds, layouts[modality], dtype, self.location,
+                                    count, rank, size[modality])
+            for modality, tower, layers, count in ((VISION, model.vision_tower, self.vision_layers, expected_images),
+                                                   (TEXT, model.text_tower, self.text_layers, expected_texts))
+        }
+
+    def describe(self) -> str:
+        """One line: where the cache is, bytes per record and the size estimate."""
+        where = "RAM" if self.location is None else str(self.location)
+        return (f"tower cache ({self.dtype}, {where}): {_size(self.bytes_per_image)} per image view, "
+                f"{_size(self.bytes_per_expression)} per expression; up to {_size(self.estimate[VISION])} for images + "
+                f"{_size(self.estimate[TEXT])} for expressions")
+
+    @property
+    def bytes_per_image(self) -> int:
+        """Bytes stored per image (view): seed, tapped layers, final tokens and mask of the vision tower."""
+        return self.records[VISION].bytes_per_record
+
+    @property
+    def bytes_per_expression(self) -> int:
+        """Bytes stored per expression (the text tower's)."""
+        return self.records[TEXT].bytes_per_record
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """Hits, misses and stored records per tower."""
+        return {f"{m}_{k}": v for m, r in self.records.items()
+                for k, v in (("hits", r.hits), ("misses", r.misses), ("records", len(r.store)))}
+
+    def features(self, batch: Mapping[str, Any]) -> TowerFeatureSet:
+        """The batch's tower features, read from the cache or computed (and stored) on a miss. ``batch`` holds the
+        model inputs and the keys of :class:`TowerCacheCollator`."""
+        if self.model.active_adapter != self.adapter:
+            raise ValueError(f"This tower cache was built for adapter {self.adapter!r} but {self.model.active_adapter!r} "
+                             "is active; build a cache for it.")
+        device = self.model.device
+        out = {}
+        for modality, records in self.records.items():
+            keys = batch.get(KEY_FIELDS[modality])
+            if keys is None:
+                raise ValueError(f"The batch has no {KEY_FIELDS[modality]!r}: wrap the collator in TowerCacheCollator.")
+            features = records.features(batch, list(keys))
+            out[modality] = TowerFeatures(
+                tokens=features.tokens.to(device), mask=features.mask.to(device), seed=features.seed.to(device),
+                taps={kind: [t.to(device) for t in taps] for kind, taps in features.taps.items()})
+        return TowerFeatureSet(out[VISION], out[TEXT], self.vision_layers, self.text_layers)
+
+
+def _size(num_bytes: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if num_bytes < 1024 or unit == "GB":
+            return f"{num_bytes:.0f} {unit}" if unit == "B" else f"{num_bytes:.1f} {unit}"
+        num_bytes /= 1024
+    return f"{num_bytes:.1f} TB"
+
+
+def expected_records(dataset: Any, views: int = 1) -> tuple[int, int]:
+    """Upper bounds of the image records (unique images × views) and expression records (unique expressions, × 2
+    with views for a flip that rewrites left / right) a dataset can fill; its length when items are opaque."""
+    samples = getattr(dataset, "samples", dataset)
+    if isinstance(samples, Sequence) and samples and hasattr(samples[0], "expression"):
+        images = {getattr(s, "image_id", None) or (s.image if isinstance(s.image, str | os.PathLike) else id(s))
+                  for s in samples}
+        texts = {s.expression for s in samples}
+        return len(images) * max(views, 1), len(texts) * (2 if views > 1 else 1)
+    try:
+        length = len(dataset)
+    except TypeError:
+        return 0, 0
+    return length * max(views, 1), length * (2 if views > 1 else 1)
+

@@ -1,0 +1,195 @@
+"""The tower-feature cache: exact with float32, keyed by content and fingerprint, views for augmentation,
+disk shards that resume and are shared between ranks, size estimate and refusal."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from m2ist.cache import CachedViewsCollator, TowerCacheCollator, TowerFeatureCache, cache_keys
+from m2ist.data.collator import RECCollator
+from m2ist.data.dataset import RECDataset
+from m2ist.data.sample import RECSample
+from m2ist.data.transforms import RECAugmentation
+from m2ist.evidence.baselines import build_model
+from m2ist.trainer import RECTrainer, RECTrainingArguments, train_rec, trainable_tensors
+from tests.ddp_worker import make_model, make_processor
+from tests.tiny import text_tower, tiny_config, vision_tower
+
+COLOURS = {"red": (220, 30, 30), "blue": (30, 30, 220)}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def shared_image_dataset(images: int, seed: int = 0) -> RECDataset:
+    """Every image carries two expressions (one per square), so images are shared between samples."""
+    rng = random.Random(seed)
+    samples = []
+    for index in range(images):
+        image = Image.new("RGB", (40, 32), (128, 128, 128))
+        draw = ImageDraw.Draw(image)
+        for half, (colour, fill) in enumerate(COLOURS.items()):
+            side = rng.randint(10, 14)
+            x0, y0 = rng.randint(half * 20, half * 20 + 20 - side), rng.randint(0, 32 - side)
+            draw.rectangle((x0, y0, x0 + side - 1, y0 + side - 1), fill=fill)
+            samples.append(RECSample(image=image, expression=f"the {colour} square", box=(x0, y0, x0 + side, y0 + side),
+                                     image_id=index))
+    return RECDataset(samples)
+
+
+def _args(output_dir: Path, **overrides) -> RECTrainingArguments:
+    values = dict(output_dir=str(output_dir), use_cpu=True, dataloader_num_workers=0, report_to="none",
+                  disable_tqdm=True, seed=0, data_seed=0, per_device_train_batch_size=4, per_device_eval_batch_size=4,
+                  learning_rate=1e-3, side_learning_rate=1e-3, save_strategy="no", logging_steps=1, num_train_epochs=3)
+    values.update(overrides)
+    return RECTrainingArguments(**values)
+
+
+def _train(tmp_path: Path, name: str, data: RECDataset, **overrides):
+    model = make_model(seed=0, side_dropout=0.1)
+    processor = make_processor(tmp_path / f"tok-{name}")
+    trainer = train_rec(model, processor, data, {"val": data}, _args(tmp_path / name, eval_strategy="epoch",
+                                                                     **overrides))
+    return model, trainer
+
+
+def test_float32_cache_gives_the_same_weights(tmp_path, capsys):
+    data = shared_image_dataset(6)
+    plain, plain_trainer = _train(tmp_path, "plain", data)
+    cached, trainer = _train(tmp_path, "cached", data, tower_cache="memory", tower_cache_dtype="float32")
+    for key, value in trainable_tensors(plain).items():
+        assert torch.equal(value, trainable_tensors(cached)[key]), key
+    assert plain_trainer.state.log_history[-2]["eval_val_acc@0.5"] == trainer.state.log_history[-2]["eval_val_acc@0.5"]
+    stats = trainer.tower_cache.stats
+    # 6 images and 2 expressions; 3 epochs of training + 3 evaluations of 12 samples each = 72 lookups per tower
+    assert stats["vision_records"] == 6 and stats["text_records"] == 2
+    assert stats["vision_hits"] + stats["vision_misses"] == 72 and stats["vision_misses"] <= 12
+    assert "tower cache (float32, RAM)" in capsys.readouterr().out
+
+
+def test_bfloat16_cache_trains_and_halves_the_bytes(tmp_path):
+    data = shared_image_dataset(4)
+    model, trainer = _train(tmp_path, "bf16", data, tower_cache="memory")
+    cache = trainer.tower_cache
+    assert cache.dtype == "bfloat16"
+    exact = TowerFeatureCache(model, dtype="float32")
+    assert exact.bytes_per_image == 2 * cache.bytes_per_image and exact.bytes_per_expression == 2 * cache.bytes_per_expression
+    # the stored features are the towers' features rounded to bfloat16
+    batch = TowerCacheCollator(RECCollator(trainer.processing_class))([data[i] for i in range(4)])
+    stored = cache.features(batch)
+    fresh = model.tower_features(batch["pixel_values"], batch["pixel_mask"], batch["input_ids"], batch["attention_mask"])
+    torch.testing.assert_close(stored.vision.tokens, fresh.vision.tokens, rtol=1e-2, atol=1e-2)
+    assert torch.equal(stored.vision.mask, fresh.vision.mask) and torch.equal(stored.text.mask, fresh.text.mask)
+
+
+def test_disk_cache_resumes_and_is_shared_between_ranks(tmp_path):
+    data = shared_image_dataset(3)
+    model = make_model(seed=0)
+    processor = make_processor(tmp_path / "tok")
+    batch = TowerCacheCollator(RECCollator(processor))([data[i] for i in range(6)])
+    first = TowerFeatureCache(model, tmp_path / "cache", "float32", expected_images=3, expected_texts=2)
+    features = first.features(batch)
+    assert first.stats["vision_misses"] == 6 and first.stats["vision_records"] == 3
+    # a new process (resumed run) reads what the first one wrote: no tower pass
+    again = TowerFeatureCache(model, tmp_path / "cache", "float32")
+    reread = again.features(batch)
+    assert again.stats["vision_misses"] == 0 and again.stats["text_misses"] == 0
+    assert torch.equal(reread.vision.taps["ffn"][0], features.vision.taps["ffn"][0])
+    # another rank writes its own shard and reads the first rank's
+    other = TowerFeatureCache(model, tmp_path / "cache", "float32", rank=1)
+    other.features(batch)
+    assert other.stats["vision_misses"] == 0
+    folder = next((tmp_path / "cache").glob("vision-*"))
+    assert sorted(p.name for p in folder.iterdir()) == ["index.0.txt", "manifest.json", "rows.0.bin"]
+    # a torn index line (a crash mid-append) is cut; the records before it survive
+    with open(folder / "index.0.txt", "a") as f:
+        f.write("deadbeef")
+    repaired = TowerFeatureCache(model, tmp_path / "cache", "float32")
+    repaired.features(batch)
+    assert repaired.stats["vision_misses"] == 0
+    assert (folder / "index.0.txt").read_text().endswith("\n")
+
+
+def test_what_changes_features_changes_the_folder(tmp_path):
+    model = make_model(seed=0)
+    folders = set()
+    for change in ("none", "weights", "layers", "dtype"):
+        if change == "weights":
+            with torch.no_grad():
+                next(model.vision_model.parameters()).add_(1e-3)
+        if change == "layers":
+            model = make_model(seed=0, vision_layers=[1], text_layers=[1])
+        cache = TowerFeatureCache(model, tmp_path / "cache", "float16" if change == "dtype" else "float32")
+        folders.add(cache.records["vision"].folder)
+    assert len(folders) == 4
+    # inputs are keys by content: another canvas normalisation is another key
+    processor = make_processor(tmp_path / "tok")
+    item = shared_image_dataset(1)[0]
+    keys = cache_keys(RECCollator(processor)([item]), "vision")
+    processor.image_mean = (0.5, 0.5, 0.5)
+    assert cache_keys(RECCollator(processor)([item]), "vision") != keys
+
+
+def test_augmentation_needs_views_and_views_bound_the_records(tmp_path):
+    data = shared_image_dataset(3)
+    processor = make_processor(tmp_path / "tok")
+    processor.augment = RECAugmentation(seed=0, random_resize=False)
+    model = make_model(seed=0)
+    with pytest.raises(ValueError, match="tower_cache_views=K"):
+        RECTrainer(model=model, args=_args(tmp_path / "a", tower_cache="memory"),
+                   data_collator=RECCollator(processor, train=True), train_dataset=data)
+    trainer = train_rec(model, processor, data, None, _args(tmp_path / "b", tower_cache="memory", tower_cache_views=2,
+                                                            num_train_epochs=6))
+    stats = trainer.tower_cache.stats
+    assert stats["vision_records"] <= 3 * 2 * 2  # images x views (x boxes, for augmentations that follow the box)
+    assert stats["vision_hits"] > 0
+    # a view is a deterministic augmentation of its image
+    collator = CachedViewsCollator(RECCollator(processor, train=True), views=1)
+    one, two = collator([data[0]]), collator([data[0]])
+    assert torch.equal(one["pixel_values"], two["pixel_values"]) and one["vision_cache_keys"] == two["vision_cache_keys"]
+
+
+def test_refusals(tmp_path, monkeypatch):
+    import shutil
+
+    model = make_model(seed=0)
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: usage._replace(free=10_000))
+    with pytest.raises(ValueError, match=r"needs about .* but only"):
+        TowerFeatureCache(model, tmp_path / "cache", expected_images=1000, expected_texts=1000)
+    baseline = build_model(vision_tower("vit"), text_tower("bert"), tiny_config(), method="full")
+    with pytest.raises(ValueError, match="needs frozen towers"):
+        RECTrainer(model=baseline, args=_args(tmp_path / "c", tower_cache="memory"),
+                   data_collator=RECCollator(make_processor(tmp_path / "tok")))
+    for bad in (dict(tower_cache_dtype="int8"), dict(tower_cache_views=-1), dict(tower_cache="")):
+        with pytest.raises(ValueError, match="tower_cache"):
+            _args(tmp_path / "d", **bad)
+
+
+def test_rounded_cache_runs_the_towers_on_missing_inputs_only(tmp_path):
+    """With a bfloat16 cache a batch runs the vision tower on its new images only, once each; float32 runs the
+    whole batch (exactness)."""
+    data = shared_image_dataset(3)  # samples 2k and 2k+1 share image k
+    model = make_model(seed=0)
+    collate = TowerCacheCollator(RECCollator(make_processor(tmp_path / "tok")))
+    sizes: list[int] = []
+    model.vision_tower.layers[0][1].register_forward_hook(lambda _m, args, _o: sizes.append(args[0].shape[0]))
+    for dtype, expected in (("bfloat16", [1, 2]), ("float32", [2, 4])):
+        cache = TowerFeatureCache(model, None, dtype)
+        sizes.clear()  # the cache's probe of the layout ran the tower once
+        cache.features(collate([data[0], data[1]]))  # one image, twice
+        cache.features(collate([data[0], data[2], data[3], data[4]]))  # image 0 again, images 1 and 2 new
+        assert sizes == expected, dtype
+        assert cache.stats["vision_records"] == 3
+    features = cache.features(collate([data[2], data[5]]))
+    assert features.vision.tokens.shape[0] == 2 and cache.stats["vision_misses"] == 5
