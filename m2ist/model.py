@@ -308,6 +308,17 @@ class RECModel(nn.Module):
         """Return ``(vision_tokens, vision_mask, text_tokens, text_mask)`` for the head."""
         raise NotImplementedError
 
+    def check_inputs(self, pixel_values: torch.Tensor, input_ids: torch.Tensor) -> None:
+        """Refuse, in one line, an empty batch and token ids the text tower has no embedding for (a tokenizer of
+        another tower), before they reach the towers as a deep ``IndexError``."""
+        if pixel_values.shape[0] == 0 or input_ids.shape[0] == 0:
+            raise ValueError("Empty batch: pass at least one image and one expression.")
+        vocab = getattr(self.text_model.config, "vocab_size", None)
+        if isinstance(vocab, int) and input_ids.numel() and (int(input_ids.max()) >= vocab or int(input_ids.min()) < 0):
+            raise ValueError(f"input_ids hold token ids outside the text tower's vocabulary (0..{vocab - 1}; got "
+                             f"{int(input_ids.min())}..{int(input_ids.max())}): the tokenizer does not belong to this "
+                             "text tower. Use the processor saved with the adapter.")
+
     def forward(
         self,
         pixel_values: torch.Tensor,
@@ -319,13 +330,7 @@ class RECModel(nn.Module):
     ) -> RECModelOutput | tuple:
         """Predict one box per (image, expression); with ``labels`` ``(B, 4)`` (normalised cx, cy, w, h) also
         return the loss."""
-        if pixel_values.shape[0] == 0 or input_ids.shape[0] == 0:
-            raise ValueError("Empty batch: pass at least one image and one expression.")
-        vocab = getattr(self.text_model.config, "vocab_size", None)
-        if isinstance(vocab, int) and input_ids.numel() and (int(input_ids.max()) >= vocab or int(input_ids.min()) < 0):
-            raise ValueError(f"input_ids hold token ids outside the text tower's vocabulary (0..{vocab - 1}; got "
-                             f"{int(input_ids.min())}..{int(input_ids.max())}): the tokenizer does not belong to this "
-                             "text tower. Use the processor saved with the adapter.")
+        self.check_inputs(pixel_values, input_ids)
         vision_tokens, vision_mask, text_tokens, text_mask = self.encode(pixel_values, pixel_mask, input_ids,
                                                                          attention_mask)
         pred_boxes, patch_logits = self.head(vision_tokens, vision_mask, text_tokens, text_mask)
@@ -558,6 +563,7 @@ class SideTunedModel(RECModel):
                        attention_mask: torch.Tensor | None, adapter_names: Sequence[str] | None = None) -> TowerFeatureSet:
         """Run both frozen towers once under ``no_grad`` and tap what the adapters ``adapter_names`` (default: the
         active one) read: the union of their layers and tap kinds."""
+        self.check_inputs(pixel_values, input_ids)
         setups = [self._setup(name) for name in (adapter_names or [self._active_adapter])]
         vision_layers = sorted({layer for setup in setups for layer in setup.vision_layers})
         text_layers = sorted({layer for setup in setups for layer in setup.text_layers})

@@ -493,7 +493,7 @@ class RECTrainer(Trainer):
         self.tower_cache = TowerFeatureCache(model, location, args.tower_cache_dtype, expected_images=images,
                                              expected_texts=texts, rank=args.process_index)
         if args.should_log:
-            print(self.tower_cache.describe(), flush=True)
+            print(self.tower_cache.describe(), file=sys.stderr, flush=True)  # stdout is for results
 
     def _with_tower_features(self, model: nn.Module, inputs: dict[str, Any]) -> dict[str, Any]:
         """Replace the cache keys of a batch by its tower features (read from the cache or computed once)."""
