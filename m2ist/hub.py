@@ -15,6 +15,7 @@ only read when `huggingface_hub` is imported.
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import tempfile
@@ -261,6 +262,8 @@ def resolve_pretrained(
 
     prefix = f"{subfolder}/" if subfolder else ""
     wanted = [*filenames, *(name for name in optional_filenames if name not in filenames)]
+    explain = functools.partial(_explain, repo_id=repo_id, filenames=filenames, revision=revision,
+                                cache_dir=cache_dir, local_files_only=local_files_only, endpoint=endpoint, token=token)
     try:
         snapshot = Path(
             snapshot_download(
@@ -276,38 +279,14 @@ def resolve_pretrained(
             )
         )
     except (RepositoryNotFoundError, RevisionNotFoundError, LocalEntryNotFoundError) as error:
-        raise PretrainedNotFoundError(
-            _explain(
-                error,
-                repo_id=repo_id,
-                filename=prefix + filenames[0],
-                filenames=filenames,
-                revision=revision,
-                cache_dir=cache_dir,
-                local_files_only=local_files_only,
-                endpoint=endpoint,
-                token=token,
-            )
-        ) from error
+        raise PretrainedNotFoundError(explain(error, filename=prefix + filenames[0])) from error
     folder = snapshot / subfolder if subfolder else snapshot
     missing = [name for name in filenames if not (folder / name).is_file()]
     if missing:
         offline = local_files_only or constants.HF_HUB_OFFLINE
         cause: Exception = (LocalEntryNotFoundError(f"{prefix}{missing[0]} is not cached") if offline
                             else EntryNotFoundError(f"{prefix}{missing[0]} is not in the repo"))
-        raise PretrainedNotFoundError(
-            _explain(
-                cause,
-                repo_id=repo_id,
-                filename=prefix + missing[0],
-                filenames=filenames,
-                revision=revision,
-                cache_dir=cache_dir,
-                local_files_only=local_files_only,
-                endpoint=endpoint,
-                token=token,
-            )
-        )
+        raise PretrainedNotFoundError(explain(cause, filename=prefix + missing[0]))
     return folder
 
 

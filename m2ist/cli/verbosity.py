@@ -7,6 +7,7 @@ weights) and third-party Python warnings; ``-vv`` adds debug messages and transf
 
 from __future__ import annotations
 
+import argparse
 import logging
 import warnings
 
@@ -39,3 +40,15 @@ def configure(verbosity: int = 0) -> None:
 def configured() -> bool:
     """Whether logging was set up already (by ``m2ist`` before it hands over to ``demo``, ``bench``, ``compare``)."""
     return bool(logging.getLogger().handlers)
+
+
+def add_verbosity_flag(parser: argparse.ArgumentParser) -> None:
+    """``-v`` / ``--verbose`` for the commands that parse their own arguments (``demo``, ``bench``, ``compare``)."""
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="progress messages, transformers' warnings and third-party warnings (-vv: debug)")
+
+
+def apply_verbosity(args: argparse.Namespace) -> None:
+    """Configure output for ``args.verbose`` when run as ``python -m`` or asked for more than ``m2ist`` set up."""
+    if args.verbose or not configured():
+        configure(args.verbose)

@@ -323,7 +323,7 @@ def format_table(results: list[dict[str, Any]]) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``m2ist bench``."""
     from m2ist.cli.flags import HelpFormatter
-    from m2ist.cli.verbosity import configure, configured
+    from m2ist.cli.verbosity import add_verbosity_flag, apply_verbosity
 
     parser = argparse.ArgumentParser(prog="m2ist bench", description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--methods", metavar="LIST", default=",".join(METHOD_ORDER),
@@ -338,11 +338,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tiny", action="store_true", help="tiny towers (a smoke test of the benchmark itself)")
     parser.add_argument("--output", metavar="FILE", help="write the results as JSON to this file")
     parser.add_argument("--one", help=argparse.SUPPRESS)
-    parser.add_argument("-v", "--verbose", action="count", default=0,
-                        help="progress messages, transformers' warnings and third-party warnings (-vv: debug)")
+    add_verbosity_flag(parser)
     args = parser.parse_args(argv)
-    if args.verbose or not configured():  # run as `python -m`, or asked for more than `m2ist` was
-        configure(args.verbose)
+    apply_verbosity(args)
     if args.one:
         print(json.dumps(measure(args.one, args.batch_size, args.steps, args.warmup, args.device, args.tiny,
                                  args.backbone_dtype)))

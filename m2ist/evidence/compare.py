@@ -116,7 +116,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> Path | None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``m2ist compare``."""
     from m2ist.cli.flags import HelpFormatter
-    from m2ist.cli.verbosity import configure, configured
+    from m2ist.cli.verbosity import add_verbosity_flag, apply_verbosity
 
     parser = argparse.ArgumentParser(prog="m2ist compare", description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--methods", metavar="LIST", default=",".join(METHODS),
@@ -131,11 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tower-cache", metavar="MODE", default="memory",
                         help="M²IST's tower-feature cache: memory (default), disk, a folder, or off")
     parser.add_argument("--one", help=argparse.SUPPRESS)
-    parser.add_argument("-v", "--verbose", action="count", default=0,
-                        help="progress messages, transformers' warnings and third-party warnings (-vv: debug)")
+    add_verbosity_flag(parser)
     args = parser.parse_args(argv)
-    if args.verbose or not configured():  # run as `python -m`, or asked for more than `m2ist` was
-        configure(args.verbose)
+    apply_verbosity(args)
     Path(args.work_dir).mkdir(parents=True, exist_ok=True)
     if args.one:
         row = run_method(args.one, steps=args.steps, batch_size=args.batch_size, seed=args.seed, tiny=args.tiny,

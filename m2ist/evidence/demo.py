@@ -242,7 +242,7 @@ def _cache_line(results: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``m2ist demo``."""
     from m2ist.cli.flags import HelpFormatter
-    from m2ist.cli.verbosity import configure, configured
+    from m2ist.cli.verbosity import add_verbosity_flag, apply_verbosity
 
     parser = argparse.ArgumentParser(prog="m2ist demo", description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--output-dir", metavar="DIR", default="outputs/demo", help="where the adapter, PNG and results go")
@@ -253,13 +253,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="cache of the pretrained shapes ViT (default: ~/.cache/m2ist)")
     parser.add_argument("--tiny", action="store_true", help="a seconds-long smoke run with tiny settings")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    parser.add_argument("-v", "--verbose", action="count", default=0,
-                        help="progress messages, transformers' warnings and third-party warnings (-vv: debug)")
+    add_verbosity_flag(parser)
     parser.add_argument("--tower-cache", metavar="MODE", default="memory",
                         help="cache the frozen towers' features: memory (default), disk, a folder, or off")
     args = parser.parse_args(argv)
-    if args.verbose or not configured():  # run as `python -m`, or asked for more than `m2ist` was
-        configure(args.verbose)
+    apply_verbosity(args)
     results = run(args.output_dir, steps=args.steps, batch_size=args.batch_size, tiny=args.tiny,
                   cache_dir=args.cache_dir, seed=args.seed, progress=not args.no_progress, tower_cache=args.tower_cache)
     print(format_results(results))
