@@ -31,5 +31,14 @@ def make_batch(batch: int = 2, seed: int = 0, image_size: int = IMAGE_SIZE, quer
 
 
 @pytest.fixture
+def one_thread():
+    """Tiny models run ~20x faster on one thread than on two contended ones (``pytest.mark.usefixtures``)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def batch() -> dict[str, torch.Tensor]:
     return make_batch()

@@ -23,12 +23,7 @@ from tests.tiny import text_tower, tiny_config, vision_tower
 COLOURS = {"red": (220, 30, 30), "blue": (30, 30, 220)}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def shared_image_dataset(images: int, seed: int = 0) -> RECDataset:

@@ -12,13 +12,7 @@ from m2ist.trainer import RECTrainingArguments, train_rec
 from tests.conftest import make_batch
 from tests.ddp_worker import make_dataset, make_model, make_processor
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _loss_and_gradients(model, batch) -> tuple[float, dict[str, torch.Tensor]]:

@@ -41,13 +41,7 @@ from m2ist.trainer import NonFiniteTrainingError, RECTrainingArguments, train_re
 from tests.ddp_worker import make_dataset, make_model, make_processor, make_tokenizer
 from tests.tiny import text_tower, tiny_config, vision_tower
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
