@@ -16,12 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from transformers import AutoModel
 
-from m2ist import get_side_tuned_model
-from m2ist.processing import RECProcessor
 from tests.test_inference import make_tokenizer
-from tests.tiny import IMAGE_SIZE, QUERY_LEN, text_tower, tiny_config, vision_tower
+from tests.tiny import save_reloadable_adapter
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
@@ -42,12 +39,7 @@ needs_gradio = pytest.mark.skipif(not HAS_GRADIO, reason='gradio is not installe
 def adapter_dir(tmp_path_factory) -> Path:
     """A tiny random-weight adapter saved with its processor; towers saved too, so it reloads by path."""
     root = tmp_path_factory.mktemp("app")
-    vision_tower("vit").save_pretrained(root / "vision")
-    text_tower("bert").save_pretrained(root / "text")
-    vision, text = AutoModel.from_pretrained(root / "vision"), AutoModel.from_pretrained(root / "text")
-    model = get_side_tuned_model(vision, text, tiny_config())
-    model.processor = RECProcessor(make_tokenizer(root / "tokenizer"), canvas_size=IMAGE_SIZE, max_query_len=QUERY_LEN)
-    model.save_pretrained(root / "adapter")
+    save_reloadable_adapter(root, make_tokenizer(root / "tokenizer"))
     return root / "adapter"
 
 

@@ -12,12 +12,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import AutoModel
 
-from m2ist import RECProcessor, get_side_tuned_model
 from m2ist.trainer import RECTrainingArguments, train_rec
 from tests.ddp_worker import make_dataset, make_model, make_processor, make_tokenizer
-from tests.tiny import IMAGE_SIZE, QUERY_LEN, text_tower, tiny_config, vision_tower
+from tests.tiny import save_reloadable_adapter
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -26,12 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 def adapter(tmp_path_factory) -> Path:
     """A tiny adapter saved with its processor; its towers are reloaded from local folders, as from the Hub."""
     root = tmp_path_factory.mktemp("quiet")
-    vision_tower("vit").save_pretrained(root / "vit")
-    text_tower("bert").save_pretrained(root / "bert")
-    vision, text = AutoModel.from_pretrained(root / "vit"), AutoModel.from_pretrained(root / "bert")
-    model = get_side_tuned_model(vision, text, tiny_config())
-    model.processor = RECProcessor(make_tokenizer(root / "tokenizer"), canvas_size=IMAGE_SIZE, max_query_len=QUERY_LEN)
-    model.save_pretrained(root / "adapter")
+    save_reloadable_adapter(root, make_tokenizer(root / "tokenizer"))
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 60, 3), dtype=np.uint8)).save(root / "img.png")
     return root
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import transformers as T
 
 from m2ist import M2ISTConfig
@@ -63,3 +66,17 @@ def text_tower(family: str):
 
 VISION_FAMILIES = ["detr", "vit", "deit", "clip_vision", "dinov2", "swin", "convnext"]
 TEXT_FAMILIES = ["bert", "roberta", "xlm-roberta", "distilbert", "deberta-v2", "clip_text"]
+
+
+def save_reloadable_adapter(root: Path, tokenizer: Any) -> Path:
+    """A tiny ViT + BERT adapter saved with its processor in ``root/adapter``; the towers are saved under ``root``
+    first and loaded back, so the adapter re-loads them by path (as it would from the Hub). Returns the folder."""
+    from m2ist import RECProcessor, get_side_tuned_model
+
+    vision_tower("vit").save_pretrained(root / "vision")
+    text_tower("bert").save_pretrained(root / "text")
+    vision, text = T.AutoModel.from_pretrained(root / "vision"), T.AutoModel.from_pretrained(root / "text")
+    model = get_side_tuned_model(vision, text, tiny_config())
+    model.processor = RECProcessor(tokenizer, canvas_size=IMAGE_SIZE, max_query_len=QUERY_LEN)
+    model.save_pretrained(root / "adapter")
+    return root / "adapter"
