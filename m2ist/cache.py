@@ -364,7 +364,16 @@ class _DiskStore:
         return found
 
     def read(self, locations: list[tuple[_Shard, int]]) -> torch.Tensor:
-        return torch.cat([shard.read([row]) for shard, row in locations])
+        """The rows at ``locations``, in order: one read per shard."""
+        groups: dict[int, tuple[_Shard, list[int], list[int]]] = {}
+        for position, (shard, row) in enumerate(locations):
+            _, rows, positions = groups.setdefault(id(shard), (shard, [], []))
+            rows.append(row)
+            positions.append(position)
+        out = torch.empty((len(locations), self.width))
+        for shard, rows, positions in groups.values():
+            out[positions] = shard.read(rows)
+        return out
 
     def add(self, keys: list[str], values: torch.Tensor) -> None:
         self.own.add(keys, values)

@@ -167,6 +167,12 @@ class M2ISTConfig:
                   "most-attended one (1: a 3 x 3 window), re-weighed by the attention, so a hesitation between two "
                   "objects never averages them. None: every patch votes, weighed by the attention."},
     )
+    position_init: str = field(
+        default="random",
+        metadata={"help": "How the head's position embedding of the visual tokens starts: 'random' (TransVG's learned "
+                  "table) or 'sincos' (a 2-D sine-cosine table over the patch grid, as DETR's, still trained), which "
+                  "gives the head coordinates from the first step; needs the visual tokens on a known grid."},
+    )
     max_query_len: int = field(
         default=20, metadata={"help": "Text tokens fed to the head ([CLS] and [SEP] included); 40 for RefCOCOg."}
     )
@@ -281,7 +287,8 @@ class M2ISTConfig:
             if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "fusion_layers" else 1):
                 fail(name, "expected a non-negative integer." if name == "fusion_layers" else "expected a positive integer.")
         for name, choices in (("fusion_norm", ("post", "pre")), ("reg_init", ("learned", "text")),
-                              ("box_readout", ("reg", "vote"))):
+                              ("box_readout", ("reg", "vote")),
+                              ("position_init", ("random", "sincos"))):
             if getattr(self, name) not in choices:
                 fail(name, f"expected one of {choices}.")
         if self.vote_window is not None and (not isinstance(self.vote_window, int) or isinstance(self.vote_window, bool)

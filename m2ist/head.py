@@ -12,6 +12,7 @@ from torch import nn
 from .config import M2ISTConfig
 from .layer import run_layer
 from .ops.boxes import box_convert, generalized_box_iou
+from .ops.positions import sincos_grid_table
 
 
 class HeadOutput(NamedTuple):
@@ -195,6 +196,14 @@ class RECHead(nn.Module):
         self.text_proj = nn.Linear(text_width, dim)
         self.reg_token = nn.Embedding(1, dim)
         self.position = nn.Embedding(1 + config.max_query_len + num_vision_tokens, dim)
+        if config.position_init == "sincos":
+            if vision_grid is None or vision_grid[0] * vision_grid[1] + num_prefix_tokens != num_vision_tokens:
+                raise ValueError(f"position_init='sincos' needs the visual tokens on a patch grid, but the vision tower "
+                                 f"gives {num_vision_tokens} tokens without a known grid ({vision_grid}, "
+                                 f"{num_prefix_tokens} prefix tokens): use position_init='random' for this tower.")
+            start = 1 + config.max_query_len + num_prefix_tokens
+            with torch.no_grad():
+                self.position.weight[start:] = sincos_grid_table(*vision_grid, dim)
         self.expression_query = ExpressionQuery(dim) if config.reg_init == "text" else None
         pre_norm = config.fusion_norm == "pre"
         self.layers = nn.ModuleList(

@@ -113,6 +113,22 @@ def test_disk_cache_resumes_and_is_shared_between_ranks(tmp_path):
     repaired.features(batch)
     assert repaired.stats["vision_misses"] == 0
     assert (folder / "index.0.txt").read_text().endswith("\n")
+    # a batch mixing both ranks' records reads each row from its own shard, in the batch's order
+    more = shared_image_dataset(5, seed=1)
+    fresh = TowerCacheCollator(RECCollator(processor))([more[i] for i in range(6, 10)])
+    other.features(fresh)  # rank 1 writes these two images to its shard
+    mixed_items = [data[4], more[8], data[0], more[6], data[2]]
+    mixed = TowerCacheCollator(RECCollator(processor))(mixed_items)
+    rereader = TowerFeatureCache(model, tmp_path / "cache", "float32", rank=2)
+    read = rereader.features(mixed)
+    assert rereader.stats["vision_misses"] == 0 and rereader.stats["text_misses"] == 0
+    with torch.no_grad():
+        direct = model.tower_features(mixed["pixel_values"], mixed["pixel_mask"], mixed["input_ids"],
+                                      mixed["attention_mask"])
+    for kind in ("ffn", "attention"):
+        if kind in direct.vision.taps:
+            torch.testing.assert_close(read.vision.taps[kind][-1], direct.vision.taps[kind][-1])
+    torch.testing.assert_close(read.vision.tokens, direct.vision.tokens)
 
 
 def test_what_changes_features_changes_the_folder(tmp_path):

@@ -9,6 +9,7 @@ import torch
 
 from m2ist import M2ISTConfig, SideTunedModel, get_side_tuned_model
 from m2ist.head import BoxVoteReadout, RECHead, patch_targets, rec_loss
+from m2ist.ops import sincos_grid_table
 from tests.tiny import text_tower, tiny_config, vision_tower
 
 FAST_HEAD = dict(fusion_norm="pre", reg_init="text", box_readout="vote")
@@ -132,3 +133,29 @@ def test_fast_head_round_trips_through_save_and_load(tmp_path, batch):
     loaded = SideTunedModel.from_pretrained(tmp_path, vision_model=vision, text_model=text).eval()
     assert (loaded.config.fusion_norm, loaded.config.reg_init, loaded.config.box_readout) == ("pre", "text", "vote")
     torch.testing.assert_close(_forward(loaded, batch).pred_boxes, _forward(model, batch).pred_boxes)
+
+
+def test_sincos_grid_table_orders_cells_along_each_axis():
+    table = sincos_grid_table(3, 4, 16)
+    assert table.shape == (12, 16)
+    cell = table.reshape(3, 4, 16)
+    # the lowest frequency's cosine (row: channel 4, column: channel 12) falls monotonically from top / left
+    assert (cell[:, :, 12].diff(dim=1) < 0).all() and (cell[:, :, 4].diff(dim=0) < 0).all()
+    assert torch.allclose(cell[:, 0, 8:], cell[0, 0, 8:].expand(3, -1))  # column channels ignore the row
+    assert len({tuple(row.tolist()) for row in table.round(decimals=5)}) == 12  # every cell distinct
+
+
+def test_sincos_position_init_starts_the_visual_positions_on_the_grid():
+    config = tiny_config(position_init="sincos", **FAST_HEAD)
+    model = get_side_tuned_model(vision_tower("vit"), text_tower("bert"), config)  # ViT: a CLS token, then the grid
+    head = model.head
+    grid = head.box_votes.grid
+    start = 1 + config.max_query_len + 1
+    torch.testing.assert_close(head.position.weight[start:].detach(), sincos_grid_table(*grid, config.fusion_dim))
+    assert head.position.weight.requires_grad  # a starting point, still trained
+    plain = get_side_tuned_model(vision_tower("vit"), text_tower("bert"), tiny_config(**FAST_HEAD)).head
+    assert not torch.allclose(plain.position.weight[start:], head.position.weight[start:])
+    with pytest.raises(ValueError, match="position_init"):
+        M2ISTConfig(position_init="rope")
+    with pytest.raises(ValueError, match="position_init='random'"):
+        RECHead(tiny_config(position_init="sincos"), 32, 32, num_vision_tokens=17, vision_grid=None)

@@ -51,14 +51,16 @@ class DemoSetup:
 
 
 def prepare(*, tiny: bool = False, cache_dir: str | None = None, seed: int = 0, sizes: dict[str, int] | None = None,
-            progress: bool = True) -> DemoSetup:
-    """Load (or pretrain and cache) the towers, build the processor and generate the benchmark."""
+            progress: bool = True, recipe: Any = None) -> DemoSetup:
+    """Load (or pretrain and cache) the towers, build the processor and generate the benchmark. ``recipe``: the
+    vision tower's :class:`~m2ist.evidence.demo_towers.VisionPretrainRecipe` (default: the demo's)."""
     from m2ist.processing import RECProcessor
 
     from .demo_towers import VisionPretrainRecipe, load_vision_tower, text_tower_path, vision_tower_path
     from .synthetic import make_benchmark
 
-    recipe = VisionPretrainRecipe.tiny() if tiny else VisionPretrainRecipe()
+    if recipe is None:
+        recipe = VisionPretrainRecipe.tiny() if tiny else VisionPretrainRecipe()
     # pretrained once, then cached; this first load serves the first make_towers() call (not loaded twice)
     loaded = [load_vision_tower(cache_dir=cache_dir, recipe=recipe, progress=progress)]
     vision_path = vision_tower_path(cache_dir, recipe)
