@@ -138,7 +138,9 @@ def test_explicit_bfloat16_casts_the_towers_keeps_side_and_head_float32_and_trai
     assert _dtypes(again.vision_model) == {BF16} and again.dtype == FP32
 
 
-def test_baselines_keep_their_towers_and_refuse_a_cast(tmp_path):
+def test_baselines_keep_their_towers_and_refuse_a_cast(tmp_path, monkeypatch):
+    monkeypatch.setattr(trainer_module, "resolve_tower_dtype",  # as on a bf16 GPU: 'auto' still leaves them alone
+                        lambda requested, device, towers, supported: resolve_tower_dtype(requested, "cuda", towers, True))
     model = build_model(vision_tower("vit"), text_tower("bert"), tiny_config(), method="full")
     for value in ("float32", "bfloat16", "float16"):
         with pytest.raises(ValueError, match=rf"tower_dtype='{value}' casts frozen towers, but method 'full' trains"):
