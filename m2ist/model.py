@@ -308,6 +308,7 @@ class RECModel(nn.Module):
         """Return ``(vision_tokens, vision_mask, text_tokens, text_mask)`` for the head."""
         raise NotImplementedError
 
+    @torch.compiler.disable  # reads values (.max()): runs eagerly under torch.compile, without a graph-break warning
     def check_inputs(self, pixel_values: torch.Tensor, input_ids: torch.Tensor) -> None:
         """Refuse, in one line, an empty batch and token ids the text tower has no embedding for (a tokenizer of
         another tower), before they reach the towers as a deep ``IndexError``."""
@@ -556,6 +557,18 @@ class SideTunedModel(RECModel):
     def float(self) -> SideTunedModel:
         """Cast the side network and head to float32 (the towers keep ``config.backbone_dtype``)."""
         return self.to(torch.float32)
+
+    def set_backbone_dtype(self, backbone_dtype: str) -> SideTunedModel:
+        """Cast both frozen towers to ``backbone_dtype`` (``"float32"``, ``"bfloat16"`` or ``"float16"``) and record
+        it as every adapter's ``config.backbone_dtype`` (saved with the adapter, so a reload casts the towers the
+        same way). The side networks and heads keep their dtype: the taps reach them in float32."""
+        if backbone_dtype not in DTYPES:
+            raise ValueError(f"backbone_dtype must be one of {tuple(DTYPES)}, got {backbone_dtype!r}.")
+        for tower in (self.vision_model, self.text_model):
+            tower.to(DTYPES[backbone_dtype])
+        for setup in self.adapter_setups.values():  # adapters on one pair of towers share its settings
+            setup.config.backbone_dtype = backbone_dtype
+        return self
 
     # ---------------------------------------------------------------------------------------------------------
     # the two halves of a forward: the frozen towers' features, then one adapter's side network and head on them

@@ -49,7 +49,7 @@ from .config import CONFIG_NAME, M2ISTConfig
 from .data.collator import RECCollator
 from .evaluation import paired_iou, write_results
 from .head import rec_loss
-from .model import METHODS, RECModel, SideTunedModel
+from .model import DTYPES, METHODS, RECModel, SideTunedModel
 from .ops.boxes import box_convert
 from .save_and_load import (
     ADAPTER_FILES,
@@ -73,6 +73,7 @@ __all__ = [
     "image_regions",
     "load_trainable_tensors",
     "model_method",
+    "resolve_tower_dtype",
     "run_settings",
     "save_trainable_tensors",
     "train_rec",
@@ -88,6 +89,8 @@ PROGRESS_DELAY_S = 2.0
 ACCURACY_METRIC = "acc@0.5"
 #: The settings that define a run, written into every checkpoint and compared when resuming.
 RUN_SETTINGS_NAME = "m2ist_run.json"
+#: Values of ``RECTrainingArguments.tower_dtype``: ``"auto"``, a dtype name, or ``"keep"`` (leave the towers as they are).
+TOWER_DTYPES = ("auto", *DTYPES, "keep")
 _CHECKPOINT_PATTERN = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
 
 
@@ -162,6 +165,13 @@ class RECTrainingArguments(TrainingArguments):
         metadata={"help": "With a cache and a training augmentation: the fixed number of augmented views per image, "
                   "one picked at random each time the image is batched. Required (>= 1) when the processor augments."},
     )
+    tower_dtype: str = field(
+        default="auto",
+        metadata={"help": "Dtype of M²IST's frozen towers while training: 'auto' (bfloat16 when training on a CUDA "
+                  "device that supports it and the towers are float32, else the towers stay as they are), 'float32', "
+                  "'bfloat16', 'float16', or 'keep'. The side network and head stay float32; the towers' dtype is "
+                  "recorded as the adapter's backbone_dtype. Baselines train their towers: only 'auto'/'keep' there."},
+    )
     remove_unused_columns: bool = field(
         default=False,
         metadata={"help": "Must be False: REC items (image, expression, box) are not model arguments; the collator "
@@ -204,6 +214,8 @@ class RECTrainingArguments(TrainingArguments):
         if isinstance(self.tower_cache_views, bool) or not isinstance(self.tower_cache_views, int) \
                 or self.tower_cache_views < 0:
             raise ValueError(f"tower_cache_views must be a whole number >= 0, got {self.tower_cache_views!r}.")
+        if self.tower_dtype not in TOWER_DTYPES:
+            raise ValueError(f"tower_dtype must be one of {TOWER_DTYPES}, got {self.tower_dtype!r}.")
         super().__post_init__()
         if self.lr_drop_epochs and self.lr_scheduler_type != SchedulerType.CONSTANT:
             raise ValueError(f"lr_drop_epochs={self.lr_drop_epochs} is a step schedule; it cannot be combined with "
@@ -231,6 +243,31 @@ class StepDropSchedule:
 
     def __repr__(self) -> str:
         return f"StepDropSchedule(drop_steps={self.drop_steps}, factor={self.factor}, warmup_steps={self.warmup_steps})"
+
+
+# ---------------------------------------------------------------------------------------------- tower dtype
+def resolve_tower_dtype(requested: str, device: str | torch.device, towers_dtype: torch.dtype | None,
+                        bf16_supported: bool) -> torch.dtype | None:
+    """The dtype to cast M²IST's frozen towers to before training, or None to leave them as they are.
+
+    ``requested`` is ``RECTrainingArguments.tower_dtype``: ``"keep"`` -> None; a dtype name -> that dtype;
+    ``"auto"`` -> bfloat16 when training on a CUDA ``device`` that supports it (``bf16_supported``, i.e.
+    ``torch.cuda.is_bf16_supported()``) and the towers are float32 (``towers_dtype``; None when the two towers
+    differ), else None: CPUs, older GPUs and towers already cast (``backbone_dtype``) are left alone.
+    """
+    if requested not in TOWER_DTYPES:
+        raise ValueError(f"tower_dtype must be one of {TOWER_DTYPES}, got {requested!r}.")
+    if requested == "keep":
+        return None
+    if requested != "auto":
+        return DTYPES[requested]
+    if torch.device(device).type == "cuda" and bf16_supported and towers_dtype == torch.float32:
+        return torch.bfloat16
+    return None
+
+
+def _dtype_name(dtype: torch.dtype | None) -> str:
+    return str(dtype).removeprefix("torch.") if dtype is not None else "mixed"
 
 
 # ---------------------------------------------------------------------------------------------- trained tensors
@@ -425,6 +462,9 @@ class RECTrainer(Trainer):
             raise ValueError(f"args.method={args.method!r} but the model is a {type(model).__name__} ({found!r}). "
                              f"Build the model for that method: m2ist.evidence.baselines.build_model(vision, text, config, "
                              f"method={args.method!r}).")
+        if not isinstance(model, SideTunedModel) and args.tower_dtype not in ("auto", "keep"):
+            raise ValueError(f"tower_dtype={args.tower_dtype!r} casts frozen towers, but method {found!r} trains its "
+                             "towers: use tower_dtype='auto' or 'keep' for baselines (or bf16=True for mixed precision).")
         args = copy.copy(args)  # the metric name may be resolved below; never change the caller's arguments
         eval_dataset = kwargs.get("eval_dataset")
         if args.save_strategy == SaveStrategy.BEST and not eval_dataset:
@@ -449,12 +489,34 @@ class RECTrainer(Trainer):
             data_collator, self.eval_data_collator = self._caching_collators(model, args, data_collator,
                                                                             eval_data_collator)
         super().__init__(model=model, args=args, data_collator=data_collator, **kwargs)
+        self._set_tower_dtype()  # the Trainer has placed the model; the tower cache (keyed by the dtype) is not open
         for stdout_callback, stderr_callback in ((ProgressCallback, StderrProgressCallback),
                                                  (PrinterCallback, StderrPrinterCallback)):
             if self.pop_callback(stdout_callback) is not None:  # log dicts on stderr: stdout is for results
                 self.add_callback(stderr_callback)
         # Our forward takes no loss kwargs: the loss is a per-batch mean and the Trainer scales it for accumulation.
         self.model_accepts_loss_kwargs = False
+
+    # ------------------------------------------------------------------ the towers' dtype
+    def _set_tower_dtype(self) -> None:
+        """Cast M²IST's frozen towers as ``args.tower_dtype`` asks (see :func:`resolve_tower_dtype`), through
+        :meth:`SideTunedModel.set_backbone_dtype`, so ``model.config.backbone_dtype`` records it."""
+        model = self.accelerator.unwrap_model(self.model)
+        if not isinstance(model, SideTunedModel):
+            return
+        requested, device = self.args.tower_dtype, self.args.device
+        dtypes = {model.vision_tower.dtype, model.text_tower.dtype}
+        towers = next(iter(dtypes)) if len(dtypes) == 1 else None
+        bf16_supported = device.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        dtype = resolve_tower_dtype(requested, device, towers, bf16_supported)
+        if dtype is None:
+            logger.info("tower_dtype=%r: the frozen towers stay %s (training on %s).", requested, _dtype_name(towers),
+                        device)
+            return
+        model.set_backbone_dtype(_dtype_name(dtype))
+        logger.info("tower_dtype=%r: the frozen towers run in %s (were %s) on %s; the side network and head keep "
+                    "%s; recorded as backbone_dtype=%r.", requested, _dtype_name(dtype), _dtype_name(towers), device,
+                    _dtype_name(model.dtype), model.config.backbone_dtype)
 
     # ------------------------------------------------------------------ the tower cache
     @staticmethod
@@ -576,8 +638,16 @@ class RECTrainer(Trainer):
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
             raise ValueError(f"{path} is damaged ({err}): resume from another checkpoint.") from err
         current = json.loads(json.dumps(run_settings(self), default=str))
-        differences = [f"{key}: checkpoint {saved.get(key)!r}, now {current.get(key)!r}"
-                       for key in sorted(set(saved) | set(current)) if saved.get(key) != current.get(key)]
+        differences = []
+        for key in sorted(set(saved) | set(current)):
+            was, now = saved.get(key), current.get(key)
+            if was == now:
+                continue
+            if isinstance(was, dict) and isinstance(now, dict):  # m2ist_config: name the fields (e.g. backbone_dtype)
+                differences += [f"{key}.{name}: checkpoint {was.get(name)!r}, now {now.get(name)!r}"
+                                for name in sorted(set(was) | set(now)) if was.get(name) != now.get(name)]
+            else:
+                differences.append(f"{key}: checkpoint {was!r}, now {now!r}")
         if not differences:
             return
         message = (f"{checkpoint} was written by another run ({'; '.join(differences)}). Resume with the same "
@@ -890,7 +960,9 @@ def _non_finite_inputs(inputs: Mapping[str, Any]) -> str:
 def run_settings(trainer: RECTrainer) -> dict[str, Any]:
     """The settings that define a training run, recorded in each checkpoint (``m2ist_run.json``) and compared when
     resuming: learning rates and their schedule, seed, batch sizes, method, the model's M2ISTConfig (without the
-    recorded tower names) and the training-set size. Epoch and step counts are left out: extending a run is fine."""
+    recorded tower names; its ``backbone_dtype`` is the towers' dtype after ``args.tower_dtype``, so a run resumed
+    with its towers in another dtype is refused) and the training-set size. Epoch and step counts are left out:
+    extending a run is fine."""
     args = trainer.args
     model = trainer.accelerator.unwrap_model(trainer.model)
     config = getattr(model, "config", None)

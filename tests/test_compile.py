@@ -122,3 +122,21 @@ def test_baselines_checkpoint_the_towers_they_train_too(method):
         torch.testing.assert_close(gradient, reference[name], atol=1e-6, rtol=1e-5, msg=name)
     model.gradient_checkpointing_disable()
     assert not model.vision_model.is_activation_checkpointing
+
+
+@pytest.mark.slow  # ~80 s with a cold inductor cache on 2 CPU cores, ~5 s warm
+def test_trainer_compiles_the_model_and_trains_on_the_tower_cache(tmp_path):
+    """``torch_compile=True`` with ``tower_cache="memory"``: the Trainer compiles the model, whose forward then gets
+    ``labels`` and ``tower_features`` (a dataclass of tensors) instead of the raw inputs; two steps, finite losses."""
+    model = make_model()
+    side_before = {k: v.clone() for k, v in model.side.state_dict().items()}
+    args = RECTrainingArguments(output_dir=str(tmp_path / "run"), use_cpu=True, max_steps=2, report_to="none",
+                                disable_tqdm=True, save_strategy="no", per_device_train_batch_size=2, logging_steps=1,
+                                torch_compile=True, tower_cache="memory")
+    torch._dynamo.reset()
+    trainer = train_rec(model, make_processor(Path(tmp_path) / "tokenizer"), make_dataset(2, seed=0), args=args)
+    assert isinstance(trainer.model_wrapped, torch._dynamo.eval_frame.OptimizedModule)  # really compiled
+    assert trainer.tower_cache.stats["vision_hits"] == 2  # the second step (second epoch) read the cache
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert trainer.state.global_step == 2 and len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+    assert any(not torch.equal(v, side_before[k]) for k, v in model.side.state_dict().items())

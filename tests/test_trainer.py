@@ -273,6 +273,15 @@ def test_parameter_groups_learning_rates_and_weight_decay(tmp_path):
     assert decay | no_decay == every and not decay & no_decay
 
 
+def test_default_optimizer_is_fused_adamw(tmp_path):
+    """transformers 5's default optim, adamw_torch_fused, reaches the optimizer through our parameter groups (torch
+    runs fused AdamW on CPUs too)."""
+    args = RECTrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
+    optimizer = RECTrainer(make_model(), args).create_optimizer()
+    assert isinstance(optimizer, torch.optim.AdamW) and optimizer.defaults.get("fused") is True
+    assert all(group.get("fused", optimizer.defaults["fused"]) for group in optimizer.param_groups)
+
+
 def test_step_schedule_drops_every_group_at_the_given_epochs(tmp_path, processor):
     lrs = []
 

@@ -282,11 +282,11 @@ def add_augmentation_flags(parser: argparse.ArgumentParser) -> None:
 
 def add_training_flags(parser: argparse.ArgumentParser) -> None:
     from m2ist.model import METHODS
-    from m2ist.trainer import RECTrainingArguments
+    from m2ist.trainer import TOWER_DTYPES, RECTrainingArguments
 
     add_dataclass_flags(parser, RECTrainingArguments, "training",
                         "training (RECTrainingArguments: transformers' TrainingArguments with the recipe's defaults)",
-                        choices={"method": METHODS})
+                        choices={"method": METHODS, "tower_dtype": TOWER_DTYPES})
 
 def add_evaluation_flags(parser: argparse.ArgumentParser, command: str) -> None:
     group = parser.add_argument_group("inference" if command == "predict" else "evaluation")

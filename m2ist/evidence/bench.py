@@ -2,7 +2,9 @@
 
 Each method runs in its own subprocess (so the process peak memory of one does not leak into the next) on the
 same towers, batch and seed: DETR-R50 encoder + BERT-base (random weights: cost does not depend on them),
-640×640 canvas, query length 20. Reported per method: trainable parameters, exact bytes (autograd saved tensors
+640×640 canvas, query length 20. M²IST's frozen towers follow training's default (``tower_dtype="auto"``):
+bfloat16 on a CUDA device that supports it, float32 elsewhere, unless ``--backbone-dtype`` says otherwise; each row
+records its towers' dtype. Reported per method: trainable parameters, exact bytes (autograd saved tensors
 + parameters + gradients + AdamW state), process peak memory (``torch.cuda.max_memory_allocated`` on GPU, peak
 RSS on CPU), step time, and each as a ratio to full fine-tuning. The floor is the frozen towers' forward alone.
 """
@@ -49,6 +51,25 @@ def _config(tiny: bool, backbone_dtype: str | None):
         return M2ISTConfig(image_size=64, max_query_len=20, bottleneck=16, fusion_dim=64, fusion_layers=1,
                            fusion_heads=2, fusion_ffn_dim=128, backbone_dtype=backbone_dtype)
     return reference_config(backbone_dtype=backbone_dtype)
+
+
+def bench_backbone_dtype(method: str, device: str | torch.device, backbone_dtype: str | None,
+                         bf16_supported: bool | None = None) -> str | None:
+    """The ``backbone_dtype`` a bench row builds its model with. Baselines: None (they train their towers, in
+    float32). M²IST rows: ``backbone_dtype`` when given (``--backbone-dtype``), else what training does by default
+    (:func:`m2ist.trainer.resolve_tower_dtype` with ``tower_dtype="auto"``): ``"bfloat16"`` on a CUDA ``device``
+    that supports it (``bf16_supported``, default: ask torch), else None (float32 towers: CPUs are unchanged)."""
+    from m2ist.trainer import resolve_tower_dtype
+
+    if method.split("-")[0] != "m2ist":
+        return None
+    if backbone_dtype is not None:
+        return backbone_dtype
+    if bf16_supported is None:
+        bf16_supported = torch.device(device).type == "cuda" and torch.cuda.is_available() and \
+            torch.cuda.is_bf16_supported()
+    dtype = resolve_tower_dtype("auto", device, torch.float32, bf16_supported)
+    return None if dtype is None else str(dtype).removeprefix("torch.")
 
 
 def _sync(device: torch.device) -> None:
@@ -114,7 +135,7 @@ def measure(method: str, batch_size: int, steps: int, warmup: int, device: str, 
     torch.manual_seed(0)
     dev = torch.device(device)
     variant, method = method, method.split("-")[0]
-    config = _config(tiny, backbone_dtype if method == "m2ist" else None)
+    config = _config(tiny, bench_backbone_dtype(method, dev, backbone_dtype))
     model = build_model(*_towers(tiny), config, method=method).to(dev)
     model.train()
     size, length = model.config.image_size, model.config.max_query_len
@@ -176,6 +197,7 @@ def measure(method: str, batch_size: int, steps: int, warmup: int, device: str, 
     trainable, total = model.get_nb_trainable_parameters()
     return {
         "method": variant,
+        "tower_dtype": str(model.vision_tower.dtype).removeprefix("torch."),
         **extra,
         "trainable_params": trainable,
         "total_params": total,
@@ -277,15 +299,15 @@ def describe_device(device: str) -> str:
 
 def format_table(results: list[dict[str, Any]]) -> str:
     """A markdown table of the figures and their ratios to full fine-tuning."""
-    lines = ["| method | trainable (M) | trainable % | side % | saved tensors (MiB) | exact bytes (MiB) | "
+    lines = ["| method | towers | trainable (M) | trainable % | side % | saved tensors (MiB) | exact bytes (MiB) | "
              "peak memory (MiB) | step (s) | memory vs full | peak vs full | time vs full |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         ratio = r.get("ratios_to_full", {})
         if r["method"] == "m2ist-x4":
             continue  # an inference figure: reported below
         lines.append(
-            f"| {LABELS.get(r['method'], r['method'])} | {r['trainable_params'] / 1e6:.2f} | "
+            f"| {LABELS.get(r['method'], r['method'])} | {r.get('tower_dtype', '?')} | {r['trainable_params'] / 1e6:.2f} | "
             f"{100 * r['trainable_fraction']:.2f} | "
             f"{100 * r['side_fraction']:.2f} | {r['saved_tensor_bytes'] / 2**20:.0f} | {r['exact_bytes'] / 2**20:.0f} | "
             f"{r['peak_memory_bytes'] / 2**20:.0f} | {r['step_time_s']:.3f} | {ratio.get('exact_bytes', float('nan')):.3f} | "
@@ -333,8 +355,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", metavar="N", type=int, default=3, help="timed steps per method (median reported)")
     parser.add_argument("--warmup", metavar="N", type=int, default=1, help="untimed steps before timing")
     parser.add_argument("--device", metavar="DEVICE", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
-    parser.add_argument("--backbone-dtype", choices=["bfloat16", "float16"], default=None,
-                        help="run M²IST's frozen towers in this dtype (side network and head stay float32)")
+    parser.add_argument("--backbone-dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                        help="run M²IST's frozen towers in this dtype (side network and head stay float32); default: "
+                        "as training does (tower_dtype='auto'): bfloat16 on a GPU that supports it, else float32")
     parser.add_argument("--tiny", action="store_true", help="tiny towers (a smoke test of the benchmark itself)")
     parser.add_argument("--output", metavar="FILE", help="write the results as JSON to this file")
     parser.add_argument("--one", help=argparse.SUPPRESS)

@@ -2,7 +2,8 @@
 
 The three timings (an uncached step, a step that reads a filled bfloat16 tower cache, the towers' forward alone)
 are interleaved in one process on the same batch, so a machine shared with other jobs slows them alike and their
-ratios stay meaningful. Prints the medians and the ratios.
+ratios stay meaningful. Prints the medians and the ratios. ``--compile`` runs both training steps through
+``torch.compile(model)`` (the first round, dropped, compiles them), so the effect of compiling can be measured.
 """
 
 from __future__ import annotations
@@ -15,8 +16,10 @@ from typing import Any
 import torch
 
 
-def measure(rounds: int = 10, batch_size: int = 32, tiny: bool = False, cache_dir: str | None = None) -> dict[str, Any]:
-    """Median milliseconds of each timing over ``rounds`` rounds (the first dropped) and the ratios."""
+def measure(rounds: int = 10, batch_size: int = 32, tiny: bool = False, cache_dir: str | None = None,
+            compile: bool = False) -> dict[str, Any]:
+    """Median milliseconds of each timing over ``rounds`` rounds (the first dropped) and the ratios; with
+    ``compile`` the cached and uncached steps run ``torch.compile(model)`` (the towers' timing stays eager)."""
     from m2ist.cache import KEY_FIELDS, TowerCacheCollator, TowerFeatureCache
     from m2ist.data.collator import RECCollator
     from m2ist.model import get_side_tuned_model
@@ -32,13 +35,14 @@ def measure(rounds: int = 10, batch_size: int = 32, tiny: bool = False, cache_di
     inputs = {k: v for k, v in batch.items() if k not in KEY_FIELDS.values()}
     cache = TowerFeatureCache(model, None, "bfloat16")
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    step_model = torch.compile(model) if compile else model
 
     def train_step(read_cache: bool) -> None:
         optimizer.zero_grad(set_to_none=True)
         if read_cache:
-            output = model(labels=batch["labels"], tower_features=cache.features(batch))
+            output = step_model(labels=batch["labels"], tower_features=cache.features(batch))
         else:
-            output = model(**inputs)
+            output = step_model(**inputs)
         output.loss.backward()
         optimizer.step()
 
@@ -64,7 +68,7 @@ def measure(rounds: int = 10, batch_size: int = 32, tiny: bool = False, cache_di
     result: dict[str, Any] = {name: statistics.median(values[1:]) for name, values in times.items()}
     result["cached_vs_uncached"] = result["cached_ms"] / result["uncached_ms"]
     result["towers_vs_uncached"] = result["towers_ms"] / result["uncached_ms"]
-    result.update(threads=torch.get_num_threads(), batch_size=batch_size, bytes_per_image=cache.bytes_per_image,
+    result.update(threads=torch.get_num_threads(), batch_size=batch_size, compiled=compile, bytes_per_image=cache.bytes_per_image,
                   bytes_per_expression=cache.bytes_per_expression)
     return result
 
@@ -77,10 +81,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=32, help="batch size (default: 32, the demo's)")
     parser.add_argument("--tiny", action="store_true", help="tiny towers (a smoke test)")
     parser.add_argument("--cache-dir", default=None, help="cache of the pretrained shapes ViT")
+    parser.add_argument("--compile", action="store_true",
+                        help="run both training steps through torch.compile(model); the first round compiles")
     args = parser.parse_args(argv)
-    r = measure(args.rounds, args.batch_size, args.tiny, args.cache_dir)
-    print(f"demo step, batch {r['batch_size']}, {r['threads']} threads: uncached {r['uncached_ms']:.0f} ms, reading the "
-          f"tower cache {r['cached_ms']:.0f} ms ({r['cached_vs_uncached']:.2f}×), towers' forward alone "
+    r = measure(args.rounds, args.batch_size, args.tiny, args.cache_dir, compile=args.compile)
+    compiled = " (torch.compile)" if r["compiled"] else ""
+    print(f"demo step{compiled}, batch {r['batch_size']}, {r['threads']} threads: uncached {r['uncached_ms']:.0f} ms, "
+          f"reading the tower cache {r['cached_ms']:.0f} ms ({r['cached_vs_uncached']:.2f}×), towers' forward alone "
           f"{r['towers_ms']:.0f} ms ({r['towers_vs_uncached']:.2f} of the uncached step); the cache stores "
           f"{r['bytes_per_image'] / 2**10:.0f} KiB per image and {r['bytes_per_expression'] / 2**10:.0f} KiB per expression")
     return 0
