@@ -185,6 +185,15 @@ def test_refusals(tmp_path, monkeypatch):
     for bad in (dict(tower_cache_dtype="int8"), dict(tower_cache_views=-1), dict(tower_cache="")):
         with pytest.raises(ValueError, match="tower_cache"):
             _args(tmp_path / "d", **bad)
+    # float16 holds features up to ±65504: a tower whose features overflow it is refused, never stored as inf
+    data = shared_image_dataset(1)
+    batch = TowerCacheCollator(RECCollator(make_processor(tmp_path / "tok16")))([data[0]])
+    cache = TowerFeatureCache(make_model(seed=0), None, "float16")
+    original = cache.records["vision"].layout.pack
+    cache.records["vision"].layout.pack = lambda features, kinds: original(features, kinds) * 1e6  # a loud tower
+    with pytest.raises(ValueError, match="float16's range"):
+        cache.features(batch)
+    assert len(cache.records["vision"].store) == 0
 
 
 def test_rounded_cache_runs_the_towers_on_missing_inputs_only(tmp_path):

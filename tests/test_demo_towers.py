@@ -141,12 +141,12 @@ def test_cache_location_follows_the_environment(monkeypatch, tmp_path):
     monkeypatch.delenv("M2IST_CACHE", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     default = VisionPretrainRecipe()
-    assert vision_tower_path(recipe=default) == tmp_path / "xdg" / "m2ist" / "towers" / "shapes-vit-v1"
+    assert vision_tower_path(recipe=default) == tmp_path / "xdg" / "m2ist" / "towers" / "shapes-vit-v2"
     monkeypatch.setenv("M2IST_CACHE", str(tmp_path / "mine"))
-    assert vision_tower_path(recipe=default) == tmp_path / "mine" / "towers" / "shapes-vit-v1"
-    assert vision_tower_path(tmp_path / "arg", default) == tmp_path / "arg" / "towers" / "shapes-vit-v1"
+    assert vision_tower_path(recipe=default) == tmp_path / "mine" / "towers" / "shapes-vit-v2"
+    assert vision_tower_path(tmp_path / "arg", default) == tmp_path / "arg" / "towers" / "shapes-vit-v2"
     other = vision_tower_path(tmp_path, VisionPretrainRecipe(steps=10))
-    assert other.name.startswith("shapes-vit-v1-") and other != vision_tower_path(tmp_path, default)
+    assert other.name.startswith("shapes-vit-v2-") and other != vision_tower_path(tmp_path, default)
 
 
 def test_bad_recipes_and_arguments_are_explained(tmp_path):
@@ -173,14 +173,14 @@ def test_initialisation_tables():
 
 
 def test_factorised_presence_target_is_a_recipe_option():
-    """presence='attributes' trains on shape / colour / size presence; the default v1 recipe (pairs) keeps its
-    recipe dict, so towers cached before the option existed stay valid."""
+    """presence='attributes' (the default) trains on shape / colour / size presence, 'pairs' (v1) on colour-shape
+    pairs; each recipe names its own cache folder."""
     from m2ist.evidence.demo_towers import VisionPretrainRecipe, _PretrainingHead, _scene_batch
 
-    assert "presence" not in VisionPretrainRecipe().to_dict()
+    assert VisionPretrainRecipe().presence == "attributes"
     factorised = VisionPretrainRecipe.tiny(presence="attributes")
     assert factorised.to_dict()["presence"] == "attributes"
-    assert factorised.fingerprint() != VisionPretrainRecipe.tiny().fingerprint()
+    assert factorised.fingerprint() != VisionPretrainRecipe.tiny(presence="pairs").fingerprint()
     import numpy as np
 
     _, presence, _, _ = _scene_batch(np.random.default_rng(0), factorised.scene_config(), factorised, 4)

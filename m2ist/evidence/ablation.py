@@ -20,14 +20,17 @@ import torch
 
 from .demo import DEMO_HEAD, DEMO_STEPS
 
-_VOTE = dict(DEMO_HEAD, vote_hops=1)
+_VOTE = dict(fusion_layers=0, fusion_norm="pre", reg_init="text", box_readout="vote", vote_hops=1,
+             position_init="random")
 VARIANTS: dict[str, dict[str, Any]] = {
     "TransVG (3 fusion layers, [REG] MLP)": dict(fusion_layers=3, fusion_norm="post", reg_init="learned",
-                                                 box_readout="reg"),
+                                                 box_readout="reg", position_init="random"),
     "vote readout, every patch votes, no point loss": dict(_VOTE, vote_window=None, point_loss_weight=0.0),
     "+ point loss": dict(_VOTE, vote_window=None, point_loss_weight=1.0),
     "+ votes within one cell of the peak": dict(_VOTE, vote_window=1, point_loss_weight=1.0),
-    "+ a second hop (DEMO_HEAD)": dict(DEMO_HEAD),
+    "+ a second hop": dict(_VOTE, vote_hops=2),
+    "+ sine-cosine visual positions": dict(_VOTE, vote_hops=2, position_init="sincos"),
+    "+ one fusion layer (DEMO_HEAD)": dict(DEMO_HEAD),
 }
 """Head options of each variant, applied on top of the demo's config."""
 

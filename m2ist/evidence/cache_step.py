@@ -34,7 +34,8 @@ def measure(rounds: int = 10, batch_size: int = 32, tiny: bool = False, cache_di
     batch = TowerCacheCollator(RECCollator(setup.processor, train=True))(setup.splits["train"][:batch_size])
     inputs = {k: v for k, v in batch.items() if k not in KEY_FIELDS.values()}
     cache = TowerFeatureCache(model, None, "bfloat16")
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    # as RECTrainer: transformers 5 defaults to fused AdamW
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, fused=True)
     step_model = torch.compile(model) if compile else model
 
     def train_step(read_cache: bool) -> None:

@@ -21,10 +21,11 @@ from typing import Any
 import torch
 
 from .bench import add_ratios, describe_device, parse_methods
+from .demo import DEMO_CACHE_DTYPE, DEMO_SIDE_LEARNING_RATE
 
 METHODS = ("full", "adapter", "lora", "m2ist")
 # learning rate of what is trained inside or beside the towers; the head always uses the demo's head rate
-TOWER_LEARNING_RATES = {"full": 5e-5, "adapter": 5e-4, "lora": 5e-4, "m2ist": 5e-4}
+TOWER_LEARNING_RATES = {"full": 5e-5, "adapter": 5e-4, "lora": 5e-4, "m2ist": DEMO_SIDE_LEARNING_RATE}
 
 
 def run_method(method: str, *, steps: int, batch_size: int, seed: int, tiny: bool, cache_dir: str | None,
@@ -44,7 +45,7 @@ def run_method(method: str, *, steps: int, batch_size: int, seed: int, tiny: boo
     model = build_model(*setup.make_towers(), setup.config, method=method)
     args = training_arguments(output_dir / method, steps=steps, batch_size=batch_size, seed=seed, disable_tqdm=True,
                               side_learning_rate=TOWER_LEARNING_RATES[method], method=method,
-                              tower_cache=tower_cache if method == "m2ist" else "off")
+                              tower_cache=tower_cache if method == "m2ist" else "off", tower_cache_dtype=DEMO_CACHE_DTYPE)
     start = time.perf_counter()
     train_rec(model, setup.processor, setup.splits["train"], args=args)
     train_seconds = time.perf_counter() - start
