@@ -37,9 +37,9 @@ from m2ist.data.sample import RECSample
 from m2ist.data.transvg import load_transvg_split
 from m2ist.hub import push_folder_to_hub
 from m2ist.save_and_load import SHA256_KEY, WEIGHTS_NAME, read_safetensors
-from m2ist.trainer import NonFiniteTrainingError, RECTrainingArguments, train_rec
+from m2ist.trainer import NonFiniteTrainingError, train_rec
 from tests.ddp_worker import make_dataset, make_model, make_processor, make_tokenizer
-from tests.tiny import text_tower, tiny_config, vision_tower
+from tests.tiny import cpu_training_args, text_tower, tiny_config, vision_tower
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -88,12 +88,7 @@ def assert_one_line_error(code: int, err: str, *needles: str) -> None:
         assert needle in lines[0], (needle, lines[0])
 
 
-def _args(output_dir, **overrides) -> RECTrainingArguments:
-    values = dict(output_dir=str(output_dir), use_cpu=True, dataloader_num_workers=0, report_to="none",
-                  disable_tqdm=True, seed=0, data_seed=0, per_device_train_batch_size=4, learning_rate=1e-3,
-                  side_learning_rate=1e-3, save_strategy="no", logging_steps=1)
-    values.update(overrides)
-    return RECTrainingArguments(**values)
+_args = cpu_training_args
 
 
 # ============================================================================================== config values

@@ -14,21 +14,16 @@ from m2ist import SideTunedModel
 from m2ist.cli import build_parser, build_training_arguments, main, resolve_settings
 from m2ist.evidence import bench
 from m2ist.evidence.baselines import build_model
-from m2ist.trainer import RECTrainer, RECTrainingArguments, resolve_tower_dtype, train_rec
+from m2ist.trainer import RECTrainer, resolve_tower_dtype, train_rec
 from tests.ddp_worker import make_dataset, make_model, make_processor
-from tests.tiny import text_tower, tiny_config, vision_tower
+from tests.tiny import cpu_training_args, text_tower, tiny_config, vision_tower
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
 
 
-def _args(output_dir, **overrides) -> RECTrainingArguments:
-    values = dict(output_dir=str(output_dir), use_cpu=True, dataloader_num_workers=0, report_to="none",
-                  disable_tqdm=True, seed=0, data_seed=0, per_device_train_batch_size=4, learning_rate=1e-3,
-                  side_learning_rate=1e-3, save_strategy="no", logging_steps=1)
-    values.update(overrides)
-    return RECTrainingArguments(**values)
+_args = cpu_training_args
 
 
 def _dtypes(module: torch.nn.Module) -> set[torch.dtype]:

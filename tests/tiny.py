@@ -68,6 +68,17 @@ VISION_FAMILIES = ["detr", "vit", "deit", "clip_vision", "dinov2", "swin", "conv
 TEXT_FAMILIES = ["bert", "roberta", "xlm-roberta", "distilbert", "deberta-v2", "clip_text"]
 
 
+def cpu_training_args(output_dir: Any, **overrides: Any) -> Any:
+    """``RECTrainingArguments`` for a few quick CPU steps in a test (no saves, no workers, no reporting)."""
+    from m2ist.trainer import RECTrainingArguments
+
+    values = dict(output_dir=str(output_dir), use_cpu=True, dataloader_num_workers=0, report_to="none",
+                  disable_tqdm=True, seed=0, data_seed=0, per_device_train_batch_size=4, learning_rate=1e-3,
+                  side_learning_rate=1e-3, save_strategy="no", logging_steps=1)
+    values.update(overrides)
+    return RECTrainingArguments(**values)
+
+
 def save_reloadable_adapter(root: Path, tokenizer: Any) -> Path:
     """A tiny ViT + BERT adapter saved with its processor in ``root/adapter``; the towers are saved under ``root``
     first and loaded back, so the adapter re-loads them by path (as it would from the Hub). Returns the folder."""
