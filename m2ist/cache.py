@@ -432,11 +432,11 @@ class _TowerRecords:
         mask = batch.get(second)
         computed = self.tower.tap({first: batch[first][rows], second: None if mask is None else mask[rows]},
                                   self.layers, self.kinds)
-        packed = self.layout.pack(computed, self.kinds)
-        if self.dtype == "float16" and not torch.isfinite(packed.to(torch.float16)).all():
+        rounded = self.layout.pack(computed, self.kinds).to(DTYPES[self.dtype])
+        if self.dtype == "float16" and not torch.isfinite(rounded).all():
             raise ValueError(f"The {self.tower.modality} tower's features exceed float16's range (±65504): use "
                              "tower_cache_dtype='bfloat16' or 'float32'.")
-        self.store.add([keys[i] for i in unique], packed.to(DTYPES[self.dtype]).cpu())
+        self.store.add([keys[i] for i in unique], rounded.cpu())
         return self.layout.unpack(self.store.read(self.store.get(keys)), self.kinds, self.layers)
 
 
