@@ -266,6 +266,23 @@ def resolve_tower_dtype(requested: str, device: str | torch.device, towers_dtype
     return None
 
 
+def supports_bf16(device: str | torch.device) -> bool:
+    """Whether ``device`` is a CUDA device that computes in bfloat16 (``"auto"``'s condition for bfloat16 towers)."""
+    return torch.device(device).type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+@contextlib.contextmanager
+def denormals_flushed(enabled: bool = True) -> Iterator[None]:
+    """Flush denormal floats to zero on the CPU inside the block (where the CPU supports it), and stop after: AdamW's
+    second moments of small gradients decay into denormals, which make CPU arithmetic several times slower."""
+    flushed = enabled and torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        if flushed:
+            torch.set_flush_denormal(False)
+
+
 def _dtype_name(dtype: torch.dtype | None) -> str:
     return str(dtype).removeprefix("torch.") if dtype is not None else "mixed"
 
@@ -507,8 +524,7 @@ class RECTrainer(Trainer):
         requested, device = self.args.tower_dtype, self.args.device
         dtypes = {model.vision_tower.dtype, model.text_tower.dtype}
         towers = next(iter(dtypes)) if len(dtypes) == 1 else None
-        bf16_supported = device.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-        dtype = resolve_tower_dtype(requested, device, towers, bf16_supported)
+        dtype = resolve_tower_dtype(requested, device, towers, supports_bf16(device))
         if dtype is None:
             logger.info("tower_dtype=%r: the frozen towers stay %s (training on %s).", requested, _dtype_name(towers),
                         device)
@@ -593,13 +609,9 @@ class RECTrainer(Trainer):
             self._check_run_settings(resume_from_checkpoint)
         elif resume_from_checkpoint is False:
             resume_from_checkpoint = None
-        flush = self.args.flush_denormal and self.args.device.type == "cpu" and torch.set_flush_denormal(True)
-        self._open_tower_cache()
-        try:
+        with denormals_flushed(self.args.flush_denormal and self.args.device.type == "cpu"):
+            self._open_tower_cache()
             return super().train(resume_from_checkpoint, *args, **kwargs)
-        finally:
-            if flush:
-                torch.set_flush_denormal(False)
 
     # ------------------------------------------------------------------ resuming
     def _resolve_checkpoint(self, checkpoint: str | bool) -> str:

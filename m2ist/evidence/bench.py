@@ -59,16 +59,14 @@ def bench_backbone_dtype(method: str, device: str | torch.device, backbone_dtype
     float32). M²IST rows: ``backbone_dtype`` when given (``--backbone-dtype``), else what training does by default
     (:func:`m2ist.trainer.resolve_tower_dtype` with ``tower_dtype="auto"``): ``"bfloat16"`` on a CUDA ``device``
     that supports it (``bf16_supported``, default: ask torch), else None (float32 towers: CPUs are unchanged)."""
-    from m2ist.trainer import resolve_tower_dtype
+    from m2ist.trainer import resolve_tower_dtype, supports_bf16
 
     if method.split("-")[0] != "m2ist":
         return None
     if backbone_dtype is not None:
         return backbone_dtype
-    if bf16_supported is None:
-        bf16_supported = torch.device(device).type == "cuda" and torch.cuda.is_available() and \
-            torch.cuda.is_bf16_supported()
-    dtype = resolve_tower_dtype("auto", device, torch.float32, bf16_supported)
+    supported = supports_bf16(device) if bf16_supported is None else bf16_supported
+    dtype = resolve_tower_dtype("auto", device, torch.float32, supported)
     return None if dtype is None else str(dtype).removeprefix("torch.")
 
 

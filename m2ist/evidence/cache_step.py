@@ -23,6 +23,7 @@ def measure(rounds: int = 10, batch_size: int = 32, tiny: bool = False, cache_di
     from m2ist.cache import KEY_FIELDS, TowerCacheCollator, TowerFeatureCache
     from m2ist.data.collator import RECCollator
     from m2ist.model import get_side_tuned_model
+    from m2ist.trainer import denormals_flushed
 
     from .demo import prepare
 
@@ -52,8 +53,7 @@ def measure(rounds: int = 10, batch_size: int = 32, tiny: bool = False, cache_di
             model.tower_features(inputs["pixel_values"], inputs["pixel_mask"], inputs["input_ids"],
                                  inputs["attention_mask"])
 
-    flush = torch.set_flush_denormal(True)
-    try:
+    with denormals_flushed():  # as RECTrainer on a CPU
         with torch.no_grad():
             cache.features(batch)  # fills the cache
         times: dict[str, list[float]] = {"uncached_ms": [], "cached_ms": [], "towers_ms": []}
@@ -63,9 +63,6 @@ def measure(rounds: int = 10, batch_size: int = 32, tiny: bool = False, cache_di
                 start = time.perf_counter()
                 run()
                 times[name].append(1000 * (time.perf_counter() - start))
-    finally:
-        if flush:
-            torch.set_flush_denormal(False)
     result: dict[str, Any] = {name: statistics.median(values[1:]) for name, values in times.items()}
     result["cached_vs_uncached"] = result["cached_ms"] / result["uncached_ms"]
     result["towers_vs_uncached"] = result["towers_ms"] / result["uncached_ms"]

@@ -404,89 +404,88 @@ def pretrain_vision_tower(
     """
     from transformers import ViTConfig, ViTImageProcessor, ViTModel
 
+    from m2ist.trainer import denormals_flushed
+
     recipe = recipe or VisionPretrainRecipe()
     scene_config = recipe.scene_config()
     previous_threads = torch.get_num_threads()
     previous_deterministic = torch.are_deterministic_algorithms_enabled()
     previous_warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
     started = time.perf_counter()
-    # AdamW's second moments decay into denormal floats, which make CPU arithmetic several times slower
-    flushed = torch.set_flush_denormal(True)
-    try:
-        torch.set_num_threads(recipe.num_threads)
-        torch.use_deterministic_algorithms(True)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(recipe.seed)
-            config = ViTConfig(
-                image_size=recipe.image_size,
-                patch_size=recipe.patch_size,
-                hidden_size=recipe.hidden_size,
-                num_hidden_layers=recipe.num_layers,
-                num_attention_heads=recipe.num_heads,
-                intermediate_size=recipe.intermediate_size,
-                hidden_dropout_prob=0.0,
-                attention_probs_dropout_prob=0.0,
-            )
-            # the pooler is never trained (nothing uses it) but is saved, so that a plain
-            # ``AutoModel.from_pretrained(folder)`` finds every weight it builds
-            model = ViTModel(config)
-            with torch.no_grad():
-                if recipe.patch_init == "edges":
-                    projection = model.embeddings.patch_embeddings.projection
-                    bank = edge_filter_bank(recipe.patch_size, recipe.hidden_size)
-                    keep = bank.flatten(1).abs().sum(dim=1) > 0  # rows the bank does not fill stay random
-                    projection.weight[keep] = bank[keep]
-                if recipe.position_init == "sincos":
-                    grid = recipe.image_size // recipe.patch_size
-                    model.embeddings.position_embeddings.copy_(sincos_position_table(recipe.hidden_size, grid))
-            head = _PretrainingHead(recipe.hidden_size, len(recipe.shapes), len(recipe.colours), recipe.max_objects,
-                                    recipe.presence)
-            parameters = list(model.parameters()) + list(head.parameters())
-            decay = [p for p in parameters if p.ndim >= 2]
-            no_decay = [p for p in parameters if p.ndim < 2]
-            optimizer = torch.optim.AdamW(
-                [{"params": decay, "weight_decay": recipe.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-                lr=recipe.learning_rate, fused=True,  # one kernel per step instead of one per tensor on a CPU
-            )
+    with denormals_flushed():
+        try:
+            torch.set_num_threads(recipe.num_threads)
+            torch.use_deterministic_algorithms(True)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(recipe.seed)
+                config = ViTConfig(
+                    image_size=recipe.image_size,
+                    patch_size=recipe.patch_size,
+                    hidden_size=recipe.hidden_size,
+                    num_hidden_layers=recipe.num_layers,
+                    num_attention_heads=recipe.num_heads,
+                    intermediate_size=recipe.intermediate_size,
+                    hidden_dropout_prob=0.0,
+                    attention_probs_dropout_prob=0.0,
+                )
+                # the pooler is never trained (nothing uses it) but is saved, so that a plain
+                # ``AutoModel.from_pretrained(folder)`` finds every weight it builds
+                model = ViTModel(config)
+                with torch.no_grad():
+                    if recipe.patch_init == "edges":
+                        projection = model.embeddings.patch_embeddings.projection
+                        bank = edge_filter_bank(recipe.patch_size, recipe.hidden_size)
+                        keep = bank.flatten(1).abs().sum(dim=1) > 0  # rows the bank does not fill stay random
+                        projection.weight[keep] = bank[keep]
+                    if recipe.position_init == "sincos":
+                        grid = recipe.image_size // recipe.patch_size
+                        model.embeddings.position_embeddings.copy_(sincos_position_table(recipe.hidden_size, grid))
+                head = _PretrainingHead(recipe.hidden_size, len(recipe.shapes), len(recipe.colours), recipe.max_objects,
+                                        recipe.presence)
+                parameters = list(model.parameters()) + list(head.parameters())
+                decay = [p for p in parameters if p.ndim >= 2]
+                no_decay = [p for p in parameters if p.ndim < 2]
+                optimizer = torch.optim.AdamW(
+                    [{"params": decay, "weight_decay": recipe.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+                    lr=recipe.learning_rate, fused=True,  # one kernel per step instead of one per tensor on a CPU
+                )
 
-            def schedule(step: int) -> float:
-                if step < recipe.warmup_steps:
-                    return (step + 1) / recipe.warmup_steps
-                progress_ratio = (step - recipe.warmup_steps) / max(1, recipe.steps - recipe.warmup_steps)
-                return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress_ratio)))
+                def schedule(step: int) -> float:
+                    if step < recipe.warmup_steps:
+                        return (step + 1) / recipe.warmup_steps
+                    progress_ratio = (step - recipe.warmup_steps) / max(1, recipe.steps - recipe.warmup_steps)
+                    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress_ratio)))
 
-            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-            train_rng = np.random.default_rng([recipe.seed, 1])
-            eval_data = _scene_batch(np.random.default_rng([recipe.seed, 2]), scene_config, recipe, recipe.eval_scenes)
-            bce = nn.BCEWithLogitsLoss()
-            ce = nn.CrossEntropyLoss()
-            model.train()
-            from tqdm.auto import tqdm
+                scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+                train_rng = np.random.default_rng([recipe.seed, 1])
+                eval_data = _scene_batch(np.random.default_rng([recipe.seed, 2]), scene_config, recipe, recipe.eval_scenes)
+                bce = nn.BCEWithLogitsLoss()
+                ce = nn.CrossEntropyLoss()
+                model.train()
+                from tqdm.auto import tqdm
 
-            bar = tqdm(range(recipe.steps), desc="pretraining shapes ViT", disable=not progress, leave=False)
-            running = None
-            for _step in bar:
-                pixels, presence, counts, dense = _scene_batch(train_rng, scene_config, recipe, recipe.batch_size)
-                pred_presence, pred_counts, pred_dense = head(model(pixel_values=pixels).last_hidden_state)
-                loss = bce(pred_presence, presence) + ce(pred_counts.flatten(0, 1), counts.flatten())
-                if recipe.dense_weight > 0:
-                    dense_loss = sum(ce(logits.flatten(0, 1), dense[..., k].flatten()) for k, logits in enumerate(pred_dense))
-                    loss = loss + recipe.dense_weight * dense_loss
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(parameters, 1.0)
-                optimizer.step()
-                scheduler.step()
-                running = loss.item() if running is None else 0.9 * running + 0.1 * loss.item()
-                bar.set_postfix(loss=f"{running:.3f}")
-            bar.close()
-            metrics = _evaluate(model, head, eval_data, batch=max(recipe.batch_size, 64))
-            metrics["final_train_loss"] = float(running if running is not None else float("nan"))
-    finally:
-        torch.set_num_threads(previous_threads)
-        torch.use_deterministic_algorithms(previous_deterministic, warn_only=previous_warn_only)
-        if flushed:
-            torch.set_flush_denormal(False)
+                bar = tqdm(range(recipe.steps), desc="pretraining shapes ViT", disable=not progress, leave=False)
+                running = None
+                for _step in bar:
+                    pixels, presence, counts, dense = _scene_batch(train_rng, scene_config, recipe, recipe.batch_size)
+                    pred_presence, pred_counts, pred_dense = head(model(pixel_values=pixels).last_hidden_state)
+                    loss = bce(pred_presence, presence) + ce(pred_counts.flatten(0, 1), counts.flatten())
+                    if recipe.dense_weight > 0:
+                        dense_loss = sum(ce(logits.flatten(0, 1), dense[..., k].flatten()) for k, logits in enumerate(pred_dense))
+                        loss = loss + recipe.dense_weight * dense_loss
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+                    optimizer.step()
+                    scheduler.step()
+                    running = loss.item() if running is None else 0.9 * running + 0.1 * loss.item()
+                    bar.set_postfix(loss=f"{running:.3f}")
+                bar.close()
+                metrics = _evaluate(model, head, eval_data, batch=max(recipe.batch_size, 64))
+                metrics["final_train_loss"] = float(running if running is not None else float("nan"))
+        finally:
+            torch.set_num_threads(previous_threads)
+            torch.use_deterministic_algorithms(previous_deterministic, warn_only=previous_warn_only)
     model.eval()
     wall = time.perf_counter() - started
     report = {
