@@ -58,7 +58,11 @@ def _zero_init(linear: nn.Linear) -> nn.Linear:
 
 
 class IntraModalExpert(nn.Module):
-    """VEA / LEA: ``σ · W_up(ReLU(W_down(LN(f))))``, reading a feed-forward tap of width ``in_dim``."""
+    """VEA / LEA: ``σ · W_up(ReLU(W_down(LN(f))))``, reading a feed-forward tap of width ``in_dim``.
+
+    While training, ``W_down(LN(f))`` is recomputed in the backward pass instead of keeping ``LN(f)`` (as wide as
+    the tap) for it: autograd keeps the tap alone, the gradients are the same to the bit, and the recomputation
+    (a layer norm and a projection to the bottleneck) is a small part of the step."""
 
     def __init__(self, in_dim: int, out_dim: int, bottleneck: int, scale: float, dropout: float = 0.0) -> None:
         super().__init__()
@@ -68,8 +72,15 @@ class IntraModalExpert(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.scale = scale
 
+    def _down(self, f: torch.Tensor) -> torch.Tensor:
+        return self.down(self.norm(f))
+
     def forward(self, f: torch.Tensor) -> torch.Tensor:
-        return self.scale * self.up(self.dropout(F.relu(self.down(self.norm(f)))))
+        if torch.is_grad_enabled():  # nothing random inside, so no RNG state to keep
+            h = checkpoint(self._down, f, use_reentrant=False, preserve_rng_state=False)
+        else:
+            h = self._down(f)
+        return self.scale * self.up(self.dropout(F.relu(h)))
 
 
 class InteractionExpert(nn.Module):

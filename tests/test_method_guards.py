@@ -29,6 +29,34 @@ def test_adapter_scale_sigma_multiplies_the_intra_modal_expert():
     assert model.side.blocks[0].vea.scale == 0.3 and model.side.blocks[0].lea.scale == 0.3
 
 
+def test_intra_modal_expert_recomputes_its_norm_instead_of_keeping_it():
+    """Training keeps only the tap for W_down(LN(f)), never LN(f), and the gradients are those of the plain formula
+    to the bit."""
+    from m2ist.evidence.profiling import saved_tensor_accounting
+
+    torch.manual_seed(0)
+    expert = IntraModalExpert(64, 32, 8, scale=0.1)
+    with torch.no_grad():
+        expert.up.weight.normal_()
+    f = torch.randn(4, 50, 64)
+
+    def plain() -> torch.Tensor:  # the formula, with every intermediate kept
+        return expert.scale * expert.up(torch.relu(expert.down(expert.norm(f))))
+
+    grads = []
+    for run in (expert, plain):
+        expert.zero_grad()
+        with saved_tensor_accounting() as saved:
+            out = run(f) if run is expert else run()
+        out.square().sum().backward()
+        grads.append(({n: p.grad.clone() for n, p in expert.named_parameters()}, saved.bytes))
+    (recomputed, recomputed_bytes), (kept, kept_bytes) = grads
+    assert all(torch.equal(recomputed[n], kept[n]) for n in kept)
+    assert kept_bytes - recomputed_bytes >= f.numel() * 4  # LN(f), as wide as the tap, is not kept
+    with torch.no_grad():
+        assert torch.equal(expert(f), plain())
+
+
 def test_loss_is_l1_plus_one_minus_giou():
     """Disjoint boxes: L1 summed over coordinates = 1.0, 1 - GIoU = 1 + (0.49 - 0.08) / 0.49; loss = sum (1:1)."""
     pred = torch.tensor([[0.25, 0.25, 0.2, 0.2]], dtype=torch.float64)
