@@ -167,6 +167,14 @@ class M2ISTConfig:
                   "most-attended one (1: a 3 x 3 window), re-weighed by the attention, so a hesitation between two "
                   "objects never averages them. None: every patch votes, weighed by the attention."},
     )
+    vote_keys: str = field(
+        default="fused",
+        metadata={"help": "Vote readout only: which visual tokens [REG] points at. 'fused': the tokens after the fusion "
+                  "layers (they carry what the patches read from each other and from the text). 'projected': the "
+                  "tokens as projected into the head, before fusion, so matching an expression's attributes stays a "
+                  "sum over attributes and a colour-shape pair never seen in training is still found (the fused "
+                  "[REG] carries the context). 'both': their sum."},
+    )
     position_init: str = field(
         default="random",
         metadata={"help": "How the head's position embedding of the visual tokens starts: 'random' (TransVG's learned "
@@ -287,7 +295,7 @@ class M2ISTConfig:
             if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "fusion_layers" else 1):
                 fail(name, "expected a non-negative integer." if name == "fusion_layers" else "expected a positive integer.")
         for name, choices in (("fusion_norm", ("post", "pre")), ("reg_init", ("learned", "text")),
-                              ("box_readout", ("reg", "vote")),
+                              ("box_readout", ("reg", "vote")), ("vote_keys", ("fused", "projected", "both")),
                               ("position_init", ("random", "sincos"))):
             if getattr(self, name) not in choices:
                 fail(name, f"expected one of {choices}.")

@@ -161,17 +161,19 @@ class BoxVoteReadout(nn.Module):
         return weights / weights.sum(-1, keepdim=True)
 
     def forward(self, reg: torch.Tensor, visual: torch.Tensor, position: torch.Tensor, visual_mask: torch.Tensor,
-                text: torch.Tensor | None = None, text_mask: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+                text: torch.Tensor | None = None, text_mask: torch.Tensor | None = None,
+                key_tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``reg`` ``(B, d)``, visual tokens ``(B, N, d)`` with positions ``(1, N, d)`` and validity ``(B, N)``
         (and, for ``hops > 1``, the expression ``(B, L, d)`` with validity ``(B, L)``) -> boxes ``(B, 4)`` as
         normalised ``(cx, cy, w, h)`` and the last round's attention logits over the patch grid ``(B, h, w)``
-        (invalid patches at the dtype's minimum)."""
+        (invalid patches at the dtype's minimum). ``key_tokens`` ``(B, N, d)``: what [REG] points at, if not
+        ``visual`` (which always votes)."""
         if self.hops and text is None:
             raise ValueError("A vote readout with more than one hop needs the expression tokens (text, text_mask).")
         start = self.num_prefix_tokens
+        key_tokens = visual if key_tokens is None else key_tokens
         visual, position, visual_mask = visual[:, start:], position[:, start:], visual_mask[:, start:]
-        keys = visual + position
+        keys = key_tokens[:, start:] + position
         logits = self._point(self.query, self.key, reg, keys, visual_mask)
         for hop in self.hops:
             reg = hop(reg, masked_pool(logits, visual_mask, keys), text, text_mask)
@@ -215,6 +217,7 @@ class RECHead(nn.Module):
         self.checkpoint_every = 1
         self.box_mlp: nn.Sequential | None = None
         self.box_votes: BoxVoteReadout | None = None
+        self.vote_keys = config.vote_keys
         if config.box_readout == "vote":
             if vision_grid is None or vision_grid[0] * vision_grid[1] + num_prefix_tokens != num_vision_tokens:
                 raise ValueError(
@@ -250,7 +253,8 @@ class RECHead(nn.Module):
         text = self.text_proj(text_tokens)
         if self.expression_query is not None:
             reg = reg + self.expression_query(text, text_mask.bool())[:, None]
-        x = torch.cat([reg, text, self.vision_proj(vision_tokens)], dim=1)
+        projected = self.vision_proj(vision_tokens)
+        x = torch.cat([reg, text, projected], dim=1)
         positions = torch.cat([
             torch.arange(1 + text_len, device=x.device),
             torch.arange(1 + self.max_query_len, 1 + self.max_query_len + self.num_vision_tokens, device=x.device),
@@ -261,8 +265,10 @@ class RECHead(nn.Module):
             x = run_layer(self, index, layer, x, position, ~valid)
         x = self.final_norm(x)
         if self.box_votes is not None:
-            return HeadOutput(*self.box_votes(x[:, 0], x[:, 1 + text_len:], position[:, 1 + text_len:],
-                                              vision_mask.bool(), x[:, 1:1 + text_len], text_mask.bool()))
+            visual = x[:, 1 + text_len:]
+            keys = {"fused": visual, "projected": projected, "both": projected + visual}[self.vote_keys]
+            return HeadOutput(*self.box_votes(x[:, 0], visual, position[:, 1 + text_len:], vision_mask.bool(),
+                                              x[:, 1:1 + text_len], text_mask.bool(), key_tokens=keys))
         return HeadOutput(self.box_mlp(x[:, 0]).sigmoid())
 
 

@@ -98,6 +98,35 @@ def test_a_second_hop_rereads_the_expression(batch):
     assert out.patch_logits.shape[0] == 2 and out.loss_point is not None
 
 
+@pytest.mark.parametrize("keys", ["fused", "projected", "both"])
+def test_vote_keys_choose_the_tokens_reg_points_at(keys, batch):
+    model = get_side_tuned_model(vision_tower("vit"), text_tower("bert"),
+                                 tiny_config(fusion_layers=1, vote_keys=keys, **FAST_HEAD)).eval()
+    seen = {}
+    model.head.vision_proj.register_forward_hook(lambda module, args, out: seen.update(projected=out))
+    model.head.box_votes.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.update(fused=args[1], keys=kwargs["key_tokens"]), with_kwargs=True)
+    with torch.no_grad():
+        _forward(model, batch)
+    expected = {"fused": seen["fused"], "projected": seen["projected"], "both": seen["projected"] + seen["fused"]}[keys]
+    torch.testing.assert_close(seen["keys"], expected)
+    assert not torch.allclose(seen["projected"], seen["fused"])  # the fusion layer changed the visual tokens
+
+
+def test_projected_vote_keys_point_by_the_unfused_tokens_alone():
+    """With vote_keys='projected' the patch logits are [REG]'s query against the projected tokens (+ positions):
+    changing what the fusion layer does to the visual tokens, with [REG] fixed, changes no logit."""
+    readout = BoxVoteReadout(dim=8, grid=(2, 2), num_prefix_tokens=0)
+    reg, projected, position = torch.randn(1, 8), torch.randn(1, 4, 8), torch.randn(1, 4, 8)
+    mask = torch.ones(1, 4, dtype=torch.bool)
+    with torch.no_grad():
+        _, first = readout(reg, torch.randn(1, 4, 8), position, mask, key_tokens=projected)
+        _, second = readout(reg, torch.randn(1, 4, 8), position, mask, key_tokens=projected)
+        _, fused = readout(reg, projected, position, mask)
+    torch.testing.assert_close(first, second)
+    torch.testing.assert_close(first, fused)  # the same tokens as keys give the same logits either way
+
+
 def test_text_conditioned_reg_sees_the_expression_without_fusion_layers(batch):
     model = get_side_tuned_model(vision_tower("vit"), text_tower("bert"), tiny_config(fusion_layers=0, **FAST_HEAD))
     model.eval()
@@ -117,6 +146,8 @@ def test_head_options_are_validated():
         M2ISTConfig(vote_hops=0)
     with pytest.raises(ValueError, match="vote_window"):
         M2ISTConfig(vote_window=-1)
+    with pytest.raises(ValueError, match="vote_keys"):
+        M2ISTConfig(vote_keys="raw")
     with pytest.raises(ValueError, match="point_loss_weight"):
         M2ISTConfig(box_readout="vote", point_loss_weight=0.0)
     with pytest.raises(ValueError, match="patch grid"):
