@@ -266,7 +266,8 @@ class RECHead(nn.Module):
         x = self.final_norm(x)
         if self.box_votes is not None:
             visual = x[:, 1 + text_len:]
-            keys = {"fused": visual, "projected": projected, "both": projected + visual}[self.vote_keys]
+            keys = visual if self.vote_keys == "fused" else projected if self.vote_keys == "projected" \
+                else projected + visual
             return HeadOutput(*self.box_votes(x[:, 0], visual, position[:, 1 + text_len:], vision_mask.bool(),
                                               x[:, 1:1 + text_len], text_mask.bool(), key_tokens=keys))
         return HeadOutput(self.box_mlp(x[:, 0]).sigmoid())
