@@ -119,6 +119,41 @@ def test_boxes_are_the_tight_boxes_of_the_rendered_pixels(background):
             assert (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1) == obj.box
 
 
+def _whole_canvas_mask(shape: str, x0: int, y0: int, extent: int, size: tuple[int, int]) -> np.ndarray:
+    """The shape drawn on an image-sized canvas at its own coordinates (the reference the fast renderer must match)."""
+    from PIL import ImageDraw
+
+    mask = Image.new("L", size, 0)
+    draw = ImageDraw.Draw(mask)
+    e = extent - 1
+    x1, y1, cx, cy = x0 + e, y0 + e, x0 + e / 2.0, y0 + e / 2.0
+    outer, inner = e / 2.0, e / 2.0 * 0.45
+    star = [(cx + (outer if k % 2 == 0 else inner) * np.cos(-np.pi / 2 + k * np.pi / 5),
+             y0 + outer + (outer if k % 2 == 0 else inner) * np.sin(-np.pi / 2 + k * np.pi / 5)) for k in range(10)]
+    {"circle": lambda: draw.ellipse((x0, y0, x1, y1), fill=255),
+     "square": lambda: draw.rectangle((x0, y0, x1, y1), fill=255),
+     "triangle": lambda: draw.polygon([(cx, y0), (x1, y1), (x0, y1)], fill=255),
+     "diamond": lambda: draw.polygon([(cx, y0), (x1, cy), (cx, y1), (x0, cy)], fill=255),
+     "star": lambda: draw.polygon(star, fill=255)}[shape]()
+    return np.asarray(mask)
+
+
+@pytest.mark.parametrize("shape", ["circle", "square", "triangle", "diamond", "star"])
+def test_shapes_drawn_in_their_own_square_match_the_whole_canvas_drawing(shape):
+    # scenes (and the demo tower pretrained on them) must not change when the renderer gets faster: a shape drawn
+    # in its own square and pasted at its corner has the pixels it has when drawn on the whole canvas
+    from m2ist.evidence.synthetic import _shape_mask
+
+    rng = np.random.default_rng(5)
+    for _ in range(40):
+        extent = int(rng.integers(3, 40))
+        x0, y0 = (int(v) for v in rng.integers(0, 60, size=2))
+        expected = _whole_canvas_mask(shape, x0, y0, extent, (100, 100))
+        placed = np.zeros((100, 100), dtype=np.uint8)
+        placed[y0 : y0 + extent, x0 : x0 + extent] = np.asarray(_shape_mask(shape, extent))
+        assert np.array_equal(placed, expected), (shape, extent, x0, y0)
+
+
 @settings(max_examples=25, deadline=None)
 @given(seed=st.integers(0, 2**32 - 1))
 def test_scenes_respect_counts_margins_and_size_classes(seed):

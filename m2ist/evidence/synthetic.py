@@ -318,13 +318,18 @@ class Scene:
         )
 
 
-def _shape_mask(shape: str, x0: int, y0: int, extent: int, width: int, height: int) -> Image.Image:
-    """A binary ``L`` mask of one shape drawn in the square ``[x0, x0 + extent) x [y0, y0 + extent)``."""
-    mask = Image.new("L", (width, height), 0)
+def _shape_mask(shape: str, extent: int) -> Image.Image:
+    """A binary ``L`` mask of one shape filling an ``extent x extent`` square (paste it at the object's corner).
+
+    Drawing in the object's own square rather than a whole-image canvas gives the same pixels (the shapes' corner
+    points move by whole pixels) at a fraction of the cost: scenes are drawn on the fly while pretraining.
+    """
+    mask = Image.new("L", (extent, extent), 0)
     draw = ImageDraw.Draw(mask)
     e = extent - 1
-    x1, y1 = x0 + e, y0 + e
-    cx, cy = x0 + e / 2.0, y0 + e / 2.0
+    x0 = y0 = 0
+    x1, y1 = e, e
+    cx, cy = e / 2.0, e / 2.0
     if shape == "circle":
         draw.ellipse((x0, y0, x1, y1), fill=255)
     elif shape == "square":
@@ -403,23 +408,27 @@ def generate_scene(
     base = int(rng.integers(200, 236))
     tint = rng.integers(-8, 9, size=3)
     background = np.clip(base + tint, 0, 255).astype(np.int16)
-    pixels = np.broadcast_to(background, (height, width, 3)).copy()
     if config.background == "textured" and config.texture_strength > 0:
         s = config.texture_strength
-        pixels += rng.integers(-s, s + 1, size=(height, width, 1), dtype=np.int16)
-    image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB")
+        pixels = rng.integers(-s, s + 1, size=(height, width, 1), dtype=np.int16) + background
+        np.clip(pixels, 0, 255, out=pixels)
+    else:
+        pixels = np.broadcast_to(background, (height, width, 3))
+    image = Image.fromarray(pixels.astype(np.uint8), "RGB")
 
     objects: list[SceneObject] = []
     instance_map = np.zeros((height, width), dtype=np.uint8) if with_instance_map else None
     for shape, colour, size, extent, nominal in placed:
         jitter = rng.integers(-config.colour_jitter, config.colour_jitter + 1, size=3)
         rgb = tuple(int(v) for v in np.clip(np.asarray(COLOURS[colour]) + jitter, 0, 255))
-        mask = _shape_mask(shape, nominal[0], nominal[1], extent, width, height)
-        bbox = mask.getbbox()
-        assert bbox is not None  # every shape covers pixels
-        image.paste(rgb, (0, 0, width, height), mask)
+        x0, y0 = nominal[0], nominal[1]
+        mask = _shape_mask(shape, extent)
+        local = mask.getbbox()
+        assert local is not None  # every shape covers pixels
+        bbox = (x0 + local[0], y0 + local[1], x0 + local[2], y0 + local[3])
+        image.paste(rgb, (x0, y0, x0 + extent, y0 + extent), mask)
         if instance_map is not None:
-            instance_map[np.asarray(mask) > 0] = len(objects) + 1
+            instance_map[y0 : y0 + extent, x0 : x0 + extent][np.asarray(mask) > 0] = len(objects) + 1
         objects.append(SceneObject(shape, colour, size, extent, tuple(int(v) for v in bbox), rgb))  # type: ignore[arg-type]
     return Scene(
         image=image,
@@ -546,16 +555,22 @@ class ExpressionSpec:
 
 
 def _sort_key(obj: SceneObject, direction: str) -> float:
-    """Smaller key = earlier in ``direction``."""
-    cx, cy = obj.center
-    return {
-        "left": cx,
-        "right": -cx,
-        "top": cy,
-        "bottom": -cy,
-        "biggest": -float(obj.visual_size),
-        "smallest": float(obj.visual_size),
-    }[direction]
+    """Smaller key = earlier in ``direction`` (computed for that direction only: expressions are enumerated by the
+    hundred thousand when a benchmark is generated)."""
+    x0, y0, x1, y1 = obj.box
+    if direction == "left":
+        return (x0 + x1) / 2.0
+    if direction == "right":
+        return -((x0 + x1) / 2.0)
+    if direction == "top":
+        return (y0 + y1) / 2.0
+    if direction == "bottom":
+        return -((y0 + y1) / 2.0)
+    if direction == "biggest":
+        return -float(max(x1 - x0, y1 - y0))
+    if direction == "smallest":
+        return float(max(x1 - x0, y1 - y0))
+    raise KeyError(direction)
 
 
 def _holds(relation: str, a: SceneObject, b: SceneObject) -> bool:
@@ -571,11 +586,14 @@ def _holds(relation: str, a: SceneObject, b: SceneObject) -> bool:
 
 def _ranked(objects: Sequence[SceneObject], group: list[int], direction: str, rank: int, tolerance: float) -> list[int]:
     """Members of ``group`` whose rank from ``direction`` may be ``rank`` given ties within ``tolerance``."""
-    keys = {i: _sort_key(objects[i], direction) for i in group}
+    keys = [_sort_key(objects[i], direction) for i in group]
     out = []
-    for i in group:
-        clearly_before = sum(1 for j in group if j != i and keys[i] - keys[j] > tolerance)
-        possibly_before = sum(1 for j in group if j != i and keys[j] - keys[i] <= tolerance)
+    for a, i in enumerate(group):
+        clearly_before = possibly_before = 0
+        for b, other in enumerate(keys):
+            if b != a:
+                clearly_before += keys[a] - other > tolerance
+                possibly_before += other - keys[a] <= tolerance
         if clearly_before + 1 <= rank <= possibly_before + 1:
             out.append(i)
     return out
