@@ -19,7 +19,7 @@ input. :class:`TowerFeatureCache` stores it the first time an input is seen and 
   each epoch picks one of ``views`` deterministic augmentations of every image at random.
 
 With ``dtype="float32"`` and no augmentation, training with the cache gives the same weights as without it:
-a batch with any missing record runs the towers on the whole batch, exactly as without a cache.
+a batch runs the towers on its missing inputs only (once each) and reads the rest back.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 
 from .model import DTYPES, SideTunedModel, TowerFeatureSet, _dummy_inputs, _model_id
@@ -82,19 +83,124 @@ def cache_keys(batch: Mapping[str, Any], modality: str) -> list[str]:
 
 class TowerCacheCollator:
     """Wraps a collator and adds the cache keys of every sample (``vision_cache_keys``, ``text_cache_keys``),
-    computed where the batch is built (in the ``DataLoader`` workers, on CPU tensors)."""
+    computed where the batch is built (in the ``DataLoader`` workers, on CPU tensors).
 
-    def __init__(self, collator: Callable[[Sequence[Any]], dict[str, Any]]) -> None:
+    Around a :class:`~m2ist.data.collator.RECCollator`, with ``cache`` set (``RECTrainer`` sets it when it opens its
+    cache), a batch of samples that were all batched before, and whose records the cache holds, is built without
+    loading, letterboxing or hashing its images: the rest of each sample (token ids, labels, geometry) and its keys
+    are remembered from the first time. A sample is recognised by its image (a file's path, size and modification
+    time, or a digest of the pixels of an in-memory image), its expression, box and index, the view, and the
+    processor's settings; anything else is processed as usual. The batch then has no ``pixel_values`` (the cache
+    supplies the towers' features) and its ``pixel_mask`` is drawn again from the image's window on the canvas.
+    ``skipped_batches`` counts such batches.
+    """
+
+    def __init__(self, collator: Callable[[Sequence[Any]], dict[str, Any]], cache: TowerFeatureCache | None = None) -> None:
         self.collator = collator
+        self.cache = cache
+        self.skipped_batches = 0
+        self._remembered: dict[str, dict[str, Any]] = {}
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.collator!r})"
 
+    def __getstate__(self) -> dict[str, Any]:  # DataLoader workers get a copy without the cache's records
+        return {**self.__dict__, "cache": None}
+
     def __call__(self, items: Sequence[Any]) -> dict[str, Any]:
-        batch = self.collator(items)
-        for modality, name in KEY_FIELDS.items():
-            batch[name] = cache_keys(batch, modality)
+        identities = self._identities(items, [None] * len(items))
+        batch = self._remembered_batch(identities)
+        if batch is None:
+            batch = self.collator(items)
+            for modality, name in KEY_FIELDS.items():
+                batch[name] = cache_keys(batch, modality)
+            self._remember(identities, batch)
         return batch
+
+    # ------------------------------------------------------------------ batches built from what was remembered
+    def _identities(self, items: Sequence[Any], views: list[int | None]) -> list[str | None]:
+        """One identity per item (``None``: not recognisable cheaply, or the cache is not there to read)."""
+        processor = getattr(self.collator, "processor", None)
+        if self.cache is None or processor is None or not hasattr(processor, "flat_settings"):
+            return [None] * len(items)
+        tokenizer = getattr(processor, "tokenizer", None)
+        settings = json.dumps([processor.flat_settings(), type(tokenizer).__name__,
+                               getattr(tokenizer, "name_or_path", None), len(tokenizer) if tokenizer is not None else 0,
+                               getattr(self.collator, "train", None), getattr(self.collator, "return_geometry", None)],
+                              sort_keys=True, default=str)
+        return [_sample_identity(item, settings, view) for item, view in zip(items, views, strict=True)]
+
+    def _remembered_batch(self, identities: list[str | None]) -> dict[str, Any] | None:
+        if self.cache is None or not identities or any(i is None or i not in self._remembered for i in identities):
+            return None
+        rows = [self._remembered[i] for i in identities]
+        if not all(self.cache.holds(modality, [row[name] for row in rows]) for modality, name in KEY_FIELDS.items()):
+            return None
+        self.skipped_batches += 1
+        batch = {key: torch.stack([row[key] for row in rows]) if isinstance(rows[0][key], torch.Tensor)
+                 else [row[key] for row in rows] for key in rows[0] if key != _MASK_WINDOW}
+        # the pixel mask is the image's window on the canvas (evaluation clamps boxes to it): drawn again
+        height, width, dtype = rows[0][_MASK_WINDOW][1]
+        mask = torch.zeros((len(rows), height, width), dtype=dtype)
+        for sample, row in zip(mask, rows, strict=True):
+            y0, y1, x0, x1 = row[_MASK_WINDOW][0]
+            sample[y0:y1, x0:x1] = 1
+        batch["pixel_mask"] = mask
+        return batch
+
+    def _remember(self, identities: list[str | None], batch: Mapping[str, Any]) -> None:
+        masks = batch.get("pixel_mask")
+        if masks is None or masks.ndim != 3:
+            return
+        for index, identity in enumerate(identities):
+            window = _window(masks[index])
+            if identity is None or window is None:
+                continue
+            row = {key: value[index].clone() if isinstance(value, torch.Tensor) else value[index]
+                   for key, value in batch.items() if key not in _INPUTS[VISION]}
+            row[_MASK_WINDOW] = (window, (masks.shape[1], masks.shape[2], masks.dtype))
+            self._remembered[identity] = row
+
+
+_MASK_WINDOW = "_mask_window"
+
+
+def _window(mask: torch.Tensor) -> tuple[int, int, int, int] | None:
+    """``(y0, y1, x0, x1)`` of the one rectangle a pixel mask marks (the image on its canvas), else ``None``."""
+    rows, columns = mask.any(dim=1).nonzero(), mask.any(dim=0).nonzero()
+    if len(rows) == 0:
+        return None
+    y0, y1, x0, x1 = int(rows[0]), int(rows[-1]) + 1, int(columns[0]), int(columns[-1]) + 1
+    if int(mask.count_nonzero()) != (y1 - y0) * (x1 - x0) or not bool((mask[y0:y1, x0:x1] == 1).all()):
+        return None
+    return y0, y1, x0, x1
+
+
+def _sample_identity(item: Any, settings: str, view: int | None) -> str | None:
+    """A digest of everything a ``RECCollator`` reads from ``item``, or ``None`` for an image whose identity would
+    cost as much as processing it (a URL, an unknown type)."""
+    get = item.get if isinstance(item, Mapping) else lambda key, default=None: getattr(item, key, default)
+    image = get("image")
+    h = hashlib.sha256(settings.encode())
+    if isinstance(image, str | os.PathLike) and not str(image).startswith(("http://", "https://", "data:")):
+        try:
+            stat = os.stat(image)
+        except OSError:
+            return None
+        h.update(f"path:{os.path.abspath(image)}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    elif isinstance(image, Image.Image):
+        h.update(f"pil:{image.mode}:{image.size}".encode())
+        h.update(image.tobytes())
+    elif isinstance(image, np.ndarray | torch.Tensor):
+        array = image.detach().cpu().contiguous().numpy() if isinstance(image, torch.Tensor) else np.ascontiguousarray(image)
+        h.update(f"array:{array.dtype}:{array.shape}".encode())
+        h.update(array)
+    else:
+        return None
+    box = get("box")
+    h.update(json.dumps([get("expression"), None if box is None else [float(v) for v in box], get("index"), view],
+                        default=str).encode())
+    return h.hexdigest()
 
 
 def _image_key(item: Any) -> str:
@@ -126,12 +232,16 @@ class CachedViewsCollator(TowerCacheCollator):
         self.views = views
 
     def __call__(self, items: Sequence[Any]) -> dict[str, Any]:
+        views = [int(torch.randint(self.views, (1,)).item()) for _ in items]
+        identities = self._identities(items, views)
+        batch = self._remembered_batch(identities)
+        if batch is not None:
+            return batch
         augment = self.collator.processor.augment
         saved = augment._rng.getstate()
         parts = []
         try:
-            for item in items:
-                view = int(torch.randint(self.views, (1,)).item())
+            for item, view in zip(items, views, strict=True):
                 seed = int.from_bytes(hashlib.blake2b(f"{augment.seed}|{_image_key(item)}|{view}".encode(),
                                                       digest_size=8).digest(), "little")
                 augment._rng.seed(seed)
@@ -142,6 +252,7 @@ class CachedViewsCollator(TowerCacheCollator):
                  else [value for part in parts for value in part[key]] for key in parts[0]}
         for modality, name in KEY_FIELDS.items():
             batch[name] = cache_keys(batch, modality)
+        self._remember(identities, batch)
         return batch
 
 
@@ -200,9 +311,12 @@ class _Layout:
         return torch.cat([t.float().flatten(1) for t in tensors], dim=1)
 
     def unpack(self, rows: torch.Tensor, kinds: list[str], layers: list[int]) -> TowerFeatures:
+        """The features of ``(B, width)`` rows, each field a contiguous tensor, as the tower returns it: a strided
+        view of the rows would send the side network's matrix products to other kernels, which round differently
+        (the demo's float32-cached run then drifted from the uncached one; with contiguous fields it is bit-identical)."""
         sizes = [int(np.prod(shape)) for _, shape in self.fields]
-        parts = [part.reshape(rows.shape[0], *shape) for part, (_, shape) in zip(rows.split(sizes, dim=1), self.fields,
-                                                                                  strict=True)]
+        parts = [part.contiguous().view(rows.shape[0], *shape)
+                 for part, (_, shape) in zip(rows.split(sizes, dim=1), self.fields, strict=True)]
         taps, rest = {}, parts[3:]
         for kind in kinds:
             taps[kind], rest = rest[: len(layers)], rest[len(layers):]
@@ -423,12 +537,10 @@ class _TowerRecords:
         self.misses += len(missing)
         self.hits += len(keys) - len(missing)
         first, second = _INPUTS[self.tower.modality]
-        if self.dtype == "float32":  # exact: the towers see the whole batch, as without a cache
-            computed = self.tower.tap({first: batch[first], second: batch.get(second)}, self.layers, self.kinds)
-            self.store.add([keys[i] for i in missing], self.layout.pack(computed, self.kinds)[missing].cpu())
-            return computed
-        # rounded anyway: run the towers on the missing inputs only (once each), then read the whole batch back,
-        # so every epoch, the first one too, sees the stored features
+        # the towers run on the missing inputs only (once each), then the whole batch is read back, so every epoch,
+        # the first one too, sees the stored features. A batch of hits reads rows computed in other batches anyway,
+        # so running the whole batch here would buy no exactness: float32 records equal what the tower computes in
+        # any batch wherever it computes each sample independently of the others (the CPU kernels tested do)
         unique = list({keys[i]: i for i in missing}.values())
         rows = torch.tensor(unique, device=batch[first].device)
         mask = batch.get(second)
@@ -515,6 +627,10 @@ class TowerFeatureCache:
         """Hits, misses and stored records per tower."""
         return {f"{m}_{k}": v for m, r in self.records.items()
                 for k, v in (("hits", r.hits), ("misses", r.misses), ("records", len(r.store)))}
+
+    def holds(self, modality: str, keys: Sequence[str]) -> bool:
+        """Whether the cache has the records of all ``keys`` of ``modality`` (``"vision"`` or ``"text"``)."""
+        return all(found is not None for found in self.records[modality].store.get(list(keys)))
 
     def features(self, batch: Mapping[str, Any]) -> TowerFeatureSet:
         """The batch's tower features, read from the cache or computed (and stored) on a miss. ``batch`` holds the

@@ -570,6 +570,9 @@ class RECTrainer(Trainer):
                 images, texts = images + more_images, texts + more_texts
         self.tower_cache = TowerFeatureCache(model, location, args.tower_cache_dtype, expected_images=images,
                                              expected_texts=texts, rank=args.process_index)
+        for collator in (self.data_collator, self.eval_data_collator):
+            if isinstance(collator, TowerCacheCollator):  # batches it has seen whole are then built without images
+                collator.cache = self.tower_cache
         if args.should_log:
             print(self.tower_cache.describe(), file=sys.stderr, flush=True)  # stdout is for results
 

@@ -1,6 +1,7 @@
 """`python -m m2ist.evidence.cache_step`: the demo's training step with and without the tower cache.
 
-The three timings (an uncached step, a step that reads a filled bfloat16 tower cache, the towers' forward alone)
+The three timings (an uncached step, a step that reads a filled tower cache of the demo's dtype, float32, the
+towers' forward alone)
 are interleaved in one process on the same batch, so a machine shared with other jobs slows them alike and their
 ratios stay meaningful. Prints the medians and the ratios. ``--compile`` runs both training steps through
 ``torch.compile(model)`` (the first round, dropped, compiles them), so the effect of compiling can be measured.
@@ -25,7 +26,7 @@ def measure(rounds: int = 10, batch_size: int = 32, tiny: bool = False, cache_di
     from m2ist.model import get_side_tuned_model
     from m2ist.trainer import denormals_flushed
 
-    from .demo import prepare
+    from .demo import DEMO_CACHE_DTYPE, prepare
 
     torch.manual_seed(0)
     sizes = {"train": batch_size, "val": 2, "test_attributes": 2, "test_compositional": 2, "test_relations": 2,
@@ -34,7 +35,7 @@ def measure(rounds: int = 10, batch_size: int = 32, tiny: bool = False, cache_di
     model = get_side_tuned_model(*setup.make_towers(), setup.config).train()
     batch = TowerCacheCollator(RECCollator(setup.processor, train=True))(setup.splits["train"][:batch_size])
     inputs = {k: v for k, v in batch.items() if k not in KEY_FIELDS.values()}
-    cache = TowerFeatureCache(model, None, "bfloat16")
+    cache = TowerFeatureCache(model, None, DEMO_CACHE_DTYPE)
     # as RECTrainer: transformers 5 defaults to fused AdamW
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, fused=True)
     step_model = torch.compile(model) if compile else model
