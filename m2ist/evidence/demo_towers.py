@@ -557,7 +557,7 @@ def load_vision_tower(
     progress: bool = True,
     recipe: VisionPretrainRecipe | None = None,
 ) -> Any:
-    """The shapes ``ViTModel`` (eval mode): loaded from the cache, or pretrained (~2 min on 2 cores) and cached.
+    """The shapes ``ViTModel`` (eval mode): loaded from the cache, or pretrained (~3 min on 2 cores) and cached.
 
     Args:
         cache_dir: cache root (see the module docstring); the tower goes to :func:`vision_tower_path`.
