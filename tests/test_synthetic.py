@@ -183,6 +183,18 @@ def test_same_seed_gives_identical_images_expressions_and_boxes():
     assert first[0].image.tobytes() != val[0].image.tobytes()  # the split name is mixed into the seed
 
 
+def test_positions_within_the_tolerance_are_a_tie_up_to_its_edge():
+    # centres 6 px apart (the default tolerance) are a tie: "the leftmost circle" is ambiguous; 7 px apart are not
+    def circles(gap: int) -> list[SceneObject]:
+        return [_obj("circle", "red", "small", (10, 10, 20, 20)), _obj("circle", "blue", "small", (10 + gap, 40, 20 + gap, 50)),
+                _obj("circle", "red", "small", (80, 80, 90, 90))]
+
+    leftmost = ExpressionSpec("extreme", Description(shape="circle"), direction="left")
+    second = ExpressionSpec("ordinal", Description(shape="circle"), direction="left", ordinal=2)
+    assert referents(circles(6), leftmost) == [0, 1] and referents(circles(6), second) == [0, 1]
+    assert referents(circles(7), leftmost) == [0] and referents(circles(7), second) == [1]
+
+
 def test_referents_on_a_hand_made_scene():
     objects = [
         _obj("circle", "red", "small", (10, 10, 24, 24)),     # 0: top-left
