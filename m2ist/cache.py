@@ -313,7 +313,7 @@ class _Layout:
     def unpack(self, rows: torch.Tensor, kinds: list[str], layers: list[int]) -> TowerFeatures:
         """The features of ``(B, width)`` rows, each field a contiguous tensor, as the tower returns it: a strided
         view of the rows would send the side network's matrix products to other kernels, which round differently
-        (the demo's float32-cached run then drifted from the uncached one; with contiguous fields it is bit-identical)."""
+        (the demo's float32-cached run then drifted from the uncached one; with contiguous fields it does not)."""
         sizes = [int(np.prod(shape)) for _, shape in self.fields]
         parts = [part.contiguous().view(rows.shape[0], *shape)
                  for part, (_, shape) in zip(rows.split(sizes, dim=1), self.fields, strict=True)]

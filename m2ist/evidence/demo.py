@@ -39,7 +39,7 @@ attention's peak, the point loss on). TransVG's head (six post-norm fusion layer
 mean box for the few thousand steps a CPU demo can afford."""
 DEMO_CACHE_DTYPE = "float32"
 """The demo's tower cache keeps float32 features (about 1.5 GB of RAM for its 2,500 scenes): the cached run is then
-the uncached run to the bit (same losses, same accuracy) in 0.55 of its training time, where a bfloat16 or float16
+the uncached run (same losses, same accuracy) in 0.55–0.64 of its training time, where a bfloat16 or float16
 cache (half the bytes, ``--tower-cache-dtype``) scored 9–11 points lower on spatial expressions (one seed each;
 docs/benchmarks.md)."""
 DEMO_SIDE_LEARNING_RATE = 1e-4
