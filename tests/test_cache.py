@@ -277,6 +277,8 @@ def test_batches_seen_whole_are_built_without_their_images(tmp_path):
                 else skipped[key] == first[key]), key
     read = cache.features(skipped)
     assert torch.equal(read.vision.tokens, expected.vision.tokens) and torch.equal(read.text.tokens, expected.text.tokens)
+    with pytest.raises(RuntimeError, match="built without its pixel_values"):  # records gone since: said, not a KeyError
+        TowerFeatureCache(make_model(seed=0), None, "float32").features(skipped)
     # anything the batch is made of changes the sample
     moved = dict(items[0], box=(1, 1, 9, 9))
     assert "pixel_values" in collate([moved, *items[1:]])
