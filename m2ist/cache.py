@@ -538,9 +538,10 @@ class _TowerRecords:
         self.hits += len(keys) - len(missing)
         first, second = _INPUTS[self.tower.modality]
         if first not in batch:
+            where = "the in-memory cache replaced" if self.folder is None else f"the cache folder {self.folder} changed"
             raise RuntimeError(f"The batch was built without its {first} because the tower cache held its records, but "
-                               f"{len(missing)} of them are missing now: was the cache folder {self.folder} changed or "
-                               "deleted during the run? Start the run again (a damaged cache folder can be deleted).")
+                               f"{len(missing)} of them are missing now: was {where} during the run? Start the run "
+                               "again (a damaged cache folder can be deleted).")
         # the towers run on the missing inputs only (once each), then the whole batch is read back, so every epoch,
         # the first one too, sees the stored features. A batch of hits reads rows computed in other batches anyway,
         # so running the whole batch here would buy no exactness: float32 records equal what the tower computes in
