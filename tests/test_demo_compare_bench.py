@@ -74,6 +74,8 @@ def test_bench_tiny_writes_the_promised_json(tmp_path, capsys):
     assert m2ist["ratios_to_full"]["saved_tensor_bytes"] < 0.6
     assert m2ist["head_time_s"] > 0 and m2ist["head_time_no_dropout_s"] > 0
     assert m2ist["lower_bound_time_s"] > m2ist["floor_time_s"]
+    # the breakdown is the uncached row's, printed once (the cached row's step is below it by design)
+    assert printed.count("M²IST lower bound") == 1 and rows["m2ist-cached"]["lower_bound_time_s"] is None
 
 
 def test_head_ablation_tiny_scores_every_variant_on_every_test_split(cache, capsys):
