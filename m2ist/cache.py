@@ -108,14 +108,23 @@ class TowerCacheCollator:
         return {**self.__dict__, "cache": None}
 
     def __call__(self, items: Sequence[Any]) -> dict[str, Any]:
-        identities = self._identities(items, [None] * len(items))
+        views = self._views(items)
+        identities = self._identities(items, views)
         batch = self._remembered_batch(identities)
         if batch is None:
-            batch = self.collator(items)
+            batch = self._collate(items, views)
             for modality, name in KEY_FIELDS.items():
                 batch[name] = cache_keys(batch, modality)
             self._remember(identities, batch)
         return batch
+
+    def _views(self, items: Sequence[Any]) -> list[int | None]:
+        """The view of each item's image (none: the image as it is)."""
+        return [None] * len(items)
+
+    def _collate(self, items: Sequence[Any], views: list[int | None]) -> dict[str, Any]:
+        """The wrapped collator's batch of ``items`` in their ``views``."""
+        return self.collator(items)
 
     # ------------------------------------------------------------------ batches built from what was remembered
     def _identities(self, items: Sequence[Any], views: list[int | None]) -> list[str | None]:
@@ -153,8 +162,8 @@ class TowerCacheCollator:
         if masks is None or masks.ndim != 3:
             return
         for index, identity in enumerate(identities):
-            window = _window(masks[index])
-            if identity is None or window is None:
+            window = None if identity is None else _window(masks[index])
+            if window is None:
                 continue
             row = {key: value[index].clone() if isinstance(value, torch.Tensor) else value[index]
                    for key, value in batch.items() if key not in _INPUTS[VISION]}
@@ -231,12 +240,10 @@ class CachedViewsCollator(TowerCacheCollator):
             raise ValueError("CachedViewsCollator needs a training RECCollator whose processor has an augmentation.")
         self.views = views
 
-    def __call__(self, items: Sequence[Any]) -> dict[str, Any]:
-        views = [int(torch.randint(self.views, (1,)).item()) for _ in items]
-        identities = self._identities(items, views)
-        batch = self._remembered_batch(identities)
-        if batch is not None:
-            return batch
+    def _views(self, items: Sequence[Any]) -> list[int | None]:
+        return [int(torch.randint(self.views, (1,)).item()) for _ in items]
+
+    def _collate(self, items: Sequence[Any], views: list[int | None]) -> dict[str, Any]:
         augment = self.collator.processor.augment
         saved = augment._rng.getstate()
         parts = []
@@ -248,12 +255,8 @@ class CachedViewsCollator(TowerCacheCollator):
                 parts.append(self.collator([item]))
         finally:
             augment._rng.setstate(saved)
-        batch = {key: torch.cat([part[key] for part in parts]) if isinstance(parts[0][key], torch.Tensor)
-                 else [value for part in parts for value in part[key]] for key in parts[0]}
-        for modality, name in KEY_FIELDS.items():
-            batch[name] = cache_keys(batch, modality)
-        self._remember(identities, batch)
-        return batch
+        return {key: torch.cat([part[key] for part in parts]) if isinstance(parts[0][key], torch.Tensor)
+                else [value for part in parts for value in part[key]] for key in parts[0]}
 
 
 # ---------------------------------------------------------------------------------------------- fingerprints
