@@ -1,10 +1,10 @@
 """`python -m m2ist.evidence.ablation`: which parts of the demo's head make it learn in a CPU budget.
 
 Every variant trains only a REC head, from the same seed, on the same frozen features: the demo's towers and an
-untrained M³ISA side network encode the procedural benchmark once, then each head trains for the demo's 600 steps
-× 32 on the mixed training split and is scored (Acc@0.5) on every test split. The variants add the vote readout's
-parts one at a time, from TransVG's head to the demo's (``DEMO_HEAD``). The table is the evidence behind
-``docs/differences.md`` (item 9).
+untrained M³ISA side network encode the procedural benchmark once, then each head trains for 600 steps × 32 on
+the mixed training split of 2,500 scenes (the demo's schedule and data until 2026-11-30) and is scored (Acc@0.5)
+on every test split. The variants add the vote readout's parts one at a time, from TransVG's head to the demo's
+(``DEMO_HEAD``). The table is the evidence behind ``docs/differences.md`` (item 9).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from .demo import DEMO_HEAD, DEMO_STEPS
+from .demo import DEMO_HEAD, DEMO_SIZES
 
 _VOTE = dict(fusion_layers=0, fusion_norm="pre", reg_init="text", box_readout="vote", vote_hops=1,
              position_init="random")
@@ -33,6 +33,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "+ one fusion layer (DEMO_HEAD)": dict(DEMO_HEAD),
 }
 """Head options of each variant, applied on top of the demo's config."""
+ABLATION_STEPS = 600
+ABLATION_SIZES = {**DEMO_SIZES, "train": 2500}
+"""The ablation's schedule and data: those of ``docs/differences.md``'s table."""
 
 
 @torch.no_grad()
@@ -90,7 +93,7 @@ def accuracy(head, features: tuple[torch.Tensor, ...]) -> float:
     return accuracy_at_iou(box_convert(pred_boxes, "cxcywh", "xyxy"), box_convert(labels, "cxcywh", "xyxy"))[0.5]
 
 
-def run(*, steps: int = DEMO_STEPS, batch_size: int = 32, seed: int = 0, tiny: bool = False,
+def run(*, steps: int = ABLATION_STEPS, batch_size: int = 32, seed: int = 0, tiny: bool = False,
         cache_dir: str | None = None, variants: dict[str, dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     """Train every variant's head on the same frozen features; return one row per variant."""
     from m2ist.head import RECHead
@@ -99,7 +102,7 @@ def run(*, steps: int = DEMO_STEPS, batch_size: int = 32, seed: int = 0, tiny: b
     from .demo import prepare
 
     torch.manual_seed(seed)
-    setup = prepare(tiny=tiny, cache_dir=cache_dir, seed=seed, progress=False)
+    setup = prepare(tiny=tiny, cache_dir=cache_dir, seed=seed, progress=False, sizes=None if tiny else ABLATION_SIZES)
     model = get_side_tuned_model(*setup.make_towers(), setup.config).eval()
     grid, prefix = model.head.box_votes.grid, model.head.box_votes.num_prefix_tokens
     features = encode_splits(model, setup.processor, {k: v for k, v in setup.splits.items() if k != "val"})
@@ -131,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m m2ist.evidence.ablation``."""
     parser = argparse.ArgumentParser(prog="python -m m2ist.evidence.ablation", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=DEMO_STEPS, help=f"head training steps (default: {DEMO_STEPS})")
+    parser.add_argument("--steps", type=int, default=ABLATION_STEPS,
+                        help=f"head training steps (default: {ABLATION_STEPS})")
     parser.add_argument("--batch-size", type=int, default=32, help="training batch size (default: 32)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the data, the encoder and every head")
     parser.add_argument("--tiny", action="store_true", help="a seconds-long smoke run with tiny settings")
