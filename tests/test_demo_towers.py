@@ -234,7 +234,7 @@ def test_a_shipped_tower_installs_with_the_values_pretraining_gives(tmp_path, co
     assert len(count_pretraining) == 3  # force pretrains
 
 
-@pytest.mark.parametrize("damage", ["weights", "report"])
+@pytest.mark.parametrize("damage", ["weights", "report", "processor"])
 def test_a_damaged_shipped_tower_is_pretrained_instead(tmp_path, count_pretraining, damage, caplog):
     load_vision_tower(cache_dir=tmp_path / "a", recipe=TINY, progress=False, shipped=None)
     shipped = demo_towers.ship_vision_tower(vision_tower_path(tmp_path / "a", TINY), tmp_path / "tower")
@@ -245,13 +245,16 @@ def test_a_damaged_shipped_tower_is_pretrained_instead(tmp_path, count_pretraini
         name = sorted(weights)[0]
         weights[name] = weights[name] + 1
         save_file(weights, shipped / "model.safetensors", metadata={"format": "pt"})
-    else:
+    elif damage == "report":
         report = json.loads((shipped / PRETRAINING_FILE).read_text())
         report["weights_digest"] = "0" * 64
         (shipped / PRETRAINING_FILE).write_text(json.dumps(report))
+    else:
+        (shipped / "preprocessor_config.json").unlink()
     with caplog.at_level("WARNING"):
         model = load_vision_tower(cache_dir=tmp_path / "b", recipe=TINY, progress=False, shipped=shipped)
-    assert "unusable" in caplog.text and "digest" in caplog.text
+    assert "unusable" in caplog.text
+    assert ("preprocessor_config" if damage == "processor" else "digest") in caplog.text
     assert len(count_pretraining) == 2
     assert demo_towers.weights_digest(model) == json.loads(
         (vision_tower_path(tmp_path / "a", TINY) / PRETRAINING_FILE).read_text())["weights_digest"]

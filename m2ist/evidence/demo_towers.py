@@ -539,7 +539,7 @@ def pretrain_vision_tower(
 
 
 def weights_digest(model: nn.Module) -> str:
-    """SHA-256 over a model's state dict (names, dtypes, shapes and float32 bytes, in name order).
+    """SHA-256 over a model's state dict (names, shapes and values as float32 bytes, in name order).
 
     Unlike a checksum of the saved file, it names the weights themselves: the float16 file the package ships and
     the float32 file a local pretraining writes have the same digest when they hold the same values.
@@ -604,6 +604,8 @@ def _install_shipped(staging: Path, recipe: VisionPretrainRecipe, shipped: Path)
         return False
     report = json.loads((shipped / PRETRAINING_FILE).read_text())
     try:
+        if not (shipped / "preprocessor_config.json").is_file():
+            raise FileNotFoundError("it has no preprocessor_config.json")
         model = ViTModel.from_pretrained(shipped, dtype=torch.float32)
         if weights_digest(model) != report.get("weights_digest"):
             raise ValueError("its weights do not have the digest its report records")
@@ -647,8 +649,8 @@ def ship_vision_tower(source: str | Path, destination: str | Path = SHIPPED_TOWE
         shutil.copy2(source / "preprocessor_config.json", staging / "preprocessor_config.json")
         shipped = {key: value for key, value in report.items() if key != "weights_sha256"}
         (staging / PRETRAINING_FILE).write_text(json.dumps(shipped, indent=2) + "\n")
-        if ViTModel.from_pretrained(staging, dtype=torch.float32) is None:  # pragma: no cover
-            raise RuntimeError("the shipped tower does not load")
+        if weights_digest(ViTModel.from_pretrained(staging, dtype=torch.float32)) != report["weights_digest"]:
+            raise RuntimeError(f"The tower written to {staging} does not read back as the one in {source}.")
         if destination.exists():
             shutil.rmtree(destination)
         os.replace(staging, destination)
