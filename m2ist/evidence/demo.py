@@ -33,8 +33,9 @@ DEMO_SIZES = {"train": 4000, "val": 150, "test_attributes": 150, "test_compositi
               "test_spatial": 150}
 """The demo's schedule and data (images per split, two expressions each): 800 steps × 32 over 4,000 training
 scenes. With the vision tower shipped instead of pretrained in the run, the 5-minute budget affords 1.6× the
-scenes and 1.3× the steps of 2,500 / 600, which lift val from 81% to 85% and spatial expressions from 74% to 75%
-(docs/benchmarks.md)."""
+scenes and 1.3× the steps of 2,500 / 600, which lift val from 81.0% to 85.0%, held-out pairs from 69.3% to 73.3%
+and spatial expressions from 74.0% to 75.3% (seed 0; +1.8, +6.2 and +2.3 points on average over three seeds,
+docs/benchmarks.md)."""
 DEMO_HEAD = dict(fusion_layers=1, fusion_norm="pre", reg_init="text", box_readout="vote", vote_hops=2,
                  position_init="sincos")
 """The demo's head: one pre-norm fusion layer, an expression-conditioned [REG], visual positions that start from a
@@ -43,7 +44,7 @@ attention's peak, the point loss on). TransVG's head (six post-norm fusion layer
 mean box for the few thousand steps a CPU demo can afford."""
 DEMO_CACHE_DTYPE = "float32"
 """The demo's tower cache keeps float32 features (about 2.4 GB of RAM for its 4,000 scenes): the cached run is then
-the uncached run (same losses, same accuracy) in 0.55–0.64 of its training time, where a bfloat16 or float16
+the uncached run (same losses, same accuracy) in 0.62 of its training time, where a bfloat16 or float16
 cache (half the bytes, ``--tower-cache-dtype``) scored 9–11 points lower on spatial expressions (one seed each;
 docs/benchmarks.md)."""
 DEMO_SIDE_LEARNING_RATE = 1e-4
