@@ -195,7 +195,7 @@ def test_factorised_presence_target_is_a_recipe_option():
         VisionPretrainRecipe.tiny(presence="both")
 
 
-def test_pretrained_weights_are_rounded_to_the_recipes_dtype(tmp_path):
+def test_pretrained_weights_are_rounded_to_the_recipes_dtype():
     model, report = demo_towers.pretrain_vision_tower(TINY, None, progress=False)
     assert TINY.weights_dtype == "float16"
     for name, tensor in model.state_dict().items():
