@@ -583,13 +583,31 @@ def _load_cached(folder: Path, recipe: VisionPretrainRecipe) -> Any | None:
     return model
 
 
-def shipped_vision_tower_recipe(folder: str | Path = SHIPPED_TOWER_DIR) -> VisionPretrainRecipe | None:
-    """The recipe of the tower shipped in ``folder`` (the package's by default), or ``None`` if none is there."""
+def _shipped(folder: str | Path) -> tuple[VisionPretrainRecipe, dict[str, Any]] | None:
+    """The recipe and pretraining report of the tower shipped in ``folder``, or ``None`` if none is there."""
     try:
         report = json.loads((Path(folder) / PRETRAINING_FILE).read_text())
-        return VisionPretrainRecipe(**report["recipe"])
+        return VisionPretrainRecipe(**report["recipe"]), report
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+def shipped_vision_tower_recipe(folder: str | Path = SHIPPED_TOWER_DIR) -> VisionPretrainRecipe | None:
+    """The recipe of the tower shipped in ``folder`` (the package's by default), or ``None`` if none is there."""
+    shipped = _shipped(folder)
+    return None if shipped is None else shipped[0]
+
+
+def _write_tower(folder: Path, model: nn.Module, processor_from: Path, report: dict[str, Any], *,
+                 checksum: bool) -> None:
+    """Write a tower folder: the model's weights and config, the image processor of ``processor_from`` and the
+    pretraining report, with the weights file's checksum (``weights_sha256``) when ``checksum`` (a cache folder)."""
+    model.save_pretrained(folder, safe_serialization=True)
+    shutil.copy2(processor_from / "preprocessor_config.json", folder / "preprocessor_config.json")
+    report = {key: value for key, value in report.items() if key != "weights_sha256"}
+    if checksum:
+        report["weights_sha256"] = _sha256(folder / _WEIGHTS_FILE)
+    (folder / PRETRAINING_FILE).write_text(json.dumps(report, indent=2) + "\n")
 
 
 def _install_shipped(staging: Path, recipe: VisionPretrainRecipe, shipped: Path) -> bool:
@@ -600,9 +618,10 @@ def _install_shipped(staging: Path, recipe: VisionPretrainRecipe, shipped: Path)
     """
     from transformers import ViTModel
 
-    if shipped_vision_tower_recipe(shipped) != recipe:
+    found = _shipped(shipped)
+    if found is None or found[0] != recipe:
         return False
-    report = json.loads((shipped / PRETRAINING_FILE).read_text())
+    report = found[1]
     try:
         if not (shipped / "preprocessor_config.json").is_file():
             raise FileNotFoundError("it has no preprocessor_config.json")
@@ -612,11 +631,7 @@ def _install_shipped(staging: Path, recipe: VisionPretrainRecipe, shipped: Path)
     except Exception as error:
         logger.warning("The vision tower shipped at %s is unusable (%s); pretraining it instead.", shipped, error)
         return False
-    model.save_pretrained(staging, safe_serialization=True)
-    shutil.copy2(shipped / "preprocessor_config.json", staging / "preprocessor_config.json")
-    report["weights_sha256"] = _sha256(staging / _WEIGHTS_FILE)
-    report["installed_from"] = str(shipped)
-    (staging / PRETRAINING_FILE).write_text(json.dumps(report, indent=2) + "\n")
+    _write_tower(staging, model, shipped, {**report, "installed_from": str(shipped)}, checksum=True)
     return True
 
 
@@ -645,10 +660,7 @@ def ship_vision_tower(source: str | Path, destination: str | Path = SHIPPED_TOWE
     staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.tmp-", dir=destination.parent))
     staging.chmod(0o755)
     try:
-        model.save_pretrained(staging, safe_serialization=True)
-        shutil.copy2(source / "preprocessor_config.json", staging / "preprocessor_config.json")
-        shipped = {key: value for key, value in report.items() if key != "weights_sha256"}
-        (staging / PRETRAINING_FILE).write_text(json.dumps(shipped, indent=2) + "\n")
+        _write_tower(staging, model, source, report, checksum=False)
         if weights_digest(ViTModel.from_pretrained(staging, dtype=torch.float32)) != report["weights_digest"]:
             raise RuntimeError(f"The tower written to {staging} does not read back as the one in {source}.")
         if destination.exists():
@@ -743,11 +755,12 @@ def main(argv: list[str] | None = None) -> int:
         destination = ship_vision_tower(vision_tower_path(args.cache_dir, recipe))
         print(f"shipped the {recipe.version} tower at {destination}")
         return 0
-    shipped = json.loads((SHIPPED_TOWER_DIR / PRETRAINING_FILE).read_text())
+    found = _shipped(SHIPPED_TOWER_DIR)
+    shipped_digest = str(found[1].get("weights_digest")) if found is not None else "none (nothing shipped)"
     _, report = pretrain_vision_tower(recipe)
-    same = report["weights_digest"] == shipped.get("weights_digest")
+    same = report["weights_digest"] == shipped_digest
     print(f"pretrained in {report['wall_time_s']:.0f} s: weight digest {report['weights_digest'][:16]}…, "
-          f"{'the shipped tower' if same else 'NOT the shipped tower ' + str(shipped.get('weights_digest'))[:16] + '…'}")
+          f"{'the shipped tower' if same else 'NOT the shipped tower ' + shipped_digest[:16] + '…'}")
     return 0 if same else 1
 
 
