@@ -384,20 +384,36 @@ class _Shard:
                     f.truncate(cut)
 
     def refresh(self) -> None:
-        """Read index lines added since the last call (another rank's shard grows while we train)."""
+        """Read index lines added since the last call (another rank's shard grows while we train). A row is indexed
+        only once it is in the data file (its writer grows the file, writes and flushes the row, then appends the
+        line), so an index that names rows past the file's end means the file was truncated, replaced or deleted:
+        that is reported, never read as zeros."""
         if not self.index_path.exists():
             return
         with open(self.index_path, "rb") as f:
             f.seek(self._index_size)
             data = f.read()
         end = data.rfind(b"\n") + 1
-        self._index_size += end
+        found: dict[str, int] = {}
         for line in data[:end].decode("ascii", "replace").splitlines():
             parts = line.split()
             if len(parts) == 2 and len(parts[0]) == 32 and parts[1].isdigit():
-                row = int(parts[1])
-                self.index[parts[0]] = row
-                self.next_row = max(self.next_row, row + 1)
+                found[parts[0]] = int(parts[1])
+        if found:
+            self._check_covers(max(found.values()) + 1)
+        self._index_size += end
+        self.index.update(found)
+        self.next_row = max([self.next_row, *(row + 1 for row in found.values())])
+
+    def _rows_in_file(self) -> int:
+        return os.path.getsize(self.data_path) // (self.width * self.itemsize) if self.data_path.exists() else 0
+
+    def _check_covers(self, rows: int) -> None:
+        held = self._rows_in_file()
+        if rows > held:
+            raise ValueError(f"The tower cache in {self.data_path.parent} is damaged: {self.index_path.name} names row "
+                             f"{rows - 1} but {self.data_path.name} holds {held} rows (truncated or deleted?). "
+                             "Delete that folder (the run refills it) or set tower_cache='off'.")
 
     def _ensure(self, rows: int) -> None:
         have = self.array.shape[0] if self.array is not None else 0
@@ -414,6 +430,7 @@ class _Shard:
                                shape=(capacity, self.width))
 
     def read(self, rows: list[int]) -> torch.Tensor:
+        self._check_covers(max(rows) + 1)  # the file may have been cut since the index was read
         self._ensure(max(rows) + 1)
         values = np.ascontiguousarray(self.array[rows])
         if self.dtype == "bfloat16":
@@ -520,8 +537,13 @@ class _TowerRecords:
                     "row_width": layout.width}
         path = self.folder / "manifest.json"
         if path.exists():
-            recorded = json.loads(path.read_text(encoding="utf-8"))
-            if recorded.get("layout") != manifest["layout"] or recorded.get("fingerprint") != self.fingerprint:
+            try:
+                recorded = json.loads(path.read_text(encoding="utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as err:
+                raise ValueError(f"The tower cache in {self.folder} is damaged: {path.name} does not parse ({err}). "
+                                 "Delete that folder (the run refills it) or set tower_cache='off'.") from None
+            if not isinstance(recorded, dict) or recorded.get("layout") != manifest["layout"] \
+                    or recorded.get("fingerprint") != self.fingerprint:
                 raise ValueError(f"The tower cache in {self.folder} was written with another layout; delete that folder.")
         else:
             atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=2), encoding="utf-8"))

@@ -137,6 +137,50 @@ def test_disk_cache_resumes_and_is_shared_between_ranks(tmp_path):
     torch.testing.assert_close(read.vision.tokens, direct.vision.tokens)
 
 
+def _cut_rows(folder: Path) -> None:
+    with open(folder / "rows.0.bin", "r+b") as f:
+        f.truncate(os.path.getsize(folder / "rows.0.bin") // 4)
+
+
+def _index_past_the_end(folder: Path) -> None:
+    with open(folder / "index.0.txt", "a") as f:
+        f.write(f"{'ab' * 16} 999999\n")
+
+
+@pytest.mark.parametrize("damage", {
+    "rows truncated": _cut_rows,
+    "rows deleted": lambda folder: (folder / "rows.0.bin").unlink(),
+    "index past the end": _index_past_the_end,
+    "manifest garbled": lambda folder: (folder / "manifest.json").write_text("{not json"),
+}.items(), ids=lambda item: item[0])
+@pytest.mark.parametrize("rank", [0, 1], ids=["own shard", "another rank's shard"])
+def test_a_damaged_disk_cache_is_reported_never_read_as_zeros(tmp_path, damage, rank):
+    data = shared_image_dataset(3)
+    model = make_model(seed=0)
+    batch = TowerCacheCollator(RECCollator(make_processor(tmp_path / "tok")))([data[i] for i in range(6)])
+    TowerFeatureCache(model, tmp_path / "cache", "float32", expected_images=3, expected_texts=2).features(batch)
+    folder = next((tmp_path / "cache").glob("vision-*"))
+    size = os.path.getsize(folder / "rows.0.bin")
+    damage[1](folder)
+    with pytest.raises(ValueError, match=rf"tower cache in .*{folder.name} is damaged: .*Delete that folder"):
+        # as a resumed run opens it: with its size estimate, which reserves rows in its own shard
+        TowerFeatureCache(model, tmp_path / "cache", "float32", expected_images=3, expected_texts=2,
+                          rank=rank).features(batch)
+    if damage[0] == "index past the end":  # the rows file was not grown to the bogus row (a sparse file of 500 GB)
+        assert os.path.getsize(folder / "rows.0.bin") == size
+
+
+def test_a_rows_file_cut_during_a_run_is_reported_not_read(tmp_path):
+    data = shared_image_dataset(3)
+    model = make_model(seed=0)
+    batch = TowerCacheCollator(RECCollator(make_processor(tmp_path / "tok")))([data[i] for i in range(6)])
+    cache = TowerFeatureCache(model, tmp_path / "cache", "float32", expected_images=3, expected_texts=2)
+    cache.features(batch)
+    _cut_rows(next((tmp_path / "cache").glob("vision-*")))  # reading the mapped pages now would crash (SIGBUS)
+    with pytest.raises(ValueError, match="is damaged"):
+        cache.features(batch)
+
+
 def test_what_changes_features_changes_the_folder(tmp_path):
     model = make_model(seed=0)
     folders = set()
