@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import pickle
+import re
 import time
 import zipfile
 from dataclasses import replace
@@ -364,6 +365,14 @@ def test_a_diverged_run_stops_naming_the_step_and_saves_nothing(processor, tmp_p
         train_rec(make_model(), processor, make_dataset(8, seed=1), args=args)
     for weights in (tmp_path / "run").rglob(WEIGHTS_NAME):  # every checkpoint written holds finite weights
         assert all(bool(torch.isfinite(t).all()) for t in read_safetensors(weights).values())
+
+
+def test_a_non_finite_gradient_under_a_finite_loss_is_named(processor, tmp_path):
+    model = make_model()
+    name, parameter = next((n, p) for n, p in model.named_parameters() if n.startswith("head.") and p.requires_grad)
+    parameter.register_hook(lambda grad: torch.full_like(grad, float("inf")))
+    with pytest.raises(NonFiniteTrainingError, match=rf"step 1: the gradient of {re.escape(name)} is not finite"):
+        train_rec(model, processor, make_dataset(4, seed=1), args=_args(tmp_path / "run", max_steps=2))
 
 
 def test_non_finite_labels_or_pixels_are_named(tmp_path):
