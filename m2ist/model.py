@@ -746,9 +746,10 @@ class SideTunedModel(RECModel):
     def _check_compatible(self, name: str, config: M2ISTConfig) -> M2ISTConfig:
         """``config`` completed with the towers' settings; raise if it cannot share this model's towers."""
         if not isinstance(name, str) or not name or name == BASE_ADAPTER or "/" in name or "\\" in name \
-                or name.startswith("."):
-            raise ValueError(f"Adapter name {name!r} is not usable: give a non-empty name without '/' (it becomes a "
-                             f"subfolder when saving), other than {BASE_ADAPTER!r}.")
+                or name.startswith(".") or name != name.strip() or not name.isprintable():
+            raise ValueError(f"Adapter name {name!r} is not usable: give a non-empty name without '/', '\\', a leading "
+                             "'.', spaces at either end or control characters (it becomes a subfolder when saving), "
+                             f"other than {BASE_ADAPTER!r}.")
         if name in self.adapter_setups:
             raise ValueError(f"An adapter named {name!r} already exists; delete_adapter({name!r}) first or pick "
                              "another name.")

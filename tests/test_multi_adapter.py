@@ -77,7 +77,7 @@ def test_verbs_follow_peft():
         model.set_adapter("nope")
     with pytest.raises(ValueError, match="already exists"):
         model.add_adapter("default", tiny_config())
-    for bad in ("", "a/b", "__base__"):
+    for bad in ("", "a/b", "__base__", "..", " ", "en ", "a\\b", "tab\there"):
         with pytest.raises(ValueError, match="not usable"):
             model.add_adapter(bad, tiny_config())
     with pytest.raises(ValueError, match="max_query_len"):
