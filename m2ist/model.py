@@ -169,38 +169,98 @@ def _dummy_inputs(config: M2ISTConfig, vision_model: nn.Module, text_model: nn.M
 
 
 def _model_id(model: nn.Module) -> tuple[str | None, str | None]:
-    """The Hub id / path and the commit a tower was loaded from.
-
-    transformers 5 no longer fills ``config._commit_hash``: the commit is read from a cache snapshot path
-    (``.../snapshots/<sha>/``), else from the Hub cache's record of the repo's current ``main``.
-    """
-    config = getattr(model, "config", None)
-    name = getattr(config, "_name_or_path", None) or None
-    commit = getattr(config, "_commit_hash", None)
-    if name and commit is None:
-        commit = commit_of(name)
-    snapshot = re.search(r"(?:^|/)models--([^/]+)/snapshots/[0-9a-f]{40}/?$", str(name or ""))
-    if snapshot:  # a Hub cache folder: record the repo id, the commit pins the files
-        name = snapshot.group(1).replace("--", "/")
+    """The Hub id / path and the commit a tower was loaded from (see :func:`tower_identity`)."""
+    name, commit, _ = tower_identity(model)
     return name, commit
 
 
-def commit_of(name_or_path: str, cache_dir: str | os.PathLike | None = None) -> str | None:
+def tower_identity(model: nn.Module) -> tuple[str | None, str | None, str]:
+    """The Hub id / path a tower was loaded from, its commit, and why the commit is unknown for a Hub id ("" when
+    known, or for a plain folder).
+
+    transformers 5 no longer fills ``config._commit_hash``: the commit is read from a cache snapshot path
+    (``.../snapshots/<sha>/``), else it is the one revision of the repo in the Hub cache whose weights are the
+    tower's (see :func:`commit_of`).
+    """
+    config = getattr(model, "config", None)
+    name = getattr(config, "_name_or_path", None) or None
+    commit, why = getattr(config, "_commit_hash", None), ""
+    if name and commit is None:
+        commit, why = _find_commit(name, model=model)
+    snapshot = re.search(r"(?:^|/)models--([^/]+)/snapshots/[0-9a-f]{40}/?$", str(name or ""))
+    if snapshot:  # a Hub cache folder: record the repo id, the commit pins the files
+        name = snapshot.group(1).replace("--", "/")
+    return name, commit, why
+
+
+def commit_of(name_or_path: str, cache_dir: str | os.PathLike | None = None,
+              model: nn.Module | None = None) -> str | None:
     """The commit a tower named ``name_or_path`` was loaded from, when it can be known: the ``<sha>`` of a
-    ``snapshots/<sha>`` folder, else the commit the Hub cache holds for the repo id (None for a plain folder)."""
+    ``snapshots/<sha>`` folder; for a Hub id, the revision in the Hub cache whose weights are ``model``'s (without
+    ``model``: the cache's record of the repo's ``main``); None for a plain folder or when it cannot be told."""
+    return _find_commit(name_or_path, cache_dir, model)[0]
+
+
+def _find_commit(name_or_path: str, cache_dir: str | os.PathLike | None = None,
+                 model: nn.Module | None = None) -> tuple[str | None, str]:
+    """:func:`commit_of` and, when a Hub id's commit cannot be told, why."""
     match = re.search(r"(?:^|/)snapshots/([0-9a-f]{40})(?:/|$)", str(name_or_path))
     if match:
-        return match.group(1)
+        return match.group(1), ""
     if Path(name_or_path).exists():
-        return None
+        return None, ""
     try:
         from huggingface_hub import try_to_load_from_cache
 
         cached = try_to_load_from_cache(str(name_or_path), "config.json", cache_dir=cache_dir)
     except Exception:  # not a repo id
+        return None, ""
+    main = re.search(r"snapshots/([0-9a-f]{40})/", str(cached)) if isinstance(cached, str) else None
+    if main is None:
+        return None, "the Hub cache does not hold it (was it loaded through another cache_dir?)"
+    if model is None:
+        return main.group(1), ""
+    # a tower loaded with revision=..., or before a newer main was fetched, is not refs/main's snapshot: the
+    # weights tell the cached revisions apart
+    snapshots = Path(cached).parents[1]
+    revisions = sorted(p.name for p in snapshots.iterdir() if p.is_dir() and re.fullmatch(r"[0-9a-f]{40}", p.name))
+    candidates = [sha for sha in revisions if _same_weights(model, snapshots / sha) is not False]
+    if len(candidates) == 1:
+        return candidates[0], ""
+    if not candidates:
+        return None, f"none of the {len(revisions)} revisions of it in the Hub cache holds the tower's weights"
+    return None, f"{len(candidates)} revisions of it in the Hub cache could hold the tower's weights"
+
+
+def _same_weights(model: nn.Module, folder: Path, samples: int = 3) -> bool | None:
+    """Whether the safetensors files in ``folder`` hold ``model``'s weights, judged on ``samples`` tensors (the
+    smallest, the median and the largest of those the model has, up to 64 M values), compared in the model's
+    dtype; None when it cannot be told (no safetensors file, no tensor names in common)."""
+    from safetensors import safe_open
+
+    state = model.state_dict()
+    prefix = f"{getattr(model, 'base_model_prefix', '') or ''}."
+    found: list[tuple[int, str, str, Path]] = []
+    for path in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for key in f.keys():  # noqa: SIM118 (safe_open is not iterable)
+                    for own in (key, key.removeprefix(prefix), prefix + key):
+                        if own in state and list(f.get_slice(key).get_shape()) == list(state[own].shape):
+                            found.append((state[own].numel(), key, own, path))
+                            break
+        except Exception:  # a damaged or foreign file tells nothing
+            continue
+    found = sorted(entry for entry in found if entry[0] <= 64 * 2**20)
+    if not found:
         return None
-    match = re.search(r"snapshots/([0-9a-f]{40})/", str(cached)) if isinstance(cached, str) else None
-    return match.group(1) if match else None
+    picks = {found[0], found[len(found) // 2], found[-1]} if samples >= 3 else {found[0]}
+    for _, key, own, path in sorted(picks):
+        with safe_open(str(path), framework="pt") as f:
+            stored = f.get_tensor(key)
+        if not torch.equal(stored.to(state[own].dtype), state[own].detach().cpu()):
+            return False
+    return True
 
 
 class RECModel(nn.Module):
@@ -214,7 +274,13 @@ class RECModel(nn.Module):
         config = dataclasses.replace(config)  # never mutate the caller's config
         self.config = config
         self.tower_classes = {VISION: type(vision_model).__name__, TEXT: type(text_model).__name__}
-        self.tower_ids = {VISION: _model_id(vision_model), TEXT: _model_id(text_model)}
+        identities = {VISION: tower_identity(vision_model), TEXT: tower_identity(text_model)}
+        self.tower_ids = {modality: (name, commit) for modality, (name, commit, _) in identities.items()}
+        for modality, (name, _, why) in identities.items():
+            if why and getattr(config, f"{modality}_revision") is None:
+                logger.warning("The %s tower %r was loaded by Hub id, but from which commit cannot be told: %s. The "
+                               "adapter records no commit, so a reload takes the repo's latest; pin it with "
+                               "M2ISTConfig(%s_revision='<commit>').", modality, name, why, modality)
         vision_model, text_model = unwrap_tower(vision_model, VISION), unwrap_tower(text_model, TEXT)
         config._text_tower_config = getattr(text_model, "config", None)  # for config.get_text_config(); never saved
         if config.image_size is None:

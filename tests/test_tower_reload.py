@@ -113,3 +113,43 @@ def test_old_config_without_class_and_commit_still_loads(tmp_path, batch):
     assert M2ISTConfig.from_pretrained(tmp_path / "adapter").vision_model_class is None
     again = SideTunedModel.from_pretrained(tmp_path / "adapter").eval()
     torch.testing.assert_close(again(**batch).pred_boxes, model(**batch).pred_boxes, rtol=0, atol=0)
+
+
+def test_the_commit_recorded_is_the_one_whose_weights_were_loaded(hub: LocalHub, tmp_path: Path, monkeypatch, caplog):
+    """A tower loaded by Hub id at an older revision, after a newer main was fetched: the adapter records the
+    older commit (the weights tell the cached revisions apart), never the cache's main. Loaded through another
+    cache, the commit cannot be told: none is recorded, with a warning saying how to pin it."""
+    from huggingface_hub import constants, snapshot_download
+
+    def files(model, name: str) -> dict[str, bytes]:
+        model.save_pretrained(tmp_path / name)
+        return {p.name: p.read_bytes() for p in (tmp_path / name).iterdir()}
+
+    torch.manual_seed(1)
+    old, new = vision_tower("vit"), vision_tower("vit")
+    hub.add_repo("org/moving-vit", files(old, "u0"))
+    first = hub.repo("org/moving-vit").refs["main"]
+    cache = tmp_path / "hub_cache"
+    snapshot_download("org/moving-vit", endpoint=hub.url, cache_dir=cache)
+    second = hub.add_commit("org/moving-vit", files(new, "u1"), title="a newer tower")
+    snapshot_download("org/moving-vit", endpoint=hub.url, cache_dir=cache)  # the cache's main is now `second`
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    for revision in (first, second):
+        vision = T.ViTModel.from_pretrained("org/moving-vit", revision=revision, cache_dir=cache, local_files_only=True)
+        assert vision.config._name_or_path == "org/moving-vit"
+        model = get_side_tuned_model(vision, text_tower("bert"), tiny_config())
+        assert model.config.vision_revision == revision
+
+    third = hub.add_commit("org/moving-vit", files(vision_tower("vit"), "u2"), title="fetched into another cache")
+    elsewhere = tmp_path / "another_cache"
+    snapshot_download("org/moving-vit", endpoint=hub.url, cache_dir=elsewhere, revision=third)
+    vision = T.ViTModel.from_pretrained("org/moving-vit", revision=third, cache_dir=elsewhere, local_files_only=True)
+    with caplog.at_level("WARNING", logger="m2ist.model"):
+        model = get_side_tuned_model(vision, text_tower("bert"), tiny_config())
+    assert model.config.vision_revision is None
+    assert "from which commit cannot be told: none of the 2 revisions" in caplog.text
+    assert "vision_revision='<commit>'" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="m2ist.model"):  # pinned by the user: nothing to warn about
+        pinned = get_side_tuned_model(vision, text_tower("bert"), tiny_config(vision_revision=third))
+    assert pinned.config.vision_revision == third and "cannot be told" not in caplog.text
