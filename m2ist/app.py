@@ -44,6 +44,7 @@ __all__ = [
     "build_app",
     "default_adapter",
     "demo_examples",
+    "exif_orientation",
     "load_models",
     "parse_phrases",
     "predict_page",
@@ -135,6 +136,22 @@ def read_image(image: Any, *, max_pixels: int = MAX_PIXELS) -> Image.Image:
         raise AppInputError(f"Cannot read this file as an image ({_short(err)}). Try a PNG, JPEG or WebP file.") from err
 
 
+def exif_orientation(image: Any) -> int:
+    """The EXIF orientation tag of a file or PIL image (1, upright, when absent, unreadable or for arrays); read
+    from the header only. :func:`read_image` applies it, as photo viewers and browsers do."""
+    try:
+        if isinstance(image, Image.Image):
+            orientation = image.getexif().get(0x0112, 1)
+        elif isinstance(image, str | Path):
+            with Image.open(image) as opened:
+                orientation = opened.getexif().get(0x0112, 1)
+        else:
+            return 1
+    except (OSError, ValueError, TypeError, SyntaxError):
+        return 1
+    return orientation if orientation in range(2, 9) else 1
+
+
 def _short(err: BaseException, limit: int = 200) -> str:
     """One line naming the error, without paths of the server's temporary files."""
     text = re.sub(r"(/[^\s'\"]+)+/", "", str(err)).strip() or type(err).__name__
@@ -185,8 +202,10 @@ def predict_page(models: Sequence[tuple[str, nn.Module]], image: Any, text: str 
 
     Returns:
         A :class:`PagePrediction`: one drawn picture per model (``None`` where that model failed), a Markdown
-        table of the boxes in ``xyxy`` pixels of the original image, and a status line with each model's time
-        (or the message that explains what is wrong with the input).
+        table of the boxes in ``xyxy`` pixels of the image **as displayed** (its EXIF orientation applied, as on the
+        page; :func:`~m2ist.inference.predict_boxes` and ``m2ist predict`` read the stored pixels and ignore it),
+        and a status line with each model's time (or the message that explains what is wrong with the input). When
+        the image carries an EXIF rotation or flip, the status line says so.
     """
     from m2ist.inference import draw_boxes, predict_boxes
 
@@ -218,6 +237,12 @@ def predict_page(models: Sequence[tuple[str, nn.Module]], image: Any, text: str 
         count = f"{len(phrases)} expression{'s' if len(phrases) > 1 else ''}"
         notes.append(f"**{_escape(name)}**: {count} in {1000 * seconds:.0f} ms "
                      f"({1000 * seconds / len(phrases):.0f} ms each) on a {picture.width}×{picture.height} image.")
+    orientation = exif_orientation(image)
+    if orientation != 1 and rows:
+        notes.append(f"ℹ️ This image carries an EXIF orientation (tag {orientation}): it was turned upright as photo "
+                     f"viewers do, and the boxes are pixels of the upright {picture.width}×{picture.height} picture "
+                     "shown here. `m2ist predict` and `predict_boxes` read the stored pixels (EXIF ignored), so "
+                     "their boxes for this file are in the stored frame.")
     result.table = _format_table(rows, several=len(models) > 1) if rows else ""
     result.message = "  \n".join(notes)
     return result

@@ -40,7 +40,8 @@ from m2ist.ops.boxes import box_convert, clip_boxes, paired_box_iou
 if TYPE_CHECKING:
     from m2ist.processing import RECProcessor
 
-__all__ = ["CLAMP_MODES", "RESULTS_FORMAT_VERSION", "accuracy_at_iou", "evaluate", "metric_name", "paired_iou"]
+__all__ = ["CLAMP_MODES", "RESULTS_FORMAT_VERSION", "ResultsWriteError", "accuracy_at_iou", "check_output_file", "evaluate",
+           "metric_name", "paired_iou", "write_results"]
 
 logger = logging.getLogger(__name__)
 
@@ -240,11 +241,39 @@ def _environment() -> dict[str, Any]:
             "transformers_version": transformers.__version__, "python_version": platform.python_version()}
 
 
+class ResultsWriteError(OSError):
+    """The results could not be written where asked; ``results`` holds them, and a copy went to ``saved_to``."""
+
+    def __init__(self, message: str, results: Mapping[str, Any], saved_to: Path | None) -> None:
+        super().__init__(message)
+        self.results = results
+        self.saved_to = saved_to
+
+
+def check_output_file(output_file: str | os.PathLike) -> Path:
+    """Raise an ``OSError`` naming the fix when ``output_file`` cannot become a results file (a folder, a path
+    under a file, an unwritable place); nothing is created. Returns it as a :class:`~pathlib.Path`."""
+    text = os.fspath(output_file)
+    path = Path(text).expanduser()
+    if path.is_dir() or text.endswith(("/", os.sep)):
+        raise IsADirectoryError(f"The results file {text} is a folder; give a file name such as "
+                                f"{path / 'results.json'}.")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise PermissionError(f"The results file {path} exists and is not writable; choose another path.")
+    ancestor = path.absolute().parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise NotADirectoryError(f"The results file {text} cannot be created: {ancestor} is a file, not a folder. "
+                                 "Choose a path inside a folder.")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise PermissionError(f"The results file {text} cannot be created: the folder {ancestor} is not writable.")
+    return path
+
+
 def write_results(results: Mapping[str, Any], output_file: str | os.PathLike) -> Path:
     """Write ``results`` as indented JSON (parent folders created, replaced atomically); return the path."""
-    path = Path(output_file)
-    if path.is_dir():
-        raise IsADirectoryError(f"output_file {path} is a folder; give a file name such as {path / 'results.json'}.")
+    path = check_output_file(output_file)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(_json_safe(results), indent=2) + "\n", encoding="utf-8")
@@ -282,7 +311,9 @@ def evaluate(
             dataset whose items have ``image``, ``expression`` and ``box`` (``xyxy`` pixels).
         batch_size: expressions per forward pass.
         iou_thresholds: the accuracy thresholds; each is reported as ``acc@<t>`` (``acc@0.5``, ``acc@0.75``...).
-        output_file: write the results as JSON there.
+        output_file: write the results as JSON there; checked before any scoring (a folder or an uncreatable
+            path raises an ``OSError`` at once). If writing fails after scoring, a :class:`ResultsWriteError`
+            holds the results and names the copy saved in the temporary folder.
         device: move the model to this device first; default: where the model is.
         progress: show a progress bar per split.
         save_predictions: also return (and write) one record per expression: index, image id, expression,
@@ -306,6 +337,8 @@ def evaluate(
         raise ValueError(f"clamp must be one of {CLAMP_MODES}, got {clamp!r}.")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
+    if output_file is not None:
+        check_output_file(output_file)  # before any forward pass: a bad path must not cost the evaluation
     processor = resolve_processor(model, processor)
     if isinstance(datasets, Mapping):
         splits = {str(name): _as_dataset(data, str(name)) for name, data in datasets.items()}
@@ -395,5 +428,26 @@ def evaluate(
         results["adapters"] = {key: {"metrics": metrics_by[key], **({"predictions": predictions_by[key]}
                                                                     if save_predictions else {})} for key in keys}
     if output_file is not None:
-        write_results(results, output_file)
+        _write_or_keep(results, output_file)
     return results
+
+
+def _write_or_keep(results: dict[str, Any], output_file: str | os.PathLike) -> None:
+    """:func:`write_results`; if that fails after scoring, save a copy in the temporary folder and raise a
+    :class:`ResultsWriteError` that holds the results and names the copy (the work is never lost)."""
+    import tempfile
+
+    try:
+        write_results(results, output_file)
+    except OSError as err:
+        try:
+            handle, name = tempfile.mkstemp(prefix="m2ist_eval_results_", suffix=".json")
+            with os.fdopen(handle, "w", encoding="utf-8") as stream:
+                stream.write(json.dumps(_json_safe(results), indent=2) + "\n")
+            saved_to: Path | None = Path(name)
+        except OSError:
+            saved_to = None
+        where = f"they were saved to {saved_to} instead" if saved_to else "they are in this error's .results"
+        metrics = json.dumps(_json_safe(results["metrics"]), separators=(",", ":"))
+        raise ResultsWriteError(f"Cannot write the results to {output_file} ({err}); {where}. Metrics: {metrics}",
+                                results, saved_to) from err

@@ -30,7 +30,7 @@ from m2ist.save_and_load import PIPELINE
 if TYPE_CHECKING:
     from m2ist.processing import RECProcessor
 
-__all__ = ["GT_COLOR", "PALETTE", "draw_boxes", "predict_boxes", "resolve_processor"]
+__all__ = ["GT_COLOR", "PALETTE", "check_finite_boxes", "draw_boxes", "predict_boxes", "resolve_processor"]
 
 #: Colours of predicted boxes (cycled when there are several).
 PALETTE: tuple[str, ...] = ("#e6194b", "#4363d8", "#f58231", "#911eb4", "#f032e6", "#9a6324", "#000075", "#808000")
@@ -94,6 +94,18 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
         model.train(was_training)
 
 
+def check_finite_boxes(pred: torch.Tensor, adapter: str | None = None) -> torch.Tensor:
+    """``pred`` if every coordinate is finite; else a ``ValueError`` (clipping to the image would turn an inf into
+    a plausible-looking edge box, and a NaN would pass through)."""
+    bad = ~torch.isfinite(pred).all(dim=-1)
+    if bool(bad.any()):
+        which = f"adapter {adapter!r}" if adapter is not None else "the model"
+        raise ValueError(f"{which} predicted non-finite boxes (NaN or inf) for {int(bad.sum())} of {bad.numel()} "
+                         f"samples (batch positions {bad.nonzero().flatten().tolist()[:8]}): its weights are damaged "
+                         "or its training diverged. Retrain it or load an earlier checkpoint.")
+    return pred
+
+
 def forward_boxes(model: nn.Module, encoded: Any, device: torch.device) -> torch.Tensor:
     """Run the model on a processed batch; return ``pred_boxes`` ``(B, 4)`` normalised ``cxcywh``, float32 on CPU."""
     inputs = {key: encoded[key].to(device) for key in MODEL_INPUTS if key in encoded}
@@ -105,14 +117,15 @@ def forward_boxes(model: nn.Module, encoded: Any, device: torch.device) -> torch
 def forward_boxes_per_adapter(model: nn.Module, encoded: Any, device: torch.device,
                               adapters: Sequence[str] | None) -> dict[str | None, torch.Tensor]:
     """:func:`forward_boxes` for every adapter in ``adapters`` on one pass of the towers
-    (``model.forward_all_adapters``), ``{name: pred_boxes}``; ``None`` gives ``{None: the model's boxes}``."""
+    (``model.forward_all_adapters``), ``{name: pred_boxes}``; ``None`` gives ``{None: the model's boxes}``.
+    Non-finite predictions raise (:func:`check_finite_boxes`): prediction and evaluation share this check."""
     if adapters is None:
-        return {None: forward_boxes(model, encoded, device)}
+        return {None: check_finite_boxes(forward_boxes(model, encoded, device))}
     if not hasattr(model, "forward_all_adapters"):
         raise TypeError(f"adapters= needs a model with several adapters (a SideTunedModel), got {type(model).__name__}.")
     inputs = {key: encoded[key].to(device) for key in MODEL_INPUTS if key in encoded}
     outputs = model.forward_all_adapters(**inputs, adapter_names=list(adapters))
-    return {name: output.pred_boxes.detach().float().cpu() for name, output in outputs.items()}
+    return {name: check_finite_boxes(output.pred_boxes.detach().float().cpu(), name) for name, output in outputs.items()}
 
 
 def resolve_adapters(model: nn.Module, adapters: str | Sequence[str] | None) -> list[str] | None:
@@ -130,7 +143,10 @@ def resolve_adapters(model: nn.Module, adapters: str | Sequence[str] | None) -> 
 
 
 def _is_single_image(images: Any) -> bool:
-    return isinstance(images, str | Path | Image.Image | np.ndarray) or (isinstance(images, torch.Tensor) and images.ndim == 3)
+    """One image (a path, URL, PIL image, array, or an ``(H, W)`` / ``(H, W, C)`` / ``(C, H, W)`` tensor as for
+    arrays), not a list of them."""
+    return isinstance(images, str | Path | Image.Image | np.ndarray) or (
+        isinstance(images, torch.Tensor) and images.ndim in (2, 3))
 
 
 def _pair_up(images: Any, texts: str | Sequence[str]) -> tuple[list[Any], list[str]]:
@@ -144,7 +160,9 @@ def _pair_up(images: Any, texts: str | Sequence[str]) -> tuple[list[Any], list[s
     if single_image:
         images = [images]
     elif not isinstance(images, Sequence):
-        raise TypeError("images must be an image (path, PIL image or array) or a list of them.")
+        shape = f" of shape {tuple(images.shape)}" if isinstance(images, torch.Tensor) else ""
+        raise TypeError(f"images must be an image (path, PIL image, or an (H, W), (H, W, C) or (C, H, W) array or "
+                        f"tensor) or a list of them; got a {type(images).__name__}{shape}.")
     images = list(images)
     if not texts or not images:
         raise ValueError("Nothing to predict: pass at least one image and one phrase.")

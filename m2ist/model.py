@@ -639,11 +639,13 @@ class SideTunedModel(RECModel):
     # ---------------------------------------------------------------------------------------------------------
     # the two halves of a forward: the frozen towers' features, then one adapter's side network and head on them
     def tower_features(self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor | None, input_ids: torch.Tensor,
-                       attention_mask: torch.Tensor | None, adapter_names: Sequence[str] | None = None) -> TowerFeatureSet:
-        """Run both frozen towers once under ``no_grad`` and tap what the adapters ``adapter_names`` (default: the
-        active one) read: the union of their layers and tap kinds."""
+                       attention_mask: torch.Tensor | None,
+                       adapter_names: str | Sequence[str] | None = None) -> TowerFeatureSet:
+        """Run both frozen towers once under ``no_grad`` and tap what the adapters ``adapter_names`` (one name or
+        several; default: the active one) read: the union of their layers and tap kinds."""
         self.check_inputs(pixel_values, input_ids)
-        setups = [self._setup(name) for name in (adapter_names or [self._active_adapter])]
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names or [self._active_adapter])
+        setups = [self._setup(name) for name in names]
         vision_layers = sorted({layer for setup in setups for layer in setup.vision_layers})
         text_layers = sorted({layer for setup in setups for layer in setup.text_layers})
         kinds = sorted({kind for setup in setups for kind in setup.tap_kinds})
@@ -705,6 +707,10 @@ class SideTunedModel(RECModel):
             if tower_features is None:
                 tower_features = self.tower_features(pixel_values, pixel_mask, input_ids, attention_mask)
             return self.forward_features(tower_features, labels, return_dict=return_dict)
+        if isinstance(adapter_names, str):  # a string is a sequence of letters, not of adapter names
+            raise TypeError(f"adapter_names takes one adapter name per sample, e.g. [{adapter_names!r}] * batch_size, "
+                            f"not the string {adapter_names!r}; to run one adapter, call "
+                            f"set_adapter({adapter_names!r}) or forward_all_adapters(adapter_names={adapter_names!r}).")
         return self._forward_mixed(pixel_values, input_ids, attention_mask, pixel_mask, labels, return_dict,
                                    list(adapter_names), tower_features)
 
@@ -747,12 +753,15 @@ class SideTunedModel(RECModel):
         attention_mask: torch.Tensor | None = None,
         pixel_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
-        adapter_names: Sequence[str] | None = None,
+        adapter_names: str | Sequence[str] | None = None,
         tower_features: TowerFeatureSet | None = None,
     ) -> dict[str, RECModelOutput]:
         """Every adapter's answer on the same inputs, ``{name: RECModelOutput}``: the towers run once (tapping
-        the union of the adapters' layers), then each adapter's side network and head. ``adapter_names`` limits it
-        to those adapters (default: all, the active one first). Each output equals running that adapter alone."""
+        the union of the adapters' layers), then each adapter's side network and head. ``adapter_names`` (one name
+        or a list) limits it to those adapters (default: all, the active one first). Each output equals running that
+        adapter alone."""
+        if isinstance(adapter_names, str):
+            adapter_names = [adapter_names]
         names = list(adapter_names) if adapter_names is not None else self.list_adapters()
         if not names:
             raise ValueError("adapter_names is empty: name at least one adapter.")

@@ -16,7 +16,18 @@ SPLIT_FORMATS = ("refer", "transvg", "hf")
 
 FILE_FORMATS = ("jsonl", "csv", "coco")
 
+_SPLIT_NAME = re.compile(r"[\w.+-]+")
+
+def _name_and_path(item: str) -> tuple[str, str]:
+    """``NAME=PATH`` when the part before the first ``=`` is a plain name (no ``/``) and ``item`` is not itself an
+    existing path; else ``item`` is the path and the split is named after its file name (``val.jsonl`` -> ``val``)."""
+    name, sep, path = item.partition("=")
+    if sep and path and _SPLIT_NAME.fullmatch(name) and not Path(item).exists():
+        return name, path
+    return Path(item).stem, item
+
 def _eval_files(value: Any) -> dict[str, str]:
+    """``{split name: file}`` of ``--eval-file`` values (``[NAME=]PATH``); two files with one split name raise."""
     if value is None:
         return {}
     if isinstance(value, Mapping):
@@ -24,8 +35,12 @@ def _eval_files(value: Any) -> dict[str, str]:
     items = [value] if isinstance(value, str) else list(value)
     files: dict[str, str] = {}
     for item in items:
-        name, _, path = str(item).rpartition("=")
-        files[name or Path(path).stem] = path
+        name, path = _name_and_path(str(item))
+        if name in files:
+            raise CLIError(f"--eval-file {files[name]} and --eval-file {path} both make a split named {name!r}; name "
+                           f"them apart with NAME=PATH, e.g. --eval-file {name}_1={files[name]} "
+                           f"--eval-file {name}_2={path}.")
+        files[name] = path
     return files
 
 def _split_list(value: Any) -> list[str]:

@@ -42,21 +42,26 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def run(settings: dict[str, dict[str, Any]], args: argparse.Namespace) -> int:
     """Load an adapter and its processor, score the evaluation splits, write the JSON results."""
-    from m2ist.evaluation import evaluate
+    from m2ist.evaluation import ResultsWriteError, check_output_file, evaluate
 
     evaluation = settings["evaluation"]
-    splits = load_data_splits(settings["data"], "eval")
-    model, processor = load_adapter(settings)
-    adapter = settings["model"]["adapter"]
+    adapter = settings["model"].get("adapter") or ""
     output = evaluation.get("output_file")
     if output is None:
-        output = Path(adapter) / "eval_results.json" if Path(adapter).is_dir() else Path("eval_results.json")
-    results = evaluate(model, processor, splits, batch_size=int(evaluation.get("batch_size", 32)),
-                       iou_thresholds=evaluation.get("iou_thresholds", (0.5,)), output_file=output,
-                       device=default_device(evaluation), progress=bool(evaluation.get("progress", True)),
-                       save_predictions=bool(evaluation.get("save_predictions", False)),
-                       clamp=evaluation.get("clamp", "image"), num_workers=int(evaluation.get("num_workers", 0)),
-                       metadata={"adapter": str(adapter), "data": plain(settings["data"])})
+        output = Path(adapter) / "eval_results.json" if adapter and Path(adapter).is_dir() else Path("eval_results.json")
+    check_output_file(output)  # a bad --output fails now, not after the whole evaluation
+    splits = load_data_splits(settings["data"], "eval")
+    model, processor = load_adapter(settings)
+    try:
+        results = evaluate(model, processor, splits, batch_size=int(evaluation.get("batch_size", 32)),
+                           iou_thresholds=evaluation.get("iou_thresholds", (0.5,)), output_file=output,
+                           device=default_device(evaluation), progress=bool(evaluation.get("progress", True)),
+                           save_predictions=bool(evaluation.get("save_predictions", False)),
+                           clamp=evaluation.get("clamp", "image"), num_workers=int(evaluation.get("num_workers", 0)),
+                           metadata={"adapter": str(adapter), "data": plain(settings["data"])})
+    except ResultsWriteError as err:  # the scores are printed before the error that says where the file went
+        print_metrics(err.results["metrics"])
+        raise
     print_metrics(results["metrics"])
     info(f"Wrote {output}")
     return 0

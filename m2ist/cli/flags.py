@@ -28,6 +28,34 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 def wrap(text: str) -> str:
     return textwrap.fill(text, width=108)
 
+def _int_at_least(text: str, least: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < least:
+        raise argparse.ArgumentTypeError(f"{text} must be {'positive' if least == 1 else f'at least {least}'}")
+    return value
+
+def positive_int(text: str) -> int:
+    """An argparse ``type``: a whole number >= 1 (a count of steps, a batch size)."""
+    return _int_at_least(text, 1)
+
+def non_negative_int(text: str) -> int:
+    """An argparse ``type``: a whole number >= 0 (warm-up steps, workers)."""
+    return _int_at_least(text, 0)
+
+def device_name(text: str) -> str:
+    """An argparse ``type``: a device torch knows and this machine has (cpu, cuda, cuda:N, mps)."""
+    from .errors import CLIError
+    from .settings import check_device
+
+    try:
+        check_device(text)
+    except CLIError as err:
+        raise argparse.ArgumentTypeError(str(err).removeprefix("--device ")) from None
+    return text
+
 def _add(group, *flags: str, dest: str, **kwargs: Any) -> None:
     group.add_argument(*flags, dest=dest, default=argparse.SUPPRESS, **kwargs)
 
@@ -78,7 +106,8 @@ def add_data_flags(parser: argparse.ArgumentParser, train: bool) -> None:
     _add(group, "--eval-splits", "--splits", dest="data.eval_splits", nargs="+", metavar="NAME",
          help="evaluation split names, e.g. val testA testB" + ("" if train else " (default: val)"))
     _add(group, "--eval-file", dest="data.eval_files", action="append", metavar="[NAME=]FILE",
-         help="jsonl/csv/coco/transvg: an evaluation file, named NAME (default: the file name); repeatable")
+         help="jsonl/csv/coco/transvg: an evaluation file, named NAME (default: the file name; an existing path "
+              "is never split at '='); repeatable, one split name each")
     _add(group, "--box-format", dest="data.box_format", choices=("xyxy", "xywh", "cxcywh"),
          help="jsonl/csv (required), coco (default xywh), hf generic rows: how the files store boxes")
     _add(group, "--normalized", dest="data.normalized", action="store_true",
@@ -303,12 +332,12 @@ def add_evaluation_flags(parser: argparse.ArgumentParser, command: str) -> None:
         _add(group, "--no-final-eval", dest="evaluation.final_eval", action="store_false",
              help="do not score the evaluation splits after training")
         return
-    _add(group, "--batch-size", dest="evaluation.batch_size", type=int, metavar="N",
+    _add(group, "--batch-size", dest="evaluation.batch_size", type=positive_int, metavar="N",
          help=f"expressions per forward pass (default: {32 if command == 'eval' else 16})")
     _add(group, "--device", dest="evaluation.device", metavar="DEVICE",
          help="cpu, cuda, cuda:1, mps ... (default: cuda if available, else cpu)")
     if command == "eval":
-        _add(group, "--num-workers", dest="evaluation.num_workers", type=int, metavar="N",
+        _add(group, "--num-workers", dest="evaluation.num_workers", type=non_negative_int, metavar="N",
              help="DataLoader worker processes that load the images")
         _add(group, "--save-predictions", dest="evaluation.save_predictions", action="store_true",
              help="also write every expression's predicted box and IoU to the results")

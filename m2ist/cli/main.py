@@ -82,6 +82,21 @@ def _run_passthrough(name: str, argv: list[str], debug: bool) -> int:
         code = entry(argv)
     except SystemExit as exit_:  # argparse inside the command
         code = exit_.code
+    except KeyboardInterrupt:
+        print(f"m2ist {name}: interrupted", file=sys.stderr)
+        return 130
+    except _expected_errors() as err:  # as for the other commands: one line, exit 2
+        if debug:
+            raise
+        hint = "" if isinstance(err, CLIError) else " (run with --debug for the full traceback)"
+        print(f"m2ist {name}: error: {one_line(err)}{hint}", file=sys.stderr)
+        return EXIT_USAGE
+    except Exception as err:
+        if debug:
+            raise
+        print(f"m2ist {name}: unexpected error: {type(err).__name__}: {one_line(err)} (run with --debug for the "
+              "full traceback, and please report it)", file=sys.stderr)
+        return 1
     return int(code or 0) if not isinstance(code, str) else 1
 
 def _expected_errors() -> tuple[type[BaseException], ...]:

@@ -21,7 +21,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add ``predict`` and its flags to the ``m2ist`` subcommands."""
     predict = subparsers.add_parser(
         "predict", formatter_class=HelpFormatter, help=HELP,
-        description=wrap("Predict one box per phrase (xyxy pixels of the original image) with a saved adapter; "
+        description=wrap("Predict one box per phrase (xyxy pixels of the stored image; EXIF orientation is not "
+                          "applied) with a saved adapter; "
                           "prints a JSON list of {image, text, box_xyxy}. One image with several phrases, several "
                           "images with one phrase, or one phrase per image.") + "\n\n" + settings_help("predict"),
         epilog=examples("predict"))
@@ -30,11 +31,57 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     group = predict.add_argument_group("inputs and outputs")
     group.add_argument("--image", nargs="+", required=True, metavar="PATH", help="image file(s)")
     group.add_argument("--text", nargs="+", required=True, metavar="PHRASE", help="referring phrase(s)")
-    group.add_argument("--draw", metavar="OUT.png", help="also draw the boxes (one file per image: OUT-<n>.png)")
-    group.add_argument("--output", metavar="FILE", help="also write the JSON to FILE")
+    group.add_argument("--draw", metavar="OUT.png", help="also draw the boxes (one file per image: OUT-<n>.png; no "
+                       "extension adds .png); never an input image")
+    group.add_argument("--output", metavar="FILE", help="also write the JSON to FILE (never an input image)")
     add_evaluation_flags(predict, "predict")
     add_tower_flags(predict, " (default: the one recorded in the adapter)")
     return predict
+
+
+def _draw_paths(draw: str, images: list[str]) -> dict[str, Path]:
+    """The drawing of each distinct image: ``OUT`` for one image, ``OUT-<n>`` for several. No extension gives
+    ``.png`` (one rule for one or many images); an extension Pillow cannot write is refused."""
+    from PIL import Image
+
+    Image.init()
+    target = Path(draw)
+    suffix = target.suffix.lower()
+    if not suffix:
+        target = target.with_name(target.name + ".png")
+    elif Image.registered_extensions().get(suffix) not in Image.SAVE:
+        raise CLIError(f"--draw {draw}: Pillow cannot write {suffix!r} images; end the name with .png or .jpg.")
+    distinct = list(dict.fromkeys(images))
+    if len(distinct) == 1:
+        return {distinct[0]: target}
+    return {image: target.with_name(f"{target.stem}-{number}{target.suffix}") for number, image in enumerate(distinct)}
+
+
+def _same_file(first: Path, second: Path) -> bool:
+    """Whether two paths name one file (same resolved path, or a link / hard link to it)."""
+    if first.resolve() == second.resolve():
+        return True
+    try:
+        return first.exists() and second.exists() and first.samefile(second)
+    except OSError:
+        return False
+
+
+def _check_outputs(outputs: list[tuple[str, Path]], images: list[str]) -> None:
+    """Refuse, before predicting, an output that is a folder or cannot be created, that would overwrite an input
+    image, or that two outputs share."""
+    from m2ist.evaluation import check_output_file
+
+    for flag, path in outputs:
+        check_output_file(path)
+        for image in images:
+            if _same_file(path, Path(image)):
+                raise CLIError(f"{flag} {path} is the input image {image}: writing it would destroy the image. "
+                               "Choose another output file.")
+    for index, (flag, path) in enumerate(outputs):
+        for other_flag, other in outputs[index + 1 :]:
+            if _same_file(path, other):
+                raise CLIError(f"{flag} and {other_flag} both write {path}; give them different files.")
 
 
 def run(settings: dict[str, dict[str, Any]], args: argparse.Namespace) -> int:
@@ -54,13 +101,16 @@ def run(settings: dict[str, dict[str, Any]], args: argparse.Namespace) -> int:
                        "with several phrases, or several images with one phrase.")
     for image in images:
         image_size(image)  # a missing or unreadable file fails here, before the model is loaded
+    drawings = _draw_paths(args.draw, [str(image) for image in images]) if args.draw else {}
+    _check_outputs(([("--output", Path(args.output))] if args.output else [])
+                   + [("--draw", path) for path in drawings.values()], [str(image) for image in images])
     model, processor = load_adapter(settings)
     evaluation = settings["evaluation"]
     boxes = predict_boxes(model, images if len(images) > 1 else images[0], texts, processor=processor,
                           batch_size=int(evaluation.get("batch_size", 16)), device=default_device(evaluation))
     pairs = list(zip(images * len(texts) if len(images) == 1 else images,
                      texts * len(images) if len(texts) == 1 else texts))
-    for (image, text), box in zip(pairs, boxes.tolist()):
+    for (image, text), box in zip(pairs, boxes.tolist()):  # the JSON must hold numbers only, whatever predicted them
         if not all(math.isfinite(v) for v in box):
             raise CLIError(f"The adapter predicted a non-finite box {box} for {image} / {text!r}: its weights are "
                            "damaged or its training diverged. Retrain it (or load an earlier checkpoint).")
@@ -71,15 +121,10 @@ def run(settings: dict[str, dict[str, Any]], args: argparse.Namespace) -> int:
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output).write_text(output + "\n", encoding="utf-8")
-    if args.draw:
-        target = Path(args.draw)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        by_image: dict[str, list[int]] = {}
-        for index, (image, _) in enumerate(pairs):
-            by_image.setdefault(str(image), []).append(index)
-        for number, (image, indices) in enumerate(by_image.items()):
-            path = target if len(by_image) == 1 else target.with_name(f"{target.stem}-{number}{target.suffix or '.png'}")
-            drawn = draw_boxes(image, boxes[indices], texts=[pairs[i][1] for i in indices])
-            drawn.save(path)
-            info(f"Drew {len(indices)} box(es) on {image} -> {path}")
+    for image, path in drawings.items():
+        indices = [index for index, (source, _) in enumerate(pairs) if str(source) == image]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        drawn = draw_boxes(image, boxes[indices], texts=[pairs[i][1] for i in indices])
+        drawn.save(path)
+        info(f"Drew {len(indices)} box(es) on {image} -> {path}")
     return 0

@@ -231,7 +231,24 @@ def resolve_settings(namespace: argparse.Namespace) -> dict[str, dict[str, Any]]
         if "." in dest:
             section, name = dest.split(".", 1)
             settings[section][name] = value
+    if settings["evaluation"].get("device") not in (None, ""):
+        check_device(settings["evaluation"]["device"])
     return settings
+
+def check_device(value: Any) -> None:
+    """Refuse a ``--device`` / ``evaluation.device`` torch cannot parse, or a GPU this machine does not have."""
+    import torch
+
+    try:
+        device = torch.device(value)
+    except (RuntimeError, TypeError, ValueError):
+        raise CLIError(f"--device {value!r} is not a device: use cpu, cuda, cuda:N or mps.") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CLIError(f"--device {value}: no CUDA GPU is visible here; use --device cpu.")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise CLIError(f"--device {value}: this machine has {torch.cuda.device_count()} CUDA GPU(s), numbered from 0.")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise CLIError(f"--device {value}: MPS is not available here; use --device cpu.")
 
 
 def build_m2ist_config(settings: Mapping[str, Mapping[str, Any]]):

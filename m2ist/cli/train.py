@@ -64,7 +64,7 @@ def run(settings: dict[str, dict[str, Any]], args: argparse.Namespace) -> int:
     """Build the towers, the model and the processor, load the data, train, save, and score the evaluation splits."""
     from m2ist.card import write_model_card
     from m2ist.data.dataset import RECDataset
-    from m2ist.evaluation import evaluate, write_results
+    from m2ist.evaluation import check_output_file, evaluate, write_results
     from m2ist.evidence.baselines import build_model
     from m2ist.model import SideTunedModel
     from m2ist.processing import RECProcessor
@@ -78,6 +78,10 @@ def run(settings: dict[str, dict[str, Any]], args: argparse.Namespace) -> int:
     train_samples = load_data_splits(data, "train")
     eval_samples = (load_data_splits(data, "eval")
                     if data.get("eval_splits") or data.get("eval_files") else {})
+    evaluation = settings["evaluation"]
+    results_file = Path(evaluation.get("output_file") or Path(training_args.output_dir) / "eval_results.json")
+    if eval_samples and evaluation.get("final_eval", True):
+        check_output_file(results_file)  # before training, not after it
 
     model_settings = settings["model"]
     trust = bool(model_settings.get("trust_remote_code", False))
@@ -109,7 +113,6 @@ def run(settings: dict[str, dict[str, Any]], args: argparse.Namespace) -> int:
     (output_dir / "m2ist_cli_config.yaml").write_text(yaml.safe_dump(plain(settings), sort_keys=False), encoding="utf-8")
     info(f"Saved the adapter and the processor to {output_dir}")
 
-    evaluation = settings["evaluation"]
     if eval_sets and evaluation.get("final_eval", True):
         # every expression counts (as in `m2ist eval`), unless unreadable samples are to be skipped
         results = evaluate(model, processor, eval_sets if skip_invalid else eval_samples,
@@ -118,9 +121,9 @@ def run(settings: dict[str, dict[str, Any]], args: argparse.Namespace) -> int:
                            progress=evaluation.get("progress", True), clamp=evaluation.get("clamp", "image"),
                            num_workers=int(evaluation.get("num_workers", 0)),
                            metadata={"adapter": str(output_dir), "data": plain(data)})
-        path = write_results(results, evaluation.get("output_file") or output_dir / "eval_results.json")
+        print_metrics(results["metrics"])  # first: the scores are shown even if the file cannot be written
+        path = write_results(results, results_file)
         if isinstance(model, SideTunedModel) and path == output_dir / "eval_results.json":
             write_model_card(output_dir, model.config, model.parameter_counts())  # the card reports these results
-        print_metrics(results["metrics"])
         info(f"Wrote {path}")
     return 0

@@ -343,17 +343,19 @@ def format_table(results: list[dict[str, Any]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``m2ist bench``."""
-    from m2ist.cli.flags import HelpFormatter
+    from m2ist.cli.flags import HelpFormatter, device_name, non_negative_int, positive_int
     from m2ist.cli.verbosity import add_verbosity_flag, apply_verbosity
 
     parser = argparse.ArgumentParser(prog="m2ist bench", description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--methods", metavar="LIST", default=",".join(METHOD_ORDER),
                         help="comma-separated methods among full, adapter, lora, m2ist, m2ist-cached (M²IST on a filled "
                         "tower cache), m2ist-x4 (four adapters' inference on one tower pass) (default: all)")
-    parser.add_argument("--batch-size", metavar="N", type=int, default=2, help="images per step (default: 2)")
-    parser.add_argument("--steps", metavar="N", type=int, default=3, help="timed steps per method (median reported)")
-    parser.add_argument("--warmup", metavar="N", type=int, default=1, help="untimed steps before timing")
-    parser.add_argument("--device", metavar="DEVICE", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    parser.add_argument("--batch-size", metavar="N", type=positive_int, default=2, help="images per step (default: 2)")
+    parser.add_argument("--steps", metavar="N", type=positive_int, default=3,
+                        help="timed steps per method (median reported)")
+    parser.add_argument("--warmup", metavar="N", type=non_negative_int, default=1, help="untimed steps before timing")
+    parser.add_argument("--device", metavar="DEVICE", type=device_name,
+                        default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     parser.add_argument("--backbone-dtype", choices=["float32", "bfloat16", "float16"], default=None,
                         help="run M²IST's frozen towers in this dtype (side network and head stay float32); default: "
                         "as training does (tower_dtype='auto'): bfloat16 on a GPU that supports it, else float32")

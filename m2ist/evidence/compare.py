@@ -116,14 +116,15 @@ def plot(rows: list[dict[str, Any]], path: Path) -> Path | None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``m2ist compare``."""
-    from m2ist.cli.flags import HelpFormatter
+    from m2ist.cli.flags import HelpFormatter, positive_int
     from m2ist.cli.verbosity import add_verbosity_flag, apply_verbosity
 
     parser = argparse.ArgumentParser(prog="m2ist compare", description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--methods", metavar="LIST", default=",".join(METHODS),
                         help="comma-separated subset of full,adapter,lora,m2ist")
-    parser.add_argument("--steps", metavar="N", type=int, default=300, help="training steps per method (default: 300)")
-    parser.add_argument("--batch-size", metavar="N", type=int, default=32, help="training batch size (default: 32)")
+    parser.add_argument("--steps", metavar="N", type=positive_int, default=300,
+                        help="training steps per method (default: 300)")
+    parser.add_argument("--batch-size", metavar="N", type=positive_int, default=32, help="training batch size (default: 32)")
     parser.add_argument("--seed", metavar="N", type=int, default=0, help="seed shared by every method")
     parser.add_argument("--tiny", action="store_true", help="a seconds-long smoke run with tiny settings")
     parser.add_argument("--cache-dir", metavar="DIR", default=None, help="cache of the pretrained shapes ViT")
@@ -135,13 +136,13 @@ def main(argv: list[str] | None = None) -> int:
     add_verbosity_flag(parser)
     args = parser.parse_args(argv)
     apply_verbosity(args)
+    methods = parse_methods(parser, args.one or args.methods, METHODS)  # before any folder is created
     Path(args.work_dir).mkdir(parents=True, exist_ok=True)
     if args.one:
         row = run_method(args.one, steps=args.steps, batch_size=args.batch_size, seed=args.seed, tiny=args.tiny,
                          cache_dir=args.cache_dir, output_dir=Path(args.work_dir), tower_cache=args.tower_cache)
         (Path(args.work_dir) / f"{args.one}.json").write_text(json.dumps(row, indent=2), encoding="utf-8")
         return 0
-    methods = parse_methods(parser, args.methods, METHODS)
     rows = []
     for method in methods:
         print(f"[compare] training {method} ({args.steps} steps) ...", file=sys.stderr, flush=True)
