@@ -35,10 +35,9 @@ from transformers import (
     PreTrainedTokenizerBase,
     ProcessorMixin,
 )
-from transformers.image_transforms import to_channel_dimension_format
-from transformers.image_utils import ChannelDimension, infer_channel_dimension_format, to_numpy_array
 
 from m2ist.data.images import ImageLoadError, load_image
+from m2ist.data.loaders import box_values
 from m2ist.data.transforms import RECAugmentation, resize_long_side
 from m2ist.ops.boxes import box_convert, clip_boxes
 from m2ist.save_and_load import PIPELINE, PROCESSOR_CONFIG_NAME
@@ -125,21 +124,30 @@ def post_process_boxes(
 def _clean_box(box: Any, width: int, height: int, index: int) -> list[float]:
     """Validate one ``xyxy`` pixel box and clip it to its image."""
     global _warned_normalised_boxes
-    values = [float(v) for v in (box.tolist() if hasattr(box, "tolist") else box)]
-    if len(values) != 4 or not all(math.isfinite(v) for v in values):
-        raise ValueError(f"Box {index} must be 4 finite numbers (x0, y0, x1, y1) in pixels, got {box!r}.")
+    try:
+        values = list(box_values(box))
+    except ValueError as err:
+        raise ValueError(
+            f"Box {index} must be 4 finite numbers (x0, y0, x1, y1) in pixels: {err}. Pass one box per phrase: "
+            "[x0, y0, x1, y1] with a phrase string, a list of such boxes or a (B, 4) array with a list of phrases."
+        ) from None
+    if not all(math.isfinite(v) for v in values):
+        raise ValueError(f"Box {index} must be 4 finite numbers (x0, y0, x1, y1) in pixels, got {values}.")
     x0, y0, x1, y1 = values
     if x1 < x0 or y1 < y0:
         raise ValueError(
             f"Box {index} {values} has x1 < x0 or y1 < y0. Boxes must be xyxy pixels of the original image; "
             "convert xywh (COCO) boxes with m2ist.ops.boxes.box_convert(boxes, 'xywh', 'xyxy')."
         )
-    if x0 > width or y0 > height or x1 < 0 or y1 < 0:
+    if x0 >= width or y0 >= height or x1 <= 0 or y1 <= 0:
         raise ValueError(f"Box {index} {values} lies outside its {width}x{height} image; boxes are xyxy pixels.")
+    clipped = [min(max(x0, 0.0), width), min(max(y0, 0.0), height), min(max(x1, 0.0), width), min(max(y1, 0.0), height)]
+    if clipped[2] <= clipped[0] or clipped[3] <= clipped[1]:
+        raise ValueError(f"Box {index} {values} has zero width or height; a box must cover part of its image.")
     if max(values) <= 1.0 and max(width, height) > 32 and not _warned_normalised_boxes:
         _warned_normalised_boxes = True
         logger.warning("Box %s looks normalised to [0, 1]; RECProcessor expects xyxy pixel boxes.", values)
-    return [min(max(x0, 0.0), width), min(max(y0, 0.0), height), min(max(x1, 0.0), width), min(max(y1, 0.0), height)]
+    return clipped
 
 
 def _three_floats(name: str, value: Any) -> tuple[float, float, float]:
@@ -166,8 +174,9 @@ def fetch_image(image: Any, *, timeout: float | None = 30.0) -> Any:
 
     * ``http://`` / ``https://`` URLs are downloaded (with transformers' HTTP client, ``httpx``);
     * ``data:image/...;base64,...`` URIs are decoded;
-    * ``torch.Tensor`` s become arrays, channels-first ``(C, H, W)`` ones moved to ``(H, W, C)`` with
-      ``transformers.image_utils``; floats stay in ``[0, 1]``;
+    * ``torch.Tensor`` s become arrays read like numpy arrays: channels-first ``(C, H, W)`` ones are moved to
+      ``(H, W, C)``, a shape that could be either (``(3, 10, 4)``) is refused, ``bfloat16``/``float16`` become
+      float32; floats stay in ``[0, 1]``;
     * anything else (paths, PIL images, arrays) is returned as it is.
 
     The pixels then follow m2ist's rules for every source alike (EXIF orientation not applied, transparency on
@@ -195,12 +204,28 @@ def fetch_image(image: Any, *, timeout: float | None = 30.0) -> Any:
             raise ImageLoadError(f"The data URI {image[:40]!r}... holds invalid base64 ({err}).") from err
         return _decode_bytes(data, "The data URI")
     if isinstance(image, torch.Tensor):
-        array = to_numpy_array(image.detach().cpu())
-        channels_first = array.ndim == 3 and array.shape[-1] not in (1, 3, 4)
-        if channels_first and infer_channel_dimension_format(array) == ChannelDimension.FIRST:
-            array = to_channel_dimension_format(array, ChannelDimension.LAST, ChannelDimension.FIRST)
-        return array
+        return _tensor_to_array(image)
     return image
+
+
+def _tensor_to_array(tensor: torch.Tensor) -> np.ndarray:
+    """An image tensor as the ``(H, W[, C])`` array numpy users pass: 16-bit floats widened to float32, a
+    ``(C, H, W)`` tensor moved to channels-last, a shape that reads both ways refused."""
+    tensor = tensor.detach().cpu()
+    if tensor.dtype in (torch.bfloat16, torch.float16):
+        tensor = tensor.float()
+    array = tensor.numpy()
+    if array.ndim == 3:
+        first, last = array.shape[0] in (1, 3, 4), array.shape[-1] in (1, 2, 3, 4)
+        if first and last:
+            raise ValueError(
+                f"Image tensor of shape {tuple(array.shape)} could be channels-first (C, H, W) or channels-last "
+                "(H, W, C). Pass a channels-last numpy array: image.permute(1, 2, 0).numpy() for (C, H, W), "
+                "image.numpy() for (H, W, C)."
+            )
+        if first:
+            array = np.moveaxis(array, 0, -1)
+    return array
 
 
 def load_rec_image(image: Any) -> Image.Image:
@@ -429,6 +454,9 @@ class RECProcessor(ProcessorMixin):
         for index, (image, phrase) in enumerate(zip(images, texts)):
             if not isinstance(phrase, str):
                 raise TypeError(f"Phrase {index} must be a string, got {type(phrase).__name__}.")
+            if not phrase.strip():
+                raise ValueError(f"Phrase {index} is empty or only whitespace; give each image a referring phrase "
+                                 "(RECDataset drops such samples when it is built).")
             image = load_rec_image(image)
             width, height = image.size
             if boxes is not None:
@@ -505,15 +533,16 @@ class RECProcessor(ProcessorMixin):
         }
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> list[str]:
-        """Write the tokenizer files, ``processor_config.json`` and ``m2ist_processor.json``; returns the paths of
-        the two processor files."""
+        """Write the tokenizer files, ``processor_config.json`` and ``m2ist_processor.json`` (which also records
+        the tokenizer's size, checked by :meth:`from_pretrained`); returns the paths of the two processor files."""
         directory = Path(save_directory)
         if directory.is_file():
             raise ValueError(f"save_pretrained needs a directory, but {directory} is a file.")
         directory.mkdir(parents=True, exist_ok=True)
         written = [str(p) for p in super().save_pretrained(str(directory), **kwargs)]
         config_path = directory / PROCESSOR_CONFIG_NAME
-        config_path.write_text(json.dumps(self.flat_settings(), indent=2) + "\n", encoding="utf-8")
+        settings = {**self.flat_settings(), _VOCAB_SIZE_KEY: len(self.tokenizer)}  # checked by from_pretrained
+        config_path.write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
         return [*written, str(config_path)]
 
     @classmethod
@@ -557,16 +586,24 @@ class RECProcessor(ProcessorMixin):
         saved = _find_file(source, "processor_config.json", hub_kwargs)
         if saved is not None and json.loads(Path(saved).read_text(encoding="utf-8")).get("processor_class") == cls.__name__:
             processor = super().from_pretrained(source, **tokenizer_kwargs)
-        legacy = None if processor is not None else _find_file(source, PROCESSOR_CONFIG_NAME, hub_kwargs)
+        legacy = _find_file(source, PROCESSOR_CONFIG_NAME, hub_kwargs)
+        recorded = json.loads(Path(legacy).read_text(encoding="utf-8")) if legacy is not None else {}
         if processor is None:
             tokenizer = AutoTokenizer.from_pretrained(source, **tokenizer_kwargs)
             settings: dict[str, Any] = {}
             if legacy is not None:
-                values = json.loads(Path(legacy).read_text(encoding="utf-8"))
-                settings = {key: values[key] for key in _SETTINGS if values.get(key) is not None}
+                settings = {key: recorded[key] for key in _SETTINGS if recorded.get(key) is not None}
             elif vision_model_name_or_path is None:
                 logger.info("No vision model given: normalising images with ImageNet statistics.")
             processor = cls(tokenizer, **settings)
+        expected_vocab = recorded.get(_VOCAB_SIZE_KEY) if isinstance(recorded, dict) else None
+        if isinstance(expected_vocab, int) and len(processor.tokenizer) != expected_vocab:
+            raise ValueError(
+                f"The tokenizer restored from {source} has {len(processor.tokenizer)} tokens, but the processor was "
+                f"saved with {expected_vocab} ({PROCESSOR_CONFIG_NAME}): its tokenizer files (tokenizer.json, "
+                "vocab.txt / vocab.json, tokenizer_config.json) are missing or damaged, and every word would become "
+                "[UNK]. Copy them again from where the processor was saved."
+            )
         overrides = dict(kwargs)
         if vision_model_name_or_path is not None:
             vision_kwargs = {k: v for k, v in hub_kwargs.items() if k not in ("revision", "subfolder")}
@@ -586,6 +623,8 @@ class RECProcessor(ProcessorMixin):
         return type(self)(self.tokenizer, RECImageProcessor(**image_settings), **settings)
 
 
+#: Key of ``m2ist_processor.json`` recording ``len(tokenizer)`` at save time (older folders lack it: not checked).
+_VOCAB_SIZE_KEY = "tokenizer_vocab_size"
 #: The settings ``RECProcessor.from_pretrained`` reads from a saved processor and takes as overrides.
 _SETTINGS = ("canvas_size", "image_mean", "image_std", "max_query_len", "lowercase", "augment")
 #: Loader options ``AutoProcessor`` / ``ProcessorMixin`` pass to ``from_pretrained`` that m2ist does not need.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import operator
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -13,6 +14,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from m2ist.data.images import WHITE, DeferredImage, RGBColor, image_size, load_image
+from m2ist.data.loaders import box_values
 from m2ist.data.sample import RECSample
 
 __all__ = ["RECDataWarning", "RECDataset", "ValidationReport"]
@@ -34,7 +36,8 @@ class ValidationReport:
         num_input: samples given.
         num_kept: samples in the dataset.
         num_clipped: kept samples whose box reached outside the image and was clipped to it.
-        num_invalid_boxes: dropped: zero/negative width or height (after clipping) or non-finite coordinates.
+        num_invalid_boxes: dropped: zero/negative width or height (after clipping), non-finite coordinates, or not
+            four numbers.
         num_empty_expressions: dropped: empty or whitespace-only expression.
         num_unreadable_images: skipped (``skip_invalid=True``): the image could not be found or read.
         unreadable_files: how many distinct image files those were.
@@ -79,8 +82,9 @@ class RECDataset(Dataset):
     Building it checks every sample cheaply (for file images only the header is read, for the size):
 
     * a box reaching outside its image is clipped to it (one :class:`RECDataWarning` with the count);
-    * a box with zero/negative width or height after clipping, or with non-finite numbers, and an empty or
-      whitespace-only expression are dropped (one warning with counts and a few examples);
+    * a box with zero/negative width or height after clipping, with non-finite numbers or that is not four
+      numbers (text such as ``"1234"`` included), and an empty or whitespace-only expression are dropped (one
+      warning with counts and a few examples);
     * an image that is missing or unreadable raises an error naming the file and the sample index; with
       ``skip_invalid=True`` such samples are skipped instead and counted in one warning at the end.
 
@@ -143,8 +147,8 @@ class RECDataset(Dataset):
             if not isinstance(expression, str):
                 raise TypeError(f"samples[{index}].expression is a {type(expression).__name__}; it must be a str.")
             try:
-                box = tuple(float(value) for value in sample.box)
-            except (TypeError, ValueError):
+                box = box_values(sample.box)
+            except ValueError:
                 box = ()
             if len(box) != 4 or not all(math.isfinite(value) for value in box):
                 report.num_invalid_boxes += 1
@@ -180,7 +184,7 @@ class RECDataset(Dataset):
                 report.num_invalid_boxes += 1
                 note("invalid_box", _describe(index, sample))
                 continue
-            self.samples.append(sample if box == tuple(sample.box) else replace(sample, box=box))
+            self.samples.append(sample if isinstance(sample.box, tuple) and box == sample.box else replace(sample, box=box))
             self.source_indices.append(index)
         report.num_kept = len(self.samples)
         report.examples = {kind: found for kind, found in examples.items() if found}
@@ -233,7 +237,14 @@ class RECDataset(Dataset):
 
         ``image`` is an RGB PIL image, ``box`` the ``(x0, y0, x1, y1)`` pixel box (clipped to the image) and
         ``index`` the position in this dataset (``metadata`` is a copy of the sample's).
+
+        Raises ``ValueError`` naming the sample when its box lies outside the decoded image (nothing is left after
+        clipping): boxes of images not read while building (see ``validate_images``) are checked here.
         """
+        try:
+            index = operator.index(index)
+        except TypeError:
+            raise TypeError(f"RECDataset indices must be integers, got {type(index).__name__} {index!r}.") from None
         if not -len(self) <= index < len(self):
             raise IndexError(f"index {index} out of range for a dataset of {len(self)} samples")
         index = index % len(self)
@@ -243,7 +254,14 @@ class RECDataset(Dataset):
         except _IMAGE_ERRORS as err:
             context = f"Sample {index} (source index {self.source_indices[index]}, image_id={sample.image_id!r})"
             raise _with_context(err, context) from err
-        box = _clip(tuple(float(value) for value in sample.box), *image.size)
+        box = _clip(box_values(sample.box), *image.size)
+        if box[2] <= box[0] or box[3] <= box[1]:
+            raise ValueError(
+                f"Sample {index} (source index {self.source_indices[index]}, image_id={sample.image_id!r}): the box "
+                f"{tuple(sample.box)} lies outside its {image.size[0]}x{image.size[1]} image (nothing is left after "
+                "clipping). Fix or remove the sample; RECDataset(..., skip_invalid=True) reads every image when it "
+                "is built and drops such samples."
+            )
         if self.transform is not None:
             return self.transform(image, sample.expression, box)
         return {

@@ -7,8 +7,8 @@ against ``image_root``, or against the annotation file's own folder when no root
 Accepted keys / columns: the image in ``image`` (or ``image_path``, ``file_name``, ``img_path``), the expression in
 ``text`` (or ``expression``, ``phrase``, ``sentence``, ``caption``; a list gives one sample per item), the box in
 ``bbox`` (or ``box``; CSV may instead use four columns named after the format, e.g. ``x0,y0,x1,y1``). Optional:
-``image_id``, ``width``/``height`` (used for ``normalized`` boxes instead of reading the image header). Other
-keys are kept in ``metadata``.
+``image_id``, ``width``/``height`` (whole pixels, used for ``normalized`` boxes instead of reading the image
+header; not when they are the box's own CSV columns). Other keys are kept in ``metadata``.
 """
 
 from __future__ import annotations
@@ -82,13 +82,22 @@ class _SampleBuilder:
         ]
 
 
-def _size_from(record: dict[str, Any], *, where: str) -> tuple[int, int] | None:
+def _size_from(record: dict[str, Any], *, where: str, box_keys: tuple[str, ...] = ()) -> tuple[int, int] | None:
+    """The image size a record states in ``width``/``height`` (``None`` when it states none, or when those
+    columns are the box's own, as in a CSV with ``x,y,width,height`` columns)."""
+    if {"width", "height"} & set(box_keys):
+        return None
     if record.get("width") in (None, "") or record.get("height") in (None, ""):
         return None
     try:
-        return int(float(record["width"])), int(float(record["height"]))
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"{where}: width/height must be numbers, got {record['width']!r}, {record['height']!r}.") from err
+        size = float(record["width"]), float(record["height"])
+    except (TypeError, ValueError):
+        size = (0.0, 0.0)
+    if not all(value >= 1 and value.is_integer() for value in size):
+        raise ValueError(f"{where}: the image width/height must be whole positive numbers of pixels, got "
+                         f"{record['width']!r}, {record['height']!r}. Fix them, or remove them to read the size from "
+                         "the image file.")
+    return int(size[0]), int(size[1])
 
 
 def _add_records(
@@ -121,7 +130,7 @@ def _add_records(
             box=box,
             image_id=record.get("image_id", Path(str(record[image_key])).name),
             metadata=metadata,
-            size=_size_from(record, where=where),
+            size=_size_from(record, where=where, box_keys=box_keys) if builder.normalized else None,
         )
 
 
@@ -146,7 +155,9 @@ def load_jsonl(
     path = Path(path)
     box_format = check_box_format(box_format, source=str(path))
     records = []
-    for number, line in enumerate(read_text_file(path, "JSONL file").splitlines(), start=1):
+    # split on "\n" only: str.splitlines() would also break at U+2028, U+2029 and U+0085 inside JSON strings
+    for number, line in enumerate(read_text_file(path, "JSONL file").split("\n"), start=1):
+        line = line.removesuffix("\r")
         if not line.strip():
             continue
         try:
@@ -250,7 +261,7 @@ def load_coco_style(
             box=parse_box(ann["bbox"], where=where),
             image_id=image.get("original_id", image["id"]),
             metadata=metadata,
-            size=_size_from(image, where=where),
+            size=_size_from(image, where=where) if normalized else None,
         )
 
     for position, ann in enumerate(data["annotations"]):

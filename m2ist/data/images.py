@@ -6,7 +6,10 @@ Decisions, stated once:
   and COCO refer to the stored pixel grid: ``instances.json`` ``width``/``height`` are the stored sizes, and the
   reference loaders (``pycocotools``, TransVG) open images with PIL, which ignores the tag. Rotating the pixels
   would move them away from those boxes. Pass ``exif_transpose=True`` for your own data when it was annotated
-  in a tool that displayed the image rotated (most modern browsers and photo viewers do).
+  in a tool that displayed the image rotated (most modern browsers and photo viewers do). This holds for every
+  format: recent Pillow versions (12, at least) rotate a TIFF by its orientation tag themselves when reading it,
+  and m2ist undoes that unless ``exif_transpose=True`` (a TIFF PIL image you ``load()`` ed yourself before passing
+  it in stays as Pillow made it: the tag is gone by then).
 * **Transparency is composited on white** (``background=(255, 255, 255)``), like a browser page shows it and like
   ``transformers``' ``convert_to_rgb``; pass another ``background`` to change it.
 * **16-bit grayscale** (``I;16`` PNG/TIFF, ``uint16`` arrays) is scaled by ``255 / 65535``, keeping absolute
@@ -29,6 +32,17 @@ RGBColor = tuple[int, int, int]
 WHITE: RGBColor = (255, 255, 255)
 _EXIF_ORIENTATION_TAG = 0x0112
 _ORIENTATIONS_THAT_SWAP_AXES = frozenset({5, 6, 7, 8})
+_TIFF_WIDTH_TAG, _TIFF_LENGTH_TAG = 256, 257
+#: The transpose that undoes each orientation ImageOps.exif_transpose applies (only 6 and 8 differ from their own).
+_UNDO_ORIENTATION = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_90,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_270,
+}
 _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
 _ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
 _READ_ERRORS = (OSError, SyntaxError, ValueError, UnidentifiedImageError, Image.DecompressionBombError)
@@ -83,11 +97,35 @@ def _check_path(path: Path) -> None:
         raise ImageLoadError(f"Expected an image file but {path} is not a regular file (a FIFO, a device or a socket).")
 
 
+def _orientation(image: Image.Image) -> int:
+    """The image's EXIF orientation (1 when absent or invalid); for a PNG this decodes the pixels (late eXIf)."""
+    orientation = image.getexif().get(_EXIF_ORIENTATION_TAG, 1)
+    return orientation if orientation in _UNDO_ORIENTATION else 1
+
+
+def _stored_size(image: Image.Image, orientation: int) -> tuple[int, int]:
+    """``(width, height)`` of the stored pixel grid. Pillow reports a TIFF whose orientation it will apply with
+    the rotated size; its own width/length tags still give the stored one."""
+    tags = getattr(image, "tag_v2", None)
+    if orientation != 1 and tags is not None and _TIFF_WIDTH_TAG in tags and _TIFF_LENGTH_TAG in tags:
+        return int(tags[_TIFF_WIDTH_TAG]), int(tags[_TIFF_LENGTH_TAG])
+    return image.size
+
+
+def _pil_size(image: Image.Image, exif_transpose: bool) -> tuple[int, int]:
+    # only TIFFs (with tag_v2) need the orientation for the stored size; a PNG's getexif() decodes the pixels
+    orientation = _orientation(image) if exif_transpose or hasattr(image, "tag_v2") else 1
+    width, height = _stored_size(image, orientation)
+    if exif_transpose and orientation in _ORIENTATIONS_THAT_SWAP_AXES:
+        width, height = height, width
+    return width, height
+
+
 def image_size(image: Any, *, exif_transpose: bool = False) -> tuple[int, int]:
     """``(width, height)`` of an image without decoding its pixels (for a path only the header is read).
 
-    With ``exif_transpose=True`` the size is the displayed one (axes swapped for EXIF orientations 5-8), matching
-    what :func:`load_image` returns with the same flag.
+    The size of the stored pixel grid, or with ``exif_transpose=True`` the displayed one (axes swapped for EXIF
+    orientations 5-8): always what :func:`load_image` returns with the same flag, for every format.
     """
     if isinstance(image, DeferredImage):
         image = _open_deferred(image)
@@ -96,19 +134,14 @@ def image_size(image: Any, *, exif_transpose: bool = False) -> tuple[int, int]:
         _check_path(path)
         try:
             with Image.open(path) as opened:
-                width, height = opened.size
-                orientation = opened.getexif().get(_EXIF_ORIENTATION_TAG, 1) if exif_transpose else 1
+                width, height = _pil_size(opened, exif_transpose)
         except _READ_ERRORS as err:
             raise ImageLoadError(f"Cannot read image file {path}: {err}") from err
     elif isinstance(image, Image.Image):
-        width, height = image.size
-        orientation = image.getexif().get(_EXIF_ORIENTATION_TAG, 1) if exif_transpose else 1
+        width, height = _pil_size(image, exif_transpose)
     else:
         array = _as_array(image)
         height, width = int(array.shape[0]), int(array.shape[1])
-        orientation = 1
-    if orientation in _ORIENTATIONS_THAT_SWAP_AXES:
-        width, height = height, width
     return int(width), int(height)
 
 
@@ -135,8 +168,7 @@ def load_image(image: Any, *, exif_transpose: bool = False, background: RGBColor
         _check_path(path)
         try:
             with Image.open(path) as opened:
-                opened.load()
-                return _pil_to_rgb(opened, exif_transpose=exif_transpose, background=background)
+                return _pil_to_rgb(_load_oriented(opened, exif_transpose), background=background)
         except ImageLoadError:
             raise
         except _READ_ERRORS as err:
@@ -144,8 +176,7 @@ def load_image(image: Any, *, exif_transpose: bool = False, background: RGBColor
     if isinstance(image, Image.Image):
         source = getattr(image, "filename", "") or "<in-memory PIL image>"
         try:
-            image.load()
-            return _pil_to_rgb(image, exif_transpose=exif_transpose, background=background)
+            return _pil_to_rgb(_load_oriented(image, exif_transpose), background=background)
         except ImageLoadError:
             raise
         except _READ_ERRORS as err:
@@ -180,9 +211,20 @@ def _uint16_to_uint8(values: np.ndarray) -> np.ndarray:
     return ((values.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
 
 
-def _pil_to_rgb(image: Image.Image, *, exif_transpose: bool, background: RGBColor) -> Image.Image:
-    if exif_transpose:
-        image = ImageOps.exif_transpose(image)
+def _load_oriented(image: Image.Image, exif_transpose: bool) -> Image.Image:
+    """Decode ``image``; return its stored pixel grid, or with ``exif_transpose`` the grid rotated by its EXIF
+    orientation. Pillow applies a TIFF's orientation itself in ``load()`` (and drops the tag): undone here."""
+    orientation = _orientation(image)
+    image.load()
+    applied_by_pillow = orientation != 1 and _orientation(image) == 1
+    if applied_by_pillow and not exif_transpose:
+        return image.transpose(_UNDO_ORIENTATION[orientation])
+    if exif_transpose and not applied_by_pillow:
+        return ImageOps.exif_transpose(image)
+    return image
+
+
+def _pil_to_rgb(image: Image.Image, *, background: RGBColor) -> Image.Image:
     mode = image.mode
     if mode == "RGB" and "transparency" not in image.info:
         return image

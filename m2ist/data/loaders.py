@@ -14,6 +14,7 @@ import math
 import os
 import re
 from collections.abc import Iterable, Sequence
+from numbers import Real
 from os import PathLike
 from pathlib import Path
 from typing import Any
@@ -82,6 +83,28 @@ def parse_box(value: Any, *, where: str) -> Box:
     if len(numbers) != 4:
         raise ValueError(f"{where}: a box must be 4 numbers, got {value!r}.")
     return numbers  # type: ignore[return-value]
+
+
+def box_values(value: Any) -> Box:
+    """The four numbers of one in-memory box (a list, tuple, array or tensor of numbers) as floats.
+
+    Text is refused (file loaders read text with :func:`parse_box`), and so is anything that is not four plain
+    numbers: the ``ValueError`` says what was given instead; callers add where the box came from. The numbers may
+    be non-finite (callers decide whether to drop or refuse those).
+    """
+    if isinstance(value, str | bytes):
+        raise ValueError(f"got the text {value!r}; give four numbers, e.g. [x0, y0, x1, y1]")
+    parts = value.tolist() if hasattr(value, "tolist") else value
+    if not isinstance(parts, Iterable) or isinstance(parts, dict):
+        raise ValueError(f"got {type(value).__name__} {value!r}, not a sequence of four numbers")
+    parts = list(parts)
+    if any(isinstance(part, Iterable) and not isinstance(part, str | bytes) for part in parts):
+        raise ValueError(f"got a nested sequence {value!r}; one box is a flat [x0, y0, x1, y1]")
+    if len(parts) != 4:
+        raise ValueError(f"got {len(parts)} values {value!r}")
+    if not all(isinstance(part, Real) for part in parts):
+        raise ValueError(f"got {value!r}; every value must be a number")
+    return tuple(float(part) for part in parts)  # type: ignore[return-value]
 
 
 def boxes_to_xyxy(

@@ -16,13 +16,13 @@ from typing import Any
 
 from m2ist.data.loaders import (
     boxes_to_xyxy,
+    expressions_of,
     join_image_path,
     match_splits,
     normalize_split_request,
     parse_box,
     read_text_file,
     repair_mojibake,
-    sentence_text,
 )
 from m2ist.data.safe_pickle import restricted_load
 from m2ist.data.sample import RECSample
@@ -139,9 +139,13 @@ def load_refer(
         box = parse_box(boxes_by_ann[ann_id], where=where)
         image_path = join_image_path(file_by_image[image_id], image_root,
                                      allow_outside_image_root=allow_outside_image_root, where=where)
+        if ref.get("sentences") is None:
+            raise ValueError(f"{where}: the ref has no 'sentences' (a list of sentence dicts); the refs file may be "
+                             "damaged, download it again.")
         sent_ids = ref.get("sent_ids") or []
-        for position, sentence in enumerate(ref.get("sentences", [])):
-            text = repair_mojibake(sentence_text(sentence, sentence_field=sentence_field, where=where))
+        expressions = expressions_of(ref["sentences"], sentence_field=sentence_field, where=where)
+        for position, (text, sentence) in enumerate(expressions):
+            text = repair_mojibake(text)
             sent_id = sentence.get("sent_id") if isinstance(sentence, dict) else None
             if sent_id is None and position < len(sent_ids):
                 sent_id = sent_ids[position]

@@ -80,14 +80,19 @@ LOCATION_WORDS: frozenset[str] = frozenset(
 )
 
 _WORD_PATTERN = re.compile(r"[A-Za-z]+")
-# Whole words only: "bright", "leftover" and "copyright" are left alone.
-_LEFT_RIGHT_PATTERN = re.compile(r"\b(left|right|leftmost|rightmost)\b", re.IGNORECASE)
-_LEFT_RIGHT_SWAP = {"left": "right", "right": "left", "leftmost": "rightmost", "rightmost": "leftmost"}
+# A word is a run of ASCII letters (digits, "_" and "-" end it, as in _WORD_PATTERN). left/right count as a whole
+# word, or inside one with a prefix and suffix from these short lists ("topleft", "rightmost", "lefthand"):
+# "bright", "leftover", "copyright" and "lefty" are left alone.
+_LEFT_RIGHT_PATTERN = re.compile(
+    r"(?<![A-Za-z])(top|bottom|upper|lower|far)?(left|right)(most|hand|side|wards?)?(?![A-Za-z])", re.IGNORECASE
+)
+_LEFT_RIGHT_SWAP = {"left": "right", "right": "left"}
 
 
 def has_location_word(text: str) -> bool:
-    """Whether ``text`` contains one of :data:`LOCATION_WORDS` as a whole word (case-insensitive)."""
-    return any(word.lower() in LOCATION_WORDS for word in _WORD_PATTERN.findall(text))
+    """Whether ``text`` contains one of :data:`LOCATION_WORDS`, or a left/right word :func:`swap_left_right` swaps,
+    as a whole word (case-insensitive)."""
+    return any(word.lower() in LOCATION_WORDS or _LEFT_RIGHT_PATTERN.fullmatch(word) for word in _WORD_PATTERN.findall(text))
 
 
 def _copy_case(source: str, target: str) -> str:
@@ -100,12 +105,20 @@ def _copy_case(source: str, target: str) -> str:
 
 
 def swap_left_right(text: str) -> str:
-    """Swap the whole words left<->right and leftmost<->rightmost, keeping each word's case.
+    """Swap left<->right in every word that is left/right, optionally with a prefix ``top``, ``bottom``,
+    ``upper``, ``lower``, ``far`` and a suffix ``most``, ``hand``, ``side``, ``ward(s)``, keeping its case.
 
-    ``"The Left man, LEFTMOST"`` becomes ``"The Right man, RIGHTMOST"``; ``"bright"`` is unchanged. For words
-    written in lower case, UPPER case or Title case the swap is an involution (applying it twice is a no-op).
+    A word is a run of ASCII letters, so ``right2``, ``left_side`` and ``bottom-left`` are swapped too.
+    ``"The Left man, LEFTMOST, topright"`` becomes ``"The Right man, RIGHTMOST, topleft"``; ``"bright"``,
+    ``"leftover"`` and ``"lefty"`` are unchanged. For words written in lower case, UPPER case or Title case the
+    swap is an involution (applying it twice is a no-op).
     """
-    return _LEFT_RIGHT_PATTERN.sub(lambda m: _copy_case(m.group(0), _LEFT_RIGHT_SWAP[m.group(0).lower()]), text)
+
+    def swap(match: re.Match[str]) -> str:
+        prefix, word, suffix = match.group(1) or "", match.group(2), match.group(3) or ""
+        return prefix + _copy_case(word, _LEFT_RIGHT_SWAP[word.lower()]) + suffix
+
+    return _LEFT_RIGHT_PATTERN.sub(swap, text)
 
 
 def resize_long_side(image: Image.Image, long_side: int) -> tuple[Image.Image, float, float]:
