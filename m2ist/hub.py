@@ -3,7 +3,8 @@
 Thin, generic helpers over `huggingface_hub` used by `SideTunedModel.push_to_hub` / `from_pretrained`:
 
 - `push_folder_to_hub` creates the repo if needed and uploads a folder's adapter files in one commit (never
-  optimizer state, training arguments or checkpoints).
+  optimizer state, training arguments or checkpoints); the same commit deletes the adapter files an earlier push
+  left that the folder no longer has (a processor, an adapter's subfolder), and nothing else.
 - `push_to_hub` saves into a temporary folder with a callback (e.g. `model.save_pretrained`) and pushes it.
 - `resolve_pretrained` turns a local folder or a Hub repo id into a local folder holding the requested files,
   with one `snapshot_download(allow_patterns=...)` into the standard Hub cache (so a repo pulled once also loads
@@ -16,6 +17,7 @@ only read when `huggingface_hub` is imported.
 from __future__ import annotations
 
 import functools
+import glob
 import os
 import shutil
 import tempfile
@@ -36,7 +38,7 @@ from huggingface_hub.errors import (
 from huggingface_hub.utils import filter_repo_objects, validate_repo_id
 
 from .card import CARD_NAME, PLACEHOLDER_REPO_ID
-from .save_and_load import ADAPTER_FILES
+from .save_and_load import ADAPTER_FILES, adapter_name_problem
 from .version import __version__
 
 __all__ = ["ADAPTER_PATTERNS", "IGNORED_PATTERNS", "PretrainedNotFoundError", "push_folder_to_hub", "push_to_hub",
@@ -96,6 +98,11 @@ def push_folder_to_hub(
     `checkpoint-*` folders, so the output folder of a training run can be pushed as it is. A card still showing the
     placeholder repo id in its usage snippet gets the real one.
 
+    The commit also deletes the repo's adapter files (an adapter file name at the root or in an adapter's
+    subfolder, `README.md` excepted) that this push would upload but the folder does not hold, e.g. a processor or
+    an adapter of an earlier push, so the repo loads as the folder does. Other files (notes, checkpoints, the card)
+    are never deleted.
+
     Args:
         folder: local directory to upload (its layout is kept).
         repo_id: `"namespace/name"` of the model repo.
@@ -134,6 +141,8 @@ def push_folder_to_hub(
             api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
         with tempfile.TemporaryDirectory(prefix="m2ist-upload-") as staging:
             _stage(folder_path, selected, Path(staging), repo_id)
+            stale = _stale_adapter_files(api, repo_id, constants.DEFAULT_REVISION if create_pr else revision,
+                                         selected, allow_patterns, ignore_patterns)
             return api.upload_folder(
                 repo_id=repo_id,
                 folder_path=staging,
@@ -142,6 +151,7 @@ def push_folder_to_hub(
                 revision=revision,
                 create_pr=create_pr,
                 repo_type="model",
+                delete_patterns=[glob.escape(path) for path in stale] or None,
             )
     except _TRANSPORT_ERRORS as error:
         raise ConnectionError(
@@ -157,6 +167,24 @@ def push_folder_to_hub(
                 f"write to the namespace '{repo_id.split('/')[0]}': {_LOGIN_HINT} with a write token."
             ) from error
         raise
+
+
+def _is_adapter_file(path: str) -> bool:
+    """Whether a repo path is an adapter file m2ist writes (and may delete): an adapter file name other than the
+    card, at the root or in a subfolder named like an adapter."""
+    parts = PurePosixPath(path).parts
+    if not parts or parts[-1] not in ADAPTER_FILES or parts[-1] == CARD_NAME:
+        return False
+    return len(parts) == 1 or (len(parts) == 2 and adapter_name_problem(parts[0]) is None)
+
+
+def _stale_adapter_files(api: HfApi, repo_id: str, revision: str | None, uploaded: Sequence[str],
+                         allow_patterns: Sequence[str] | None, ignore_patterns: Sequence[str] | None) -> list[str]:
+    """The repo's adapter files that this push would upload (same patterns) but the folder does not hold."""
+    present = api.list_repo_files(repo_id, revision=revision, repo_type="model")
+    uploaded_paths = set(uploaded)
+    candidates = [path for path in present if _is_adapter_file(path) and path not in uploaded_paths]
+    return list(filter_repo_objects(candidates, allow_patterns=allow_patterns, ignore_patterns=ignore_patterns))
 
 
 def _stage(folder: Path, selected: Sequence[str], staging: Path, repo_id: str) -> None:

@@ -35,9 +35,11 @@ from .save_and_load import (
     PROCESSOR_FILES,
     TOKENIZER_FILES,
     WEIGHTS_NAME,
+    adapter_name_problem,
     load_trainable_state,
     save_folder_atomically,
     save_trainable_state,
+    trainable_counts,
 )
 from .taps import TapReport, resolve_tap_spec
 from .towers import TEXT, VISION, Tower, TowerFeatures, unwrap_tower
@@ -820,11 +822,13 @@ class SideTunedModel(RECModel):
 
     def _check_compatible(self, name: str, config: M2ISTConfig) -> M2ISTConfig:
         """``config`` completed with the towers' settings; raise if it cannot share this model's towers."""
-        if not isinstance(name, str) or not name or name == BASE_ADAPTER or "/" in name or "\\" in name \
-                or name.startswith(".") or name != name.strip() or not name.isprintable():
-            raise ValueError(f"Adapter name {name!r} is not usable: give a non-empty name without '/', '\\', a leading "
-                             "'.', spaces at either end or control characters (it becomes a subfolder when saving), "
-                             f"other than {BASE_ADAPTER!r}.")
+        problem = adapter_name_problem(name) or (f"{BASE_ADAPTER!r} is PEFT's 'no adapter'" if name == BASE_ADAPTER
+                                                 else None)
+        if problem is not None:
+            raise ValueError(f"Adapter name {name!r} is not usable: {problem}. Give a non-empty name without '/', "
+                             "'\\', '.', spaces at either end or control characters (it becomes a module name and a "
+                             f"subfolder when saving), other than {BASE_ADAPTER!r}, 'checkpoint-*', 'runs', "
+                             "'last-checkpoint' and 'tower_cache'; e.g. 'refcoco_plus'.")
         if name in self.adapter_setups:
             raise ValueError(f"An adapter named {name!r} already exists; delete_adapter({name!r}) first or pick "
                              "another name.")
@@ -863,7 +867,8 @@ class SideTunedModel(RECModel):
 
     def set_adapter(self, adapter_name: str) -> None:
         """Make ``adapter_name`` the active adapter: the one ``forward`` runs, training trains (its parameters
-        require grad, the others' do not) and ``trainable_state_dict`` returns."""
+        require grad, the others' do not) and ``trainable_state_dict`` returns. It takes the model's train / eval
+        mode (an adapter loaded for inference in ``eval()`` trains with dropout once active in a ``train()`` model)."""
         setup = self._setup(adapter_name)
         if adapter_name == self._active_adapter:
             return
@@ -871,6 +876,7 @@ class SideTunedModel(RECModel):
         previous.requires_grad_(False)
         chosen = self.inactive_adapters.pop(adapter_name)
         self.inactive_adapters[self._active_adapter] = previous
+        chosen.train(self.training)
         self.side, self.head = chosen["side"], chosen["head"]
         self.side.requires_grad_(True)
         self.head.requires_grad_(True)
@@ -923,6 +929,16 @@ class SideTunedModel(RECModel):
             self.inactive_adapters[adapter_name].eval()
 
     # ---------------------------------------------------------------------------------------------------------
+    def parameter_counts(self, adapter_name: str | None = None) -> dict[str, int]:
+        """Parameters by role (see :meth:`RECModel.parameter_counts`); ``side`` and ``head`` are those of
+        ``adapter_name`` (default: the active adapter)."""
+        counts = super().parameter_counts()
+        if adapter_name is not None and adapter_name != self._active_adapter:
+            side, head = self._adapter_modules(adapter_name)
+            counts["side"] = sum(p.numel() for p in side.parameters())
+            counts["head"] = sum(p.numel() for p in head.parameters())
+        return counts
+
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """The tensors that are saved: the side network's and the head's, never a tower's."""
         return {k: v for k, v in self.state_dict().items() if k.startswith(("side.", "head."))}
@@ -933,10 +949,13 @@ class SideTunedModel(RECModel):
         ``model.processor`` is set, the processor (tokenizer files, ``processor_config.json``).
 
         With several adapters (PEFT's layout): the ``"default"`` adapter at the folder's root, every other one in a
-        ``<name>/`` subfolder (its config and weights); ``selected_adapters`` saves only those.
+        ``<name>/`` subfolder (its config and weights). ``selected_adapters`` writes (or updates) only those; the
+        folder's other adapters are kept, the root one included when ``"default"`` is not selected. The processor
+        and the card are written whichever adapters are saved.
 
-        The card (``README.md``) is updated when the folder already has one (its text and metadata are kept);
-        ``repo_id`` is the Hub repo it is for (``push_to_hub`` passes it), shown in its usage snippet.
+        The card (``README.md``) documents the root adapter (or, when the folder has none, the active adapter in its
+        subfolder); it is updated when the folder already has one (its text and metadata are kept); ``repo_id`` is
+        the Hub repo it is for (``push_to_hub`` passes it), shown in its usage snippet.
 
         The folder is replaced as a whole (see :func:`m2ist.save_and_load.save_folder_atomically`): it always holds
         one complete adapter, the old or the new one, even with concurrent savers or a save that fails half-way;
@@ -949,8 +968,12 @@ class SideTunedModel(RECModel):
                             previous: Path | None = None, selected_adapters: Sequence[str] | None = None) -> None:
         """Write the adapters' files into an existing ``folder`` as they come (``save_pretrained`` calls this on a
         temporary folder that it then swaps in whole: use ``save_pretrained``). ``previous`` is the folder being
-        replaced: its card and measured results are carried over, so the card is updated rather than replaced."""
-        names = list(selected_adapters) if selected_adapters is not None else list(self.adapter_setups)
+        replaced: its card and measured results are carried over (the card is updated rather than replaced), and so
+        is its root adapter (config, weights, and its processor when the model has none) when ``"default"`` is not
+        written."""
+        names = list(dict.fromkeys(selected_adapters)) if selected_adapters is not None else list(self.adapter_setups)
+        for name in names:
+            self._setup(name)  # an unknown name fails before anything is written
         for name in names:
             side, head = self._adapter_modules(name)
             target = folder if name == DEFAULT_ADAPTER else folder / name
@@ -958,17 +981,39 @@ class SideTunedModel(RECModel):
             self.adapter_setups[name].config.save_pretrained(target)
             state = _AdapterView(nn.ModuleDict({"side": side, "head": head})).trainable_state_dict()
             save_trainable_state(state, target / WEIGHTS_NAME)
-        if DEFAULT_ADAPTER not in names:
-            return
+        if DEFAULT_ADAPTER not in names and previous is not None:
+            carried = [CONFIG_NAME, WEIGHTS_NAME]
+            if self.processor is None:
+                carried += [PROCESSOR_CONFIG_NAME, *PROCESSOR_FILES, *TOKENIZER_FILES]
+            for name in carried:
+                if (previous / name).is_file():
+                    shutil.copy2(previous / name, folder / name)
+        if self.processor is not None:
+            self.processor.save_pretrained(folder)
         if model_card:
             if previous is not None:
                 for name in (CARD_NAME, EVAL_RESULTS_NAME):
                     if (previous / name).is_file():
                         shutil.copy2(previous / name, folder / name)
-            write_model_card(folder, self.adapter_setups[DEFAULT_ADAPTER].config, self.parameter_counts(),
-                             repo_id=repo_id)
-        if self.processor is not None:
-            self.processor.save_pretrained(folder)
+            subject = self.card_subject(folder, names)
+            if subject is not None:
+                config, counts, subfolder = subject
+                write_model_card(folder, config, counts, repo_id=repo_id, subfolder=subfolder)
+
+    def card_subject(self, folder: Path,
+                     written: Sequence[str]) -> tuple[M2ISTConfig, dict[str, int], str | None] | None:
+        """``(config, parameter counts, subfolder)`` of the adapter the card of ``folder`` documents, ``written``
+        being the adapters just written there: the root adapter (``"default"``, or the one already in ``folder``),
+        else the active (or first) written adapter, loaded with ``subfolder=``; None when there is none."""
+        if DEFAULT_ADAPTER in written:
+            return self.adapter_setups[DEFAULT_ADAPTER].config, self.parameter_counts(DEFAULT_ADAPTER), None
+        if (folder / CONFIG_NAME).is_file() and (folder / WEIGHTS_NAME).is_file():
+            config = M2ISTConfig.from_json_file(folder / CONFIG_NAME)
+            return config, {**self.parameter_counts(), **trainable_counts(folder / WEIGHTS_NAME)}, None
+        if not written:
+            return None
+        name = self._active_adapter if self._active_adapter in written else written[0]
+        return self.adapter_setups[name].config, self.parameter_counts(name), name
 
     def push_to_hub(self, repo_id: str, *, commit_message: str = "Upload M²IST side adapter", private: bool | None = None,
                     token: str | None = None, revision: str | None = None, create_pr: bool = False,

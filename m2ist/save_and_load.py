@@ -17,8 +17,10 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import fnmatch
 import hashlib
 import json
+import math
 import os
 import secrets
 import shutil
@@ -58,9 +60,30 @@ TRAINABLE_PREFIXES = ("side.", "head.")
 #: ``README.md`` is replaced only when the new save writes a model card.
 OWNED_FILES = frozenset({CONFIG_NAME, WEIGHTS_NAME, PROCESSOR_CONFIG_NAME, *PROCESSOR_FILES, *TOKENIZER_FILES,
                          "training_args.bin", "m2ist_run.json"})
+#: Adapter names that are refused: a subfolder of that name is a Trainer checkpoint, a log folder (pushes skip
+#: both), the checkpoint a Trainer pushes, or the tower cache of an output folder (a save would replace it).
+RESERVED_ADAPTER_NAMES = ("checkpoint-*", "runs", "last-checkpoint", "tower_cache")
 #: safetensors metadata key holding the SHA-256 of the file's tensor data.
 SHA256_KEY = "m2ist_sha256"
 _SAVING_SUFFIX = ".m2ist-saving"
+
+
+def adapter_name_problem(name: object) -> str | None:
+    """Why ``name`` cannot name an adapter (it becomes a module name and a ``<name>/`` subfolder), or None."""
+    if not isinstance(name, str) or not name:
+        return "an adapter name is a non-empty string"
+    if "/" in name or "\\" in name:
+        return "it contains a path separator ('/' or '\\')"
+    if "." in name:
+        return "it contains '.', which a PyTorch module name cannot hold (and which could clash with a file name)"
+    if name != name.strip() or not name.isprintable():
+        return "it has spaces at either end or control characters"
+    reserved = next((pattern for pattern in RESERVED_ADAPTER_NAMES if fnmatch.fnmatchcase(name, pattern)), None)
+    if reserved is not None:
+        what = f"names matching {reserved!r} are" if "*" in reserved else f"the name {reserved!r} is"
+        return (f"{what} reserved: such a subfolder is a trainer's checkpoint, log or cache folder, which pushes skip "
+                "and saves replace")
+    return None
 
 
 @dataclass
@@ -232,15 +255,54 @@ def check_finite(tensors: dict[str, torch.Tensor], what: str) -> None:
             raise ValueError(f"{what}: tensor {name} holds {bad} non-finite value(s) (NaN or inf).")
 
 
+def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    """The SHA-256 that :func:`write_safetensors` records for ``tensors`` (of their data, not of names or metadata):
+    equal tensors give equal digests, so results can name the weights they measured."""
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    plain = save_safetensors_bytes(tensors)
+    return hashlib.sha256(memoryview(plain)[_data_offset(plain):]).hexdigest()
+
+
+def _read_header(path: Path) -> dict[str, Any]:
+    """The JSON header of a safetensors file (tensor names, dtypes, shapes; ``__metadata__``), without its data."""
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+        if len(head) < 8:
+            raise ValueError(f"{path} is shorter than a safetensors header")
+        (length,) = struct.unpack("<Q", head)
+        header = json.loads(handle.read(length).decode("utf-8"))
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: the safetensors header is not a JSON object")
+    return header
+
+
+def recorded_sha256(path: Path) -> str | None:
+    """The SHA-256 recorded in a weights file by :func:`write_safetensors`; None when the file is missing,
+    unreadable or records none."""
+    try:
+        value = (_read_header(path).get("__metadata__") or {}).get(SHA256_KEY)
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    return value if isinstance(value, str) else None
+
+
+def trainable_counts(path: Path) -> dict[str, int]:
+    """``{"side": n, "head": n}``: the parameters of the side network and the head saved in a weights file."""
+    counts = {"side": 0, "head": 0}
+    for name, entry in _read_header(path).items():
+        role = name.split(".", 1)[0]
+        if role in counts and isinstance(entry, dict):
+            counts[role] += math.prod(entry.get("shape") or ())
+    return counts
+
+
 def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     """Write ``tensors`` to ``path`` atomically, with the SHA-256 of the tensor data in the metadata; refuse
     non-finite tensors (a diverged run must not leave weights that load)."""
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     check_finite(tensors, f"Refusing to save {path.name}")
     metadata = {"format": "pt", "m2ist_version": __version__, **(metadata or {})}
-    plain = save_safetensors_bytes(tensors, metadata=metadata)
-    digest = hashlib.sha256(memoryview(plain)[_data_offset(plain):]).hexdigest()
-    blob = save_safetensors_bytes(tensors, metadata={**metadata, SHA256_KEY: digest})
+    blob = save_safetensors_bytes(tensors, metadata={**metadata, SHA256_KEY: tensors_sha256(tensors)})
 
     def write(tmp: str) -> None:
         with open(tmp, "wb") as handle:

@@ -44,20 +44,23 @@ from transformers.trainer_pt_utils import get_parameter_names
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SaveStrategy, SchedulerType
 
 from .cache import CACHE_DTYPES, KEY_FIELDS, CachedViewsCollator, TowerCacheCollator, TowerFeatureCache, expected_records
-from .card import EVAL_RESULTS_NAME, read_eval_results, write_model_card
+from .card import EVAL_RESULTS_NAME, WEIGHTS_SHA256_KEY, read_eval_results, write_model_card
 from .config import CONFIG_NAME, M2ISTConfig
 from .data.collator import RECCollator
 from .evaluation import paired_iou, write_results
 from .head import rec_loss
-from .model import DTYPES, METHODS, RECModel, SideTunedModel
+from .model import DEFAULT_ADAPTER, DTYPES, METHODS, RECModel, SideTunedModel
 from .ops.boxes import box_convert
 from .save_and_load import (
     ADAPTER_FILES,
+    OWNED_FILES,
     WEIGHTS_NAME,
     check_finite,
     load_trainable_state,
     read_safetensors,
+    recorded_sha256,
     save_folder_atomically,
+    tensors_sha256,
     write_safetensors,
 )
 from .version import __version__
@@ -68,6 +71,7 @@ __all__ = [
     "RECTrainer",
     "RECTrainingArguments",
     "StepDropSchedule",
+    "adapter_folder",
     "checkpoint_problems",
     "compute_rec_metrics",
     "image_regions",
@@ -330,15 +334,29 @@ def save_trainable_tensors(model: nn.Module, output_dir: str | os.PathLike) -> P
     return save_folder_atomically(output_dir, lambda folder: _write_trainable_tensors(model, folder))
 
 
+def trained_adapter(model: nn.Module) -> str | None:
+    """The name of the adapter a :class:`SideTunedModel` trains (its active adapter); None for other models."""
+    return model.active_adapter if isinstance(model, SideTunedModel) else None
+
+
+def adapter_folder(folder: str | os.PathLike, adapter: str | None) -> Path:
+    """Where ``folder`` (a checkpoint or a saved adapter folder) holds the files of ``adapter``: the folder itself
+    for ``"default"`` (or None), else its ``<adapter>/`` subfolder (the layout of ``save_pretrained``)."""
+    return Path(folder) if adapter in (None, DEFAULT_ADAPTER) else Path(folder) / adapter
+
+
 def load_trainable_tensors(model: nn.Module, checkpoint_dir: str | os.PathLike) -> None:
-    """Load ``m2ist_model.safetensors`` of ``checkpoint_dir`` into ``model`` strictly: missing, unexpected or
-    mis-shaped tensors raise an error naming them, and nothing is loaded."""
-    folder = Path(checkpoint_dir)
+    """Load the trained tensors of ``checkpoint_dir`` into ``model`` strictly: those of the model's active adapter
+    (``m2ist_model.safetensors`` at the root for ``"default"``, in ``<adapter>/`` for another one). Missing,
+    unexpected or mis-shaped tensors raise an error naming them, and nothing is loaded."""
+    adapter = trained_adapter(model)
+    folder = adapter_folder(checkpoint_dir, adapter)
     path = folder / WEIGHTS_NAME
     if not path.is_file():
         found = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else "no such folder"
-        raise ValueError(f"{checkpoint_dir} holds no {WEIGHTS_NAME}, so it is not a checkpoint written by RECTrainer "
-                         f"(found: {found}).")
+        which = f" for the active adapter {adapter!r}" if adapter not in (None, DEFAULT_ADAPTER) else ""
+        raise ValueError(f"{folder} holds no {WEIGHTS_NAME}{which}, so {checkpoint_dir} is not a checkpoint written by "
+                         f"RECTrainer for this adapter (found: {found}).")
     target = model if hasattr(model, "trainable_state_dict") else _TrainableView(model)
     load_trainable_state(target, path)
 
@@ -500,6 +518,10 @@ class RECTrainer(Trainer):
             kwargs["compute_metrics"] = RECMetrics(model.config)
         self.method = found
         self.eval_data_collator = eval_data_collator
+        #: the optimizer ``create_optimizer`` built (None: none yet, or one passed in ``optimizers=``)
+        self._built_optimizer: torch.optim.Optimizer | None = None
+        #: ``{global step: SHA-256 of the trained tensors}`` of each evaluation (what its results measured)
+        self._evaluated_weights: dict[int, str] = {}
         self._update_steps_per_epoch: int | None = None
         self.tower_cache: TowerFeatureCache | None = None
         if args.tower_cache != "off":
@@ -624,7 +646,8 @@ class RECTrainer(Trainer):
                             if path.is_dir() and (m := _CHECKPOINT_PATTERN.match(path.name))), reverse=True)
             skipped = []
             for _, path in found:
-                problems = checkpoint_problems(path, needs_optimizer=not self.args.save_only_model)
+                problems = checkpoint_problems(path, needs_optimizer=not self.args.save_only_model,
+                                               adapter=self._trained_adapter())
                 if not problems:
                     for name, why in skipped:
                         logger.warning("Skipping the incomplete checkpoint %s (%s); resuming from %s.", name, why, path)
@@ -636,11 +659,15 @@ class RECTrainer(Trainer):
         path = Path(checkpoint)
         if not path.is_dir():
             raise ValueError(f"Checkpoint folder not found: {path}.")
-        problems = checkpoint_problems(path, needs_optimizer=not self.args.save_only_model)
+        problems = checkpoint_problems(path, needs_optimizer=not self.args.save_only_model,
+                                       adapter=self._trained_adapter())
         if problems:
             raise ValueError(f"Checkpoint {path} is incomplete ({problems}), e.g. the run was killed while writing it: "
                              "resume from an earlier checkpoint, or with resume=True to take the latest complete one.")
         return str(path)
+
+    def _trained_adapter(self) -> str | None:
+        return trained_adapter(self.accelerator.unwrap_model(self.model))
 
     def _check_run_settings(self, checkpoint: str) -> None:
         path = Path(checkpoint) / RUN_SETTINGS_NAME
@@ -656,7 +683,7 @@ class RECTrainer(Trainer):
         differences = []
         for key in sorted(set(saved) | set(current)):
             was, now = saved.get(key), current.get(key)
-            if was == now:
+            if was == now or key not in saved:  # a setting that an older m2ist did not record
                 continue
             if isinstance(was, dict) and isinstance(now, dict):  # m2ist_config: name the fields (e.g. backbone_dtype)
                 differences += [f"{key}.{name}: checkpoint {was.get(name)!r}, now {now.get(name)!r}"
@@ -736,10 +763,14 @@ class RECTrainer(Trainer):
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         """AdamW (``args.optim``) with four groups: head / side (and trained tower) parameters, each with and without
-        weight decay; the head at ``learning_rate``, the rest at ``side_learning_rate``."""
-        if self.optimizer is not None:
-            return self.optimizer
+        weight decay; the head at ``learning_rate``, the rest at ``side_learning_rate``.
+
+        The optimizer is kept across ``train()`` calls while it holds the model's trainable parameters; after
+        ``model.set_adapter(other)`` it is built again (and so is the schedule) for the adapter now active. An
+        optimizer passed in ``optimizers=`` that holds frozen parameters is refused."""
         opt_model = self.accelerator.unwrap_model(model if model is not None else self.model)
+        if self.optimizer is not None and self._optimizer_is_current(opt_model):
+            return self.optimizer
         decay = set(self.get_decay_parameter_names(opt_model))
         args = self.args
         rates = {"head": args.learning_rate, "side": args.side_learning_rate}
@@ -757,8 +788,27 @@ class RECTrainer(Trainer):
             optimizer_cls, optimizer_kwargs = self.optimizer_cls_and_kwargs
         else:
             optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(args, opt_model)
-        self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+        self.optimizer = self._built_optimizer = optimizer_cls(groups, **optimizer_kwargs)
         return self.optimizer
+
+    def _optimizer_is_current(self, model: nn.Module) -> bool:
+        """Whether ``self.optimizer`` holds exactly the trainable parameters of ``model`` (False: build another);
+        raise if an optimizer passed in ``optimizers=`` holds none of them (e.g. the adapter active before
+        ``set_adapter``)."""
+        held = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
+        trainable = {id(p) for p in model.parameters() if p.requires_grad}
+        if getattr(self.optimizer, "optimizer", self.optimizer) is not self._built_optimizer:
+            if trainable and not held & trainable:
+                raise ValueError("The optimizer passed to RECTrainer(optimizers=...) holds none of the parameters that "
+                                 "train now (only parameters that do not require grad, e.g. the adapter active before "
+                                 "set_adapter()): it would train nothing. Pass an optimizer over the active adapter's "
+                                 "parameters, or let RECTrainer build one (optimizers=(None, None)).")
+            return True
+        if held == trainable:
+            return True
+        logger.info("The trainable parameters changed since the optimizer was built (set_adapter?): building a new "
+                    "optimizer and schedule for the active adapter.")
+        return False
 
     def set_initial_training_values(self, args: TrainingArguments, dataloader) -> tuple:
         """As ``Trainer``'s; also remembers the optimizer steps per epoch (for ``lr_drop_epochs``)."""
@@ -786,6 +836,23 @@ class RECTrainer(Trainer):
         return self.lr_scheduler
 
     # ------------------------------------------------------------------ evaluation
+    def evaluate(self, eval_dataset: Dataset | dict[str, Dataset] | None = None, ignore_keys: list[str] | None = None,
+                 metric_key_prefix: str = "eval") -> dict[str, float]:
+        """``Trainer.evaluate``; remembers the SHA-256 of the weights measured, which ``eval_results.json`` records so
+        that a model card reports results only beside the weights they measured."""
+        metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        model = self.accelerator.unwrap_model(self.model)
+        self._evaluated_weights[self.state.global_step] = tensors_sha256(trainable_tensors(model))
+        return metrics
+
+    def _measured_weights(self, step: int) -> str | None:
+        """The SHA-256 of the weights evaluated at ``step``: remembered by :meth:`evaluate`, or (for a run resumed
+        since) recorded in that step's checkpoint, which holds the weights evaluated then; None if unknown."""
+        if step in self._evaluated_weights:
+            return self._evaluated_weights[step]
+        checkpoint = Path(self.args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{step}"
+        return recorded_sha256(adapter_folder(checkpoint, self._trained_adapter()) / WEIGHTS_NAME)
+
     def prediction_step(self, model: nn.Module, inputs: dict[str, Any], prediction_loss_only: bool,
                         ignore_keys: list[str] | None = None) -> tuple:
         """Return ``(loss, (pred_boxes, image_regions), labels)``; ``image_regions`` (B, 4) is the real image's
@@ -821,7 +888,7 @@ class RECTrainer(Trainer):
 
         def write(folder: Path) -> None:
             _write_trainable_tensors(model, folder)
-            if results is not None:
+            if results is not None:  # else an earlier run's results go: they measured other weights
                 write_results(results, folder / EVAL_RESULTS_NAME)
             if self.processing_class is not None and hasattr(self.processing_class, "save_pretrained"):
                 self.processing_class.save_pretrained(folder)
@@ -829,12 +896,13 @@ class RECTrainer(Trainer):
             (folder / RUN_SETTINGS_NAME).write_text(json.dumps(run_settings(self), indent=2, sort_keys=True,
                                                                default=str) + "\n", encoding="utf-8")
 
-        save_folder_atomically(output_dir, write)
+        save_folder_atomically(output_dir, write, owned=OWNED_FILES | {EVAL_RESULTS_NAME})
 
     def measured_results(self, best: bool = False) -> dict[str, Any] | None:
         """The evaluation results of the training run in :func:`m2ist.evaluation.evaluate`'s format
         (``{"metrics": {split: {"acc@0.5", "miou"}}, "metadata": {...}}``): those of the last evaluation, or with
-        ``best`` those of the best checkpoint's step; None before any evaluation."""
+        ``best`` those of the best checkpoint's step; None before any evaluation. ``metadata["weights_sha256"]`` is
+        the SHA-256 of the weights measured (what their weights file records), when known."""
         steps: dict[int, dict[str, dict[str, float]]] = {}
         for entry in self.state.log_history:
             for key, value in entry.items():
@@ -850,8 +918,11 @@ class RECTrainer(Trainer):
             step = int(Path(checkpoint).name.removeprefix("checkpoint-"))
             if step not in steps:
                 return None
-        return {"metrics": steps[step], "metadata": {"source": "RECTrainer", "step": step,
-                                                     "best": bool(best and checkpoint)}}
+        metadata: dict[str, Any] = {"source": "RECTrainer", "step": step, "best": bool(best and checkpoint)}
+        measured = self._measured_weights(step)
+        if measured is not None:
+            metadata[WEIGHTS_SHA256_KEY] = measured
+        return {"metrics": steps[step], "metadata": metadata}
 
     def create_model_card(self, language: str | None = None, license: str | None = None,
                           tags: str | list[str] | None = None, model_name: str | None = None,
@@ -867,10 +938,14 @@ class RECTrainer(Trainer):
         model = self.accelerator.unwrap_model(self.model)
         results = self.measured_results(best=self.args.load_best_model_at_end) or read_eval_results(self.args.output_dir)
         hub_datasets = [d for d in [*_as_list(dataset_tags), *_as_list(dataset)] if "/" in d]
-        write_model_card(self.args.output_dir, model.config, model.parameter_counts(),
+        config, counts, subfolder = model.config, model.parameter_counts(), None
+        if isinstance(model, SideTunedModel):  # the card documents the folder's root adapter, as save_pretrained's
+            config, counts, subfolder = model.card_subject(Path(self.args.output_dir), model.list_adapters()) \
+                or (config, counts, None)
+        write_model_card(self.args.output_dir, config, counts,
                          repo_id=repo_id or getattr(self, "hub_model_id", None), results=results,
                          datasets=hub_datasets, tags=_as_list(tags), model_name=model_name, license=license,
-                         language=language)
+                         language=language, subfolder=subfolder)
 
     def push_to_hub(self, commit_message: str | None = "End of training", blocking: bool = True,
                     token: str | None = None, revision: str | None = None, private: bool | None = None, *,
@@ -915,9 +990,15 @@ class RECTrainer(Trainer):
             return
         self.callback_handler.on_push_begin(self.args, self.state, self.control)
         output_dir = self.args.output_dir
-        for name in ADAPTER_FILES:  # the checkpoint's adapter, not a copy of the whole model
-            if os.path.isfile(os.path.join(checkpoint_folder, name)):
-                shutil.copy(os.path.join(checkpoint_folder, name), os.path.join(output_dir, name))
+        model = self.accelerator.unwrap_model(self.model)
+        subfolders = [""] + ([n for n in model.list_adapters() if n != DEFAULT_ADAPTER]
+                             if isinstance(model, SideTunedModel) else [])
+        for subfolder in subfolders:  # the checkpoint's adapters, not a copy of the whole model
+            for name in ADAPTER_FILES:
+                if os.path.isfile(os.path.join(checkpoint_folder, subfolder, name)):
+                    os.makedirs(os.path.join(output_dir, subfolder), exist_ok=True)
+                    shutil.copy(os.path.join(checkpoint_folder, subfolder, name),
+                                os.path.join(output_dir, subfolder, name))
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
         self.create_model_card(repo_id=self.hub_model_id)
@@ -979,7 +1060,8 @@ def _non_finite_inputs(inputs: Mapping[str, Any]) -> str:
 
 def run_settings(trainer: RECTrainer) -> dict[str, Any]:
     """The settings that define a training run, recorded in each checkpoint (``m2ist_run.json``) and compared when
-    resuming: learning rates and their schedule, seed, batch sizes, method, the model's M2ISTConfig (without the
+    resuming: learning rates and their schedule, seed, batch sizes, method, the trained adapter's name (M²IST's
+    active adapter), the model's M2ISTConfig (without the
     recorded tower names; its ``backbone_dtype`` is the towers' dtype after ``args.tower_dtype``, so a run resumed
     with its towers in another dtype is refused) and the training-set size. Epoch and step counts are left out:
     extending a run is fine."""
@@ -997,23 +1079,31 @@ def run_settings(trainer: RECTrainer) -> dict[str, Any]:
         "lr_drop_epochs": list(args.lr_drop_epochs), "lr_drop_factor": args.lr_drop_factor,
         "seed": args.seed, "data_seed": args.data_seed, "per_device_train_batch_size": args.per_device_train_batch_size,
         "gradient_accumulation_steps": args.gradient_accumulation_steps, "world_size": args.world_size,
-        "method": model_method(model), "m2ist_config": config_values,
+        "method": model_method(model), "adapter": trained_adapter(model), "m2ist_config": config_values,
         "train_samples": _length(trainer.train_dataset) if trainer.train_dataset is not None else None,
     }
 
 
-def checkpoint_problems(folder: str | os.PathLike, *, needs_optimizer: bool = True) -> str:
-    """What a checkpoint folder lacks to be resumed from ("" when complete): the weights (readable, matching their
-    SHA-256), the config, ``trainer_state.json`` (valid JSON; written last, so its absence means the save was cut
-    short) and, unless ``needs_optimizer`` is False, readable optimizer and scheduler states."""
+def checkpoint_problems(folder: str | os.PathLike, *, needs_optimizer: bool = True, adapter: str | None = None) -> str:
+    """What a checkpoint folder lacks to be resumed from ("" when complete): the trained adapter's weights (readable,
+    matching their SHA-256) and config (at the root, or in ``<adapter>/`` for an ``adapter`` other than
+    ``"default"``), ``trainer_state.json`` (valid JSON; written last, so its absence means the save was cut short)
+    and, unless ``needs_optimizer`` is False, readable optimizer and scheduler states."""
     folder = Path(folder)
+    weights = adapter_folder(folder, adapter)
+    where = "" if weights == folder else f"{adapter}/"
     problems = []
     try:
-        read_safetensors(folder / WEIGHTS_NAME)
+        read_safetensors(weights / WEIGHTS_NAME)
     except ValueError:
-        problems.append(f"{WEIGHTS_NAME} missing or damaged")
-    if not (folder / CONFIG_NAME).is_file():
-        problems.append(f"no {CONFIG_NAME}")
+        trained = _recorded_adapter(folder)
+        if trained is not None and trained != (adapter or DEFAULT_ADAPTER):
+            problems.append(f"it trained the adapter {trained!r}, not {adapter or DEFAULT_ADAPTER!r}: call "
+                            f"model.set_adapter({trained!r}) before resuming")
+        else:
+            problems.append(f"{where}{WEIGHTS_NAME} missing or damaged")
+    if not (weights / CONFIG_NAME).is_file():
+        problems.append(f"no {where}{CONFIG_NAME}")
     try:
         json.loads((folder / TRAINER_STATE_NAME).read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -1027,6 +1117,15 @@ def checkpoint_problems(folder: str | os.PathLike, *, needs_optimizer: bool = Tr
             elif not zipfile.is_zipfile(folder / name):
                 problems.append(f"{name} truncated or damaged")
     return ", ".join(problems)
+
+
+def _recorded_adapter(checkpoint: Path) -> str | None:
+    """The trained adapter's name recorded in a checkpoint's run settings (None: not recorded or unreadable)."""
+    try:
+        adapter = json.loads((checkpoint / RUN_SETTINGS_NAME).read_text(encoding="utf-8")).get("adapter")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return adapter if isinstance(adapter, str) else None
 
 
 def _has_length(dataloader) -> bool:
