@@ -32,10 +32,12 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from m2ist.card import WEIGHTS_SHA256_KEY
 from m2ist.data.images import load_image
 from m2ist.data.sample import RECSample
 from m2ist.inference import eval_mode, forward_boxes_per_adapter, model_device, resolve_adapters, resolve_processor
 from m2ist.ops.boxes import box_convert, clip_boxes, paired_box_iou
+from m2ist.save_and_load import tensors_sha256
 
 if TYPE_CHECKING:
     from m2ist.processing import RECProcessor
@@ -232,6 +234,13 @@ def _model_summary(model: nn.Module) -> dict[str, Any]:
     return summary
 
 
+def _measured_weights(model: nn.Module) -> dict[str, str]:
+    """``{"weights_sha256": ...}``: the SHA-256 of the trained tensors measured (what their weights file records),
+    so a model card shows these results only beside those weights; empty for a model without an adapter's tensors."""
+    state = getattr(model, "trainable_state_dict", None)
+    return {WEIGHTS_SHA256_KEY: tensors_sha256(state())} if callable(state) else {}
+
+
 def _environment() -> dict[str, Any]:
     import transformers
 
@@ -414,6 +423,7 @@ def evaluate(
                 "accuracy": "correct / expressions",
             },
             "model": _model_summary(model),
+            **({} if names is not None else _measured_weights(model)),
             "processor": (processor.flat_settings() if hasattr(processor, "flat_settings")
                           else processor.to_dict() if hasattr(processor, "to_dict") else repr(processor)),
             "batch_size": batch_size,

@@ -242,3 +242,19 @@ def test_set_adapter_gives_the_adapter_the_model_mode(tmp_path: Path) -> None:
     model.eval()
     model.set_adapter("c")
     assert not model.side.training and not model.head.training
+
+
+def test_results_of_evaluate_are_tied_to_the_weights_they_measured(tmp_path):
+    """m2ist.evaluation.evaluate records the SHA-256 of the weights it scored: saved beside those weights its
+    results reach the card; beside retrained weights they do not."""
+    from m2ist.evaluation import evaluate
+
+    model, processor = make_model(seed=0), make_processor(tmp_path / "tok")
+    model.save_pretrained(tmp_path / "adapter")
+    evaluate(model, processor, {"val": make_dataset(2, seed=3)}, output_file=tmp_path / "adapter" / EVAL_RESULTS_NAME)
+    model.save_pretrained(tmp_path / "adapter")  # the same weights: the card shows the results
+    assert "Acc@0.5" in (tmp_path / "adapter" / "README.md").read_text()
+    with torch.no_grad():
+        next(model.head.parameters()).add_(1.0)
+    model.save_pretrained(tmp_path / "adapter")  # other weights: the results measured the old ones
+    assert "Acc@0.5" not in (tmp_path / "adapter" / "README.md").read_text()
