@@ -235,6 +235,9 @@ class M2ISTConfig:
     vision_model_class: str | None = field(
         default=None, metadata={"help": "transformers class of the vision tower as passed (re-built on reload)."}
     )
+    vision_dtype: str | None = field(
+        default=None, metadata={"help": "Dtype of the vision tower's weights as trained (a reload loads it so)."}
+    )
     vision_width: int | None = field(default=None, metadata={"help": "Width of the vision tower's final output."})
     vision_depth: int | None = field(default=None, metadata={"help": "Number of tapped vision layers."})
     text_model_name_or_path: str | None = field(
@@ -246,6 +249,9 @@ class M2ISTConfig:
     text_model_type: str | None = field(default=None, metadata={"help": "`config.model_type` of the text tower."})
     text_model_class: str | None = field(
         default=None, metadata={"help": "transformers class of the text tower as passed (re-built on reload)."}
+    )
+    text_dtype: str | None = field(
+        default=None, metadata={"help": "Dtype of the text tower's weights as trained (a reload loads it so)."}
     )
     text_width: int | None = field(default=None, metadata={"help": "Width of the text tower's final output."})
     text_depth: int | None = field(default=None, metadata={"help": "Number of tapped text layers."})
@@ -335,8 +341,9 @@ class M2ISTConfig:
             fail("layer_pairing", f"expected one of {LAYER_PAIRINGS}.")
         if self.box_loss not in BOX_LOSSES:
             fail("box_loss", f"expected one of {BOX_LOSSES}.")
-        if self.backbone_dtype is not None and self.backbone_dtype not in DTYPES:
-            fail("backbone_dtype", f"expected None or one of {DTYPES}.")
+        for name in ("backbone_dtype", "vision_dtype", "text_dtype"):
+            if getattr(self, name) is not None and getattr(self, name) not in DTYPES:
+                fail(name, f"expected None or one of {DTYPES}.")
         for name in ("vision_layers", "text_layers"):
             layers = getattr(self, name)
             if layers is None:

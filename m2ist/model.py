@@ -579,8 +579,10 @@ class SideTunedModel(RECModel):
         for modality, model, features, depth in ((VISION, self.vision_model, vision, vision_depth),
                                                  (TEXT, self.text_model, text, text_depth)):
             name, revision = self.tower_ids[modality]
+            dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
             recorded = {"model_type": model.config.model_type, "width": features.tokens.shape[-1], "depth": depth,
-                        "model_name_or_path": name, "revision": revision, "model_class": self.tower_classes[modality]}
+                        "model_name_or_path": name, "revision": revision, "model_class": self.tower_classes[modality],
+                        "dtype": dtype if dtype in DTYPES else None}
             for key, value in recorded.items():
                 if getattr(config, f"{modality}_{key}") is None:
                     setattr(config, f"{modality}_{key}", value)
@@ -1110,7 +1112,7 @@ class SideTunedModel(RECModel):
             raise ValueError(f"The adapter in {name_or_path} was trained on other towers: {'; '.join(mismatches)}. "
                              "Pass the towers it was built for (see its m2ist_config.json).")
         for modality in (VISION, TEXT):  # keep the recorded provenance
-            for key in ("model_name_or_path", "revision", "model_class"):
+            for key in ("model_name_or_path", "revision", "model_class", "dtype"):
                 if getattr(saved, f"{modality}_{key}") is not None:
                     setattr(model.config, f"{modality}_{key}", getattr(saved, f"{modality}_{key}"))
         if adapter_dtype is not None:  # asked for a dtype: load in the saved one (checked exactly), then cast
@@ -1228,8 +1230,8 @@ def _load_recorded_tower(config: M2ISTConfig, modality: str, trust_remote_code: 
 
 
 def _load_tower(config: M2ISTConfig, modality: str, trust_remote_code: bool, hub: dict[str, Any]) -> nn.Module:
-    """Re-load a tower: its recorded class, from its recorded name at its recorded commit, through the same
-    endpoint, token, cache and offline setting as the adapter."""
+    """Re-load a tower: its recorded class, from its recorded name at its recorded commit, in its recorded dtype,
+    through the same endpoint, token, cache and offline setting as the adapter."""
     name = getattr(config, f"{modality}_model_name_or_path")
     if not name:
         raise ValueError(f"The saved config records no {modality} tower name: pass {modality}_model= to "
@@ -1246,7 +1248,8 @@ def _load_tower(config: M2ISTConfig, modality: str, trust_remote_code: bool, hub
         folder = snapshot_download(**options, allow_patterns=["*.json", "*.safetensors"])
         if not any(Path(folder).glob("*.safetensors")):
             folder = snapshot_download(**options, allow_patterns=["*.json", "pytorch_model*.bin"])
-    return cls.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    dtype = getattr(config, f"{modality}_dtype", None)  # as trained: transformers 5 would load the stored dtype
+    return cls.from_pretrained(folder, trust_remote_code=trust_remote_code, **({"dtype": DTYPES[dtype]} if dtype else {}))
 
 
 def get_side_tuned_model(vision_model: nn.Module, text_model: nn.Module,

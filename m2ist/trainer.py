@@ -1071,7 +1071,8 @@ def run_settings(trainer: RECTrainer) -> dict[str, Any]:
     config_values = None
     if isinstance(config, M2ISTConfig):
         config_values = {key: value for key, value in config.to_dict().items()
-                         if not key.endswith(("_model_name_or_path", "_revision"))}
+                         if not key.endswith(("_model_name_or_path", "_revision"))
+                         and key not in ("vision_dtype", "text_dtype")}  # provenance; backbone_dtype is the run's
     return {
         "learning_rate": args.learning_rate, "side_learning_rate": args.side_learning_rate,
         "weight_decay": args.weight_decay, "lr_scheduler_type": str(getattr(args.lr_scheduler_type, "value",

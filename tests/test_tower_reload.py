@@ -153,3 +153,17 @@ def test_the_commit_recorded_is_the_one_whose_weights_were_loaded(hub: LocalHub,
     with caplog.at_level("WARNING", logger="m2ist.model"):  # pinned by the user: nothing to warn about
         pinned = get_side_tuned_model(vision, text_tower("bert"), tiny_config(vision_revision=third))
     assert pinned.config.vision_revision == third and "cannot be told" not in caplog.text
+
+
+def test_a_reloaded_tower_comes_back_in_the_dtype_it_was_trained_in(tmp_path, batch):
+    """A tower stored in bfloat16 and trained in float32 (backbone_dtype None): transformers 5 would reload it in
+    its stored bfloat16; the adapter records float32 and the reload gives the same boxes."""
+    vision_tower("vit").to(torch.bfloat16).save_pretrained(tmp_path / "vit")
+    text_tower("bert").save_pretrained(tmp_path / "bert")
+    vision = T.ViTModel.from_pretrained(tmp_path / "vit", dtype=torch.float32)
+    model = get_side_tuned_model(vision, T.BertModel.from_pretrained(tmp_path / "bert"), tiny_config()).eval()
+    assert (model.config.vision_dtype, model.config.text_dtype) == ("float32", "float32")
+    model.save_pretrained(tmp_path / "adapter")
+    again = SideTunedModel.from_pretrained(tmp_path / "adapter")
+    assert again.vision_model.dtype == torch.float32
+    torch.testing.assert_close(again(**batch).pred_boxes, model.requires_grad_(False)(**batch).pred_boxes, rtol=0, atol=0)
