@@ -1074,8 +1074,10 @@ class SideTunedModel(RECModel):
             **kwargs: runtime settings of the config that may differ from the saved ones: ``backbone_dtype``,
                 ``side_dropout``, ``fusion_dropout``. Anything else is refused.
 
-        Loading is strict: another tower, other widths or depths, missing or unexpected tensors, and corrupted
-        or truncated files raise an error that names the difference.
+        Loading is strict: a tower of another type, width or depth, missing or unexpected tensors, and corrupted
+        or truncated files raise an error that names the difference. A tower of the same architecture but another
+        name or commit than the one recorded loads with a warning naming both (the adapter was trained on the
+        recorded one; a local copy of it is fine).
         """
         from .hub import resolve_pretrained
 
@@ -1099,6 +1101,7 @@ class SideTunedModel(RECModel):
                                     subfolder=subfolder, **hub)
         saved = M2ISTConfig.from_json_file(folder / CONFIG_NAME)
         adapter_dtype = _adapter_dtype(dtype, folder / WEIGHTS_NAME)
+        given = {VISION: vision_model is not None, TEXT: text_model is not None}
         vision_model = vision_model or _load_recorded_tower(saved, VISION, trust_remote_code, hub, name_or_path)
         text_model = text_model or _load_recorded_tower(saved, TEXT, trust_remote_code, hub, name_or_path)
         measured = {f"{m}_{k}": None for m in (VISION, TEXT) for k in M2ISTConfig.TOWER_FIELDS}
@@ -1111,6 +1114,9 @@ class SideTunedModel(RECModel):
         if mismatches:
             raise ValueError(f"The adapter in {name_or_path} was trained on other towers: {'; '.join(mismatches)}. "
                              "Pass the towers it was built for (see its m2ist_config.json).")
+        for modality in (VISION, TEXT):
+            if given[modality]:
+                _warn_if_other_tower(saved, modality, *model.tower_ids[modality], adapter=name_or_path)
         for modality in (VISION, TEXT):  # keep the recorded provenance
             for key in ("model_name_or_path", "revision", "model_class", "dtype"):
                 if getattr(saved, f"{modality}_{key}") is not None:
@@ -1140,6 +1146,26 @@ class SideTunedModel(RECModel):
 _FROM_PRETRAINED_ARGUMENTS = ("vision_model", "text_model", "is_trainable", "subfolder", "revision", "dtype",
                               "torch_dtype", "device", "device_map", "token", "cache_dir", "local_files_only",
                               "endpoint", "trust_remote_code")
+
+
+def _warn_if_other_tower(saved: M2ISTConfig, modality: str, name: str | None, commit: str | None, *,
+                         adapter: Any) -> None:
+    """Warn when the tower given for ``modality`` is not the one the adapter recorded: another commit when both
+    are known, else another name (paths compared resolved). Nothing to compare: silent."""
+    recorded, recorded_commit = getattr(saved, f"{modality}_model_name_or_path"), getattr(saved, f"{modality}_revision")
+    if not recorded or not name:
+        return
+    if commit and recorded_commit:
+        other = commit != recorded_commit
+    else:
+        other = name != recorded and not (Path(name).exists() and Path(recorded).exists()
+                                          and Path(name).resolve() == Path(recorded).resolve())
+    if other:
+        logger.warning("The adapter %s was trained on the %s tower %r%s, but the one given is %r%s. It has the same "
+                       "architecture, so it loads, but the boxes may differ: pass the tower the adapter was trained on "
+                       "(or ignore this if both hold the same weights).", adapter, modality, recorded,
+                       f" (commit {recorded_commit[:12]})" if recorded_commit else "", name,
+                       f" (commit {commit[:12]})" if commit else "")
 
 
 def _cast_features(features: TowerFeatures, dtype: torch.dtype) -> TowerFeatures:

@@ -167,3 +167,23 @@ def test_a_reloaded_tower_comes_back_in_the_dtype_it_was_trained_in(tmp_path, ba
     again = SideTunedModel.from_pretrained(tmp_path / "adapter")
     assert again.vision_model.dtype == torch.float32
     torch.testing.assert_close(again(**batch).pred_boxes, model.requires_grad_(False)(**batch).pred_boxes, rtol=0, atol=0)
+
+
+def test_an_adapter_given_another_tower_of_its_architecture_warns(tmp_path, caplog):
+    """Same type, width and depth loads (a local copy of the tower is fine), but a tower by another name than
+    the one recorded is named in a warning; the recorded tower itself, or no tower given, is silent."""
+    torch.manual_seed(0)
+    for name in ("vit_a", "vit_b"):
+        vision_tower("vit").save_pretrained(tmp_path / name)
+    text = text_tower("bert")
+    text.config._name_or_path = _save(text, tmp_path / "text")
+    vision = T.ViTModel.from_pretrained(tmp_path / "vit_a")
+    get_side_tuned_model(vision, text, tiny_config()).save_pretrained(tmp_path / "adapter")
+    for tower, warned in (("vit_b", True), ("vit_a", False), (None, False)):
+        caplog.clear()
+        given = T.ViTModel.from_pretrained(tmp_path / tower) if tower else None
+        with caplog.at_level("WARNING", logger="m2ist.model"):
+            SideTunedModel.from_pretrained(tmp_path / "adapter", vision_model=given)
+        assert ("was trained on the vision tower" in caplog.text) is warned, tower
+        if warned:
+            assert str(tmp_path / "vit_a") in caplog.text and str(tmp_path / "vit_b") in caplog.text
