@@ -55,25 +55,31 @@ def processor(tmp_path_factory):
     return make_processor(tmp_path_factory.mktemp("tokenizer"))
 
 
-@pytest.fixture(scope="module")
-def workspace(tmp_path_factory) -> Path:
-    """Tiny towers saved like Hub checkpoints, an adapter trained on nothing that records them, images, JSONL."""
-    root = tmp_path_factory.mktemp("hostile")
+def build_workspace(root: Path, images: list[Image.Image], rows: list[dict], data_file: str) -> Path:
+    """Tiny towers saved like Hub checkpoints in ``root``, an adapter trained on nothing that records them, the
+    ``images`` (``img<i>.png``) and ``rows`` in ``data_file`` (JSONL)."""
+    from m2ist import RECProcessor
+
     vision_tower("vit").save_pretrained(root / "vit")
     text_tower("bert").save_pretrained(root / "bert")
     make_tokenizer(root / "bert")
-    for index in range(4):
-        Image.new("RGB", (40, 32), (index * 40, 90, 200)).save(root / f"img{index}.png")
-    rows = [{"image": f"img{i}.png", "text": "the red square", "bbox": [5, 5, 15, 15]} for i in range(4)]
-    (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for index, image in enumerate(images):
+        image.save(root / f"img{index}.png")
+    (root / data_file).write_text("".join(json.dumps(r) + "\n" for r in rows))
     torch.manual_seed(0)
     adapter = get_side_tuned_model(AutoModel.from_pretrained(root / "vit"), AutoModel.from_pretrained(root / "bert"),
                                    tiny_config())
-    from m2ist import RECProcessor
-
     adapter.processor = RECProcessor.from_pretrained(str(root / "bert"), canvas_size=32, max_query_len=8)
     adapter.save_pretrained(root / "adapter")
     return root
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> Path:
+    """:func:`build_workspace` with four 40x32 images and ``train.jsonl``."""
+    images = [Image.new("RGB", (40, 32), (index * 40, 90, 200)) for index in range(4)]
+    rows = [{"image": f"img{i}.png", "text": "the red square", "bbox": [5, 5, 15, 15]} for i in range(4)]
+    return build_workspace(tmp_path_factory.mktemp("hostile"), images, rows, "train.jsonl")
 
 
 def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
@@ -82,9 +88,12 @@ def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
     return code, captured.out, captured.err
 
 
-def assert_one_line_error(code: int, err: str, *needles: str) -> None:
+def assert_one_line_error(code: int, err: str, *needles: str, exit_code: int | None = None) -> None:
+    """One ``m2ist ...`` line on stderr holding every needle, no traceback, and a failing exit status
+    (``exit_code`` when given)."""
     lines = [line for line in err.splitlines() if line.startswith("m2ist ")]
-    assert code != 0 and len(lines) == 1 and "Traceback" not in err, err
+    assert (code == exit_code if exit_code is not None else code != 0), (code, err)
+    assert len(lines) == 1 and "Traceback" not in err, err
     for needle in needles:
         assert needle in lines[0], (needle, lines[0])
 

@@ -11,40 +11,29 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageOps
-from transformers import AutoModel
 
 import m2ist.evaluation
-from m2ist import RECProcessor, get_side_tuned_model
-from m2ist.cli import main
+from m2ist import RECProcessor
 from m2ist.cli.data import _eval_files
 from m2ist.data.sample import RECSample
 from m2ist.evaluation import ResultsWriteError, evaluate
 from m2ist.inference import predict_boxes
+from tests import test_hostile as hostile
 from tests.ddp_worker import make_dataset, make_model, make_processor
+from tests.test_hostile import build_workspace, run_cli
 from tests.test_inference import FixedBoxModel, make_tokenizer
-from tests.tiny import QUERY_LEN, text_tower, tiny_config, vision_tower
+from tests.tiny import QUERY_LEN, tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory) -> Path:
-    """Tiny towers saved like Hub checkpoints, an untrained adapter that records them, 60x40 images, JSONL."""
-    root = tmp_path_factory.mktemp("hostile_cli")
-    vision_tower("vit").save_pretrained(root / "vit")
-    text_tower("bert").save_pretrained(root / "bert")
-    make_tokenizer(root / "bert")
+    """Tiny towers and an untrained adapter (:func:`tests.test_hostile.build_workspace`), 60x40 images, JSONL."""
     rng = np.random.default_rng(0)
-    for index in range(3):
-        Image.fromarray(rng.integers(0, 255, (40, 60, 3), dtype=np.uint8)).save(root / f"img{index}.png")
+    images = [Image.fromarray(rng.integers(0, 255, (40, 60, 3), dtype=np.uint8)) for _ in range(3)]
     rows = [{"image": f"img{i}.png", "text": "the red square", "bbox": [5 + i, 5, 20, 15]} for i in range(3)]
-    (root / "val.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    torch.manual_seed(0)
-    adapter = get_side_tuned_model(AutoModel.from_pretrained(root / "vit"), AutoModel.from_pretrained(root / "bert"),
-                                   tiny_config())
-    adapter.processor = RECProcessor.from_pretrained(str(root / "bert"), canvas_size=32, max_query_len=8)
-    adapter.save_pretrained(root / "adapter")
-    return root
+    return build_workspace(tmp_path_factory.mktemp("hostile_cli"), images, rows, "val.jsonl")
 
 
 @pytest.fixture
@@ -52,17 +41,9 @@ def processor(tmp_path) -> RECProcessor:
     return RECProcessor(make_tokenizer(tmp_path / "tok"), canvas_size=100, max_query_len=QUERY_LEN)
 
 
-def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
 def assert_one_line_error(code: int, err: str, *needles: str) -> None:
-    lines = [line for line in err.splitlines() if line.startswith("m2ist ")]
-    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
+    """An expected mistake: one line, exit status 2."""
+    hostile.assert_one_line_error(code, err, *needles, exit_code=2)
 
 
 def eval_args(workspace: Path, *extra: str) -> list[str]:
