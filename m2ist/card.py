@@ -3,8 +3,9 @@
 The metadata is what the Hub indexes: ``library_name: m2ist``, both towers as ``base_model`` (Hub ids only, never a
 local path), tags, ``datasets`` and a ``model-index`` with the evaluation results found in ``eval_results.json``
 (the format of :func:`m2ist.evaluation.evaluate`, also written by ``RECTrainer``). Results are reported only for
-the weights they measured: ``RECTrainer`` records their SHA-256 (``metadata["weights_sha256"]``), and results that
-name other weights, or that an older ``RECTrainer`` wrote without it, are left out; a card without results carries
+the weights they measured: ``RECTrainer`` and :func:`m2ist.evaluation.evaluate` record their SHA-256
+(``metadata["weights_sha256"]``), and results that name other weights, or that an older ``RECTrainer`` wrote
+without it, are left out; a card without results carries
 no metrics (a ``model-index`` of an earlier card is dropped). The body is a short summary and
 a usage snippet with the repo id when it is known (``push_to_hub``), a neutral placeholder otherwise.
 
@@ -80,7 +81,7 @@ def read_eval_results(folder: str | os.PathLike) -> dict[str, Any] | None:
 def results_for_weights(results: Mapping[str, Any] | None, weights: Path) -> Mapping[str, Any] | None:
     """``results`` when they measured the weights file ``weights``, else None: results recording another SHA-256, or
     written by an older ``RECTrainer`` without one (they may measure any of its runs' weights), are left out.
-    Results without a SHA-256 from elsewhere (``m2ist.evaluation.evaluate``, written by hand) are kept."""
+    Results without a SHA-256 from elsewhere (written by hand, or by an older ``evaluate``) are kept."""
     if not results:
         return None
     metadata = results.get("metadata") if isinstance(results.get("metadata"), Mapping) else {}
