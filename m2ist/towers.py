@@ -150,6 +150,38 @@ def _remove_all(handles: list[Any]) -> None:
         handle.remove()
 
 
+class _TapHook:
+    """A capture hook on a tower module: calls ``tower.<method>(*extra, *hook arguments)`` during
+    :meth:`Tower.tap` and does nothing otherwise. It holds the tower weakly (re-wrapping a model does not pile hooks
+    up) and pickles with it (``torch.save(model)``, spawned workers), where a lambda would not."""
+
+    def __init__(self, tower: Tower, method: str, *extra: Any) -> None:
+        self.tower, self.method, self.extra = weakref.ref(tower), method, extra
+
+    def __call__(self, *args: Any) -> None:
+        tower = self.tower()
+        if tower is not None and tower._state is not None:
+            getattr(tower, self.method)(*self.extra, *args)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"tower": self.tower(), "method": self.method, "extra": self.extra}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        tower = state["tower"]
+        self.tower = weakref.ref(tower) if tower is not None else _no_tower
+        self.method, self.extra = state["method"], state["extra"]
+
+    def __deepcopy__(self, memo: dict) -> _TapHook:
+        """A hook that does nothing: a copied tower (:meth:`Tower.__deepcopy__`) removes it and installs its own."""
+        dead = copy.copy(self)
+        dead.tower = _no_tower
+        return dead
+
+
+def _no_tower() -> None:
+    return None
+
+
 @dataclass
 class _Capture:
     """What one :meth:`Tower.tap` call collects through the persistent hooks."""
@@ -314,24 +346,15 @@ class Tower:
     def _install_hooks(self) -> None:
         """Register the capture hooks once; they do nothing outside :meth:`tap`. They hold the tower weakly and
         are removed when it is garbage-collected, so re-wrapping the same model does not pile hooks up."""
-        ref = weakref.ref(self)
-
-        def call(method: str, *args: Any) -> None:
-            tower = ref()
-            if tower is not None and tower._state is not None:
-                getattr(tower, method)(*args)
-
         unique = {id(module): (name, module) for name, module in self.layers}
         for name, layer in unique.values():
-            self._handles.append(layer.register_forward_pre_hook(
-                lambda m, args, kwargs: call("_layer_enter", m, args, kwargs), with_kwargs=True))
-            self._handles.append(layer.register_forward_hook(lambda m, a, out: call("_layer_leave", m, a, out)))
+            self._handles.append(layer.register_forward_pre_hook(_TapHook(self, "_layer_enter"), with_kwargs=True))
+            self._handles.append(layer.register_forward_hook(_TapHook(self, "_layer_leave")))
             for kind in ("attention", "ffn"):
                 tap = self.spec.tap(kind)
                 if tap.module:
                     module = get_submodule(layer, tap.module, name)
-                    self._handles.append(module.register_forward_hook(
-                        lambda _m, _a, out, kind=kind, tap=tap: call("_sublayer", kind, tap, out)))
+                    self._handles.append(module.register_forward_hook(_TapHook(self, "_sublayer", kind, tap)))
         weakref.finalize(self, _remove_all, list(self._handles))
 
     def __deepcopy__(self, memo: dict) -> Tower:
@@ -374,7 +397,7 @@ class Tower:
             if not self.spec.tap(kind).module:
                 state.out[(kind, state.layer)] = (_first_tensor(out), self.spec.layer_layout)
 
-    def _sublayer(self, kind: str, tap, out) -> None:
+    def _sublayer(self, kind: str, tap, _module, _args, out) -> None:
         state = self._state
         if state is None or kind not in state.kinds:
             return

@@ -98,6 +98,25 @@ def test_a_deep_copy_taps_its_own_towers(batch):
     torch.testing.assert_close(model(**batch).pred_boxes, boxes)
 
 
+def test_the_model_and_its_towers_pickle(batch):
+    """torch.save(model) (and spawned workers) pickle the model; the user's tower pickles after wrapping too. The
+    unpickled model taps its own towers and gives the same boxes."""
+    import io
+    import pickle
+
+    vision = vision_tower("vit")
+    model = get_side_tuned_model(vision, text_tower("bert"), tiny_config()).eval()
+    pickle.dumps(vision)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    again = torch.load(buffer, weights_only=False)
+    with torch.no_grad():
+        torch.testing.assert_close(again(**batch).pred_boxes, model(**batch).pred_boxes, rtol=0, atol=0)
+        again.vision_model.embeddings.patch_embeddings.projection.weight.mul_(2)
+        assert not torch.allclose(again(**batch).pred_boxes, model(**batch).pred_boxes)  # its own tower
+
+
 def test_hooks_go_away_with_the_model():
     import gc
 
