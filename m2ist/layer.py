@@ -17,7 +17,6 @@ its seed and the model starts from the frozen towers' features.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -29,17 +28,27 @@ from torch.utils.checkpoint import checkpoint
 
 def make_checkpoint_function(checkpoint_kwargs: Mapping[str, Any] | None = None, offload: bool = False) -> Callable:
     """``torch.utils.checkpoint.checkpoint`` with ``checkpoint_kwargs`` (default ``use_reentrant=False``), keeping
-    the saved inputs in host memory when ``offload`` (as transformers' ``activation_checkpointing_enable`` does)."""
-    kwargs = {"use_reentrant": False, **(checkpoint_kwargs or {})}
-    if not offload:
-        return functools.partial(checkpoint, **kwargs)
+    the saved inputs in host memory when ``offload`` (as transformers' ``activation_checkpointing_enable`` does).
 
-    def offloaded(function: Callable, *args: Any) -> Any:
+    The reentrant variant (``use_reentrant=True``) sends gradients only through inputs that require grad, and the
+    first side block's inputs come from the frozen towers: its parameters, and those of every block before the
+    first input that requires grad, would silently get none. As transformers' ``enable_input_require_grads`` does
+    for frozen embeddings, such a call gets a copy of its first floating input that requires grad."""
+    kwargs = {"use_reentrant": False, **(checkpoint_kwargs or {})}
+    reentrant = bool(kwargs["use_reentrant"])
+
+    def run(function: Callable, *args: Any) -> Any:
+        if reentrant and not any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+            first = next((i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.is_floating_point()), None)
+            if first is not None:
+                args = (*args[:first], args[first].detach().requires_grad_(), *args[first + 1:])
+        if not offload:
+            return checkpoint(function, *args, **kwargs)
         device_type = "cuda" if torch.cuda.is_available() else "cpu"
         with torch.autograd.graph.save_on_cpu(pin_memory=device_type != "cpu", device_type=device_type):
             return checkpoint(function, *args, **kwargs)
 
-    return offloaded
+    return run
 
 
 def run_layer(owner: nn.Module, index: int, layer: nn.Module, *args: Any) -> Any:

@@ -31,14 +31,16 @@ def _forward_calls(module: torch.nn.Module) -> list[int]:
     return calls
 
 
-@pytest.mark.parametrize("readout", ["reg", "vote"])
-def test_checkpointing_gives_the_same_loss_and_gradients_and_recomputes(readout):
+@pytest.mark.parametrize(("readout", "reentrant"), [("reg", False), ("vote", False), ("vote", True)])
+def test_checkpointing_gives_the_same_loss_and_gradients_and_recomputes(readout, reentrant):
+    """Also with use_reentrant=True, whose gradients flow only through inputs that require grad (the first side
+    block's come from the frozen towers): every side and head parameter gets the same gradient."""
     model = make_model(fusion_layers=2, side_dropout=0.1, fusion_dropout=0.1, box_readout=readout)
     batch = make_batch(4)
     reference_loss, reference = _loss_and_gradients(model, batch)
     fusion_calls, side_calls = _forward_calls(model.head.layers[0]), _forward_calls(model.side.blocks[0])
 
-    model.gradient_checkpointing_enable()
+    model.gradient_checkpointing_enable({"use_reentrant": reentrant})
     assert model.is_gradient_checkpointing and model.is_activation_checkpointing
     loss, gradients = _loss_and_gradients(model, batch)
     assert fusion_calls[0] == 2 and side_calls[0] == 2  # run again in the backward pass: activations not kept
