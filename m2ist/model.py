@@ -557,6 +557,7 @@ class SideTunedModel(RECModel):
 
     def _use_setup(self, setup: AdapterSetup) -> None:
         """Point ``config``, the layer lists and the tap kinds at ``setup`` (the active adapter's)."""
+        setup.config._text_tower_config = getattr(self.text_model, "config", None)  # config.get_text_config()
         self.config = setup.config
         self.vision_layers, self.text_layers = setup.vision_layers, setup.text_layers
         self.intra_kind, self.inter_kind = setup.intra_kind, setup.inter_kind
@@ -946,7 +947,9 @@ class SideTunedModel(RECModel):
         return {k: v for k, v in self.state_dict().items() if k.startswith(("side.", "head."))}
 
     def save_pretrained(self, save_directory: str | os.PathLike, *, model_card: bool = True,
-                        repo_id: str | None = None, selected_adapters: Sequence[str] | None = None) -> Path:
+                        repo_id: str | None = None, selected_adapters: Sequence[str] | None = None,
+                        is_main_process: bool = True, safe_serialization: bool = True,
+                        save_function: Any = None) -> Path:
         """Write ``m2ist_config.json``, ``m2ist_model.safetensors`` (side + head only), a model card and, when
         ``model.processor`` is set, the processor (tokenizer files, ``processor_config.json``).
 
@@ -961,8 +964,18 @@ class SideTunedModel(RECModel):
 
         The folder is replaced as a whole (see :func:`m2ist.save_and_load.save_folder_atomically`): it always holds
         one complete adapter, the old or the new one, even with concurrent savers or a save that fails half-way;
-        other entries of the folder (notes, ``checkpoint-*`` folders) are kept. Non-finite weights are refused."""
+        other entries of the folder (notes, ``checkpoint-*`` folders) are kept. Non-finite weights are refused.
+
+        As in PEFT and transformers (accelerate's ``unwrapped.save_pretrained(dir, is_main_process=...,
+        save_function=accelerator.save)``): ``is_main_process=False`` writes nothing; weights are always safetensors,
+        so ``save_function`` is not used (as PEFT with ``safe_serialization=True``) and ``safe_serialization=False``
+        is refused."""
         target = Path(save_directory)
+        if not safe_serialization:
+            raise ValueError("safe_serialization=False is not supported: m2ist writes weights as safetensors only "
+                             "(a pickled file can run code when loaded). Drop the argument.")
+        if not is_main_process:
+            return target
         return save_folder_atomically(save_directory, lambda folder: self.write_adapter_files(
             folder, model_card, repo_id=repo_id, previous=target, selected_adapters=selected_adapters))
 

@@ -63,6 +63,7 @@ def test_verbs_follow_peft():
     counts_before = model.parameter_counts()
     model.set_adapter("wide")
     assert model.active_adapter == "wide" and model.config.bottleneck == 16
+    assert model.config.get_text_config().model_type == "bert"  # transformers reads the text tower's config there
     assert model.side.blocks[0].vea.down.out_features == 16
     assert set(model.trainable_state_dict()) == {k for k in model.state_dict() if k.startswith(("side.", "head."))}
     assert all(n.startswith(("side.", "head.")) for n, p in model.named_parameters() if p.requires_grad)

@@ -196,3 +196,16 @@ def test_a_pull_is_one_snapshot_download_that_names_m2ist(hub: LocalHub, tmp_pat
     assert len(hub.request_log) == 2 + 2 * len(pulled), hub.request_log
     assert not any(path.endswith(("optimizer.pt", "README.md")) for _, path in hub.request_log)
     assert agents and all(f"m2ist/{__version__}" in agent for agent in agents)
+
+
+def test_save_pretrained_takes_accelerates_arguments(tmp_path: Path) -> None:
+    """accelerate's end-of-training line: only the main process writes; weights stay safetensors (save_function
+    unused, as PEFT with safe_serialization=True); a pickle format is refused."""
+    model = get_side_tuned_model(vision_tower("vit"), text_tower("bert"), tiny_config())
+    model.save_pretrained(tmp_path / "rank1", is_main_process=False, save_function=torch.save)
+    assert not (tmp_path / "rank1").exists()
+    model.save_pretrained(tmp_path / "rank0", is_main_process=True, save_function=torch.save, safe_serialization=True)
+    assert (tmp_path / "rank0" / "m2ist_model.safetensors").is_file()
+    with pytest.raises(ValueError, match="safetensors only"):
+        model.save_pretrained(tmp_path / "pickled", safe_serialization=False)
+    assert not (tmp_path / "pickled").exists()
