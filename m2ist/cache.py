@@ -25,11 +25,13 @@ a batch runs the towers on its missing inputs only (once each) and reads the res
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import os
 import shutil
 import time
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -245,16 +247,12 @@ class CachedViewsCollator(TowerCacheCollator):
 
     def _collate(self, items: Sequence[Any], views: list[int | None]) -> dict[str, Any]:
         augment = self.collator.processor.augment
-        saved = augment._rng.getstate()
         parts = []
-        try:
-            for item, view in zip(items, views, strict=True):
-                seed = int.from_bytes(hashlib.blake2b(f"{augment.seed}|{_image_key(item)}|{view}".encode(),
-                                                      digest_size=8).digest(), "little")
-                augment._rng.seed(seed)
+        for item, view in zip(items, views, strict=True):
+            seed = int.from_bytes(hashlib.blake2b(f"{augment.seed}|{_image_key(item)}|{view}".encode(),
+                                                  digest_size=8).digest(), "little")
+            with augment.seeded(seed):  # the same augmentation in the main process and in every worker
                 parts.append(self.collator([item]))
-        finally:
-            augment._rng.setstate(saved)
         return {key: torch.cat([part[key] for part in parts]) if isinstance(parts[0][key], torch.Tensor)
                 else [value for part in parts for value in part[key]] for key in parts[0]}
 
@@ -460,16 +458,45 @@ class _Shard:
 
 
 class _DiskStore:
-    """This rank's shard (read and written) and the other ranks' shards (read), in one folder."""
+    """This writer's shard (read and written) and the other shards (read), in one folder.
+
+    A shard has one writer at a time: it holds an exclusive lock on ``lock.<shard>`` while the cache is open
+    (released when it closes or its process dies). Rank ``r`` writes shard ``r``; a second writer finding it
+    locked (another run on the same folder, e.g. a sweep sharing ``tower_cache=PATH``) takes the next free shard
+    instead of writing over the first one's rows. Without ``fcntl`` (Windows) shards are not locked."""
 
     REFRESH_SECONDS = 10.0
 
     def __init__(self, folder: Path, width: int, dtype: str, capacity: int, rank: int) -> None:
-        self.folder, self.width, self.dtype, self.rank = folder, width, dtype, rank
-        self.own = _Shard(folder, rank, width, dtype, capacity, writable=True)
+        self.folder, self.width, self.dtype = folder, width, dtype
+        self.rank = self._claim_shard(rank)
+        self.own = _Shard(folder, self.rank, width, dtype, capacity, writable=True)
         self.others: dict[int, _Shard] = {}
         self._last_refresh = 0.0
         self._refresh_others(force=True)
+
+    def _claim_shard(self, rank: int) -> int:
+        """Lock and return the shard this writer owns: ``rank`` if free, else the first free one above all shards
+        in the folder."""
+        try:
+            import fcntl
+        except ImportError:  # no advisory locks on this platform
+            return rank
+        taken = [int(p.name.split(".")[1]) for p in self.folder.glob("index.*.txt") if p.name.split(".")[1].isdigit()]
+        candidates = itertools.chain([rank], itertools.count(max([rank, *taken]) + 1))
+        for shard in candidates:
+            descriptor = os.open(self.folder / f"lock.{shard}", os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(descriptor)
+                continue
+            weakref.finalize(self, os.close, descriptor)
+            if shard != rank:
+                logger.info("Shard %d of the tower cache in %s is in use by another run: writing shard %d.", rank,
+                            self.folder, shard)
+            return shard
+        raise AssertionError("unreachable")
 
     def _refresh_others(self, force: bool = False) -> None:
         if not force and time.monotonic() - self._last_refresh < self.REFRESH_SECONDS:
@@ -529,6 +556,7 @@ class _TowerRecords:
         digest = hashlib.blake2b(json.dumps(self.fingerprint, sort_keys=True).encode(), digest_size=8).hexdigest()
         self.folder = None if location is None else location / f"{tower.modality}-{digest}"
         self.hits = self.misses = 0
+        self.capacity = capacity
         if self.folder is None:
             self.store: _MemoryStore | _DiskStore = _MemoryStore(layout.width, DTYPES[dtype], capacity)
             return
@@ -547,7 +575,18 @@ class _TowerRecords:
                 raise ValueError(f"The tower cache in {self.folder} was written with another layout; delete that folder.")
         else:
             atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=2), encoding="utf-8"))
-        self.store = _DiskStore(self.folder, layout.width, dtype, capacity, rank)
+        self.store = _DiskStore(self.folder, layout.width, dtype, 0, rank)  # reserved by reserve(), once checked
+
+    def stored_bytes(self) -> int:
+        """Disk space the folder's rows already take (allocated blocks: a reservation not yet written is free)."""
+        if self.folder is None:
+            return 0
+        return sum(path.stat().st_blocks * 512 for path in self.folder.glob("rows.*.bin"))
+
+    def reserve(self) -> None:
+        """Reserve the expected rows in this writer's shard (sparse where the filesystem allows)."""
+        if isinstance(self.store, _DiskStore) and self.capacity:
+            self.store.own._ensure(max(self.capacity, self.store.own.next_row))
 
     @property
     def bytes_per_record(self) -> int:
@@ -620,20 +659,21 @@ class TowerFeatureCache:
         itemsize = torch.finfo(DTYPES[dtype]).bits // 8
         self.estimate = {VISION: expected_images * layouts[VISION].width * itemsize,
                          TEXT: expected_texts * layouts[TEXT].width * itemsize}
-        total = sum(self.estimate.values())
-        if self.location is not None and check_space:
-            self.location.mkdir(parents=True, exist_ok=True)
-            free = shutil.disk_usage(self.location).free
-            if total > 0.95 * free:
-                raise ValueError(f"The tower cache needs about {_size(total)} at {self.location} but only {_size(free)} is "
-                                 "free: free some space, give tower_cache another folder, use tower_cache_dtype="
-                                 "'bfloat16', or set tower_cache='off'.")
         self.records = {
             modality: _TowerRecords(tower, layers, self.kinds, layouts[modality], dtype, self.location,
                                     count, rank, size[modality])
             for modality, tower, layers, count in ((VISION, model.vision_tower, self.vision_layers, expected_images),
                                                    (TEXT, model.text_tower, self.text_layers, expected_texts))
         }
+        if self.location is not None and check_space:  # what earlier runs stored needs no new space
+            needed = sum(self.estimate.values()) - sum(r.stored_bytes() for r in self.records.values())
+            free = shutil.disk_usage(self.location).free
+            if needed > 0.95 * free:
+                raise ValueError(f"The tower cache needs about {_size(needed)} more at {self.location} but only "
+                                 f"{_size(free)} is free: free some space, give tower_cache another folder, use "
+                                 "tower_cache_dtype='bfloat16', or set tower_cache='off'.")
+        for records in self.records.values():
+            records.reserve()
 
     def describe(self) -> str:
         """One line: where the cache is, bytes per record and the size estimate."""

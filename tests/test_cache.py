@@ -3,6 +3,7 @@ disk shards that resume and are shared between ranks, size estimate and refusal.
 
 from __future__ import annotations
 
+import gc
 import os
 import random
 from pathlib import Path
@@ -111,8 +112,11 @@ def test_disk_cache_resumes_and_is_shared_between_ranks(tmp_path):
     other.features(batch)
     assert other.stats["vision_misses"] == 0
     folder = next((tmp_path / "cache").glob("vision-*"))
-    assert sorted(p.name for p in folder.iterdir()) == ["index.0.txt", "manifest.json", "rows.0.bin"]
-    # a torn index line (a crash mid-append) is cut; the records before it survive
+    assert sorted(p.name for p in folder.iterdir() if not p.name.startswith("lock.")) == \
+        ["index.0.txt", "manifest.json", "rows.0.bin"]  # the readers wrote nothing
+    # a torn index line (a crash mid-append) is cut by the next writer of that shard; the records before it survive
+    del first, again  # the crashed run: its shard is free again
+    gc.collect()
     with open(folder / "index.0.txt", "a") as f:
         f.write("deadbeef")
     repaired = TowerFeatureCache(model, tmp_path / "cache", "float32")
@@ -179,6 +183,48 @@ def test_a_rows_file_cut_during_a_run_is_reported_not_read(tmp_path):
     _cut_rows(next((tmp_path / "cache").glob("vision-*")))  # reading the mapped pages now would crash (SIGBUS)
     with pytest.raises(ValueError, match="is damaged"):
         cache.features(batch)
+
+
+def test_two_runs_sharing_a_disk_cache_never_write_over_each_other(tmp_path):
+    """Two single-process runs (both rank 0) open one folder: the second writes another shard, so each reads its
+    own features back, and so does a later run; a shard is free again once its run's cache is gone."""
+    data = shared_image_dataset(4)
+    model = make_model(seed=0)
+    collate = TowerCacheCollator(RECCollator(make_processor(tmp_path / "tok")))
+    first, second = collate([data[0], data[1]]), collate([data[4], data[5]])  # other images
+    run_a = TowerFeatureCache(model, tmp_path / "shared", "float32")
+    run_b = TowerFeatureCache(model, tmp_path / "shared", "float32")
+    features_a, features_b = run_a.features(first), run_b.features(second)
+    assert not torch.equal(features_a.vision.tokens, features_b.vision.tokens)
+    for reader in (run_a, TowerFeatureCache(model, tmp_path / "shared", "float32")):
+        assert torch.equal(reader.features(first).vision.tokens, features_a.vision.tokens)
+        assert torch.equal(reader.features(second).vision.tokens, features_b.vision.tokens)
+    folder = next((tmp_path / "shared").glob("vision-*"))
+    assert sorted(p.name for p in folder.glob("rows.*.bin")) == ["rows.0.bin", "rows.1.bin"]
+    del run_a, reader
+    gc.collect()
+    assert TowerFeatureCache(model, tmp_path / "shared", "float32").records["vision"].store.rank == 0
+
+
+def test_a_full_disk_cache_is_reopened_without_asking_for_its_space_again(tmp_path, monkeypatch):
+    """Resuming a run whose cache is stored: only the records still missing need free space."""
+    import shutil
+
+    data = shared_image_dataset(3)
+    model = make_model(seed=0)
+    batch = TowerCacheCollator(RECCollator(make_processor(tmp_path / "tok")))([data[i] for i in range(6)])
+    cache = TowerFeatureCache(model, tmp_path / "cache", "float32", expected_images=3, expected_texts=2)
+    cache.features(batch)  # every record stored
+    estimate = sum(cache.estimate.values())
+    del cache
+    gc.collect()
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: usage._replace(free=estimate // 4))
+    again = TowerFeatureCache(model, tmp_path / "cache", "float32", expected_images=3, expected_texts=2)
+    again.features(batch)
+    assert again.stats["vision_misses"] == 0
+    with pytest.raises(ValueError, match=r"needs about .* more .* but only"):  # a new dataset needs the space
+        TowerFeatureCache(model, tmp_path / "cache", "float32", expected_images=300, expected_texts=200)
 
 
 def test_what_changes_features_changes_the_folder(tmp_path):
@@ -332,3 +378,28 @@ def test_batches_seen_whole_are_built_without_their_images(tmp_path):
     processor.image_processor.image_mean = [0.1, 0.2, 0.3]
     assert "pixel_values" in collate(items[2:])
     assert collate.skipped_batches == 1
+
+
+def test_views_are_the_same_augmentations_in_dataloader_workers(tmp_path, monkeypatch):
+    """A view is one fixed augmentation whatever process draws it: a DataLoader worker (whose augmentation re-seeds
+    its own generator from the worker seed, new every epoch) gives the main process's views, so a cache of
+    ``views`` per image holds images x views records however many workers load the data."""
+    data = shared_image_dataset(3)
+    processor = make_processor(tmp_path / "tok")
+    processor.augment = RECAugmentation(seed=0, random_resize=False, random_crop=False)  # a view ignores the box
+    collator = CachedViewsCollator(RECCollator(processor, train=True), views=1)
+    expected = [collator([data[i]]) for i in range(len(data))]
+    with monkeypatch.context() as patch:
+        for epoch in range(2):  # what the augmentation sees in a worker: a new worker seed every epoch
+            info = type("WorkerInfo", (), {"seed": 1000 + epoch, "id": 0})()
+            patch.setattr(torch.utils.data, "get_worker_info", lambda info=info: info)
+            for index, batch in enumerate(collator([data[i]]) for i in range(len(data))):
+                assert torch.equal(batch["pixel_values"], expected[index]["pixel_values"]), (epoch, index)
+                assert batch["vision_cache_keys"] == expected[index]["vision_cache_keys"]
+    records = {}
+    for workers in (0, 1):
+        trainer = train_rec(make_model(seed=0), processor, data, None,
+                            _args(tmp_path / f"w{workers}", tower_cache="memory", tower_cache_views=2,
+                                  dataloader_num_workers=workers, num_train_epochs=4))
+        records[workers] = trainer.tower_cache.stats["vision_records"]
+    assert records == {0: 3 * 2, 1: 3 * 2}  # images x views

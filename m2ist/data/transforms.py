@@ -23,7 +23,8 @@ import math
 import os
 import random
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -196,7 +197,8 @@ class RECAugmentation:
         hflip_p: probability of flipping.
         random_placement: place the image at a random offset on the canvas (else centred, as at test time).
         seed: seed of the augmentation's own random generator; ``None`` seeds from the OS. In DataLoader workers
-            the generator is re-seeded from ``(seed, worker seed)`` so workers do not repeat each other.
+            the generator is re-seeded from ``(seed, worker seed)`` so workers do not repeat each other. A call's
+            ``rng`` argument, or an enclosing :meth:`seeded` block, is used instead of it (workers or not).
     """
 
     random_resize: bool = True
@@ -214,6 +216,7 @@ class RECAugmentation:
     seed: int | None = None
     _rng: random.Random = field(init=False, repr=False, compare=False)
     _worker_key: tuple[int, int] | None = field(init=False, repr=False, compare=False, default=None)
+    _seeded_rng: random.Random | None = field(init=False, repr=False, compare=False, default=None)
 
     def __post_init__(self) -> None:
         self.resize_choices = tuple(int(size) for size in self.resize_choices)
@@ -238,6 +241,17 @@ class RECAugmentation:
         self._rng = random.Random(seed)
         self._worker_key = None
 
+    @contextmanager
+    def seeded(self, seed: int) -> Iterator[None]:
+        """Inside the block, calls without ``rng`` draw from one generator seeded with ``seed``, in or out of a
+        DataLoader worker; the augmentation's own generator is left untouched. For callers that cannot pass ``rng``
+        down (a collator wrapping a ``RECCollator``), e.g. to make each cached view one fixed augmentation."""
+        previous, self._seeded_rng = self._seeded_rng, random.Random(seed)
+        try:
+            yield
+        finally:
+            self._seeded_rng = previous
+
     def _resolve_rng(self, rng: random.Random | torch.Generator | None) -> random.Random:
         if isinstance(rng, random.Random):
             return rng
@@ -245,6 +259,8 @@ class RECAugmentation:
             return random.Random(int(torch.randint(0, 2**62, (1,), generator=rng)))
         if rng is not None:
             raise TypeError(f"rng must be a random.Random or a torch.Generator, got {type(rng).__name__}.")
+        if self._seeded_rng is not None:
+            return self._seeded_rng
         worker = torch.utils.data.get_worker_info()
         if worker is not None:
             key = (os.getpid(), worker.seed)
