@@ -250,3 +250,26 @@ def test_baseline_checkpoints_train_but_are_refused_by_predict(workspace, capsys
     assert (output / "m2ist_model.safetensors").is_file() and (output / "m2ist_processor.json").is_file()
     code, _, err = run(capsys, "predict", "--adapter", str(output), "--image", str(workspace / "img0.png"), "--text", "a")
     assert code == 2 and "'full' baseline" in err
+
+
+def test_train_final_evaluation_takes_the_evaluation_settings(workspace, capsys, monkeypatch):
+    """``train --help`` lists evaluation.save_predictions and evaluation.device: the final evaluation honours both
+    (as `m2ist eval` does), and a device this machine cannot use is refused in one line before any training."""
+    import m2ist.evaluation
+
+    calls = []
+    real_evaluate = m2ist.evaluation.evaluate
+    monkeypatch.setattr(m2ist.evaluation, "evaluate", lambda *a, **kw: calls.append(kw) or real_evaluate(*a, **kw))
+    base = ["train", "--config", str(workspace / "tiny.yaml"), "--vision-model", str(workspace / "vit"),
+            "--text-model", str(workspace / "bert"), "--data-format", "jsonl", "--box-format", "xywh",
+            "--train-file", str(workspace / "train.jsonl"), "--eval-file", f"val={workspace / 'val.jsonl'}"]
+    output = workspace / "with_predictions"
+    code, _, err = run(capsys, *base, "--output-dir", str(output), "--set", "evaluation.save_predictions=true",
+                       "--set", "evaluation.device=cpu")
+    assert code == 0, err
+    assert calls[-1]["device"] == "cpu" and calls[-1]["save_predictions"] is True
+    assert len(json.loads((output / "eval_results.json").read_text())["predictions"]["val"]) == 3
+    refused = workspace / "bad_device"
+    code, _, err = run(capsys, *base, "--output-dir", str(refused), "--set", "evaluation.device=nonsense")
+    assert code == 2 and "'nonsense' is not a device" in err and "Traceback" not in err
+    assert not refused.exists()  # refused before training

@@ -243,6 +243,8 @@ def check_device(value: Any) -> None:
         device = torch.device(value)
     except (RuntimeError, TypeError, ValueError):
         raise CLIError(f"--device {value!r} is not a device: use cpu, cuda, cuda:N or mps.") from None
+    if device.type not in ("cpu", "cuda", "mps"):  # meta, xla...: no real tensors to evaluate
+        raise CLIError(f"--device {value}: m2ist runs on cpu, cuda, cuda:N or mps.")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise CLIError(f"--device {value}: no CUDA GPU is visible here; use --device cpu.")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():

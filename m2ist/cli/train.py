@@ -120,6 +120,8 @@ def run(settings: dict[str, dict[str, Any]], args: argparse.Namespace) -> int:
                            iou_thresholds=evaluation.get("iou_thresholds", (0.5,)),
                            progress=evaluation.get("progress", True), clamp=evaluation.get("clamp", "image"),
                            num_workers=int(evaluation.get("num_workers", 0)),
+                           device=evaluation.get("device") or None,  # default: where training left the model
+                           save_predictions=bool(evaluation.get("save_predictions", False)),
                            metadata={"adapter": str(output_dir), "data": plain(data)})
         print_metrics(results["metrics"])  # first: the scores are shown even if the file cannot be written
         path = write_results(results, results_file)
