@@ -183,9 +183,10 @@ class RECTrainingArguments(TrainingArguments):
     )
     resume_allow_changes: bool = field(
         default=False,
-        metadata={"help": "Resume from a checkpoint even when the run settings recorded in it (learning rates, seed, "
-                  "batch size, method, M2ISTConfig, training-set size) differ from this run's. By default such a "
-                  "resume is refused with the differences named."},
+        metadata={"help": "Resume from a checkpoint even when the run settings recorded in it (seed, batch size, "
+                  "method, M2ISTConfig, cache dtype, training-set size) differ from this run's. By default such a "
+                  "resume is refused with the differences named. Learning rates, weight decay and the schedule "
+                  "cannot change on resume: the checkpoint's optimizer and scheduler states restore them."},
     )
     metric_for_best_model: str | None = field(
         default=ACCURACY_METRIC,
@@ -576,10 +577,13 @@ class RECTrainer(Trainer):
         return train, (TowerCacheCollator(eval_collator) if eval_collator is not None else None)
 
     def _open_tower_cache(self) -> None:
+        """Open the tower cache for the active adapter (again after ``set_adapter``: it caches what that adapter
+        reads) and hand it to the collators."""
         args = self.args
-        if args.tower_cache == "off" or self.tower_cache is not None:
-            return
         model = self.accelerator.unwrap_model(self.model)
+        if args.tower_cache == "off" or (self.tower_cache is not None and self.tower_cache.adapter ==
+                                         getattr(model, "active_adapter", self.tower_cache.adapter)):
+            return
         location = None if args.tower_cache == "memory" else \
             Path(args.output_dir) / "tower_cache" if args.tower_cache == "disk" else Path(args.tower_cache)
         images = texts = 0
@@ -602,8 +606,7 @@ class RECTrainer(Trainer):
         """Replace the cache keys of a batch by its tower features (read from the cache or computed once)."""
         if not any(name in inputs for name in KEY_FIELDS.values()):
             return inputs
-        if self.tower_cache is None:
-            self._open_tower_cache()
+        self._open_tower_cache()
         features = self.tower_cache.features(inputs)
         inputs = {key: value for key, value in inputs.items() if key not in KEY_FIELDS.values()}
         inputs["tower_features"] = features
@@ -634,9 +637,23 @@ class RECTrainer(Trainer):
             self._check_run_settings(resume_from_checkpoint)
         elif resume_from_checkpoint is False:
             resume_from_checkpoint = None
+        batch = self.args.per_device_train_batch_size * max(1, self.args.world_size)
+        if self.args.dataloader_drop_last and (_length(train_dataset) or batch) < batch:
+            raise ValueError(f"The training set has {_length(train_dataset)} samples, fewer than one batch ({batch}), "
+                             "and dataloader_drop_last=True drops that batch: nothing to train on. Lower the batch "
+                             "size or turn dataloader_drop_last off.")
+        augmentation = self._augmentation()
+        if augmentation is not None and augmentation.seed is None:  # OS entropy: runs with one seed would differ
+            augmentation.reseed(self.args.seed)
         with denormals_flushed(self.args.flush_denormal and self.args.device.type == "cpu"):
             self._open_tower_cache()
             return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _augmentation(self) -> Any:
+        """The training collator's augmentation (``RECAugmentation``), if any."""
+        collator = getattr(self.data_collator, "collator", self.data_collator)  # inside a TowerCacheCollator
+        return getattr(getattr(collator, "processor", None), "augment", None) if getattr(collator, "train", False) \
+            else None
 
     # ------------------------------------------------------------------ resuming
     def _resolve_checkpoint(self, checkpoint: str | bool) -> str:
@@ -697,6 +714,13 @@ class RECTrainer(Trainer):
                    "(--set training.resume_allow_changes=true) to resume anyway.")
         if not self.args.resume_allow_changes:
             raise ValueError(message)
+        restored = [key for key in _RESTORED_BY_OPTIMIZER if key in saved and saved[key] != current.get(key)]
+        if restored and any((Path(checkpoint) / name).is_file() for name in ("optimizer.pt", "scheduler.pt")):
+            raise ValueError(f"{checkpoint} cannot resume with another {', '.join(restored)}, even with "
+                             "resume_allow_changes: its optimizer and scheduler states (optimizer.pt, scheduler.pt) "
+                             "restore the old values, so the new ones would be recorded but not used. Resume with the "
+                             "old values, or start a new run from the checkpoint's weights "
+                             "(SideTunedModel.from_pretrained(checkpoint, is_trainable=True)).")
         logger.warning("Resuming although %s", message.split(". Resume with")[0])
 
     # ------------------------------------------------------------------ non-finite guard
@@ -1058,6 +1082,11 @@ def _non_finite_inputs(inputs: Mapping[str, Any]) -> str:
             "and the processor.")
 
 
+#: Run settings that a checkpoint's optimizer and scheduler states restore on resume (a change cannot apply).
+_RESTORED_BY_OPTIMIZER = ("learning_rate", "side_learning_rate", "weight_decay", "lr_scheduler_type", "lr_drop_epochs",
+                          "lr_drop_factor")
+
+
 def run_settings(trainer: RECTrainer) -> dict[str, Any]:
     """The settings that define a training run, recorded in each checkpoint (``m2ist_run.json``) and compared when
     resuming: learning rates and their schedule, seed, batch sizes, method, the trained adapter's name (M²IST's
@@ -1081,6 +1110,8 @@ def run_settings(trainer: RECTrainer) -> dict[str, Any]:
         "seed": args.seed, "data_seed": args.data_seed, "per_device_train_batch_size": args.per_device_train_batch_size,
         "gradient_accumulation_steps": args.gradient_accumulation_steps, "world_size": args.world_size,
         "method": model_method(model), "adapter": trained_adapter(model), "m2ist_config": config_values,
+        "tower_cache_dtype": None if args.tower_cache == "off" else args.tower_cache_dtype,
+        "tower_cache_views": args.tower_cache_views if args.tower_cache != "off" else None,
         "train_samples": _length(trainer.train_dataset) if trainer.train_dataset is not None else None,
     }
 

@@ -401,6 +401,38 @@ def test_non_finite_labels_or_pixels_are_named(tmp_path):
             trainer.train()
 
 
+def test_an_augmentation_without_a_seed_follows_the_training_seed(processor, tmp_path):
+    """Without a seed of its own the augmentation drew from the OS in the main process: two runs with one training
+    seed trained differently. It now takes the training seed."""
+    from m2ist.data.transforms import RECAugmentation
+    from m2ist.trainer import trainable_tensors
+
+    weights = []
+    for run in ("a", "b"):
+        model = make_model()
+        train_rec(model, processor._with(augment=RECAugmentation(seed=None)), make_dataset(8, seed=1),
+                  args=_args(tmp_path / run, max_steps=3, dataloader_num_workers=0))
+        weights.append(trainable_tensors(model))
+    assert all(torch.equal(weights[0][key], weights[1][key]) for key in weights[0])
+
+
+def test_a_training_set_smaller_than_one_dropped_batch_is_refused(processor, tmp_path):
+    with pytest.raises(ValueError, match=r"fewer than one batch .* dataloader_drop_last=True drops"):
+        train_rec(make_model(), processor, make_dataset(3, seed=1),
+                  args=_args(tmp_path, max_steps=1, per_device_train_batch_size=4, dataloader_drop_last=True))
+
+
+def test_resuming_with_another_cache_dtype_is_a_difference(processor, tmp_path):
+    """A float32 cache gives the uncached run's weights and a bfloat16 one does not: a resume that switches is named."""
+    run = tmp_path / "run"
+    train_rec(make_model(), processor, make_dataset(8, seed=1),
+              args=_args(run, max_steps=1, save_strategy="steps", save_steps=1, tower_cache="memory",
+                         tower_cache_dtype="float32"))
+    args = _args(run, max_steps=2, tower_cache="memory", tower_cache_dtype="bfloat16")
+    with pytest.raises(ValueError, match="tower_cache_dtype: checkpoint 'float32', now 'bfloat16'"):
+        train_rec(make_model(), processor, make_dataset(8, seed=1), args=args, resume_from_checkpoint=True)
+
+
 @pytest.mark.parametrize(("epochs", "steps"), [(0, -1), (-1, -1), (0, 0), (float("nan"), -1)])
 def test_empty_schedules_are_refused(tmp_path, epochs, steps):
     with pytest.raises(ValueError, match=r"trains nothing|must be a finite number"):
@@ -465,10 +497,14 @@ def test_resume_accepts_changes_when_asked(processor, checkpoints, tmp_path, cap
 
     run = tmp_path / "run"
     shutil.copytree(checkpoints, run)
-    args = _args(run, max_steps=4, learning_rate=1e-2, resume_allow_changes=True)
+    args = _args(run, max_steps=4, seed=5, resume_allow_changes=True)
     with caplog.at_level(logging.WARNING, logger="m2ist.trainer"):
         trainer = train_rec(make_model(), processor, make_dataset(8, seed=1), args=args, resume_from_checkpoint=True)
-    assert trainer.state.global_step == 4 and "learning_rate: checkpoint 0.001, now 0.01" in caplog.text
+    assert trainer.state.global_step == 4 and "seed: checkpoint 0, now 5" in caplog.text
+    # what the checkpoint's optimizer and scheduler states restore cannot change: refused, never silently unused
+    args = _args(run, max_steps=5, learning_rate=1e-2, weight_decay=0.5, resume_allow_changes=True)
+    with pytest.raises(ValueError, match=r"cannot resume with another learning_rate, weight_decay, even with"):
+        train_rec(make_model(), processor, make_dataset(8, seed=1), args=args, resume_from_checkpoint=True)
 
 
 def test_final_save_into_an_output_dir_with_checkpoints_keeps_them(checkpoints):

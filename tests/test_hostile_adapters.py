@@ -114,16 +114,22 @@ def test_saving_selected_adapters_keeps_the_rest_of_the_folder(tmp_path: Path) -
 
 
 # ---------------------------------------------------------------------------------------------- 3. train again
-def test_training_again_after_set_adapter_trains_the_new_adapter(tmp_path: Path) -> None:
+@pytest.mark.parametrize("tower_cache", ["off", "memory"])
+def test_training_again_after_set_adapter_trains_the_new_adapter(tmp_path: Path, tower_cache: str) -> None:
+    """Also with the tower cache on: it is opened again for the adapter now active (it caches what that adapter
+    reads)."""
     model = make_model()
-    model.add_adapter("b", tiny_config())
+    model.add_adapter("b", tiny_config(vision_layers=[1], text_layers=[1]))  # taps other layers than "default"
     trainer = train_rec(model, make_processor(tmp_path / "tok"), make_dataset(8, 1), None,
-                        cpu_training_args(tmp_path / "o", max_steps=2, **FAST))
+                        cpu_training_args(tmp_path / "o", max_steps=2, tower_cache=tower_cache, **FAST))
     model.set_adapter("b")
     b_before, default_before = _state(model.side), _state(model.inactive_adapters["default"])
     trainer.train()
     assert not _equal(_state(model.side), b_before)
     assert _equal(_state(model.inactive_adapters["default"]), default_before)
+    if tower_cache != "off":
+        assert trainer.tower_cache.adapter == "b"
+        return
 
     model.set_adapter("default")  # an optimizer passed in holds "b", which no longer trains: refused, not ignored
     stale = torch.optim.SGD(model.inactive_adapters["b"].parameters(), lr=0.1)
