@@ -438,7 +438,9 @@ class RECModel(nn.Module):
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         """``(trainable, total)`` parameter counts, as in PEFT: parameters with ``requires_grad`` (0 for an adapter
-        loaded for inference, ``from_pretrained(..., is_trainable=False)``)."""
+        loaded for inference, ``from_pretrained(..., is_trainable=False)``). Unlike PEFT, ``total`` counts the model
+        the active adapter runs: tower modules off the REC path (poolers, DETR's decoder) and inactive adapters are
+        left out, so the trainable share is the method's, as the paper reports it."""
         unused = self._unused_parameters()
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad and id(p) not in unused)
         return trainable, sum(self.parameter_counts().values())
