@@ -42,7 +42,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from .model import DTYPES, SideTunedModel, TowerFeatureSet, _dummy_inputs, _model_id
+from .model import DTYPES, SideTunedModel, TowerFeatureSet, _dummy_inputs
+from .provenance import _model_id
 from .save_and_load import atomic_write
 from .towers import TEXT, VISION, Tower, TowerFeatures
 

@@ -9,7 +9,7 @@ import torch
 import transformers as T
 
 from m2ist import M2ISTConfig, SideTunedModel, get_side_tuned_model
-from m2ist.model import commit_of, tower_class
+from m2ist.provenance import commit_of, tower_class
 from tests.hub_server import LocalHub, hub_fixture
 from tests.tiny import VOCAB, text_tower, tiny_config, vision_tower
 
@@ -144,13 +144,13 @@ def test_the_commit_recorded_is_the_one_whose_weights_were_loaded(hub: LocalHub,
     elsewhere = tmp_path / "another_cache"
     snapshot_download("org/moving-vit", endpoint=hub.url, cache_dir=elsewhere, revision=third)
     vision = T.ViTModel.from_pretrained("org/moving-vit", revision=third, cache_dir=elsewhere, local_files_only=True)
-    with caplog.at_level("WARNING", logger="m2ist.model"):
+    with caplog.at_level("WARNING", logger="m2ist.provenance"):
         model = get_side_tuned_model(vision, text_tower("bert"), tiny_config())
     assert model.config.vision_revision is None
     assert "from which commit cannot be told: none of the 2 revisions" in caplog.text
     assert "vision_revision='<commit>'" in caplog.text
     caplog.clear()
-    with caplog.at_level("WARNING", logger="m2ist.model"):  # pinned by the user: nothing to warn about
+    with caplog.at_level("WARNING", logger="m2ist.provenance"):  # pinned by the user: nothing to warn about
         pinned = get_side_tuned_model(vision, text_tower("bert"), tiny_config(vision_revision=third))
     assert pinned.config.vision_revision == third and "cannot be told" not in caplog.text
 
@@ -182,7 +182,7 @@ def test_an_adapter_given_another_tower_of_its_architecture_warns(tmp_path, capl
     for tower, warned in (("vit_b", True), ("vit_a", False), (None, False)):
         caplog.clear()
         given = T.ViTModel.from_pretrained(tmp_path / tower) if tower else None
-        with caplog.at_level("WARNING", logger="m2ist.model"):
+        with caplog.at_level("WARNING", logger="m2ist.provenance"):
             SideTunedModel.from_pretrained(tmp_path / "adapter", vision_model=given)
         assert ("was trained on the vision tower" in caplog.text) is warned, tower
         if warned:
