@@ -196,7 +196,8 @@ class RECAugmentation:
         hflip: enable horizontal flips (the phrase's left/right are swapped).
         hflip_p: probability of flipping.
         random_placement: place the image at a random offset on the canvas (else centred, as at test time).
-        seed: seed of the augmentation's own random generator; ``None`` seeds from the OS. In DataLoader workers
+        seed: seed of the augmentation's own random generator; ``None`` seeds from the OS (``RECTrainer`` gives such
+            an augmentation the training seed, so runs with one seed draw the same augmentations). In DataLoader workers
             the generator is re-seeded from ``(seed, worker seed)`` so workers do not repeat each other. A call's
             ``rng`` argument, or an enclosing :meth:`seeded` block, is used instead of it (workers or not).
     """
