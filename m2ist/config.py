@@ -418,9 +418,15 @@ class M2ISTConfig:
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, **hub_kwargs: Any) -> M2ISTConfig:
-        """Load ``m2ist_config.json`` from a folder or a Hub repo id."""
+        """Load ``m2ist_config.json`` from a folder or a Hub repo id; ``hub_kwargs``: ``subfolder``, ``revision``,
+        ``token``, ``cache_dir``, ``local_files_only``, ``endpoint``."""
         from .hub import resolve_pretrained
 
+        accepted = ("subfolder", "revision", "token", "cache_dir", "local_files_only", "endpoint")
+        unknown = sorted(set(hub_kwargs) - set(accepted))
+        if unknown:
+            raise TypeError(f"M2ISTConfig.from_pretrained() got unexpected keyword arguments {unknown}; it takes "
+                            f"{list(accepted)}. To change settings, load the config and use dataclasses.replace().")
         folder = resolve_pretrained(str(name_or_path), filenames=[CONFIG_NAME], **hub_kwargs)
         return cls.from_json_file(folder / CONFIG_NAME)
 

@@ -65,7 +65,13 @@ def _check_thresholds(thresholds: float | Sequence[float]) -> tuple[float, ...]:
     for value in values:
         if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 < float(value) <= 1.0:
             raise ValueError(f"IoU thresholds must be numbers in (0, 1], got {value!r}.")
-    return tuple(float(v) for v in values)
+    names: dict[str, float] = {}
+    for value in values:  # two thresholds reported under one key: one result would overwrite the other
+        other = names.setdefault(metric_name(float(value)), float(value))
+        if other != float(value):
+            raise ValueError(f"IoU thresholds {other!r} and {value!r} are both reported as {metric_name(other)!r}; "
+                             "give thresholds that differ in their first 6 significant digits.")
+    return tuple(dict.fromkeys(float(v) for v in values))
 
 
 def _as_boxes(boxes: Any, name: str) -> torch.Tensor:

@@ -536,6 +536,10 @@ class SideTunedModel(RECModel):
         """Cast the side network and head to float32 (the towers keep ``config.backbone_dtype``)."""
         return self.to(torch.float32)
 
+    def double(self) -> SideTunedModel:
+        """Cast the side network and head to float64 (the towers keep ``config.backbone_dtype``)."""
+        return self.to(torch.float64)
+
     def set_backbone_dtype(self, backbone_dtype: str) -> SideTunedModel:
         """Cast both frozen towers to ``backbone_dtype`` (``"float32"``, ``"bfloat16"`` or ``"float16"``) and record
         it as every adapter's ``config.backbone_dtype`` (saved with the adapter, so a reload casts the towers the

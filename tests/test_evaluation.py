@@ -63,6 +63,8 @@ def test_accuracy_rejects_bad_input():
         accuracy_at_iou([[0, 0, 1, 1]], [[0, 0, 1, 1], [0, 0, 2, 2]])
     with pytest.raises(ValueError, match=r"\(0, 1\]"):
         accuracy_at_iou([[0, 0, 1, 1]], [[0, 0, 1, 1]], thresholds=(0.0,))
+    with pytest.raises(ValueError, match=r"both reported as 'acc@0.5'"):  # one result would overwrite the other
+        accuracy_at_iou([[0, 0, 1, 1]], [[0, 0, 1, 1]], thresholds=(0.5, 0.500000001))
     with pytest.raises(ValueError, match="shape"):
         accuracy_at_iou([[0, 0, 1]], [[0, 0, 1]])
     with pytest.raises(ValueError, match="zero expressions"):

@@ -222,6 +222,20 @@ def test_an_unknown_device_is_a_usage_error(workspace, capsys, tmp_path, command
     assert out == ""
 
 
+def test_a_closed_pipe_ends_quietly(workspace, capsys, monkeypatch):
+    """`m2ist predict ... | head`: the reader goes away; no error line, exit status 141 as a Unix tool's."""
+    import importlib
+
+    cli_main = importlib.import_module("m2ist.cli.main")  # m2ist.cli.main is also the name of the function
+
+    def closed(*_args):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setitem(cli_main.COMMANDS, "predict", closed)
+    code, out, err = run_cli(capsys, *predict_args(workspace, "--image", str(workspace / "img0.png")))
+    assert code == 141 and err == "" and out == ""
+
+
 # ---------------------------------------------------------------------------------------------- 8. adapter names
 def test_one_adapter_name_as_a_string(tmp_path):
     model = make_model(0).eval()

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from m2ist import RECTrainer, RECTrainingArguments, SideTunedModel, get_side_tuned_model
+from m2ist import M2ISTConfig, RECTrainer, RECTrainingArguments, SideTunedModel, get_side_tuned_model
 from m2ist.hub import push_folder_to_hub
 from tests.conftest import make_batch
 from tests.hub_server import LocalHub, hub_fixture
@@ -145,6 +145,13 @@ def test_device_and_single_device_map(tmp_path: Path) -> None:
         load(tmp_path / "adapter", model, device="cpu", device_map="cpu")
 
 
+def test_config_from_pretrained_names_the_arguments_it_takes(tmp_path: Path) -> None:
+    saved_adapter(tmp_path / "adapter")
+    assert M2ISTConfig.from_pretrained(tmp_path / "adapter").bottleneck == tiny_config().bottleneck
+    with pytest.raises(TypeError, match=r"unexpected keyword arguments \['side_dropout'\]; it takes \['subfolder'"):
+        M2ISTConfig.from_pretrained(tmp_path / "adapter", side_dropout=0.3)
+
+
 def test_unknown_arguments_are_refused_with_the_accepted_ones(tmp_path: Path) -> None:
     model = saved_adapter(tmp_path / "adapter")
     with pytest.raises(TypeError, match="unexpected keyword arguments \\['bottleneck', 'low_cpu_mem_usage'\\]") as info:
@@ -167,6 +174,7 @@ def test_to_dtype_half_and_bfloat16_move_side_and_head_only() -> None:
     assert model.float().dtype == torch.float32
     assert model.to("cpu", torch.bfloat16).dtype == torch.bfloat16 and model.device == torch.device("cpu")
     assert model.bfloat16().dtype == torch.bfloat16
+    assert model.double().dtype == torch.float64 and {p.dtype for p in model.text_model.parameters()} == {torch.float32}
     with pytest.raises(TypeError, match="floating dtype"):
         model.to(torch.int64)
     with pytest.raises(TypeError, match="device and/or a floating dtype"):

@@ -8,6 +8,7 @@ import argparse
 import importlib
 import importlib.util
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -111,11 +112,25 @@ def one_line(err: BaseException) -> str:
 def _configure_logging(verbosity: int) -> None:
     configure(verbosity)
 
+#: Exit status when stdout's reader closed the pipe: 128 + SIGPIPE, as a Unix tool killed by it reports.
+EXIT_BROKEN_PIPE = 141
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so that flushing it at exit does not raise a second BrokenPipeError."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # stdout without a file descriptor (captured, replaced)
+        pass
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``m2ist`` command line with ``argv`` (default: ``sys.argv[1:]``); return the exit code.
 
     Exit codes: 0 success, 2 a usage or input error (bad flag, missing file, invalid setting: a one-line message,
-    no traceback unless ``--debug``), 1 an unexpected failure, 130 interrupted.
+    no traceback unless ``--debug``), 1 an unexpected failure, 130 interrupted, 141 stdout's reader closed the
+    pipe (nothing printed).
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     position = 0
@@ -143,6 +158,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"m2ist {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`m2ist predict ... | head`): quiet, as Unix tools are
+        _silence_stdout()
+        return EXIT_BROKEN_PIPE
     except _expected_errors() as err:
         if args.debug:
             raise
