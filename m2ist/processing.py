@@ -473,7 +473,8 @@ class RECProcessor(ProcessorMixin):
         tokens = self.tokenizer(
             final_texts,
             padding="max_length",
-            truncation=True,
+            padding_side="right",  # whatever the tokenizer's default (LLaMA's pads left): the head's text positions
+            truncation=True,       # count from the first token, and a phrase's features must not shift with its length
             max_length=self.max_query_len,
             return_attention_mask=True,
             return_tensors="np",

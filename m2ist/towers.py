@@ -120,8 +120,14 @@ def resample_tokens(x: torch.Tensor, grid: tuple[int, int] | None, target: torch
 
 
 def unwrap_tower(model: nn.Module, modality: str) -> nn.Module:
-    """The tower to tap inside ``model``: a dual encoder's (CLIPModel, SiglipModel, ...) ``vision_model`` or
-    ``text_model``, an encoder-decoder's encoder (T5Model, BartModel); else ``model`` itself."""
+    """The tower to tap inside ``model``: a PEFT model's base model, a dual encoder's (CLIPModel, SiglipModel, ...)
+    ``vision_model`` or ``text_model``, an encoder-decoder's encoder (T5Model, BartModel); else ``model`` itself."""
+    get_base_model = getattr(model, "get_base_model", None)
+    if callable(get_base_model) and type(model).__module__.startswith("peft."):  # a PeftModel around the tower
+        base = get_base_model()
+        logger.info("%s wraps the %s tower: tapping its base model (%s).", type(model).__name__, modality,
+                    type(base).__name__)
+        return unwrap_tower(base, modality)
     other = "text_model" if modality == VISION else "vision_model"
     inner = getattr(model, f"{modality}_model", None)
     if isinstance(inner, nn.Module) and isinstance(getattr(model, other, None), nn.Module):
@@ -409,7 +415,12 @@ class Tower:
     # --------------------------------------------------------------------------------------------------------
     def _call(self, **kwargs: Any) -> Any:
         names, var_keyword = self._forward_args
-        return self.model(**{k: v for k, v in kwargs.items() if var_keyword or k in names})
+        out = self.model(**{k: v for k, v in kwargs.items() if var_keyword or k in names})
+        if isinstance(out, tuple) and not hasattr(out, "last_hidden_state"):
+            raise ValueError(f"The {self.modality} tower {type(self.model).__name__} returns a tuple, not a model "
+                             "output: its config has return_dict=False (or torchscript=True). Set "
+                             "model.config.return_dict = True (and torchscript = False) before wrapping it.")
+        return out
 
     def _run(self, inputs: dict[str, torch.Tensor], hidden_states: bool) -> tuple[torch.Tensor, torch.Tensor, Any]:
         """Forward the tower; return tokens ``(B, N, C)`` in canonical order, mask ``(B, N)`` and the raw output."""
@@ -492,7 +503,8 @@ class Tower:
         """Run the frozen tower under ``no_grad`` and return its output with the requested taps.
 
         ``no_grad`` (not ``inference_mode``) so the taps can feed trainable adapters; nothing inside the tower
-        is kept for backward. Taps are returned in float32 whatever the tower's dtype.
+        is kept for backward. Taps are returned in float32 whatever the tower's dtype. The tower runs in eval mode
+        (no dropout) even if it was put back in train mode; its mode is restored afterwards.
         """
         if self.layers:
             for index in layers:
@@ -500,10 +512,15 @@ class Tower:
                     raise ValueError(f"{self.modality} layer {index} requested, the tower has {len(self.layers)}.")
         state = _Capture(layers=set(layers), kinds=list(kinds)) if self.layers else None
         self._state = state
+        training = self.model.training  # a tower the user put back in train mode: tapped without its dropout
+        if training:
+            self.model.eval()
         try:
             tokens, mask, out = self._run(inputs, hidden_states=not self.layers)
         finally:
             self._state = None
+            if training:
+                self.model.train()
         captured = state.out if state is not None else {}
         if not self.layers:
             states = getattr(out, self.spec.hidden_states_key)

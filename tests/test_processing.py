@@ -109,6 +109,11 @@ def test_text_is_lowercased_padded_and_truncated(tmp_path: Path) -> None:
     long = RECProcessor(cased, canvas_size=8, max_query_len=4)([image], ["the man on the left"])
     assert long["input_ids"][0].tolist() == [cls, token_id(cased, "the"), token_id(cased, "man"), sep]
     assert long["attention_mask"][0].tolist() == [1, 1, 1, 1]
+    # a tokenizer that pads on the left (LLaMA's do) still pads on the right: the head's text positions count
+    # from the first token, so a phrase's features must not depend on how much padding precedes it
+    cased.padding_side = "left"
+    assert RECProcessor(cased, canvas_size=8, max_query_len=6)([image], ["Left man"])["input_ids"][0].tolist() == \
+        lower["input_ids"][0].tolist()
 
 
 def test_image_inputs_of_every_kind_give_the_same_pixels(processor: RECProcessor, tmp_path: Path) -> None:

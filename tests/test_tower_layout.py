@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import transformers as T
@@ -115,6 +117,46 @@ def test_the_model_and_its_towers_pickle(batch):
         torch.testing.assert_close(again(**batch).pred_boxes, model(**batch).pred_boxes, rtol=0, atol=0)
         again.vision_model.embeddings.patch_embeddings.projection.weight.mul_(2)
         assert not torch.allclose(again(**batch).pred_boxes, model(**batch).pred_boxes)  # its own tower
+
+
+def test_a_tower_put_back_in_train_mode_is_tapped_without_dropout(batch):
+    """A user who reuses a tower elsewhere may call tower.train(): the model's taps stay deterministic (the tower
+    runs in eval mode while tapped) and the tower's mode is given back."""
+    vision, text = vision_tower("vit"), text_tower("bert")
+    model = get_side_tuned_model(vision, text, tiny_config()).eval()
+    with torch.no_grad():
+        reference = model(**batch).pred_boxes
+        vision.train(), text.train()
+        first, second = model(**batch).pred_boxes, model(**batch).pred_boxes
+    torch.testing.assert_close(first, reference, rtol=0, atol=0)
+    torch.testing.assert_close(second, reference, rtol=0, atol=0)
+    assert vision.training and text.training
+
+
+def test_a_tower_that_returns_tuples_is_named():
+    config = T.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                         image_size=32, patch_size=8, return_dict=False)
+    with pytest.raises(ValueError, match=r"returns a tuple.*return_dict = True"):
+        get_side_tuned_model(T.ViTModel(config), text_tower("bert"), tiny_config())
+
+
+def test_a_peft_wrapped_tower_is_tapped_through_its_base_model(batch):
+    """A tower with PEFT's LoRA around it (a user's fine-tuned backbone) builds like the bare tower, on a canvas
+    other than its own (the base model interpolates its positions); fresh LoRA weights change nothing."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    bare = vision_tower("vit")
+    wrapped = get_peft_model(copy.deepcopy(bare), LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    boxes = []
+    for tower in (bare, wrapped):
+        torch.manual_seed(1)
+        model = get_side_tuned_model(tower, text_tower("bert"), tiny_config(image_size=48)).eval()
+        assert model.config.num_vision_tokens == 1 + 6 * 6
+        pixels = torch.nn.functional.interpolate(batch["pixel_values"], size=(48, 48))
+        with torch.no_grad():
+            boxes.append(model(**{**batch, "pixel_values": pixels, "pixel_mask": None}).pred_boxes)
+    torch.testing.assert_close(boxes[1], boxes[0], rtol=0, atol=0)
 
 
 def test_hooks_go_away_with_the_model():
