@@ -43,7 +43,6 @@ from PIL import Image
 from torch import nn
 
 from .model import DTYPES, SideTunedModel, TowerFeatureSet, _dummy_inputs
-from .provenance import _model_id
 from .save_and_load import atomic_write
 from .towers import TEXT, VISION, Tower, TowerFeatures
 
@@ -267,9 +266,11 @@ def _weights_digest(model: nn.Module) -> str:
     return h.hexdigest()
 
 
-def fingerprint(tower: Tower, layers: list[int], kinds: list[str], dtype: str, extra: Mapping[str, Any]) -> dict:
-    """Everything besides the input that changes what ``tower.tap(inputs, layers, kinds)`` returns."""
-    name, revision = _model_id(tower.model)
+def fingerprint(tower: Tower, identity: tuple[str | None, str | None], layers: list[int], kinds: list[str],
+                dtype: str, extra: Mapping[str, Any]) -> dict:
+    """Everything besides the input that changes what ``tower.tap(inputs, layers, kinds)`` returns; ``identity`` is
+    the tower's ``(name or path, commit)`` as the model recorded it (``model.tower_ids``)."""
+    name, revision = identity
     return {
         "format": CACHE_FORMAT,
         "modality": tower.modality,
@@ -358,7 +359,7 @@ class _Shard:
     """One rank's memory-mapped rows (``rows.<rank>.bin``) and its append-only index (``index.<rank>.txt``:
     ``<key> <row>`` lines, each written after its row is flushed)."""
 
-    def __init__(self, folder: Path, rank: int, width: int, dtype: str, capacity: int, writable: bool) -> None:
+    def __init__(self, folder: Path, rank: int, width: int, dtype: str, writable: bool) -> None:
         self.data_path, self.index_path = folder / f"rows.{rank}.bin", folder / f"index.{rank}.txt"
         self.width, self.dtype, self.writable = width, dtype, writable
         self.storage = _NUMPY_STORAGE[dtype]
@@ -370,8 +371,11 @@ class _Shard:
         if writable:
             self._repair_index()
         self.refresh()
-        if writable and capacity:  # reserve the estimate up front (sparse); else grow on the first write
-            self._ensure(max(capacity, self.next_row))
+
+    def reserve(self, rows: int) -> None:
+        """Grow the rows file to ``rows`` up front (sparse where the filesystem allows); else it grows on writes."""
+        if rows:
+            self._ensure(max(rows, self.next_row))
 
     def _repair_index(self) -> None:
         """Cut a torn last line (a crash while appending) so the next append starts on a fresh line."""
@@ -468,10 +472,10 @@ class _DiskStore:
 
     REFRESH_SECONDS = 10.0
 
-    def __init__(self, folder: Path, width: int, dtype: str, capacity: int, rank: int) -> None:
+    def __init__(self, folder: Path, width: int, dtype: str, rank: int) -> None:
         self.folder, self.width, self.dtype = folder, width, dtype
         self.rank = self._claim_shard(rank)
-        self.own = _Shard(folder, self.rank, width, dtype, capacity, writable=True)
+        self.own = _Shard(folder, self.rank, width, dtype, writable=True)
         self.others: dict[int, _Shard] = {}
         self._last_refresh = 0.0
         self._refresh_others(force=True)
@@ -508,7 +512,7 @@ class _DiskStore:
             if rank is None or rank == self.rank:
                 continue
             if rank not in self.others:
-                self.others[rank] = _Shard(self.folder, rank, self.width, self.dtype, 0, writable=False)
+                self.others[rank] = _Shard(self.folder, rank, self.width, self.dtype, writable=False)
             else:
                 self.others[rank].refresh()
 
@@ -550,10 +554,11 @@ class _DiskStore:
 class _TowerRecords:
     """One tower's records: its fingerprint folder, layout and store."""
 
-    def __init__(self, tower: Tower, layers: list[int], kinds: list[str], layout: _Layout, dtype: str,
-                 location: Path | None, capacity: int, rank: int, extra: Mapping[str, Any]) -> None:
+    def __init__(self, tower: Tower, identity: tuple[str | None, str | None], layers: list[int], kinds: list[str],
+                 layout: _Layout, dtype: str, location: Path | None, capacity: int, rank: int,
+                 extra: Mapping[str, Any]) -> None:
         self.tower, self.layers, self.kinds, self.layout, self.dtype = tower, layers, kinds, layout, dtype
-        self.fingerprint = fingerprint(tower, layers, kinds, dtype, extra)
+        self.fingerprint = fingerprint(tower, identity, layers, kinds, dtype, extra)
         digest = hashlib.blake2b(json.dumps(self.fingerprint, sort_keys=True).encode(), digest_size=8).hexdigest()
         self.folder = None if location is None else location / f"{tower.modality}-{digest}"
         self.hits = self.misses = 0
@@ -576,7 +581,7 @@ class _TowerRecords:
                 raise ValueError(f"The tower cache in {self.folder} was written with another layout; delete that folder.")
         else:
             atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=2), encoding="utf-8"))
-        self.store = _DiskStore(self.folder, layout.width, dtype, 0, rank)  # reserved by reserve(), once checked
+        self.store = _DiskStore(self.folder, layout.width, dtype, rank)  # rows reserved by reserve(), once checked
 
     def stored_bytes(self) -> int:
         """Disk space the folder's rows already take (allocated blocks: a reservation not yet written is free)."""
@@ -586,8 +591,8 @@ class _TowerRecords:
 
     def reserve(self) -> None:
         """Reserve the expected rows in this writer's shard (sparse where the filesystem allows)."""
-        if isinstance(self.store, _DiskStore) and self.capacity:
-            self.store.own._ensure(max(self.capacity, self.store.own.next_row))
+        if isinstance(self.store, _DiskStore):
+            self.store.own.reserve(self.capacity)
 
     @property
     def bytes_per_record(self) -> int:
@@ -661,8 +666,8 @@ class TowerFeatureCache:
         self.estimate = {VISION: expected_images * layouts[VISION].width * itemsize,
                          TEXT: expected_texts * layouts[TEXT].width * itemsize}
         self.records = {
-            modality: _TowerRecords(tower, layers, self.kinds, layouts[modality], dtype, self.location,
-                                    count, rank, size[modality])
+            modality: _TowerRecords(tower, model.tower_ids[modality], layers, self.kinds, layouts[modality], dtype,
+                                    self.location, count, rank, size[modality])
             for modality, tower, layers, count in ((VISION, model.vision_tower, self.vision_layers, expected_images),
                                                    (TEXT, model.text_tower, self.text_layers, expected_texts))
         }

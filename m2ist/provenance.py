@@ -24,12 +24,6 @@ __all__ = ["commit_of", "tower_class", "tower_identity"]
 logger = logging.getLogger(__name__)
 
 
-def _model_id(model: nn.Module) -> tuple[str | None, str | None]:
-    """The Hub id / path and the commit a tower was loaded from (see :func:`tower_identity`)."""
-    name, commit, _ = tower_identity(model)
-    return name, commit
-
-
 def tower_identity(model: nn.Module) -> tuple[str | None, str | None, str]:
     """The Hub id / path a tower was loaded from, its commit, and why the commit is unknown for a Hub id ("" when
     known, or for a plain folder).
