@@ -567,8 +567,7 @@ class RECTrainer(Trainer):
                              "trains its towers: use tower_cache='off' for baselines.")
         if train_collator is None:
             raise ValueError("tower_cache needs the REC collator: pass data_collator=RECCollator(processor, train=True).")
-        augments = getattr(train_collator, "train", False) and \
-            getattr(getattr(train_collator, "processor", None), "augment", None) is not None
+        augments = _augmentation_of(train_collator) is not None
         if augments and not args.tower_cache_views:
             raise ValueError("tower_cache cannot hold random augmentations: set tower_cache_views=K (a fixed number "
                              "of augmented views per image, e.g. 4), turn the augmentation off, or set tower_cache='off'.")
@@ -642,18 +641,13 @@ class RECTrainer(Trainer):
             raise ValueError(f"The training set has {_length(train_dataset)} samples, fewer than one batch ({batch}), "
                              "and dataloader_drop_last=True drops that batch: nothing to train on. Lower the batch "
                              "size or turn dataloader_drop_last off.")
-        augmentation = self._augmentation()
+        # the RECCollator, inside a TowerCacheCollator when the cache is on
+        augmentation = _augmentation_of(getattr(self.data_collator, "collator", self.data_collator))
         if augmentation is not None and augmentation.seed is None:  # OS entropy: runs with one seed would differ
             augmentation.reseed(self.args.seed)
         with denormals_flushed(self.args.flush_denormal and self.args.device.type == "cpu"):
             self._open_tower_cache()
             return super().train(resume_from_checkpoint, *args, **kwargs)
-
-    def _augmentation(self) -> Any:
-        """The training collator's augmentation (``RECAugmentation``), if any."""
-        collator = getattr(self.data_collator, "collator", self.data_collator)  # inside a TowerCacheCollator
-        return getattr(getattr(collator, "processor", None), "augment", None) if getattr(collator, "train", False) \
-            else None
 
     # ------------------------------------------------------------------ resuming
     def _resolve_checkpoint(self, checkpoint: str | bool) -> str:
@@ -1057,6 +1051,11 @@ class RECTrainer(Trainer):
         logger.info("Loading the best checkpoint %s (%s=%s).", self.state.best_model_checkpoint,
                     self.args.metric_for_best_model, self.state.best_metric)
         load_trainable_tensors(self.accelerator.unwrap_model(self.model), self.state.best_model_checkpoint)
+
+
+def _augmentation_of(collator: Any) -> Any:
+    """The augmentation (``RECAugmentation``) a training ``RECCollator`` applies; None for any other collator."""
+    return getattr(getattr(collator, "processor", None), "augment", None) if getattr(collator, "train", False) else None
 
 
 def _as_list(value: str | list[str] | None) -> list[str]:
