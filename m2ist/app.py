@@ -139,17 +139,17 @@ def read_image(image: Any, *, max_pixels: int = MAX_PIXELS) -> Image.Image:
 def exif_orientation(image: Any) -> int:
     """The EXIF orientation tag of a file or PIL image (1, upright, when absent, unreadable or for arrays); read
     from the header only. :func:`read_image` applies it, as photo viewers and browsers do."""
+    from m2ist.data.images import exif_orientation as orientation_of
+
     try:
         if isinstance(image, Image.Image):
-            orientation = image.getexif().get(0x0112, 1)
-        elif isinstance(image, str | Path):
+            return orientation_of(image)
+        if isinstance(image, str | Path):
             with Image.open(image) as opened:
-                orientation = opened.getexif().get(0x0112, 1)
-        else:
-            return 1
+                return orientation_of(opened)
     except (OSError, ValueError, TypeError, SyntaxError):
-        return 1
-    return orientation if orientation in range(2, 9) else 1
+        pass
+    return 1
 
 
 def _short(err: BaseException, limit: int = 200) -> str:

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-__all__ = ["DeferredImage", "ImageLoadError", "ImageNotFoundError", "image_size", "load_image"]
+__all__ = ["DeferredImage", "ImageLoadError", "ImageNotFoundError", "exif_orientation", "image_size", "load_image"]
 
 RGBColor = tuple[int, int, int]
 WHITE: RGBColor = (255, 255, 255)
@@ -97,7 +97,7 @@ def _check_path(path: Path) -> None:
         raise ImageLoadError(f"Expected an image file but {path} is not a regular file (a FIFO, a device or a socket).")
 
 
-def _orientation(image: Image.Image) -> int:
+def exif_orientation(image: Image.Image) -> int:
     """The image's EXIF orientation (1 when absent or invalid); for a PNG this decodes the pixels (late eXIf)."""
     orientation = image.getexif().get(_EXIF_ORIENTATION_TAG, 1)
     return orientation if orientation in _UNDO_ORIENTATION else 1
@@ -114,7 +114,7 @@ def _stored_size(image: Image.Image, orientation: int) -> tuple[int, int]:
 
 def _pil_size(image: Image.Image, exif_transpose: bool) -> tuple[int, int]:
     # only TIFFs (with tag_v2) need the orientation for the stored size; a PNG's getexif() decodes the pixels
-    orientation = _orientation(image) if exif_transpose or hasattr(image, "tag_v2") else 1
+    orientation = exif_orientation(image) if exif_transpose or hasattr(image, "tag_v2") else 1
     width, height = _stored_size(image, orientation)
     if exif_transpose and orientation in _ORIENTATIONS_THAT_SWAP_AXES:
         width, height = height, width
@@ -214,9 +214,9 @@ def _uint16_to_uint8(values: np.ndarray) -> np.ndarray:
 def _load_oriented(image: Image.Image, exif_transpose: bool) -> Image.Image:
     """Decode ``image``; return its stored pixel grid, or with ``exif_transpose`` the grid rotated by its EXIF
     orientation. Pillow applies a TIFF's orientation itself in ``load()`` (and drops the tag): undone here."""
-    orientation = _orientation(image)
+    orientation = exif_orientation(image)
     image.load()
-    applied_by_pillow = orientation != 1 and _orientation(image) == 1
+    applied_by_pillow = orientation != 1 and exif_orientation(image) == 1
     if applied_by_pillow and not exif_transpose:
         return image.transpose(_UNDO_ORIENTATION[orientation])
     if exif_transpose and not applied_by_pillow:
