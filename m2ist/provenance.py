@@ -82,10 +82,11 @@ def _find_commit(name_or_path: str, cache_dir: str | os.PathLike | None = None,
     return None, f"{len(candidates)} revisions of it in the Hub cache could hold the tower's weights"
 
 
-def _same_weights(model: nn.Module, folder: Path, samples: int = 3) -> bool | None:
-    """Whether the safetensors files in ``folder`` hold ``model``'s weights, judged on ``samples`` tensors (the
-    smallest, the median and the largest of those the model has, up to 64 M values), compared in the model's
-    dtype; None when it cannot be told (no safetensors file, no tensor names in common)."""
+def _same_weights(model: nn.Module, folder: Path) -> bool | None:
+    """Whether the safetensors files in ``folder`` hold ``model``'s weights, judged on three tensors (the smallest,
+    the median and the largest of those the model has, up to 4 M values each, so a tower of any size costs a few
+    tens of MB read at most) compared in the model's dtype; None when it cannot be told (no safetensors file, no
+    tensor names in common)."""
     from safetensors import safe_open
 
     state = model.state_dict()
@@ -101,10 +102,10 @@ def _same_weights(model: nn.Module, folder: Path, samples: int = 3) -> bool | No
                             break
         except Exception:  # a damaged or foreign file tells nothing
             continue
-    found = sorted(entry for entry in found if entry[0] <= 64 * 2**20)
+    found = sorted(entry for entry in found if entry[0] <= 4 * 2**20)
     if not found:
         return None
-    picks = {found[0], found[len(found) // 2], found[-1]} if samples >= 3 else {found[0]}
+    picks = {found[0], found[len(found) // 2], found[-1]}
     for _, key, own, path in sorted(picks):
         with safe_open(str(path), framework="pt") as f:
             stored = f.get_tensor(key)
