@@ -24,6 +24,7 @@ a batch runs the towers on its missing inputs only (once each) and reads the res
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import itertools
 import json
@@ -373,7 +374,8 @@ class _Shard:
         self.refresh()
 
     def reserve(self, rows: int) -> None:
-        """Grow the rows file to ``rows`` up front (sparse where the filesystem allows); else it grows on writes."""
+        """Grow the rows file to ``rows`` up front, its blocks allocated (see :func:`_allocate`); else it grows on
+        writes."""
         if rows:
             self._ensure(max(rows, self.next_row))
 
@@ -427,8 +429,7 @@ class _Shard:
         capacity = existing
         if self.writable and rows > existing:  # grow (never shrink: other processes may have written further)
             capacity = max(rows, 2 * have)
-            with open(self.data_path, "ab") as f:
-                f.truncate(capacity * row_bytes)  # sparse where the filesystem allows
+            _allocate(self.data_path, existing * row_bytes, capacity * row_bytes)
         self.array = np.memmap(self.data_path, dtype=self.storage, mode="r+" if self.writable else "r",
                                shape=(capacity, self.width))
 
@@ -460,6 +461,26 @@ class _Shard:
         for i, (key, _) in enumerate(fresh):
             self.index[key] = first + i
         self.next_row = first + len(fresh)
+
+
+def _allocate(path: Path, start: int, end: int) -> None:
+    """Grow ``path`` from ``start`` to ``end`` bytes with the disk blocks allocated now, so a full disk is an error
+    here, naming the folder, and never a SIGBUS later when a memory-mapped write finds no block behind its page.
+    Where the filesystem cannot allocate ahead, the file grows sparse (the space check up front still applies)."""
+    with open(path, "ab") as f:
+        try:
+            os.posix_fallocate(f.fileno(), start, end - start)
+            return
+        except AttributeError:  # no posix_fallocate on this platform
+            pass
+        except OSError as err:
+            if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                f.truncate(start)  # this writer owns the shard: give back what the failed call may have taken
+                raise OSError(err.errno, f"The tower cache in {path.parent} could not grow {path.name} to "
+                                         f"{_size(end)} ({os.strerror(err.errno)}): free some space, give tower_cache "
+                                         "another folder, use tower_cache_dtype='bfloat16', or set tower_cache='off'."
+                              ) from None
+        f.truncate(end)
 
 
 class _DiskStore:
@@ -584,13 +605,13 @@ class _TowerRecords:
         self.store = _DiskStore(self.folder, layout.width, dtype, rank)  # rows reserved by reserve(), once checked
 
     def stored_bytes(self) -> int:
-        """Disk space the folder's rows already take (allocated blocks: a reservation not yet written is free)."""
+        """Disk space the folder's rows already take (allocated blocks, an earlier run's reservation included)."""
         if self.folder is None:
             return 0
         return sum(path.stat().st_blocks * 512 for path in self.folder.glob("rows.*.bin"))
 
     def reserve(self) -> None:
-        """Reserve the expected rows in this writer's shard (sparse where the filesystem allows)."""
+        """Reserve the expected rows in this writer's shard, their disk blocks allocated now."""
         if isinstance(self.store, _DiskStore):
             self.store.own.reserve(self.capacity)
 

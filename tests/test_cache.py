@@ -227,6 +227,31 @@ def test_a_full_disk_cache_is_reopened_without_asking_for_its_space_again(tmp_pa
         TowerFeatureCache(model, tmp_path / "cache", "float32", expected_images=300, expected_texts=200)
 
 
+def test_a_disk_cache_holds_its_blocks_and_a_full_disk_is_an_error_not_a_crash(tmp_path, monkeypatch):
+    """The rows a disk cache reserves are allocated at once (a sparse file could meet a full disk in a memory-mapped
+    write, which kills the process with SIGBUS); a disk that cannot hold them is reported naming the folder, and
+    the shard is left as it was."""
+    import errno
+
+    model = make_model(seed=0)
+    cache = TowerFeatureCache(model, tmp_path / "cache", "float32", expected_images=40, expected_texts=30)
+    for records, count in ((cache.records["vision"], 40), (cache.records["text"], 30)):
+        rows = next(records.folder.glob("rows.*.bin"))
+        assert rows.stat().st_blocks * 512 >= count * records.bytes_per_record  # allocated, not sparse
+    vision_rows = next(cache.records["vision"].folder.glob("rows.*.bin"))
+    size = vision_rows.stat().st_size
+    del cache
+    gc.collect()
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    with pytest.raises(OSError, match=r"could not grow rows\.0\.bin .* \(No space left on device\): free some space"):
+        TowerFeatureCache(model, tmp_path / "cache", "float32", expected_images=400, expected_texts=30)
+    assert vision_rows.stat().st_size == size
+
+
 def test_what_changes_features_changes_the_folder(tmp_path):
     model = make_model(seed=0)
     folders = set()
