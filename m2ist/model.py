@@ -15,6 +15,7 @@ import logging
 import os
 import shutil
 import warnings
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +53,8 @@ LOAD_OVERRIDES = ("backbone_dtype", "side_dropout", "fusion_dropout")
 #: Training methods a REC model can carry (``model.method``): M²IST, and the baselines of
 #: :mod:`m2ist.evidence.baselines` (full fine-tuning, in-tower adapters, LoRA) that share its head.
 METHODS = ("m2ist", "full", "adapter", "lora")
+#: Which SideTunedModels hold each tower module (casting a shared tower changes every holder).
+_TOWER_HOLDERS: weakref.WeakKeyDictionary[nn.Module, weakref.WeakSet] = weakref.WeakKeyDictionary()
 #: The adapter built with the model, saved at the root of the adapter folder (others go into ``<name>/``).
 DEFAULT_ADAPTER = "default"
 #: PEFT's name for "no adapter"; a REC model has no output without one, so it is refused as a name.
@@ -442,8 +445,10 @@ class SideTunedModel(RECModel):
         for tower in (vision_model, text_model):
             tower.requires_grad_(False)
             tower.eval()
-            if config.backbone_dtype is not None:
-                tower.to(DTYPES[config.backbone_dtype])
+        if config.backbone_dtype is not None:
+            self._cast_towers(config.backbone_dtype)
+        for tower in (self.vision_model, self.text_model):
+            _TOWER_HOLDERS.setdefault(tower, weakref.WeakSet()).add(self)
         vision, text, vision_depth, text_depth = self._probe(sorted({config.intra_tap, config.inter_tap}))
         setup = self._adapter_setup(config, vision_depth, text_depth)
         self.adapter_setups: dict[str, AdapterSetup] = {DEFAULT_ADAPTER: setup}
@@ -546,11 +551,25 @@ class SideTunedModel(RECModel):
         same way). The side networks and heads keep their dtype: the taps reach them in float32."""
         if backbone_dtype not in DTYPES:
             raise ValueError(f"backbone_dtype must be one of {tuple(DTYPES)}, got {backbone_dtype!r}.")
-        for tower in (self.vision_model, self.text_model):
-            tower.to(DTYPES[backbone_dtype])
+        self._cast_towers(backbone_dtype)
         for setup in self.adapter_setups.values():  # adapters on one pair of towers share its settings
             setup.config.backbone_dtype = backbone_dtype
         return self
+
+    def _cast_towers(self, backbone_dtype: str) -> None:
+        """Cast both towers in place, warning (as PEFT does when a model is wrapped twice) when another live
+        SideTunedModel shares a tower whose dtype this changes: its outputs change with it."""
+        dtype = DTYPES[backbone_dtype]
+        for name, tower in (("vision", self.vision_model), ("text", self.text_model)):
+            current = {p.dtype for p in tower.parameters() if p.is_floating_point()}
+            others = [m for m in _TOWER_HOLDERS.get(tower, ()) if m is not self]
+            if others and current != {dtype}:
+                warnings.warn(
+                    f"The {name} tower ({'/'.join(sorted(str(d).removeprefix('torch.') for d in current))}) is "
+                    f"shared with another SideTunedModel; casting it to {backbone_dtype} in place changes that "
+                    "model's outputs too. Wrap a copy "
+                    "(copy.deepcopy(tower)) or give both models the same backbone_dtype.", UserWarning, stacklevel=3)
+            tower.to(dtype)
 
     # ---------------------------------------------------------------------------------------------------------
     # the two halves of a forward: the frozen towers' features, then one adapter's side network and head on them

@@ -4,13 +4,14 @@ function, tested on every case, and the explicit casts run on the CPU."""
 
 from __future__ import annotations
 
+import gc
 import json
 
 import pytest
 import torch
 
 import m2ist.trainer as trainer_module
-from m2ist import SideTunedModel
+from m2ist import SideTunedModel, get_side_tuned_model
 from m2ist.cli import build_parser, build_training_arguments, main, resolve_settings
 from m2ist.evidence import bench
 from m2ist.evidence.baselines import build_model
@@ -199,3 +200,30 @@ def test_bench_takes_float32_towers(capsys):
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["tower_dtype"] == "float32"
     with pytest.raises(SystemExit):
         bench.main(["--backbone-dtype", "int8", "--tiny"])
+
+
+def test_casting_towers_another_model_shares_warns_and_a_private_copy_does_not():
+    """Two models on the same tower objects: the second one's backbone_dtype (or set_backbone_dtype) casts the
+    towers in place, so the first model's outputs change too; that is said, as PEFT says a model wrapped twice."""
+    import copy
+    import warnings
+
+    torch.manual_seed(0)
+    vision, text = vision_tower("vit"), text_tower("bert")
+    first = get_side_tuned_model(vision, text, tiny_config())
+    with pytest.warns(UserWarning) as said:
+        second = get_side_tuned_model(vision, text, tiny_config(backbone_dtype="bfloat16"))
+    assert [str(w.message).split(";")[0] for w in said] == [
+        f"The {name} tower (float32) is shared with another SideTunedModel" for name in ("vision", "text")]
+    assert "casting it to bfloat16 in place changes that model's outputs too" in str(said[0].message)
+    with pytest.warns(UserWarning, match=r"tower \(bfloat16\) is shared") as said:
+        first.set_backbone_dtype("float32")
+    assert len(said) == 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        first.set_backbone_dtype("float32")  # nothing changes: nothing to say
+        del second, first
+        gc.collect()  # once the first model is gone, nobody else holds the towers
+        alone = get_side_tuned_model(vision, text, tiny_config())
+        alone.set_backbone_dtype("bfloat16")
+        get_side_tuned_model(copy.deepcopy(vision), copy.deepcopy(text), tiny_config(backbone_dtype="float32"))
