@@ -43,7 +43,7 @@ from .save_and_load import (
     trainable_counts,
 )
 from .taps import TapReport, resolve_tap_spec
-from .towers import TEXT, VISION, Tower, TowerFeatures, unwrap_tower
+from .towers import TEXT, VISION, Tower, TowerFeatures, TowerLayoutError, unwrap_tower
 
 logger = logging.getLogger(__name__)
 
@@ -243,9 +243,10 @@ class RECModel(nn.Module):
             probe = (f"a {self.config.image_size}x{self.config.image_size} image (image_size)" if modality == VISION
                      else f"{self.config.max_query_len} tokens (max_query_len)")
             reason = " ".join(str(err).split()).rstrip(".")
-            raise ValueError(f"The {modality} tower ({type(model).__name__}) fails on {probe}: {reason}. Is it a "
-                             f"{modality} model (vision_model first, text_model second), built for this image size?"
-                             ) from err
+            if not isinstance(err, TowerLayoutError):  # a layout error is the tower's structure, not how it was passed
+                reason += (f". Is it a {modality} model (vision_model first, text_model second)"
+                           + (", built for this image size?" if modality == VISION else "?"))
+            raise ValueError(f"The {modality} tower ({type(model).__name__}) fails on {probe}: {reason}") from err
         size = self.config.image_size
         self._tap_reports = (self.vision_tower.report(depths[0], self.vision_tower.grid_of(vision.tokens.shape[1],
                                                                                             (size, size))),

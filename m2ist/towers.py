@@ -79,6 +79,10 @@ def to_tokens(x: torch.Tensor, layout: str) -> tuple[torch.Tensor, tuple[int, in
     return rearrange(x, f"{layout} -> b (h w) c"), (grid_axes["h"], grid_axes["w"])
 
 
+class TowerLayoutError(ValueError):
+    """A tower whose layers' tokens cannot be lined up with its output's (its structure, not how it was passed)."""
+
+
 def infer_grid(num_tokens: int, aspect: float, square_only: bool | None = None) -> tuple[int, int]:
     """The ``(h, w)`` grid of ``num_tokens`` patch tokens for an ``h / w`` aspect ratio.
 
@@ -102,8 +106,10 @@ def resample_tokens(x: torch.Tensor, grid: tuple[int, int] | None, target: torch
     if x.shape[1] == target.shape[1] and (grid is None or grid == target_grid):
         return x
     if target_grid is None:
-        raise ValueError(f"A tap has {x.shape[1]} tokens but the final output has {target.shape[1]} and no patch grid; "
-                         "tap layers whose token count matches the output.")
+        raise TowerLayoutError(f"A layer gives {x.shape[1]} tokens but the final output has {target.shape[1]} and no "
+                               "patch grid to pool them on: the tower changes its sequence length between layers (as "
+                               "Funnel does), so its layers' tokens cannot be lined up with the output's; use a tower "
+                               "whose layers keep the sequence length")
     aspect = target_grid[0] / target_grid[1]
     lead = prefix if grid is None else x.shape[1] - grid[0] * grid[1]
     if grid is None:

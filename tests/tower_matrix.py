@@ -34,6 +34,7 @@ class Family:
     suffix: int = 0
     grid: tuple[int, int] | None = None
     refused: str | None = None
+    overridable: bool = True  # a refusal offers tap overrides (False: the structure itself cannot be side-tuned)
     states: str | None = None  # output field of layer outputs to compare taps with (default: the spec's)
     states_layout: str = "b n c"
     states_offset: int = 1  # index of layer 0's output in those states (0: no embedding entry)
@@ -178,6 +179,9 @@ TEXT_FAMILIES: list[Family] = [
     Family("qwen3", _text(T.Qwen3Config, T.Qwen3Model, **_DECODER, head_dim=16), last_state_normed=True),
     Family("gemma", _text(T.GemmaConfig, T.GemmaModel, **_DECODER, head_dim=16), last_state_normed=True),
     Family("phi", _text(T.PhiConfig, T.PhiModel, **_DECODER), last_state_normed=True),
+    Family("funnel", lambda: T.FunnelModel(T.FunnelConfig(vocab_size=VOCAB, block_sizes=[1, 1], d_model=H, n_head=A,
+                                                          d_head=16, d_inner=F)),
+           refused="changes its sequence length between layers", overridable=False),
 ]
 
 
