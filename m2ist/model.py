@@ -799,23 +799,23 @@ class SideTunedModel(RECModel):
         self.inactive_adapters[adapter_name] = modules
         self.adapter_setups[adapter_name] = setup
 
-    def set_adapter(self, adapter_name: str) -> None:
+    def set_adapter(self, adapter_name: str, inference_mode: bool = False) -> None:
         """Make ``adapter_name`` the active adapter: the one ``forward`` runs, training trains (its parameters
         require grad, the others' do not) and ``trainable_state_dict`` returns. It takes the model's train / eval
-        mode (an adapter loaded for inference in ``eval()`` trains with dropout once active in a ``train()`` model)."""
+        mode (an adapter loaded for inference in ``eval()`` trains with dropout once active in a ``train()`` model).
+        ``inference_mode=True`` (as in PEFT) activates it frozen: its parameters do not require grad either."""
         setup = self._setup(adapter_name)
-        if adapter_name == self._active_adapter:
-            return
-        previous = nn.ModuleDict({"side": self.side, "head": self.head})
-        previous.requires_grad_(False)
-        chosen = self.inactive_adapters.pop(adapter_name)
-        self.inactive_adapters[self._active_adapter] = previous
-        chosen.train(self.training)
-        self.side, self.head = chosen["side"], chosen["head"]
-        self.side.requires_grad_(True)
-        self.head.requires_grad_(True)
-        self._active_adapter = adapter_name
-        self._use_setup(setup)
+        if adapter_name != self._active_adapter:
+            previous = nn.ModuleDict({"side": self.side, "head": self.head})
+            previous.requires_grad_(False)
+            chosen = self.inactive_adapters.pop(adapter_name)
+            self.inactive_adapters[self._active_adapter] = previous
+            chosen.train(self.training)
+            self.side, self.head = chosen["side"], chosen["head"]
+            self._active_adapter = adapter_name
+            self._use_setup(setup)
+        self.side.requires_grad_(not inference_mode)
+        self.head.requires_grad_(not inference_mode)
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove ``adapter_name``; deleting the active adapter activates the next one (the last cannot go)."""

@@ -264,3 +264,21 @@ def test_results_of_evaluate_are_tied_to_the_weights_they_measured(tmp_path):
         next(model.head.parameters()).add_(1.0)
     model.save_pretrained(tmp_path / "adapter")  # other weights: the results measured the old ones
     assert "Acc@0.5" not in (tmp_path / "adapter" / "README.md").read_text()
+
+
+def test_set_adapter_in_inference_mode_activates_the_adapter_frozen() -> None:
+    """PEFT's ``set_adapter(name, inference_mode=True)``: the adapter runs, nothing requires grad; without it the
+    active adapter trains (also when it is already the active one)."""
+    model = make_model(seed=0)
+    model.add_adapter("b", tiny_config())
+
+    def grads(modules) -> set[bool]:
+        return {p.requires_grad for p in modules.parameters()}
+
+    model.set_adapter("b", inference_mode=True)
+    assert model.active_adapter == "b" and grads(model.side) == grads(model.head) == {False}
+    assert not any(p.requires_grad for p in model.parameters())
+    model.set_adapter("b")  # already active: made trainable
+    assert grads(model.side) == grads(model.head) == {True}
+    model.set_adapter("default", inference_mode=True)
+    assert not any(p.requires_grad for p in model.parameters())
