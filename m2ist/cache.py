@@ -35,6 +35,7 @@ import time
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -314,13 +315,18 @@ class _Layout:
             tensors += list(features.taps[kind])
         return torch.cat([t.float().flatten(1) for t in tensors], dim=1)
 
-    def unpack(self, rows: torch.Tensor, kinds: list[str], layers: list[int]) -> TowerFeatures:
-        """The features of ``(B, width)`` rows, each field a contiguous tensor, as the tower returns it: a strided
-        view of the rows would send the side network's matrix products to other kernels, which round differently
-        (the demo's float32-cached run then drifted from the uncached one; with contiguous fields it does not)."""
-        sizes = [int(np.prod(shape)) for _, shape in self.fields]
-        parts = [part.contiguous().view(rows.shape[0], *shape)
-                 for part, (_, shape) in zip(rows.split(sizes, dim=1), self.fields, strict=True)]
+    @cached_property
+    def spans(self) -> list[tuple[int, int]]:
+        """Each field's ``(start, end)`` columns in a row."""
+        ends = np.cumsum([int(np.prod(shape)) for _, shape in self.fields]).tolist()
+        return list(zip([0, *ends[:-1]], ends, strict=True))
+
+    def unpack(self, columns: list[torch.Tensor], kinds: list[str], layers: list[int]) -> TowerFeatures:
+        """The features from each field's ``(B, end - start)`` contiguous columns (a store's ``read``), shaped as
+        the tower returns them. Contiguous matters: a strided view of whole rows would send the side network's
+        matrix products to other kernels, which round differently (the demo's float32-cached run then drifted from
+        the uncached one; with contiguous fields it does not)."""
+        parts = [part.view(part.shape[0], *shape) for part, (_, shape) in zip(columns, self.fields, strict=True)]
         taps, rest = {}, parts[3:]
         for kind in kinds:
             taps[kind], rest = rest[: len(layers)], rest[len(layers):]
@@ -337,8 +343,10 @@ class _MemoryStore:
     def get(self, keys: list[str]) -> list[int | None]:
         return [self.index.get(key) for key in keys]
 
-    def read(self, rows: list[int]) -> torch.Tensor:
-        return self.rows[rows].float()
+    def read(self, rows: list[int], spans: list[tuple[int, int]]) -> list[torch.Tensor]:
+        """Each span's columns of ``rows``, float32 and contiguous: one gather per field, no copy of whole rows."""
+        index = torch.tensor(rows)
+        return [torch.index_select(self.rows[:, start:end], 0, index).float() for start, end in spans]
 
     def add(self, keys: list[str], values: torch.Tensor) -> None:
         for key, value in zip(keys, values, strict=True):
@@ -552,8 +560,8 @@ class _DiskStore:
             found = [f or self._find(key) for f, key in zip(found, keys, strict=True)]
         return found
 
-    def read(self, locations: list[tuple[_Shard, int]]) -> torch.Tensor:
-        """The rows at ``locations``, in order: one read per shard."""
+    def read(self, locations: list[tuple[_Shard, int]], spans: list[tuple[int, int]]) -> list[torch.Tensor]:
+        """Each span's columns of the rows at ``locations``, in order, float32 and contiguous: one read per shard."""
         groups: dict[int, tuple[_Shard, list[int], list[int]]] = {}
         for position, (shard, row) in enumerate(locations):
             _, rows, positions = groups.setdefault(id(shard), (shard, [], []))
@@ -562,7 +570,7 @@ class _DiskStore:
         out = torch.empty((len(locations), self.width))
         for shard, rows, positions in groups.values():
             out[positions] = shard.read(rows)
-        return out
+        return [out[:, start:end].contiguous() for start, end in spans]
 
     def add(self, keys: list[str], values: torch.Tensor) -> None:
         self.own.add(keys, values)
@@ -624,7 +632,7 @@ class _TowerRecords:
         missing = [i for i, f in enumerate(found) if f is None]
         if not missing:
             self.hits += len(keys)
-            return self.layout.unpack(self.store.read(found), self.kinds, self.layers)
+            return self.layout.unpack(self.store.read(found, self.layout.spans), self.kinds, self.layers)
         self.misses += len(missing)
         self.hits += len(keys) - len(missing)
         first, second = _INPUTS[self.tower.modality]
@@ -647,7 +655,7 @@ class _TowerRecords:
             raise ValueError(f"The {self.tower.modality} tower's features exceed float16's range (±65504): use "
                              "tower_cache_dtype='bfloat16' or 'float32'.")
         self.store.add([keys[i] for i in unique], rounded.cpu())
-        return self.layout.unpack(self.store.read(self.store.get(keys)), self.kinds, self.layers)
+        return self.layout.unpack(self.store.read(self.store.get(keys), self.layout.spans), self.kinds, self.layers)
 
 
 class TowerFeatureCache:
