@@ -711,11 +711,28 @@ class TowerFeatureCache:
             records.reserve()
 
     def describe(self) -> str:
-        """One line: where the cache is, bytes per record and the size estimate."""
+        """One line: where the cache is, bytes per record, the size estimate, and what other cache folders in the
+        same place take (written for other towers, layers or dtypes; nothing deletes them but you)."""
         where = "RAM" if self.location is None else str(self.location)
-        return (f"tower cache ({self.dtype}, {where}): {_size(self.bytes_per_image)} per image view, "
+        line = (f"tower cache ({self.dtype}, {where}): {_size(self.bytes_per_image)} per image view, "
                 f"{_size(self.bytes_per_expression)} per expression; up to {_size(self.estimate[VISION])} for images + "
                 f"{_size(self.estimate[TEXT])} for expressions")
+        others = self.other_folders()
+        if others:
+            held = sum(_disk_bytes(folder) for folder in others)
+            line += (f"; {len(others)} other cache folder{'s' if len(others) > 1 else ''} there "
+                     f"({', '.join(folder.name for folder in others[:3])}{', ...' if len(others) > 3 else ''}) hold "
+                     f"{_size(held)} for other towers, layers or dtypes: delete those no run needs")
+        return line
+
+    def other_folders(self) -> list[Path]:
+        """The cache folders at the same location that this cache does not use (sorted by name)."""
+        if self.location is None or not self.location.is_dir():
+            return []
+        ours = {records.folder for records in self.records.values()}
+        return sorted(path for path in self.location.iterdir()
+                      if path.is_dir() and path not in ours and path.name.startswith((f"{VISION}-", f"{TEXT}-"))
+                      and (path / "manifest.json").is_file())
 
     @property
     def bytes_per_image(self) -> int:
@@ -754,6 +771,11 @@ class TowerFeatureCache:
                 tokens=features.tokens.to(device), mask=features.mask.to(device), seed=features.seed.to(device),
                 taps={kind: [t.to(device) for t in taps] for kind, taps in features.taps.items()})
         return TowerFeatureSet(out[VISION], out[TEXT], self.vision_layers, self.text_layers)
+
+
+def _disk_bytes(folder: Path) -> int:
+    """Disk space the files of ``folder`` take (allocated blocks)."""
+    return sum(path.stat().st_blocks * 512 for path in folder.iterdir() if path.is_file())
 
 
 def _size(num_bytes: float) -> str:

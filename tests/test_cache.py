@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from m2ist.cache import CachedViewsCollator, TowerCacheCollator, TowerFeatureCache, cache_keys
+from m2ist.cache import CachedViewsCollator, TowerCacheCollator, TowerFeatureCache, _size, cache_keys
 from m2ist.data.collator import RECCollator
 from m2ist.data.dataset import RECDataset
 from m2ist.data.sample import RECSample
@@ -250,6 +250,22 @@ def test_a_disk_cache_holds_its_blocks_and_a_full_disk_is_an_error_not_a_crash(t
     with pytest.raises(OSError, match=r"could not grow rows\.0\.bin .* \(No space left on device\): free some space"):
         TowerFeatureCache(model, tmp_path / "cache", "float32", expected_images=400, expected_texts=30)
     assert vision_rows.stat().st_size == size
+
+
+def test_the_size_line_names_what_other_cache_folders_hold(tmp_path):
+    """A sweep over layers or towers leaves one cache folder per fingerprint; the line printed before filling
+    says what the others take, so the disk does not fill up unseen."""
+    first = TowerFeatureCache(make_model(seed=0), tmp_path / "cache", "float32", expected_images=4, expected_texts=4)
+    assert "other cache folder" not in first.describe() and first.other_folders() == []
+    second = TowerFeatureCache(make_model(seed=0, vision_layers=[1], text_layers=[1]), tmp_path / "cache", "float32",
+                               expected_images=4, expected_texts=4)
+    assert second.other_folders() == sorted(r.folder for r in first.records.values())
+    line = second.describe()
+    assert "; 2 other cache folders there (text-" in line and "delete those no run needs" in line
+    held = sum(f.stat().st_blocks * 512 for r in first.records.values() for f in r.folder.iterdir())
+    assert held >= sum(r.stored_bytes() for r in first.records.values()) > 0 and f"hold {_size(held)} for" in line
+    (tmp_path / "cache" / "notes").mkdir()  # a folder the cache did not write is not counted
+    assert len(second.other_folders()) == 2
 
 
 def test_what_changes_features_changes_the_folder(tmp_path):
