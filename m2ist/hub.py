@@ -38,7 +38,7 @@ from huggingface_hub.errors import (
 from huggingface_hub.utils import filter_repo_objects, validate_repo_id
 
 from .card import CARD_NAME, PLACEHOLDER_REPO_ID
-from .save_and_load import ADAPTER_FILES, adapter_name_problem
+from .save_and_load import ADAPTER_FILES, adapter_name_problem, foreign_model_files, owned_entries
 from .version import __version__
 
 __all__ = ["ADAPTER_PATTERNS", "IGNORED_PATTERNS", "PretrainedNotFoundError", "push_folder_to_hub", "push_to_hub",
@@ -139,10 +139,18 @@ def push_folder_to_hub(
         repo_id = api.create_repo(repo_id, exist_ok=True, private=private, repo_type="model").repo_id
         if revision is not None and revision != constants.DEFAULT_REVISION:
             api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
+        repo_files = api.list_repo_files(repo_id, revision=constants.DEFAULT_REVISION if create_pr else revision,
+                                         repo_type="model")
+        foreign = [name for name in foreign_model_files(f for f in repo_files if "/" not in f) if name not in present]
+        if foreign:
+            raise ValueError(
+                f"Cannot push to '{repo_id}': the repo holds another model ({', '.join(foreign[:4])}), whose "
+                "tokenizer, processor and card the adapter would replace. Push the adapter to a repo of its own "
+                f"(e.g. '{repo_id}-m2ist'); no commit was made."
+            )
         with tempfile.TemporaryDirectory(prefix="m2ist-upload-") as staging:
             _stage(folder_path, selected, Path(staging), repo_id)
-            stale = _stale_adapter_files(api, repo_id, constants.DEFAULT_REVISION if create_pr else revision,
-                                         selected, allow_patterns, ignore_patterns)
+            stale = _stale_adapter_files(repo_files, selected, allow_patterns, ignore_patterns)
             return api.upload_folder(
                 repo_id=repo_id,
                 folder_path=staging,
@@ -169,21 +177,25 @@ def push_folder_to_hub(
         raise
 
 
-def _is_adapter_file(path: str) -> bool:
+def _is_adapter_file(path: str, repo_files: Sequence[str] = ()) -> bool:
     """Whether a repo path is an adapter file m2ist writes (and may delete): an adapter file name other than the
-    card, at the root or in a subfolder named like an adapter."""
+    card, at the root or in a subfolder named like an adapter; a processor or tokenizer file only beside an m2ist
+    processor (``m2ist_processor.json`` in ``repo_files``), else someone else wrote it."""
     parts = PurePosixPath(path).parts
     if not parts or parts[-1] not in ADAPTER_FILES or parts[-1] == CARD_NAME:
         return False
-    return len(parts) == 1 or (len(parts) == 2 and adapter_name_problem(parts[0]) is None)
+    if not (len(parts) == 1 or (len(parts) == 2 and adapter_name_problem(parts[0]) is None)):
+        return False
+    beside = {PurePosixPath(f).name for f in repo_files if PurePosixPath(f).parent == PurePosixPath(path).parent}
+    return parts[-1] in owned_entries(ADAPTER_FILES, beside)
 
 
-def _stale_adapter_files(api: HfApi, repo_id: str, revision: str | None, uploaded: Sequence[str],
-                         allow_patterns: Sequence[str] | None, ignore_patterns: Sequence[str] | None) -> list[str]:
-    """The repo's adapter files that this push would upload (same patterns) but the folder does not hold."""
-    present = api.list_repo_files(repo_id, revision=revision, repo_type="model")
+def _stale_adapter_files(repo_files: Sequence[str], uploaded: Sequence[str], allow_patterns: Sequence[str] | None,
+                         ignore_patterns: Sequence[str] | None) -> list[str]:
+    """The repo's adapter files (of ``repo_files``) that this push would upload (same patterns) but the folder does
+    not hold."""
     uploaded_paths = set(uploaded)
-    candidates = [path for path in present if _is_adapter_file(path) and path not in uploaded_paths]
+    candidates = [path for path in repo_files if _is_adapter_file(path, repo_files) and path not in uploaded_paths]
     return list(filter_repo_objects(candidates, allow_patterns=allow_patterns, ignore_patterns=ignore_patterns))
 
 
@@ -247,17 +259,18 @@ def resolve_pretrained(
     With `subfolder`, the files are looked for in that subfolder of the folder or repo, and that subfolder is
     returned.
 
-    `name_or_path` is either an existing local directory (checked, then returned as is; `revision` and the Hub
-    options are ignored) or a Hub model repo id (`"namespace/name"`): the files are then downloaded into the Hub
-    cache (`cache_dir`, default `HF_HUB_CACHE`) and the cache's snapshot folder of the resolved commit is
-    returned. The download is one `snapshot_download(allow_patterns=[...])` (the revision, the file list, then
-    only the wanted files), sent with `library_name="m2ist"` and `library_version`; every file comes from the same
-    commit, even if the branch moves during the download. With `local_files_only=True` or `HF_HUB_OFFLINE=1` only
-    the cache is used.
+    `name_or_path` is either an existing local directory (checked, then returned as is; the Hub options are ignored,
+    and `revision` is refused: a folder has no revisions) or a Hub model repo id (`"namespace/name"`): the files are
+    then downloaded into the Hub cache (`cache_dir`, default `HF_HUB_CACHE`) and the cache's snapshot folder of the
+    resolved commit is returned. The download is one `snapshot_download(allow_patterns=[...])` (the revision, the
+    file list, then only the wanted files), sent with `library_name="m2ist"` and `library_version`; every file comes
+    from the same commit, even if the branch moves during the download. With `local_files_only=True` or
+    `HF_HUB_OFFLINE=1` only the cache is used.
 
     Raises:
         PretrainedNotFoundError (a FileNotFoundError): missing local files, unknown repo / revision / file,
             or offline and not cached; the message says how to fix it.
+        ValueError: a `revision` with a local folder, a file or subfolder name that leaves the folder ('..').
     """
     if isinstance(filenames, str) or isinstance(optional_filenames, str):
         raise TypeError("filenames and optional_filenames must be lists of file names, not a single string.")
@@ -268,8 +281,19 @@ def resolve_pretrained(
         subfolder = PurePosixPath(str(subfolder).replace("\\", "/")).as_posix().strip("/")
         if not subfolder or subfolder == "." or ".." in PurePosixPath(subfolder).parts:
             raise ValueError(f"subfolder={subfolder!r} must be a relative path inside the folder or repo, e.g. 'refcoco'.")
+    for name in (*filenames, *optional_filenames):
+        parts = PurePosixPath(str(name).replace("\\", "/")).parts
+        if not parts or parts[0] == "/" or ".." in parts:
+            raise ValueError(f"{name!r} is not a path inside the folder or repo: a file or subfolder name must be "
+                             "relative and hold no '..'; e.g. 'refcoco/m2ist_config.json'.")
     local = Path(name_or_path).expanduser()
     if local.is_dir():
+        if revision is not None:
+            raise ValueError(
+                f"'{name_or_path}' is a local folder ({local.absolute()}), which has no revisions: revision="
+                f"{revision!r} would be ignored and the folder's files loaded instead. Drop revision= to load the "
+                "folder, or, to load that revision of the Hub repo, run from another directory or rename the folder."
+            )
         return _check_local_folder(local / subfolder if subfolder else local, filenames)
     if local.exists():
         raise PretrainedNotFoundError(

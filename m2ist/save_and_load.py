@@ -22,6 +22,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import secrets
 import shutil
 import stat
@@ -66,6 +67,15 @@ RESERVED_ADAPTER_NAMES = ("checkpoint-*", "runs", "last-checkpoint", "tower_cach
 #: safetensors metadata key holding the SHA-256 of the file's tensor data.
 SHA256_KEY = "m2ist_sha256"
 _SAVING_SUFFIX = ".m2ist-saving"
+#: The weights (and PEFT adapter) files of another library's model: a folder or Hub repo holding one is that model's,
+#: and an adapter saved or pushed there would replace its tokenizer, processor and card; saves and pushes refuse it.
+FOREIGN_MODEL_PATTERNS = ("model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json",
+                          "pytorch_model.bin", "pytorch_model-*-of-*.bin", "pytorch_model.bin.index.json",
+                          "tf_model.h5", "flax_model.msgpack", "diffusion_pytorch_model.safetensors",
+                          "adapter_model.safetensors", "adapter_model.bin", "adapter_config.json")
+#: Processor and tokenizer files are an adapter's only beside the ``m2ist_processor.json`` that
+#: ``RECProcessor.save_pretrained`` always writes with them; without it they are someone else's and are kept.
+_PROCESSOR_OWNED = frozenset({*PROCESSOR_FILES, *TOKENIZER_FILES})
 
 
 def adapter_name_problem(name: object) -> str | None:
@@ -83,6 +93,38 @@ def adapter_name_problem(name: object) -> str | None:
         what = f"names matching {reserved!r} are" if "*" in reserved else f"the name {reserved!r} is"
         return (f"{what} reserved: such a subfolder is a trainer's checkpoint, log or cache folder, which pushes skip "
                 "and saves replace")
+    return None
+
+
+def foreign_model_files(names: Iterable[str]) -> list[str]:
+    """Those of ``names`` (the entries of a folder, or a repo's root files) that belong to another library's model
+    (:data:`FOREIGN_MODEL_PATTERNS`), sorted."""
+    return sorted(name for name in names if any(fnmatch.fnmatchcase(name, p) for p in FOREIGN_MODEL_PATTERNS))
+
+
+def owned_entries(owned: Iterable[str], present: Iterable[str]) -> set[str]:
+    """The names of ``owned`` that a new save may replace or delete in a folder holding ``present``: processor and
+    tokenizer files only beside an m2ist processor (``m2ist_processor.json``), so a tokenizer or image processor
+    saved there by someone else is never deleted."""
+    owned = set(owned)
+    return owned if PROCESSOR_CONFIG_NAME in set(present) else owned - _PROCESSOR_OWNED
+
+
+def save_folder_problem(folder: Path) -> str | None:
+    """Why an adapter cannot be saved into the existing folder ``folder``, or None."""
+    try:
+        present = [entry.name for entry in folder.iterdir()]
+        if os.path.ismount(folder) or os.stat(folder).st_dev != os.stat(folder.parent).st_dev:
+            return ("it is a mount point (a Docker volume, a network or cloud drive), which cannot be replaced as a "
+                    "whole as an adapter's folder is (atomically, so that it always holds one complete adapter). "
+                    f"Save into a folder inside it, e.g. {folder / 'adapter'}")
+    except OSError as err:
+        return f"it cannot be read ({err.strerror or err})"
+    foreign = foreign_model_files(present)
+    if foreign:
+        return (f"it holds another model ({', '.join(foreign[:4])}{', ...' if len(foreign) > 4 else ''}), whose "
+                "tokenizer, processor and card a saved adapter would replace. Save the adapter into a folder of its "
+                "own")
     return None
 
 
@@ -183,11 +225,16 @@ def save_folder_atomically(save_directory: str | os.PathLike, write: Callable[[P
     If ``write`` (or anything before the swap) fails, ``save_directory`` is untouched and the temporary folder is
     removed. Concurrent savers each swap in a complete folder; the last one wins. Returns ``save_directory``.
     """
-    folder = Path(os.path.abspath(save_directory))  # "." has no name and no sibling: use the full path
+    # the full path ("." has no name and no sibling), links resolved: a link to the folder stays a link, and the
+    # folder it points to is the one replaced
+    folder = Path(os.path.realpath(save_directory))
     if folder.exists() and not folder.is_dir():
         raise NotADirectoryError(f"Cannot save into {folder}: it is a file. Pass a folder (it is created if needed).")
     if folder.parent == folder:
         raise ValueError(f"Cannot save an adapter as the root folder {folder}: pass a folder inside it.")
+    problem = save_folder_problem(folder) if folder.is_dir() else None
+    if problem is not None:
+        raise ValueError(f"Cannot save into {save_directory}: {problem}; nothing was written.")
     folder.parent.mkdir(parents=True, exist_ok=True)
     cwd_is_folder = folder.is_dir() and os.path.samefile(os.getcwd(), folder)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=_SAVING_SUFFIX, dir=folder.parent))
@@ -204,7 +251,11 @@ def _swap_in(folder: Path, tmp: Path, write: Callable[[Path], object], owned: It
     """The body of :func:`save_folder_atomically`: fill ``tmp``, then swap it in for ``folder``."""
     os.chmod(tmp, 0o777 & ~_umask())
     write(tmp)
-    replaced = set(owned) | {entry.name for entry in tmp.iterdir()}
+    try:
+        present = [entry.name for entry in folder.iterdir()]
+    except OSError:
+        present = []
+    replaced = owned_entries(owned, present) | {entry.name for entry in tmp.iterdir()}
     for _ in range(100):  # retried only while other savers race for the same folder
         if not folder.exists():
             try:
@@ -321,10 +372,21 @@ def save_trainable_state(state: dict[str, torch.Tensor], path: Path) -> None:
     write_safetensors(path, state)
 
 
+def _redo_advice(path: Path) -> str:
+    """How to get a sound copy of ``path``: save it again, or, for a file of the Hub cache (which a load never
+    downloads again once there), delete the cache's copy so that the next load downloads it afresh."""
+    if re.search(r"(?:^|/)snapshots/[0-9a-f]{40}/", path.as_posix()):
+        blob = path.resolve()
+        copy = f"{path}" + (f" and the file it links to, {blob}" if blob != path.absolute() else "")
+        return (f"It is a copy in the Hub cache, which loading again would reuse: delete {copy}, then load again to "
+                "download it afresh.")
+    return "Save or download it again."
+
+
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     """Load a safetensors file, checking its SHA-256 when it records one; a truncated, corrupted or damaged file
     raises a one-line ``ValueError`` and nothing is loaded."""
-    advice = "nothing was loaded. Save or download it again."
+    advice = f"nothing was loaded. {_redo_advice(Path(path))}"
     try:
         if not Path(path).is_file():
             raise ValueError("not a regular file")
