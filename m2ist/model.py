@@ -14,6 +14,7 @@ import dataclasses
 import logging
 import os
 import shutil
+import struct
 import warnings
 import weakref
 from collections.abc import Sequence
@@ -36,6 +37,7 @@ from .save_and_load import (
     PROCESSOR_FILES,
     TOKENIZER_FILES,
     WEIGHTS_NAME,
+    _read_header,
     adapter_name_problem,
     load_trainable_state,
     save_folder_atomically,
@@ -836,10 +838,9 @@ class SideTunedModel(RECModel):
         PEFT, it is not activated; ``is_trainable=False`` leaves it in ``eval()`` until :meth:`set_adapter`."""
         from .hub import resolve_pretrained
 
-        prefix = f"{subfolder.strip('/')}/" if subfolder else ""
-        folder = resolve_pretrained(str(model_id), filenames=[prefix + CONFIG_NAME, prefix + WEIGHTS_NAME],
+        folder = resolve_pretrained(str(model_id), filenames=[CONFIG_NAME, WEIGHTS_NAME], subfolder=subfolder,
                                     revision=revision, token=token, cache_dir=cache_dir,
-                                    local_files_only=local_files_only, endpoint=endpoint) / prefix
+                                    local_files_only=local_files_only, endpoint=endpoint)
         saved = M2ISTConfig.from_json_file(folder / CONFIG_NAME)
         self._check_compatible(adapter_name, saved)
         measured = {f"{m}_{k}": None for m in (VISION, TEXT) for k in M2ISTConfig.TOWER_FIELDS}
@@ -1100,16 +1101,23 @@ def _cast_features(features: TowerFeatures, dtype: torch.dtype) -> TowerFeatures
         taps={kind: [t.to(dtype) for t in tensors] for kind, tensors in features.taps.items()})
 
 
+#: safetensors' dtype codes of the floating dtypes an adapter may be saved in.
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
+
+
 def _adapter_dtype(dtype: str | torch.dtype | None, weights: Path) -> torch.dtype | None:
     """The dtype asked for the side network and head: None (keep float32), a torch dtype, a name, or "auto"."""
     if dtype is None:
         return None
-    if dtype == "auto":
-        from safetensors import safe_open
-
-        with safe_open(str(weights), "pt") as handle:
-            keys = list(handle.keys())
-            return handle.get_tensor(keys[0]).dtype if keys else None
+    if dtype == "auto":  # the saved dtype, from the header alone: the file is verified when it is loaded
+        try:
+            header = _read_header(weights)
+        except (OSError, ValueError, UnicodeDecodeError, struct.error) as err:
+            raise ValueError(f"Cannot load {weights}: its safetensors header is damaged ({err}); nothing was loaded. "
+                             "Save or download it again.") from None
+        entries = [header[name] for name in sorted(header) if name != "__metadata__"]
+        saved = entries[0].get("dtype") if entries and isinstance(entries[0], dict) else None
+        return _SAFETENSORS_DTYPES.get(saved)
     if isinstance(dtype, str):
         name = dtype.removeprefix("torch.")
         if name not in DTYPES:

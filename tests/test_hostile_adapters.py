@@ -282,3 +282,29 @@ def test_set_adapter_in_inference_mode_activates_the_adapter_frozen() -> None:
     assert grads(model.side) == grads(model.head) == {True}
     model.set_adapter("default", inference_mode=True)
     assert not any(p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage header"])
+def test_dtype_auto_on_a_damaged_weights_file_is_one_clear_error(tmp_path: Path, damage: str) -> None:
+    """``from_pretrained(dtype="auto")`` reads the saved dtype from the header before the file is verified: a
+    damaged file is reported as such, in one line, not as a safetensors library error."""
+    model = make_model(seed=0)
+    model.save_pretrained(tmp_path / "adapter")
+    weights = tmp_path / "adapter" / WEIGHTS_NAME
+    weights.write_bytes(weights.read_bytes()[:5] if damage == "truncated" else b"\x10" + b"\x00" * 7 + b"{not json")
+    with pytest.raises(ValueError, match=r"Cannot load .*m2ist_model\.safetensors: its safetensors header is damaged"):
+        SideTunedModel.from_pretrained(tmp_path / "adapter", vision_model=model.vision_model,
+                                       text_model=model.text_model, dtype="auto")
+
+
+def test_load_adapter_subfolder_is_checked_and_named_as_from_pretrained_does(tmp_path: Path) -> None:
+    model = make_model(seed=0)
+    model.add_adapter("b", tiny_config())
+    model.save_pretrained(tmp_path / "saved")
+    fresh = make_model(seed=0)
+    fresh.load_adapter(tmp_path / "saved", "b", subfolder="/b/")  # slashes around a name are tolerated
+    with pytest.raises(ValueError, match=r"subfolder='\.\./saved' must be a relative path inside the folder"):
+        fresh.load_adapter(tmp_path / "saved", "c", subfolder="../saved")
+    with pytest.raises(FileNotFoundError, match="nope"):
+        fresh.load_adapter(tmp_path / "saved", "c", subfolder="nope")
+    assert fresh.list_adapters() == ["default", "b"]
