@@ -411,6 +411,11 @@ class M2ISTConfig:
             raise ValueError(f"{path} is not valid JSON ({err}): corrupted, or not an m2ist config.") from err
         if not isinstance(values, dict):
             raise ValueError(f"{path} holds a {type(values).__name__}, expected a JSON object of config values.")
+        missing = sorted({f.name for f in dataclasses.fields(cls)} - set(values))
+        if "config_version" in values and missing:  # save_pretrained writes every field with the version
+            logger.warning("M2ISTConfig: %s lacks %s, so the defaults are used (edited by hand, or written by an "
+                           "older m2ist?); a field that changes the computation, e.g. adapter_scale, changes the "
+                           "results.", path, missing)
         try:
             return cls.from_dict(values)
         except (TypeError, ValueError) as err:

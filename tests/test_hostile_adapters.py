@@ -308,3 +308,25 @@ def test_load_adapter_subfolder_is_checked_and_named_as_from_pretrained_does(tmp
     with pytest.raises(FileNotFoundError, match="nope"):
         fresh.load_adapter(tmp_path / "saved", "c", subfolder="nope")
     assert fresh.list_adapters() == ["default", "b"]
+
+
+def test_a_saved_config_missing_fields_says_which_defaults_it_takes(tmp_path: Path, caplog) -> None:
+    """A config that ``save_pretrained`` wrote (it carries ``config_version``) but that lacks fields was edited by
+    hand or written by an older m2ist: the defaults it takes are named, since some change the results."""
+    import logging
+
+    from m2ist import M2ISTConfig
+
+    path = tiny_config(adapter_scale=0.5).save_pretrained(tmp_path)
+    values = json.loads(path.read_text())
+    del values["adapter_scale"], values["side_dropout"]
+    path.write_text(json.dumps(values))
+    with caplog.at_level(logging.WARNING, logger="m2ist.config"):
+        assert M2ISTConfig.from_json_file(path).adapter_scale == M2ISTConfig().adapter_scale
+    assert "lacks ['adapter_scale', 'side_dropout'], so the defaults are used" in caplog.text
+    caplog.clear()
+    del values["config_version"]  # a hand-written partial config is the user's own choice of defaults
+    path.write_text(json.dumps(values))
+    with caplog.at_level(logging.WARNING, logger="m2ist.config"):
+        M2ISTConfig.from_json_file(path)
+    assert "lacks" not in caplog.text
