@@ -282,18 +282,18 @@ def load_models(adapters: Sequence[str] | None = None, **from_pretrained: Any) -
                 f"No adapter at {folder}: run `make demo` first (it trains one and saves it there), or pass "
                 "--adapter PATH_OR_REPO_ID.")
         adapters = [f"demo={folder}"]
+    specs = [_parse_adapter(spec) for spec in adapters]
+    names = [name for name, _ in specs]
+    if len(set(names)) != len(names):  # before loading anything
+        raise ValueError(f"Two adapters share a name ({names}); name them with --adapter NAME=PATH.")
     models = []
-    for spec in adapters:
-        name, target = _parse_adapter(spec)
+    for name, target in specs:
         model = SideTunedModel.from_pretrained(target, **from_pretrained)
         if getattr(model, "processor", None) is None:
             raise ValueError(f"The adapter {target} has no processor (m2ist_processor.json): save it with "
                              "`model.processor = processor` set, as `m2ist train` and `make demo` do.")
         model.eval()
         models.append((name, model))
-    names = [name for name, _ in models]
-    if len(set(names)) != len(names):
-        raise ValueError(f"Two adapters share a name ({names}); name them with --adapter NAME=PATH.")
     return models
 
 
@@ -435,7 +435,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                              "one `make demo` saved)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine "
                         "only; 0.0.0.0 opens it to the network)")
-    parser.add_argument("--port", type=int, default=None, help="port (default: 7860, or the next free one)")
+    parser.add_argument("--port", type=_port, default=None, help="port (default: 7860, or the next free one)")
     parser.add_argument("--examples", choices=("auto", "shapes", "none"), default="auto",
                         help="example images: the demo's procedural scenes ('shapes'), none, or 'auto': scenes when "
                              "no --adapter is given")
@@ -443,12 +443,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
+def _port(text: str) -> int:
+    """An argparse ``type``: a TCP port, 1 to 65535 (checked before any adapter is loaded)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid port {text!r}: give a number from 1 to 65535") from None
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"port {value} is out of range: give a number from 1 to 65535")
+    return value
+
+
 def run(args: argparse.Namespace) -> int:
     """Run ``m2ist app`` with parsed ``args``; returns the exit status."""
     try:
         models = load_models(args.adapter, local_files_only=args.local_files_only)
     except (FileNotFoundError, ValueError, OSError) as err:
-        print(f"m2ist app: {err}", file=sys.stderr)
+        print(f"m2ist app: {' '.join(str(err).split()) or type(err).__name__}", file=sys.stderr)
         return 1
     use_scenes = args.examples == "shapes" or (args.examples == "auto" and not args.adapter)
     examples = demo_examples() if use_scenes else None

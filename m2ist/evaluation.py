@@ -24,7 +24,7 @@ import logging
 import math
 import os
 import platform
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,18 +32,18 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from m2ist.card import WEIGHTS_SHA256_KEY
+from m2ist.card import TOWERS_USED_KEY, WEIGHTS_SHA256_KEY
 from m2ist.data.images import load_image
 from m2ist.data.sample import RECSample
 from m2ist.inference import eval_mode, forward_boxes_per_adapter, model_device, resolve_adapters, resolve_processor
 from m2ist.ops.boxes import box_convert, clip_boxes, paired_box_iou
-from m2ist.save_and_load import tensors_sha256
+from m2ist.save_and_load import atomic_write, tensors_sha256
 
 if TYPE_CHECKING:
     from m2ist.processing import RECProcessor
 
 __all__ = ["CLAMP_MODES", "RESULTS_FORMAT_VERSION", "ResultsWriteError", "accuracy_at_iou", "check_output_file", "evaluate",
-           "metric_name", "paired_iou", "write_results"]
+           "is_results_file", "metric_name", "paired_iou", "write_results"]
 
 logger = logging.getLogger(__name__)
 
@@ -157,7 +157,7 @@ class _EvalCollator:
         images, texts, boxes, image_ids, indices = [], [], [], [], []
         for position, item in enumerate(items):
             images.append(_field(item, "image", position, self.split))
-            texts.append(str(_field(item, "expression", position, self.split)))
+            expression = _field(item, "expression", position, self.split)
             box = _field(item, "box", position, self.split)
             if box is None:
                 raise ValueError(f"Split {self.split!r}: item {position} has no ground-truth box.")
@@ -167,6 +167,11 @@ class _EvalCollator:
                 values = []
             image_ids.append(item.get("image_id") if isinstance(item, Mapping) else getattr(item, "image_id", None))
             indices.append(item.get("index") if isinstance(item, Mapping) else None)
+            if not isinstance(expression, str):  # str(None) would score the phrase "None"
+                raise TypeError(f"{self._where(position, indices[-1], image_ids[-1])}: the expression is a "
+                                f"{type(expression).__name__} ({expression!r}), not text. Fix the data: every item "
+                                "needs its referring phrase as a string.")
+            texts.append(expression)
             if len(values) != 4:
                 raise ValueError(f"{self._where(position, indices[-1], image_ids[-1])}: the ground-truth box {box!r} "
                                  "is not 4 numbers (x0, y0, x1, y1).")
@@ -237,7 +242,20 @@ def _model_summary(model: nn.Module) -> dict[str, Any]:
     counts = getattr(model, "parameter_counts", None)
     if callable(counts):
         summary["parameters"] = counts()
+    used = _towers_used(model)
+    if used:
+        summary[TOWERS_USED_KEY] = used
     return summary
+
+
+def _towers_used(model: nn.Module) -> dict[str, dict[str, str | None]]:
+    """``{"vision"|"text": {"name_or_path", "commit"}}`` of the towers the model ran (identified once, when they
+    were wrapped): the ones given at load (``--vision-model``) may not be those its config records, and results
+    must say which produced them."""
+    ids = getattr(model, "tower_ids", None)
+    if not isinstance(ids, dict):
+        return {}
+    return {modality: {"name_or_path": name, "commit": commit} for modality, (name, commit) in ids.items()}
 
 
 def _measured_weights(model: nn.Module) -> dict[str, str]:
@@ -265,16 +283,47 @@ class ResultsWriteError(OSError):
         self.saved_to = saved_to
 
 
-def check_output_file(output_file: str | os.PathLike) -> Path:
+#: Largest existing file :func:`check_output_file` reads to tell whether it is a results file it may replace.
+_MAX_REPLACEABLE_BYTES = 1 << 30
+
+
+def is_results_file(path: str | os.PathLike) -> bool:
+    """Whether ``path`` holds results in :func:`evaluate`'s format (a JSON object with a ``metrics`` mapping)."""
+    return _json_file_is(path, lambda value: isinstance(value, Mapping) and isinstance(value.get("metrics"), Mapping))
+
+
+def _json_file_is(path: str | os.PathLike, test: Callable[[Any], bool]) -> bool:
+    """Whether ``path`` is a UTF-8 JSON file (at most 1 GiB) whose value passes ``test``."""
+    try:
+        if os.path.getsize(path) > _MAX_REPLACEABLE_BYTES:
+            return False
+        with open(path, encoding="utf-8") as stream:
+            return bool(test(json.load(stream)))
+    except (OSError, ValueError):
+        return False
+
+
+def check_output_file(output_file: str | os.PathLike, *,
+                      replaces: Callable[[Path], bool] | None = is_results_file) -> Path:
     """Raise an ``OSError`` naming the fix when ``output_file`` cannot become a results file (a folder, a path
-    under a file, an unwritable place); nothing is created. Returns it as a :class:`~pathlib.Path`."""
+    under a file, an unwritable place, a device or FIFO) or when it would overwrite a file that is not one: an
+    existing non-empty file is replaced only when ``replaces(path)`` says it is an earlier output (default:
+    :func:`is_results_file`; ``None`` replaces any regular file). Nothing is created. Returns it as a
+    :class:`~pathlib.Path`."""
     text = os.fspath(output_file)
     path = Path(text).expanduser()
     if path.is_dir() or text.endswith(("/", os.sep)):
         raise IsADirectoryError(f"The results file {text} is a folder; give a file name such as "
                                 f"{path / 'results.json'}.")
+    if path.exists() and not path.is_file():  # a device, FIFO or socket: replacing it would destroy it
+        raise FileExistsError(f"The results file {text} exists and is not a regular file (a device, FIFO or socket); "
+                              "give the path of a file.")
     if path.exists() and not os.access(path, os.W_OK):
         raise PermissionError(f"The results file {path} exists and is not writable; choose another path.")
+    if replaces is not None and path.is_file() and path.stat().st_size > 0 and not replaces(path):
+        raise FileExistsError(f"The results file {text} already exists and is not an earlier results file of this "
+                              "command (a data file, weights, an image?): it would be overwritten. Choose another "
+                              "path, or delete it first if it may go.")
     ancestor = path.absolute().parent
     while not ancestor.exists():
         ancestor = ancestor.parent
@@ -287,12 +336,11 @@ def check_output_file(output_file: str | os.PathLike) -> Path:
 
 
 def write_results(results: Mapping[str, Any], output_file: str | os.PathLike) -> Path:
-    """Write ``results`` as indented JSON (parent folders created, replaced atomically); return the path."""
+    """Write ``results`` as indented JSON (parent folders created); the file is replaced in one step, through a
+    temporary file of its own that a failure removes, so it is never seen half-written. Return the path."""
     path = check_output_file(output_file)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(_json_safe(results), indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    text = json.dumps(_json_safe(results), indent=2) + "\n"
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
     return path
 
 
@@ -356,6 +404,13 @@ def evaluate(
         check_output_file(output_file)  # before any forward pass: a bad path must not cost the evaluation
     processor = resolve_processor(model, processor)
     if isinstance(datasets, Mapping):
+        names_seen: dict[str, Any] = {}
+        for name in datasets:  # {1: a, "1": b} would keep one split and drop the other without a word
+            if str(name) in names_seen:
+                other = names_seen[str(name)]
+                raise ValueError(f"Splits {other!r} and {name!r} are both named {str(name)!r} in the results; give "
+                                 "the splits distinct names.")
+            names_seen[str(name)] = name
         splits = {str(name): _as_dataset(data, str(name)) for name, data in datasets.items()}
     else:
         splits = {DEFAULT_SPLIT_NAME: _as_dataset(datasets, DEFAULT_SPLIT_NAME)}

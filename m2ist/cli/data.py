@@ -43,6 +43,23 @@ def _eval_files(value: Any) -> dict[str, str]:
         files[name] = path
     return files
 
+def data_record(data: Mapping[str, Any]) -> dict[str, Any]:
+    """The data settings as results record them: local paths made absolute (``val.jsonl`` alone does not say which
+    file was scored once the results are read from another folder), ``eval_files`` as ``{split: file}``."""
+    from .settings import plain
+
+    def absolute(value: Any) -> Any:
+        return str(Path(value).expanduser().resolve()) if isinstance(value, str) and Path(value).expanduser().exists() \
+            else value
+
+    record = plain(data)
+    for key in ("data_root", "image_root", "train_file"):
+        if key in record:
+            record[key] = absolute(record[key])
+    if record.get("eval_files") is not None:  # the splits were loaded: the names are known to be distinct
+        record["eval_files"] = {name: absolute(path) for name, path in _eval_files(data["eval_files"]).items()}
+    return record
+
 def _split_list(value: Any) -> list[str]:
     if value is None:
         return []
@@ -62,6 +79,18 @@ def _hf_rows(data: Mapping[str, Any]) -> Any:
     if Path(source).is_dir() and any((Path(source) / n).is_file() for n in ("dataset_dict.json", "dataset_info.json")):
         return datasets.load_from_disk(source)
     return datasets.load_dataset(source, data.get("dataset"))
+
+def _sample_limit(data: Mapping[str, Any], key: str) -> int | None:
+    """``data[key]`` as a whole number >= 1, or None: a negative limit would slice samples off the end (``-1``
+    drops the last one), ``2.7`` would be cut to 2 and ``0`` would empty the split."""
+    value = data.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        flag = "--" + key.replace("_", "-")
+        raise CLIError(f"{flag} / data.{key} must be a whole number of expressions >= 1 (or null for all), got "
+                       f"{value!r}.")
+    return value
 
 def load_data_splits(data: Mapping[str, Any], role: str) -> dict[str, list]:
     """Load ``{split_name: list[RECSample]}`` for ``role`` ``"train"`` (one split) or ``"eval"`` with the loader
@@ -86,7 +115,7 @@ def load_data_splits(data: Mapping[str, Any], role: str) -> dict[str, list]:
         names = _split_list(data.get("eval_splits"))
         if not names and not files and fmt in SPLIT_FORMATS:
             names = ["val"]
-    limit = data.get("max_train_samples" if role == "train" else "max_eval_samples")
+    limit = _sample_limit(data, "max_train_samples" if role == "train" else "max_eval_samples")
 
     splits: dict[str, list] = {}
     if fmt in FILE_FORMATS:
@@ -133,5 +162,5 @@ def load_data_splits(data: Mapping[str, Any], role: str) -> dict[str, list]:
         if not samples:
             raise CLIError(f"The {name!r} split has no samples.")
         if limit is not None:
-            splits[name] = samples[: int(limit)]
+            splits[name] = samples[:limit]
     return splits

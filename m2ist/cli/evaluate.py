@@ -6,7 +6,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from .data import load_data_splits
+from .data import data_record, load_data_splits
+from .errors import refuse_dash
 from .flags import (
     HelpFormatter,
     add_adapter_flags,
@@ -17,9 +18,9 @@ from .flags import (
     examples,
     wrap,
 )
-from .loading import default_device, info, load_adapter
+from .loading import default_device, info, load_adapter, local_or_hub
 from .report import print_metrics
-from .settings import plain, settings_help
+from .settings import settings_help
 
 #: The line ``m2ist --help`` shows for this command.
 HELP = "score a saved adapter on REC splits (Acc@0.5, mean IoU) to JSON"
@@ -49,6 +50,7 @@ def run(settings: dict[str, dict[str, Any]], args: argparse.Namespace) -> int:
     output = evaluation.get("output_file")
     if output is None:
         output = Path(adapter) / "eval_results.json" if adapter and Path(adapter).is_dir() else Path("eval_results.json")
+    refuse_dash("--output", output, "give a file name for the JSON results (the table goes to stdout).")
     check_output_file(output)  # a bad --output fails now, not after the whole evaluation
     splits = load_data_splits(settings["data"], "eval")
     model, processor = load_adapter(settings)
@@ -58,7 +60,7 @@ def run(settings: dict[str, dict[str, Any]], args: argparse.Namespace) -> int:
                            device=default_device(evaluation), progress=bool(evaluation.get("progress", True)),
                            save_predictions=bool(evaluation.get("save_predictions", False)),
                            clamp=evaluation.get("clamp", "image"), num_workers=int(evaluation.get("num_workers", 0)),
-                           metadata={"adapter": str(adapter), "data": plain(settings["data"])})
+                           metadata={"adapter": local_or_hub(adapter), "data": data_record(settings["data"])})
     except ResultsWriteError as err:  # the scores are printed before the error that says where the file went
         print_metrics(err.results["metrics"])
         raise

@@ -120,13 +120,13 @@ def add_data_flags(parser: argparse.ArgumentParser, train: bool) -> None:
     _add(group, "--sentence-field", dest="data.sentence_field", choices=("sent", "raw"),
          help="refer/hf: normalised ('sent', default) or raw sentences")
     if train:
-        _add(group, "--max-train-samples", dest="data.max_train_samples", type=int, metavar="N",
+        _add(group, "--max-train-samples", dest="data.max_train_samples", type=positive_int, metavar="N",
              help="use only the first N training expressions")
         _add(group, "--skip-invalid", dest="data.skip_invalid", action="store_true",
              help="skip samples whose image cannot be read instead of stopping")
         _add(group, "--no-augment", dest="data.augment", action="store_false",
              help="train without TransVG's augmentations (crop, resize, jitter, flip, random placement)")
-    _add(group, "--max-eval-samples", dest="data.max_eval_samples", type=int, metavar="N",
+    _add(group, "--max-eval-samples", dest="data.max_eval_samples", type=positive_int, metavar="N",
          help="use only the first N expressions of each evaluation split")
 
 #: Choices of M2ISTConfig's string fields (the config validates against the same tuples).

@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from .errors import CLIError
+from .errors import CLIError, refuse_dash
 from .flags import HelpFormatter, add_adapter_flags, add_config_flags, add_evaluation_flags, add_tower_flags, examples, wrap
 from .loading import default_device, info, load_adapter
 from .settings import settings_help
@@ -57,6 +57,13 @@ def _draw_paths(draw: str, images: list[str]) -> dict[str, Path]:
     return {image: target.with_name(f"{target.stem}-{number}{target.suffix}") for number, image in enumerate(distinct)}
 
 
+def _image_format(path: Path) -> str:
+    """The Pillow format of ``path``'s extension (the temporary file it is written through has none)."""
+    from PIL import Image
+
+    return Image.registered_extensions()[path.suffix.lower()]
+
+
 def _same_file(first: Path, second: Path) -> bool:
     """Whether two paths name one file (same resolved path, or a link / hard link to it)."""
     if first.resolve() == second.resolve():
@@ -67,17 +74,30 @@ def _same_file(first: Path, second: Path) -> bool:
         return False
 
 
+def is_predictions_file(path: Path) -> bool:
+    """Whether ``path`` holds an earlier ``m2ist predict --output``: a JSON list of ``{image, text, box_xyxy}``."""
+    from m2ist.evaluation import _json_file_is
+
+    return _json_file_is(path, lambda value: isinstance(value, list) and all(
+        isinstance(record, dict) and "box_xyxy" in record for record in value))
+
+
 def _check_outputs(outputs: list[tuple[str, Path]], images: list[str]) -> None:
     """Refuse, before predicting, an output that is a folder or cannot be created, that would overwrite an input
-    image, or that two outputs share."""
+    image or (``--output``) a file that is not an earlier ``--output``, or that two outputs share."""
     from m2ist.evaluation import check_output_file
 
     for flag, path in outputs:
-        check_output_file(path)
         for image in images:
             if _same_file(path, Path(image)):
                 raise CLIError(f"{flag} {path} is the input image {image}: writing it would destroy the image. "
                                "Choose another output file.")
+        try:
+            check_output_file(path, replaces=is_predictions_file if flag == "--output" else None)
+        except FileExistsError as err:
+            raise CLIError(f"{flag} {path} already exists and is not an earlier `m2ist predict --output` (a data file, "
+                           "weights?): it would be overwritten. Choose another file, or delete it first if it may go."
+                           if path.is_file() else f"{flag} {path}: {err}") from None
     for index, (flag, path) in enumerate(outputs):
         for other_flag, other in outputs[index + 1 :]:
             if _same_file(path, other):
@@ -88,8 +108,13 @@ def run(settings: dict[str, dict[str, Any]], args: argparse.Namespace) -> int:
     """Predict one box per phrase and print them as JSON (optionally draw them)."""
     from m2ist.data.images import image_size
     from m2ist.inference import draw_boxes, predict_boxes
+    from m2ist.save_and_load import atomic_write
 
     images, texts = list(args.image), list(args.text)
+    if args.output:
+        refuse_dash("--output", args.output, "the JSON is printed on stdout already: drop --output.")
+    if args.draw:
+        refuse_dash("--draw", args.draw, "give an image file name, e.g. --draw boxes.png.")
     for number, text in enumerate(texts, start=1):
         try:
             text.encode("utf-8")
@@ -118,13 +143,11 @@ def run(settings: dict[str, dict[str, Any]], args: argparse.Namespace) -> int:
                for (image, text), box in zip(pairs, boxes.tolist())]
     output = json.dumps(records, indent=2, allow_nan=False)
     print(output)
-    if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(output + "\n", encoding="utf-8")
+    if args.output:  # replaced in one step: a failure never leaves it half-written
+        atomic_write(Path(args.output), lambda tmp: Path(tmp).write_text(output + "\n", encoding="utf-8"))
     for image, path in drawings.items():
         indices = [index for index, (source, _) in enumerate(pairs) if str(source) == image]
-        path.parent.mkdir(parents=True, exist_ok=True)
         drawn = draw_boxes(image, boxes[indices], texts=[pairs[i][1] for i in indices])
-        drawn.save(path)
+        atomic_write(path, lambda tmp, drawn=drawn, path=path: drawn.save(tmp, format=_image_format(path)))
         info(f"Drew {len(indices)} box(es) on {image} -> {path}")
     return 0

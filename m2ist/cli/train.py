@@ -9,8 +9,8 @@ from typing import Any
 
 import yaml
 
-from .data import load_data_splits
-from .errors import CLIError
+from .data import data_record, load_data_splits
+from .errors import CLIError, refuse_dash
 from .flags import (
     HelpFormatter,
     add_augmentation_flags,
@@ -68,6 +68,7 @@ def run(settings: dict[str, dict[str, Any]], args: argparse.Namespace) -> int:
     from m2ist.evidence.baselines import build_model
     from m2ist.model import SideTunedModel
     from m2ist.processing import RECProcessor
+    from m2ist.save_and_load import atomic_write
     from m2ist.trainer import train_rec
 
     _check_train_settings(settings)
@@ -81,6 +82,7 @@ def run(settings: dict[str, dict[str, Any]], args: argparse.Namespace) -> int:
     evaluation = settings["evaluation"]
     results_file = Path(evaluation.get("output_file") or Path(training_args.output_dir) / "eval_results.json")
     if eval_samples and evaluation.get("final_eval", True):
+        refuse_dash("--output", results_file, "give a file name for the JSON results (the table goes to stdout).")
         check_output_file(results_file)  # before training, not after it
 
     model_settings = settings["model"]
@@ -110,7 +112,8 @@ def run(settings: dict[str, dict[str, Any]], args: argparse.Namespace) -> int:
     trainer.save_model(str(output_dir))  # the trained tensors, the config and the processor
     if not trainer.is_world_process_zero():
         return 0
-    (output_dir / "m2ist_cli_config.yaml").write_text(yaml.safe_dump(plain(settings), sort_keys=False), encoding="utf-8")
+    settings_text = yaml.safe_dump(plain(settings), sort_keys=False)
+    atomic_write(output_dir / "m2ist_cli_config.yaml", lambda tmp: Path(tmp).write_text(settings_text, encoding="utf-8"))
     info(f"Saved the adapter and the processor to {output_dir}")
 
     if eval_sets and evaluation.get("final_eval", True):
@@ -122,7 +125,7 @@ def run(settings: dict[str, dict[str, Any]], args: argparse.Namespace) -> int:
                            num_workers=int(evaluation.get("num_workers", 0)),
                            device=evaluation.get("device") or None,  # default: where training left the model
                            save_predictions=bool(evaluation.get("save_predictions", False)),
-                           metadata={"adapter": str(output_dir), "data": plain(data)})
+                           metadata={"adapter": str(output_dir.resolve()), "data": data_record(data)})
         print_metrics(results["metrics"])  # first: the scores are shown even if the file cannot be written
         path = write_results(results, results_file)
         if isinstance(model, SideTunedModel) and path == output_dir / "eval_results.json":
