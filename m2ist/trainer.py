@@ -41,7 +41,7 @@ from transformers import EvalPrediction, Trainer, TrainingArguments
 from transformers.trainer import TRAINER_STATE_NAME, TRAINING_ARGS_NAME
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_pt_utils import get_parameter_names
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SaveStrategy, SchedulerType
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, IntervalStrategy, SaveStrategy, SchedulerType
 
 from .cache import CACHE_DTYPES, KEY_FIELDS, CachedViewsCollator, TowerCacheCollator, TowerFeatureCache, expected_records
 from .card import EVAL_RESULTS_NAME, WEIGHTS_SHA256_KEY, read_eval_results, write_model_card
@@ -96,6 +96,20 @@ RUN_SETTINGS_NAME = "m2ist_run.json"
 #: Values of ``RECTrainingArguments.tower_dtype``: ``"auto"``, a dtype name, or ``"keep"`` (leave the towers as they are).
 TOWER_DTYPES = ("auto", *DTYPES, "keep")
 _CHECKPOINT_PATTERN = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
+#: The metrics :class:`RECMetrics` reports; the Trainer adds ``loss`` and prefixes all with ``eval_[<set>_]``.
+REC_METRICS = (ACCURACY_METRIC, "miou", "loss_box", "loss_giou")
+#: ``TrainingArguments`` options made for classifiers or language models, which fail mid-run on an REC model (a
+#: ``KeyError: 'logits'`` at the first step, ...): ``(field, whether the value uses it, why and what to do)``.
+_UNSUPPORTED_OPTIONS: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
+    ("label_smoothing_factor", lambda value: value != 0,
+     "smooths classification logits, and an REC head regresses a box: leave it 0"),
+    ("neftune_noise_alpha", lambda value: value is not None,
+     "adds noise to a language model's input embeddings, which REC models do not expose: leave it None"),
+    ("train_sampling_strategy", lambda value: value == "group_by_length",
+     "groups items by token count, which REC items (image, expression, box) do not have: use 'random'"),
+)
+#: Metrics whose lower values are better (transformers guesses the direction from a name ending in ``loss`` only).
+_LOWER_IS_BETTER = ("loss", "loss_box", "loss_giou")
 
 
 class NonFiniteTrainingError(FloatingPointError):
@@ -185,8 +199,9 @@ class RECTrainingArguments(TrainingArguments):
         default=False,
         metadata={"help": "Resume from a checkpoint even when the run settings recorded in it (seed, batch size, "
                   "method, M2ISTConfig, cache dtype, training-set size) differ from this run's. By default such a "
-                  "resume is refused with the differences named. Learning rates, weight decay and the schedule "
-                  "cannot change on resume: the checkpoint's optimizer and scheduler states restore them."},
+                  "resume is refused with the differences named. Learning rates, weight decay, the optimizer and its "
+                  "settings (optim, optim_args, Adam betas and epsilon) and the schedule cannot change on resume: the "
+                  "checkpoint's optimizer and scheduler states restore them."},
     )
     metric_for_best_model: str | None = field(
         default=ACCURACY_METRIC,
@@ -221,6 +236,12 @@ class RECTrainingArguments(TrainingArguments):
             raise ValueError(f"tower_cache_views must be a whole number >= 0, got {self.tower_cache_views!r}.")
         if self.tower_dtype not in TOWER_DTYPES:
             raise ValueError(f"tower_dtype must be one of {TOWER_DTYPES}, got {self.tower_dtype!r}.")
+        for name, used, why in _UNSUPPORTED_OPTIONS:
+            if used(getattr(self, name, None)):
+                raise ValueError(f"{name}={getattr(self, name)!r} {why}.")
+        if self.greater_is_better is None and isinstance(self.metric_for_best_model, str) \
+                and self.metric_for_best_model.endswith(_LOWER_IS_BETTER):
+            self.greater_is_better = False  # transformers would keep the *highest* loss_giou / loss_box as best
         super().__post_init__()
         if self.lr_drop_epochs and self.lr_scheduler_type != SchedulerType.CONSTANT:
             raise ValueError(f"lr_drop_epochs={self.lr_drop_epochs} is a step schedule; it cannot be combined with "
@@ -507,16 +528,11 @@ class RECTrainer(Trainer):
             raise ValueError("save_strategy='best' saves a checkpoint when the evaluation metric improves, but there is "
                              "no evaluation data: pass eval_dataset (--eval-splits / --eval-file), or use "
                              "save_strategy='steps' or 'epoch'.")
-        metric = args.metric_for_best_model
-        if isinstance(eval_dataset, Mapping) and eval_dataset and metric is not None:
-            bare = metric.removeprefix("eval_")
-            if not any(bare.startswith(f"{name}_") for name in eval_dataset):
-                first = next(iter(eval_dataset))
-                args.metric_for_best_model = f"{first}_{bare}"
-                logger.info("metric_for_best_model=%r refers to the first evaluation set: using %r.", metric,
-                            args.metric_for_best_model)
         if kwargs.get("compute_metrics") is None:
             kwargs["compute_metrics"] = RECMetrics(model.config)
+        _refuse_empty_sets(_named_sets(eval_dataset))
+        if args.metric_for_best_model is not None:
+            args.metric_for_best_model = _resolve_best_metric(args, eval_dataset, kwargs["compute_metrics"])
         self.method = found
         self.eval_data_collator = eval_data_collator
         #: the optimizer ``create_optimizer`` built (None: none yet, or one passed in ``optimizers=``)
@@ -629,6 +645,7 @@ class RECTrainer(Trainer):
         train_dataset = self.train_dataset
         if train_dataset is None:
             raise ValueError("RECTrainer.train needs a train_dataset.")
+        _refuse_empty_sets(_named_sets(self.eval_dataset))  # before training, not at the first evaluation
         if _length(train_dataset) == 0:
             raise ValueError("The training set is empty: nothing to train on.")
         if resume_from_checkpoint is not None and resume_from_checkpoint is not False:
@@ -708,11 +725,15 @@ class RECTrainer(Trainer):
                    "(--set training.resume_allow_changes=true) to resume anyway.")
         if not self.args.resume_allow_changes:
             raise ValueError(message)
-        restored = [key for key in _RESTORED_BY_OPTIMIZER if key in saved and saved[key] != current.get(key)]
+        # the step schedule (a StepDropSchedule, 'constant') restores its warm-up; transformers' schedules do not
+        restored_keys = _RESTORED_BY_OPTIMIZER + (("warmup_steps",) if saved.get("lr_scheduler_type") == "constant"
+                                                  else ())
+        restored = [key for key in restored_keys if key in saved and saved[key] != current.get(key)]
         if restored and any((Path(checkpoint) / name).is_file() for name in ("optimizer.pt", "scheduler.pt")):
             raise ValueError(f"{checkpoint} cannot resume with another {', '.join(restored)}, even with "
                              "resume_allow_changes: its optimizer and scheduler states (optimizer.pt, scheduler.pt) "
-                             "restore the old values, so the new ones would be recorded but not used. Resume with the "
+                             "restore the old values (or do not load into another optimizer), so the new ones would "
+                             "be recorded but not used. Resume with the "
                              "old values, or start a new run from the checkpoint's weights "
                              "(SideTunedModel.from_pretrained(checkpoint, is_trainable=True)).")
         logger.warning("Resuming although %s", message.split(". Resume with")[0])
@@ -754,23 +775,26 @@ class RECTrainer(Trainer):
 
     # ------------------------------------------------------------------ data
     @contextlib.contextmanager
-    def _collator(self, collator: Callable | None) -> Iterator[None]:
-        saved = self.data_collator
+    def _evaluation_loader(self, collator: Callable | None) -> Iterator[None]:
+        """Build a loader with ``collator`` and without ``dataloader_drop_last``, a training setting: evaluation and
+        prediction score every sample (dropping the last partial batch would report metrics of a subset)."""
+        saved, drop_last = self.data_collator, self.args.dataloader_drop_last
         if collator is not None:
             self.data_collator = collator
+        self.args.dataloader_drop_last = False
         try:
             yield
         finally:
-            self.data_collator = saved
+            self.data_collator, self.args.dataloader_drop_last = saved, drop_last
 
     def get_eval_dataloader(self, eval_dataset: str | Dataset | None = None):
-        """The evaluation ``DataLoader``, built with ``eval_data_collator`` (no augmentation)."""
-        with self._collator(self.eval_data_collator):
+        """The evaluation ``DataLoader``, built with ``eval_data_collator`` (no augmentation), never dropping a batch."""
+        with self._evaluation_loader(self.eval_data_collator):
             return super().get_eval_dataloader(eval_dataset)
 
     def get_test_dataloader(self, test_dataset: Dataset):
-        """The prediction ``DataLoader``, built with ``eval_data_collator``."""
-        with self._collator(self.eval_data_collator):
+        """The prediction ``DataLoader``, built with ``eval_data_collator``, never dropping a batch."""
+        with self._evaluation_loader(self.eval_data_collator):
             return super().get_test_dataloader(test_dataset)
 
     # ------------------------------------------------------------------ optimizer and schedule
@@ -858,10 +882,20 @@ class RECTrainer(Trainer):
                  metric_key_prefix: str = "eval") -> dict[str, float]:
         """``Trainer.evaluate``; remembers the SHA-256 of the weights measured, which ``eval_results.json`` records so
         that a model card reports results only beside the weights they measured."""
+        data = self.eval_dataset if eval_dataset is None else eval_dataset
+        data = self.eval_dataset[data] if isinstance(data, str) and isinstance(self.eval_dataset, Mapping) else data
+        if not isinstance(data, str):  # a dict is checked set by set, as Trainer.evaluate calls this for each
+            _refuse_empty_sets({} if isinstance(data, Mapping) else
+                               {metric_key_prefix.removeprefix("eval").removeprefix("_") or "eval": data})
         metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
         model = self.accelerator.unwrap_model(self.model)
         self._evaluated_weights[self.state.global_step] = tensors_sha256(trainable_tensors(model))
         return metrics
+
+    def predict(self, test_dataset: Dataset, ignore_keys: list[str] | None = None, metric_key_prefix: str = "test"):
+        """``Trainer.predict``, refusing an empty dataset (which would return no predictions and no metrics)."""
+        _refuse_empty_sets({metric_key_prefix: test_dataset})
+        return super().predict(test_dataset, ignore_keys, metric_key_prefix)
 
     def _measured_weights(self, step: int) -> str | None:
         """The SHA-256 of the weights evaluated at ``step``: remembered by :meth:`evaluate`, or (for a run resumed
@@ -1071,6 +1105,49 @@ def _length(data: Any) -> int | None:
         return None
 
 
+def _named_sets(eval_dataset: Any, name: str = "eval") -> dict[str, Any]:
+    """``eval_dataset`` (one dataset, a dict of them, or None) as ``{name: dataset}``."""
+    if eval_dataset is None:
+        return {}
+    return dict(eval_dataset) if isinstance(eval_dataset, Mapping) else {name: eval_dataset}
+
+
+def _refuse_empty_sets(sets: Mapping[str, Any]) -> None:
+    """Refuse an evaluation set that is None or empty: the Trainer would score it without a word and report no
+    metric for it (and, for the set that ``metric_for_best_model`` names, fail only at the first evaluation)."""
+    for name, data in sets.items():
+        if data is None or _length(data) == 0:
+            raise ValueError(f"The evaluation set {name!r} is {'None' if data is None else 'empty'} (filtered to "
+                             "nothing?): it would give no results. Remove it from the evaluation sets, or fix its "
+                             "data or filter.")
+
+
+def _resolve_best_metric(args: RECTrainingArguments, eval_dataset: Any, compute_metrics: Any) -> str:
+    """``args.metric_for_best_model`` as the Trainer will look it up: a bare metric (``acc@0.5``) with several
+    evaluation sets refers to the first one (``val_acc@0.5``). With :class:`RECMetrics` (whose names are known) and
+    an evaluation during training, a metric the evaluation does not report is refused now rather than with a
+    ``KeyError`` at the first evaluation (after training); a custom ``compute_metrics`` is taken at its word."""
+    metric = args.metric_for_best_model
+    bare = metric.removeprefix("eval_")
+    sets = list(eval_dataset) if isinstance(eval_dataset, Mapping) else []
+    reported = ("loss",) if args.prediction_loss_only else \
+        ("loss", *REC_METRICS) if isinstance(compute_metrics, RECMetrics) else None
+    named = [name for name in sets if bare.startswith(f"{name}_")]
+    if reported is not None and any(bare[len(name) + 1:] in reported for name in named):
+        return metric
+    if sets and (bare in reported if reported is not None else not named):
+        resolved = f"{sets[0]}_{bare}"
+        logger.info("metric_for_best_model=%r refers to the first evaluation set: using %r.", metric, resolved)
+        return resolved
+    if reported is None or bare in reported or args.eval_strategy == IntervalStrategy.NO:
+        return metric
+    choices = [f"{name}_{m}" for name in sets for m in reported] if sets else list(reported)
+    why = " (prediction_loss_only=True reports only the loss)" if args.prediction_loss_only else ""
+    sets_note = f" for the evaluation sets {sets}" if sets else ""
+    raise ValueError(f"metric_for_best_model={metric!r} is not a metric the evaluation reports{why}: choose one of "
+                     f"{choices}{sets_note}. Lower is better for loss, loss_box and loss_giou.")
+
+
 def _non_finite_inputs(inputs: Mapping[str, Any]) -> str:
     """" The batch's labels hold non-finite values ..." when the inputs explain a non-finite loss, else ""."""
     bad = [key for key, value in inputs.items() if isinstance(value, torch.Tensor) and value.is_floating_point()
@@ -1083,14 +1160,14 @@ def _non_finite_inputs(inputs: Mapping[str, Any]) -> str:
 
 #: Run settings that a checkpoint's optimizer and scheduler states restore on resume (a change cannot apply).
 _RESTORED_BY_OPTIMIZER = ("learning_rate", "side_learning_rate", "weight_decay", "lr_scheduler_type", "lr_drop_epochs",
-                          "lr_drop_factor")
+                          "lr_drop_factor", "optim", "optim_args", "adam_beta1", "adam_beta2", "adam_epsilon")
 
 
 def run_settings(trainer: RECTrainer) -> dict[str, Any]:
     """The settings that define a training run, recorded in each checkpoint (``m2ist_run.json``) and compared when
-    resuming: learning rates and their schedule, seed, batch sizes, method, the trained adapter's name (M²IST's
-    active adapter), the model's M2ISTConfig (without the
-    recorded tower names; its ``backbone_dtype`` is the towers' dtype after ``args.tower_dtype``, so a run resumed
+    resuming: learning rates and their schedule, the optimizer and its settings, seed, batch sizes (and
+    ``dataloader_drop_last``), method, the trained adapter's name (M²IST's active adapter), the model's M2ISTConfig
+    (without the recorded tower names; its ``backbone_dtype`` is the towers' dtype after ``args.tower_dtype``, so a run resumed
     with its towers in another dtype is refused) and the training-set size. Epoch and step counts are left out:
     extending a run is fine."""
     args = trainer.args
@@ -1106,6 +1183,9 @@ def run_settings(trainer: RECTrainer) -> dict[str, Any]:
         "weight_decay": args.weight_decay, "lr_scheduler_type": str(getattr(args.lr_scheduler_type, "value",
                                                                             args.lr_scheduler_type)),
         "lr_drop_epochs": list(args.lr_drop_epochs), "lr_drop_factor": args.lr_drop_factor,
+        "warmup_steps": args.warmup_steps, "optim": str(getattr(args.optim, "value", args.optim)),
+        "optim_args": args.optim_args, "adam_beta1": args.adam_beta1, "adam_beta2": args.adam_beta2,
+        "adam_epsilon": args.adam_epsilon, "dataloader_drop_last": args.dataloader_drop_last,
         "seed": args.seed, "data_seed": args.data_seed, "per_device_train_batch_size": args.per_device_train_batch_size,
         "gradient_accumulation_steps": args.gradient_accumulation_steps, "world_size": args.world_size,
         "method": model_method(model), "adapter": trained_adapter(model), "m2ist_config": config_values,
@@ -1119,7 +1199,8 @@ def checkpoint_problems(folder: str | os.PathLike, *, needs_optimizer: bool = Tr
     """What a checkpoint folder lacks to be resumed from ("" when complete): the trained adapter's weights (readable,
     matching their SHA-256) and config (at the root, or in ``<adapter>/`` for an ``adapter`` other than
     ``"default"``), ``trainer_state.json`` (valid JSON; written last, so its absence means the save was cut short)
-    and, unless ``needs_optimizer`` is False, readable optimizer and scheduler states."""
+    and, unless ``needs_optimizer`` is False, readable optimizer and scheduler states (and RNG and scaler states,
+    where saved)."""
     folder = Path(folder)
     weights = adapter_folder(folder, adapter)
     where = "" if weights == folder else f"{adapter}/"
@@ -1147,6 +1228,9 @@ def checkpoint_problems(folder: str | os.PathLike, *, needs_optimizer: bool = Tr
                 problems.append(f"no {name}")
             elif not zipfile.is_zipfile(folder / name):
                 problems.append(f"{name} truncated or damaged")
+        for path in sorted([*folder.glob("rng_state*.pth"), *folder.glob("scaler.pt")]):  # optional, read on resume
+            if not zipfile.is_zipfile(path):
+                problems.append(f"{path.name} truncated or damaged")
     return ", ".join(problems)
 
 
