@@ -60,6 +60,7 @@ from .save_and_load import (
     read_safetensors,
     recorded_sha256,
     save_folder_atomically,
+    save_folder_problem,
     tensors_sha256,
     write_safetensors,
 )
@@ -522,6 +523,10 @@ class RECTrainer(Trainer):
         if not isinstance(model, SideTunedModel) and args.tower_dtype not in ("auto", "keep"):
             raise ValueError(f"tower_dtype={args.tower_dtype!r} casts frozen towers, but method {found!r} trains its "
                              "towers: use tower_dtype='auto' or 'keep' for baselines (or bf16=True for mixed precision).")
+        output_dir = Path(args.output_dir)
+        problem = save_folder_problem(output_dir.resolve()) if output_dir.is_dir() else None
+        if problem is not None:  # the final save would refuse it: say so before training, not after
+            raise ValueError(f"Cannot train into output_dir={args.output_dir!r}: {problem}.")
         args = copy.copy(args)  # the metric name may be resolved below; never change the caller's arguments
         eval_dataset = kwargs.get("eval_dataset")
         if args.save_strategy == SaveStrategy.BEST and not eval_dataset:

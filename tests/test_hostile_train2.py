@@ -136,3 +136,23 @@ def test_a_damaged_rng_state_makes_a_checkpoint_incomplete(checkpoints, tmp_path
     rng = checkpoint / "rng_state.pth"
     rng.write_bytes(rng.read_bytes()[:50])  # was a torch "PytorchStreamReader failed" traceback mid-resume
     assert checkpoint_problems(checkpoint) == "rng_state.pth truncated or damaged"
+
+
+def test_an_output_dir_the_final_save_would_refuse_is_refused_before_training(tmp_path, monkeypatch):
+    """A folder holding another model, or a mount point (a Docker volume root), cannot take the final save
+    (see save_folder_problem): that is said when the trainer is built, not after the training steps."""
+    import os
+
+    model = make_model(seed=0)
+    other = tmp_path / "bert"
+    other.mkdir()
+    (other / "model.safetensors").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"Cannot train into output_dir=.*bert.*holds another model \(model\.safetensors\)"):
+        RECTrainer(model, cpu_training_args(other, max_steps=1))
+    volume = tmp_path / "volume"
+    volume.mkdir()
+    real = os.path.ismount
+    monkeypatch.setattr(os.path, "ismount", lambda path: str(path) == str(volume) or real(path))
+    with pytest.raises(ValueError, match=r"Cannot train into output_dir=.*volume.*mount point"):
+        RECTrainer(model, cpu_training_args(volume, max_steps=1))
+    RECTrainer(model, cpu_training_args(tmp_path / "fresh", max_steps=1))  # a new or own folder is fine
