@@ -455,12 +455,9 @@ def _port(text: str) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run ``m2ist app`` with parsed ``args``; returns the exit status."""
-    try:
-        models = load_models(args.adapter, local_files_only=args.local_files_only)
-    except (FileNotFoundError, ValueError, OSError) as err:
-        print(f"m2ist app: {' '.join(str(err).split()) or type(err).__name__}", file=sys.stderr)
-        return 1
+    """Run ``m2ist app`` with parsed ``args``; returns the exit status. An adapter that cannot be loaded raises
+    (``FileNotFoundError``, ``ValueError``, ``OSError``): ``m2ist app`` reports it in one line, with exit status 2."""
+    models = load_models(args.adapter, local_files_only=args.local_files_only)
     use_scenes = args.examples == "shapes" or (args.examples == "auto" and not args.adapter)
     examples = demo_examples() if use_scenes else None
     serve(models, host=args.host, port=args.port, examples=examples)
@@ -471,7 +468,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``python -m m2ist.app``: the same as ``m2ist app``."""
     parser = add_arguments(argparse.ArgumentParser(prog="m2ist app", description=__doc__.split("\n")[0]))
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    return run(parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except (ValueError, OSError) as err:  # the same line and status as `m2ist app`
+        print(f"m2ist app: error: {' '.join(str(err).split()) or type(err).__name__}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -132,7 +132,9 @@ def test_missing_demo_adapter_says_to_run_make_demo(tmp_path, monkeypatch):
         m2ist_app.load_models(None)
     args = m2ist_app.add_arguments(argparse.ArgumentParser()).parse_args([])
     assert args.adapter is None and args.host == "127.0.0.1"
-    assert m2ist_app.run(args) == 1
+    with pytest.raises(FileNotFoundError, match="make demo"):
+        m2ist_app.run(args)
+    assert m2ist_app.main([]) == 2
 
 
 def test_cli_glue_loads_named_adapters_and_serves(adapter_dir, monkeypatch):
@@ -152,8 +154,9 @@ def test_m2ist_app_command_serves_the_named_adapter(adapter_dir, monkeypatch, ca
     monkeypatch.setattr(m2ist_app, "serve", lambda models, **kw: served.update(models=models, **kw))
     assert main(["app", "--adapter", f"mine={adapter_dir}", "--port", "7998"]) == 0
     assert [name for name, _ in served["models"]] == ["mine"] and served["port"] == 7998
-    assert main(["app", "--adapter", str(tmp_path / "missing")]) == 1
-    assert "missing" in capsys.readouterr().err
+    assert main(["app", "--adapter", str(tmp_path / "missing")]) == 2  # an expected error: one line, status 2
+    err = capsys.readouterr().err
+    assert err.startswith("m2ist app: error: ") and "missing" in err and err.count("\n") == 1
 
 
 def test_demo_examples_are_scenes_with_phrases(tmp_path):
