@@ -321,6 +321,9 @@ def _read_header(path: Path) -> dict[str, Any]:
         if len(head) < 8:
             raise ValueError(f"{path} is shorter than a safetensors header")
         (length,) = struct.unpack("<Q", head)
+        size = os.fstat(handle.fileno()).st_size
+        if length > size - 8:  # never trust the length enough to allocate it: a damaged file claims exabytes
+            raise ValueError(f"{path}: the safetensors header claims {length} bytes but the file has {size}")
         header = json.loads(handle.read(length).decode("utf-8"))
     if not isinstance(header, dict):
         raise ValueError(f"{path}: the safetensors header is not a JSON object")

@@ -216,3 +216,19 @@ def test_app_checks_its_port_and_adapter_names_before_loading(tmp_path, monkeypa
     with pytest.raises(ValueError, match="share a name"):
         app.load_models([f"a={tmp_path / 'one'}", f"a={tmp_path / 'two'}"])
     assert loaded == []
+
+
+def test_weights_that_are_not_safetensors_are_reported_as_damaged_not_allocated(workspace, capsys, tmp_path):
+    """A weights file holding text claims a header of exabytes: every reader of the header (the baseline check of
+    eval and predict, the card's SHA-256) refuses that length instead of allocating it, and the strict loader
+    names the damaged file in one line with exit status 2."""
+    from m2ist.save_and_load import recorded_sha256
+
+    adapter = tmp_path / "adapter"
+    shutil.copytree(workspace / "adapter", adapter)
+    weights = adapter / "m2ist_model.safetensors"
+    weights.write_bytes(b"this is not a safetensors file, only some text\n" * 10)
+    assert recorded_sha256(weights) is None
+    code, out, err = run_cli(capsys, *eval_args(workspace, adapter))
+    assert_one_line_error(code, err, str(weights), "corrupted or truncated", "header claims", exit_code=2)
+    assert out == ""

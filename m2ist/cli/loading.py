@@ -48,15 +48,16 @@ def _looks_like_repo_id(name: str) -> bool:
 
 def _refuse_baseline_checkpoint(folder: Path) -> None:
     """Baseline checkpoints (``--method full|adapter|lora``) hold tower tensors a side adapter cannot load: say so."""
-    from safetensors import safe_open
-
-    from m2ist.save_and_load import WEIGHTS_NAME
+    from m2ist.save_and_load import WEIGHTS_NAME, _read_header
 
     weights = folder / WEIGHTS_NAME
     if not weights.is_file():
         return
-    with safe_open(str(weights), "pt") as handle:
-        method = (handle.metadata() or {}).get("m2ist_method")
+    try:
+        metadata = _read_header(weights).get("__metadata__")
+    except (OSError, ValueError):  # a damaged file: the strict loader reports it, naming the file
+        return
+    method = metadata.get("m2ist_method") if isinstance(metadata, dict) else None
     if method not in (None, "m2ist"):
         raise CLIError(f"{folder} holds a {method!r} baseline checkpoint, not an M²IST side adapter; eval and predict "
                        "load side adapters. In Python: model = m2ist.evidence.baselines.build_model(vision, text, config, "
