@@ -37,7 +37,7 @@ from transformers import (
 )
 
 from m2ist.data.images import ImageLoadError, load_image
-from m2ist.data.loaders import box_values
+from m2ist.data.loaders import box_values, has_visible_text
 from m2ist.data.transforms import RECAugmentation, resize_long_side
 from m2ist.ops.boxes import box_convert, clip_boxes
 from m2ist.save_and_load import PIPELINE, PROCESSOR_CONFIG_NAME
@@ -159,6 +159,44 @@ def _three_floats(name: str, value: Any) -> tuple[float, float, float]:
     return (values[0], values[1], values[2])
 
 
+#: Limits of the processor's sizes: those of M2ISTConfig's ``image_size`` and ``max_query_len``.
+_CANVAS_LIMITS, _QUERY_LIMITS = (1, 16384), (2, 8192)
+
+
+def _whole_number(name: str, value: Any, limits: tuple[int, int]) -> int:
+    """``value`` as an int if it is a whole number within ``limits``; text, ``True``, ``7.9`` are refused (``int()``
+    would read ``7.9`` as 7 and a config's ``"12"`` as 12 silently)."""
+    low, high = limits
+    whole = isinstance(value, int | np.integer) or (isinstance(value, float | np.floating) and float(value).is_integer())
+    if isinstance(value, bool | np.bool_) or not whole or not low <= int(value) <= high:
+        raise ValueError(f"{name} must be a whole number from {low} to {high}, got {value!r}.")
+    return int(value)
+
+
+def _flag(name: str, value: Any) -> bool:
+    """``value`` if it is a boolean: ``bool("false")`` is ``True``."""
+    if not isinstance(value, bool | np.bool_):
+        raise ValueError(f"{name} must be true or false, got {value!r}.")
+    return bool(value)
+
+
+def _normalisation(image_mean: Any, image_std: Any) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
+    """Check ``image_mean``/``image_std``: finite, for pixel values in [0, 1]. A NaN turns every pixel into NaN, an
+    infinite std every image into zeros, and 0..255 statistics (``123.675``) flatten every image to one value."""
+    mean, std = _three_floats("image_mean", image_mean), _three_floats("image_std", image_std)
+    if not all(math.isfinite(value) for value in (*mean, *std)):
+        raise ValueError(f"image_mean and image_std must be finite numbers, got {mean} and {std}.")
+    if min(std) <= 0:
+        raise ValueError(f"image_std must be positive, got {std}.")
+    if not all(0.0 <= value <= 1.0 for value in mean) or max(std) > 1.0:
+        raise ValueError(
+            f"image_mean {mean} and image_std {std} must be statistics of pixel values in [0, 1] (ImageNet: mean "
+            f"{IMAGENET_MEAN}, std {IMAGENET_STD}); statistics of 0..255 values (mean 123.675) would flatten every "
+            "image to almost one value. Divide them by 255."
+        )
+    return mean, std
+
+
 # ---------------------------------------------------------------------------------------------- images
 def _decode_bytes(data: bytes, source: str) -> Image.Image:
     try:
@@ -252,13 +290,9 @@ class RECImageProcessor(BaseImageProcessor):
                  image_std: Sequence[float] | float = IMAGENET_STD, **kwargs: Any) -> None:
         kwargs.pop("image_processor_type", None)
         super().__init__(**kwargs)
-        if isinstance(canvas_size, bool) or int(canvas_size) != canvas_size or int(canvas_size) < 1:
-            raise ValueError(f"canvas_size must be a positive number of pixels, got {canvas_size}.")
-        self.canvas_size = int(canvas_size)
-        self.image_mean = list(_three_floats("image_mean", image_mean))
-        self.image_std = list(_three_floats("image_std", image_std))
-        if min(self.image_std) <= 0:
-            raise ValueError(f"image_std must be positive, got {tuple(self.image_std)}.")
+        self.canvas_size = _whole_number("canvas_size", canvas_size, _CANVAS_LIMITS)
+        mean, std = _normalisation(image_mean, image_std)
+        self.image_mean, self.image_std = list(mean), list(std)
 
     def preprocess(self, images: Any, return_tensors: str | None = "pt", **kwargs: Any) -> BatchFeature:
         """Letterbox a batch of images (paths, URLs, data URIs, PIL images, arrays or tensors) onto the canvas.
@@ -355,8 +389,8 @@ class RECProcessor(ProcessorMixin):
             raise TypeError(f"image_processor must be a RECImageProcessor, got {type(image_processor).__name__}.")
         elif given:
             raise ValueError(f"Pass {sorted(given)} to the RECImageProcessor, or no image_processor: not both.")
-        if isinstance(max_query_len, bool) or int(max_query_len) < 2:
-            raise ValueError(f"max_query_len must be >= 2 (room for [CLS] and [SEP]), got {max_query_len}.")
+        max_query_len = _whole_number("max_query_len", max_query_len, _QUERY_LIMITS)  # room for [CLS] and [SEP]
+        lowercase = _flag("lowercase", lowercase)
         if isinstance(augment, dict):
             augment = RECAugmentation.from_dict(augment)
         if augment is not None and not isinstance(augment, RECAugmentation):
@@ -454,9 +488,10 @@ class RECProcessor(ProcessorMixin):
         for index, (image, phrase) in enumerate(zip(images, texts)):
             if not isinstance(phrase, str):
                 raise TypeError(f"Phrase {index} must be a string, got {type(phrase).__name__}.")
-            if not phrase.strip():
-                raise ValueError(f"Phrase {index} is empty or only whitespace; give each image a referring phrase "
-                                 "(RECDataset drops such samples when it is built).")
+            if not has_visible_text(phrase):
+                raise ValueError(f"Phrase {index} is empty or shows nothing ({phrase!r}: only whitespace, control or "
+                                 "zero-width characters); give each image a referring phrase (RECDataset drops such "
+                                 "samples when it is built).")
             image = load_rec_image(image)
             width, height = image.size
             if boxes is not None:
@@ -479,6 +514,7 @@ class RECProcessor(ProcessorMixin):
             return_attention_mask=True,
             return_tensors="np",
         )
+        self._check_words(np.asarray(tokens["input_ids"]), np.asarray(tokens["attention_mask"]), final_texts)
         data: dict[str, Any] = {
             "pixel_values": pixel_values,
             "pixel_mask": pixel_mask,
@@ -492,6 +528,20 @@ class RECProcessor(ProcessorMixin):
         if return_tensors != "pt":
             data = {key: value.numpy() for key, value in data.items()}
         return BatchFeature(data, tensor_type=return_tensors)
+
+    def _check_words(self, input_ids: np.ndarray, attention_mask: np.ndarray, texts: list[str]) -> None:
+        """Refuse a phrase left with no token but the tokenizer's special ones (``[CLS]``, ``[SEP]``, padding): the
+        model would locate a box for no words. ``[UNK]`` counts as a word."""
+        special = set(self.tokenizer.all_special_ids) - {self.tokenizer.unk_token_id}
+        words = np.isin(input_ids, sorted(special), invert=True) & (attention_mask == 1)
+        empty = np.flatnonzero(~words.any(axis=1))
+        if empty.size:
+            index = int(empty[0])
+            raise ValueError(
+                f"Phrase {index} {texts[index]!r} leaves no word token with max_query_len={self.max_query_len}: the "
+                f"tokenizer drops all of its characters (accents or symbols only), or max_query_len leaves no room "
+                "beside the special tokens. Rewrite the phrase, or raise max_query_len."
+            )
 
     # ------------------------------------------------------------------ boxes
     def boxes_to_labels(self, boxes_xyxy: torch.Tensor, image_geometry: torch.Tensor | np.ndarray) -> torch.Tensor:
@@ -586,7 +636,10 @@ class RECProcessor(ProcessorMixin):
         processor: RECProcessor | None = None
         saved = _find_file(source, "processor_config.json", hub_kwargs)
         if saved is not None and json.loads(Path(saved).read_text(encoding="utf-8")).get("processor_class") == cls.__name__:
-            processor = super().from_pretrained(source, **tokenizer_kwargs)
+            try:
+                processor = super().from_pretrained(source, **tokenizer_kwargs)
+            except ValueError as err:  # a setting refused by the constructor: name the file that holds it
+                raise ValueError(f"{saved}: {err}") from err
         legacy = _find_file(source, PROCESSOR_CONFIG_NAME, hub_kwargs)
         recorded = json.loads(Path(legacy).read_text(encoding="utf-8")) if legacy is not None else {}
         if processor is None:
@@ -596,7 +649,10 @@ class RECProcessor(ProcessorMixin):
                 settings = {key: recorded[key] for key in _SETTINGS if recorded.get(key) is not None}
             elif vision_model_name_or_path is None:
                 logger.info("No vision model given: normalising images with ImageNet statistics.")
-            processor = cls(tokenizer, **settings)
+            try:
+                processor = cls(tokenizer, **settings)
+            except ValueError as err:
+                raise ValueError(f"{legacy}: {err}") from err
         expected_vocab = recorded.get(_VOCAB_SIZE_KEY) if isinstance(recorded, dict) else None
         if isinstance(expected_vocab, int) and len(processor.tokenizer) != expected_vocab:
             raise ValueError(

@@ -14,10 +14,10 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from m2ist.data.images import WHITE, DeferredImage, RGBColor, image_size, load_image
-from m2ist.data.loaders import box_values
+from m2ist.data.loaders import box_values, has_visible_text
 from m2ist.data.sample import RECSample
 
-__all__ = ["RECDataWarning", "RECDataset", "ValidationReport"]
+__all__ = ["RECDataWarning", "RECDataset", "ValidationReport", "check_annotated_size"]
 
 Box = tuple[float, float, float, float]
 Transform = Callable[[Image.Image, str, Box], Any]
@@ -38,7 +38,8 @@ class ValidationReport:
         num_clipped: kept samples whose box reached outside the image and was clipped to it.
         num_invalid_boxes: dropped: zero/negative width or height (after clipping), non-finite coordinates, or not
             four numbers.
-        num_empty_expressions: dropped: empty or whitespace-only expression.
+        num_empty_expressions: dropped: an expression with no visible character (empty, whitespace, control or
+            zero-width characters only: a tokenizer turns it into nothing).
         num_unreadable_images: skipped (``skip_invalid=True``): the image could not be found or read.
         unreadable_files: how many distinct image files those were.
         examples: a few offending samples per category, as readable strings.
@@ -72,6 +73,32 @@ def _clip(box: Box, width: float, height: float) -> Box:
     return (min(max(x0, 0.0), width), min(max(y0, 0.0), height), min(max(x1, 0.0), width), min(max(y1, 0.0), height))
 
 
+def check_annotated_size(sample: RECSample, size: tuple[int, int], *, where: str, exif_transpose: bool = False) -> None:
+    """Refuse a sample whose image is not the size its annotation file states (``sample.annotated_size``): its
+    box is in the annotated image's pixels, so on a resized copy (or another file) it marks the wrong place."""
+    stated = getattr(sample, "annotated_size", None)
+    if stated is None or tuple(stated) == tuple(size):
+        return
+    width, height = (int(value) for value in stated)
+    if (height, width) == tuple(size):
+        hint = (" The image is rotated by its EXIF orientation: the annotation's size is the stored pixel grid, so "
+                "use exif_transpose=False." if exif_transpose else " The file may have been rotated after annotation.")
+    else:
+        hint = (" Were the images resized (a downscaled copy of the dataset)? Use the original images, or scale the "
+                "boxes and the annotated sizes to the new images.")
+    metadata = sample.metadata if isinstance(sample.metadata, dict) else {}
+    source = metadata.get("source") or "the annotation"
+    raise ValueError(
+        f"{where}: {source} states a {width}x{height} image, but {_image_name(sample.image)} is "
+        f"{size[0]}x{size[1]}; its box {tuple(sample.box)} is in the annotated image's pixels and would mark the "
+        f"wrong place.{hint}"
+    )
+
+
+def _image_name(image: Any) -> str:
+    return str(image) if isinstance(image, str | Path | DeferredImage) else f"the {type(image).__name__} image"
+
+
 def _image_key(image: Any) -> Any:
     return str(image) if isinstance(image, str | Path) else id(image)
 
@@ -83,8 +110,11 @@ class RECDataset(Dataset):
 
     * a box reaching outside its image is clipped to it (one :class:`RECDataWarning` with the count);
     * a box with zero/negative width or height after clipping, with non-finite numbers or that is not four
-      numbers (text such as ``"1234"`` included), and an empty or whitespace-only expression are dropped (one
-      warning with counts and a few examples);
+      numbers (text such as ``"1234"`` included), and an expression with no visible character (empty, whitespace,
+      NUL, zero-width characters) are dropped (one warning with counts and a few examples);
+    * a sample whose image file is not the size its annotation states (``RECSample.annotated_size``, set by the
+      loaders from COCO/``instances.json``/record ``width`` and ``height``) raises, naming both sizes: its box is
+      in the annotated image's pixels (a resized copy of the images would shift every box);
     * an image that is missing or unreadable raises an error naming the file and the sample index; with
       ``skip_invalid=True`` such samples are skipped instead and counted in one warning at the end.
 
@@ -140,7 +170,7 @@ class RECDataset(Dataset):
             if not isinstance(sample, RECSample):
                 raise TypeError(f"samples[{index}] is a {type(sample).__name__}; RECDataset takes RECSample objects.")
             expression = sample.expression
-            if expression is None or (isinstance(expression, str) and not expression.strip()):
+            if expression is None or (isinstance(expression, str) and not has_visible_text(expression)):
                 report.num_empty_expressions += 1
                 note("empty_expression", _describe(index, sample))
                 continue
@@ -175,6 +205,8 @@ class RECDataset(Dataset):
                     report.num_unreadable_images += 1
                     note("unreadable", f"#{index}: {size}")
                     continue
+                check_annotated_size(sample, size, where=f"Sample {index} (image_id={sample.image_id!r})",
+                                     exif_transpose=self.exif_transpose)
                 clipped = _clip(box, *size)
                 if clipped != box:
                     report.num_clipped += 1
@@ -254,6 +286,8 @@ class RECDataset(Dataset):
         except _IMAGE_ERRORS as err:
             context = f"Sample {index} (source index {self.source_indices[index]}, image_id={sample.image_id!r})"
             raise _with_context(err, context) from err
+        check_annotated_size(sample, image.size, exif_transpose=self.exif_transpose, where=(
+            f"Sample {index} (source index {self.source_indices[index]}, image_id={sample.image_id!r})"))
         box = _clip(box_values(sample.box), *image.size)
         if box[2] <= box[0] or box[3] <= box[1]:
             raise ValueError(

@@ -28,10 +28,12 @@ from m2ist.data.loaders import (
     IMAGE_KEYS,
     TEXT_KEYS,
     Box,
+    annotated_size,
     boxes_to_xyxy,
     check_box_format,
     expressions_of,
     first_key,
+    index_unique,
     join_image_path,
     parse_box,
     read_text_file,
@@ -53,7 +55,8 @@ class _SampleBuilder:
     def __init__(self, *, box_format: str, normalized: bool) -> None:
         self.box_format = box_format
         self.normalized = normalized
-        self.pending: list[tuple[str, str, Any, dict[str, Any], Box, tuple[int, int] | None]] = []
+        Size = tuple[int, int] | None
+        self.pending: list[tuple[str, str, Any, dict[str, Any], Box, Size, Size]] = []
         self._size_cache: dict[str, tuple[int, int]] = {}
 
     def add(
@@ -66,38 +69,27 @@ class _SampleBuilder:
         metadata: dict[str, Any],
         size: tuple[int, int] | None = None,
     ) -> None:
+        annotated = size  # RECDataset checks it against the image file (downscaled copies, swapped files)
         if self.normalized and size is None:
             if image not in self._size_cache:
                 self._size_cache[image] = image_size(image)
             size = self._size_cache[image]
         for text in texts:
-            self.pending.append((image, text, image_id, dict(metadata), box, size))
+            self.pending.append((image, text, image_id, dict(metadata), box, size, annotated))
 
     def build(self) -> list[RECSample]:
         sizes = [entry[5] for entry in self.pending] if self.normalized else None
         boxes = boxes_to_xyxy([entry[4] for entry in self.pending], self.box_format, image_sizes=sizes)
         return [
-            RECSample(image=image, expression=text, box=box, image_id=image_id, metadata=metadata)
-            for (image, text, image_id, metadata, _, _), box in zip(self.pending, boxes)
+            RECSample(image=image, expression=text, box=box, image_id=image_id, metadata=metadata,
+                      annotated_size=annotated)
+            for (image, text, image_id, metadata, _, _, annotated), box in zip(self.pending, boxes)
         ]
 
 
 def _size_from(record: dict[str, Any], *, where: str, box_keys: tuple[str, ...] = ()) -> tuple[int, int] | None:
-    """The image size a record states in ``width``/``height`` (``None`` when it states none, or when those
-    columns are the box's own, as in a CSV with ``x,y,width,height`` columns)."""
-    if {"width", "height"} & set(box_keys):
-        return None
-    if record.get("width") in (None, "") or record.get("height") in (None, ""):
-        return None
-    try:
-        size = float(record["width"]), float(record["height"])
-    except (TypeError, ValueError):
-        size = (0.0, 0.0)
-    if not all(value >= 1 and value.is_integer() for value in size):
-        raise ValueError(f"{where}: the image width/height must be whole positive numbers of pixels, got "
-                         f"{record['width']!r}, {record['height']!r}. Fix them, or remove them to read the size from "
-                         "the image file.")
-    return int(size[0]), int(size[1])
+    """The image size a record states (see :func:`m2ist.data.loaders.annotated_size`)."""
+    return annotated_size(record, where=where, box_keys=box_keys)
 
 
 def _add_records(
@@ -130,7 +122,7 @@ def _add_records(
             box=box,
             image_id=record.get("image_id", Path(str(record[image_key])).name),
             metadata=metadata,
-            size=_size_from(record, where=where, box_keys=box_keys) if builder.normalized else None,
+            size=_size_from(record, where=where, box_keys=box_keys),
         )
 
 
@@ -195,13 +187,35 @@ def load_csv(
 
     reader = csv.DictReader(io.StringIO(read_text_file(path, "CSV file"), newline=""), delimiter=delimiter)
     try:
-        records = [(f"{path}:{reader.line_num}", dict(row)) for row in reader]
+        records = [(f"{path}:{reader.line_num}", _whole_row(row, reader, where=f"{path}:{reader.line_num}"))
+                   for row in reader]
     except csv.Error as err:
         raise ValueError(f"{path}:{reader.line_num}: not valid CSV ({err}).") from err
     builder = _SampleBuilder(box_format=box_format, normalized=normalized)
     _add_records(builder, records, image_root=Path(image_root) if image_root else path.parent, read_box=read_box,
                  allow_outside_image_root=allow_outside_image_root or image_root is None)
     return builder.build()
+
+
+def _whole_row(row: dict[Any, Any], reader: csv.DictReader, *, where: str) -> dict[str, Any]:
+    """A CSV row with exactly one value per header column. ``csv.DictReader`` files extra values under the key
+    ``None`` and fills missing ones with ``None``: a text with an unquoted delimiter would silently lose its end
+    (or shift the columns after it), so both are refused."""
+    header = list(reader.fieldnames or [])
+    duplicated = sorted({name for name in header if header.count(name) > 1})
+    if duplicated:
+        raise ValueError(f"{where.rsplit(':', 1)[0]}:1: the header names the column(s) {duplicated} twice; the later "
+                         "column would silently replace the earlier. Rename one of them.")
+    extra = row.get(None)
+    missing = [name for name in header if row.get(name) is None]
+    if extra is not None or missing:
+        count = len(header) + len(extra) if extra is not None else len(header) - len(missing)
+        raise ValueError(
+            f"{where}: {count} fields, but the header has {len(header)} ({','.join(header)}). Quote a field that "
+            f"contains the delimiter {reader.reader.dialect.delimiter!r} (\"the dog, left\"), or give every row all the "
+            "header's columns (an empty value is fine)."
+        )
+    return dict(row)
 
 
 def load_coco_style(
@@ -241,7 +255,7 @@ def load_coco_style(
     for position, ann in enumerate(data["annotations"]):
         if not isinstance(ann, dict) or "image_id" not in ann:
             raise ValueError(f"{path} annotations[{position}]: not an object with an 'image_id'.")
-    images = {image["id"]: image for image in data["images"]}
+    images = index_unique(data["images"], "id", where=f"{path} images")
     anns_by_image: dict[Any, list[dict[str, Any]]] = defaultdict(list)
     for ann in data["annotations"]:
         anns_by_image[ann.get("image_id")].append(ann)
@@ -261,7 +275,7 @@ def load_coco_style(
             box=parse_box(ann["bbox"], where=where),
             image_id=image.get("original_id", image["id"]),
             metadata=metadata,
-            size=_size_from(image, where=where) if normalized else None,
+            size=_size_from(image, where=where),
         )
 
     for position, ann in enumerate(data["annotations"]):

@@ -242,13 +242,15 @@ def _select_subsets(
     if requested is None:
         return {name for name, _ in subsets}, set()
     names = [name for name, _ in subsets if name is not None]
-    by_canonical = {canonical_split(name): name for name in names}
+    by_canonical: dict[str, set[str | None]] = {}
+    for name in names:  # {"val": ..., "validation": ...} are one split: take both
+        by_canonical.setdefault(canonical_split(name), set()).add(name)
     whole: set[str | None] = set()
     row_filter: set[str] = set()
     for wanted in requested:
         key = canonical_split(wanted)
         if key in by_canonical:
-            whole.add(by_canonical[key])
+            whole |= by_canonical[key]
         elif has_split_column:
             row_filter.add(key)
         elif style == "lmms-lab" and key == "train":

@@ -13,7 +13,8 @@ import json
 import math
 import os
 import re
-from collections.abc import Iterable, Sequence
+import unicodedata
+from collections.abc import Hashable, Iterable, Sequence
 from numbers import Real
 from os import PathLike
 from pathlib import Path
@@ -227,12 +228,20 @@ def first_key(row: dict[str, Any], keys: Sequence[str]) -> str | None:
 
 
 def normalize_split_request(split: str | Sequence[str] | None) -> list[str] | None:
-    """``None``/``"all"`` -> ``None`` (every split); a string or a list -> a list of split names."""
+    """``None``/``"all"`` -> ``None`` (every split); a string or a non-empty list of strings -> a list of split
+    names. An empty list (which would select nothing, silently) and names that are not strings are refused."""
     if split is None:
         return None
     if isinstance(split, str):
         return None if split.lower() == "all" else [split]
-    return list(split)
+    names = list(split)
+    if not names:
+        raise ValueError("split=[] selects no split at all; pass a split name (e.g. 'val'), a list of names, or "
+                         "None / 'all' for every split.")
+    wrong = [name for name in names if not isinstance(name, str)]
+    if wrong:
+        raise ValueError(f"split names must be strings, got {wrong[0]!r} in split={names!r}.")
+    return names
 
 
 _SPLIT_ALIASES = {"validation": "val", "valid": "val", "dev": "val"}
@@ -247,18 +256,64 @@ def canonical_split(name: str) -> str:
 def match_splits(requested: list[str], available: Iterable[str], *, source: str) -> set[str]:
     """Map requested split names onto the ones ``source`` has (``testa`` -> ``testA``) or say what exists."""
     available = sorted({str(name) for name in available})
-    by_canonical: dict[str, str] = {}
-    for name in available:
-        by_canonical.setdefault(canonical_split(name), name)
-    chosen = set()
+    by_canonical: dict[str, set[str]] = {}
+    for name in available:  # 'val' and 'validation' (or 'testA' and 'testa') are one split: take every spelling
+        by_canonical.setdefault(canonical_split(name), set()).add(name)
+    chosen: set[str] = set()
     for name in requested:
         match = by_canonical.get(canonical_split(name))
         if match is None:
             raise ValueError(f"{source} has no split {name!r}; available splits: {available}.")
-        chosen.add(match)
+        chosen |= match
     return chosen
 
 
 def is_finite_box(box: Sequence[float]) -> bool:
     """True when all four coordinates are finite numbers."""
     return all(math.isfinite(value) for value in box)
+
+
+#: Unicode categories of characters that show nothing: controls (NUL, ESC), format characters (zero-width space
+#: and joiners, byte-order mark, soft hyphen), surrogates, private-use and unassigned code points, and separators.
+_INVISIBLE_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zs", "Zl", "Zp"})
+
+
+def has_visible_text(text: str) -> bool:
+    """Whether ``text`` holds at least one character that shows (not whitespace, a control or a zero-width
+    character): ``"\\x00"``, ``"\\u200b"`` and ``" \\t"`` have none, and a tokenizer turns them into nothing."""
+    return any(unicodedata.category(char) not in _INVISIBLE_CATEGORIES for char in text)
+
+
+def annotated_size(record: Any, *, where: str, box_keys: Sequence[str] = ()) -> tuple[int, int] | None:
+    """The image size a record states in ``width``/``height`` (``None`` when it states none, or when those
+    are the box's own columns, as in a CSV with ``x,y,width,height`` columns); whole positive pixels or an error."""
+    if not isinstance(record, dict) or {"width", "height"} & set(box_keys):
+        return None
+    if record.get("width") in (None, "") or record.get("height") in (None, ""):
+        return None
+    try:
+        size = float(record["width"]), float(record["height"])
+    except (TypeError, ValueError):
+        size = (0.0, 0.0)
+    if not all(math.isfinite(value) and value >= 1 and value.is_integer() for value in size):
+        raise ValueError(f"{where}: the image width/height must be whole positive numbers of pixels, got "
+                         f"{record['width']!r}, {record['height']!r}. Fix them, or remove them to read the size from "
+                         "the image file.")
+    return int(size[0]), int(size[1])
+
+
+def index_unique(entries: Iterable[dict[str, Any]], key: str, *, where: str) -> dict[Any, dict[str, Any]]:
+    """``{entry[key]: entry}``, refusing two entries with one id (the later one would silently replace the earlier,
+    and every record naming that id would get its image or box) and ids that cannot be looked up (lists, dicts)."""
+    index: dict[Any, dict[str, Any]] = {}
+    positions: dict[Any, int] = {}
+    for position, entry in enumerate(entries):
+        value = entry[key]
+        if not isinstance(value, Hashable):
+            raise ValueError(f"{where}[{position}]: '{key}' is {value!r}; an id must be a number or a string.")
+        if value in index:
+            raise ValueError(f"{where}: entries {positions[value]} and {position} both have {key} {value!r}; ids must "
+                             "be unique (two files merged, or an entry duplicated). Remove or renumber one of them.")
+        index[value] = entry
+        positions[value] = position
+    return index

@@ -15,8 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from m2ist.data.loaders import (
+    annotated_size,
     boxes_to_xyxy,
     expressions_of,
+    index_unique,
     join_image_path,
     match_splits,
     normalize_split_request,
@@ -114,8 +116,8 @@ def load_refer(
             missing = [name for name in needed if not isinstance(entry, dict) or name not in entry]
             if missing:
                 raise ValueError(f"{instances_path} {key}[{position}]: no {' and no '.join(map(repr, missing))}.")
-    boxes_by_ann = {ann["id"]: ann["bbox"] for ann in instances.get("annotations", [])}
-    file_by_image = {image["id"]: image["file_name"] for image in instances.get("images", [])}
+    anns = index_unique(instances.get("annotations", []), "id", where=f"{instances_path} annotations")
+    images = index_unique(instances.get("images", []), "id", where=f"{instances_path} images")
 
     requested = normalize_split_request(split)
     wanted = None
@@ -125,20 +127,31 @@ def load_refer(
     if image_root is None:
         image_root = Path(root) / (_REFCLEF_IMAGE_DIR if dataset == "refclef" else _COCO_IMAGE_DIR)
 
-    rows: list[tuple[str, str, Any, dict[str, Any]]] = []
+    rows: list[tuple[str, str, Any, dict[str, Any], tuple[int, int] | None]] = []
     raw_boxes = []
     for ref in refs:
         if wanted is not None and str(ref.get("split")) not in wanted:
             continue
         where = f"{refs_path} ref_id={ref.get('ref_id')}"
         ann_id, image_id = ref.get("ann_id"), ref.get("image_id")
-        if ann_id not in boxes_by_ann:
-            raise ValueError(f"{where}: ann_id {ann_id} is not in {instances_path}.")
-        if image_id not in file_by_image:
-            raise ValueError(f"{where}: image_id {image_id} is not in {instances_path}.")
-        box = parse_box(boxes_by_ann[ann_id], where=where)
-        image_path = join_image_path(file_by_image[image_id], image_root,
+        try:
+            ann, image = anns.get(ann_id), images.get(image_id)
+        except TypeError:  # an id that is a list or a dict
+            ann = image = None
+        if ann is None:
+            raise ValueError(f"{where}: ann_id {ann_id!r} is not in {instances_path}.")
+        if image is None:
+            raise ValueError(f"{where}: image_id {image_id!r} is not in {instances_path}.")
+        if "image_id" in ann and ann["image_id"] != image_id:
+            raise ValueError(
+                f"{where}: the ref is on image {image_id!r} but its annotation {ann_id!r} is on image "
+                f"{ann['image_id']!r} in {instances_path}: the refs file and instances.json come from different "
+                "datasets (or versions). Use the instances.json shipped with this refs file."
+            )
+        box = parse_box(ann["bbox"], where=where)
+        image_path = join_image_path(image["file_name"], image_root,
                                      allow_outside_image_root=allow_outside_image_root, where=where)
+        size = annotated_size(image, where=f"{instances_path} image {image_id!r}")
         if ref.get("sentences") is None:
             raise ValueError(f"{where}: the ref has no 'sentences' (a list of sentence dicts); the refs file may be "
                              "damaged, download it again.")
@@ -158,10 +171,10 @@ def load_refer(
                 "sent_id": sent_id,
                 "category_id": ref.get("category_id"),
             }
-            rows.append((image_path, text, image_id, metadata))
+            rows.append((image_path, text, image_id, metadata, size))
             raw_boxes.append(box)
     boxes = boxes_to_xyxy(raw_boxes, "xywh")
     return [
-        RECSample(image=image, expression=text, box=box, image_id=image_id, metadata=metadata)
-        for (image, text, image_id, metadata), box in zip(rows, boxes)
+        RECSample(image=image, expression=text, box=box, image_id=image_id, metadata=metadata, annotated_size=size)
+        for (image, text, image_id, metadata, size), box in zip(rows, boxes)
     ]

@@ -27,6 +27,10 @@ class RECSample:
         box: ``(x0, y0, x1, y1)`` in absolute pixels of the original image (``xyxy``).
         image_id: an identifier of the image (used to group expressions and in result files).
         metadata: anything else the source provides (split, ref id, category, sentence id, ...).
+        annotated_size: the ``(width, height)`` the annotation file states for the image (COCO / ``instances.json``
+            ``images[].width/height``, a record's ``width``/``height``), or ``None``. The box is in that image's
+            pixels: :class:`~m2ist.data.RECDataset` refuses a sample whose image file has another size (a resized
+            copy of the images, another file under the same name).
     """
 
     image: ImageLike
@@ -34,3 +38,4 @@ class RECSample:
     box: tuple[float, float, float, float]
     image_id: str | int | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+    annotated_size: tuple[int, int] | None = None
