@@ -33,6 +33,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from m2ist.card import TOWERS_USED_KEY, WEIGHTS_SHA256_KEY
+from m2ist.data.dataset import check_annotated_size
 from m2ist.data.images import load_image
 from m2ist.data.sample import RECSample
 from m2ist.inference import eval_mode, forward_boxes_per_adapter, model_device, resolve_adapters, resolve_processor
@@ -119,10 +120,12 @@ class _SampleList(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         sample = self.samples[index]
+        where = f"Sample {index} (image_id={sample.image_id!r})"
         try:
             image = load_image(sample.image)
         except (OSError, ValueError, TypeError) as err:
-            raise type(err)(f"Sample {index} (image_id={sample.image_id!r}): {err}") from err
+            raise type(err)(f"{where}: {err}") from err
+        check_annotated_size(sample, image.size, where=where)  # a resized copy would score boxes at the wrong place
         return {"image": image, "expression": sample.expression, "box": tuple(sample.box),
                 "image_id": sample.image_id, "index": index}
 

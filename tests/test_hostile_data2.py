@@ -89,6 +89,10 @@ def test_an_image_whose_size_differs_from_the_annotated_one_is_refused(tmp_path)
     lazy = RECDataset(samples, validate_images=False)  # not read while building: checked when taken
     with pytest.raises(ValueError, match=r"Sample 0 .* 200x160 image, but .* is 100x80.* resized"):
         lazy[0]
+    from m2ist.evaluation import _as_dataset  # evaluate() on a plain list of samples: checked when scored
+
+    with pytest.raises(ValueError, match=r"Sample 0 \(image_id=1\): .* 200x160 image, but .* is 100x80"):
+        _as_dataset(samples, "val")[0]
 
     (tmp_path / "a.jsonl").write_text(json.dumps({"image": "a.jpg", "text": "x", "bbox": [1, 1, 9, 9],
                                                   "width": 80, "height": 100}) + "\n")
