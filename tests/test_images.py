@@ -200,3 +200,10 @@ def test_truncated_jpeg_fails_when_loaded_and_names_the_path(tmp_path):
     assert image_size(truncated) == (64, 64)  # the header alone is fine
     with pytest.raises(ImageLoadError, match=r"truncated\.jpg"):
         load_image(truncated)
+
+
+@pytest.mark.parametrize("image", [np.zeros((0, 5, 3), np.uint8), np.zeros((5, 0), np.uint8), Image.new("RGB", (0, 0))])
+def test_an_image_without_pixels_is_refused(image):
+    """Letterboxing and box scaling divide by the image's size: an empty one is refused, never a ZeroDivisionError."""
+    with pytest.raises(ValueError, match=r"is \d+x\d+ pixels: an image needs at least one pixel each way"):
+        load_image(image)

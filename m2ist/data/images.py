@@ -161,6 +161,26 @@ def load_image(image: Any, *, exif_transpose: bool = False, background: RGBColor
         ImageLoadError: the file cannot be decoded (the message names it).
         ValueError / TypeError: an array of unsupported shape, dtype or value range.
     """
+    rgb = _load_rgb(image, exif_transpose, background)
+    if rgb.width == 0 or rgb.height == 0:  # letterboxing and box scaling would divide by zero
+        raise ValueError(f"Image {_source_name(image)} is {rgb.width}x{rgb.height} pixels: an image needs at least "
+                         "one pixel each way.")
+    return rgb
+
+
+def _source_name(image: Any) -> str:
+    """How an error names the image given to :func:`load_image`."""
+    if isinstance(image, DeferredImage):
+        return image.describe()
+    if isinstance(image, str | PathLike):
+        return str(image)
+    if hasattr(image, "shape"):
+        return f"<{type(image).__name__} of shape {tuple(image.shape)}>"
+    return getattr(image, "filename", "") or "<in-memory image>"
+
+
+def _load_rgb(image: Any, exif_transpose: bool, background: RGBColor) -> Image.Image:
+    """The body of :func:`load_image`, before the size check."""
     if isinstance(image, DeferredImage):
         image = _open_deferred(image)
     if isinstance(image, str | PathLike):
