@@ -220,8 +220,9 @@ class RECTrainingArguments(TrainingArguments):
         if self.max_steps <= 0 and not self.num_train_epochs > 0:
             raise ValueError(f"num_train_epochs={self.num_train_epochs} with max_steps={self.max_steps} trains nothing: "
                              "give a positive number of epochs (or max_steps > 0).")
-        if self.side_learning_rate < 0:
-            raise ValueError(f"side_learning_rate must be >= 0, got {self.side_learning_rate}.")
+        for name in ("learning_rate", "side_learning_rate", "weight_decay"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}.")
         if not self.lr_drop_factor > 0:
             raise ValueError(f"lr_drop_factor must be > 0, got {self.lr_drop_factor}.")
         drops = list(self.lr_drop_epochs or [])

@@ -156,3 +156,9 @@ def test_an_output_dir_the_final_save_would_refuse_is_refused_before_training(tm
     with pytest.raises(ValueError, match=r"Cannot train into output_dir=.*volume.*mount point"):
         RECTrainer(model, cpu_training_args(volume, max_steps=1))
     RECTrainer(model, cpu_training_args(tmp_path / "fresh", max_steps=1))  # a new or own folder is fine
+
+
+@pytest.mark.parametrize("name", ["learning_rate", "side_learning_rate", "weight_decay"])
+def test_negative_rates_are_refused_naming_the_field(tmp_path, name):
+    with pytest.raises(ValueError, match=f"^{name} must be >= 0, got -0.001"):
+        cpu_training_args(tmp_path, **{name: -1e-3})
