@@ -19,6 +19,7 @@ from m2ist.data.transforms import (
     TRANSVG_RESIZE_CHOICES,
     RECAugmentation,
     has_location_word,
+    reads_english,
     resize_long_side,
     swap_left_right,
 )
@@ -288,6 +289,19 @@ def test_each_step_fires_at_its_probability() -> None:
     assert abs(np.mean([r.jitter_factors is not None for r in results]) - 0.8) < 0.1
     assert abs(np.mean([r.flipped for r in results]) - 0.5) < 0.1
     assert {max(r.image.size) for r in results} == set(aug.long_side_choices(16))
+
+
+@pytest.mark.parametrize("phrase", ["左边的狗", "le chien à gauche", "собака слева", "الكلب على اليسار"])
+def test_a_phrase_the_english_word_lists_cannot_read_is_never_cropped_or_flipped(phrase: str) -> None:
+    """The crop spares phrases with location words and the flip swaps "left"/"right": both read English, so a
+    phrase with other letters keeps its geometry (a flipped image under an unswapped "gauche" would be wrong)."""
+    aug = RECAugmentation(crop_p=1.0, hflip_p=1.0, seed=0)
+    image = Image.new("RGB", (12, 10))
+    english = aug(image, "a dog", (2, 2, 6, 6), 16)
+    assert english.flipped and english.crop_box is not None
+    other = aug(image, phrase, (2, 2, 6, 6), 16)
+    assert not reads_english(phrase) and not other.flipped and other.crop_box is None and other.text == phrase
+    assert reads_english("the dog, 2nd from the LEFT!")  # digits and punctuation are not letters
 
 
 def test_dataloader_workers_get_different_streams(monkeypatch: pytest.MonkeyPatch) -> None:

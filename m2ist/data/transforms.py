@@ -12,6 +12,10 @@ consistent. The pipeline, in order (each step a flag of :class:`RECAugmentation`
 4. horizontal flip (probability ``hflip_p``) of image and box, swapping "left" <-> "right" in the phrase;
 5. random placement of the resized image on the square canvas (the processor pads; test time centres it).
 
+The crop and the flip read English (the location words, the left/right swap): a phrase with letters outside ASCII
+(another script, accented words) is never cropped or flipped (:func:`reads_english`). For a dataset in another
+language written in ASCII letters, turn both off (``random_crop=False, hflip=False``).
+
 The geometry of each sample is kept as a per-axis affine map from original-image pixels to canvas pixels
 (``canvas = original * scale + offset``; a flip makes ``scale_x`` negative), so predicted boxes can always be
 mapped back to the original image.
@@ -37,6 +41,7 @@ __all__ = [
     "AugmentedSample",
     "RECAugmentation",
     "has_location_word",
+    "reads_english",
     "resize_long_side",
     "swap_left_right",
 ]
@@ -88,6 +93,13 @@ _LEFT_RIGHT_PATTERN = re.compile(
     r"(?<![A-Za-z])(top|bottom|upper|lower|far)?(left|right)(most|hand|side|wards?)?(?![A-Za-z])", re.IGNORECASE
 )
 _LEFT_RIGHT_SWAP = {"left": "right", "right": "left"}
+
+
+def reads_english(text: str) -> bool:
+    """Whether every letter of ``text`` is ASCII, the script :data:`LOCATION_WORDS` and :func:`swap_left_right`
+    read. A phrase with other letters (another script, accents) is never cropped or flipped: its location words
+    could not be seen, nor its "left" swapped, and the image would no longer match it."""
+    return all(char.isascii() for char in text if char.isalpha())
 
 
 def has_location_word(text: str) -> bool:
@@ -347,11 +359,11 @@ class RECAugmentation:
         do_crop = self.random_crop and gen.random() < self.crop_p
         long_side = gen.choice(self.long_side_choices(canvas_size)) if self.random_resize else canvas_size
         do_jitter = self.color_jitter and gen.random() < self.jitter_p
-        do_flip = self.hflip and gen.random() < self.hflip_p
+        do_flip = self.hflip and gen.random() < self.hflip_p and reads_english(text)
 
         crop_box = None
         shift_x = shift_y = 0.0  # original -> current image: current = original - shift
-        if do_crop and not has_location_word(text):
+        if do_crop and reads_english(text) and not has_location_word(text):
             crop_box = self._crop_around_box(image.width, image.height, box, self.crop_min_fraction, gen)
             image = image.crop(crop_box)
             shift_x, shift_y = float(crop_box[0]), float(crop_box[1])
