@@ -27,13 +27,18 @@ from tests.tiny import QUERY_LEN, tiny_config
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def workspace(tmp_path_factory) -> Path:
-    """Tiny towers and an untrained adapter (:func:`tests.test_hostile.build_workspace`), 60x40 images, JSONL."""
+def cli_workspace(root: Path) -> Path:
+    """Tiny towers and an untrained adapter (:func:`tests.test_hostile.build_workspace`), three 60x40 images
+    ``img<i>.png`` and ``val.jsonl``, in ``root``."""
     rng = np.random.default_rng(0)
     images = [Image.fromarray(rng.integers(0, 255, (40, 60, 3), dtype=np.uint8)) for _ in range(3)]
     rows = [{"image": f"img{i}.png", "text": "the red square", "bbox": [5 + i, 5, 20, 15]} for i in range(3)]
-    return build_workspace(tmp_path_factory.mktemp("hostile_cli"), images, rows, "val.jsonl")
+    return build_workspace(root, images, rows, "val.jsonl")
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> Path:
+    return cli_workspace(tmp_path_factory.mktemp("hostile_cli"))
 
 
 @pytest.fixture

@@ -12,7 +12,6 @@ import os
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -23,7 +22,8 @@ from m2ist.card import build_model_card, write_model_card
 from m2ist.cli import CLIError, load_data_splits
 from m2ist.data.sample import RECSample
 from m2ist.evaluation import evaluate, write_results
-from tests.test_hostile import assert_one_line_error, build_workspace, run_cli
+from tests.test_hostile import assert_one_line_error, run_cli
+from tests.test_hostile_cli import cli_workspace
 from tests.test_inference import FixedBoxModel, make_tokenizer
 from tests.tiny import QUERY_LEN, tiny_config
 
@@ -32,11 +32,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory) -> Path:
-    """Tiny towers, an untrained adapter that records them, three 60x40 images and ``val.jsonl``."""
-    rng = np.random.default_rng(0)
-    images = [Image.fromarray(rng.integers(0, 255, (40, 60, 3), dtype=np.uint8)) for _ in range(3)]
-    rows = [{"image": f"img{i}.png", "text": "the red square", "bbox": [5 + i, 5, 20, 15]} for i in range(3)]
-    return build_workspace(tmp_path_factory.mktemp("hostile_cli2"), images, rows, "val.jsonl")
+    return cli_workspace(tmp_path_factory.mktemp("hostile_cli2"))
 
 
 @pytest.fixture
@@ -168,10 +164,8 @@ def test_evaluate_refuses_split_names_that_collide_and_expressions_that_are_not_
 
 
 # ---------------------------------------------------------------------------------------------- 6. atomic writes
-def test_results_are_never_left_half_written(tmp_path, monkeypatch):
-    target = tmp_path / "r.json"
-    write_results({"metrics": {"val": {"acc@0.5": 0.5}}}, target)
-    before = target.read_text()
+def fill_the_disk_half_way(monkeypatch) -> None:
+    """From now on ``Path.write_text`` writes half of its text, then fails as a full disk does."""
     original = Path.write_text
 
     def dies_half_way(self, text, *args, **kwargs):
@@ -179,6 +173,13 @@ def test_results_are_never_left_half_written(tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(Path, "write_text", dies_half_way)
+
+
+def test_results_are_never_left_half_written(tmp_path, monkeypatch):
+    target = tmp_path / "r.json"
+    write_results({"metrics": {"val": {"acc@0.5": 0.5}}}, target)
+    before = target.read_text()
+    fill_the_disk_half_way(monkeypatch)
     with pytest.raises(OSError, match="No space left"):
         write_results({"metrics": {"val": {"acc@0.5": 0.75}}}, target)
     assert target.read_text() == before
@@ -189,13 +190,7 @@ def test_predict_output_is_never_left_half_written(workspace, capsys, tmp_path, 
     target = tmp_path / "p.json"
     assert run_cli(capsys, *predict_args(workspace, "--output", str(target)))[0] == 0
     before = target.read_text()
-    original = Path.write_text
-
-    def dies_half_way(self, text, *args, **kwargs):
-        original(self, text[: len(text) // 2], *args, **kwargs)
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(Path, "write_text", dies_half_way)
+    fill_the_disk_half_way(monkeypatch)
     code, out, err = run_cli(capsys, *predict_args(workspace, "--text", "the blue one", "--output", str(target)))
     assert_one_line_error(code, err, "No space left")
     assert json.loads(out)  # the JSON still reached stdout
