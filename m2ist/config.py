@@ -259,6 +259,11 @@ class M2ISTConfig:
     config_version: int = field(default=CONFIG_FORMAT_VERSION, metadata={"help": "Format version of this file."})
 
     TOWER_FIELDS: ClassVar[tuple[str, ...]] = ("model_type", "width", "depth")
+    #: Fields the model fills in (what the towers are, the file's version): recorded, never chosen by a user.
+    RECORDED_FIELDS: ClassVar[tuple[str, ...]] = (
+        *(f"{modality}_{key}" for modality in ("vision", "text")
+          for key in ("model_name_or_path", "revision", "model_type", "model_class", "dtype", "width", "depth")),
+        "config_version", "num_vision_tokens")
 
     def __post_init__(self) -> None:
         self.validate()

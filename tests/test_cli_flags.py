@@ -8,7 +8,6 @@ import json
 
 from m2ist.cli import build_augmentation, build_m2ist_config, build_parser, build_training_arguments, main, resolve_settings
 from m2ist.cli.flags import ALIASES, M2IST_CHOICES, HelpFormatter
-from m2ist.cli.settings import _RECORDED_FIELDS
 from m2ist.config import M2ISTConfig
 from m2ist.data.transforms import RECAugmentation
 from m2ist.trainer import RECTrainingArguments
@@ -35,16 +34,32 @@ def _help(capsys, command: str) -> str:
 
 def test_every_dataclass_field_is_a_flag_of_train():
     dests = _dests(_subparser("train"))
-    expected = ({f"m2ist.{name}" for name in _init_fields(M2ISTConfig) - set(_RECORDED_FIELDS)}
+    expected = ({f"m2ist.{name}" for name in _init_fields(M2ISTConfig) - set(M2ISTConfig.RECORDED_FIELDS)}
                 | {f"training.{name}" for name in _init_fields(RECTrainingArguments)}
                 | {f"augmentation.{name}" for name in _init_fields(RECAugmentation)})
     assert len(expected) > 150
     assert sorted(expected - set(dests)) == []
-    assert not {f"m2ist.{name}" for name in _RECORDED_FIELDS} & set(dests)  # the towers are recorded, not set
+    assert not {f"m2ist.{name}" for name in M2ISTConfig.RECORDED_FIELDS} & set(dests)  # the towers are recorded, not set
     for dest, action in dests.items():  # kebab-case, or the section in front where two sections share a name
         if dest.startswith(("m2ist.", "training.", "augmentation.")):
             section, name = dest.split(".", 1)
             assert {f"--{name.replace('_', '-')}", f"--{section}-{name.replace('_', '-')}"} & set(action.option_strings)
+
+
+def test_the_fields_a_model_fills_in_are_the_recorded_ones_and_no_flag_sets_them():
+    """What wrapping the towers writes into the config (their names, classes, dtypes, sizes) is recorded, not a
+    setting: a flag for it would let a run claim other towers than it trained on."""
+    import dataclasses
+
+    from m2ist import get_side_tuned_model
+    from tests.tiny import text_tower, tiny_config, vision_tower
+
+    model = get_side_tuned_model(vision_tower("vit"), text_tower("bert"), tiny_config())
+    filled = {f.name for f in dataclasses.fields(M2ISTConfig)
+              if getattr(model.config, f.name) != getattr(tiny_config(), f.name)}
+    assert {"vision_model_class", "vision_dtype", "text_model_class", "text_width"} <= filled
+    assert filled <= set(M2ISTConfig.RECORDED_FIELDS)
+    assert not {f"m2ist.{name}" for name in filled} & set(_dests(_subparser("train")))
 
 
 def test_choices_types_and_defaults_are_shown(capsys):

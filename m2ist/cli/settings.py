@@ -31,10 +31,6 @@ DATA_KEYS = ("format", "data_root", "dataset", "split_by", "image_root", "train_
 EVALUATION_KEYS = ("batch_size", "iou_thresholds", "output_file", "save_predictions", "clamp", "num_workers", "device",
                    "progress", "final_eval")
 # M2ISTConfig fields that record the towers (filled in by the model) or are measured: never set from the CLI.
-_RECORDED_FIELDS = ("vision_model_name_or_path", "vision_revision", "vision_model_type", "vision_width", "vision_depth",
-                    "text_model_name_or_path", "text_revision", "text_model_type", "text_width", "text_depth",
-                    "config_version", "num_vision_tokens")
-
 _SCIENTIFIC = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
 #: The sections each command reads (``--set`` refuses the others; config files may hold them all).
 COMMAND_SECTIONS = {"train": SECTIONS, "eval": ("model", "data", "evaluation"), "predict": ("model", "evaluation")}
@@ -94,7 +90,7 @@ def _dataclass_fields(cls: type) -> dict[str, dataclasses.Field]:
 def m2ist_fields() -> dict[str, dataclasses.Field]:
     from m2ist.config import M2ISTConfig
 
-    return {name: f for name, f in _dataclass_fields(M2ISTConfig).items() if name not in _RECORDED_FIELDS}
+    return {name: f for name, f in _dataclass_fields(M2ISTConfig).items() if name not in M2ISTConfig.RECORDED_FIELDS}
 
 def _augmentation_fields() -> dict[str, dataclasses.Field]:
     from m2ist.data.transforms import RECAugmentation
