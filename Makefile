@@ -2,7 +2,8 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# CPU wheel by default; set TORCH_SPEC="torch>=2.4" (or your CUDA index) on a GPU machine.
+# A pinned torch: the CPU wheel where the package index serves one (the project's machines do; PyPI's Linux wheel
+# bundles CUDA). Set TORCH_SPEC="torch>=2.4" (or your CUDA build) on a GPU machine.
 TORCH_SPEC ?= torch==2.13.0
 
 .PHONY: install test lint demo clean
