@@ -116,9 +116,11 @@ def test_load_adapter_refuses_a_subfolder_outside_the_folder(tmp_path: Path) -> 
     model = make_model()
     model.save_pretrained(tmp_path / "other" / "x")
     model.save_pretrained(tmp_path / "base")
-    with pytest.raises(ValueError, match=r"'\.\./other/x/m2ist_config.json' is not a path inside the folder"):
+    with pytest.raises(ValueError, match=r"subfolder='\.\./other/x' must be a relative path inside the folder"):
         model.load_adapter(tmp_path / "base", "z", subfolder="../other/x")
     assert model.list_adapters() == ["default"]
+    with pytest.raises(ValueError, match=r"'\.\./other/x/m2ist_config.json' is not a path inside the folder"):
+        resolve_pretrained(str(tmp_path / "base"), filenames=["../other/x/m2ist_config.json"])  # any caller
 
 
 def test_a_damaged_copy_in_the_hub_cache_names_the_files_to_delete(tmp_path: Path) -> None:
