@@ -10,6 +10,7 @@ text tower (frozen) ───taps───┘                                   
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import logging
 import os
@@ -56,6 +57,9 @@ LOAD_OVERRIDES = ("backbone_dtype", "side_dropout", "fusion_dropout")
 METHODS = ("m2ist", "full", "adapter", "lora")
 #: Which SideTunedModels hold each tower module (casting a shared tower changes every holder).
 _TOWER_HOLDERS: weakref.WeakKeyDictionary[nn.Module, weakref.WeakSet] = weakref.WeakKeyDictionary()
+#: The adapter being loaded by ``from_pretrained`` (None when building a new model): what was refused when it was
+#: trained is only warned about when it is loaded.
+_LOADING: contextvars.ContextVar[str | None] = contextvars.ContextVar("m2ist_loading", default=None)
 #: The adapter built with the model, saved at the root of the adapter folder (others go into ``<name>/``).
 DEFAULT_ADAPTER = "default"
 #: PEFT's name for "no adapter"; a REC model has no output without one, so it is refused as a name.
@@ -174,6 +178,113 @@ def _dummy_inputs(config: M2ISTConfig, vision_model: nn.Module, text_model: nn.M
     return vision, text
 
 
+_PROCESSOR_HINT = "prepare the batch with the adapter's processor (model(**processor(images, texts)))"
+
+
+@torch.compiler.disable  # reads values: runs eagerly under torch.compile, without a graph-break warning
+def check_model_inputs(pixel_values: Any, input_ids: Any, attention_mask: Any = None, pixel_mask: Any = None, *,
+                       image_size: int, max_query_len: int, vocab_size: int | None = None) -> None:
+    """Refuse, in one line naming the input and the fix, a batch the towers would misread silently or fail on deep
+    inside: images not ``(B, C, image_size, image_size)`` floats (channels-last, raw 0-255 bytes, another canvas
+    size, whose edge a ViT would silently crop or whose tokens the head would misplace), token ids that are not a
+    ``(B, L)`` integer tensor within the text tower's vocabulary and ``max_query_len``, image and text batches of
+    different sizes, masks of another shape, with values other than 0 and 1, a text mask padded on the left (the
+    processor pads on the right; positions would shift) or a sample with no token or no pixel left."""
+    for name, value in (("pixel_values", pixel_values), ("input_ids", input_ids)):
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(value).__name__}: {_PROCESSOR_HINT}.")
+    for name, value in (("attention_mask", attention_mask), ("pixel_mask", pixel_mask)):
+        if value is not None and not isinstance(value, torch.Tensor):
+            raise TypeError(f"{name} must be a tensor or None, got {type(value).__name__}: {_PROCESSOR_HINT}.")
+    canvas = (image_size, image_size)
+    if pixel_values.dim() != 4 or tuple(pixel_values.shape[-2:]) != canvas:
+        shape = tuple(pixel_values.shape)
+        hint = (" (channels last? use pixel_values.permute(0, 3, 1, 2))" if pixel_values.dim() == 4
+                and shape[1:3] == canvas and shape[3] <= 4 else "")
+        raise ValueError(f"pixel_values must be (batch, channels, {image_size}, {image_size}): the model's canvas is "
+                         f"{image_size}x{image_size} pixels (image_size), got {shape}{hint}; {_PROCESSOR_HINT}, "
+                         f"whose canvas_size is {image_size}.")
+    if not pixel_values.is_floating_point():
+        raise ValueError(f"pixel_values are {str(pixel_values.dtype).removeprefix('torch.')}, not normalised floats "
+                         f"(raw 0-255 pixels?); {_PROCESSOR_HINT}.")
+    if input_ids.dim() != 2 or input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
+        raise ValueError(f"input_ids must be a (batch, length) tensor of integer token ids, got {tuple(input_ids.shape)} "
+                         f"{str(input_ids.dtype).removeprefix('torch.')}; {_PROCESSOR_HINT}.")
+    batch = pixel_values.shape[0]
+    if batch == 0 or input_ids.shape[0] == 0:
+        raise ValueError("Empty batch: pass at least one image and one expression.")
+    if input_ids.shape[1] == 0:
+        raise ValueError(f"input_ids hold no token (shape {tuple(input_ids.shape)}): an expression says nothing; "
+                         f"{_PROCESSOR_HINT}.")
+    if input_ids.shape[0] != batch:
+        raise ValueError(f"pixel_values hold {batch} images but input_ids {input_ids.shape[0]} expressions: a batch pairs "
+                         "each expression with one image (repeat an image for several expressions).")
+    if input_ids.shape[1] > max_query_len:
+        raise ValueError(f"The text has {input_ids.shape[1]} tokens but the head was built for max_query_len="
+                         f"{max_query_len}: tokenize with max_length={max_query_len}, truncation=True.")
+    for name, mask, shape, like in (("attention_mask", attention_mask, tuple(input_ids.shape), "as input_ids"),
+                                    ("pixel_mask", pixel_mask, (batch, *canvas), "one value per pixel")):
+        if mask is not None and tuple(mask.shape) != shape:
+            raise ValueError(f"{name} must have the shape {shape} ({like}), got {tuple(mask.shape)}; {_PROCESSOR_HINT}.")
+    # per sample: [0] values other than 0 / 1, [1] nothing left (all zeros), [2] a token after padding (left padding)
+    problems = {name: _mask_problems(mask, ordered=name == "attention_mask")
+                for name, mask in (("attention_mask", attention_mask), ("pixel_mask", pixel_mask)) if mask is not None}
+    found = torch.cat([torch.stack([input_ids.min(), input_ids.max()]).long(),
+                       *(p.any(1).long().to(input_ids.device) for p in problems.values())]).tolist()
+    low, high = found[:2]
+    if isinstance(vocab_size, int) and (high >= vocab_size or low < 0):
+        raise ValueError(f"input_ids hold token ids outside the text tower's vocabulary (0..{vocab_size - 1}; got "
+                         f"{low}..{high}): the tokenizer does not belong to this text tower. Use the processor saved "
+                         "with the adapter.")
+    for offset, (name, per_sample) in zip(range(2, len(found), 3), problems.items(), strict=True):
+        for index, kind in enumerate(_MASK_PROBLEMS):
+            if found[offset + index]:
+                row = int(per_sample[index].nonzero()[0, 0])
+                raise ValueError(f"{name}[{row}] holds {kind}; {_PROCESSOR_HINT}.")
+
+
+#: What :func:`_mask_problems` finds, in its order.
+_MASK_PROBLEMS = ("values other than 0 and 1",
+                  "only zeros: a sample with nothing in it (an empty expression or image)",
+                  "padding before a token (padded on the left, as decoder tokenizers do): the towers and the head read "
+                  "positions from the left, so the boxes would depend on the padding; pad on the right "
+                  "(tokenizer.padding_side = 'right')")
+
+
+def _mask_problems(mask: torch.Tensor, ordered: bool) -> torch.Tensor:
+    """``(3, B)`` bool: per sample, whether ``mask`` holds values other than 0 and 1, only zeros, and (``ordered``:
+    a text mask) a 1 after a 0."""
+    on = (mask != 0).flatten(1)
+    left = on[:, 1:] & ~on[:, :-1] if ordered else torch.zeros_like(on[:, :1])
+    return torch.stack([((mask != 0) & (mask != 1)).flatten(1).any(1), ~on.any(1), left.any(1)])
+
+
+@torch.compiler.disable  # reads values: runs eagerly under torch.compile, without a graph-break warning
+def check_labels(labels: Any, batch: int) -> None:
+    """Refuse labels that are not one normalised ``(cx, cy, w, h)`` box per sample, ``(B, 4)`` with finite values in
+    [0, 1] and ``w, h > 0``, in one line naming the sample: a ``(4,)`` or ``(1, 4)`` box would be broadcast over the
+    batch, and ``xyxy`` or pixel boxes give a loss that trains towards nonsense. Non-finite values are left to
+    the trainer (``NonFiniteTrainingError`` names the step)."""
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be a tensor of (cx, cy, w, h) boxes, got {type(labels).__name__}.")
+    if tuple(labels.shape) != (batch, 4):
+        raise ValueError(f"labels must be ({batch}, 4): one normalised (cx, cy, w, h) box per sample of the batch, got "
+                         f"{tuple(labels.shape)} (a box of another shape would be broadcast over the batch).")
+    values = labels.detach().double()
+    bad = (values < -_LABEL_SLACK) | (values > 1 + _LABEL_SLACK)
+    bad[:, 2:] |= values[:, 2:] <= 0
+    bad &= torch.isfinite(values)
+    if bool(bad.any()):
+        row = int(bad.any(1).nonzero()[0, 0])
+        raise ValueError(f"labels[{row}] = {[round(v, 4) for v in values[row].tolist()]} is not a (cx, cy, w, h) box "
+                         "normalised by the canvas (values in [0, 1], w and h > 0): pixel or xyxy boxes? The "
+                         "processor's labels are normalised; processor.boxes_to_labels converts xyxy pixel boxes.")
+
+
+#: Rounding allowed around [0, 1] in labels (boxes clipped to the image, then normalised in float32).
+_LABEL_SLACK = 1e-4
+
+
 class RECModel(nn.Module):
     """Two towers and a REC head; subclasses decide how the towers' features reach the head."""
 
@@ -211,8 +322,47 @@ class RECModel(nn.Module):
         with torch.no_grad():
             self.vision_tower = Tower(vision_model, specs[0], VISION, vision_inputs, config.vision_taps)
             self.text_tower = Tower(text_model, specs[1], TEXT, text_inputs, config.text_taps)
+            self._check_canvas_seen(vision_inputs)
         self._tap_reports: tuple[TapReport, ...] = ()
         self.processor = None  # a RECProcessor, used by predict() and saved with the adapter when set
+
+    def _check_canvas_seen(self, vision_inputs: dict[str, torch.Tensor]) -> None:
+        """Refuse a canvas whose last pixel row and column the vision tower never sees (a ViT's patches, a
+        ConvNeXt's stem, that do not divide ``image_size`` leave its edge out): the labels and the head's grid span the
+        whole canvas, so every box would be slightly off and an object at the edge unseen. A tower at its own
+        ``config.image_size`` is used as its makers designed it and is not probed. When loading an adapter trained
+        this way (``from_pretrained``), only a warning."""
+        size = self.config.image_size
+        if self.vision_tower.native_size == (size, size):
+            return
+        try:
+            plain = self.vision_tower(vision_inputs).tokens
+            pixels = vision_inputs["pixel_values"].clone()
+            pixels[..., -1, :] += 1
+            pixels[..., :, -1] += 1
+            moved = self.vision_tower({**vision_inputs, "pixel_values": pixels}).tokens
+        except Exception:  # a tower that fails here fails the probe that follows, with its own message
+            return
+        if not torch.equal(plain, moved):
+            return
+        patch = getattr(self.vision_model.config, "patch_size", None)
+        patch = patch[0] if isinstance(patch, list | tuple) and patch else patch
+        try:
+            rows = self.vision_tower.grid_of(plain.shape[1], (size, size))[0]
+        except (ValueError, TypeError):
+            rows = None
+        # the tower's stride: its patch when the grid is the patches' (a ViT), else the canvas over the grid
+        stride = patch if isinstance(patch, int) and patch > 1 and size // patch == rows else \
+            size // rows if rows else None
+        fix = (f"use an image_size that its {stride}-pixel stride divides, e.g. {size // stride * stride} or "
+               f"{(size // stride + 1) * stride}" if stride and stride > 1 else "use an image_size its stride divides")
+        message = (f"The vision tower ({type(self.vision_model).__name__}) never sees the last pixel row and column of "
+                   f"the {size}x{size} canvas (image_size={size}): boxes are normalised by the whole canvas, so they "
+                   f"would be off and objects at its edge unseen; {fix}.")
+        if _LOADING.get() is None:
+            raise ValueError(message)
+        logger.warning("%s The adapter %s was trained this way; it loads, and gives the boxes it was trained to.",
+                       message, _LOADING.get())
 
     # ---------------------------------------------------------------------------------------------------------
     def _probe(self, kinds: list[str]) -> tuple[TowerFeatures, TowerFeatures, int, int]:
@@ -286,17 +436,14 @@ class RECModel(nn.Module):
         """Return ``(vision_tokens, vision_mask, text_tokens, text_mask)`` for the head."""
         raise NotImplementedError
 
-    @torch.compiler.disable  # reads values (.max()): runs eagerly under torch.compile, without a graph-break warning
-    def check_inputs(self, pixel_values: torch.Tensor, input_ids: torch.Tensor) -> None:
-        """Refuse, in one line, an empty batch and token ids the text tower has no embedding for (a tokenizer of
-        another tower), before they reach the towers as a deep ``IndexError``."""
-        if pixel_values.shape[0] == 0 or input_ids.shape[0] == 0:
-            raise ValueError("Empty batch: pass at least one image and one expression.")
-        vocab = getattr(self.text_model.config, "vocab_size", None)
-        if isinstance(vocab, int) and input_ids.numel() and (int(input_ids.max()) >= vocab or int(input_ids.min()) < 0):
-            raise ValueError(f"input_ids hold token ids outside the text tower's vocabulary (0..{vocab - 1}; got "
-                             f"{int(input_ids.min())}..{int(input_ids.max())}): the tokenizer does not belong to this "
-                             "text tower. Use the processor saved with the adapter.")
+    @torch.compiler.disable  # reads values (.tolist()): runs eagerly under torch.compile, without a graph-break warning
+    def check_inputs(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                     pixel_mask: torch.Tensor | None = None) -> None:
+        """Refuse, in one line naming the input and the fix, inputs the towers would misread silently or fail on
+        deep inside: see :func:`check_model_inputs`."""
+        check_model_inputs(pixel_values, input_ids, attention_mask, pixel_mask, image_size=self.config.image_size,
+                           max_query_len=self.config.max_query_len,
+                           vocab_size=getattr(self.text_model.config, "vocab_size", None))
 
     def forward(
         self,
@@ -309,11 +456,14 @@ class RECModel(nn.Module):
     ) -> RECModelOutput | tuple:
         """Predict one box per (image, expression); with ``labels`` ``(B, 4)`` (normalised cx, cy, w, h) also
         return the loss."""
-        self.check_inputs(pixel_values, input_ids)
+        self.check_inputs(pixel_values, input_ids, attention_mask, pixel_mask)
         vision_tokens, vision_mask, text_tokens, text_mask = self.encode(pixel_values, pixel_mask, input_ids,
                                                                          attention_mask)
         pred_boxes, patch_logits = self.head(vision_tokens, vision_mask, text_tokens, text_mask)
-        losses = rec_loss(pred_boxes, labels, self.config, patch_logits) if labels is not None else {}
+        losses = {}
+        if labels is not None:
+            check_labels(labels, pred_boxes.shape[0])
+            losses = rec_loss(pred_boxes, labels, self.config, patch_logits)
         output = RECModelOutput(pred_boxes=pred_boxes, patch_logits=patch_logits, **losses)
         return output if return_dict else output.to_tuple()
 
@@ -352,7 +502,8 @@ class RECModel(nn.Module):
         the active adapter runs: tower modules off the REC path (poolers, DETR's decoder) and inactive adapters are
         left out, so the trainable share is the method's, as the paper reports it."""
         unused = self._unused_parameters()
-        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad and id(p) not in unused)
+        trainable = sum(p.numel() for name, p in self.named_parameters()
+                        if p.requires_grad and id(p) not in unused and not name.startswith(INACTIVE_PREFIX))
         return trainable, sum(self.parameter_counts().values())
 
     def print_trainable_parameters(self) -> None:
@@ -580,7 +731,7 @@ class SideTunedModel(RECModel):
                        adapter_names: str | Sequence[str] | None = None) -> TowerFeatureSet:
         """Run both frozen towers once under ``no_grad`` and tap what the adapters ``adapter_names`` (one name or
         several; default: the active one) read: the union of their layers and tap kinds."""
-        self.check_inputs(pixel_values, input_ids)
+        self.check_inputs(pixel_values, input_ids, attention_mask, pixel_mask)
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names or [self._active_adapter])
         setups = [self._setup(name) for name in names]
         vision_layers = sorted({layer for setup in setups for layer in setup.vision_layers})
@@ -610,11 +761,30 @@ class SideTunedModel(RECModel):
         features; with ``labels`` also the loss (with that adapter's loss settings)."""
         name = adapter_name or self._active_adapter
         _, head = self._adapter_modules(name)
+        if self.training and torch.is_grad_enabled():
+            self._check_towers_frozen()
         pred_boxes, patch_logits = head(*self.side_tokens(features, name))
         config = self._setup(name).config
-        losses = rec_loss(pred_boxes, labels, config, patch_logits) if labels is not None else {}
+        losses = {}
+        if labels is not None:
+            check_labels(labels, pred_boxes.shape[0])
+            losses = rec_loss(pred_boxes, labels, config, patch_logits)
         output = RECModelOutput(pred_boxes=pred_boxes, patch_logits=patch_logits, **losses)
         return output if return_dict else output.to_tuple()
+
+    @torch.compiler.disable  # reads every tower parameter's flag: runs eagerly, without a graph-break warning
+    def _check_towers_frozen(self) -> None:
+        """Refuse to train with a tower that was unfrozen (``model.vision_model.requires_grad_(True)``, or
+        ``model.requires_grad_(True)``): the towers run under ``no_grad``, so it would never change while
+        ``print_trainable_parameters`` and the optimizer count it as trained."""
+        for modality, tower in ((VISION, self.vision_model), (TEXT, self.text_model)):
+            unfrozen = [name for name, p in tower.named_parameters() if p.requires_grad]
+            if unfrozen:
+                raise ValueError(
+                    f"The {modality} tower has {len(unfrozen)} parameter tensors that require grad (e.g. "
+                    f"{unfrozen[0]!r}), but a SideTunedModel's towers are frozen: they run under no_grad and would "
+                    f"never train. Freeze it again (model.{modality}_model.requires_grad_(False)); to fine-tune the "
+                    "towers, build a baseline (m2ist.evidence.baselines.build_model(..., method='full' or 'lora')).")
 
     def encode(self, pixel_values, pixel_mask, input_ids, attention_mask):
         """Run the frozen towers under ``no_grad``, collect the taps, run the active adapter's side network."""
@@ -873,6 +1043,28 @@ class SideTunedModel(RECModel):
             counts["head"] = sum(p.numel() for p in head.parameters())
         return counts
 
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        """``load_state_dict`` of a state dict taken while another adapter was active: its ``side.*`` / ``head.*`` keys
+        hold that adapter and ``inactive_adapters.<name>.*`` this model's active one, so they are renamed (in place,
+        before the submodules read them, as torch's own modules migrate old keys) and every adapter's weights land on
+        it, instead of two adapters trading weights (``strict=False``) or a long list of key differences."""
+        inactive = prefix + INACTIVE_PREFIX
+        present = {key[len(inactive):].split(".", 1)[0] for key in state_dict if key.startswith(inactive)}
+        names, active = set(self.adapter_setups), self._active_adapter
+        if active in present and present < names and len(names - present) == 1:
+            (theirs,) = names - present
+            mine, renamed = f"{INACTIVE_PREFIX}{active}.", {}
+            for key in [key for key in state_dict if key.startswith(prefix)]:
+                rest = key[len(prefix):]
+                if rest.startswith(("side.", "head.")):
+                    renamed[f"{inactive}{theirs}.{rest}"] = state_dict.pop(key)
+                elif rest.startswith(mine):
+                    renamed[prefix + rest[len(mine):]] = state_dict.pop(key)
+            state_dict.update(renamed)
+            logger.info("The state dict was taken with the adapter %r active: its weights were loaded into %r and the "
+                        "active adapter %r's into it.", theirs, theirs, active)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """The tensors that are saved: the side network's and the head's, never a tower's."""
         return {k: v for k, v in self.state_dict().items() if k.startswith(("side.", "head."))}
@@ -1049,8 +1241,12 @@ class SideTunedModel(RECModel):
         vision_model = vision_model or _load_recorded_tower(saved, VISION, trust_remote_code, hub, name_or_path)
         text_model = text_model or _load_recorded_tower(saved, TEXT, trust_remote_code, hub, name_or_path)
         measured = {f"{m}_{k}": None for m in (VISION, TEXT) for k in M2ISTConfig.TOWER_FIELDS}
-        model = cls(vision_model, text_model,
-                    dataclasses.replace(saved, **kwargs, **measured, num_vision_tokens=None))
+        loading = _LOADING.set(str(name_or_path))
+        try:
+            model = cls(vision_model, text_model,
+                        dataclasses.replace(saved, **kwargs, **measured, num_vision_tokens=None))
+        finally:
+            _LOADING.reset(loading)
         mismatches = saved.tower_mismatches(model.config)
         if saved.num_vision_tokens not in (None, model.config.num_vision_tokens):
             mismatches.append(f"num_vision_tokens: saved {saved.num_vision_tokens}, given "
