@@ -1072,7 +1072,7 @@ class SideTunedModel(RECModel):
     def save_pretrained(self, save_directory: str | os.PathLike, *, model_card: bool = True,
                         repo_id: str | None = None, selected_adapters: Sequence[str] | None = None,
                         is_main_process: bool = True, safe_serialization: bool = True,
-                        save_function: Any = None) -> Path:
+                        save_function: Any = None, card_tags: Sequence[str] = ()) -> Path:
         """Write ``m2ist_config.json``, ``m2ist_model.safetensors`` (side + head only), a model card and, when
         ``model.processor`` is set, the processor (tokenizer files, ``processor_config.json``).
 
@@ -1083,7 +1083,8 @@ class SideTunedModel(RECModel):
 
         The card (``README.md``) documents the root adapter (or, when the folder has none, the active adapter in its
         subfolder); it is updated when the folder already has one (its text and metadata are kept); ``repo_id`` is
-        the Hub repo it is for (``push_to_hub`` passes it), shown in its usage snippet.
+        the Hub repo it is for (``push_to_hub`` passes it), shown in its usage snippet; ``card_tags`` are added to its
+        tags (``push_to_hub(tags=...)`` passes them).
 
         The folder is replaced as a whole (see :func:`m2ist.save_and_load.save_folder_atomically`): it always holds
         one complete adapter, the old or the new one, even with concurrent savers or a save that fails half-way;
@@ -1099,11 +1100,15 @@ class SideTunedModel(RECModel):
                              "(a pickled file can run code when loaded). Drop the argument.")
         if not is_main_process:
             return target
+        if isinstance(card_tags, str) or not all(isinstance(tag, str) and tag.strip() for tag in card_tags):
+            raise TypeError(f"tags must be a list of non-empty strings, got {card_tags!r}.")
         return save_folder_atomically(save_directory, lambda folder: self.write_adapter_files(
-            folder, model_card, repo_id=repo_id, previous=target, selected_adapters=selected_adapters))
+            folder, model_card, repo_id=repo_id, previous=target, selected_adapters=selected_adapters,
+            card_tags=card_tags))
 
     def write_adapter_files(self, folder: Path, model_card: bool = True, *, repo_id: str | None = None,
-                            previous: Path | None = None, selected_adapters: Sequence[str] | None = None) -> None:
+                            previous: Path | None = None, selected_adapters: Sequence[str] | None = None,
+                            card_tags: Sequence[str] = ()) -> None:
         """Write the adapters' files into an existing ``folder`` as they come (``save_pretrained`` calls this on a
         temporary folder that it then swaps in whole: use ``save_pretrained``). ``previous`` is the folder being
         replaced: its card and measured results are carried over (the card is updated rather than replaced), and so
@@ -1136,7 +1141,7 @@ class SideTunedModel(RECModel):
             subject = self.card_subject(folder, names)
             if subject is not None:
                 config, counts, subfolder = subject
-                write_model_card(folder, config, counts, repo_id=repo_id, subfolder=subfolder)
+                write_model_card(folder, config, counts, repo_id=repo_id, subfolder=subfolder, tags=list(card_tags))
 
     def card_subject(self, folder: Path,
                      written: Sequence[str]) -> tuple[M2ISTConfig, dict[str, int], str | None] | None:
@@ -1153,18 +1158,20 @@ class SideTunedModel(RECModel):
         name = self._active_adapter if self._active_adapter in written else written[0]
         return self.adapter_setups[name].config, self.parameter_counts(name), name
 
-    def push_to_hub(self, repo_id: str, *, commit_message: str = "Upload M²IST side adapter", private: bool | None = None,
-                    token: str | None = None, revision: str | None = None, create_pr: bool = False,
-                    endpoint: str | None = None) -> str:
+    def push_to_hub(self, repo_id: str, *, commit_message: str = "Upload M²IST side adapter",
+                    commit_description: str | None = None, private: bool | None = None, token: str | None = None,
+                    revision: str | None = None, create_pr: bool = False, endpoint: str | None = None,
+                    tags: Sequence[str] | None = None) -> str:
         """Save into a temporary folder and upload the adapter's files to ``repo_id`` (created if needed); return the
-        commit URL. The card names ``repo_id`` in its usage snippet."""
+        commit URL. The card names ``repo_id`` in its usage snippet; ``tags`` are added to its tags (as PEFT's
+        ``push_to_hub(tags=...)``), ``commit_description`` is the commit's body."""
         from .hub import push_to_hub
 
         def save(folder: Path) -> Path:
-            return self.save_pretrained(folder, repo_id=repo_id)
+            return self.save_pretrained(folder, repo_id=repo_id, card_tags=tags or ())
 
-        return push_to_hub(save, repo_id, commit_message=commit_message, private=private,
-                           token=token, revision=revision, create_pr=create_pr, endpoint=endpoint)
+        return push_to_hub(save, repo_id, commit_message=commit_message, commit_description=commit_description,
+                           private=private, token=token, revision=revision, create_pr=create_pr, endpoint=endpoint)
 
     @classmethod
     def from_pretrained(
@@ -1206,7 +1213,8 @@ class SideTunedModel(RECModel):
                 ``device_map`` also takes ``{"": device}`` or ``"auto"``: the first GPU if any, else the CPU).
                 Default: where the towers are.
             token / cache_dir / local_files_only / endpoint: Hub options (``endpoint`` for a mirror).
-            trust_remote_code: passed to ``AutoModel.from_pretrained`` when the towers are re-loaded.
+            trust_remote_code: passed to ``from_pretrained`` of the recorded tower class (``AutoModel`` for configs
+                that record none) when the towers are re-loaded.
             **kwargs: runtime settings of the config that may differ from the saved ones: ``backbone_dtype``,
                 ``side_dropout``, ``fusion_dropout``. Anything else is refused.
 

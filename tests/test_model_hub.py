@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from transformers import BertTokenizer
 
@@ -62,3 +63,20 @@ def test_push_pull_round_trip_then_offline_load(hub: LocalHub, tmp_path: Path):
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     torch.testing.assert_close(torch.load(tmp_path / "offline.pt"), expected, rtol=0, atol=0)
+
+
+def test_push_takes_peft_s_tags_and_commit_description(hub: LocalHub, tmp_path: Path):
+    """As PEFT's ``push_to_hub(tags=..., commit_description=...)``: the tags join the card's, the description is
+    the commit's body."""
+    import yaml
+
+    model = get_side_tuned_model(vision_tower("vit"), text_tower("bert"), tiny_config())
+    model.push_to_hub("m2ist-test/tagged", endpoint=hub.url, tags=["refcoco", "my-lab"],
+                      commit_description="trained 90 epochs")
+    card = hub.files("m2ist-test/tagged")["README.md"].decode()
+    tags = yaml.safe_load(card.split("---")[1])["tags"]
+    assert {"m2ist", "refcoco", "my-lab"} <= set(tags)
+    repo = hub.repo("m2ist-test/tagged")
+    assert repo.resolve("main").description == "trained 90 epochs"
+    with pytest.raises(TypeError, match="tags must be a list of non-empty strings"):
+        model.push_to_hub("m2ist-test/tagged", endpoint=hub.url, tags="refcoco")
