@@ -14,7 +14,11 @@ input. :class:`TowerFeatureCache` stores it the first time an input is seen and 
   read;
 * **storage**: ``"memory"`` (RAM) or a folder of memory-mapped files (one row per record, ``bfloat16`` by
   default), each rank of a distributed run writing its own shard and reading the others', with an append-only
-  index written after its row, so a cache survives a crash or a resumed run and is shared by later runs;
+  index written after its row, so a cache survives a crash or a resumed run and is shared by later runs (a
+  folder this process cannot write, e.g. a shared cache on a read-only mount, is read and its new records kept in
+  RAM); the fingerprint is the same in every process (no memory addresses), so later processes find the folder;
+* **the towers as they are now**: cast (``set_backbone_dtype``), given other weights, or read at other layers by
+  the cached adapter, the towers' records are those of the new fingerprint from the next batch on;
 * **augmentation** meets the cache through a fixed number of views per image (:class:`CachedViewsCollator`):
   each epoch picks one of ``views`` deterministic augmentations of every image at random.
 
@@ -30,6 +34,7 @@ import itertools
 import json
 import logging
 import os
+import re
 import shutil
 import time
 import weakref
@@ -45,10 +50,12 @@ from PIL import Image
 from torch import nn
 
 from .model import DTYPES, SideTunedModel, TowerFeatureSet, _dummy_inputs
+from .processing import load_rec_image
 from .save_and_load import atomic_write
 from .towers import TEXT, VISION, Tower, TowerFeatures
 
-__all__ = ["CACHE_DTYPES", "CachedViewsCollator", "TowerCacheCollator", "TowerFeatureCache", "cache_keys"]
+__all__ = ["CACHE_DTYPES", "TOWER_CACHE_MODES", "CachedViewsCollator", "TowerCacheCollator", "TowerFeatureCache",
+           "cache_keys", "check_tower_cache"]
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +66,38 @@ CACHE_DTYPES = ("bfloat16", "float16", "float32")
 KEY_FIELDS = {VISION: "vision_cache_keys", TEXT: "text_cache_keys"}
 _NUMPY_STORAGE = {"bfloat16": np.uint16, "float16": np.float16, "float32": np.float32}
 _INPUTS = {VISION: ("pixel_values", "pixel_mask"), TEXT: ("input_ids", "attention_mask")}
+
+
+#: The ``tower_cache`` settings that are not folders.
+TOWER_CACHE_MODES = ("off", "memory", "disk")
+#: Words a careless ``tower_cache`` value may mean as a mode: taken literally they would be folders.
+_MODE_WORDS = {"none", "no", "false", "null", "0", "ram", "mem", "in-memory", "true", "yes", "on", "1", "folder",
+               "dir"}
+
+
+def check_tower_cache(value: Any) -> str:
+    """``value`` as a ``tower_cache`` setting: ``"off"``, ``"memory"``, ``"disk"`` or a folder. Raise a
+    ``ValueError`` saying what to write for a value that would silently become a folder in the working directory
+    though it reads as a mode: another case or spaces (``"Memory"``, ``"off "``), or a word such as ``"none"``,
+    ``"false"`` or ``"ram"``. A folder of such a name is written as a path (``"./none"``)."""
+    if not isinstance(value, str | os.PathLike) or not os.fspath(value).strip():
+        raise ValueError(f"tower_cache must be 'off', 'memory', 'disk' or a folder, got {value!r}.")
+    text = os.fspath(value)
+    if text in TOWER_CACHE_MODES:
+        return text
+    word = text.strip().lower()
+    if "/" in text or os.sep in text:  # written as a path: meant as a folder
+        return text
+    if word in TOWER_CACHE_MODES or word in _MODE_WORDS:
+        meant = word if word in TOWER_CACHE_MODES else "memory" if word in {"ram", "mem", "in-memory"} else \
+            "off" if word in {"none", "no", "false", "null", "0"} else None
+        hint = f"write {meant!r}" if meant else "write 'off', 'memory' or 'disk'"
+        raise ValueError(f"tower_cache={text!r} is not one of {TOWER_CACHE_MODES} (lower case, no spaces) and would be "
+                         f"taken as a folder of that name: {hint}, or './{text.strip()}' for such a folder.")
+    if text != text.strip():
+        raise ValueError(f"The tower_cache folder {text!r} has spaces at its ends; remove them, or write it as a path "
+                         f"('./{text}') if they are meant.")
+    return text
 
 
 # ---------------------------------------------------------------------------------------------- keys
@@ -202,8 +241,14 @@ def _sample_identity(item: Any, settings: str, view: int | None) -> str | None:
             return None
         h.update(f"path:{os.path.abspath(image)}:{stat.st_size}:{stat.st_mtime_ns}".encode())
     elif isinstance(image, Image.Image):
-        h.update(f"pil:{image.mode}:{image.size}".encode())
-        h.update(image.tobytes())
+        # the RGB pixels the processor reads, not the stored ones: a palette image's colours are in its palette
+        # (and its transparency in image.info), which tobytes() leaves out; an RGB image is not converted
+        try:
+            rgb = load_rec_image(image)
+        except Exception:  # not decodable: processed as usual, and the processor says why
+            return None
+        h.update(f"pil:{rgb.mode}:{rgb.size}".encode())
+        h.update(rgb.tobytes())
     elif isinstance(image, np.ndarray | torch.Tensor):
         array = image.detach().cpu().contiguous().numpy() if isinstance(image, torch.Tensor) else np.ascontiguousarray(image)
         h.update(f"array:{array.dtype}:{array.shape}".encode())
@@ -281,12 +326,23 @@ def fingerprint(tower: Tower, identity: tuple[str | None, str | None], layers: l
         "tower_revision": revision,
         "tower_weights": _weights_digest(tower.model),
         "tower_dtype": str(tower.dtype).removeprefix("torch."),
-        "tap_spec": repr(tower.spec),
+        "tap_spec": _stable_repr(tower.spec),
         "layers": list(layers),
         "kinds": list(kinds),
         "cache_dtype": dtype,
         **dict(extra),
     }
+
+
+def _folder_digest(prints: Mapping[str, Any]) -> str:
+    """The digest of a fingerprint that names its folder (``vision-<digest>``)."""
+    return hashlib.blake2b(json.dumps(prints, sort_keys=True).encode(), digest_size=8).hexdigest()
+
+
+def _stable_repr(value: Any) -> str:
+    """``repr(value)`` without memory addresses: a tap spec's functions (``<function _none at 0x7f...>``) would
+    otherwise give every process another fingerprint, and so another folder: nothing stored would be read again."""
+    return re.sub(r" at 0x[0-9a-fA-F]+", "", repr(value))
 
 
 # ---------------------------------------------------------------------------------------------- storage
@@ -491,6 +547,26 @@ def _allocate(path: Path, start: int, end: int) -> None:
         f.truncate(end)
 
 
+class _RamShard:
+    """The rows a run adds to a folder it cannot write, kept in RAM (a shard's interface)."""
+
+    def __init__(self, width: int, dtype: str) -> None:
+        self.store = _MemoryStore(width, DTYPES[dtype], 1)
+
+    @property
+    def index(self) -> dict[str, int]:
+        return self.store.index
+
+    def reserve(self, rows: int) -> None:
+        """Nothing to reserve: RAM grows as records are added."""
+
+    def read(self, rows: list[int]) -> torch.Tensor:
+        return torch.index_select(self.store.rows, 0, torch.tensor(rows)).float()
+
+    def add(self, keys: list[str], values: torch.Tensor) -> None:
+        self.store.add(keys, values)
+
+
 class _DiskStore:
     """This writer's shard (read and written) and the other shards (read), in one folder.
 
@@ -501,10 +577,13 @@ class _DiskStore:
 
     REFRESH_SECONDS = 10.0
 
-    def __init__(self, folder: Path, width: int, dtype: str, rank: int) -> None:
+    def __init__(self, folder: Path, width: int, dtype: str, rank: int, writable: bool = True) -> None:
         self.folder, self.width, self.dtype = folder, width, dtype
-        self.rank = self._claim_shard(rank)
-        self.own = _Shard(folder, self.rank, width, dtype, writable=True)
+        self.rank: int | None = self._claim_shard(rank) if writable else None
+        # a folder this process cannot write (a shared cache others filled, on a read-only mount): its shards are
+        # read, and the records this run adds are kept in RAM
+        self.own: _Shard | _RamShard = _Shard(folder, self.rank, width, dtype, writable=True) if writable else \
+            _RamShard(width, dtype)
         self.others: dict[int, _Shard] = {}
         self._last_refresh = 0.0
         self._refresh_others(force=True)
@@ -519,7 +598,13 @@ class _DiskStore:
         taken = [int(p.name.split(".")[1]) for p in self.folder.glob("index.*.txt") if p.name.split(".")[1].isdigit()]
         candidates = itertools.chain([rank], itertools.count(max([rank, *taken]) + 1))
         for shard in candidates:
-            descriptor = os.open(self.folder / f"lock.{shard}", os.O_RDWR | os.O_CREAT, 0o644)
+            files = (self.folder / f"index.{shard}.txt", self.folder / f"rows.{shard}.bin")
+            if any(path.exists() and not os.access(path, os.W_OK) for path in files):
+                continue  # another user's shard: read, never written
+            try:
+                descriptor = os.open(self.folder / f"lock.{shard}", os.O_RDWR | os.O_CREAT, 0o644)
+            except PermissionError:
+                continue
             try:
                 fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -583,22 +668,30 @@ class _DiskStore:
 class _TowerRecords:
     """One tower's records: its fingerprint folder, layout and store."""
 
-    def __init__(self, tower: Tower, identity: tuple[str | None, str | None], layers: list[int], kinds: list[str],
-                 layout: _Layout, dtype: str, location: Path | None, capacity: int, rank: int,
-                 extra: Mapping[str, Any]) -> None:
+    def __init__(self, tower: Tower, prints: dict, name: str, layers: list[int], kinds: list[str], layout: _Layout,
+                 dtype: str, location: Path | None, capacity: int, rank: int) -> None:
         self.tower, self.layers, self.kinds, self.layout, self.dtype = tower, layers, kinds, layout, dtype
-        self.fingerprint = fingerprint(tower, identity, layers, kinds, dtype, extra)
-        digest = hashlib.blake2b(json.dumps(self.fingerprint, sort_keys=True).encode(), digest_size=8).hexdigest()
-        self.folder = None if location is None else location / f"{tower.modality}-{digest}"
+        self.fingerprint = prints
+        self.folder = None if location is None else location / name
         self.hits = self.misses = 0
         self.capacity = capacity
+        self.writable = True
         if self.folder is None:
             self.store: _MemoryStore | _DiskStore = _MemoryStore(layout.width, DTYPES[dtype], capacity)
             return
-        self.folder.mkdir(parents=True, exist_ok=True)
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise OSError(err.errno, f"The tower cache folder {self.folder} cannot be created ({os.strerror(err.errno or 0)}"
+                                     "): give tower_cache a folder you can write, 'memory', or 'off'.") from None
+        self.writable = os.access(self.folder, os.W_OK | os.X_OK)
         manifest = {"fingerprint": self.fingerprint, "layout": [[n, list(s)] for n, s in layout.fields],
                     "row_width": layout.width}
         path = self.folder / "manifest.json"
+        if not self.writable and not path.is_file():
+            raise PermissionError(f"The tower cache folder {self.folder} cannot be written (read-only or not yours) "
+                                  "and holds no records for these towers: give tower_cache a folder you can write, "
+                                  "'memory', or 'off'.")
         if path.exists():
             try:
                 recorded = json.loads(path.read_text(encoding="utf-8"))
@@ -610,11 +703,16 @@ class _TowerRecords:
                 raise ValueError(f"The tower cache in {self.folder} was written with another layout; delete that folder.")
         else:
             atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=2), encoding="utf-8"))
-        self.store = _DiskStore(self.folder, layout.width, dtype, rank)  # rows reserved by reserve(), once checked
+        # rows reserved by reserve(), once checked
+        self.store = _DiskStore(self.folder, layout.width, dtype, rank, writable=self.writable)
+        if not self.writable:
+            logger.warning("The tower cache in %s cannot be written (read-only or not yours): its %d records are read, "
+                           "and the features it lacks are computed and kept in RAM for this run.", self.folder,
+                           len(self.store))
 
     def stored_bytes(self) -> int:
         """Disk space the folder's rows already take (allocated blocks, an earlier run's reservation included)."""
-        if self.folder is None:
+        if self.folder is None or not self.writable:
             return 0
         return sum(path.stat().st_blocks * 512 for path in self.folder.glob("rows.*.bin"))
 
@@ -682,8 +780,23 @@ class TowerFeatureCache:
             raise ValueError(f"dtype must be one of {CACHE_DTYPES}, got {dtype!r}.")
         self.model, self.dtype = model, dtype
         self.location = None if location is None else Path(location).expanduser()
-        setup = model.adapter_setups[model.active_adapter]
         self.adapter = model.active_adapter
+        self._expected = {VISION: expected_images, TEXT: expected_texts}
+        self._rank, self._check_space = rank, check_space
+        #: every tower state's records opened so far, by folder name (a state seen again reuses its records)
+        self._opened: dict[str, _TowerRecords] = {}
+        self._state: tuple | None = None
+        self._open()
+
+    def _open(self) -> None:
+        """Open the records of the towers' and the adapter's current state (see :meth:`_follow_towers`)."""
+        model = self.model
+        for modality, tower in ((VISION, model.vision_tower), (TEXT, model.text_tower)):
+            if any(p.requires_grad for p in tower.model.parameters()):
+                raise ValueError(f"The {modality} tower has parameters that require grad: a trained tower's features "
+                                 "change every step, which no cache can hold. Freeze it (tower.requires_grad_(False)) "
+                                 "or set tower_cache='off'.")
+        setup = model.adapter_setups[self.adapter]
         self.vision_layers, self.text_layers, self.kinds = setup.vision_layers, setup.text_layers, setup.tap_kinds
         vision_inputs, text_inputs = _dummy_inputs(model.config, model.vision_model, model.text_model)
         probe = {VISION: model.vision_tower.tap(vision_inputs, self.vision_layers, self.kinds),
@@ -691,24 +804,62 @@ class TowerFeatureCache:
         layouts = {VISION: _Layout.of(probe[VISION], self.vision_layers, self.kinds),
                    TEXT: _Layout.of(probe[TEXT], self.text_layers, self.kinds)}
         size = {VISION: {"image_size": model.config.image_size}, TEXT: {"max_query_len": model.config.max_query_len}}
-        itemsize = torch.finfo(DTYPES[dtype]).bits // 8
-        self.estimate = {VISION: expected_images * layouts[VISION].width * itemsize,
-                         TEXT: expected_texts * layouts[TEXT].width * itemsize}
-        self.records = {
-            modality: _TowerRecords(tower, model.tower_ids[modality], layers, self.kinds, layouts[modality], dtype,
-                                    self.location, count, rank, size[modality])
-            for modality, tower, layers, count in ((VISION, model.vision_tower, self.vision_layers, expected_images),
-                                                   (TEXT, model.text_tower, self.text_layers, expected_texts))
-        }
-        if self.location is not None and check_space:  # what earlier runs stored needs no new space
-            needed = sum(self.estimate.values()) - sum(r.stored_bytes() for r in self.records.values())
+        itemsize = torch.finfo(DTYPES[self.dtype]).bits // 8
+        self.estimate = {modality: self._expected[modality] * layouts[modality].width * itemsize for modality in layouts}
+        records, fresh = {}, []
+        for modality, tower, layers in ((VISION, model.vision_tower, self.vision_layers),
+                                        (TEXT, model.text_tower, self.text_layers)):
+            prints = fingerprint(tower, model.tower_ids[modality], layers, self.kinds, self.dtype, size[modality])
+            name = f"{modality}-{_folder_digest(prints)}"
+            if name not in self._opened:
+                self._opened[name] = _TowerRecords(tower, prints, name, layers, self.kinds, layouts[modality],
+                                                   self.dtype, self.location, self._expected[modality], self._rank)
+                fresh.append(self._opened[name])
+            records[modality] = self._opened[name]
+        on_disk = [r for r in fresh if r.writable]  # a read-only folder's new records go to RAM
+        if self.location is not None and self._check_space and on_disk:  # what earlier runs stored needs no new space
+            needed = sum(r.capacity * r.bytes_per_record for r in on_disk) - sum(r.stored_bytes() for r in on_disk)
             free = shutil.disk_usage(self.location).free
             if needed > 0.95 * free:
+                for name in [name for name, r in self._opened.items() if r in fresh]:
+                    del self._opened[name]
                 raise ValueError(f"The tower cache needs about {_size(needed)} more at {self.location} but only "
                                  f"{_size(free)} is free: free some space, give tower_cache another folder, use "
                                  "tower_cache_dtype='bfloat16', or set tower_cache='off'.")
-        for records in self.records.values():
-            records.reserve()
+        for fresh_records in fresh:
+            fresh_records.reserve()
+        self.records = records
+        self._state = self._tower_state()
+
+    def _tower_state(self) -> tuple:
+        """What identifies the towers' current weights, cheaply (no hashing): each tower object, and each of its
+        tensors' dtype, storage, in-place version (a cast, a move or a ``load_state_dict`` changes them) and
+        ``requires_grad``; and the layers and tap kinds of the cached adapter."""
+        model = self.model
+        setup = model.adapter_setups.get(self.adapter)
+        state: list[Any] = [None if setup is None else (tuple(setup.vision_layers), tuple(setup.text_layers),
+                                                        tuple(setup.tap_kinds))]
+        for tower in (model.vision_tower, model.text_tower):
+            tensors = itertools.chain(tower.model.parameters(), tower.model.buffers())
+            state.append((id(tower), id(tower.model), model.tower_ids.get(tower.modality),
+                          tuple((t.dtype, t.data_ptr(), t._version, t.requires_grad) for t in tensors)))
+        return tuple(state)
+
+    def _follow_towers(self) -> None:
+        """Keep the records those of the towers as they are now: after ``set_backbone_dtype``, weights loaded into
+        a tower, or another set of layers for the cached adapter, the features of an input change, so they are
+        read from (and stored in) the records of the new fingerprint, never from the old one's, nor stored there."""
+        if self._state == self._tower_state() or self.adapter not in self.model.adapter_setups:
+            return
+        before = dict(self.records)
+        self._open()
+        for modality, records in self.records.items():
+            if records is not before[modality]:
+                changed = sorted(key for key in records.fingerprint
+                                 if records.fingerprint[key] != before[modality].fingerprint.get(key))
+                where = "RAM" if records.folder is None else str(records.folder)
+                logger.warning("The %s tower or the adapter's taps changed since the tower cache was opened (%s): "
+                               "its features are cached in %s from now on.", modality, ", ".join(changed), where)
 
     def describe(self) -> str:
         """One line: where the cache is, bytes per record, the size estimate, and what other cache folders in the
@@ -729,7 +880,7 @@ class TowerFeatureCache:
         """The cache folders at the same location that this cache does not use (sorted by name)."""
         if self.location is None or not self.location.is_dir():
             return []
-        ours = {records.folder for records in self.records.values()}
+        ours = {records.folder for records in self._opened.values()}
         return sorted(path for path in self.location.iterdir()
                       if path.is_dir() and path not in ours and path.name.startswith((f"{VISION}-", f"{TEXT}-"))
                       and (path / "manifest.json").is_file())
@@ -746,12 +897,21 @@ class TowerFeatureCache:
 
     @property
     def stats(self) -> dict[str, int]:
-        """Hits, misses and stored records per tower."""
-        return {f"{m}_{k}": v for m, r in self.records.items()
-                for k, v in (("hits", r.hits), ("misses", r.misses), ("records", len(r.store)))}
+        """Hits and misses per tower (since the cache was opened, whatever the towers' changes), and the records
+        stored for the towers as they are now."""
+        stats = {}
+        for modality, current in self.records.items():
+            opened = [r for r in self._opened.values() if r.tower.modality == modality]
+            stats.update({f"{modality}_hits": sum(r.hits for r in opened), f"{modality}_misses": sum(r.misses for r in opened),
+                          f"{modality}_records": len(current.store)})
+        return stats
 
     def holds(self, modality: str, keys: Sequence[str]) -> bool:
-        """Whether the cache has the records of all ``keys`` of ``modality`` (``"vision"`` or ``"text"``)."""
+        """Whether the cache has the records of all ``keys`` of ``modality`` (``"vision"`` or ``"text"``) for the
+        towers as they are now and the active adapter (another adapter active: ``False``)."""
+        if self.model.active_adapter != self.adapter:
+            return False
+        self._follow_towers()
         return all(found is not None for found in self.records[modality].store.get(list(keys)))
 
     def features(self, batch: Mapping[str, Any]) -> TowerFeatureSet:
@@ -760,6 +920,7 @@ class TowerFeatureCache:
         if self.model.active_adapter != self.adapter:
             raise ValueError(f"This tower cache was built for adapter {self.adapter!r} but {self.model.active_adapter!r} "
                              "is active; build a cache for it.")
+        self._follow_towers()
         device = self.model.device
         out = {}
         for modality, records in self.records.items():

@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 
+from .outputs import check_outputs, write_json
+
 PAPER = {"trainable": 0.0211, "memory": 0.3961, "time": 0.6346}
 #: ``m2ist-cached``: M²IST reading its towers' features from a filled tower cache (bfloat16, RAM);
 #: ``m2ist-x4``: inference of four adapters on one pass of the towers, against one adapter's inference.
@@ -263,6 +265,8 @@ def _run_isolated(method: str, args: argparse.Namespace) -> dict[str, Any]:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+#: What every report of ``m2ist bench`` holds: an existing ``--output`` file is replaced only if it has them.
+REPORT_KEYS = ("device", "batch_size", "paper", "methods")
 RATIO_KEYS = ("trainable_params", "saved_tensor_bytes", "exact_bytes", "peak_memory_bytes", "step_time_s")
 
 
@@ -370,6 +374,8 @@ def main(argv: list[str] | None = None) -> int:
                                  args.backbone_dtype)))
         return 0
     methods = parse_methods(parser, args.methods, METHOD_ORDER)
+    if args.output:  # before any method runs: the results must have somewhere to go
+        check_outputs(args.output, REPORT_KEYS, "--output")
     results = []
     for method in methods:
         print(f"[bench] {method} ...", file=sys.stderr, flush=True)
@@ -382,8 +388,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.output:
         report = {"device": device, "date": str(date.today()), "batch_size": args.batch_size, "tiny": args.tiny,
                   "backbone_dtype": args.backbone_dtype, "paper": PAPER, "methods": results}
-        with open(args.output, "w", encoding="utf-8") as f:
-            json.dump(report, f, indent=2)
+        write_json(args.output, report)
     return 0
 
 

@@ -21,9 +21,12 @@ from typing import Any
 import torch
 
 from .bench import add_ratios, describe_device, parse_methods
-from .demo import DEMO_CACHE_DTYPE, DEMO_SIDE_LEARNING_RATE
+from .demo import DEMO_CACHE_DTYPE, DEMO_SIDE_LEARNING_RATE, DEMO_SIZES, TINY_SIZES
+from .outputs import check_batch_size, check_outputs, seed_value, tower_cache_value, write_json, write_picture
 
 METHODS = ("full", "adapter", "lora", "m2ist")
+#: What every report of ``m2ist compare`` holds: an existing ``--output`` file is replaced only if it has them.
+REPORT_KEYS = ("device", "steps", "batch_size", "seed", "methods")
 # learning rate of what is trained inside or beside the towers; the head always uses the demo's head rate
 TOWER_LEARNING_RATES = {"full": 5e-5, "adapter": 5e-4, "lora": 5e-4, "m2ist": DEMO_SIDE_LEARNING_RATE}
 
@@ -42,6 +45,7 @@ def run_method(method: str, *, steps: int, batch_size: int, seed: int, tiny: boo
 
     torch.manual_seed(seed)
     setup = prepare(tiny=tiny, cache_dir=cache_dir, seed=seed, progress=False)
+    check_batch_size(batch_size, len(setup.splits["train"]), tiny)
     model = build_model(*setup.make_towers(), setup.config, method=method)
     args = training_arguments(output_dir / method, steps=steps, batch_size=batch_size, seed=seed, disable_tqdm=True,
                               side_learning_rate=TOWER_LEARNING_RATES[method], method=method,
@@ -109,7 +113,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> Path | None:
     ax.set_ylabel("mean Acc@0.5 over test splits (%)")
     ax.set_title("m2ist compare (bubble: trainable parameters)")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    write_picture(path, lambda tmp, metadata: fig.savefig(tmp, dpi=120, format="png", metadata=metadata))
     plt.close(fig)
     return path
 
@@ -125,23 +129,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", metavar="N", type=positive_int, default=300,
                         help="training steps per method (default: 300)")
     parser.add_argument("--batch-size", metavar="N", type=positive_int, default=32, help="training batch size (default: 32)")
-    parser.add_argument("--seed", metavar="N", type=int, default=0, help="seed shared by every method")
+    parser.add_argument("--seed", metavar="N", type=seed_value, default=0, help="seed shared by every method")
     parser.add_argument("--tiny", action="store_true", help="a seconds-long smoke run with tiny settings")
     parser.add_argument("--cache-dir", metavar="DIR", default=None, help="cache of the pretrained shapes ViT")
     parser.add_argument("--work-dir", metavar="DIR", default="outputs/compare", help="where per-method outputs go")
     parser.add_argument("--output", metavar="FILE", help="write the JSON results to this file (default: <work-dir>/compare.json)")
-    parser.add_argument("--tower-cache", metavar="MODE", default="memory",
+    parser.add_argument("--tower-cache", metavar="MODE", type=tower_cache_value, default="memory",
                         help="M²IST's tower-feature cache: memory (default), disk, a folder, or off")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     add_verbosity_flag(parser)
     args = parser.parse_args(argv)
     apply_verbosity(args)
     methods = parse_methods(parser, args.one or args.methods, METHODS)  # before any folder is created
+    output = Path(args.output or Path(args.work_dir) / "compare.json")
+    if not args.one:  # before any method trains: the results must have somewhere to go
+        check_outputs(output, REPORT_KEYS, "--output", output.with_suffix(".png"))
+        check_batch_size(args.batch_size, 2 * (TINY_SIZES if args.tiny else DEMO_SIZES)["train"], args.tiny)
     Path(args.work_dir).mkdir(parents=True, exist_ok=True)
     if args.one:
         row = run_method(args.one, steps=args.steps, batch_size=args.batch_size, seed=args.seed, tiny=args.tiny,
                          cache_dir=args.cache_dir, output_dir=Path(args.work_dir), tower_cache=args.tower_cache)
-        (Path(args.work_dir) / f"{args.one}.json").write_text(json.dumps(row, indent=2), encoding="utf-8")
+        write_json(Path(args.work_dir) / f"{args.one}.json", row)
         return 0
     rows = []
     for method in methods:
@@ -152,10 +160,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"m2ist compare — procedural REC, {args.steps} steps × {args.batch_size}, seed {args.seed}, {device}, "
           f"{date.today()}")
     print(format_table(rows))
-    output = Path(args.output or Path(args.work_dir) / "compare.json")
     report = {"device": device, "date": str(date.today()), "steps": args.steps, "batch_size": args.batch_size,
               "seed": args.seed, "tiny": args.tiny, "methods": rows}
-    output.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    write_json(output, report)
     picture = plot(rows, output.with_suffix(".png"))
     print(f"results: {output}" + (f", plot: {picture}" if picture else ""))
     return 0

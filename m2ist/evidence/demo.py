@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -22,9 +21,11 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from m2ist.cache import CACHE_DTYPES
+from m2ist.cache import CACHE_DTYPES, check_tower_cache
 from m2ist.config import M2ISTConfig
 from m2ist.data.sample import RECSample
+
+from .outputs import check_batch_size, check_outputs, seed_value, tower_cache_value, write_json, write_picture
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +52,8 @@ DEMO_SIDE_LEARNING_RATE = 1e-4
 """The side network's learning rate in the demo (the head's is 1e-3): ten times lower than the head's keeps the
 side network from learning codes of the colour-shape pairs it was trained on (held-out pairs: 51% at 1e-3, 63–76%
 at 1e-4; docs/benchmarks.md)."""
+#: What every ``results.json`` of the demo holds: an existing one is replaced only if it has them.
+RESULTS_KEYS = ("metrics", "parameter_counts", "steps", "batch_size")
 TINY_SIZES = {"train": 24, "val": 6, "test_attributes": 6, "test_compositional": 6, "test_relations": 6,
               "test_spatial": 6}
 
@@ -158,9 +161,15 @@ def draw_predictions(model, processor, samples: list[RECSample], path: Path) -> 
     sheet = Image.new("RGB", (columns * width, rows * height), "white")
     for i, tile in enumerate(tiles):
         sheet.paste(tile, ((i % columns) * width, (i // columns) * height))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sheet.save(path)
-    return path
+    def save(tmp: str, metadata: dict[str, str]) -> None:
+        from PIL import PngImagePlugin
+
+        info = PngImagePlugin.PngInfo()
+        for key, value in metadata.items():
+            info.add_text(key, value)
+        sheet.save(tmp, format="PNG", pnginfo=info)
+
+    return write_picture(path, save)
 
 
 def run(output_dir: str | Path = "outputs/demo", *, steps: int = DEMO_STEPS, batch_size: int = 32, tiny: bool = False,
@@ -176,9 +185,12 @@ def run(output_dir: str | Path = "outputs/demo", *, steps: int = DEMO_STEPS, bat
     from .synthetic import generate_split
 
     output_dir = Path(output_dir)
+    check_demo_outputs(output_dir)
+    tower_cache = check_tower_cache(tower_cache)
     started = time.perf_counter()
     torch.manual_seed(seed)
     setup = prepare(tiny=tiny, cache_dir=cache_dir, seed=seed, progress=progress)
+    check_batch_size(batch_size, len(setup.splits["train"]), tiny)
     vision, text = setup.make_towers()
     model = get_side_tuned_model(vision, text, setup.config)
     model.processor = setup.processor
@@ -220,8 +232,25 @@ def run(output_dir: str | Path = "outputs/demo", *, steps: int = DEMO_STEPS, bat
         "adapter": str(adapter),
         "predictions_png": str(picture),
     }
-    (output_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    write_json(output_dir / "results.json", results)
     return results
+
+
+def check_demo_outputs(output_dir: Path) -> None:
+    """Before any work: ``output_dir`` can take the demo's results, picture and adapter without replacing what
+    the demo did not write (an earlier demo's outputs are replaced)."""
+    from m2ist.save_and_load import save_folder_problem
+
+    if output_dir.exists() and not output_dir.is_dir():
+        raise NotADirectoryError(f"--output-dir {output_dir} is a file; give a folder (it is created if needed).")
+    check_outputs(output_dir / "results.json", RESULTS_KEYS, "--output-dir", output_dir / "predictions.png")
+    adapter = output_dir / "adapter"
+    if adapter.exists() and not adapter.is_dir():
+        raise NotADirectoryError(f"--output-dir {output_dir}: {adapter} is a file, where the demo saves its adapter; "
+                                 "give another folder.")
+    problem = save_folder_problem(adapter) if adapter.is_dir() else None
+    if problem is not None:
+        raise ValueError(f"--output-dir {output_dir}: the adapter cannot be saved into {adapter}: {problem}.")
 
 
 def format_results(results: dict[str, Any]) -> str:
@@ -268,13 +297,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", metavar="N", type=positive_int, default=DEMO_STEPS,
                         help=f"side-tuning steps (default: {DEMO_STEPS})")
     parser.add_argument("--batch-size", metavar="N", type=positive_int, default=32, help="training batch size (default: 32)")
-    parser.add_argument("--seed", metavar="N", type=int, default=0, help="seed of the data, the model and the training")
+    parser.add_argument("--seed", metavar="N", type=seed_value, default=0,
+                        help="seed of the data, the model and the training")
     parser.add_argument("--cache-dir", metavar="DIR", default=None,
                         help="cache of the pretrained shapes ViT (default: ~/.cache/m2ist)")
     parser.add_argument("--tiny", action="store_true", help="a seconds-long smoke run with tiny settings")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_verbosity_flag(parser)
-    parser.add_argument("--tower-cache", metavar="MODE", default="memory",
+    parser.add_argument("--tower-cache", metavar="MODE", type=tower_cache_value, default="memory",
                         help="cache the frozen towers' features: memory (default), disk, a folder, or off")
     parser.add_argument("--tower-cache-dtype", metavar="DTYPE", default=DEMO_CACHE_DTYPE, choices=CACHE_DTYPES,
                         help=f"dtype of the cached features: {', '.join(CACHE_DTYPES)} (default: {DEMO_CACHE_DTYPE})")
