@@ -43,7 +43,15 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_pt_utils import get_parameter_names
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, IntervalStrategy, SaveStrategy, SchedulerType
 
-from .cache import CACHE_DTYPES, KEY_FIELDS, CachedViewsCollator, TowerCacheCollator, TowerFeatureCache, expected_records
+from .cache import (
+    CACHE_DTYPES,
+    KEY_FIELDS,
+    CachedViewsCollator,
+    TowerCacheCollator,
+    TowerFeatureCache,
+    check_tower_cache,
+    expected_records,
+)
 from .card import EVAL_RESULTS_NAME, WEIGHTS_SHA256_KEY, read_eval_results, write_model_card
 from .config import CONFIG_NAME, M2ISTConfig
 from .data.collator import RECCollator
@@ -96,6 +104,8 @@ ACCURACY_METRIC = "acc@0.5"
 RUN_SETTINGS_NAME = "m2ist_run.json"
 #: Values of ``RECTrainingArguments.tower_dtype``: ``"auto"``, a dtype name, or ``"keep"`` (leave the towers as they are).
 TOWER_DTYPES = ("auto", *DTYPES, "keep")
+#: The largest seed: numpy's generators, which the Trainer seeds too, take 0 to 2**32 - 1.
+MAX_SEED = 2**32 - 1
 _CHECKPOINT_PATTERN = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
 #: The metrics :class:`RECMetrics` reports; the Trainer adds ``loss`` and prefixes all with ``eval_[<set>_]``.
 REC_METRICS = (ACCURACY_METRIC, "miou", "loss_box", "loss_giou")
@@ -229,8 +239,10 @@ class RECTrainingArguments(TrainingArguments):
         if any(isinstance(e, bool) or int(e) != e or e < 1 for e in drops):
             raise ValueError(f"lr_drop_epochs must be positive whole epochs (e.g. [60]), got {self.lr_drop_epochs}.")
         self.lr_drop_epochs = sorted(int(e) for e in drops)
-        if not isinstance(self.tower_cache, str) or not self.tower_cache.strip():
-            raise ValueError(f"tower_cache must be 'off', 'memory', 'disk' or a folder, got {self.tower_cache!r}.")
+        self.tower_cache = check_tower_cache(self.tower_cache)  # "Memory" or "none" would become a folder
+        if not 0 <= self.seed <= MAX_SEED or not 0 <= (self.data_seed if self.data_seed is not None else 0) <= MAX_SEED:
+            raise ValueError(f"seed={self.seed} / data_seed={self.data_seed}: a seed must be 0 to 2**32 - 1, the seeds "
+                             "numpy (which the Trainer seeds too) takes.")
         if self.tower_cache_dtype not in CACHE_DTYPES:
             raise ValueError(f"tower_cache_dtype must be one of {CACHE_DTYPES}, got {self.tower_cache_dtype!r}.")
         if isinstance(self.tower_cache_views, bool) or not isinstance(self.tower_cache_views, int) \
@@ -590,6 +602,9 @@ class RECTrainer(Trainer):
         if train_collator is None:
             raise ValueError("tower_cache needs the REC collator: pass data_collator=RECCollator(processor, train=True).")
         augments = _augmentation_of(train_collator) is not None
+        if args.tower_cache_views and not augments:
+            logger.warning("tower_cache_views=%d has no effect: the training collator has no augmentation, so each "
+                           "image has one view (the cache is sized for one).", args.tower_cache_views)
         if augments and not args.tower_cache_views:
             raise ValueError("tower_cache cannot hold random augmentations: set tower_cache_views=K (a fixed number "
                              "of augmented views per image, e.g. 4), turn the augmentation off, or set tower_cache='off'.")
@@ -613,7 +628,9 @@ class RECTrainer(Trainer):
         sets += list(eval_sets.values()) if isinstance(eval_sets, Mapping) else [eval_sets] if eval_sets is not None else []
         for index, dataset in enumerate(sets):
             if dataset is not None:
-                more_images, more_texts = expected_records(dataset, args.tower_cache_views if index == 0 else 1)
+                views = self.data_collator.views if index == 0 and isinstance(self.data_collator, CachedViewsCollator) \
+                    else 1  # views only where an augmentation draws them
+                more_images, more_texts = expected_records(dataset, views)
                 images, texts = images + more_images, texts + more_texts
         self.tower_cache = TowerFeatureCache(model, location, args.tower_cache_dtype, expected_images=images,
                                              expected_texts=texts, rank=args.process_index)

@@ -162,3 +162,32 @@ def test_an_output_dir_the_final_save_would_refuse_is_refused_before_training(tm
 def test_negative_rates_are_refused_naming_the_field(tmp_path, name):
     with pytest.raises(ValueError, match=f"^{name} must be >= 0, got -0.001"):
         cpu_training_args(tmp_path, **{name: -1e-3})
+
+
+def test_tower_cache_modes_and_seeds_are_checked_where_the_arguments_are_built(tmp_path):
+    """``RECTrainingArguments`` refuses what ``m2ist demo`` refuses: a mode-like tower_cache that would become a
+    folder, and a seed numpy cannot take (which failed only once the towers were loaded)."""
+    with pytest.raises(ValueError, match=r"tower_cache='Memory' is not one of .* write 'memory'"):
+        cpu_training_args(tmp_path, tower_cache="Memory")
+    for seeds in ({"seed": -1}, {"seed": 2**32}, {"data_seed": 2**32}):
+        with pytest.raises(ValueError, match=r"a seed must be 0 to 2\*\*32 - 1"):
+            cpu_training_args(tmp_path, **seeds)
+    assert cpu_training_args(tmp_path, seed=2**32 - 1, tower_cache="./none").tower_cache == "./none"
+
+
+def test_views_without_an_augmentation_size_the_cache_for_one_view(tmp_path, caplog):
+    """tower_cache_views only counts where an augmentation draws views: the cache's size estimate (and its space
+    check) is then for one view per image, with a warning that the setting has no effect."""
+    import logging
+
+    model, processor = make_model(seed=0), make_processor(tmp_path / "tok")
+    args = cpu_training_args(tmp_path / "run", max_steps=1, tower_cache="memory", tower_cache_views=8)
+    data = make_dataset(4, seed=1)
+    with caplog.at_level(logging.WARNING, logger="m2ist.trainer"):
+        trainer = RECTrainer(model, args, data_collator=RECCollator(processor), train_dataset=data)
+        trainer._open_tower_cache()
+    assert "tower_cache_views=8 has no effect" in caplog.text
+    from m2ist.cache import expected_records
+
+    images = expected_records(data, 1)[0]
+    assert images > 0 and trainer.tower_cache.estimate["vision"] == images * trainer.tower_cache.bytes_per_image

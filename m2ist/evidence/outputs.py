@@ -18,12 +18,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from m2ist.trainer import MAX_SEED
+
 #: The largest existing JSON file read to tell whether it is an earlier report.
 _MAX_REPORT_BYTES = 1 << 28
 #: The PNG ``Software`` text of the pictures these commands draw.
 PICTURE_SOFTWARE = "m2ist evidence"
-#: The upper end of a seed: numpy's generators take 0 to 2**32 - 1.
-MAX_SEED = 2**32 - 1
 
 
 # ---------------------------------------------------------------------------------------------- flags
