@@ -20,8 +20,6 @@ from typing import Any
 
 from m2ist.trainer import MAX_SEED
 
-#: The largest existing JSON file read to tell whether it is an earlier report.
-_MAX_REPORT_BYTES = 1 << 28
 #: The PNG ``Software`` text of the pictures these commands draw.
 PICTURE_SOFTWARE = "m2ist evidence"
 
@@ -58,21 +56,11 @@ def check_batch_size(batch_size: int, train_samples: int, tiny: bool) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- outputs
-def _json_object(path: Path) -> dict[str, Any] | None:
-    """The JSON object in ``path`` (at most 256 MiB), or ``None``."""
-    try:
-        if path.stat().st_size > _MAX_REPORT_BYTES:
-            return None
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return value if isinstance(value, dict) else None
-
-
 def is_report(path: str | os.PathLike, keys: tuple[str, ...]) -> bool:
     """Whether ``path`` holds a JSON object with all ``keys`` (an earlier report of the command that has them)."""
-    value = _json_object(Path(path))
-    return value is not None and all(key in value for key in keys)
+    from m2ist.evaluation import _json_file_is
+
+    return _json_file_is(path, lambda value: isinstance(value, dict) and all(key in value for key in keys))
 
 
 def is_picture(path: str | os.PathLike) -> bool:
