@@ -216,7 +216,7 @@ def predict_boxes(
     """
     from tqdm.auto import tqdm
 
-    if not isinstance(batch_size, int) or batch_size < 1:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:  # True is an int
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
     processor = resolve_processor(model, processor)
     images, texts = _pair_up(images, texts)

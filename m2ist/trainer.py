@@ -887,6 +887,10 @@ class RECTrainer(Trainer):
         if self.lr_scheduler is not None:
             return self.lr_scheduler
         args = self.args
+        warmup = args.get_warmup_steps(num_training_steps)
+        if warmup >= num_training_steps:  # asked for, but rarely meant: say it
+            logger.warning("The warm-up (%d steps) is as long as the run (%d steps): the learning rate never reaches "
+                           "learning_rate=%g.", warmup, num_training_steps, args.learning_rate)
         if args.lr_scheduler_type != SchedulerType.CONSTANT:
             return super().create_scheduler(num_training_steps, optimizer)
         drop_steps: list[int] = []
@@ -895,6 +899,10 @@ class RECTrainer(Trainer):
                 raise ValueError("lr_drop_epochs needs the number of steps per epoch: train on a dataset with a length "
                                  "(or leave lr_drop_epochs empty).")
             drop_steps = [epoch * self._update_steps_per_epoch for epoch in args.lr_drop_epochs]
+            late = [epoch for epoch, step in zip(args.lr_drop_epochs, drop_steps, strict=True) if step >= num_training_steps]
+            if late:
+                logger.warning("lr_drop_epochs %s fall after the run's last step (%d steps, %d per epoch): those drops "
+                               "never happen.", late, num_training_steps, self._update_steps_per_epoch)
         schedule = StepDropSchedule(drop_steps, args.lr_drop_factor, args.get_warmup_steps(num_training_steps))
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer or self.optimizer, schedule)
         self._created_lr_scheduler = True

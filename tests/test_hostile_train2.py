@@ -191,3 +191,24 @@ def test_views_without_an_augmentation_size_the_cache_for_one_view(tmp_path, cap
 
     images = expected_records(data, 1)[0]
     assert images > 0 and trainer.tower_cache.estimate["vision"] == images * trainer.tower_cache.bytes_per_image
+
+
+def test_a_schedule_that_cannot_happen_in_the_run_is_said(tmp_path, caplog):
+    """A warm-up as long as the run (the learning rate never reaches its value) and a drop epoch after the last
+    step (never applied) are what was asked for, but rarely what was meant: each gets a warning."""
+    import logging
+
+    model, processor = make_model(seed=0), make_processor(tmp_path / "tok")
+    args = cpu_training_args(tmp_path / "run", max_steps=2, warmup_steps=5, lr_drop_epochs=[60])
+    with caplog.at_level(logging.WARNING, logger="m2ist.trainer"):
+        train_rec(model, processor, make_dataset(8, seed=1), args=args)
+    assert "The warm-up (5 steps) is as long as the run (2 steps)" in caplog.text
+    assert "lr_drop_epochs [60] fall after the run's last step" in caplog.text
+
+
+def test_predict_boxes_refuses_a_boolean_batch_size(tmp_path):
+    from m2ist.inference import predict_boxes
+
+    with pytest.raises(ValueError, match="batch_size must be a positive integer, got True"):
+        predict_boxes(make_model(seed=0), [np.zeros((8, 8, 3), np.uint8)], ["a"], processor=make_processor(tmp_path),
+                      batch_size=True)
