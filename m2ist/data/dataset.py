@@ -13,7 +13,7 @@ from typing import Any
 from PIL import Image
 from torch.utils.data import Dataset
 
-from m2ist.data.images import WHITE, DeferredImage, RGBColor, image_size, load_image
+from m2ist.data.images import WHITE, DeferredImage, RGBColor, image_name, image_size, load_image
 from m2ist.data.loaders import box_values, has_visible_text
 from m2ist.data.sample import RECSample
 
@@ -89,14 +89,10 @@ def check_annotated_size(sample: RECSample, size: tuple[int, int], *, where: str
     metadata = sample.metadata if isinstance(sample.metadata, dict) else {}
     source = metadata.get("source") or "the annotation"
     raise ValueError(
-        f"{where}: {source} states a {width}x{height} image, but {_image_name(sample.image)} is "
+        f"{where}: {source} states a {width}x{height} image, but {image_name(sample.image)} is "
         f"{size[0]}x{size[1]}; its box {tuple(sample.box)} is in the annotated image's pixels and would mark the "
         f"wrong place.{hint}"
     )
-
-
-def _image_name(image: Any) -> str:
-    return str(image) if isinstance(image, str | Path | DeferredImage) else f"the {type(image).__name__} image"
 
 
 def _image_key(image: Any) -> Any:

@@ -26,7 +26,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-__all__ = ["DeferredImage", "ImageLoadError", "ImageNotFoundError", "exif_orientation", "image_size", "load_image"]
+__all__ = ["DeferredImage", "ImageLoadError", "ImageNotFoundError", "exif_orientation", "image_name", "image_size",
+           "load_image"]
 
 RGBColor = tuple[int, int, int]
 WHITE: RGBColor = (255, 255, 255)
@@ -163,13 +164,13 @@ def load_image(image: Any, *, exif_transpose: bool = False, background: RGBColor
     """
     rgb = _load_rgb(image, exif_transpose, background)
     if rgb.width == 0 or rgb.height == 0:  # letterboxing and box scaling would divide by zero
-        raise ValueError(f"Image {_source_name(image)} is {rgb.width}x{rgb.height} pixels: an image needs at least "
+        raise ValueError(f"Image {image_name(image)} is {rgb.width}x{rgb.height} pixels: an image needs at least "
                          "one pixel each way.")
     return rgb
 
 
-def _source_name(image: Any) -> str:
-    """How an error names the image given to :func:`load_image`."""
+def image_name(image: Any) -> str:
+    """How an error names an image: its path, a deferred image's description, an array's type and shape."""
     if isinstance(image, DeferredImage):
         return image.describe()
     if isinstance(image, str | PathLike):
