@@ -7,9 +7,9 @@ Two guarantees, stated once:
   processes saving into one folder leave the last complete adapter, never a mix, and a save that dies half-way
   (a full disk, ``ulimit -f``, an exception) leaves the previous adapter untouched. Entries of the folder that are
   not the adapter's (a user's notes, a training run's ``checkpoint-*`` folders) are kept.
-* **What loads is what was saved.** The weights file records the SHA-256 of its tensor data
-  (``m2ist_sha256`` in the safetensors metadata); loading checks it, and every tensor's name, shape, dtype and
-  finiteness, before anything is copied into the model.
+* **What loads is what was saved.** The weights file records the SHA-256 of its tensor data and of its layout
+  (``m2ist_sha256`` and ``m2ist_layout_sha256`` in the safetensors metadata); loading checks both, and every tensor's
+  name, shape, dtype and finiteness, before anything is copied into the model.
 """
 
 from __future__ import annotations
@@ -66,6 +66,9 @@ OWNED_FILES = frozenset({CONFIG_NAME, WEIGHTS_NAME, PROCESSOR_CONFIG_NAME, *PROC
 RESERVED_ADAPTER_NAMES = ("checkpoint-*", "runs", "last-checkpoint", "tower_cache")
 #: safetensors metadata key holding the SHA-256 of the file's tensor data.
 SHA256_KEY = "m2ist_sha256"
+#: safetensors metadata key holding the SHA-256 of the file's tensor layout (every tensor's name, dtype, shape and
+#: place in the data): with :data:`SHA256_KEY` it covers everything a load reads.
+LAYOUT_SHA256_KEY = "m2ist_layout_sha256"
 _SAVING_SUFFIX = ".m2ist-saving"
 #: The weights (and PEFT adapter) files of another library's model: a folder or Hub repo holding one is that model's,
 #: and an adapter saved or pushed there would replace its tokenizer, processor and card; saves and pushes refuse it.
@@ -309,9 +312,23 @@ def check_finite(tensors: dict[str, torch.Tensor], what: str) -> None:
 def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
     """The SHA-256 that :func:`write_safetensors` records for ``tensors`` (of their data, not of names or metadata):
     equal tensors give equal digests, so results can name the weights they measured."""
+    return _digests(tensors)[0]
+
+
+def _layout_sha256(header: dict[str, Any]) -> str:
+    """The SHA-256 of a safetensors header's tensor entries (names, dtypes, shapes, data offsets), metadata left out:
+    what tells two same-sized tensors apart, which the data's digest cannot."""
+    entries = {name: entry for name, entry in header.items() if name != "__metadata__"}
+    return hashlib.sha256(json.dumps(entries, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _digests(tensors: dict[str, torch.Tensor]) -> tuple[str, str]:
+    """``(data SHA-256, layout SHA-256)`` of ``tensors`` as :func:`write_safetensors` lays them out."""
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     plain = save_safetensors_bytes(tensors)
-    return hashlib.sha256(memoryview(plain)[_data_offset(plain):]).hexdigest()
+    offset = _data_offset(plain)
+    return (hashlib.sha256(memoryview(plain)[offset:]).hexdigest(),
+            _layout_sha256(json.loads(plain[8:offset].decode("utf-8"))))
 
 
 def _read_header(path: Path) -> dict[str, Any]:
@@ -351,12 +368,13 @@ def trainable_counts(path: Path) -> dict[str, int]:
 
 
 def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    """Write ``tensors`` to ``path`` atomically, with the SHA-256 of the tensor data in the metadata; refuse
-    non-finite tensors (a diverged run must not leave weights that load)."""
+    """Write ``tensors`` to ``path`` atomically, with the SHA-256 of the tensor data and of their layout (names,
+    dtypes, shapes) in the metadata; refuse non-finite tensors (a diverged run must not leave weights that load)."""
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     check_finite(tensors, f"Refusing to save {path.name}")
     metadata = {"format": "pt", "m2ist_version": __version__, **(metadata or {})}
-    blob = save_safetensors_bytes(tensors, metadata={**metadata, SHA256_KEY: tensors_sha256(tensors)})
+    data_sha, layout_sha = _digests(tensors)
+    blob = save_safetensors_bytes(tensors, metadata={**metadata, SHA256_KEY: data_sha, LAYOUT_SHA256_KEY: layout_sha})
 
     def write(tmp: str) -> None:
         with open(tmp, "wb") as handle:
@@ -402,10 +420,15 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
                 if key != "__metadata__" and isinstance(entry, dict) and len(entry.get("data_offsets") or ()) == 2]
         if ends and len(blob) - offset < max(ends):
             raise ValueError(f"its tensor data should take {max(ends)} bytes, the file holds {len(blob) - offset}")
-        recorded = (header.get("__metadata__") or {}).get(SHA256_KEY)
+        metadata = header.get("__metadata__") or {}
+        recorded = metadata.get(SHA256_KEY)
         if recorded is not None and hashlib.sha256(memoryview(blob)[offset:]).hexdigest() != recorded:
             raise ValueError(f"{path} is damaged: its tensor data does not match the SHA-256 recorded when it was "
                              f"saved; {advice}")
+        recorded = metadata.get(LAYOUT_SHA256_KEY)
+        if recorded is not None and _layout_sha256(header) != recorded:
+            raise ValueError(f"{path} is damaged: its tensors' names, dtypes or shapes do not match those recorded "
+                             f"when it was saved; {advice}")
         return load_safetensors_bytes(blob)
     except ValueError as err:
         if str(err).startswith(f"{path} is damaged"):

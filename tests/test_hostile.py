@@ -16,6 +16,7 @@ import logging
 import os
 import pickle
 import re
+import struct
 import time
 import zipfile
 from dataclasses import replace
@@ -193,6 +194,27 @@ def test_flipped_bytes_in_the_tensor_data_are_caught_by_the_sha256(model, tmp_pa
     with pytest.raises(ValueError, match=r"is damaged: its tensor data does not match the SHA-256"):
         SideTunedModel.from_pretrained(tmp_path, vision_model=model.vision_model, text_model=model.text_model)
     assert all(torch.equal(v, before[k]) for k, v in model.trainable_state_dict().items())
+
+
+def test_swapped_tensor_names_are_caught_by_the_layout_sha256(model, tmp_path):
+    """Two tensors of one dtype and shape trading names leave the data's digest intact; the layout's catches it."""
+    model.save_pretrained(tmp_path)
+    path = tmp_path / WEIGHTS_NAME
+    blob = path.read_bytes()
+    (length,) = struct.unpack("<Q", blob[:8])
+    header = json.loads(blob[8:8 + length])
+    by_kind: dict[str, list[str]] = {}
+    for name, entry in header.items():
+        if name != "__metadata__":
+            by_kind.setdefault(f"{entry['dtype']}{entry['shape']}", []).append(name)
+    first, second = next(names for names in by_kind.values() if len(names) > 1)[:2]
+    header[first]["data_offsets"], header[second]["data_offsets"] = (header[second]["data_offsets"],
+                                                                      header[first]["data_offsets"])
+    text = json.dumps(header, separators=(",", ":")).encode()
+    assert len(text) <= length
+    path.write_bytes(blob[:8] + text.ljust(length) + blob[8 + length:])  # same length: padded with spaces
+    with pytest.raises(ValueError, match=r"is damaged: its tensors' names, dtypes or shapes do not match"):
+        SideTunedModel.from_pretrained(tmp_path, vision_model=model.vision_model, text_model=model.text_model)
 
 
 def test_weights_are_checked_for_dtype_and_finiteness(model, tmp_path):
