@@ -17,6 +17,7 @@ page uses system fonts (no font download) and no share link is ever created.
 from __future__ import annotations
 
 import argparse
+import errno
 import html
 import logging
 import os
@@ -454,9 +455,32 @@ def _port(text: str) -> int:
     return value
 
 
+def check_address(host: str, port: int | None) -> None:
+    """Raise ``ValueError`` unless the page can listen on ``host`` (and ``port``, when given): checked before any
+    adapter loads, so a typo in ``--host`` or a port in use is not found only after minutes of loading."""
+    import socket
+
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port or 0, type=socket.SOCK_STREAM)[0]
+    except (socket.gaierror, UnicodeError) as err:
+        raise ValueError(f"--host {host!r} is not an address or host name this machine can resolve ({err}); give "
+                         "an address such as 127.0.0.1 (this machine only) or 0.0.0.0 (the network).") from None
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server does: TIME_WAIT is no conflict
+        try:
+            probe.bind(address)
+        except OSError as err:
+            if port and err.errno == errno.EADDRINUSE:
+                raise ValueError(f"port {port} on {host} is in use by another program: give another --port, or "
+                                 "leave it out to take the next free one.") from None
+            raise ValueError(f"cannot listen on --host {host!r} ({err.strerror or err}): give an address of this "
+                             "machine, such as 127.0.0.1 (this machine only) or 0.0.0.0 (the network).") from None
+
+
 def run(args: argparse.Namespace) -> int:
     """Run ``m2ist app`` with parsed ``args``; returns the exit status. An adapter that cannot be loaded raises
     (``FileNotFoundError``, ``ValueError``, ``OSError``): ``m2ist app`` reports it in one line, with exit status 2."""
+    check_address(args.host, args.port)
     models = load_models(args.adapter, local_files_only=args.local_files_only)
     use_scenes = args.examples == "shapes" or (args.examples == "auto" and not args.adapter)
     examples = demo_examples() if use_scenes else None

@@ -141,10 +141,11 @@ def test_cli_glue_loads_named_adapters_and_serves(adapter_dir, monkeypatch):
     served = {}
     monkeypatch.setattr(m2ist_app, "serve", lambda models, **kw: served.update(models=models, **kw))
     parser = m2ist_app.add_arguments(argparse.ArgumentParser())
-    args = parser.parse_args(["--adapter", f"a={adapter_dir}", "--adapter", str(adapter_dir), "--port", "7999"])
+    port = _free_port()
+    args = parser.parse_args(["--adapter", f"a={adapter_dir}", "--adapter", str(adapter_dir), "--port", str(port)])
     assert m2ist_app.run(args) == 0
     assert [name for name, _ in served["models"]] == ["a", "adapter"]
-    assert served["port"] == 7999 and served["host"] == "127.0.0.1" and served["examples"] is None
+    assert served["port"] == port and served["host"] == "127.0.0.1" and served["examples"] is None
 
 
 def test_m2ist_app_command_serves_the_named_adapter(adapter_dir, monkeypatch, capsys, tmp_path):
@@ -152,8 +153,9 @@ def test_m2ist_app_command_serves_the_named_adapter(adapter_dir, monkeypatch, ca
 
     served = {}
     monkeypatch.setattr(m2ist_app, "serve", lambda models, **kw: served.update(models=models, **kw))
-    assert main(["app", "--adapter", f"mine={adapter_dir}", "--port", "7998"]) == 0
-    assert [name for name, _ in served["models"]] == ["mine"] and served["port"] == 7998
+    port = _free_port()
+    assert main(["app", "--adapter", f"mine={adapter_dir}", "--port", str(port)]) == 0
+    assert [name for name, _ in served["models"]] == ["mine"] and served["port"] == port
     assert main(["app", "--adapter", str(tmp_path / "missing")]) == 2  # an expected error: one line, status 2
     err = capsys.readouterr().err
     assert err.startswith("m2ist app: error: ") and "missing" in err and err.count("\n") == 1
@@ -192,6 +194,26 @@ def _browser() -> tuple[str | None, str | None, str]:
     if binary is None or driver is None:
         return None, None, "no Chromium/chromedriver installed (apt-get install chromium chromium-driver)"
     return binary, driver, ""
+
+
+def test_a_bad_host_or_a_busy_port_is_refused_before_any_adapter_loads(monkeypatch, capsys):
+    from m2ist.cli import main
+
+    def never(*args, **kwargs):
+        raise AssertionError("adapters were loaded before the address was checked")
+
+    monkeypatch.setattr(m2ist_app, "load_models", never)
+    assert main(["app", "--host", "no-such-host.invalid"]) == 2
+    assert "--host 'no-such-host.invalid' is not an address" in capsys.readouterr().err
+    assert main(["app", "--host", "192.0.2.1"]) == 2  # TEST-NET-1: resolvable, not this machine's
+    assert "cannot listen on --host '192.0.2.1'" in capsys.readouterr().err
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["app", "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("m2ist app: error: ") and f"port {port} on 127.0.0.1 is in use" in err
 
 
 def _free_port() -> int:
