@@ -186,7 +186,7 @@ class TowerCacheCollator:
         if self.cache is None or not identities or any(i is None or i not in self._remembered for i in identities):
             return None
         rows = [self._remembered[i] for i in identities]
-        if not all(self.cache.holds(modality, [row[name] for row in rows]) for modality, name in KEY_FIELDS.items()):
+        if not self.cache.holds_all({modality: [row[name] for row in rows] for modality, name in KEY_FIELDS.items()}):
             return None
         self.skipped_batches += 1
         batch = {key: torch.stack([row[key] for row in rows]) if isinstance(rows[0][key], torch.Tensor)
@@ -909,10 +909,15 @@ class TowerFeatureCache:
     def holds(self, modality: str, keys: Sequence[str]) -> bool:
         """Whether the cache has the records of all ``keys`` of ``modality`` (``"vision"`` or ``"text"``) for the
         towers as they are now and the active adapter (another adapter active: ``False``)."""
+        return self.holds_all({modality: keys})
+
+    def holds_all(self, keys: Mapping[str, Sequence[str]]) -> bool:
+        """:meth:`holds` for several modalities at once (``{modality: keys}``), the towers' state looked at once."""
         if self.model.active_adapter != self.adapter:
             return False
         self._follow_towers()
-        return all(found is not None for found in self.records[modality].store.get(list(keys)))
+        return all(found is not None for modality, wanted in keys.items()
+                   for found in self.records[modality].store.get(list(wanted)))
 
     def features(self, batch: Mapping[str, Any]) -> TowerFeatureSet:
         """The batch's tower features, read from the cache or computed (and stored) on a miss. ``batch`` holds the
