@@ -21,6 +21,7 @@ import glob
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Callable, Sequence
 from os import PathLike
 from pathlib import Path, PurePosixPath
@@ -38,7 +39,8 @@ from huggingface_hub.errors import (
 from huggingface_hub.utils import filter_repo_objects, validate_repo_id
 
 from .card import CARD_NAME, PLACEHOLDER_REPO_ID
-from .save_and_load import ADAPTER_FILES, adapter_name_problem, foreign_model_files, owned_entries
+from .config import CONFIG_NAME
+from .save_and_load import ADAPTER_FILES, WEIGHTS_NAME, adapter_name_problem, foreign_model_files, owned_entries
 from .version import __version__
 
 __all__ = ["ADAPTER_PATTERNS", "IGNORED_PATTERNS", "PretrainedNotFoundError", "push_folder_to_hub", "push_to_hub",
@@ -151,6 +153,7 @@ def push_folder_to_hub(
         with tempfile.TemporaryDirectory(prefix="m2ist-upload-") as staging:
             _stage(folder_path, selected, Path(staging), repo_id)
             stale = _stale_adapter_files(repo_files, selected, allow_patterns, ignore_patterns)
+            _warn_if_adapters_deleted(repo_id, stale)
             return api.upload_folder(
                 repo_id=repo_id,
                 folder_path=staging,
@@ -197,6 +200,25 @@ def _stale_adapter_files(repo_files: Sequence[str], uploaded: Sequence[str], all
     uploaded_paths = set(uploaded)
     candidates = [path for path in repo_files if _is_adapter_file(path, repo_files) and path not in uploaded_paths]
     return list(filter_repo_objects(candidates, allow_patterns=allow_patterns, ignore_patterns=ignore_patterns))
+
+
+def _adapter_subfolders(files: Sequence[str]) -> list[str]:
+    """The subfolders of a folder's or repo's ``files`` that hold an adapter (their own ``m2ist_config.json``)."""
+    return sorted({PurePosixPath(f).parts[0] for f in files
+                   if len(PurePosixPath(f).parts) == 2 and PurePosixPath(f).name == CONFIG_NAME})
+
+
+def _warn_if_adapters_deleted(repo_id: str, stale: Sequence[str]) -> None:
+    """Warn when a push deletes whole adapters of ``repo_id`` (the root one, or a ``<name>/`` subfolder's): the
+    pushed folder lacks them, e.g. a model loaded with ``from_pretrained``, which loads the root adapter only."""
+    gone = [f"{name!r} (in {name}/)" for name in _adapter_subfolders(stale)]
+    if CONFIG_NAME in stale or WEIGHTS_NAME in stale:
+        gone.insert(0, "the root one")
+    if gone:
+        warnings.warn(f"This push deletes adapters of '{repo_id}' that the pushed folder does not hold: "
+                      f"{', '.join(gone)} (they stay in the repo's history). To push some adapters and keep the "
+                      "repo's others, use model.push_to_hub(repo_id, selected_adapters=[...]).", UserWarning,
+                      stacklevel=4)
 
 
 def _stage(folder: Path, selected: Sequence[str], staging: Path, repo_id: str) -> None:
@@ -349,9 +371,18 @@ def _check_local_folder(folder: Path, filenames: Sequence[str]) -> Path:
         shown = present[:20] + ([f"... ({len(present) - 20} more)"] if len(present) > 20 else [])
         raise PretrainedNotFoundError(
             f"Local folder '{folder}' is missing {missing} (needed: {list(filenames)}; present: {shown or 'nothing'}). "
-            "Pass the folder written by save_pretrained(), or a Hub repo id."
+            + (_subfolder_hint(present) or "Pass the folder written by save_pretrained(), or a Hub repo id.")
         )
     return folder
+
+
+def _subfolder_hint(files: Sequence[str]) -> str | None:
+    """"It holds adapters in subfolders: pass subfolder=..." when ``files`` (a folder's or repo's) show some."""
+    names = _adapter_subfolders(files)
+    if not names:
+        return None
+    return (f"It holds no adapter at its root but adapters in the subfolders {names} (save_pretrained puts every "
+            f"adapter but 'default' in one): pass subfolder={names[0]!r} to load that one.")
 
 
 def _explain(
@@ -395,9 +426,10 @@ def _explain(
         )
     present = _list_repo_files(repo_id, revision=revision, token=token, endpoint=endpoint)
     listing = f" It contains: {present}." if present is not None else ""
+    hint = _subfolder_hint(present or []) if "/" not in filename else None
     return (
         f"Repo '{repo_id}' on {hub} ({at_revision}) has no file '{filename}' (needed: {list(filenames)}).{listing} "
-        "Check the repo id and revision: is it a folder written by m2ist's save_pretrained / push_to_hub?"
+        + (hint or "Check the repo id and revision: is it a folder written by m2ist's save_pretrained / push_to_hub?")
     )
 
 

@@ -12,14 +12,17 @@ from __future__ import annotations
 
 import contextvars
 import dataclasses
+import glob
+import json
 import logging
 import os
 import shutil
 import warnings
 import weakref
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -835,22 +838,26 @@ class SideTunedModel(RECModel):
             self._setup(name)  # an unknown name raises here, before the towers run
         if tower_features is None:
             tower_features = self.tower_features(pixel_values, pixel_mask, input_ids, attention_mask, unique)
-        pred_boxes: torch.Tensor | None = None
-        patch_logits: torch.Tensor | None = None
-        every_has_logits = True  # patch_logits only when every sample's adapter gives them (vote readouts)
-        for name in unique:
-            rows = torch.tensor([i for i, n in enumerate(adapter_names) if n == name],
-                                device=tower_features.vision.tokens.device)
-            output = self.forward_features(tower_features.index(rows), adapter_name=name)
-            if pred_boxes is None:
-                pred_boxes = output.pred_boxes.new_zeros((batch, *output.pred_boxes.shape[1:]))
-            pred_boxes[rows] = output.pred_boxes
-            every_has_logits = every_has_logits and output.patch_logits is not None
-            if every_has_logits:
-                if patch_logits is None:
-                    patch_logits = output.patch_logits.new_zeros((batch, *output.patch_logits.shape[1:]))
-                patch_logits[rows] = output.patch_logits
-        output = RECModelOutput(pred_boxes=pred_boxes, patch_logits=patch_logits if every_has_logits else None)
+        device = tower_features.vision.tokens.device
+        rows = {name: torch.tensor([i for i, n in enumerate(adapter_names) if n == name], device=device)
+                for name in unique}
+        outputs = {name: self.forward_features(tower_features.index(rows[name]), adapter_name=name) for name in unique}
+
+        def gather(key: str) -> torch.Tensor:  # adapters cast apart (model.inactive_adapters[n].half()) may differ
+            parts = [getattr(outputs[name], key) for name in unique]
+            dtype = parts[0].dtype
+            for part in parts[1:]:
+                dtype = torch.promote_types(dtype, part.dtype)
+            merged = parts[0].new_zeros((batch, *parts[0].shape[1:]), dtype=dtype)
+            for name, part in zip(unique, parts, strict=True):
+                merged[rows[name]] = part.to(dtype)
+            return merged
+
+        pred_boxes = gather("pred_boxes")
+        # patch_logits only when every sample's adapter gives them (vote readouts)
+        every_has_logits = all(outputs[name].patch_logits is not None for name in unique)
+        patch_logits = gather("patch_logits") if every_has_logits else None
+        output = RECModelOutput(pred_boxes=pred_boxes, patch_logits=patch_logits)
         return output if return_dict else output.to_tuple()
 
     def forward_all_adapters(
@@ -904,9 +911,10 @@ class SideTunedModel(RECModel):
         return [self._active_adapter]
 
     @property
-    def peft_config(self) -> dict[str, M2ISTConfig]:
-        """``{adapter name: its M2ISTConfig}``, as PEFT's ``model.peft_config``."""
-        return {name: setup.config for name, setup in self.adapter_setups.items()}
+    def peft_config(self) -> Mapping[str, M2ISTConfig]:
+        """``{adapter name: its M2ISTConfig}``, as PEFT's ``model.peft_config``, read-only: an entry assigned or
+        deleted there would change nothing (use :meth:`add_adapter` / :meth:`delete_adapter`)."""
+        return MappingProxyType({name: setup.config for name, setup in self.adapter_setups.items()})
 
     def list_adapters(self) -> list[str]:
         """Names of every adapter on the towers, the active one first."""
@@ -925,8 +933,8 @@ class SideTunedModel(RECModel):
         modules = self.inactive_adapters[name]
         return modules["side"], modules["head"]
 
-    def _check_compatible(self, name: str, config: M2ISTConfig) -> M2ISTConfig:
-        """``config`` completed with the towers' settings; raise if it cannot share this model's towers."""
+    def _check_new_name(self, name: str) -> None:
+        """Refuse a name that cannot name a new adapter (unusable, or taken)."""
         problem = adapter_name_problem(name) or (f"{BASE_ADAPTER!r} is PEFT's 'no adapter'" if name == BASE_ADAPTER
                                                  else None)
         if problem is not None:
@@ -937,6 +945,10 @@ class SideTunedModel(RECModel):
         if name in self.adapter_setups:
             raise ValueError(f"An adapter named {name!r} already exists; delete_adapter({name!r}) first or pick "
                              "another name.")
+
+    def _check_compatible(self, name: str, config: M2ISTConfig) -> M2ISTConfig:
+        """``config`` completed with the towers' settings; raise if it cannot share this model's towers."""
+        self._check_new_name(name)
         if not isinstance(config, M2ISTConfig):
             raise TypeError(f"config must be an M2ISTConfig, got {type(config).__name__}.")
         config = dataclasses.replace(config)
@@ -946,8 +958,10 @@ class SideTunedModel(RECModel):
             if key == "image_size" and theirs is None:
                 config.image_size = mine
             elif mine != theirs:
+                fix = (f" Cast the towers first (model.set_backbone_dtype({theirs!r})), or give the adapter "
+                       f"backbone_dtype={mine!r}." if key == "backbone_dtype" and theirs is not None else "")
                 raise ValueError(f"Adapter {name!r} has {key}={theirs!r} but the towers run with {key}={mine!r}: "
-                                 "adapters on one pair of towers share the inputs and the towers' settings.")
+                                 f"adapters on one pair of towers share the inputs and the towers' settings.{fix}")
         mismatches = config.tower_mismatches(shared)
         if mismatches:
             raise ValueError(f"Adapter {name!r} was built for other towers: {'; '.join(mismatches)}.")
@@ -956,7 +970,12 @@ class SideTunedModel(RECModel):
     def add_adapter(self, adapter_name: str, config: M2ISTConfig) -> None:
         """Add a new, untrained adapter (side network + head) named ``adapter_name`` on the same towers; it is not
         made active (use :meth:`set_adapter`). Its tap kinds and layers may differ from the other adapters'; the
-        image size, query length and tap specs must be the towers'."""
+        image size, query length and tap specs must be the towers'. It is built in the dtype of the other adapters
+        (:attr:`dtype`), so that one batch can mix them (``adapter_names=``)."""
+        self._add_adapter(adapter_name, config, self.dtype)
+
+    def _add_adapter(self, adapter_name: str, config: M2ISTConfig, dtype: torch.dtype | None) -> None:
+        """:meth:`add_adapter`, with the new adapter's modules in ``dtype`` (None: float32, as built)."""
         config = self._check_compatible(adapter_name, config)
         config.num_vision_tokens = None
         vision, text, vision_depth, text_depth = self._probe(sorted({config.intra_tap, config.inter_tap}))
@@ -965,6 +984,8 @@ class SideTunedModel(RECModel):
         head = self._make_head(config, vision.tokens.shape[-1], text.tokens.shape[-1], vision.tokens.shape[1])
         self._record_towers(config, vision, text, vision_depth, text_depth)
         modules = nn.ModuleDict({"side": side, "head": head}).to(self.device)
+        if dtype is not None:
+            modules.to(dtype)
         modules.train(self.training)
         modules.requires_grad_(False)
         self.inactive_adapters[adapter_name] = modules
@@ -989,12 +1010,19 @@ class SideTunedModel(RECModel):
         self.head.requires_grad_(not inference_mode)
 
     def delete_adapter(self, adapter_name: str) -> None:
-        """Remove ``adapter_name``; deleting the active adapter activates the next one (the last cannot go)."""
+        """Remove ``adapter_name``; deleting the active adapter activates the next one (the last cannot go), with a
+        warning naming it (as PEFT warns). The next one is frozen as the deleted one was: a model loaded for
+        inference stays one (``requires_grad=False``)."""
         self._setup(adapter_name)
         if len(self.adapter_setups) == 1:
             raise ValueError(f"{adapter_name!r} is the only adapter: a SideTunedModel needs one.")
         if adapter_name == self._active_adapter:
-            self.set_adapter(next(n for n in self.adapter_setups if n != adapter_name))
+            following = next(n for n in self.adapter_setups if n != adapter_name)
+            frozen = not any(p.requires_grad for module in (self.side, self.head) for p in module.parameters())
+            warnings.warn(f"Adapter {adapter_name!r} was active and is deleted: {following!r} is active now"
+                          f"{' (frozen, as the deleted one was)' if frozen else ''}; call set_adapter(name) to "
+                          "choose another.", UserWarning, stacklevel=2)
+            self.set_adapter(following, inference_mode=frozen)
         del self.inactive_adapters[adapter_name]
         del self.adapter_setups[adapter_name]
 
@@ -1004,16 +1032,32 @@ class SideTunedModel(RECModel):
                      endpoint: str | None = None) -> None:
         """Load an adapter saved by :meth:`save_pretrained` (a folder or a Hub repo id, optionally its
         ``subfolder``) as ``adapter_name`` on these towers; loading is strict as in :meth:`from_pretrained`. As in
-        PEFT, it is not activated; ``is_trainable=False`` leaves it in ``eval()`` until :meth:`set_adapter`."""
+        PEFT, it is not activated; ``is_trainable=False`` leaves it in ``eval()`` until :meth:`set_adapter`.
+
+        Without ``subfolder`` the adapter at the folder's root is read; a folder that also holds an adapter named
+        ``adapter_name`` in its ``<adapter_name>/`` subfolder (where :meth:`save_pretrained` puts it) is refused,
+        since either could be meant: pass ``subfolder=adapter_name`` for that one. The weights load in their saved
+        dtype, then take the model's (:attr:`dtype`). A processor saved with the adapter whose settings differ from
+        ``model.processor`` (which ``predict`` and ``evaluate`` use for every adapter) gives a warning naming them."""
         from .hub import resolve_pretrained
 
+        self._check_new_name(adapter_name)  # before any download
+        own = f"{adapter_name}/{CONFIG_NAME}"
         folder = resolve_pretrained(str(model_id), filenames=[CONFIG_NAME, WEIGHTS_NAME], subfolder=subfolder,
+                                    optional_filenames=[PROCESSOR_CONFIG_NAME, *([own] if subfolder is None else [])],
                                     revision=revision, token=token, cache_dir=cache_dir,
                                     local_files_only=local_files_only, endpoint=endpoint)
+        if subfolder is None and adapter_name != DEFAULT_ADAPTER and (folder / own).is_file():
+            raise ValueError(
+                f"{model_id} holds an adapter named {adapter_name!r} in its subfolder {adapter_name}/ (where "
+                f"save_pretrained puts it), but load_adapter({adapter_name!r}) without subfolder= reads the adapter at "
+                f"its root (its 'default' one). Pass subfolder={adapter_name!r} to load the {adapter_name!r} adapter; "
+                "to load the root one, give it another adapter_name. Nothing was loaded.")
         saved = M2ISTConfig.from_json_file(folder / CONFIG_NAME)
         self._check_compatible(adapter_name, saved)
         measured = {f"{m}_{k}": None for m in (VISION, TEXT) for k in M2ISTConfig.TOWER_FIELDS}
-        self.add_adapter(adapter_name, dataclasses.replace(saved, **measured, num_vision_tokens=None))
+        self._add_adapter(adapter_name, dataclasses.replace(saved, **measured, num_vision_tokens=None),
+                          _adapter_dtype("auto", folder / WEIGHTS_NAME))
         config = self.adapter_setups[adapter_name].config
         mismatches = saved.tower_mismatches(config)
         if saved.num_vision_tokens not in (None, config.num_vision_tokens):
@@ -1025,12 +1069,40 @@ class SideTunedModel(RECModel):
         except Exception:
             self.delete_adapter(adapter_name)
             raise
+        self.inactive_adapters[adapter_name].to(self.dtype)  # one dtype for every adapter: batches can mix them
         for modality in (VISION, TEXT):
             for key in ("model_name_or_path", "revision"):
                 if getattr(saved, f"{modality}_{key}") is not None:
                     setattr(config, f"{modality}_{key}", getattr(saved, f"{modality}_{key}"))
         if not is_trainable:
             self.inactive_adapters[adapter_name].eval()
+        self._warn_if_other_processor(folder / PROCESSOR_CONFIG_NAME, adapter_name)
+
+    def _warn_if_other_processor(self, saved: Path, adapter_name: str) -> None:
+        """Warn when the processor settings saved with adapter ``adapter_name`` (``m2ist_processor.json``) differ from
+        ``model.processor``'s: every adapter of the model is fed by that one processor, so this adapter would see
+        images or phrases prepared otherwise than in its training, and give other boxes, silently."""
+        if self.processor is None or not saved.is_file() or not hasattr(self.processor, "flat_settings"):
+            return
+        try:
+            theirs = json.loads(saved.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            theirs = None
+        if not isinstance(theirs, dict):
+            warnings.warn(f"{saved}: the processor settings saved with adapter {adapter_name!r} cannot be read, so "
+                          "they cannot be compared with model.processor's, which predict() and evaluate() use for it.",
+                          UserWarning, stacklevel=3)
+            return
+        mine = {**self.processor.flat_settings(), "tokenizer_vocab_size": len(self.processor.tokenizer)}
+        keys = ("canvas_size", "image_mean", "image_std", "max_query_len", "lowercase", "tokenizer_vocab_size")
+        differ = [f"{key}: saved {theirs[key]!r}, model.processor {mine[key]!r}" for key in keys
+                  if key in theirs and not _same_setting(mine[key], theirs[key])]
+        if differ:
+            warnings.warn(f"Adapter {adapter_name!r} was saved with another processor than model.processor, which "
+                          f"predict() and evaluate() use for every adapter ({'; '.join(differ)}): its boxes would "
+                          f"differ from its own. Predict with it through its processor (RECProcessor.from_pretrained"
+                          f"({str(saved.parent)!r}), passed as processor=), or load it on a model of its own.",
+                          UserWarning, stacklevel=3)
 
     # ---------------------------------------------------------------------------------------------------------
     def parameter_counts(self, adapter_name: str | None = None) -> dict[str, int]:
@@ -1114,9 +1186,8 @@ class SideTunedModel(RECModel):
         replaced: its card and measured results are carried over (the card is updated rather than replaced), and so
         is its root adapter (config, weights, and its processor when the model has none) when ``"default"`` is not
         written."""
-        names = list(dict.fromkeys(selected_adapters)) if selected_adapters is not None else list(self.adapter_setups)
-        for name in names:
-            self._setup(name)  # an unknown name fails before anything is written
+        # an unknown name or a string fails before anything is written
+        names = self._selected(selected_adapters) if selected_adapters is not None else list(self.adapter_setups)
         for name in names:
             side, head = self._adapter_modules(name)
             target = folder if name == DEFAULT_ADAPTER else folder / name
@@ -1161,17 +1232,45 @@ class SideTunedModel(RECModel):
     def push_to_hub(self, repo_id: str, *, commit_message: str = "Upload M²IST side adapter",
                     commit_description: str | None = None, private: bool | None = None, token: str | None = None,
                     revision: str | None = None, create_pr: bool = False, endpoint: str | None = None,
-                    tags: Sequence[str] | None = None) -> str:
+                    tags: Sequence[str] | None = None, selected_adapters: Sequence[str] | None = None) -> str:
         """Save into a temporary folder and upload the adapter's files to ``repo_id`` (created if needed); return the
         commit URL. The card names ``repo_id`` in its usage snippet; ``tags`` are added to its tags (as PEFT's
-        ``push_to_hub(tags=...)``), ``commit_description`` is the commit's body."""
+        ``push_to_hub(tags=...)``), ``commit_description`` is the commit's body.
+
+        The repo then loads as the model does: adapters files of an earlier push that the model does not have are
+        deleted, with a warning naming the adapters. ``selected_adapters`` pushes only those (and the processor, when
+        the model has one) and keeps the repo's other adapters, as ``save_pretrained(selected_adapters=...)`` keeps
+        a folder's; the card is updated only when ``"default"`` (the root adapter) is pushed."""
         from .hub import push_to_hub
 
+        names = None if selected_adapters is None else self._selected(selected_adapters)
+        push: dict[str, Any] = {}
+        if names is not None:  # upload, and delete stale files, only within the selected adapters' own files
+            patterns = [CONFIG_NAME, WEIGHTS_NAME, CARD_NAME] if DEFAULT_ADAPTER in names else []
+            patterns += [f"{glob.escape(name)}/{file}" for name in names if name != DEFAULT_ADAPTER
+                         for file in (CONFIG_NAME, WEIGHTS_NAME)]
+            if self.processor is not None:
+                patterns += [PROCESSOR_CONFIG_NAME, *PROCESSOR_FILES, *TOKENIZER_FILES]
+            push["allow_patterns"] = patterns
+
         def save(folder: Path) -> Path:
-            return self.save_pretrained(folder, repo_id=repo_id, card_tags=tags or ())
+            return self.save_pretrained(folder, repo_id=repo_id, card_tags=tags or (), selected_adapters=names,
+                                        model_card=names is None or DEFAULT_ADAPTER in names)
 
         return push_to_hub(save, repo_id, commit_message=commit_message, commit_description=commit_description,
-                           private=private, token=token, revision=revision, create_pr=create_pr, endpoint=endpoint)
+                           private=private, token=token, revision=revision, create_pr=create_pr, endpoint=endpoint,
+                           **push)
+
+    def _selected(self, selected_adapters: Sequence[str]) -> list[str]:
+        """The adapters named by ``selected_adapters`` (a list), without repeats; unknown names and a string (a
+        sequence of letters) are refused."""
+        if isinstance(selected_adapters, str):
+            raise TypeError(f"selected_adapters takes a list of adapter names, e.g. [{selected_adapters!r}], not the "
+                            f"string {selected_adapters!r}.")
+        names = list(dict.fromkeys(selected_adapters))
+        for name in names:
+            self._setup(name)
+        return names
 
     @classmethod
     def from_pretrained(
@@ -1289,6 +1388,15 @@ class SideTunedModel(RECModel):
             module.requires_grad_(is_trainable)
         model.train(is_trainable)
         return model
+
+
+def _same_setting(mine: Any, theirs: Any) -> bool:
+    """Whether two processor settings are equal (normalisation statistics up to float rounding in JSON)."""
+    if isinstance(mine, list | tuple) and isinstance(theirs, list | tuple):
+        return len(mine) == len(theirs) and all(_same_setting(a, b) for a, b in zip(mine, theirs))
+    if isinstance(mine, float) and isinstance(theirs, int | float) and not isinstance(theirs, bool):
+        return abs(mine - theirs) <= 1e-6
+    return mine == theirs
 
 
 _FROM_PRETRAINED_ARGUMENTS = ("vision_model", "text_model", "is_trainable", "subfolder", "revision", "dtype",

@@ -64,6 +64,8 @@ OWNED_FILES = frozenset({CONFIG_NAME, WEIGHTS_NAME, PROCESSOR_CONFIG_NAME, *PROC
 #: Adapter names that are refused: a subfolder of that name is a Trainer checkpoint, a log folder (pushes skip
 #: both), the checkpoint a Trainer pushes, or the tower cache of an output folder (a save would replace it).
 RESERVED_ADAPTER_NAMES = ("checkpoint-*", "runs", "last-checkpoint", "tower_cache")
+#: What ``adapter_names=`` / ``adapters=`` take for every adapter of a model; no adapter may be named so.
+ALL_ADAPTERS = "all"
 #: safetensors metadata key holding the SHA-256 of the file's tensor data.
 SHA256_KEY = "m2ist_sha256"
 #: safetensors metadata key holding the SHA-256 of the file's tensor layout (every tensor's name, dtype, shape and
@@ -91,6 +93,9 @@ def adapter_name_problem(name: object) -> str | None:
         return "it contains '.', which a PyTorch module name cannot hold (and which could clash with a file name)"
     if name != name.strip() or not name.isprintable():
         return "it has spaces at either end or control characters"
+    if name == ALL_ADAPTERS:
+        return (f"the name {ALL_ADAPTERS!r} is reserved: predict(adapters={ALL_ADAPTERS!r}) and "
+                f"evaluate(adapter_names={ALL_ADAPTERS!r}) mean every adapter")
     reserved = next((pattern for pattern in RESERVED_ADAPTER_NAMES if fnmatch.fnmatchcase(name, pattern)), None)
     if reserved is not None:
         what = f"names matching {reserved!r} are" if "*" in reserved else f"the name {reserved!r} is"

@@ -62,7 +62,8 @@ def test_best_model_and_resume_restore_the_active_adapter(tmp_path: Path) -> Non
 def test_a_checkpoint_is_complete_when_it_holds_the_trained_adapter(tmp_path: Path) -> None:
     model = make_model()
     model.add_adapter("b", tiny_config())
-    model.delete_adapter("default")
+    with pytest.warns(UserWarning, match="was active and is deleted"):
+        model.delete_adapter("default")
     processor = make_processor(tmp_path / "tok")
     args = cpu_training_args(tmp_path / "o", max_steps=2, save_strategy="steps", save_steps=1, **FAST)
     train_rec(model, processor, make_dataset(8, 1), None, args)
@@ -72,7 +73,8 @@ def test_a_checkpoint_is_complete_when_it_holds_the_trained_adapter(tmp_path: Pa
 
     again = make_model()
     again.add_adapter("b", tiny_config())
-    again.delete_adapter("default")
+    with pytest.warns(UserWarning, match="was active and is deleted"):
+        again.delete_adapter("default")
     resumed = train_rec(again, processor, make_dataset(8, 1), None,
                         cpu_training_args(tmp_path / "o", max_steps=3, save_strategy="steps", save_steps=1, **FAST),
                         resume_from_checkpoint=True)
@@ -106,7 +108,8 @@ def test_saving_selected_adapters_keeps_the_rest_of_the_folder(tmp_path: Path) -
     model.save_pretrained(folder, selected_adapters=[])
     assert {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file() and p.name != "README.md"} == root
 
-    model.delete_adapter("default")  # no root adapter: the processor and a card (for "b") are still written
+    with pytest.warns(UserWarning, match="was active and is deleted"):
+        model.delete_adapter("default")  # no root adapter: the processor and a card (for "b") are still written
     model.save_pretrained(tmp_path / "no-default")
     written = {p.relative_to(tmp_path / "no-default").as_posix() for p in (tmp_path / "no-default").rglob("*")}
     assert {"README.md", "m2ist_processor.json", "b/m2ist_model.safetensors", "c/m2ist_model.safetensors"} <= written
@@ -150,7 +153,8 @@ def test_a_push_removes_the_adapter_files_an_earlier_push_left(hub: LocalHub, tm
                               "docs/m2ist_config.txt": b"x"})
 
     second = make_model(seed=1)
-    second.push_to_hub("me/rec", endpoint=hub.url)
+    with pytest.warns(UserWarning, match=r"This push deletes adapters of 'me/rec' .*'old' \(in old/\)"):
+        second.push_to_hub("me/rec", endpoint=hub.url)
     files = set(hub.files("me/rec"))
     assert {"notes.txt", "last-checkpoint/m2ist_model.safetensors", "docs/m2ist_config.txt", "README.md"} <= files
     assert not {"old/m2ist_model.safetensors", "old/m2ist_config.json", "m2ist_processor.json",

@@ -68,7 +68,8 @@ def test_verbs_follow_peft():
     assert set(model.trainable_state_dict()) == {k for k in model.state_dict() if k.startswith(("side.", "head."))}
     assert all(n.startswith(("side.", "head.")) for n, p in model.named_parameters() if p.requires_grad)
     assert model.parameter_counts()["side"] > counts_before["side"]  # counts follow the active adapter
-    model.delete_adapter("wide")  # the active one: the next becomes active
+    with pytest.warns(UserWarning, match="'wide' was active and is deleted"):
+        model.delete_adapter("wide")  # the active one: the next becomes active, with a warning
     assert model.active_adapter in ("default", "deep") and "wide" not in model.list_adapters()
     assert not any("wide" in k for k in model.state_dict())
     model.delete_adapter("deep")
