@@ -143,9 +143,9 @@ def resolve_adapters(model: nn.Module, adapters: str | Sequence[str] | None) -> 
 
 
 def _is_single_image(images: Any) -> bool:
-    """One image (a path, URL, PIL image, array, or an ``(H, W)`` / ``(H, W, C)`` / ``(C, H, W)`` tensor as for
-    arrays), not a list of them."""
-    return isinstance(images, str | Path | Image.Image | np.ndarray) or (
+    """One image (a path, URL, PIL image, encoded bytes, array, or an ``(H, W)`` / ``(H, W, C)`` / ``(C, H, W)``
+    tensor as for arrays), not a list of them (``bytes`` are a sequence of ints, never a list of images)."""
+    return isinstance(images, str | Path | Image.Image | np.ndarray | bytes | bytearray | memoryview) or (
         isinstance(images, torch.Tensor) and images.ndim in (2, 3))
 
 
@@ -275,7 +275,7 @@ def draw_boxes(
     texts: str | Sequence[str] | None = None,
     gt_boxes: Any = None,
     *,
-    colors: Sequence[str] = PALETTE,
+    colors: str | Sequence[str] = PALETTE,
     gt_color: str = GT_COLOR,
     line_width: int | None = None,
     font_size: int | None = None,
@@ -287,7 +287,7 @@ def draw_boxes(
         boxes: one ``(x0, y0, x1, y1)`` pixel box or ``(N, 4)`` boxes (e.g. from :func:`predict_boxes`).
         texts: the phrase of each predicted box, written above it.
         gt_boxes: ground-truth ``xyxy`` pixel boxes, drawn in ``gt_color`` and labelled ``GT``.
-        colors: colours of the predicted boxes, cycled.
+        colors: colours of the predicted boxes, cycled (one colour name for all of them).
         gt_color: colour of the ground-truth boxes.
         line_width: outline width in pixels; default grows with the image (at least 2).
         font_size: label size in pixels; default grows with the image.
@@ -302,10 +302,15 @@ def draw_boxes(
         labels: list[str | None] = [None] * len(predicted)
     else:
         labels = [texts] if isinstance(texts, str) else list(texts)
+        wrong = [label for label in labels if label is not None and not isinstance(label, str)]
+        if wrong:
+            raise TypeError(f"texts must be phrase strings (or None for no label), got {wrong[0]!r} "
+                            f"({type(wrong[0]).__name__}).")
         if len(labels) == 1 and len(predicted) > 1:
             labels = labels * len(predicted)
         if len(labels) != len(predicted):
             raise ValueError(f"Got {len(labels)} texts for {len(predicted)} boxes; pass one text per box.")
+    colors = [colors] if isinstance(colors, str) else list(colors)  # "red" is one colour, not "r", "e", "d"
     if not colors:
         raise ValueError("colors must name at least one colour.")
     short_side = min(canvas.size)

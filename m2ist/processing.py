@@ -16,7 +16,8 @@ import logging
 import math
 import os
 import random
-from collections.abc import Sequence
+import unicodedata
+from collections.abc import Mapping, Sequence, Set
 from io import BytesIO
 from pathlib import Path
 from typing import Any, ClassVar
@@ -66,6 +67,7 @@ GEOMETRY_FIELDS: tuple[str, ...] = ("orig_width", "orig_height", "scale_x", "sca
 
 _HUB_KWARGS = ("revision", "token", "cache_dir", "local_files_only", "subfolder")
 _warned_normalised_boxes = False
+_warned_truncation = False
 
 
 # ---------------------------------------------------------------------------------------------- box geometry
@@ -197,21 +199,54 @@ def _normalisation(image_mean: Any, image_std: Any) -> tuple[tuple[float, float,
     return mean, std
 
 
+#: Keys transformers writes into an image processor's config beside its settings.
+_BOOKKEEPING_KEYS = ("image_processor_type", "processor_class", "feature_extractor_type", "_processor_class", "auto_map")
+#: What to do instead of the transformers image-processor options RECImageProcessor does not have.
+_IMAGE_OPTION_HINTS = {
+    "size": "the canvas is canvas_size x canvas_size (the long side is resized to it, the rest padded): set canvas_size",
+    "crop_size": "RECImageProcessor never crops (a crop would cut boxes): set canvas_size",
+    "do_resize": "every image is resized to the canvas (the model takes one size): set canvas_size",
+    "do_center_crop": "RECImageProcessor never crops (a crop would cut boxes)",
+    "do_pad": "every image is padded to the square canvas (pixel_mask marks the padding)",
+    "do_normalize": "to keep raw [0, 1] pixels set image_mean=0 and image_std=1",
+    "do_rescale": "uint8 input is read as 0..255 and float input must already be in [0, 1] (floats in 0..255 are "
+                  "refused, never rescaled twice); pass 0..255 data as uint8",
+    "rescale_factor": "uint8 input is divided by 255 and float input must be in [0, 1]",
+    "do_convert_rgb": "every image is converted to RGB (transparency on white)",
+    "input_data_format": "arrays are read channels-last (H, W, C); tensors (C, H, W) or (H, W, C)",
+    "image_size": "the setting is canvas_size",
+}
+
+
+def _refuse_image_options(options: dict[str, Any], where: str) -> None:
+    """Refuse keyword arguments RECImageProcessor does not read (transformers' ``size``, ``do_normalize``, a typo):
+    kept as attributes, they would be saved and reloaded while every image is processed as if they were not there."""
+    if not options:
+        return
+    hints = [f"{key}: {_IMAGE_OPTION_HINTS[key]}" for key in sorted(options) if key in _IMAGE_OPTION_HINTS]
+    raise TypeError(
+        f"{where} got options it does not have: {sorted(options)}. Its only settings are canvas_size, image_mean and "
+        "image_std" + (f" ({'; '.join(hints)})." if hints else ".")
+    )
+
+
 # ---------------------------------------------------------------------------------------------- images
 def _decode_bytes(data: bytes, source: str) -> Image.Image:
+    """Decode an encoded file held in memory as :func:`load_image` reads the same file from disk: the stored pixel
+    grid (Pillow's ``load()`` applies a TIFF's orientation tag itself; ``load_image`` undoes that only for an image it
+    decodes), in RGB."""
     try:
-        image = Image.open(BytesIO(data))
-        image.load()
+        return load_image(Image.open(BytesIO(data)))
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        raise ImageLoadError(f"{source} is not an image PIL can read ({err}).") from err
-    return image
+        reason = str(err).removeprefix("Cannot decode image <in-memory PIL image>: ")
+        raise ImageLoadError(f"{source} is not an image PIL can read ({reason}).") from err
 
 
 def fetch_image(image: Any, *, timeout: float | None = 30.0) -> Any:
     """Turn a URL, a base64 data URI or a tensor into something :func:`m2ist.data.images.load_image` reads.
 
     * ``http://`` / ``https://`` URLs are downloaded (with transformers' HTTP client, ``httpx``);
-    * ``data:image/...;base64,...`` URIs are decoded;
+    * ``data:image/...;base64,...`` URIs and ``bytes`` (an encoded file read into memory) are decoded;
     * ``torch.Tensor`` s become arrays read like numpy arrays: channels-first ``(C, H, W)`` ones are moved to
       ``(H, W, C)``, a shape that could be either (``(3, 10, 4)``) is refused, ``bfloat16``/``float16`` become
       float32; floats stay in ``[0, 1]``;
@@ -241,6 +276,8 @@ def fetch_image(image: Any, *, timeout: float | None = 30.0) -> Any:
         except binascii.Error as err:
             raise ImageLoadError(f"The data URI {image[:40]!r}... holds invalid base64 ({err}).") from err
         return _decode_bytes(data, "The data URI")
+    if isinstance(image, bytes | bytearray | memoryview):  # an encoded file read into memory (an upload)
+        return _decode_bytes(bytes(image), f"The {len(image)} bytes given as an image")
     if isinstance(image, torch.Tensor):
         return _tensor_to_array(image)
     return image
@@ -288,8 +325,10 @@ class RECImageProcessor(BaseImageProcessor):
 
     def __init__(self, canvas_size: int = 640, image_mean: Sequence[float] | float = IMAGENET_MEAN,
                  image_std: Sequence[float] | float = IMAGENET_STD, **kwargs: Any) -> None:
-        kwargs.pop("image_processor_type", None)
-        super().__init__(**kwargs)
+        for key in _BOOKKEEPING_KEYS:  # written by transformers beside the settings, not settings
+            kwargs.pop(key, None)
+        _refuse_image_options(kwargs, "RECImageProcessor")
+        super().__init__()
         self.canvas_size = _whole_number("canvas_size", canvas_size, _CANVAS_LIMITS)
         mean, std = _normalisation(image_mean, image_std)
         self.image_mean, self.image_std = list(mean), list(std)
@@ -299,8 +338,7 @@ class RECImageProcessor(BaseImageProcessor):
 
         Returns ``pixel_values`` (B, 3, S, S), ``pixel_mask`` (B, S, S) and ``image_geometry`` (B, 6).
         """
-        if kwargs:
-            raise TypeError(f"RECImageProcessor got unexpected arguments {sorted(kwargs)}.")
+        _refuse_image_options(kwargs, "RECImageProcessor.preprocess")
         if return_tensors not in ("pt", "np", None):
             raise ValueError(f"return_tensors must be 'pt', 'np' or None, got {return_tensors!r}.")
         if not isinstance(images, list | tuple):
@@ -312,6 +350,16 @@ class RECImageProcessor(BaseImageProcessor):
         if return_tensors != "pt":
             data = {key: value.numpy() for key, value in data.items()}
         return BatchFeature(data, tensor_type=return_tensors)
+
+    @classmethod
+    def from_dict(cls, image_processor_dict: dict[str, Any], **kwargs: Any) -> Any:
+        """Build from a saved config with ``kwargs`` as overrides, every one checked by the constructor.
+
+        transformers' own ``from_dict`` sets an override it does not know (``canvas_size=7.9``) as an attribute,
+        unchecked, and drops an unknown one (``size=512``, a typo) without a word."""
+        return_unused = kwargs.pop("return_unused_kwargs", False)
+        processor = cls(**{**image_processor_dict, **kwargs})
+        return (processor, {}) if return_unused else processor
 
     def empty_batch(self, batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Zero ``pixel_values``, ``pixel_mask`` and ``image_geometry`` for ``batch`` samples."""
@@ -465,10 +513,16 @@ class RECProcessor(ProcessorMixin):
         if return_tensors not in ("pt", "np", None):
             raise ValueError(f"return_tensors must be 'pt', 'np' or None, got {return_tensors!r}.")
         if isinstance(texts, str):
-            images, texts = [images], [texts]
+            if isinstance(images, list | tuple) and len(images) != 1:
+                raise ValueError(f"Got {len(images)} images and one phrase string: pass a list of phrases, one per "
+                                 "image (m2ist.inference.predict_boxes uses one phrase for several images).")
+            images, texts = (list(images) if isinstance(images, list | tuple) else [images]), [texts]
             boxes = None if boxes is None else [boxes]
         if not isinstance(images, list | tuple):
             raise TypeError("Pass a list of images with a list of phrases (or one image with one phrase string).")
+        if isinstance(texts, Set | Mapping):  # any other iterable (a list, a pandas Series, a column) has an order
+            raise TypeError(f"texts must be a phrase string or an ordered list of phrases, got a {type(texts).__name__}"
+                            " (a set or a dict has no order to pair its phrases with the images).")
         texts = list(texts)
         if len(images) != len(texts) or not texts:
             raise ValueError(f"Got {len(images)} images and {len(texts)} phrases; pass one phrase per image.")
@@ -492,6 +546,7 @@ class RECProcessor(ProcessorMixin):
                 raise ValueError(f"Phrase {index} is empty or shows nothing ({phrase!r}: only whitespace, control or "
                                  "zero-width characters); give each image a referring phrase (RECDataset drops such "
                                  "samples when it is built).")
+            phrase = unicodedata.normalize("NFC", phrase)  # the same visible text gives the same tokens
             image = load_rec_image(image)
             width, height = image.size
             if boxes is not None:
@@ -515,6 +570,7 @@ class RECProcessor(ProcessorMixin):
             return_tensors="np",
         )
         self._check_words(np.asarray(tokens["input_ids"]), np.asarray(tokens["attention_mask"]), final_texts)
+        self._warn_truncated(np.asarray(tokens["attention_mask"]), final_texts)
         data: dict[str, Any] = {
             "pixel_values": pixel_values,
             "pixel_mask": pixel_mask,
@@ -542,6 +598,25 @@ class RECProcessor(ProcessorMixin):
                 f"tokenizer drops all of its characters (accents or symbols only), or max_query_len leaves no room "
                 "beside the special tokens. Rewrite the phrase, or raise max_query_len."
             )
+
+    def _warn_truncated(self, attention_mask: np.ndarray, texts: list[str]) -> None:
+        """Warn (once per process) when a phrase has more tokens than ``max_query_len``: its last words are cut
+        off, and the box is found for what is left (TransVG truncates too, silently)."""
+        global _warned_truncation
+        full = np.flatnonzero(attention_mask.sum(axis=1) >= self.max_query_len)
+        if _warned_truncation or not full.size:
+            return
+        lengths = [len(ids) for ids in self.tokenizer([texts[i] for i in full], truncation=False)["input_ids"]]
+        cut = [(int(i), length) for i, length in zip(full, lengths) if length > self.max_query_len]
+        if cut:
+            _warned_truncation = True
+            index, length = cut[0]
+            logger.warning(
+                "Phrase %d %r has %d tokens but max_query_len=%d keeps only the first %d ([CLS] and [SEP] included): its "
+                "last words are not read "
+                "(%d of %d phrases in this batch are cut). Raise max_query_len (TransVG uses 40 for RefCOCOg) or "
+                "shorten the phrases; this warning is shown once.",
+                index, texts[index], length, self.max_query_len, self.max_query_len, len(cut), len(texts))
 
     # ------------------------------------------------------------------ boxes
     def boxes_to_labels(self, boxes_xyxy: torch.Tensor, image_geometry: torch.Tensor | np.ndarray) -> torch.Tensor:

@@ -217,6 +217,9 @@ def _scale_to_uint8(values: np.ndarray, mode: str) -> np.ndarray:
     values = values.astype(np.float64)
     if values.size == 0:
         return values.astype(np.uint8)
+    if not np.isfinite(values).all():  # NaN fails every comparison below and would turn the image black
+        raise ValueError(f"the {mode!r} image holds NaN or infinite values ({int((~np.isfinite(values)).sum())} "
+                         "pixels); fill them (e.g. numpy.nan_to_num) before passing it")
     low, high = float(values.min()), float(values.max())
     if mode == "F" and low >= 0.0 and high <= 1.0:
         return np.rint(values * 255.0).astype(np.uint8)

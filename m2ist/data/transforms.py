@@ -24,6 +24,7 @@ mapped back to the original image.
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import random
 import re
@@ -32,6 +33,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image, ImageEnhance
 
@@ -185,6 +187,18 @@ _JITTER_ENHANCERS = {
 }
 
 
+def _is_bool(value: Any) -> bool:
+    return isinstance(value, bool | np.bool_)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not _is_bool(value)
+
+
+def _is_whole(value: Any) -> bool:
+    return _is_real(value) and float(value).is_integer()
+
+
 def _check_probability(name: str, value: float) -> None:
     if not 0.0 <= float(value) <= 1.0:
         raise ValueError(f"{name} must be a probability in [0, 1], got {value}.")
@@ -232,11 +246,13 @@ class RECAugmentation:
     _seeded_rng: random.Random | None = field(init=False, repr=False, compare=False, default=None)
 
     def __post_init__(self) -> None:
+        self._check_types()
         self.resize_choices = tuple(int(size) for size in self.resize_choices)
         if not self.resize_choices or min(self.resize_choices) < 1:
             raise ValueError(f"resize_choices must be a non-empty list of positive sizes, got {self.resize_choices}.")
         if self.resize_reference_size < 1:
             raise ValueError(f"resize_reference_size must be positive, got {self.resize_reference_size}.")
+        self.resize_reference_size = int(self.resize_reference_size)
         for name in ("crop_p", "jitter_p", "hflip_p"):
             _check_probability(name, getattr(self, name))
         if not 0.0 < self.crop_min_fraction <= 1.0:
@@ -246,6 +262,35 @@ class RECAugmentation:
             raise ValueError(f"jitter must be a (low, high) range with 0 <= low <= high, got {self.jitter}.")
         self.jitter = (low, high)
         self._rng = random.Random(self.seed)
+
+    def _check_types(self) -> None:
+        """Refuse a value of the wrong type, naming the field: ``hflip="false"`` (a hand-edited
+        ``processor_config.json``) is true, ``seed="0"`` seeds another generator than ``seed=0``, and ``int()`` would
+        read a size of ``448.9`` as 448."""
+        def fail(name: str, expected: str) -> None:
+            raise ValueError(f"RECAugmentation {name} must be {expected}, got {getattr(self, name)!r}.")
+
+        for name in ("random_resize", "random_crop", "color_jitter", "hflip", "random_placement"):
+            if not _is_bool(getattr(self, name)):
+                fail(name, "true or false")
+            setattr(self, name, bool(getattr(self, name)))  # numpy's: to_dict() must stay JSON
+        for name in ("crop_p", "jitter_p", "hflip_p", "crop_min_fraction"):
+            if not _is_real(getattr(self, name)):
+                fail(name, "a number")
+            setattr(self, name, float(getattr(self, name)))
+        if not _is_whole(self.resize_reference_size):
+            fail("resize_reference_size", "a whole number of pixels")
+        choices = self.resize_choices
+        if isinstance(choices, str) or not isinstance(choices, Iterable) or not all(_is_whole(v) for v in choices):
+            fail("resize_choices", "a list of whole numbers of pixels")
+        jitter = self.jitter
+        if isinstance(jitter, str) or not isinstance(jitter, Iterable) or len(list(jitter)) != 2 \
+                or not all(_is_real(v) for v in jitter):
+            fail("jitter", "a (low, high) pair of numbers")
+        if self.seed is not None:
+            if _is_bool(self.seed) or not isinstance(self.seed, numbers.Integral):
+                fail("seed", "a whole number or null")
+            self.seed = int(self.seed)  # numpy integers are not seeds random.Random takes
 
     # ------------------------------------------------------------------ randomness
     def reseed(self, seed: int | None) -> None:
