@@ -191,8 +191,9 @@ def check_model_inputs(pixel_values: Any, input_ids: Any, attention_mask: Any = 
     inside: images not ``(B, C, image_size, image_size)`` floats (channels-last, raw 0-255 bytes, another canvas
     size, whose edge a ViT would silently crop or whose tokens the head would misplace), token ids that are not a
     ``(B, L)`` integer tensor within the text tower's vocabulary and ``max_query_len``, image and text batches of
-    different sizes, masks of another shape, with values other than 0 and 1, a text mask padded on the left (the
-    processor pads on the right; positions would shift) or a sample with no token or no pixel left."""
+    different sizes, non-finite pixels, masks of another shape, with values other than 0 and 1, a text mask padded
+    on the left (the processor pads on the right; positions would shift) or a sample with no token or no pixel left.
+    Everything is read back from the device at once (one synchronisation)."""
     for name, value in (("pixel_values", pixel_values), ("input_ids", input_ids)):
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"{name} must be a tensor, got {type(value).__name__}: {_PROCESSOR_HINT}.")
@@ -232,14 +233,19 @@ def check_model_inputs(pixel_values: Any, input_ids: Any, attention_mask: Any = 
     # per sample: [0] values other than 0 / 1, [1] nothing left (all zeros), [2] a token after padding (left padding)
     problems = {name: _mask_problems(mask, ordered=name == "attention_mask")
                 for name, mask in (("attention_mask", attention_mask), ("pixel_mask", pixel_mask)) if mask is not None}
-    found = torch.cat([torch.stack([input_ids.min(), input_ids.max()]).long(),
+    finite = torch.isfinite(pixel_values).all().long().to(input_ids.device).reshape(1)  # read with the rest: one sync
+    found = torch.cat([torch.stack([input_ids.min(), input_ids.max()]).long(), finite,
                        *(p.any(1).long().to(input_ids.device) for p in problems.values())]).tolist()
     low, high = found[:2]
+    if not found[2]:
+        row = int((~torch.isfinite(pixel_values)).flatten(1).any(1).nonzero()[0, 0])
+        raise ValueError(f"pixel_values[{row}] hold NaN or infinite values (a broken image or normalisation, such as "
+                         f"image_std 0): every box of the batch would be NaN; {_PROCESSOR_HINT}.")
     if isinstance(vocab_size, int) and (high >= vocab_size or low < 0):
         raise ValueError(f"input_ids hold token ids outside the text tower's vocabulary (0..{vocab_size - 1}; got "
                          f"{low}..{high}): the tokenizer does not belong to this text tower. Use the processor saved "
                          "with the adapter.")
-    for offset, (name, per_sample) in zip(range(2, len(found), 3), problems.items(), strict=True):
+    for offset, (name, per_sample) in zip(range(3, len(found), 3), problems.items(), strict=True):
         for index, kind in enumerate(_MASK_PROBLEMS):
             if found[offset + index]:
                 row = int(per_sample[index].nonzero()[0, 0])

@@ -51,6 +51,11 @@ _IDS = make_batch()["input_ids"]
     ({"input_ids": torch.randint(3, 50, (2, 600)), "attention_mask": None}, r"The text has 600 tokens"),
     ({"input_ids": None}, r"input_ids must be a tensor, got NoneType"),
     ({"input_ids": _IDS[:, :0], "attention_mask": None}, r"input_ids hold no token"),
+    # NaN boxes for every sample of the batch before
+    ({"pixel_values": torch.where(torch.arange(2).view(2, 1, 1, 1) == 1, float("nan"), _PIXELS)},
+     r"pixel_values\[1\] hold NaN or infinite values"),
+    ({"pixel_values": torch.where(torch.arange(2).view(2, 1, 1, 1) == 0, float("inf"), _PIXELS)},
+     r"pixel_values\[0\] hold NaN or infinite values"),
 ])
 def test_forward_refuses_inputs_the_towers_would_misread(model, changes, message):
     with pytest.raises((ValueError, TypeError), match=message):
