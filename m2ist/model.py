@@ -42,6 +42,8 @@ from .save_and_load import (
     WEIGHTS_NAME,
     _read_header,
     adapter_name_problem,
+    check_folder_unchanged,
+    folder_identity,
     load_trainable_state,
     save_folder_atomically,
     save_trainable_state,
@@ -1059,6 +1061,7 @@ class SideTunedModel(RECModel):
                 f"save_pretrained puts it), but load_adapter({adapter_name!r}) without subfolder= reads the adapter at "
                 f"its root (its 'default' one). Pass subfolder={adapter_name!r} to load the {adapter_name!r} adapter; "
                 "to load the root one, give it another adapter_name. Nothing was loaded.")
+        identity = folder_identity(folder)
         saved = M2ISTConfig.from_json_file(folder / CONFIG_NAME)
         self._check_compatible(adapter_name, saved)
         measured = {f"{m}_{k}": None for m in (VISION, TEXT) for k in M2ISTConfig.TOWER_FIELDS}
@@ -1072,6 +1075,7 @@ class SideTunedModel(RECModel):
             if mismatches:
                 raise ValueError(f"The adapter in {model_id} was trained on other towers: {'; '.join(mismatches)}.")
             load_trainable_state(_AdapterView(self.inactive_adapters[adapter_name]), folder / WEIGHTS_NAME)
+            check_folder_unchanged(folder, identity)
         except Exception:
             self.delete_adapter(adapter_name)
             raise
@@ -1348,6 +1352,7 @@ class SideTunedModel(RECModel):
         folder = resolve_pretrained(str(name_or_path), filenames=[CONFIG_NAME, WEIGHTS_NAME],
                                     optional_filenames=[PROCESSOR_CONFIG_NAME, *TOKENIZER_FILES, *PROCESSOR_FILES],
                                     subfolder=subfolder, **hub)
+        identity = folder_identity(folder)  # a save swapped in while this loads is caught at the end
         saved = M2ISTConfig.from_json_file(folder / CONFIG_NAME)
         adapter_dtype = _adapter_dtype(dtype, folder / WEIGHTS_NAME)
         given = {VISION: vision_model is not None, TEXT: text_model is not None}
@@ -1388,6 +1393,7 @@ class SideTunedModel(RECModel):
                 raise ValueError(f"{saved_processor}: the processor saved with the adapter cannot be restored "
                                  f"({type(err).__name__}: {' '.join(str(err).split())}). Fix or delete that file "
                                  "and pass a processor yourself.") from err
+        check_folder_unchanged(folder, identity)
         if target_device is not None:
             model.to(target_device)
         for module in (model.side, model.head):

@@ -224,6 +224,24 @@ def _move_entries(source: Path, target: Path, skip: Iterable[str]) -> None:
             continue
 
 
+def folder_identity(folder: Path) -> tuple[int, int] | None:
+    """What tells one save of ``folder`` from the next: every save swaps in a new folder (see
+    :func:`save_folder_atomically`), so its device and inode change; None when it cannot be read."""
+    try:
+        info = os.stat(folder)
+    except OSError:
+        return None
+    return info.st_dev, info.st_ino
+
+
+def check_folder_unchanged(folder: Path, before: tuple[int, int] | None) -> None:
+    """Raise ``ValueError`` when ``folder`` was replaced by another save since :func:`folder_identity` gave
+    ``before``: what was read from it may mix two saves (one's config, the other's weights)."""
+    if folder_identity(folder) != before:
+        raise ValueError(f"{folder} was replaced by a new save while it was being loaded (a training run saving "
+                         "there?), so what was read could mix two saves; nothing was loaded. Load it again.")
+
+
 def save_folder_atomically(save_directory: str | os.PathLike, write: Callable[[Path], object],
                            owned: Iterable[str] = OWNED_FILES) -> Path:
     """Run ``write(tmp)`` on a fresh temporary sibling of ``save_directory``, then swap it in as a whole.

@@ -167,3 +167,26 @@ def test_no_adapter_may_be_named_all() -> None:
     with pytest.raises(ValueError, match="'all' is reserved: predict"):
         model.add_adapter("all", tiny_config())
     assert model.list_adapters() == ["default"]
+
+
+def test_a_save_swapped_in_while_loading_is_caught(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A trainer saving into a folder while another process loads it: the config of one save and the weights of the
+    next must never load together."""
+    import m2ist.model as model_module
+
+    model = _two_adapters()
+    model.save_pretrained(tmp_path)
+    real = model_module.load_trainable_state
+
+    def save_then_load(target, path):  # a new save lands between reading the config and the weights
+        model.save_pretrained(tmp_path)
+        return real(target, path)
+
+    monkeypatch.setattr(model_module, "load_trainable_state", save_then_load)
+    with pytest.raises(ValueError, match="was replaced by a new save while it was being loaded"):
+        SideTunedModel.from_pretrained(tmp_path, model.vision_model, model.text_model)
+    with pytest.raises(ValueError, match="was replaced by a new save while it was being loaded"):
+        model.load_adapter(tmp_path, "again")
+    assert "again" not in model.list_adapters()
+    monkeypatch.setattr(model_module, "load_trainable_state", real)
+    SideTunedModel.from_pretrained(tmp_path, model.vision_model, model.text_model).load_adapter(tmp_path, "third")
