@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import io
 import itertools
+import json
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from os import PathLike
@@ -36,9 +37,11 @@ from m2ist.data.loaders import (
     BOX_KEYS,
     IMAGE_KEYS,
     TEXT_KEYS,
+    annotated_size,
     boxes_to_xyxy,
     canonical_split,
     check_box_format,
+    check_sentence_field,
     expressions_of,
     first_key,
     join_image_path,
@@ -231,6 +234,24 @@ def _image_of(value: Any, *, where: str, rows: Any, index: int, column: str) -> 
     return value, None
 
 
+def _row_annotated_size(row: Mapping[str, Any], *, box_key: str, where: str) -> tuple[int, int] | None:
+    """The image size a row states: its ``width``/``height`` columns, or for jxu124 rows the COCO image entry in
+    ``raw_image_info`` (a JSON string). RECDataset refuses an image file of another size (a downscaled copy of
+    COCO would put every box in the wrong place)."""
+    size = annotated_size(dict(row), where=where, box_keys=(box_key,))
+    if size is not None:
+        return size
+    info = row.get("raw_image_info")
+    if isinstance(info, str):
+        try:
+            info = json.loads(info)
+        except json.JSONDecodeError:
+            return None
+    if isinstance(info, Mapping):
+        return annotated_size(dict(info), where=f"{where} raw_image_info")
+    return None
+
+
 def _select_subsets(
     subsets: list[tuple[str | None, Iterable[Any]]],
     requested: list[str] | None,
@@ -295,10 +316,12 @@ def from_hf_dataset(
             for ``train`` is an error: it has none, and nothing falls back to an evaluation split.
         style: ``jxu124``, ``lmms-lab`` or ``generic``; detected from the column names when omitted.
         text_column: the column holding the expression(s), overriding the style's default.
-        sentence_field: for ``refer``-style sentence dicts, ``sent`` or ``raw``.
+        sentence_field: for ``refer``-style sentence dicts, ``sent``, ``raw`` or ``tokens`` (any other name is
+            refused).
         normalized: the box numbers are fractions of the image size (the image size is read from each image).
         allow_outside_image_root: accept relative image paths that lead outside ``image_root``.
     """
+    check_sentence_field(sentence_field)
     if _is_split_mapping(dataset):
         subsets: list[tuple[str | None, Iterable[Any]]] = [(str(name), rows) for name, rows in dataset.items()]
     else:
@@ -342,11 +365,12 @@ def from_hf_dataset(
             f"Rows need an image column (one of {list(IMAGE_KEYS)}) and a box column (one of {list(BOX_KEYS)}); found {columns}."
         )
 
-    whole, row_filter = _select_subsets(
-        subsets, normalize_split_request(split), has_split_column="split" in first_row, style=style
-    )
+    requested = normalize_split_request(split)
+    whole, row_filter = _select_subsets(subsets, requested, has_split_column="split" in first_row, style=style)
+    relabelled: dict[str, set[str]] = {}  # subset name -> the other split names its rows' 'split' column gives
 
     images: list[Any] = []
+    sizes_stated: list[tuple[int, int] | None] = []
     names: list[str | None] = []
     texts: list[str] = []
     raw_boxes = []
@@ -359,6 +383,9 @@ def from_hf_dataset(
             continue
         for index, row in enumerate(_named_rows(rows, subset)):
             row_split = row.get("split", subset)
+            if subset is not None and requested is not None and subset in whole and row_split is not None and (
+                    canonical_split(str(row_split)) != canonical_split(subset)):
+                relabelled.setdefault(subset, set()).add(str(row_split))
             if subset not in whole:
                 seen_splits.add(str(row_split))
                 if canonical_split(str(row_split)) not in row_filter:
@@ -370,6 +397,7 @@ def from_hf_dataset(
             box = parse_box(row[box_key], where=where)
             image, name = _image_of(row[image_key], where=where, rows=source, index=index, column=image_key)
             image_id = row.get("image_id", row.get("file_name", name))
+            stated = _row_annotated_size(row, box_key=box_key, where=where)
             sent_ids = row.get("sent_ids") or []
             for position, (text, item) in enumerate(expressions_of(row[text_key], sentence_field=sentence_field, where=where)):
                 metadata: dict[str, Any] = {"split": row_split, "row": index}
@@ -380,12 +408,22 @@ def from_hf_dataset(
                 if sent_id is not None:
                     metadata["sent_id"] = sent_id
                 images.append(image)
+                sizes_stated.append(stated)
                 names.append(name)
                 texts.append(text)
                 raw_boxes.append(box)
                 image_ids.append(image_id)
                 metadatas.append(metadata)
 
+    if relabelled:
+        found = "; ".join(f"subset {name!r} holds rows of split {sorted(values)}" for name, values in relabelled.items())
+        example = sorted(next(iter(relabelled.values())))[0]
+        warnings.warn(
+            f"{found} (by the rows' 'split' column; jxu124/refcoco and refcocoplus call their testA subset 'test'). "
+            "The samples keep their rows' split in metadata['split'], but results are reported under the name you "
+            f"asked for: ask for the rows' name (split={example!r}) to report them under it.",
+            stacklevel=2,
+        )
     if row_filter and not filtered_rows:
         raise ValueError(f"No rows with split in {sorted(row_filter)}; the rows' split values are {sorted(seen_splits)}.")
     resolved = _RelativeImagePaths(image_root, allow_outside_image_root).resolve_all(names)
@@ -401,6 +439,6 @@ def from_hf_dataset(
             sizes.append(size_cache[key])
     boxes = boxes_to_xyxy(raw_boxes, box_format, image_sizes=sizes)
     return [
-        RECSample(image=image, expression=text, box=box, image_id=image_id, metadata=metadata)
-        for image, text, box, image_id, metadata in zip(images, texts, boxes, image_ids, metadatas)
+        RECSample(image=image, expression=text, box=box, image_id=image_id, metadata=metadata, annotated_size=size)
+        for image, text, box, image_id, metadata, size in zip(images, texts, boxes, image_ids, metadatas, sizes_stated)
     ]

@@ -125,21 +125,69 @@ def boxes_to_xyxy(
     return [tuple(row) for row in converted.tolist()]  # type: ignore[misc]
 
 
+#: The texts a ``refer``-style sentence dict holds: ``sent`` (normalised, lower case: what the benchmarks and the
+#: TransVG split files use), ``raw`` (as the annotator typed it) and ``tokens`` (the word list, joined by spaces).
+SENTENCE_FIELDS = ("sent", "raw", "tokens")
+_SENTENCE_TEXT_KEYS = ("sent", "raw", "text", "phrase")
+
+
+def check_sentence_field(sentence_field: Any) -> str:
+    """``sentence_field`` if it is one of :data:`SENTENCE_FIELDS`; otherwise a ``ValueError`` (a typo such as
+    ``"Raw"`` would silently read ``sent``)."""
+    if sentence_field not in SENTENCE_FIELDS:
+        raise ValueError(f"sentence_field={sentence_field!r} is not a sentence field; use one of "
+                         f"{list(SENTENCE_FIELDS)} ('sent' is the normalised text the benchmarks use).")
+    return sentence_field
+
+
+def _tokens_text(tokens: Any, *, where: str) -> str:
+    if not isinstance(tokens, list | tuple) or not all(isinstance(token, str) for token in tokens):
+        raise ValueError(f"{where}: a sentence's 'tokens' must be a list of words, got {tokens!r:.80}.")
+    return " ".join(tokens)
+
+
 def sentence_text(sentence: Any, *, sentence_field: str, where: str) -> str:
-    """Text of one sentence: a string, or a ``refer``-style dict (``sent``/``raw``/``tokens``)."""
+    """Text of one sentence: a string, or a ``refer``-style dict (``sent``/``raw``/``tokens``).
+
+    ``sentence_field`` ``"sent"`` (the default) falls back to ``raw``, ``text``, ``phrase`` and then ``tokens`` for
+    dicts without ``sent``; ``"raw"`` and ``"tokens"`` must be in every sentence dict (never silently another
+    field)."""
+    check_sentence_field(sentence_field)
     if isinstance(sentence, str):
         return sentence
     if isinstance(sentence, dict):
-        for key in (sentence_field, "sent", "raw", "text", "phrase"):
+        if sentence_field == "tokens":
+            if "tokens" in sentence:
+                return _tokens_text(sentence["tokens"], where=where)
+        elif isinstance(sentence.get(sentence_field), str):
+            return sentence[sentence_field]
+        if sentence_field != "sent":
+            raise ValueError(f"{where}: sentence_field={sentence_field!r}, but the sentence {sentence!r:.100} has no "
+                             f"{sentence_field!r} text; pass the field its sentences have (e.g. 'sent').")
+        for key in _SENTENCE_TEXT_KEYS:
             if isinstance(sentence.get(key), str):
                 return sentence[key]
-        if isinstance(sentence.get("tokens"), list):
-            return " ".join(str(token) for token in sentence["tokens"])
+        if sentence.get("tokens") is not None:
+            return _tokens_text(sentence["tokens"], where=where)
     raise ValueError(f"{where}: cannot read a sentence from {sentence!r}; expected a string or a dict with 'sent'.")
 
 
+def _columnar_sentences(value: dict[str, Any], *, where: str) -> list[dict[str, Any]] | None:
+    """``{"sent": [a, b], "sent_id": [1, 2], ...}`` (how ``datasets`` returns a ``Sequence`` of sentence dicts: one
+    list per field) as ``[{"sent": a, "sent_id": 1, ...}, ...]``; ``None`` for one sentence dict."""
+    if not any(isinstance(value.get(key), list | tuple) for key in _SENTENCE_TEXT_KEYS):
+        return None
+    lengths = {key: len(item) if isinstance(item, list | tuple) else None for key, item in value.items()}
+    if None in lengths.values() or len(set(lengths.values())) != 1:
+        raise ValueError(f"{where}: the sentences {value!r:.120} hold one list per field, of different lengths "
+                         f"({lengths}); each field needs one entry per sentence.")
+    count = next(iter(lengths.values()))
+    return [{key: item[position] for key, item in value.items()} for position in range(count)]
+
+
 def expressions_of(value: Any, *, sentence_field: str, where: str) -> list[tuple[str, Any]]:
-    """All expressions in a text field: a string, a list of strings/sentence dicts, or a JSON-encoded list.
+    """All expressions in a text field: a string, a list of strings/sentence dicts, a JSON-encoded list, or sentence
+    dicts stored one list per field (a ``datasets`` ``Sequence`` of dicts: ``{"sent": [...], "sent_id": [...]}``).
 
     Returns ``(text, original_item)`` pairs so callers can read ids from sentence dicts.
     """
@@ -155,7 +203,10 @@ def expressions_of(value: Any, *, sentence_field: str, where: str) -> list[tuple
         if isinstance(value, str):
             return [(value, value)]
     if isinstance(value, dict):
-        return [(sentence_text(value, sentence_field=sentence_field, where=where), value)]
+        columns = _columnar_sentences(value, where=where)
+        if columns is None:
+            return [(sentence_text(value, sentence_field=sentence_field, where=where), value)]
+        value = columns
     if isinstance(value, Iterable):
         return [(sentence_text(item, sentence_field=sentence_field, where=where), item) for item in value]
     if value is None:

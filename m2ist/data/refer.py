@@ -17,6 +17,7 @@ from typing import Any
 from m2ist.data.loaders import (
     annotated_size,
     boxes_to_xyxy,
+    check_sentence_field,
     expressions_of,
     index_unique,
     join_image_path,
@@ -59,7 +60,8 @@ def load_refer(
             ``train2014`` for RefCOCO*). Defaults to the ``refer`` toolkit's own place:
             ``<root>/images/mscoco/images/train2014`` (``<root>/images/saiapr_tc-12`` for refclef).
         sentence_field: which sentence text to use: ``sent`` (the normalised lower-case form the benchmarks
-            and TransVG split files use) or ``raw`` (as typed by the annotator).
+            and TransVG split files use), ``raw`` (as typed by the annotator) or ``tokens`` (the word list joined
+            by spaces). Any other name is refused.
         allow_outside_image_root: accept ``file_name`` values that lead outside ``image_root``.
 
     Returns:
@@ -67,6 +69,7 @@ def load_refer(
         image id and ``metadata`` holding ``dataset``, ``split_by``, ``split``, ``ref_id``, ``ann_id``,
         ``sent_id`` and ``category_id``.
     """
+    check_sentence_field(sentence_field)
     dataset_dir = Path(root) / dataset
     if not dataset_dir.is_dir():
         present = sorted(p.name for p in Path(root).iterdir() if p.is_dir()) if Path(root).is_dir() else []

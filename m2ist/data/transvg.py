@@ -84,6 +84,27 @@ def _infer_dataset_and_split(file: Path) -> tuple[str | None, str | None]:
     return dataset, split
 
 
+def _layout(dataset: str) -> str:
+    row_length, box_format = TRANSVG_DATASETS[dataset]
+    row = "(img_file, bbox, phrase)" if row_length == 3 else "(img_file, mask_file, bbox, phrase, attri)"
+    return f"rows {row} with {box_format} boxes"
+
+
+def _check_named_dataset(file: Path, dataset: str, named: str | None) -> None:
+    """Refuse ``dataset=`` when the file's own name says another dataset whose boxes are stored another way (a
+    ``referit_test.pth`` read as ``unc`` would turn every ``xyxy`` box into a wrong ``xywh`` one, without an error:
+    both have 5-tuple rows). Rows of another length are refused row by row already."""
+    if named is None or named == dataset or named not in TRANSVG_DATASETS:
+        return
+    (named_length, named_format), (length, box_format) = TRANSVG_DATASETS[named], TRANSVG_DATASETS[dataset]
+    if named_length == length and named_format != box_format:
+        raise ValueError(
+            f"{file} is named as a {named!r} split file ({_layout(named)}), but dataset={dataset!r} reads "
+            f"{_layout(dataset)}: every box would be misread. Pass dataset={named!r} (or leave it out), or rename the "
+            f"file if it really holds {dataset!r} rows."
+        )
+
+
 def _load_rows(file: Path, *, trusted: bool) -> Any:
     if not file.is_file():
         raise ValueError(f"{file} is not a regular file.")
@@ -157,6 +178,7 @@ def load_transvg_split(
             "(it decides the row layout and whether boxes are xywh or xyxy)."
         )
     row_length, box_format = TRANSVG_DATASETS[dataset]
+    _check_named_dataset(file, dataset, inferred_dataset)
     split = split or inferred_split
     rows = _load_rows(file, trusted=trusted)
     if not isinstance(rows, list | tuple):
