@@ -22,9 +22,11 @@ import json
 import logging
 import math
 import os
+import random
 import re
 import shutil
 import sys
+import warnings
 import zipfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -119,6 +121,8 @@ _UNSUPPORTED_OPTIONS: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("train_sampling_strategy", lambda value: value == "group_by_length",
      "groups items by token count, which REC items (image, expression, box) do not have: use 'random'"),
 )
+#: Set on a ``RECAugmentation`` whose seed a trainer gave (it had none): the next trainer gives it its own seed.
+_SEED_FROM_TRAINING = "_m2ist_seed_from_training"
 #: Metrics whose lower values are better (transformers guesses the direction from a name ending in ``loss`` only).
 _LOWER_IS_BETTER = ("loss", "loss_box", "loss_giou")
 
@@ -323,6 +327,24 @@ def denormals_flushed(enabled: bool = True) -> Iterator[None]:
             torch.set_flush_denormal(False)
 
 
+@contextlib.contextmanager
+def random_states_kept() -> Iterator[None]:
+    """Give back the torch (CPU and initialised CUDA devices), numpy and Python random states after the block: an
+    evaluation draws a seed for each ``DataLoader`` it iterates, which would otherwise shift every later draw of the
+    training (dropout masks, cached views), so a run that evaluates would train other weights than one that does
+    not."""
+    cpu, numpy_state, python_state = torch.get_rng_state(), np.random.get_state(), random.getstate()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    try:
+        yield
+    finally:
+        torch.set_rng_state(cpu)
+        np.random.set_state(numpy_state)
+        random.setstate(python_state)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+
+
 def _dtype_name(dtype: torch.dtype | None) -> str:
     return str(dtype).removeprefix("torch.") if dtype is not None else "mixed"
 
@@ -450,19 +472,55 @@ def compute_rec_metrics(pred_boxes: Any, labels: Any, regions: Any = None,
 
 class RECMetrics:
     """``compute_metrics`` for the ``Trainer``: :func:`compute_rec_metrics` on an ``EvalPrediction`` whose
-    ``predictions`` are ``(pred_boxes, image_regions)`` (what :meth:`RECTrainer.prediction_step` returns)."""
+    ``predictions`` are ``(pred_boxes, image_regions)`` (what :meth:`RECTrainer.prediction_step` returns).
+
+    Every form the Trainer gives is read: the whole set at once (the default), a list of per-batch predictions and
+    labels (``eval_do_concat_batches=False``), or one batch per call with ``compute_result`` (``batch_eval_metrics=
+    True``: the batches are kept until the last one, then the whole set is scored)."""
 
     def __init__(self, config: M2ISTConfig | None = None) -> None:
         self.config = config
+        self._batches: list[tuple[np.ndarray, np.ndarray | None, np.ndarray]] = []
 
-    def __call__(self, eval_prediction: EvalPrediction) -> dict[str, float]:
-        predictions, labels = eval_prediction.predictions, eval_prediction.label_ids
-        if labels is None:
+    def __call__(self, eval_prediction: EvalPrediction, compute_result: bool | None = None) -> dict[str, float]:
+        if eval_prediction.label_ids is None:
             raise ValueError("REC evaluation needs boxes: give every evaluation item a 'box'.")
-        regions = None
-        if isinstance(predictions, tuple | list):
-            predictions, regions = predictions[0], (predictions[1] if len(predictions) > 1 else None)
-        return compute_rec_metrics(predictions, labels, regions, self.config)
+        boxes, regions, labels = _rec_arrays(eval_prediction.predictions, eval_prediction.label_ids)
+        if compute_result is None:
+            return compute_rec_metrics(boxes, labels, regions, self.config)
+        self._batches.append((boxes, regions, labels))
+        if not compute_result:
+            return {}
+        batches, self._batches = self._batches, []
+        regions = None if any(r is None for _, r, _ in batches) else np.concatenate([r for _, r, _ in batches])
+        return compute_rec_metrics(np.concatenate([b for b, _, _ in batches]), np.concatenate([lab for _, _, lab in
+                                                                                             batches]), regions,
+                                   self.config)
+
+
+def _array(value: Any) -> np.ndarray:
+    """A tensor (on any device) or an array as a float numpy array."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().float().cpu().numpy()
+    return np.asarray(value, dtype=np.float64)
+
+
+def _rec_arrays(predictions: Any, labels: Any) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """``(pred_boxes, image_regions or None, labels)`` as ``(N, 4)`` arrays from what the Trainer hands
+    ``compute_metrics``: ``(boxes, regions)`` or ``boxes`` with their labels, or (``eval_do_concat_batches=False``)
+    lists of those per batch, which are joined."""
+    if isinstance(labels, list | tuple):  # one entry per batch
+        items = list(predictions) if isinstance(predictions, list | tuple) else [predictions]
+        if len(items) != len(labels):
+            raise ValueError(f"compute_metrics got {len(items)} batches of predictions for {len(labels)} batches of "
+                             "labels.")
+        parts = [_rec_arrays(item, label) for item, label in zip(items, labels, strict=True)]
+        regions = None if any(r is None for _, r, _ in parts) else np.concatenate([r for _, r, _ in parts])
+        return np.concatenate([b for b, _, _ in parts]), regions, np.concatenate([lab for _, _, lab in parts])
+    regions = None
+    if isinstance(predictions, tuple | list):
+        predictions, regions = predictions[0], (predictions[1] if len(predictions) > 1 else None)
+    return _array(predictions), None if regions is None else _array(regions), _array(labels)
 
 
 # ---------------------------------------------------------------------------------------------- the trainer
@@ -558,6 +616,10 @@ class RECTrainer(Trainer):
         #: ``{global step: SHA-256 of the trained tensors}`` of each evaluation (what its results measured)
         self._evaluated_weights: dict[int, str] = {}
         self._update_steps_per_epoch: int | None = None
+        #: whether ``train()`` restarted the training augmentation's generator (at the first call)
+        self._augmentation_started = False
+        #: the sizes of the batches of the current gradient accumulation window (see ``get_batch_samples``)
+        self._window_sizes: list[int] | None = None
         self.tower_cache: TowerFeatureCache | None = None
         if args.tower_cache != "off":
             data_collator, self.eval_data_collator = self._caching_collators(model, args, data_collator,
@@ -650,11 +712,36 @@ class RECTrainer(Trainer):
         inputs["tower_features"] = features
         return inputs
 
+    def get_batch_samples(self, epoch_iterator: Iterator, num_batches: int, device: torch.device) -> tuple:
+        """``Trainer.get_batch_samples``; also remembers the number of samples of each batch of the accumulation
+        window, which :meth:`compute_loss` weighs each batch's mean loss by."""
+        batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        sizes = [_labelled_samples(batch) for batch in batch_samples]
+        self._window_sizes = sizes if sizes and all(sizes) else None
+        return batch_samples, num_items_in_batch
+
+    def _accumulation_weight(self, inputs: Mapping[str, Any]) -> float:
+        """The factor that turns a training batch's mean loss, which the Trainer divides by the number of batches
+        accumulated, into its share of the mean over every sample of the accumulation window: ``batch size x
+        batches / samples``. 1 when the window's batches are the same size (or nothing is accumulated); otherwise a
+        smaller last batch (the end of an epoch) would weigh as much as a full one, and training with
+        ``gradient_accumulation_steps`` would not be training with the larger batch."""
+        sizes, size = self._window_sizes, _labelled_samples(inputs)
+        if self.compute_loss_func is not None or not sizes or not size or len(set(sizes)) == 1:
+            return 1.0  # a custom loss is scaled by its own num_items_in_batch
+        return size * len(sizes) / sum(sizes)
+
     def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None):
-        """``Trainer.compute_loss``, with the towers' features from the tower cache when one is on."""
+        """``Trainer.compute_loss``, with the towers' features from the tower cache when one is on; in training,
+        with each batch's mean loss weighed by its number of samples over the accumulation window (see
+        :meth:`_accumulation_weight`), so that accumulated batches of different sizes train as one batch would."""
+        weight = self._accumulation_weight(inputs) if model.training else 1.0
         inputs = self._with_tower_features(model, inputs)
-        return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        result = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        if weight == 1.0:
+            return result
+        return (result[0] * weight, result[1]) if return_outputs else result * weight
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):
         """``Trainer.train``, refusing an empty training set; on a CPU with ``args.flush_denormal``, with denormal
@@ -683,11 +770,23 @@ class RECTrainer(Trainer):
                              "size or turn dataloader_drop_last off.")
         # the RECCollator, inside a TowerCacheCollator when the cache is on
         augmentation = _augmentation_of(getattr(self.data_collator, "collator", self.data_collator))
-        if augmentation is not None and augmentation.seed is None:  # OS entropy: runs with one seed would differ
-            augmentation.reseed(self.args.seed)
+        if augmentation is not None and not self._augmentation_started:
+            self._restart_augmentation(augmentation)
         with denormals_flushed(self.args.flush_denormal and self.args.device.type == "cpu"):
             self._open_tower_cache()
             return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _restart_augmentation(self, augmentation: Any) -> None:
+        """Restart the augmentation's generator at this trainer's first ``train()``, as the Trainer seeds torch when
+        it is built: from its own seed, or from the training seed when it has none (OS entropy: runs with one seed
+        would differ) or took it from an earlier trainer. Otherwise a second run in the same process with the same
+        processor would continue the first run's draws, and a run with another ``seed`` would keep the first one's."""
+        if augmentation.seed is None or getattr(augmentation, _SEED_FROM_TRAINING, False):
+            augmentation.reseed(self.args.seed)
+            setattr(augmentation, _SEED_FROM_TRAINING, True)
+        else:
+            augmentation.reseed(augmentation.seed)
+        self._augmentation_started = True
 
     # ------------------------------------------------------------------ resuming
     def _resolve_checkpoint(self, checkpoint: str | bool) -> str:
@@ -918,7 +1017,8 @@ class RECTrainer(Trainer):
         if not isinstance(data, str):  # a dict is checked set by set, as Trainer.evaluate calls this for each
             _refuse_empty_sets({} if isinstance(data, Mapping) else
                                {metric_key_prefix.removeprefix("eval").removeprefix("_") or "eval": data})
-        metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        with random_states_kept():  # evaluating during training must not change the dropout masks that follow
+            metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
         model = self.accelerator.unwrap_model(self.model)
         self._evaluated_weights[self.state.global_step] = tensors_sha256(trainable_tensors(model))
         return metrics
@@ -1105,6 +1205,25 @@ class RECTrainer(Trainer):
         else:
             self.push_in_progress.jobs.extend(jobs)
 
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        """``Trainer``'s, for a checkpoint without optimizer and scheduler states (``save_only_model=True``) too: the
+        schedule continues at the checkpoint's step, instead of starting again (a warm-up repeated, the
+        ``lr_drop_epochs`` drops shifted by the steps already trained), and a warning says the optimizer's moments
+        start afresh."""
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is None or self.state.global_step <= 0:
+            return
+        missing = [name for name in ("optimizer.pt", "scheduler.pt") if not (Path(checkpoint) / name).is_file()]
+        if not missing:
+            return
+        if "scheduler.pt" in missing and self.lr_scheduler is not None:
+            _advance_schedule(self.lr_scheduler, self.state.global_step)
+        logger.warning("%s holds no %s (saved with save_only_model=True): the learning-rate schedule continues at "
+                       "step %d, but %s, so the resumed run does not train exactly as an uninterrupted one.",
+                       checkpoint, " or ".join(missing), self.state.global_step,
+                       "the optimizer's moments start afresh" if "optimizer.pt" in missing else "the schedule is "
+                       "rebuilt")
+
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         """Load the trained tensors of a checkpoint strictly (optimizer, scheduler and RNG follow in ``Trainer``)."""
         model = self.accelerator.unwrap_model(model if model is not None else self.model)
@@ -1118,9 +1237,29 @@ class RECTrainer(Trainer):
         load_trainable_tensors(self.accelerator.unwrap_model(self.model), self.state.best_model_checkpoint)
 
 
+def _advance_schedule(scheduler: Any, steps: int) -> None:
+    """Move a freshly built learning-rate ``scheduler`` to optimizer step ``steps``, as if it had stepped so far."""
+    if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):  # follows metrics, not steps
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "lr_scheduler.step() before optimizer.step()": no step is skipped here
+        if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):  # transformers' schedules, StepDropSchedule
+            scheduler.last_epoch = steps - 1
+            scheduler.step()
+            return
+        for _ in range(steps):
+            scheduler.step()
+
+
 def _augmentation_of(collator: Any) -> Any:
     """The augmentation (``RECAugmentation``) a training ``RECCollator`` applies; None for any other collator."""
     return getattr(getattr(collator, "processor", None), "augment", None) if getattr(collator, "train", False) else None
+
+
+def _labelled_samples(batch: Any) -> int:
+    """The number of samples of a batch that carry a box (``labels`` rows); 0 when it has none."""
+    labels = batch.get("labels") if isinstance(batch, Mapping) else None
+    return int(labels.shape[0]) if isinstance(labels, torch.Tensor) and labels.ndim > 0 else 0
 
 
 def _as_list(value: str | list[str] | None) -> list[str]:
