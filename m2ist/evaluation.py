@@ -59,8 +59,19 @@ def metric_name(threshold: float) -> str:
     return f"acc@{threshold:g}"
 
 
+def _scalar(value: Any) -> Any:
+    """A numpy scalar or a 0-d array or tensor as a Python number; anything else as it is."""
+    return value.item() if hasattr(value, "item") and getattr(value, "ndim", None) == 0 else value
+
+
 def _check_thresholds(thresholds: float | Sequence[float]) -> tuple[float, ...]:
-    values = (thresholds,) if isinstance(thresholds, int | float) else tuple(thresholds)
+    """The thresholds as distinct floats in (0, 1]; numpy and torch numbers and arrays are read as numbers."""
+    thresholds = _scalar(thresholds)
+    try:
+        values = (thresholds,) if isinstance(thresholds, int | float) else tuple(_scalar(v) for v in thresholds)
+    except TypeError:
+        raise ValueError(f"IoU thresholds must be a number or a sequence of numbers in (0, 1], got {thresholds!r}.") \
+            from None
     if not values:
         raise ValueError("Give at least one IoU threshold, e.g. (0.5,).")
     for value in values:
@@ -86,11 +97,29 @@ def _as_boxes(boxes: Any, name: str) -> torch.Tensor:
     return tensor
 
 
+def _check_ground_truth(gt: torch.Tensor) -> None:
+    """Refuse ``xyxy`` ground-truth rows that cannot be scored: inverted (``x1 < x0``, e.g. COCO ``x, y, w, h``) or
+    of zero area; each would count as a miss whatever the prediction."""
+    inverted = (gt[:, 2] < gt[:, 0]) | (gt[:, 3] < gt[:, 1])
+    empty = (gt[:, 2] == gt[:, 0]) | (gt[:, 3] == gt[:, 1])
+    for bad, problem in ((inverted, "has x1 < x0 or y1 < y0 (is it x, y, w, h? convert it with "
+                                    "m2ist.ops.boxes.box_convert(boxes, 'xywh', 'xyxy'))"),
+                         (empty, "has zero area")):
+        if bool(bad.any()):
+            row = int(bad.nonzero()[0, 0])
+            raise ValueError(f"gt_xyxy[{row}] {[round(v, 4) for v in gt[row].tolist()]} {problem}; {int(bad.sum())} "
+                             f"of {gt.shape[0]} ground-truth boxes do: scoring them would count a miss without a word.")
+
+
 def paired_iou(pred_xyxy: Any, gt_xyxy: Any) -> torch.Tensor:
-    """IoU of ``pred[i]`` with ``gt[i]`` for ``(N, 4)`` ``xyxy`` boxes, in float64 (so exact ties stay exact)."""
+    """IoU of ``pred[i]`` with ``gt[i]`` for ``(N, 4)`` ``xyxy`` boxes, in float64 (so exact ties stay exact).
+
+    A ground-truth box that is inverted or of zero area is refused, naming it; a predicted box with ``x1 < x0``
+    (or ``y1 < y0``) is empty: IoU 0, as in the loss's GIoU."""
     pred, gt = _as_boxes(pred_xyxy, "pred_xyxy"), _as_boxes(gt_xyxy, "gt_xyxy")
     if pred.shape[0] != gt.shape[0]:
         raise ValueError(f"Got {pred.shape[0]} predicted boxes and {gt.shape[0]} ground-truth boxes; pass one each.")
+    _check_ground_truth(gt)
     return paired_box_iou(pred, gt, eps=1e-12)
 
 
@@ -99,7 +128,8 @@ def accuracy_at_iou(pred_xyxy: Any, gt_xyxy: Any, thresholds: float | Sequence[f
 
     Boxes are ``(N, 4)`` ``xyxy`` in one frame (e.g. original-image pixels; clamp predictions to the image first,
     as :func:`evaluate` does). This is the TransVG criterion (IoU), not MDETR's GIoU. Returns
-    ``{threshold: accuracy in [0, 1]}``; an empty input raises.
+    ``{threshold: accuracy in [0, 1]}``; an empty input, or a ground-truth box that is inverted (``x, y, w, h``
+    given as ``xyxy``) or of zero area, raises.
     """
     values = _check_thresholds(thresholds)
     iou = paired_iou(pred_xyxy, gt_xyxy)

@@ -295,8 +295,17 @@ def rec_loss(pred_boxes: torch.Tensor, target_boxes: torch.Tensor, config: M2IST
     """TransVG's loss on normalised ``(cx, cy, w, h)`` boxes: weighted coordinate loss + weighted ``1 - GIoU``,
     each summed over a box's coordinates and averaged over the batch. Given the vote readout's ``patch_logits``
     ``(B, h, w)``, adds ``config.point_loss_weight`` × the cross-entropy between [REG]'s attention and
-    :func:`patch_targets` (``loss_point``)."""
-    target_boxes = target_boxes.to(pred_boxes.dtype)
+    :func:`patch_targets` (``loss_point``).
+
+    The loss is computed in float32 at least, whatever the predictions' dtype (a bfloat16 or float16 head, mixed
+    precision): the labels are never rounded to the predictions' precision, where a small box's GIoU and an error
+    of a thousandth of the canvas would vanish."""
+    if pred_boxes.ndim != 2 or pred_boxes.shape[-1] != 4 or tuple(target_boxes.shape) != tuple(pred_boxes.shape):
+        raise ValueError(f"rec_loss needs one (cx, cy, w, h) target box per predicted box: got predictions of shape "
+                         f"{tuple(pred_boxes.shape)} and targets of shape {tuple(target_boxes.shape)}; pass both as "
+                         "(batch, 4) (a single box is never broadcast over the batch).")
+    dtype = torch.promote_types(pred_boxes.dtype, torch.float32)
+    pred_boxes, target_boxes = pred_boxes.to(dtype), target_boxes.to(dtype)
     if config.box_loss == "l1":
         coord = F.l1_loss(pred_boxes, target_boxes, reduction="none")
     else:
@@ -308,7 +317,9 @@ def rec_loss(pred_boxes: torch.Tensor, target_boxes: torch.Tensor, config: M2IST
     losses = {"loss": loss, "loss_box": coord.detach(), "loss_giou": giou.detach()}
     if patch_logits is not None:
         logits = rearrange(patch_logits, "b h w -> b (h w)")
-        valid = logits > torch.finfo(logits.dtype).min / 2  # the readout sets masked patches to the minimum
+        valid = logits > torch.finfo(logits.dtype).min / 2  # the readout sets masked patches to its dtype's minimum
+        logits = logits.to(torch.promote_types(logits.dtype, dtype))  # after the test: float16's minimum is no
+        # minimum in float32
         targets = rearrange(patch_targets(target_boxes.to(logits.dtype), tuple(patch_logits.shape[1:])),
                             "b h w -> b (h w)") * valid
         targets = targets / targets.sum(-1, keepdim=True).clamp(min=torch.finfo(logits.dtype).tiny)

@@ -102,10 +102,13 @@ def post_process_boxes(
 ) -> torch.Tensor:
     """Map normalised ``(cx, cy, w, h)`` canvas boxes ``(B, 4)`` to ``xyxy`` pixels of the original images.
 
-    The exact inverse of :func:`boxes_to_labels`; with ``clamp`` the result is clipped to each image.
+    The exact inverse of :func:`boxes_to_labels`; with ``clamp`` the result is clipped to each image. A negative
+    width or height (a readout whose far edge lies before its near one) is an empty box at its centre, as the loss
+    and the trainer's metrics read it: it scores IoU 0, never the box it mirrors.
     """
     pred = torch.as_tensor(pred_boxes)
     pred = pred.to(torch.promote_types(pred.dtype, torch.float32))
+    pred = torch.cat((pred[..., :2], pred[..., 2:].clamp(min=0)), -1) if pred.ndim == 2 and pred.shape[-1] == 4 else pred
     if pred.ndim != 2 or pred.shape[-1] != 4:
         raise ValueError(f"pred_boxes must have shape (batch, 4) in (cx, cy, w, h) form, got {tuple(pred.shape)}.")
     width, height, scale_x, scale_y, offset_x, offset_y = _as_geometry(image_geometry, pred)

@@ -7,16 +7,24 @@ other, which is what a one-box-per-expression task needs.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 BOX_FORMATS = ("xyxy", "xywh", "cxcywh")
 
 
-def box_convert(boxes: torch.Tensor, in_fmt: str, out_fmt: str) -> torch.Tensor:
-    """Convert ``(..., 4)`` boxes between ``xyxy``, ``xywh`` and ``cxcywh``."""
+def box_convert(boxes: torch.Tensor | Any, in_fmt: str, out_fmt: str) -> torch.Tensor:
+    """Convert ``(..., 4)`` boxes (a tensor, or a list or array of boxes) between ``xyxy``, ``xywh`` and
+    ``cxcywh``."""
     for fmt in (in_fmt, out_fmt):
         if fmt not in BOX_FORMATS:
             raise ValueError(f"Unknown box format {fmt!r}; expected one of {BOX_FORMATS}.")
+    if not isinstance(boxes, torch.Tensor):
+        boxes = torch.as_tensor(boxes)
+    if boxes.ndim == 0 or boxes.shape[-1] != 4:
+        raise ValueError(f"box_convert needs boxes of shape (..., 4), four numbers per box, got shape "
+                         f"{tuple(boxes.shape)}.")
     if in_fmt == out_fmt:
         return boxes.clone()
     a, b, c, d = boxes.unbind(-1)
