@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from m2ist.config import BOX_LOSSES, DTYPES, EXPERTS, LAYER_PAIRINGS, TAP_KINDS
+from m2ist.data.loaders import SENTENCE_FIELDS
 
 from .data import DATA_FORMATS
 from .settings import COMMAND_SECTIONS, m2ist_fields
@@ -117,8 +118,8 @@ def add_data_flags(parser: argparse.ArgumentParser, train: bool) -> None:
     _add(group, "--text-column", dest="data.text_column", metavar="NAME", help="hf: the column holding the expressions")
     _add(group, "--hf-style", dest="data.hf_style", choices=("jxu124", "lmms-lab", "generic"),
          help="hf: the row layout (default: detected)")
-    _add(group, "--sentence-field", dest="data.sentence_field", choices=("sent", "raw"),
-         help="refer/hf: normalised ('sent', default) or raw sentences")
+    _add(group, "--sentence-field", dest="data.sentence_field", choices=SENTENCE_FIELDS,
+         help="refer/hf: normalised ('sent', default), raw, or the word list joined ('tokens') sentences")
     if train:
         _add(group, "--max-train-samples", dest="data.max_train_samples", type=positive_int, metavar="N",
              help="use only the first N training expressions")

@@ -80,11 +80,17 @@ def load_adapter(settings: Mapping[str, Mapping[str, Any]]):
     _refuse_baseline_checkpoint(Path(adapter))
     trust = bool(model_settings.get("trust_remote_code", False))
     towers = {}
+    recorded = _recorded_towers(adapter)
     for modality in ("vision", "text"):
-        if model_settings.get(f"{modality}_model"):
-            towers[f"{modality}_model"] = load_tower(model_settings[f"{modality}_model"],
-                                                      model_settings.get(f"{modality}_revision"), trust,
-                                                      role=f"{modality} tower")
+        name = model_settings.get(f"{modality}_model")
+        if not name:
+            continue
+        if not model_settings.get(f"{modality}_revision") and _same_tower(name, recorded.get(modality)):
+            # the name the adapter records (a training config's towers, `--config refcoco`): its pinned commit
+            info(f"The {modality} tower {name} is the one the adapter records: loading it at the recorded commit")
+            continue
+        towers[f"{modality}_model"] = load_tower(name, model_settings.get(f"{modality}_revision"), trust,
+                                                  role=f"{modality} tower")
     info(f"Loading the adapter {adapter}")
     model = SideTunedModel.from_pretrained(adapter, **towers, trust_remote_code=trust)
     source = model_settings.get("processor") or adapter
@@ -97,8 +103,64 @@ def load_adapter(settings: Mapping[str, Mapping[str, Any]]):
     except (ValueError, TypeError, KeyError, AttributeError) as err:
         raise CLIError(f"{Path(source) / PROCESSOR_CONFIG_NAME}: the processor cannot be restored ({type(err).__name__}: "
                        f"{' '.join(str(err).split())}). Fix that file, or pass --processor DIR.") from err
+    if model_settings.get("processor"):
+        _warn_if_not_the_adapters_processor(model.processor, processor, adapter, source)
     model.processor = processor
     return model, processor
+
+def _recorded_towers(adapter: str) -> dict[str, str]:
+    """``{modality: name_or_path}`` of the towers ``adapter``'s config records (empty when it cannot be read here:
+    loading the adapter reports why)."""
+    from m2ist.config import M2ISTConfig
+
+    try:
+        config = M2ISTConfig.from_pretrained(adapter)
+    except Exception:  # any failure is reported by the load that follows
+        return {}
+    return {modality: name for modality in ("vision", "text")
+            if (name := getattr(config, f"{modality}_model_name_or_path", None))}
+
+
+def _same_tower(name: str, recorded: str | None) -> bool:
+    """Whether the tower ``name`` is the recorded one: the same Hub id, or the same local folder."""
+    if not recorded:
+        return False
+    if name == recorded:
+        return True
+    mine, theirs = Path(name).expanduser(), Path(recorded).expanduser()
+    return mine.exists() and theirs.exists() and mine.resolve() == theirs.resolve()
+
+#: Processor settings that change what the model reads (``flat_settings()`` keys, and the tokenizer's size).
+_PROCESSOR_KEYS = ("canvas_size", "max_query_len", "lowercase", "image_mean", "image_std", "tokenizer_vocab_size")
+
+
+def _processor_settings(processor: Any) -> dict[str, Any]:
+    settings = dict(processor.flat_settings()) if hasattr(processor, "flat_settings") else {}
+    settings["tokenizer_vocab_size"] = len(processor.tokenizer) if getattr(processor, "tokenizer", None) else None
+    return {key: settings.get(key) for key in _PROCESSOR_KEYS}
+
+
+def _warn_if_not_the_adapters_processor(own: Any, given: Any, adapter: str, source: str) -> None:
+    """``--processor`` replaces the processor saved with the adapter: warn, naming each setting, when it prepares
+    images or phrases otherwise than the one the adapter was trained with (a RefCOCO processor's 20 tokens for a
+    RefCOCOg adapter trained on 40 cut every long phrase, silently)."""
+    if own is None:
+        return
+    mine, theirs = _processor_settings(own), _processor_settings(given)
+    differ = [f"{key}: adapter {mine[key]!r}, --processor {theirs[key]!r}" for key in _PROCESSOR_KEYS
+              if not _same(mine[key], theirs[key])]
+    if differ:
+        logger.warning("--processor %s prepares the inputs otherwise than the processor saved with the adapter %s "
+                       "(%s): the boxes will differ from the adapter's own. Leave out --processor to use the "
+                       "adapter's.", source, adapter, "; ".join(differ))
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, list | tuple) and isinstance(b, list | tuple):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, float) and isinstance(b, int | float) and not isinstance(b, bool):
+        return abs(a - b) <= 1e-6
+    return a == b
 
 def default_device(evaluation: Mapping[str, Any]) -> str | None:
     """``evaluation.device``, else ``cuda`` when a GPU is visible, else ``None`` (stay on the CPU)."""

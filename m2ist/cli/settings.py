@@ -5,9 +5,14 @@
 from __future__ import annotations
 
 import argparse
+import collections.abc
 import dataclasses
+import enum
 import json
+import logging
 import re
+import types
+import typing
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -30,7 +35,24 @@ DATA_KEYS = ("format", "data_root", "dataset", "split_by", "image_root", "train_
 
 EVALUATION_KEYS = ("batch_size", "iou_thresholds", "output_file", "save_predictions", "clamp", "num_workers", "device",
                    "progress", "final_eval")
-# M2ISTConfig fields that record the towers (filled in by the model) or are measured: never set from the CLI.
+#: The type of each key of the sections that are not dataclasses (those take theirs from the field annotations):
+#: a config file's or ``--set``'s value of another type is refused, naming the key, never used as it is.
+KEY_TYPES: dict[str, dict[str, Any]] = {
+    "model": {"vision_model": str | None, "text_model": str | None, "vision_revision": str | None,
+              "text_revision": str | None, "trust_remote_code": bool, "adapter": str | None, "processor": str | None},
+    "data": {"format": str | None, "data_root": str | None, "dataset": str | None, "split_by": str | None,
+             "image_root": str | None, "train_split": str, "eval_splits": list[str] | str | None,
+             "train_file": str | None, "eval_files": list[str] | dict[str, str] | str | None,
+             "box_format": str | None, "normalized": bool, "trusted": bool, "text_column": str | None,
+             "sentence_field": str | None, "hf_style": str | None, "max_train_samples": int | None,
+             "max_eval_samples": int | None, "skip_invalid": bool, "augment": bool, "allow_outside_image_root": bool},
+    "evaluation": {"batch_size": int, "iou_thresholds": list[float] | float, "output_file": str | None,
+                   "save_predictions": bool, "clamp": str, "num_workers": int, "device": str | None,
+                   "progress": bool, "final_eval": bool},
+}
+#: Training keys that are not fields of ``RECTrainingArguments`` (they go to ``train()``).
+_EXTRA_TRAINING_TYPES: dict[str, Any] = {"resume_from_checkpoint": str | bool | None}
+# YAML 1.1 reads 1e-4 (no dot) as a string: a float field takes such a string as the number it spells.
 _SCIENTIFIC = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
 #: The sections each command reads (``--set`` refuses the others; config files may hold them all).
 COMMAND_SECTIONS = {"train": SECTIONS, "eval": ("model", "data", "evaluation"), "predict": ("model", "evaluation")}
@@ -48,6 +70,7 @@ _SECTION_HELP = {
                   "final_eval",
 }
 _COMMAND_KEYS = {
+    ("train", "model"): "vision_model, text_model, vision_revision, text_revision, trust_remote_code",
     ("eval", "model"): "adapter, processor, vision_model, text_model, vision_revision, text_revision, "
                        "trust_remote_code",
     ("predict", "model"): "adapter, processor, vision_model, text_model, vision_revision, text_revision, "
@@ -58,6 +81,14 @@ _COMMAND_KEYS = {
                             "progress",
     ("predict", "evaluation"): "batch_size, device",
 }
+
+
+def command_keys(command: str | None, section: str) -> set[str] | None:
+    """The keys of ``section`` that ``command`` reads (None: every key of the section)."""
+    listed = _COMMAND_KEYS.get((command, section))
+    return None if listed is None else {key.strip() for key in listed.split(",")}
+
+
 _SET_EXAMPLES = {"train": "--set training.lr_drop_epochs=[60]", "eval": "--set evaluation.iou_thresholds=[0.5,0.75]",
                  "predict": "--set evaluation.batch_size=8"}
 
@@ -116,15 +147,148 @@ def _section_keys(sections: tuple[str, ...] = SECTIONS) -> dict[str, set[str]]:
     }
     return {section: keys[section]() for section in sections if section in keys}
 
-def _coerce_scalars(value: Any) -> Any:
-    """YAML 1.1 reads ``1e-4`` (no dot) as a string: turn such strings into floats, recursively."""
-    if isinstance(value, str) and _SCIENTIFIC.match(value.strip()):
-        return float(value)
-    if isinstance(value, Mapping):
-        return {k: _coerce_scalars(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_coerce_scalars(v) for v in value]
-    return value
+class _WrongType(ValueError):
+    """A value that is not of a key's type (the message says what was expected)."""
+
+
+def _expected(hint: Any) -> str:
+    """``list[int] | None`` -> "a list of whole numbers or null", for error messages."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(dict.fromkeys(_expected(a) for a in args))
+    if origin is typing.Literal:
+        return " or ".join(map(repr, args))
+    if origin in (list, tuple, collections.abc.Sequence):
+        return f"a list of {_expected(args[0]).removeprefix('a ')}s" if args else "a list"
+    if origin is dict or hint is dict:
+        return "a mapping"
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        return "a string"
+    return {type(None): "null", bool: "true or false", int: "a whole number", float: "a number",
+            str: "a string"}.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+def _typed(value: Any, hint: Any) -> Any:
+    """``value`` as a value of ``hint``, or :class:`_WrongType`. Only one conversion is made: a string in
+    scientific notation (YAML 1.1 reads ``1e-4`` as text) for a float field."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        for member in args:  # an exact match first: "1e-4" stays a string where a string is accepted
+            try:
+                return _typed(value, member)
+            except _WrongType:
+                continue
+        raise _WrongType(_expected(hint))
+    if origin is typing.Literal:
+        if value in args and type(value) in {type(a) for a in args}:
+            return value
+        raise _WrongType(_expected(hint))
+    if hint is type(None):
+        if value is None:
+            return None
+    elif hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str) and _SCIENTIFIC.match(value.strip()):
+            return float(value)
+    elif hint is str or (isinstance(hint, type) and issubclass(hint, enum.Enum)):
+        if isinstance(value, str):
+            return value  # an enum's value is checked by the dataclass, which names the choices
+    elif origin in (list, tuple, collections.abc.Sequence) or hint in (list, tuple):
+        if isinstance(value, list | tuple):
+            if not args:
+                return list(value)
+            if origin is tuple and ... not in args:
+                if len(value) != len(args):
+                    raise _WrongType(f"a list of {len(args)} items")
+                try:
+                    return [_typed(item, arg) for item, arg in zip(value, args, strict=True)]
+                except _WrongType:
+                    raise _WrongType(_expected(hint)) from None
+            try:
+                return [_typed(item, args[0]) for item in value]
+            except _WrongType:
+                raise _WrongType(_expected(hint)) from None
+    elif origin is dict or hint is dict:
+        if isinstance(value, Mapping) and all(isinstance(key, str) for key in value):
+            return dict(value) if len(args) != 2 else {k: _typed(v, args[1]) for k, v in value.items()}
+    elif isinstance(hint, type):
+        if isinstance(value, hint):
+            return value
+    else:  # a hint this check does not know: the library object checks the value
+        return value
+    raise _WrongType(_expected(hint))
+
+
+def _key_type(section: str, key: str) -> Any:
+    """The annotated type of ``section.key`` (``Any`` when it has none)."""
+    if section in KEY_TYPES:
+        return KEY_TYPES[section].get(key, Any)
+    if section == "training" and key in _EXTRA_TRAINING_TYPES:
+        return _EXTRA_TRAINING_TYPES[key]
+    cls = {"m2ist": lambda: _m2ist_class(), "training": _training_arguments_class,
+           "augmentation": lambda: _augmentation_class()}[section]()
+    try:
+        return typing.get_type_hints(cls).get(key, Any)
+    except (NameError, TypeError):  # pragma: no cover - an annotation that cannot be resolved
+        return Any
+
+
+def _m2ist_class() -> type:
+    from m2ist.config import M2ISTConfig
+
+    return M2ISTConfig
+
+
+def _augmentation_class() -> type:
+    from m2ist.data.transforms import RECAugmentation
+
+    return RECAugmentation
+
+
+def checked_value(section: str, key: str, value: Any, *, source: str) -> Any:
+    """``value`` checked against the type of ``section.key``: a value of another type (``"false"`` for a boolean,
+    ``no`` read by YAML as false for a string, ``null`` where none is allowed, a number for a name) raises a
+    :class:`CLIError` naming ``source`` and the key."""
+    hint = _key_type(section, key)
+    try:
+        return _typed(value, hint)
+    except _WrongType as err:
+        expected = str(err)
+    if isinstance(value, bool) and _typed_ok("no", hint):
+        why = " YAML reads unquoted yes/no/on/off/true/false as booleans: write the word in quotes (\"no\", \"off\")."
+
+    elif isinstance(value, str) and value.strip().lower() in _BOOLEAN_WORDS and _typed_ok(True, hint):
+        why = " Write true or false without quotes."
+    elif value is None:
+        why = " Remove the key to keep the default."
+    elif isinstance(value, int | float) and not isinstance(value, bool) and _typed_ok("x", hint):
+        why = " Write it in quotes: YAML reads an unquoted number as a number (and 0123 as octal)."
+    elif isinstance(value, float) and _typed_ok(1, hint) and not _typed_ok(0.5, hint):
+        why = " Write a whole number."
+    else:
+        why = ""
+    raise CLIError(f"{source}: {section}.{key} must be {expected}, got {value!r} ({type(value).__name__}).{why}")
+
+
+_BOOLEAN_WORDS = ("true", "false", "yes", "no", "on", "off", "y", "n", "1", "0")
+
+
+def _typed_ok(value: Any, hint: Any) -> bool:
+    try:
+        _typed(value, hint)
+    except _WrongType:
+        return False
+    return True
+
 
 def _config_path(path: str | Path) -> Path:
     candidate = Path(path)
@@ -133,6 +297,11 @@ def _config_path(path: str | Path) -> Path:
     for name in (str(path), f"{path}.yaml", f"{path}.yml", f"{path}.json"):
         shipped = CONFIG_DIR / name
         if "/" not in str(path) and shipped.is_file():
+            local = [n for n in (f"{path}.yaml", f"{path}.yml", f"{path}.json") if Path(n).is_file()]
+            if local:  # a copy edited here is not what a bare name reads
+                logging.getLogger("m2ist.cli").warning(
+                    "--config %s reads the shipped config %s, not ./%s; pass --config ./%s to read yours.", path,
+                    shipped, local[0], local[0])
             return shipped
     shipped_names = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
     raise CLIError(f"Config file not found: {path} (shipped configs: {', '.join(shipped_names) or 'none'}).")
@@ -151,9 +320,12 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
         raise CLIError(f"Config file {file}:{line}: not UTF-8 text (byte {data[err.start]:#04x}); save it as UTF-8."
                        ) from None
     try:
-        values = json.loads(text) if file.suffix == ".json" else yaml.safe_load(text)
+        values = (json.loads(text, object_pairs_hook=_refuse_repeated_json_keys) if file.suffix == ".json"
+                  else yaml.load(text, Loader=_UniqueKeyLoader))  # a SafeLoader
     except (json.JSONDecodeError, yaml.YAMLError) as err:
-        raise CLIError(f"Cannot parse config file {file}: {err}") from err
+        raise CLIError(f"Cannot parse config file {file}: {' '.join(str(err).split())}") from err
+    except _RepeatedKey as err:
+        raise CLIError(f"Config file {file}: {err}") from None
     if values is None:
         return {}
     if not isinstance(values, Mapping):
@@ -167,11 +339,47 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
             if not isinstance(value, Mapping):
                 raise CLIError(f"Config file {file}: section '{key}' must be a mapping, found {value!r}.")
             for name, item in value.items():
-                _assign(sections, key, str(name), item, source=str(file))
+                _assign(sections, key, str(name), item, source=str(file), once=True)
         else:
             section = _section_of(str(key), source=str(file))
-            _assign(sections, section, str(key), value, source=str(file))
-    return _coerce_scalars(sections)
+            _assign(sections, section, str(key), value, source=str(file), once=True)
+    return sections
+
+
+class _RepeatedKey(ValueError):
+    """A key given twice in one mapping of a config file (YAML and JSON parsers keep the last one silently)."""
+
+
+def _refuse_repeated_json_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    seen: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise _RepeatedKey(f"the key '{key}' appears twice in one object; keep one (the parser would silently "
+                               "drop the first).")
+        seen[key] = value
+    return seen
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key repeated in one mapping (a second ``training:`` section would
+    otherwise replace the first whole, and a repeated setting would drop the first value), naming the line."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:  # before merging: keys merged in (<<: *anchor) may be overridden
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.setdefault(key, key_node.start_mark.line + 1)
+                except TypeError:  # an unhashable key: the constructor reports it
+                    continue
+                if first != key_node.start_mark.line + 1:
+                    raise _RepeatedKey(f"the key '{key}' appears twice in one mapping (lines {first} and "
+                                       f"{key_node.start_mark.line + 1}); keep one (YAML would silently drop the "
+                                       "first).")
+        return super().construct_mapping(node, deep=deep)
 
 def _section_of(key: str, *, source: str, allowed: tuple[str, ...] = SECTIONS) -> str:
     owners = [section for section, keys in _section_keys(allowed).items() if key in keys]
@@ -183,7 +391,9 @@ def _section_of(key: str, *, source: str, allowed: tuple[str, ...] = SECTIONS) -
                        f"{' or '.join(f'{o}.{key}' for o in owners)}.")
     return owners[0]
 
-def _assign(settings: dict[str, Any], section: str, key: str, value: Any, *, source: str) -> None:
+def _assign(settings: dict[str, Any], section: str, key: str, value: Any, *, source: str, once: bool = False) -> None:
+    """Set ``settings[section][key]`` to ``value`` checked against the key's type; ``once``: refuse a key already
+    set (a config file naming a setting both at the top level and in its section)."""
     if section not in SECTIONS:
         raise CLIError(f"{source}: unknown section '{section}'; sections are {', '.join(SECTIONS)}.")
     known = _section_keys((section,))[section]
@@ -191,9 +401,13 @@ def _assign(settings: dict[str, Any], section: str, key: str, value: Any, *, sou
         close = sorted(k for k in known if k.startswith(key[:4]))[:5]
         hint = f" Did you mean one of {close}?" if close else ""
         raise CLIError(f"{source}: '{key}' is not a {section} setting.{hint}")
-    settings.setdefault(section, {})[key] = value
+    if once and key in settings.get(section, {}):
+        raise CLIError(f"{source}: {section}.{key} is given twice (as '{key}' at the top level and in the "
+                       f"'{section}' section); keep one.")
+    settings.setdefault(section, {})[key] = checked_value(section, key, value, source=source)
 
-def _parse_set(item: str, allowed: tuple[str, ...] = SECTIONS) -> tuple[str, str, Any]:
+def _parse_set(item: str, allowed: tuple[str, ...] = SECTIONS, command: str | None = None
+               ) -> tuple[str, str, Any]:
     if "=" not in item:
         raise CLIError(f"--set expects key=value (e.g. --set training.num_train_epochs=5), got {item!r}.")
     key, raw = item.split("=", 1)
@@ -209,7 +423,16 @@ def _parse_set(item: str, allowed: tuple[str, ...] = SECTIONS) -> tuple[str, str
     if section in SECTIONS and section not in allowed:
         raise CLIError(f"--set {item}: this command takes no {section} settings; its sections are "
                        f"{', '.join(allowed)}.")
-    return section, name, _coerce_scalars(value)
+    reads = command_keys(command, section)
+    if reads is not None and name in _section_keys((section,))[section] and name not in reads:
+        raise CLIError(f"--set {item}: `m2ist {command}` does not read {section}.{name} (it would be ignored); the "
+                       f"{section} settings it reads are {', '.join(sorted(reads))}.")
+    text = raw.strip()
+    if section in SECTIONS and not isinstance(value, str) and text and text[0] not in "'\"[{":
+        hint = _key_type(section, name)  # a bare word for a text key is that text: --set save_strategy=no
+        if not _typed_ok(value, hint) and _typed_ok(text, hint):
+            value = text
+    return section, name, value
 
 def resolve_settings(namespace: argparse.Namespace) -> dict[str, dict[str, Any]]:
     """Merge ``--config`` (lowest), ``--set`` and explicit flags (highest) into ``{section: {key: value}}``."""
@@ -221,7 +444,7 @@ def resolve_settings(namespace: argparse.Namespace) -> dict[str, dict[str, Any]]
     command = getattr(namespace, "command", None)
     allowed = COMMAND_SECTIONS.get(command, SECTIONS)
     for item in getattr(namespace, "set", None) or []:
-        section, name, value = _parse_set(item, allowed)
+        section, name, value = _parse_set(item, allowed, command)
         _assign(settings, section, name, value, source=f"--set {item}")
     for dest, value in vars(namespace).items():
         if "." in dest:
@@ -288,6 +511,11 @@ def build_augmentation(settings: Mapping[str, Mapping[str, Any]]):
         return RECAugmentation(**settings.get("augmentation", {}))
     except (TypeError, ValueError) as err:
         raise CLIError(f"Invalid augmentation settings: {err}") from err
+
+def dump_settings(settings: Mapping[str, Mapping[str, Any]]) -> str:
+    """``settings`` as the YAML of ``m2ist_cli_config.yaml``, which ``--config`` reads back to the same settings."""
+    return yaml.safe_dump(plain(settings), sort_keys=False, allow_unicode=True)
+
 
 def plain(value: Any) -> Any:
     """Settings as plain YAML/JSON types."""

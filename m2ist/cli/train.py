@@ -7,8 +7,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from .data import data_record, load_data_splits
 from .errors import CLIError, refuse_dash
 from .flags import (
@@ -25,7 +23,13 @@ from .flags import (
 )
 from .loading import info, load_tower, local_or_hub
 from .report import print_metrics
-from .settings import build_augmentation, build_m2ist_config, build_training_arguments, plain, settings_help
+from .settings import (
+    build_augmentation,
+    build_m2ist_config,
+    build_training_arguments,
+    dump_settings,
+    settings_help,
+)
 
 #: The line ``m2ist --help`` shows for this command.
 HELP = "side-tune two frozen towers on REC data and save the adapter"
@@ -112,7 +116,7 @@ def run(settings: dict[str, dict[str, Any]], args: argparse.Namespace) -> int:
     trainer.save_model(str(output_dir))  # the trained tensors, the config and the processor
     if not trainer.is_world_process_zero():
         return 0
-    settings_text = yaml.safe_dump(plain(settings), sort_keys=False)
+    settings_text = dump_settings(settings)
     atomic_write(output_dir / "m2ist_cli_config.yaml", lambda tmp: Path(tmp).write_text(settings_text, encoding="utf-8"))
     info(f"Saved the adapter and the processor to {output_dir}")
 
