@@ -44,7 +44,7 @@ if TYPE_CHECKING:
     from m2ist.processing import RECProcessor
 
 __all__ = ["CLAMP_MODES", "RESULTS_FORMAT_VERSION", "ResultsWriteError", "accuracy_at_iou", "check_output_file", "evaluate",
-           "is_results_file", "metric_name", "paired_iou", "write_results"]
+           "is_results_file", "json_file_is", "metric_name", "paired_iou", "write_results"]
 
 logger = logging.getLogger(__name__)
 
@@ -322,11 +322,12 @@ _MAX_REPLACEABLE_BYTES = 1 << 30
 
 def is_results_file(path: str | os.PathLike) -> bool:
     """Whether ``path`` holds results in :func:`evaluate`'s format (a JSON object with a ``metrics`` mapping)."""
-    return _json_file_is(path, lambda value: isinstance(value, Mapping) and isinstance(value.get("metrics"), Mapping))
+    return json_file_is(path, lambda value: isinstance(value, Mapping) and isinstance(value.get("metrics"), Mapping))
 
 
-def _json_file_is(path: str | os.PathLike, test: Callable[[Any], bool]) -> bool:
-    """Whether ``path`` is a UTF-8 JSON file (at most 1 GiB) whose value passes ``test``."""
+def json_file_is(path: str | os.PathLike, test: Callable[[Any], bool]) -> bool:
+    """Whether ``path`` is a UTF-8 JSON file (at most 1 GiB) whose value passes ``test``: how the output checks
+    (:func:`check_output_file`'s ``replaces``) recognise an earlier output of their own kind."""
     try:
         if os.path.getsize(path) > _MAX_REPLACEABLE_BYTES:
             return False

@@ -76,9 +76,9 @@ def _same_file(first: Path, second: Path) -> bool:
 
 def is_predictions_file(path: Path) -> bool:
     """Whether ``path`` holds an earlier ``m2ist predict --output``: a JSON list of ``{image, text, box_xyxy}``."""
-    from m2ist.evaluation import _json_file_is
+    from m2ist.evaluation import json_file_is
 
-    return _json_file_is(path, lambda value: isinstance(value, list) and all(
+    return json_file_is(path, lambda value: isinstance(value, list) and all(
         isinstance(record, dict) and "box_xyxy" in record for record in value))
 
 

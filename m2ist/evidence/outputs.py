@@ -58,9 +58,9 @@ def check_batch_size(batch_size: int, train_samples: int, tiny: bool) -> None:
 # ---------------------------------------------------------------------------------------------- outputs
 def is_report(path: str | os.PathLike, keys: tuple[str, ...]) -> bool:
     """Whether ``path`` holds a JSON object with all ``keys`` (an earlier report of the command that has them)."""
-    from m2ist.evaluation import _json_file_is
+    from m2ist.evaluation import json_file_is
 
-    return _json_file_is(path, lambda value: isinstance(value, dict) and all(key in value for key in keys))
+    return json_file_is(path, lambda value: isinstance(value, dict) and all(key in value for key in keys))
 
 
 def is_picture(path: str | os.PathLike) -> bool:
