@@ -45,6 +45,8 @@ from .save_and_load import (
     check_folder_unchanged,
     folder_identity,
     load_trainable_state,
+    processor_setting_differences,
+    processor_settings,
     save_folder_atomically,
     save_trainable_state,
     trainable_counts,
@@ -1103,10 +1105,8 @@ class SideTunedModel(RECModel):
                           "they cannot be compared with model.processor's, which predict() and evaluate() use for it.",
                           UserWarning, stacklevel=3)
             return
-        mine = {**self.processor.flat_settings(), "tokenizer_vocab_size": len(self.processor.tokenizer)}
-        keys = ("canvas_size", "image_mean", "image_std", "max_query_len", "lowercase", "tokenizer_vocab_size")
-        differ = [f"{key}: saved {theirs[key]!r}, model.processor {mine[key]!r}" for key in keys
-                  if key in theirs and not _same_setting(mine[key], theirs[key])]
+        differ = [f"{key}: saved {saved_value!r}, model.processor {value!r}" for key, value, saved_value
+                  in processor_setting_differences(processor_settings(self.processor), theirs)]
         if differ:
             warnings.warn(f"Adapter {adapter_name!r} was saved with another processor than model.processor, which "
                           f"predict() and evaluate() use for every adapter ({'; '.join(differ)}): its boxes would "
@@ -1400,15 +1400,6 @@ class SideTunedModel(RECModel):
             module.requires_grad_(is_trainable)
         model.train(is_trainable)
         return model
-
-
-def _same_setting(mine: Any, theirs: Any) -> bool:
-    """Whether two processor settings are equal (normalisation statistics up to float rounding in JSON)."""
-    if isinstance(mine, list | tuple) and isinstance(theirs, list | tuple):
-        return len(mine) == len(theirs) and all(_same_setting(a, b) for a, b in zip(mine, theirs))
-    if isinstance(mine, float) and isinstance(theirs, int | float) and not isinstance(theirs, bool):
-        return abs(mine - theirs) <= 1e-6
-    return mine == theirs
 
 
 _FROM_PRETRAINED_ARGUMENTS = ("vision_model", "text_model", "is_trainable", "subfolder", "revision", "dtype",

@@ -29,7 +29,7 @@ import stat
 import struct
 import tempfile
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -102,6 +102,34 @@ def adapter_name_problem(name: object) -> str | None:
         return (f"{what} reserved: such a subfolder is a trainer's checkpoint, log or cache folder, which pushes skip "
                 "and saves replace")
     return None
+
+
+#: Processor settings that change what a model reads: ``flat_settings()`` keys and the tokenizer's size.
+PROCESSOR_SETTING_KEYS = ("canvas_size", "image_mean", "image_std", "max_query_len", "lowercase",
+                          "tokenizer_vocab_size")
+
+
+def processor_settings(processor: Any) -> dict[str, Any]:
+    """The :data:`PROCESSOR_SETTING_KEYS` of a processor (a ``RECProcessor``; None for a setting it lacks)."""
+    settings = dict(processor.flat_settings()) if hasattr(processor, "flat_settings") else {}
+    tokenizer = getattr(processor, "tokenizer", None)
+    settings["tokenizer_vocab_size"] = len(tokenizer) if tokenizer is not None else None
+    return {key: settings.get(key) for key in PROCESSOR_SETTING_KEYS}
+
+
+def processor_setting_differences(mine: Mapping[str, Any], theirs: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
+    """``(key, mine, theirs)`` for each :data:`PROCESSOR_SETTING_KEYS` setting both mappings hold with other values
+    (normalisation statistics compared up to float rounding in JSON): two processors that prepare inputs otherwise."""
+    return [(key, mine[key], theirs[key]) for key in PROCESSOR_SETTING_KEYS
+            if key in mine and key in theirs and not _same_setting(mine[key], theirs[key])]
+
+
+def _same_setting(mine: Any, theirs: Any) -> bool:
+    if isinstance(mine, list | tuple) and isinstance(theirs, list | tuple):
+        return len(mine) == len(theirs) and all(_same_setting(a, b) for a, b in zip(mine, theirs, strict=True))
+    if isinstance(mine, float) and isinstance(theirs, int | float) and not isinstance(theirs, bool):
+        return abs(mine - theirs) <= 1e-6
+    return mine == theirs
 
 
 def foreign_model_files(names: Iterable[str]) -> list[str]:

@@ -130,37 +130,21 @@ def _same_tower(name: str, recorded: str | None) -> bool:
     mine, theirs = Path(name).expanduser(), Path(recorded).expanduser()
     return mine.exists() and theirs.exists() and mine.resolve() == theirs.resolve()
 
-#: Processor settings that change what the model reads (``flat_settings()`` keys, and the tokenizer's size).
-_PROCESSOR_KEYS = ("canvas_size", "max_query_len", "lowercase", "image_mean", "image_std", "tokenizer_vocab_size")
-
-
-def _processor_settings(processor: Any) -> dict[str, Any]:
-    settings = dict(processor.flat_settings()) if hasattr(processor, "flat_settings") else {}
-    settings["tokenizer_vocab_size"] = len(processor.tokenizer) if getattr(processor, "tokenizer", None) else None
-    return {key: settings.get(key) for key in _PROCESSOR_KEYS}
-
-
 def _warn_if_not_the_adapters_processor(own: Any, given: Any, adapter: str, source: str) -> None:
     """``--processor`` replaces the processor saved with the adapter: warn, naming each setting, when it prepares
     images or phrases otherwise than the one the adapter was trained with (a RefCOCO processor's 20 tokens for a
     RefCOCOg adapter trained on 40 cut every long phrase, silently)."""
+    from m2ist.save_and_load import processor_setting_differences, processor_settings
+
     if own is None:
         return
-    mine, theirs = _processor_settings(own), _processor_settings(given)
-    differ = [f"{key}: adapter {mine[key]!r}, --processor {theirs[key]!r}" for key in _PROCESSOR_KEYS
-              if not _same(mine[key], theirs[key])]
+    differ = [f"{key}: adapter {mine!r}, --processor {theirs!r}" for key, mine, theirs
+              in processor_setting_differences(processor_settings(own), processor_settings(given))]
     if differ:
         logger.warning("--processor %s prepares the inputs otherwise than the processor saved with the adapter %s "
                        "(%s): the boxes will differ from the adapter's own. Leave out --processor to use the "
                        "adapter's.", source, adapter, "; ".join(differ))
 
-
-def _same(a: Any, b: Any) -> bool:
-    if isinstance(a, list | tuple) and isinstance(b, list | tuple):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
-    if isinstance(a, float) and isinstance(b, int | float) and not isinstance(b, bool):
-        return abs(a - b) <= 1e-6
-    return a == b
 
 def default_device(evaluation: Mapping[str, Any]) -> str | None:
     """``evaluation.device``, else ``cuda`` when a GPU is visible, else ``None`` (stay on the CPU)."""
