@@ -194,6 +194,72 @@ def _no_tower() -> None:
     return None
 
 
+HALF_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def _as_float32(value: Any) -> Any:
+    """``value`` with every half-precision tensor (in tuples, lists and dicts too) copied to float32."""
+    if isinstance(value, torch.Tensor):
+        return value.float() if value.dtype in HALF_PRECISION else value
+    if isinstance(value, tuple | list):
+        return type(value)(_as_float32(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _as_float32(v) for k, v in value.items()}
+    return value
+
+
+class _FirstCall:
+    """Records a block's first call for the structural search, at float32 precision whatever the tower's dtype.
+
+    A float32 block is recorded as it runs. A half-precision block (a tower loaded in bfloat16 or float16) is not:
+    there a small branch is lost in the rounding of the residual sums, and the search would read other sub-modules
+    than for the same tower in float32 (BEiT after its layer scale, ALBERT's attention for both experts). Its
+    inputs are kept instead, and :meth:`recorder` runs a float32 copy of the block on them.
+    """
+
+    def __init__(self, block: nn.Module) -> None:
+        self.block = block
+        self.half = any(p.dtype in HALF_PRECISION for p in block.parameters())
+        self.inputs: tuple[tuple, dict] | None = None
+        self.raw: tuple[tuple, dict] = ((), {})
+        self._recorder = None if self.half else BlockRecorder(block)
+        self._handle = block.register_forward_pre_hook(self._keep, with_kwargs=True) if self.half else None
+
+    def _keep(self, _module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if self.inputs is None:
+            self.inputs, self.raw = (_as_float32(args), _as_float32(kwargs)), (args, kwargs)
+
+    def remove(self) -> None:
+        if self._recorder is not None:
+            self._recorder.remove()
+        if self._handle is not None:
+            self._handle.remove()
+
+    def recorder(self) -> BlockRecorder:
+        """The block's recorded first call (at float32 precision)."""
+        if self._recorder is None and self.inputs is not None:
+            try:
+                self._recorder = self._run(copy.deepcopy(self.block).float(), self.inputs)
+            except Exception as error:  # a block that cannot run in float32 (quantised weights): its own precision
+                logger.info("The structural search runs %s in its own precision (a float32 copy fails: %s).",
+                            type(self.block).__name__, error)
+                self._recorder = self._run(self.block, self.raw)
+        if self._recorder is None:  # never called: an empty record (the search then falls back)
+            self._recorder = BlockRecorder(self.block)
+            self._recorder.remove()
+        return self._recorder
+
+    @staticmethod
+    def _run(block: nn.Module, inputs: tuple[tuple, dict]) -> BlockRecorder:
+        recorder = BlockRecorder(block)
+        try:
+            with torch.no_grad():
+                block(*inputs[0], **inputs[1])
+        finally:
+            recorder.remove()
+        return recorder
+
+
 @dataclass
 class _Capture:
     """What one :meth:`Tower.tap` call collects through the persistent hooks."""
@@ -285,21 +351,22 @@ class Tower:
         order: list[tuple[str, nn.Module]] = []
         handles = [module.register_forward_pre_hook(lambda *_, name=name, module=module: order.append((name, module)))
                    for name, module in dict(modules).items()]
-        recorder = BlockRecorder(modules[0][1])
+        probe = _FirstCall(modules[0][1])
         try:
             self._probe(probe_inputs)
         finally:
-            recorder.remove()
+            probe.remove()
             for handle in handles:
                 handle.remove()
         if not order:
             return hidden_states_spec(self.model)
         if order[0][1] is not modules[0][1]:  # the first block called is not the first in module order
-            recorder = BlockRecorder(order[0][1])
+            probe = _FirstCall(order[0][1])
             try:
                 self._probe(probe_inputs)
             finally:
-                recorder.remove()
+                probe.remove()
+        recorder = probe.recorder()
         spec = structural_spec([name for name, _ in order], recorder, self.model_type)
         if spec.status == "fallback" and self._hidden_states_start_at(recorder.block_input, probe_inputs):
             # no attention / feed-forward pair (a CNN): the tower's own hidden states are its layers
