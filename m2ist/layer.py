@@ -36,8 +36,16 @@ def make_checkpoint_function(checkpoint_kwargs: Mapping[str, Any] | None = None,
     for frozen embeddings, such a call gets a copy of its first floating input that requires grad."""
     kwargs = {"use_reentrant": False, **(checkpoint_kwargs or {})}
     reentrant = bool(kwargs["use_reentrant"])
+    preserve_rng = bool(kwargs.get("preserve_rng_state", True))
 
     def run(function: Callable, *args: Any) -> Any:
+        if not preserve_rng and isinstance(function, nn.Module):
+            dropout = active_dropout(function)
+            if dropout is not None:
+                raise ValueError(
+                    f"Activation checkpointing with preserve_rng_state=False recomputes {dropout} with other random "
+                    "masks than the forward pass used, so its gradients would be silently wrong: drop "
+                    "preserve_rng_state from the checkpointing kwargs, or set side_dropout and fusion_dropout to 0.")
         if reentrant and not any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
             first = next((i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.is_floating_point()), None)
             if first is not None:
@@ -49,6 +57,17 @@ def make_checkpoint_function(checkpoint_kwargs: Mapping[str, Any] | None = None,
             return checkpoint(function, *args, **kwargs)
 
     return run
+
+
+def active_dropout(module: nn.Module) -> str | None:
+    """The name of a dropout inside ``module`` that draws random masks now (training mode, ``p > 0``), else None:
+    an ``nn.Dropout`` or an ``nn.MultiheadAttention``'s attention dropout."""
+    for name, sub in module.named_modules():
+        p = sub.p if isinstance(sub, nn.modules.dropout._DropoutNd) else \
+            sub.dropout if isinstance(sub, nn.MultiheadAttention) else 0.0
+        if sub.training and p > 0:
+            return f"the dropout {name or type(module).__name__!r} (p={p})"
+    return None
 
 
 def run_layer(owner: nn.Module, index: int, layer: nn.Module, *args: Any) -> Any:

@@ -11,6 +11,7 @@ text tower (frozen) ───taps───┘                                   
 from __future__ import annotations
 
 import contextvars
+import copy
 import dataclasses
 import glob
 import json
@@ -84,6 +85,14 @@ class AdapterSetup:
     text_layers: list[int]
     intra_kind: str
     inter_kind: str
+    #: the values of ``M2ISTConfig.BUILD_FIELDS`` the adapter was built with (a later change to ``config`` is refused
+    #: at save: the modules would not follow it)
+    built: dict[str, Any] = field(default_factory=dict)
+
+    def changed_build_fields(self) -> list[str]:
+        """``"field: built value -> config's value"`` for each build field changed in ``config`` since."""
+        return [f"{name}: {value!r} -> {getattr(self.config, name)!r}" for name, value in self.built.items()
+                if getattr(self.config, name) != value]
 
     @property
     def tap_kinds(self) -> list[str]:
@@ -631,7 +640,8 @@ class SideTunedModel(RECModel):
     # ---------------------------------------------------------------------------------------------------------
     def _adapter_setup(self, config: M2ISTConfig, vision_depth: int, text_depth: int) -> AdapterSetup:
         pairs = pair_layers(config, vision_depth, text_depth)
-        return AdapterSetup(config, [v for v, _ in pairs], [t for _, t in pairs], config.intra_tap, config.inter_tap)
+        return AdapterSetup(config, [v for v, _ in pairs], [t for _, t in pairs], config.intra_tap, config.inter_tap,
+                            {name: copy.deepcopy(getattr(config, name)) for name in M2ISTConfig.BUILD_FIELDS})
 
     def _use_setup(self, setup: AdapterSetup) -> None:
         """Point ``config``, the layer lists and the tap kinds at ``setup`` (the active adapter's)."""
@@ -1198,6 +1208,13 @@ class SideTunedModel(RECModel):
         written."""
         # an unknown name or a string fails before anything is written
         names = self._selected(selected_adapters) if selected_adapters is not None else list(self.adapter_setups)
+        for name in names:  # a config changed after the build would reload as another model
+            changed = self.adapter_setups[name].changed_build_fields()
+            if changed:
+                raise ValueError(f"The config of adapter {name!r} was changed after the model was built ({'; '.join(changed)})"
+                                 ": its modules still compute with the values they were built with, so the saved adapter "
+                                 "would reload as another model. Build a new model with the config you want (or put the "
+                                 "values back); nothing was saved.")
         for name in names:
             side, head = self._adapter_modules(name)
             target = folder if name == DEFAULT_ADAPTER else folder / name
