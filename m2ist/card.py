@@ -34,7 +34,7 @@ from .config import M2ISTConfig
 from .save_and_load import WEIGHTS_NAME, atomic_write, recorded_sha256
 
 __all__ = ["CARD_NAME", "EVAL_RESULTS_NAME", "PLACEHOLDER_REPO_ID", "TOWERS_USED_KEY", "WEIGHTS_SHA256_KEY",
-           "build_model_card",
+           "build_model_card", "card_results_problem",
            "hub_model_id", "read_eval_results", "results_for_weights", "write_model_card"]
 
 logger = logging.getLogger(__name__)
@@ -55,6 +55,9 @@ TAGS = ("m2ist", "side-tuning", "referring-expression-comprehension", "visual-gr
 #: The metrics put in the ``model-index``: result key -> (Hub metric type, display name).
 _CARD_METRICS = {"acc@0.5": ("accuracy", "Acc@0.5"), "miou": ("mean_iou", "mIoU")}
 _SECTION = re.compile(re.escape(SECTION_START) + r".*?" + re.escape(SECTION_END), re.DOTALL)
+#: An invisible line of a card with results: the weights file they measured (relative to the card) and its SHA-256,
+#: so that a push can tell when the weights beside the card are no longer the ones measured.
+_RESULTS_MARKER = re.compile(r"^<!-- m2ist:results-measured (\S+) sha256:([0-9a-fA-F]+) -->[ \t]*\n?", re.MULTILINE)
 
 
 def hub_model_id(name: str | None) -> str | None:
@@ -247,7 +250,7 @@ def build_model_card(config: M2ISTConfig, counts: Mapping[str, int], *, repo_id:
                              base_model=base_models or None, tags=list(dict.fromkeys([*TAGS, *tags])),
                              datasets=dataset_ids or None, pipeline_tag="zero-shot-object-detection",
                              model_name=name if evals else None, eval_results=evals or None)
-        return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{section}\n")
+        return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{_with_marker(section, results, evals, subfolder)}\n")
     data = existing.data
     data.library_name = "m2ist"
     if base_models:
@@ -265,7 +268,38 @@ def build_model_card(config: M2ISTConfig, counts: Mapping[str, int], *, repo_id:
     text = existing.text
     if _SECTION.search(text):
         text = _SECTION.sub(lambda _: section, text, count=1)
-    return ModelCard(f"---\n{data.to_yaml()}\n---\n{text}")
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n{_with_marker(text, results, evals, subfolder)}")
+
+
+def _with_marker(text: str, results: Mapping[str, Any] | None, evals: Sequence[EvalResult],
+                 subfolder: str | None) -> str:
+    """``text`` with its results marker (see :func:`card_results_problem`) replaced: one naming the weights the
+    card's results measured when they record them, none otherwise."""
+    text = _RESULTS_MARKER.sub("", text)
+    metadata = (results or {}).get("metadata") if isinstance((results or {}).get("metadata"), Mapping) else None
+    sha = metadata.get(WEIGHTS_SHA256_KEY) if metadata else None
+    if not evals or not isinstance(sha, str) or not re.fullmatch(r"[0-9a-fA-F]+", sha):
+        return text
+    weights = f"{subfolder}/{WEIGHTS_NAME}" if subfolder else WEIGHTS_NAME
+    return f"{text.rstrip(chr(10))}\n\n<!-- m2ist:results-measured {weights} sha256:{sha} -->\n"
+
+
+def card_results_problem(card: str, folder: str | os.PathLike) -> str | None:
+    """Why the card text ``card`` of ``folder`` must not be published with the weights there, or None: its results
+    (``model-index``) name, in their marker, weights whose SHA-256 is not the one the weights file in ``folder``
+    now records (the file was replaced after the card was written, e.g. by a checkpoint's)."""
+    found = _RESULTS_MARKER.search(card)
+    if found is None or "model-index" not in card:
+        return None
+    relative, measured = found.groups()
+    weights = Path(folder) / relative
+    if ".." in Path(relative).parts or not weights.is_file():
+        return None
+    current = recorded_sha256(weights)
+    if current is not None and current.lower() == measured.lower():
+        return None
+    return (f"its evaluation results measured weights with SHA-256 {measured[:12]}..., but {relative} is now other "
+            f"weights ({'no SHA-256 recorded' if current is None else f'SHA-256 {current[:12]}...'})")
 
 
 def _as_list(value: Any) -> list[str]:

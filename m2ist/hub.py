@@ -33,12 +33,13 @@ from huggingface_hub.errors import (
     HfHubHTTPError,
     HFValidationError,
     LocalEntryNotFoundError,
+    RemoteEntryNotFoundError,
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
 from huggingface_hub.utils import filter_repo_objects, validate_repo_id
 
-from .card import CARD_NAME, PLACEHOLDER_REPO_ID
+from .card import CARD_NAME, PLACEHOLDER_REPO_ID, card_results_problem
 from .config import CONFIG_NAME
 from .save_and_load import ADAPTER_FILES, WEIGHTS_NAME, adapter_name_problem, foreign_model_files, owned_entries
 from .version import __version__
@@ -131,6 +132,16 @@ def push_folder_to_hub(
         shown = present[:20] + ([f"... ({len(present) - 20} more)"] if len(present) > 20 else [])
         raise ValueError(f"Cannot push '{folder}': none of its files is an adapter file (found {shown}). Push the "
                          "folder written by save_pretrained(), or pass allow_patterns=None to upload every file.")
+    for name in selected:  # a card must not publish results of other weights than the ones pushed beside it
+        if PurePosixPath(name).name == CARD_NAME:
+            problem = card_results_problem((folder_path / name).read_text(encoding="utf-8", errors="replace"),
+                                           (folder_path / name).parent)
+            if problem:
+                raise ValueError(
+                    f"Cannot push '{folder}': {name} reports results that do not describe the weights pushed beside "
+                    f"it ({problem}). Save the model again (save_pretrained writes the card for the weights it "
+                    "writes) or evaluate these weights; no commit was made."
+                )
     if create_pr and revision not in (None, constants.DEFAULT_REVISION):
         raise ValueError(
             f"create_pr=True opens the pull request against '{constants.DEFAULT_REVISION}'; "
@@ -139,6 +150,13 @@ def push_folder_to_hub(
     api = HfApi(endpoint=endpoint, token=token, library_name="m2ist", library_version=__version__)
     try:
         repo_id = api.create_repo(repo_id, exist_ok=True, private=private, repo_type="model").repo_id
+        if private and not api.repo_info(repo_id, repo_type="model").private:
+            raise ValueError(
+                f"Cannot push to '{repo_id}' with private=True: the repo already exists and is public (private= only "
+                "applies to a repo the push creates), so the push would publish the adapter. Make the repo private "
+                f"first (HfApi().update_repo_settings({repo_id!r}, private=True)), push to another repo, or drop "
+                "private=True; no commit was made."
+            )
         if revision is not None and revision != constants.DEFAULT_REVISION:
             api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
         repo_files = api.list_repo_files(repo_id, revision=constants.DEFAULT_REVISION if create_pr else revision,
@@ -253,15 +271,41 @@ def push_to_hub(save_fn: Callable[[Path], object], repo_id: str, **push_kwargs: 
 
 
 def _fetch_card(repo_id: str, folder: Path, cache: Path, push_kwargs: dict[str, object]) -> None:
-    """Copy the repo's README.md into `folder` when the repo and the card exist (anything else: nothing)."""
+    """Copy into `folder` the README.md the push will replace: the branch's, or `main`'s when the branch does not
+    exist yet (the push creates it from `main`). No repo or no card yet: nothing (the card is written fresh). Any
+    other failure (network, server error, offline mode) raises before anything is pushed, since writing a fresh card
+    instead would replace the repo's card and lose its text."""
     revision = push_kwargs.get("revision")
-    try:
-        card = hf_hub_download(repo_id, CARD_NAME, revision=revision if isinstance(revision, str) else None,
-                               token=push_kwargs.get("token"), endpoint=push_kwargs.get("endpoint"),  # type: ignore[arg-type]
-                               cache_dir=cache, library_name="m2ist", library_version=__version__)
-    except Exception:  # no repo yet, no card, no network: the card is written fresh
+    endpoint = push_kwargs.get("endpoint")
+    revisions = [revision] if isinstance(revision, str) and revision != constants.DEFAULT_REVISION else []
+    for candidate in [*revisions, None]:
+        try:
+            card = hf_hub_download(repo_id, CARD_NAME, revision=candidate, token=push_kwargs.get("token"),  # type: ignore[arg-type]
+                                   endpoint=endpoint, cache_dir=cache,  # type: ignore[arg-type]
+                                   library_name="m2ist", library_version=__version__)
+        except RevisionNotFoundError:
+            if candidate is None:
+                return
+            continue  # a new branch: it starts from main, whose card is the one to update
+        except (RemoteEntryNotFoundError, RepositoryNotFoundError):  # no card or no repo yet: written fresh
+            return
+        except (*_TRANSPORT_ERRORS, OSError) as error:  # HfHubHTTPError and LocalEntryNotFoundError are OSErrors
+            status = getattr(getattr(error, "response", None), "status_code", None)
+            if isinstance(error, HfHubHTTPError) and status in (401, 403):
+                raise PermissionError(
+                    f"The Hub refused to let this token read the model card ({CARD_NAME}) of '{repo_id}' (HTTP "
+                    f"{status}), which the push updates: {_LOGIN_HINT} with a token that may read and write the repo; "
+                    "no commit was made."
+                ) from error
+            why = ("offline mode is on (HF_HUB_OFFLINE=1): unset it to push" if constants.HF_HUB_OFFLINE else
+                   f"{type(error).__name__}: {' '.join(str(error).split())[:300] or 'no answer'}")
+            raise ConnectionError(
+                f"Cannot read the model card ({CARD_NAME}) of '{repo_id}' on "
+                f"{endpoint or constants.ENDPOINT}, which the push updates (its text and metadata are kept): {why}. "
+                "Check the endpoint and the network, then push again; no commit was made."
+            ) from error
+        shutil.copyfile(card, folder / CARD_NAME)
         return
-    shutil.copyfile(card, folder / CARD_NAME)
 
 
 def resolve_pretrained(

@@ -1075,7 +1075,7 @@ class RECTrainer(Trainer):
                 write_results(results, folder / EVAL_RESULTS_NAME)
             if self.processing_class is not None and hasattr(self.processing_class, "save_pretrained"):
                 self.processing_class.save_pretrained(folder)
-            torch.save(self.args, folder / TRAINING_ARGS_NAME)
+            torch.save(_without_secrets(self.args), folder / TRAINING_ARGS_NAME)
             (folder / RUN_SETTINGS_NAME).write_text(json.dumps(run_settings(self), indent=2, sort_keys=True,
                                                                default=str) + "\n", encoding="utf-8")
 
@@ -1235,6 +1235,17 @@ class RECTrainer(Trainer):
         logger.info("Loading the best checkpoint %s (%s=%s).", self.state.best_model_checkpoint,
                     self.args.metric_for_best_model, self.state.best_metric)
         load_trainable_tensors(self.accelerator.unwrap_model(self.model), self.state.best_model_checkpoint)
+
+
+def _without_secrets(args: TrainingArguments) -> TrainingArguments:
+    """A copy of ``args`` without the Hub token: ``training_args.bin`` is pickled as it is, kept in every checkpoint
+    and uploaded with it (``hub_strategy="checkpoint"``), so the token would be readable by anyone who can read the
+    folder or the repo."""
+    if getattr(args, "hub_token", None) is None:
+        return args
+    kept = copy.copy(args)
+    kept.hub_token = None
+    return kept
 
 
 def _advance_schedule(scheduler: Any, steps: int) -> None:
