@@ -313,6 +313,12 @@ def test_transvg_dataset_and_split_are_inferred_and_folders_resolved(tmp_path):
     assert _close(inferred.box, (0, 0, 2, 2))  # xywh
     (from_root,) = load_transvg_split(tmp_path / "split", "gref_umd", split="val")
     assert from_root.box == inferred.box
+    for spelling in ("validation", "VAL", "dev"):  # one split, every spelling (as for refer and Hub data)
+        (aliased,) = load_transvg_split(tmp_path / "split", "gref_umd", split=spelling)
+        assert aliased.box == inferred.box
+    torch.save([("b.jpg", "b.pth", [0, 0, 4, 4], "other", [])], tmp_path / "split" / "unc_testA.pth")
+    (test_a,) = load_transvg_split(tmp_path / "split", "unc", split="testa")
+    assert test_a.expression == "other"
     with pytest.raises(FileNotFoundError, match=r"gref_umd_test\.pth"):
         load_transvg_split(tmp_path / "split", "gref_umd", split="test")
 

@@ -18,6 +18,7 @@ Image roots used by TransVG: COCO ``train2014`` (unc, unc+, gref, gref_umd), ``r
 from __future__ import annotations
 
 import contextlib
+import glob
 import pickle
 import zipfile
 from os import PathLike
@@ -27,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from m2ist.data.loaders import boxes_to_xyxy, join_image_path, parse_box
+from m2ist.data.loaders import boxes_to_xyxy, canonical_split, join_image_path, parse_box
 from m2ist.data.sample import RECSample
 
 __all__ = ["TRANSVG_DATASETS", "load_transvg_split"]
@@ -69,6 +70,11 @@ def _resolve_file(path: Path, dataset: str | None, split: str | None) -> Path:
         for candidate in (path / dataset / f"{dataset}_{split}.pth", path / f"{dataset}_{split}.pth"):
             if candidate.is_file():
                 return candidate
+        for folder in (path / dataset, path):  # another spelling of the split: testa for testA, validation for val
+            spelled = [file for file in sorted(folder.glob(f"{glob.escape(dataset)}_*.pth"))
+                       if canonical_split(file.stem[len(dataset) + 1:]) == canonical_split(split)]
+            if spelled:
+                return spelled[0]
         present = sorted(str(p.relative_to(path)) for p in path.rglob("*.pth"))[:20]
         raise FileNotFoundError(
             f"No {dataset}_{split}.pth under {path} (looked in {path / dataset} and {path}); found: {present or 'none'}."
