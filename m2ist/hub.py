@@ -44,7 +44,7 @@ from .config import CONFIG_NAME
 from .save_and_load import ADAPTER_FILES, WEIGHTS_NAME, adapter_name_problem, foreign_model_files, owned_entries
 from .version import __version__
 
-__all__ = ["ADAPTER_PATTERNS", "IGNORED_PATTERNS", "PretrainedNotFoundError", "push_folder_to_hub", "push_to_hub",
+__all__ = ["ADAPTER_PATTERNS", "IGNORED_PATTERNS", "PretrainedNotFoundError", "full_repo_id", "push_folder_to_hub", "push_to_hub",
            "resolve_pretrained"]
 
 #: What a push uploads by default: an adapter's own files (config, weights, card, processor, tokenizer), at the top
@@ -255,6 +255,20 @@ def _stage(folder: Path, selected: Sequence[str], staging: Path, repo_id: str) -
             shutil.copy2(source, target)
 
 
+def full_repo_id(repo_id: str, *, token: str | None = None, endpoint: str | None = None) -> str:
+    """``repo_id`` with its namespace: a bare name is the token's user's repo (as ``create_repo`` places it), so the
+    card read before a push, the card's usage snippet and the push itself all name the same repo."""
+    if not isinstance(repo_id, str) or "/" in repo_id:
+        return repo_id
+    try:
+        user = HfApi(endpoint=endpoint, token=token).whoami()["name"]
+    except (*_TRANSPORT_ERRORS, OSError, KeyError, TypeError) as error:
+        raise ValueError(f"Cannot tell whose repo {repo_id!r} is ({type(error).__name__}: "
+                         f"{' '.join(str(error).split())[:200]}): give the repo id with its namespace "
+                         f"('your-name/{repo_id}'); no commit was made.") from None
+    return f"{user}/{repo_id}"
+
+
 def push_to_hub(save_fn: Callable[[Path], object], repo_id: str, **push_kwargs: object) -> CommitInfo:
     """Call `save_fn(folder)` on a fresh temporary folder, then `push_folder_to_hub(folder, repo_id, **push_kwargs)`.
 
@@ -262,6 +276,7 @@ def push_to_hub(save_fn: Callable[[Path], object], repo_id: str, **push_kwargs: 
     an existing card (as `SideTunedModel.save_pretrained` does) keeps the text and metadata written on the Hub.
     `SideTunedModel.push_to_hub` uses this with its own `save_pretrained`. Returns the `CommitInfo` (the commit URL).
     """
+    repo_id = full_repo_id(repo_id, token=push_kwargs.get("token"), endpoint=push_kwargs.get("endpoint"))  # type: ignore[arg-type]
     with tempfile.TemporaryDirectory(prefix="m2ist-push-") as tmp:
         folder = Path(tmp) / "adapter"
         folder.mkdir()

@@ -1268,8 +1268,9 @@ class SideTunedModel(RECModel):
         deleted, with a warning naming the adapters. ``selected_adapters`` pushes only those (and the processor, when
         the model has one) and keeps the repo's other adapters, as ``save_pretrained(selected_adapters=...)`` keeps
         a folder's; the card is updated only when ``"default"`` (the root adapter) is pushed."""
-        from .hub import push_to_hub
+        from .hub import full_repo_id, push_to_hub
 
+        repo_id = full_repo_id(repo_id, token=token, endpoint=endpoint)  # the card names the repo as it loads
         names = None if selected_adapters is None else self._selected(selected_adapters)
         push: dict[str, Any] = {}
         if names is not None:  # upload, and delete stale files, only within the selected adapters' own files

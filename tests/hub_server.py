@@ -3,6 +3,7 @@
 `huggingface_hub` talks plain HTTP to its endpoint, so a small stdlib server on 127.0.0.1 that answers the few
 routes the client uses is enough to test push / pull round trips without the network:
 
+- `HfApi.whoami`: `GET /api/whoami-v2` (needs `token`; the user is `me`)
 - `HfApi.create_repo` / `delete_repo`: `POST /api/repos/create`, `DELETE /api/repos/delete`
 - `HfApi.create_branch`: `POST /api/{type}s/{repo}/branch/{branch}`
 - `HfApi.upload_folder` / `create_commit`: `POST /api/validate-yaml` (when README.md is uploaded),
@@ -148,6 +149,7 @@ class LocalHub:
         self, *, max_lifetime_s: float = 300.0, max_body_bytes: int = 64 * 1024 * 1024, token: str | None = None
     ) -> None:
         self.token = token
+        self.user = "me"  # whoami's answer for the token
         self.max_lifetime_s = max_lifetime_s
         self.max_body_bytes = max_body_bytes
         self.repos: dict[tuple[str, str], HubRepo] = {}
@@ -332,6 +334,10 @@ class LocalHub:
         self, method: str, seg: list[str], query: dict[str, str], body: bytes, *, authorized: bool
     ) -> tuple[int, dict, bytes]:
         if seg[:1] == ["api"]:
+            if seg[1:] == ["whoami-v2"] and method == "GET":  # the token's user: its namespace
+                if not authorized or self.token is None:
+                    raise _HubError(401, "Invalid credentials in Authorization header")
+                return _ok({"name": self.user, "type": "user", "orgs": []})
             if seg[1:3] == ["repos", "create"] and method == "POST":
                 return self._api_create_repo(_json(body))
             if seg[1:3] == ["repos", "delete"] and method == "DELETE":

@@ -107,3 +107,19 @@ def test_the_hub_token_is_never_written_into_training_args(tmp_path) -> None:
     for file in files:
         assert b"hf_secret_token_for_the_test" not in file.read_bytes()
     assert trainer.args.hub_token == "hf_secret_token_for_the_test"  # the run itself keeps it
+
+
+secured_hub = hub_fixture(name="secured_hub", max_lifetime_s=120, token="hf_test_token")
+
+
+def test_a_bare_repo_name_is_the_token_users_repo(secured_hub: LocalHub, model) -> None:
+    """``push_to_hub("m")`` lands in ``<user>/m``: the card read before the push (so the user's edits are kept) and the
+    card's usage snippet must name that repo, not ``m``."""
+    model.push_to_hub("m", endpoint=secured_hub.url, token="hf_test_token")
+    card = secured_hub.files("me/m")["README.md"].decode()
+    assert 'from_pretrained("me/m"' in card or "from_pretrained('me/m'" in card
+    _edit_card(secured_hub, "me/m")
+    model.push_to_hub("m", endpoint=secured_hub.url, token="hf_test_token")
+    assert "Trained with care." in secured_hub.files("me/m")["README.md"].decode()  # kept, not a fresh card
+    with pytest.raises(ValueError, match=r"Cannot tell whose repo 'm' is .*'your-name/m'"):
+        model.push_to_hub("m", endpoint=secured_hub.url, token="wrong")
