@@ -405,13 +405,14 @@ class RECProcessor(ProcessorMixin):
     for older m2ist versions); ``AutoProcessor.from_pretrained(folder)`` finds it once ``m2ist`` is imported.
 
     Args:
-        tokenizer: a Hugging Face tokenizer of the text tower (adds ``[CLS]``/``[SEP]`` itself).
+        tokenizer: a Hugging Face tokenizer of the text tower; it adds its own special tokens (BERT's ``[CLS]``/
+            ``[SEP]``, Llama's BOS, none for GPT-2): the processor adds none.
         image_processor: a :class:`RECImageProcessor`; by default one built from ``canvas_size``, ``image_mean``
             and ``image_std``.
         image_mean: per-channel mean of the vision tower's normalisation (values in [0, 1]; ImageNet's by default).
         image_std: per-channel standard deviation of that normalisation.
         canvas_size: side ``S`` of the square padded canvas (640 in TransVG).
-        max_query_len: token length of every phrase, ``[CLS]`` and ``[SEP]`` included (20; 40 for RefCOCOg).
+        max_query_len: token length of every phrase, the tokenizer's special tokens included (20; 40 for RefCOCOg).
         lowercase: lower-case phrases before tokenising.
         augment: training augmentations, applied when called with ``train=True``.
     """
@@ -615,7 +616,7 @@ class RECProcessor(ProcessorMixin):
             _warned_truncation = True
             index, length = cut[0]
             logger.warning(
-                "Phrase %d %r has %d tokens but max_query_len=%d keeps only the first %d ([CLS] and [SEP] included): its "
+                "Phrase %d %r has %d tokens but max_query_len=%d keeps only the first %d (special tokens included): its "
                 "last words are not read "
                 "(%d of %d phrases in this batch are cut). Raise max_query_len (TransVG uses 40 for RefCOCOg) or "
                 "shorten the phrases; this warning is shown once.",

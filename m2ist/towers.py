@@ -303,7 +303,63 @@ class Tower:
             self._count_tokens(override)
         if self.spec.layers and not self.layers:
             self.layers = self._call_order(find_layers(model, self.spec), probe_inputs)
+        self.fixed_length: int | None = None  # set for a text tower that reads its padding (see _check_padding)
+        self.pad_id = 0
+        self._check_padding(probe_inputs)
         self._install_hooks()
+
+    def _check_padding(self, probe_inputs: dict[str, torch.Tensor] | None) -> None:
+        """Find whether a text tower reads its padding: a phrase's final tokens change when padding (other token
+        ids, masked out) follows it. FNet mixes every position by Fourier transform and has no attention mask;
+        ConvBERT's convolutions span the padding. Such a tower is then fed every phrase at the probe's length
+        (``max_query_len``, the length the processor pads to) with its own pad id in every masked place
+        (:meth:`_fixed_inputs`), so a phrase's features never depend on how far, or with what, it was padded."""
+        if self.modality != TEXT or probe_inputs is None or probe_inputs["input_ids"].shape[1] < 2:
+            return
+        ids = probe_inputs["input_ids"][:1]
+        length, keep = ids.shape[1], max(1, ids.shape[1] // 2)
+        pad = getattr(self.model.config, "pad_token_id", None)
+        self.pad_id = int(pad) if isinstance(pad, int) and pad >= 0 else 0
+        other = ids[:, keep:].flip(1)  # padding that is not the pad token: a tower honouring its mask ignores it
+        mask = torch.ones_like(ids)
+        mask[:, keep:] = 0
+        with torch.no_grad():
+            try:
+                padded = self._run({"input_ids": torch.cat([ids[:, :keep], other], 1), "attention_mask": mask},
+                                   False)[0]
+            except Exception as error:  # every batch of phrases of different lengths would fail like this
+                first_line = (str(error).splitlines() or [""])[0]
+                raise ValueError(self.refusal(f"its forward fails on a padded phrase (an attention mask with zeros: "
+                                              f"{type(error).__name__}: {first_line}), and the processor pads every "
+                                              "phrase to max_query_len; use a tower that takes padded text")) from None
+            try:
+                short = self._run({"input_ids": ids[:, :keep], "attention_mask": mask[:, :keep]}, False)[0]
+            except Exception as error:  # a tower built for one sequence length (Nystromformer's segments)
+                short, why = None, f"it fails on a shorter phrase ({type(error).__name__})"
+        if short is not None:
+            short, padded = short.float(), padded[:, :keep].float()
+            tolerance = (2e-2 if self.dtype in HALF_PRECISION else 1e-4) * max(1.0, short.abs().max().item())
+            change = (short - padded).abs().max().item()
+            if not change > tolerance:  # NaN counts as a change
+                return
+            why = f"a phrase's features change by {change:.3g} when padding follows it"
+        self.fixed_length = length
+        logger.warning("The text tower %s reads the padding after a phrase (%s): m2ist feeds it every phrase padded "
+                       "to %d tokens (max_query_len) with pad id %d (config.pad_token_id) in every masked place, so a "
+                       "phrase's features do not depend on its padding.", type(self.model).__name__, why, length,
+                       self.pad_id)
+
+    def _fixed_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``input_ids`` and mask of a tower that reads its padding, at ``fixed_length`` with the pad id in every
+        masked place (see :meth:`_check_padding`)."""
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(input_ids.dtype)
+        ids = torch.where(mask.bool(), input_ids, torch.full_like(input_ids, self.pad_id))
+        extra = (self.fixed_length or 0) - ids.shape[1]
+        if extra > 0:
+            ids = F.pad(ids, (0, extra), value=self.pad_id)
+            mask = F.pad(mask, (0, extra), value=0)
+        return ids, mask
 
     def _count_tokens(self, override: dict[str, Any] | None) -> None:
         """Prefix / suffix token counts: the override, else the spec, else the tower's token parameters."""
@@ -498,10 +554,12 @@ class Tower:
     def _run(self, inputs: dict[str, torch.Tensor], hidden_states: bool) -> tuple[torch.Tensor, torch.Tensor, Any]:
         """Forward the tower; return tokens ``(B, N, C)`` in canonical order, mask ``(B, N)`` and the raw output."""
         if self.modality == TEXT:
-            out = self._call(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"),
-                             output_hidden_states=hidden_states or None, use_cache=False)
+            input_ids, mask = inputs["input_ids"], inputs.get("attention_mask")
+            if getattr(self, "fixed_length", None) is not None:  # a tower that reads its padding: one fixed length
+                input_ids, mask = self._fixed_inputs(input_ids, mask)
+            out = self._call(input_ids=input_ids, attention_mask=mask, output_hidden_states=hidden_states or None,
+                             use_cache=False)
             tokens = out.last_hidden_state
-            mask = inputs.get("attention_mask")
             mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device) if mask is None else mask.bool()
             return tokens, mask, out
         pixel_values = inputs["pixel_values"].to(self.dtype)
