@@ -179,6 +179,10 @@ TEXT_FAMILIES: list[Family] = [
     Family("qwen3", _text(T.Qwen3Config, T.Qwen3Model, **_DECODER, head_dim=16), last_state_normed=True),
     Family("gemma", _text(T.GemmaConfig, T.GemmaModel, **_DECODER, head_dim=16), last_state_normed=True),
     Family("phi", _text(T.PhiConfig, T.PhiModel, **_DECODER), last_state_normed=True),
+    Family("fnet", _text(T.FNetConfig, T.FNetModel)),  # reads its padding: fed at max_query_len
+    Family("convbert", _text(T.ConvBertConfig, T.ConvBertModel, embedding_size=H)),  # its convolutions too
+    Family("nystromformer", _text(T.NystromformerConfig, T.NystromformerModel, num_landmarks=4, segment_means_seq_len=8),
+           refused="fails on a padded phrase", overridable=False),
     Family("funnel", lambda: T.FunnelModel(T.FunnelConfig(vocab_size=VOCAB, block_sizes=[1, 1], d_model=H, n_head=A,
                                                           d_head=16, d_inner=F)),
            refused="changes its sequence length between layers", overridable=False),
