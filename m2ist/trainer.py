@@ -620,6 +620,8 @@ class RECTrainer(Trainer):
         self._augmentation_started = False
         #: the sizes of the batches of the current gradient accumulation window (see ``get_batch_samples``)
         self._window_sizes: list[int] | None = None
+        #: per-sample evaluation losses gathered from every process (see ``evaluation_loop``; None: not collected)
+        self._sample_losses: list[torch.Tensor] | None = None
         self.tower_cache: TowerFeatureCache | None = None
         if args.tower_cache != "off":
             data_collator, self.eval_data_collator = self._caching_collators(model, args, data_collator,
@@ -1023,6 +1025,35 @@ class RECTrainer(Trainer):
         self._evaluated_weights[self.state.global_step] = tensors_sha256(trainable_tensors(model))
         return metrics
 
+    def evaluation_loop(self, dataloader, description: str, prediction_loss_only: bool | None = None,
+                        ignore_keys: list[str] | None = None, metric_key_prefix: str = "eval"):
+        """``Trainer.evaluation_loop``; on several processes the reported loss is the mean over exactly the set's
+        samples. (The Trainer averages each rank's per-batch mean loss, and the distributed sampler pads the last
+        batches with repeated samples: a set whose size is not a multiple of processes x batch size would count
+        those repeats.) The per-sample losses are gathered without the repeats, as the predictions are."""
+        self._sample_losses = [] if self.args.world_size > 1 else None
+        try:
+            output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
+                                             metric_key_prefix)
+            if self._sample_losses:
+                losses = torch.cat(self._sample_losses).double()
+                losses = losses[torch.isfinite(losses)]  # as the Trainer's mean of the batch losses
+                if losses.numel() and f"{metric_key_prefix}_loss" in output.metrics:
+                    output.metrics[f"{metric_key_prefix}_loss"] = float(losses.mean())
+        finally:
+            self._sample_losses = None
+        return output
+
+    def _gathered_sample_losses(self, model: nn.Module, outputs: Any, labels: torch.Tensor) -> torch.Tensor:
+        """Each sample's loss (the model's loss of a batch of one), gathered from every process without the
+        samples the distributed sampler repeated."""
+        config = self.accelerator.unwrap_model(model).config
+        boxes, patch_logits = outputs["pred_boxes"].detach(), outputs.get("patch_logits")
+        per_sample = torch.stack([rec_loss(boxes[i:i + 1], labels[i:i + 1].to(boxes.device), config,
+                                           None if patch_logits is None else patch_logits[i:i + 1].detach())["loss"]
+                                  for i in range(boxes.shape[0])]).float()
+        return self.accelerator.gather_for_metrics(per_sample).cpu()
+
     def predict(self, test_dataset: Dataset, ignore_keys: list[str] | None = None, metric_key_prefix: str = "test"):
         """``Trainer.predict``, refusing an empty dataset (which would return no predictions and no metrics)."""
         _refuse_empty_sets({metric_key_prefix: test_dataset})
@@ -1045,6 +1076,8 @@ class RECTrainer(Trainer):
         with torch.no_grad(), self.compute_loss_context_manager():
             outputs = model(**inputs)
         loss = outputs["loss"].detach().mean() if labels is not None else None
+        if self._sample_losses is not None and labels is not None:
+            self._sample_losses.append(self._gathered_sample_losses(model, outputs, labels))
         if prediction_loss_only:
             return loss, None, None
         pred_boxes = outputs["pred_boxes"].detach().float()

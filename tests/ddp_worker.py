@@ -2,6 +2,8 @@
 
 As a script (``torchrun --nproc_per_node 2 tests/ddp_worker.py OUT_DIR STEPS``) every rank trains the same tiny
 M²IST model with a per-device batch of 2 and writes its side + head tensors to ``OUT_DIR/rank{rank}.safetensors``.
+With ``eval:COUNT`` in place of ``STEPS`` every rank evaluates the untrained model on ``COUNT`` samples instead and
+writes its metrics (``full``, and ``loss_only`` with ``prediction_loss_only``) to ``OUT_DIR/rank{rank}.json``.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script by torchrun
     sys.path.insert(0, str(REPO))
 
+from m2ist.data.collator import RECCollator  # noqa: E402
 from m2ist.data.dataset import RECDataset  # noqa: E402
 from m2ist.data.sample import RECSample  # noqa: E402
 from m2ist.model import get_side_tuned_model  # noqa: E402
@@ -104,5 +107,32 @@ def main(out_dir: str, steps: str) -> None:
     trainer.end()
 
 
+def evaluate_main(out_dir: str, count: str) -> None:
+    """Evaluate the untrained tiny model on ``count`` samples on two ranks (per-device batch 2), with all metrics
+    and with ``prediction_loss_only``, and write each rank's metrics to ``OUT_DIR/rank{rank}.json``."""
+    import json
+
+    from m2ist.trainer import RECTrainer, RECTrainingArguments
+
+    out = Path(out_dir)
+    args = RECTrainingArguments(output_dir=str(out / "run"), use_cpu=True, per_device_eval_batch_size=2,
+                                report_to="none", disable_tqdm=True, dataloader_num_workers=0, ddp_backend="gloo")
+    processor = make_processor(out / f"tokenizer-rank{os.environ.get('RANK', '0')}")
+    trainer = RECTrainer(make_model(fusion_dropout=0.0), args, data_collator=RECCollator(processor),
+                         eval_dataset=make_dataset(int(count), seed=3))
+    assert trainer.args.world_size == 2, trainer.args.world_size
+    metrics = {"full": trainer.evaluate()}
+    trainer.args.prediction_loss_only = True
+    metrics["loss_only"] = trainer.evaluate()
+    (out / f"rank{trainer.args.process_index}.json").write_text(json.dumps(metrics), encoding="utf-8")
+    torch.distributed.barrier()
+    time.sleep(0.2)  # as in main()
+    trainer.end()
+
+
 if __name__ == "__main__":
-    main(*sys.argv[1:3])
+    # ``torchrun ... ddp_worker.py OUT_DIR STEPS`` trains; ``torchrun ... ddp_worker.py OUT_DIR eval:COUNT`` evaluates
+    if sys.argv[2].startswith("eval:"):
+        evaluate_main(sys.argv[1], sys.argv[2].removeprefix("eval:"))
+    else:
+        main(*sys.argv[1:3])
