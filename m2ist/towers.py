@@ -125,14 +125,37 @@ def resample_tokens(x: torch.Tensor, grid: tuple[int, int] | None, target: torch
     return torch.cat([leading, pooled], dim=1)
 
 
+def _task_model_base(model: nn.Module) -> nn.Module | None:
+    """The base model of a transformers task model (``BertForMaskedLM`` -> its ``BertModel``): the model ``AutoModel``
+    builds for its config, kept as ``base_model``; None for a base model itself (whose ``base_model`` may be a part of
+    it, DINOv3's encoder) or anything else."""
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING
+
+    config = getattr(model, "config", None)
+    try:
+        base_class = MODEL_MAPPING[type(config)]
+    except (KeyError, ValueError, TypeError, AttributeError):  # no base class registered for this config
+        return None
+    base = getattr(model, "base_model", None)
+    if isinstance(model, base_class) or not isinstance(base, base_class):
+        return None
+    return base
+
+
 def unwrap_tower(model: nn.Module, modality: str) -> nn.Module:
-    """The tower to tap inside ``model``: a PEFT model's base model, a dual encoder's (CLIPModel, SiglipModel, ...)
+    """The tower to tap inside ``model``: a PEFT model's base model, a task model's (``BertForMaskedLM``,
+    ``DetrForObjectDetection``, ``LlamaForCausalLM``) base model, a dual encoder's (CLIPModel, SiglipModel, ...)
     ``vision_model`` or ``text_model``, an encoder-decoder's encoder (T5Model, BartModel); else ``model`` itself."""
     get_base_model = getattr(model, "get_base_model", None)
     if callable(get_base_model) and type(model).__module__.startswith("peft."):  # a PeftModel around the tower
         base = get_base_model()
         logger.info("%s wraps the %s tower: tapping its base model (%s).", type(model).__name__, modality,
                     type(base).__name__)
+        return unwrap_tower(base, modality)
+    base = _task_model_base(model)
+    if base is not None:
+        logger.info("%s is a task model: tapping its base model (%s) as the %s tower; its task head is not used.",
+                    type(model).__name__, type(base).__name__, modality)
         return unwrap_tower(base, modality)
     other = "text_model" if modality == VISION else "vision_model"
     inner = getattr(model, f"{modality}_model", None)

@@ -74,3 +74,24 @@ def test_tower_honouring_its_mask_is_fed_as_given(family: str) -> None:
     ids = torch.randint(5, VOCAB, (1, 5))
     out = model.text_tower.tap({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, [0], ["ffn"])
     assert out.tokens.shape[1] == 5
+
+
+def test_a_task_model_is_tapped_through_its_base_model() -> None:
+    """``BertForMaskedLM`` or ``ViTForImageClassification`` (a checkpoint's own class) were refused with "none of the
+    layer patterns matches"; their base model is the tower, as a PEFT model's is."""
+    mlm = T.BertForMaskedLM(T.BertConfig(**_LAYERS, num_attention_heads=2))
+    classifier = T.ViTForImageClassification(T.ViTConfig(hidden_size=32, num_hidden_layers=2, intermediate_size=64,
+                                                         num_attention_heads=2, image_size=32, patch_size=8,
+                                                         num_labels=3))
+    model = get_side_tuned_model(classifier, mlm, tiny_config(image_size=32))
+    assert model.text_model is mlm.bert and model.vision_model is classifier.vit
+
+
+def test_detr_for_object_detection_is_tapped_through_its_detr_model() -> None:
+    """facebook/detr-resnet-50's own class is DetrForObjectDetection: its DetrModel is the paper's vision tower."""
+    detector = T.DetrForObjectDetection(vision_tower("detr").config)
+    plain = get_side_tuned_model(vision_tower("detr"), T.BertModel(T.BertConfig(**_LAYERS, num_attention_heads=2)),
+                                 tiny_config())
+    model = get_side_tuned_model(detector, T.BertModel(T.BertConfig(**_LAYERS, num_attention_heads=2)), tiny_config())
+    assert model.vision_model is detector.model
+    assert model.tap_report()[0].layers == plain.tap_report()[0].layers
