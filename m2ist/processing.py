@@ -39,7 +39,7 @@ from transformers import (
 
 from m2ist.data.images import ImageLoadError, load_image
 from m2ist.data.loaders import box_values, has_visible_text
-from m2ist.data.transforms import RECAugmentation, resize_long_side
+from m2ist.data.transforms import RECAugmentation, is_flag, is_whole_number, resize_long_side
 from m2ist.ops.boxes import box_convert, clip_boxes
 from m2ist.save_and_load import PIPELINE, PROCESSOR_CONFIG_NAME
 
@@ -172,15 +172,14 @@ def _whole_number(name: str, value: Any, limits: tuple[int, int]) -> int:
     """``value`` as an int if it is a whole number within ``limits``; text, ``True``, ``7.9`` are refused (``int()``
     would read ``7.9`` as 7 and a config's ``"12"`` as 12 silently)."""
     low, high = limits
-    whole = isinstance(value, int | np.integer) or (isinstance(value, float | np.floating) and float(value).is_integer())
-    if isinstance(value, bool | np.bool_) or not whole or not low <= int(value) <= high:
+    if not is_whole_number(value) or not low <= int(value) <= high:
         raise ValueError(f"{name} must be a whole number from {low} to {high}, got {value!r}.")
     return int(value)
 
 
 def _flag(name: str, value: Any) -> bool:
     """``value`` if it is a boolean: ``bool("false")`` is ``True``."""
-    if not isinstance(value, bool | np.bool_):
+    if not is_flag(value):
         raise ValueError(f"{name} must be true or false, got {value!r}.")
     return bool(value)
 

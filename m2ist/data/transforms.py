@@ -187,16 +187,20 @@ _JITTER_ENHANCERS = {
 }
 
 
-def _is_bool(value: Any) -> bool:
+def is_flag(value: Any) -> bool:
+    """Whether ``value`` is a boolean (Python's or numpy's): ``bool("false")`` is ``True``, so nothing else is one."""
     return isinstance(value, bool | np.bool_)
 
 
+def is_whole_number(value: Any) -> bool:
+    """Whether ``value`` is a whole number: an integer or an integral float (numpy's too), never a boolean or text
+    (``int()`` would read ``7.9`` as 7 and ``"12"`` as 12)."""
+    whole = isinstance(value, int | np.integer) or (isinstance(value, float | np.floating) and float(value).is_integer())
+    return whole and not is_flag(value)
+
+
 def _is_real(value: Any) -> bool:
-    return isinstance(value, numbers.Real) and not _is_bool(value)
-
-
-def _is_whole(value: Any) -> bool:
-    return _is_real(value) and float(value).is_integer()
+    return isinstance(value, numbers.Real) and not is_flag(value)
 
 
 def _check_probability(name: str, value: float) -> None:
@@ -271,24 +275,24 @@ class RECAugmentation:
             raise ValueError(f"RECAugmentation {name} must be {expected}, got {getattr(self, name)!r}.")
 
         for name in ("random_resize", "random_crop", "color_jitter", "hflip", "random_placement"):
-            if not _is_bool(getattr(self, name)):
+            if not is_flag(getattr(self, name)):
                 fail(name, "true or false")
             setattr(self, name, bool(getattr(self, name)))  # numpy's: to_dict() must stay JSON
         for name in ("crop_p", "jitter_p", "hflip_p", "crop_min_fraction"):
             if not _is_real(getattr(self, name)):
                 fail(name, "a number")
             setattr(self, name, float(getattr(self, name)))
-        if not _is_whole(self.resize_reference_size):
+        if not is_whole_number(self.resize_reference_size):
             fail("resize_reference_size", "a whole number of pixels")
         choices = self.resize_choices
-        if isinstance(choices, str) or not isinstance(choices, Iterable) or not all(_is_whole(v) for v in choices):
+        if isinstance(choices, str) or not isinstance(choices, Iterable) or not all(is_whole_number(v) for v in choices):
             fail("resize_choices", "a list of whole numbers of pixels")
         jitter = self.jitter
         if isinstance(jitter, str) or not isinstance(jitter, Iterable) or len(list(jitter)) != 2 \
                 or not all(_is_real(v) for v in jitter):
             fail("jitter", "a (low, high) pair of numbers")
         if self.seed is not None:
-            if _is_bool(self.seed) or not isinstance(self.seed, numbers.Integral):
+            if is_flag(self.seed) or not isinstance(self.seed, numbers.Integral):
                 fail("seed", "a whole number or null")
             self.seed = int(self.seed)  # numpy integers are not seeds random.Random takes
 
