@@ -19,7 +19,7 @@ from torch import nn
 
 from .config import M2ISTConfig
 
-__all__ = ["commit_of", "tower_class", "tower_identity"]
+__all__ = ["commit_of", "same_tower_name", "tower_class", "tower_identity"]
 
 logger = logging.getLogger(__name__)
 
@@ -174,6 +174,16 @@ def _load_tower(config: M2ISTConfig, modality: str, trust_remote_code: bool, hub
     return cls.from_pretrained(folder, trust_remote_code=trust_remote_code, **({"dtype": getattr(torch, dtype)} if dtype else {}))
 
 
+def same_tower_name(name: str, recorded: str | None) -> bool:
+    """Whether the tower ``name`` is the recorded one by name: the same Hub id, or the same local folder."""
+    if not recorded:
+        return False
+    if name == recorded:
+        return True
+    mine, theirs = Path(name).expanduser(), Path(recorded).expanduser()
+    return mine.exists() and theirs.exists() and mine.resolve() == theirs.resolve()
+
+
 def _warn_if_other_tower(saved: M2ISTConfig, modality: str, name: str | None, commit: str | None, *,
                          adapter: Any) -> None:
     """Warn when the tower given for ``modality`` is not the one the adapter recorded: another commit when both
@@ -184,8 +194,7 @@ def _warn_if_other_tower(saved: M2ISTConfig, modality: str, name: str | None, co
     if commit and recorded_commit:
         other = commit != recorded_commit
     else:
-        other = name != recorded and not (Path(name).exists() and Path(recorded).exists()
-                                          and Path(name).resolve() == Path(recorded).resolve())
+        other = not same_tower_name(name, recorded)
     if other:
         logger.warning("The adapter %s was trained on the %s tower %r%s, but the one given is %r%s. It has the same "
                        "architecture, so it loads, but the boxes may differ: pass the tower the adapter was trained on "

@@ -67,6 +67,7 @@ def load_adapter(settings: Mapping[str, Mapping[str, Any]]):
     """``(model, processor)`` from ``model.adapter`` (+ optional tower and processor overrides)."""
     from m2ist.model import SideTunedModel
     from m2ist.processing import PROCESSOR_CONFIG_NAME, RECProcessor
+    from m2ist.provenance import same_tower_name
 
     model_settings = settings["model"]
     adapter = model_settings.get("adapter")
@@ -85,7 +86,7 @@ def load_adapter(settings: Mapping[str, Mapping[str, Any]]):
         name = model_settings.get(f"{modality}_model")
         if not name:
             continue
-        if not model_settings.get(f"{modality}_revision") and _same_tower(name, recorded.get(modality)):
+        if not model_settings.get(f"{modality}_revision") and same_tower_name(name, recorded.get(modality)):
             # the name the adapter records (a training config's towers, `--config refcoco`): its pinned commit
             info(f"The {modality} tower {name} is the one the adapter records: loading it at the recorded commit")
             continue
@@ -120,15 +121,6 @@ def _recorded_towers(adapter: str) -> dict[str, str]:
     return {modality: name for modality in ("vision", "text")
             if (name := getattr(config, f"{modality}_model_name_or_path", None))}
 
-
-def _same_tower(name: str, recorded: str | None) -> bool:
-    """Whether the tower ``name`` is the recorded one: the same Hub id, or the same local folder."""
-    if not recorded:
-        return False
-    if name == recorded:
-        return True
-    mine, theirs = Path(name).expanduser(), Path(recorded).expanduser()
-    return mine.exists() and theirs.exists() and mine.resolve() == theirs.resolve()
 
 def _warn_if_not_the_adapters_processor(own: Any, given: Any, adapter: str, source: str) -> None:
     """``--processor`` replaces the processor saved with the adapter: warn, naming each setting, when it prepares
