@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 
 import numpy as np
@@ -88,6 +89,47 @@ def test_heldout_pairs_are_never_train_or_val_targets_and_are_the_compositional_
         assert (target["shape"], target["colour"]) in heldout
         assert sample.metadata["heldout_target"] is True
         assert target["shape"] in sample.expression and target["colour"] in sample.expression
+
+
+def _pairs_drawn(samples) -> set[tuple[str, str]]:
+    return {(obj.shape, obj.colour) for s in samples for obj in Scene.from_dict(s.metadata["scene"]).objects}
+
+
+def test_heldout_pairs_are_never_drawn_outside_the_compositional_split(benchmark):
+    """CLEVR-CoGenT's design: a held-out pair is neither named nor seen in training images (nor in the other tests)."""
+    heldout = set(SyntheticRECConfig().heldout_pairs)
+    for name in ("train", "val", "test_attributes", "test_relations", "test_spatial"):
+        drawn = _pairs_drawn(benchmark[name])
+        assert not drawn & heldout, (name, drawn & heldout)
+    assert len(_pairs_drawn(benchmark["train"])) == 4 * 5 - len(heldout)  # every other pair still appears
+    assert _pairs_drawn(benchmark["test_compositional"]) & heldout == heldout
+
+
+def test_heldout_distractors_brings_back_the_earlier_benchmark():
+    config = SyntheticRECConfig(heldout_distractors=True)
+    heldout = set(config.heldout_pairs)
+    train = generate_split("train", 30, seed=3, config=config)
+    assert _pairs_drawn(train) & heldout  # seen as unnamed distractors
+    assert not {(s.metadata["target"]["shape"], s.metadata["target"]["colour"]) for s in train} & heldout
+    # byte for byte the split m2ist drew before held-out pairs left the training images (digest taken then)
+    pixels = b"".join(np.asarray(s.image).tobytes() for s in train)
+    assert hashlib.sha256(pixels).hexdigest()[:16] == "7e377e0dfaffd03a"
+    assert [s.expression for s in train[:3]] == [
+        "the purple shape left of the blue shape", "the large blue shape", "the small green diamond"]
+    assert SyntheticRECConfig.from_dict(config.to_dict()).heldout_distractors is True
+    with pytest.raises(ValueError, match="heldout_distractors must be True or False"):
+        SyntheticRECConfig(heldout_distractors="no")
+
+
+def test_excluded_pairs_are_never_drawn_and_cannot_exclude_everything():
+    config = SyntheticRECConfig(heldout_pairs=())
+    excluded = [(shape, colour) for shape in config.shapes for colour in config.colours if colour != "red"]
+    rng = np.random.default_rng(0)
+    for _ in range(10):
+        assert {obj.colour for obj in generate_scene(rng, config, excluded_pairs=excluded).objects} == {"red"}
+    everything = excluded + [(shape, "red") for shape in config.shapes]
+    with pytest.raises(ValueError, match="no \\(shape, colour\\) pair to draw"):
+        generate_scene(rng, config, excluded_pairs=everything)
 
 
 def _tight_box_of_colour(image: Image.Image, rgb: tuple[int, int, int], region: tuple[int, int, int, int]):

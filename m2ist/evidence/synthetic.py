@@ -18,10 +18,12 @@ Conventions:
   closer than the scene's tolerance count as a tie, so "the leftmost circle" is only generated when one circle
   is clearly further left than every other circle.
 * Compositional split: a fixed set of held-out ``(shape, colour)`` pairs (:attr:`SyntheticRECConfig.heldout_pairs`)
-  is never the target of a train/val expression and never named as a colour+shape phrase in a train/val
-  expression. Objects of a held-out pair may still appear in train/val *images* as unnamed distractors (the
-  pixels are seen, the language-to-object mapping is not). ``test_compositional`` expressions target only
-  held-out pairs and name both their colour and shape.
+  is never seen in training: no train/val expression targets or names one, and no train/val image holds one
+  (CLEVR-CoGenT's design; the scenes of the other test splits follow the training distribution too).
+  ``test_compositional`` expressions target only held-out pairs and name both their colour and shape. With
+  :attr:`SyntheticRECConfig.heldout_distractors` the held-out pairs may appear in those images as unnamed
+  distractors, as in m2ist's benchmark before the change: a model then also learns that such objects are never
+  the answer, which the compositional split punishes (see ``docs/benchmarks.md``).
 
 Everything is seeded: the same seed and config give byte-identical images and identical expressions and boxes.
 """
@@ -130,6 +132,9 @@ class SyntheticRECConfig:
         size_tolerance: differences of the box's longer side up to this many pixels count as ties.
         heldout_pairs: ``(shape, colour)`` pairs reserved for the compositional split; ``None`` picks
             :func:`default_heldout_pairs`.
+        heldout_distractors: let objects of a held-out pair appear, unnamed, in the images of the splits that
+            exclude held-out pairs (train, val and the other test splits). ``False`` (the default): a held-out
+            pair is seen only in ``test_compositional``, neither named nor drawn anywhere else.
         seed: the default seed of :func:`generate_split` and :func:`make_benchmark`.
     """
 
@@ -148,6 +153,7 @@ class SyntheticRECConfig:
     position_tolerance: float = 6.0
     size_tolerance: float = 6.0
     heldout_pairs: tuple[tuple[str, str], ...] | None = None
+    heldout_distractors: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -199,6 +205,8 @@ class SyntheticRECConfig:
                 )
         if len(set(self.heldout_pairs)) >= len(self.shapes) * len(self.colours):
             raise ValueError("heldout_pairs holds out every (shape, colour) pair: nothing is left to train on.")
+        if not isinstance(self.heldout_distractors, bool):
+            raise ValueError(f"heldout_distractors must be True or False, got {self.heldout_distractors!r}.")
 
     @property
     def size_range(self) -> tuple[int, int]:
@@ -360,6 +368,7 @@ def generate_scene(
     config: SyntheticRECConfig | None = None,
     *,
     required_pair: tuple[str, str] | None = None,
+    excluded_pairs: Iterable[tuple[str, str]] = (),
     with_instance_map: bool = False,
 ) -> Scene:
     """Draw and render one scene.
@@ -368,6 +377,8 @@ def generate_scene(
         rng: the source of randomness (``numpy.random.default_rng(seed)``); the scene depends on nothing else.
         config: what scenes look like (defaults to :class:`SyntheticRECConfig()`).
         required_pair: a ``(shape, colour)`` the scene must contain (the first object is given it).
+        excluded_pairs: ``(shape, colour)`` pairs no other object may have; the others are drawn uniformly from
+            the remaining pairs.
         with_instance_map: also return the per-pixel object index map (``Scene.instance_map``).
 
     Returns:
@@ -376,6 +387,10 @@ def generate_scene(
     config = config or SyntheticRECConfig()
     if required_pair is not None and (required_pair[0] not in config.shapes or required_pair[1] not in config.colours):
         raise ValueError(f"required_pair {required_pair!r} is not made of the configured shapes and colours.")
+    excluded = set(excluded_pairs)
+    drawable = [pair for pair in itertools.product(config.shapes, config.colours) if pair not in excluded]
+    if not drawable:
+        raise ValueError("excluded_pairs leaves no (shape, colour) pair to draw.")
     lo, hi = config.size_range
     for _attempt in range(100):
         width, height = int(rng.integers(lo, hi + 1)), int(rng.integers(lo, hi + 1))
@@ -384,7 +399,9 @@ def generate_scene(
         for k in range(target_count):
             if k == 0 and required_pair is not None:
                 shape, colour = required_pair
-            else:
+            elif excluded:
+                shape, colour = drawable[int(rng.integers(len(drawable)))]
+            else:  # two draws, so scenes without exclusions stay those of earlier versions
                 shape = config.shapes[int(rng.integers(len(config.shapes)))]
                 colour = config.colours[int(rng.integers(len(config.colours)))]
             size = SIZES[int(rng.integers(2))]
@@ -737,6 +754,8 @@ def generate_split(
     if heldout == "only" and not heldout_pairs:
         raise ValueError("heldout='only' needs config.heldout_pairs to be non-empty.")
     ordered_heldout = sorted(heldout_pairs)
+    # a split that keeps held-out targets out keeps their objects out of its images too, unless told otherwise
+    excluded = heldout_pairs if heldout == "exclude" and not config.heldout_distractors else set()
 
     rng = _split_rng(seed, name)
     samples: list[RECSample] = []
@@ -744,7 +763,7 @@ def generate_split(
     image_index = 0
     while image_index < num_images:
         required = ordered_heldout[int(rng.integers(len(ordered_heldout)))] if heldout == "only" else None
-        scene = generate_scene(rng, config, required_pair=required)
+        scene = generate_scene(rng, config, required_pair=required, excluded_pairs=excluded)
 
         def allowed(target: int, spec: ExpressionSpec, scene: Scene = scene) -> bool:
             pair = (scene.objects[target].shape, scene.objects[target].colour)
