@@ -171,9 +171,14 @@ class BoxVoteReadout(nn.Module):
         if self.hops and text is None:
             raise ValueError("A vote readout with more than one hop needs the expression tokens (text, text_mask).")
         start = self.num_prefix_tokens
-        key_tokens = visual if key_tokens is None else key_tokens
-        visual, position, visual_mask = visual[:, start:], position[:, start:], visual_mask[:, start:]
-        keys = key_tokens[:, start:] + position
+
+        def patches(tokens: torch.Tensor) -> torch.Tensor:  # a split's backward fills zeros for the prefix alone
+            return tokens.split([start, tokens.shape[1] - start], dim=1)[1]
+
+        patch_tokens = patches(visual)
+        keys = patch_tokens if key_tokens is None or key_tokens is visual else patches(key_tokens)
+        visual, position, visual_mask = patch_tokens, position[:, start:], visual_mask[:, start:]
+        keys = keys + position
         logits = self._point(self.query, self.key, reg, keys, visual_mask)
         for hop in self.hops:
             reg = hop(reg, masked_pool(logits, visual_mask, keys), text, text_mask)
@@ -265,11 +270,14 @@ class RECHead(nn.Module):
             x = run_layer(self, index, layer, x, position, ~valid)
         x = self.final_norm(x)
         if self.box_votes is not None:
-            visual = x[:, 1 + text_len:]
+            # one split, not three slices: its backward concatenates the parts' gradients where three slices'
+            # would each fill a zero tensor of x's size and add them up (the same values; with the readout's
+            # own splits, about 20 ms less of the demo's 184 ms step on the tower cache, on 2 CPU cores)
+            reg, fused_text, visual = x.split([1, text_len, x.shape[1] - 1 - text_len], dim=1)
             keys = visual if self.vote_keys == "fused" else projected if self.vote_keys == "projected" \
                 else projected + visual
-            return HeadOutput(*self.box_votes(x[:, 0], visual, position[:, 1 + text_len:], vision_mask.bool(),
-                                              x[:, 1:1 + text_len], text_mask.bool(), key_tokens=keys))
+            return HeadOutput(*self.box_votes(reg[:, 0], visual, position[:, 1 + text_len:], vision_mask.bool(),
+                                              fused_text, text_mask.bool(), key_tokens=keys))
         return HeadOutput(self.box_mlp(x[:, 0]).sigmoid())
 
 
