@@ -33,10 +33,10 @@ DEMO_STEPS = 800
 DEMO_SIZES = {"train": 4000, "val": 150, "test_attributes": 150, "test_compositional": 150, "test_relations": 150,
               "test_spatial": 150}
 """The demo's schedule and data (images per split, two expressions each): 800 steps × 32 over 4,000 training
-scenes. With the vision tower shipped instead of pretrained in the run, the 5-minute budget affords 1.6× the
-scenes and 1.3× the steps of 2,500 / 600, which lift val from 81.0% to 85.0%, held-out pairs from 69.3% to 73.3%
-and spatial expressions from 74.0% to 75.3% (seed 0; +1.8, +6.2 and +2.3 points on average over three seeds,
-docs/benchmarks.md)."""
+scenes. With the vision tower shipped instead of pretrained in the run, the 5-minute budget
+affords 1.6× the scenes and 1.3× the steps of 2,500 / 600, which lifted val from 81.0% to 85.0%, held-out pairs
+from 69.3% to 73.3% and spatial expressions from 74.0% to 75.3% on the benchmark of the time (seed 0; +1.8, +6.2
+and +2.3 points on average over three seeds, docs/benchmarks.md)."""
 DEMO_HEAD = dict(fusion_layers=1, fusion_norm="pre", reg_init="text", box_readout="vote", vote_hops=2,
                  position_init="sincos")
 """The demo's head: one pre-norm fusion layer, an expression-conditioned [REG], visual positions that start from a
@@ -49,9 +49,10 @@ the uncached run (same losses, same accuracy) in 0.62 of its training time, wher
 cache (half the bytes, ``--tower-cache-dtype``) scored 9–11 points lower on spatial expressions (one seed each;
 docs/benchmarks.md)."""
 DEMO_SIDE_LEARNING_RATE = 1e-4
-"""The side network's learning rate in the demo (the head's is 1e-3): ten times lower than the head's keeps the
-side network from learning codes of the colour-shape pairs it was trained on (held-out pairs: 51% at 1e-3, 63–76%
-at 1e-4; docs/benchmarks.md)."""
+"""The side network's learning rate in the demo (the head's is 1e-3). Ten times lower than the head's kept the side
+network from learning that held-out colour-shape pairs, drawn in training images, are never the answer (51% on them
+at 1e-3, 63–76% at 1e-4); since they are no longer drawn there, 1e-3 and 1e-4 score alike (three seeds each, within
+a point on average on every split; docs/benchmarks.md)."""
 #: What every ``results.json`` of the demo holds: an existing one is replaced only if it has them.
 RESULTS_KEYS = ("metrics", "parameter_counts", "steps", "batch_size")
 TINY_SIZES = {"train": 24, "val": 6, "test_attributes": 6, "test_compositional": 6, "test_relations": 6,
