@@ -254,7 +254,8 @@ def test_baseline_checkpoints_train_but_are_refused_by_predict(workspace, capsys
 
 def test_train_final_evaluation_takes_the_evaluation_settings(workspace, capsys, monkeypatch):
     """``train --help`` lists evaluation.save_predictions and evaluation.device: the final evaluation honours both
-    (as `m2ist eval` does), and a device this machine cannot use is refused in one line before any training."""
+    (as `m2ist eval` does) and ``--eval-batch-size``, and a device this machine cannot use is refused in one line
+    before any training."""
     import m2ist.evaluation
 
     calls = []
@@ -265,9 +266,10 @@ def test_train_final_evaluation_takes_the_evaluation_settings(workspace, capsys,
             "--train-file", str(workspace / "train.jsonl"), "--eval-file", f"val={workspace / 'val.jsonl'}"]
     output = workspace / "with_predictions"
     code, _, err = run(capsys, *base, "--output-dir", str(output), "--set", "evaluation.save_predictions=true",
-                       "--set", "evaluation.device=cpu")
+                       "--set", "evaluation.device=cpu", "--eval-batch-size", "3")
     assert code == 0, err
     assert calls[-1]["device"] == "cpu" and calls[-1]["save_predictions"] is True
+    assert calls[-1]["batch_size"] == 3  # --eval-batch-size reaches the final evaluation too
     assert len(json.loads((output / "eval_results.json").read_text())["predictions"]["val"]) == 3
     refused = workspace / "bad_device"
     code, _, err = run(capsys, *base, "--output-dir", str(refused), "--set", "evaluation.device=nonsense")

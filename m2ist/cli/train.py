@@ -123,7 +123,8 @@ def run(settings: dict[str, dict[str, Any]], args: argparse.Namespace) -> int:
     if eval_sets and evaluation.get("final_eval", True):
         # every expression counts (as in `m2ist eval`), unless unreadable samples are to be skipped
         results = evaluate(model, processor, eval_sets if skip_invalid else eval_samples,
-                           batch_size=int(evaluation.get("batch_size", 32)),
+                           # the batch evaluation during training used, unless the evaluation section sets one
+                           batch_size=int(evaluation.get("batch_size") or training_args.per_device_eval_batch_size),
                            iou_thresholds=evaluation.get("iou_thresholds", (0.5,)),
                            progress=evaluation.get("progress", True), clamp=evaluation.get("clamp", "image"),
                            num_workers=int(evaluation.get("num_workers", 0)),
