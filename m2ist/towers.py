@@ -105,11 +105,18 @@ def resample_tokens(x: torch.Tensor, grid: tuple[int, int] | None, target: torch
     last stage) gets their place filled with the mean of its pooled patches."""
     if x.shape[1] == target.shape[1] and (grid is None or grid == target_grid):
         return x
+    if x.dim() == 3 and x.shape[:2] == target.shape[:2][::-1]:
+        raise TowerLayoutError(f"A layer gives tensors of shape {tuple(x.shape)} where the final output is "
+                               f"{tuple(target.shape)}: its layers are sequence-first (tokens, batch, width), as "
+                               "XLNet's are, and m2ist reads batch-first layers (batch, tokens, width); use a tower "
+                               "whose layers are batch-first")
     if target_grid is None:
+        how = ("pads the sequence inside its layers and cuts the padding off at the end (as Longformer does, to a "
+               "multiple of its attention window)") if x.shape[1] > target.shape[1] else \
+            "changes its sequence length between layers (as Funnel does)"
         raise TowerLayoutError(f"A layer gives {x.shape[1]} tokens but the final output has {target.shape[1]} and no "
-                               "patch grid to pool them on: the tower changes its sequence length between layers (as "
-                               "Funnel does), so its layers' tokens cannot be lined up with the output's; use a tower "
-                               "whose layers keep the sequence length")
+                               f"patch grid to pool them on: the tower {how}, so its layers' tokens cannot be lined "
+                               "up with the output's; use a tower whose layers keep the sequence length")
     aspect = target_grid[0] / target_grid[1]
     lead = prefix if grid is None else x.shape[1] - grid[0] * grid[1]
     if grid is None:

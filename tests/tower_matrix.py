@@ -186,6 +186,10 @@ TEXT_FAMILIES: list[Family] = [
     Family("funnel", lambda: T.FunnelModel(T.FunnelConfig(vocab_size=VOCAB, block_sizes=[1, 1], d_model=H, n_head=A,
                                                           d_head=16, d_inner=F)),
            refused="changes its sequence length between layers", overridable=False),
+    Family("longformer", _text(T.LongformerConfig, T.LongformerModel, attention_window=16),
+           refused="pads the sequence inside its layers", overridable=False),
+    Family("xlnet", lambda: T.XLNetModel(T.XLNetConfig(d_model=H, n_layer=L, n_head=A, d_inner=F, vocab_size=VOCAB)),
+           refused="its layers are sequence-first", overridable=False),
 ]
 
 
