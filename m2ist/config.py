@@ -7,7 +7,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 import types
 import typing
 from dataclasses import asdict, dataclass, field
@@ -399,16 +398,12 @@ class M2ISTConfig:
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> Path:
         """Write ``m2ist_config.json`` into ``save_directory`` (created if needed); return its path."""
+        from .save_and_load import atomic_write  # it reads this module's names
+
         path = Path(save_directory) / CONFIG_NAME
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{CONFIG_NAME}.", suffix=".tmp", dir=path.parent)  # one per writer
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                handle.write(self.to_json_string())
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        text = self.to_json_string()
+        # one temporary file per writer, with the permissions of the adapter's other files (not mkstemp's 0600)
+        atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
         return path
 
     @classmethod

@@ -307,6 +307,48 @@ def check_labels(labels: Any, batch: int) -> None:
 _LABEL_SLACK = 1e-4
 
 
+def check_build_arguments(vision_model: Any, text_model: Any, config: Any) -> None:
+    """Refuse, in one line saying what was passed and the call that works, towers that are not torch modules and a
+    config that is not an :class:`M2ISTConfig` instance (a PEFT ``LoraConfig``, a dict, the class itself), which
+    would otherwise fail deep inside the build with an unrelated message (or, for an empty dict, silently give the
+    default settings)."""
+    for modality, tower in ((VISION, vision_model), (TEXT, text_model)):
+        if not isinstance(tower, nn.Module):
+            raise TypeError(f"{modality}_model must be a loaded torch model (e.g. AutoModel.from_pretrained(...)), got "
+                            f"{_describe(tower)}; the call is get_side_tuned_model(vision_model, text_model, config).")
+    if not isinstance(config, M2ISTConfig):
+        hint = ("call it: M2ISTConfig()" if config is M2ISTConfig else
+                "build one with M2ISTConfig(**values) or M2ISTConfig.from_dict(values)" if isinstance(config, Mapping)
+                else "m2ist's settings are an M2ISTConfig(...), not another library's config")
+        raise TypeError(f"config must be an M2ISTConfig instance, got {_describe(config)}: {hint}.")
+
+
+def _describe(value: Any) -> str:
+    """A short description of ``value`` for an error message (never a module's multi-line repr)."""
+    if isinstance(value, type):
+        return f"the class {value.__name__}"
+    if isinstance(value, str | os.PathLike | int | float | bool) or value is None:
+        return f"{type(value).__name__} {str(value)[:80]!r}" if value is not None else "None"
+    return f"a {type(value).__name__}"
+
+
+def check_flags(where: str, **flags: Any) -> None:
+    """Refuse a switch that is not ``True`` or ``False``: ``"False"`` (read from a config file or a command line) is
+    a true value in Python, so ``inference_mode="False"`` would freeze the adapter and ``trust_remote_code="false"``
+    run a repo's code. ``None`` is accepted only for the switches that default to it (``private``)."""
+    for name, value in flags.items():
+        if isinstance(value, bool) or (value is None and name in _OPTIONAL_FLAGS):
+            continue
+        if type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_"):  # numpy's booleans
+            continue
+        raise TypeError(f"{where}: {name} must be True or False, got {_describe(value)}"
+                        f"{' (a non-empty string is true in Python)' if isinstance(value, str) else ''}.")
+
+
+#: Switches that take None (meaning "the default") besides True and False.
+_OPTIONAL_FLAGS = ("private",)
+
+
 class RECModel(nn.Module):
     """Two towers and a REC head; subclasses decide how the towers' features reach the head."""
 
@@ -315,6 +357,7 @@ class RECModel(nn.Module):
 
     def __init__(self, vision_model: nn.Module, text_model: nn.Module, config: M2ISTConfig) -> None:
         super().__init__()
+        check_build_arguments(vision_model, text_model, config)
         config = dataclasses.replace(config)  # never mutate the caller's config
         self.config = config
         self.tower_classes = {VISION: type(vision_model).__name__, TEXT: type(text_model).__name__}
@@ -615,7 +658,7 @@ class SideTunedModel(RECModel):
     method = "m2ist"
 
     def __init__(self, vision_model: nn.Module, text_model: nn.Module, config: M2ISTConfig | None = None) -> None:
-        super().__init__(vision_model, text_model, config or M2ISTConfig())
+        super().__init__(vision_model, text_model, M2ISTConfig() if config is None else config)
         config = self.config
         for tower in (vision_model, text_model):
             tower.requires_grad_(False)
@@ -708,6 +751,17 @@ class SideTunedModel(RECModel):
     def half(self) -> SideTunedModel:
         """Cast the side network and head to float16 (the towers keep ``config.backbone_dtype``)."""
         return self.to(torch.float16)
+
+    def type(self, dst_type: torch.dtype | str) -> SideTunedModel:
+        """Cast the side network and head to ``dst_type`` as :meth:`to` does (``nn.Module.type`` would cast the
+        frozen towers too, behind ``config.backbone_dtype``, which the saved adapter records)."""
+        if isinstance(dst_type, str):
+            name = dst_type.removeprefix("torch.")
+            dst_type = _TYPE_NAMES.get(name.removesuffix("Tensor")) or DTYPES.get(name) or dst_type
+        if not isinstance(dst_type, torch.dtype):
+            raise TypeError(f"SideTunedModel.type({dst_type!r}): pass a floating torch dtype, e.g. torch.bfloat16; "
+                            "to change the towers' dtype use set_backbone_dtype().")
+        return self.to(dst_type)
 
     def bfloat16(self) -> SideTunedModel:
         """Cast the side network and head to bfloat16 (the towers keep ``config.backbone_dtype``)."""
@@ -941,6 +995,14 @@ class SideTunedModel(RECModel):
         return [self._active_adapter, *(n for n in self.adapter_setups if n != self._active_adapter)]
 
     def _setup(self, name: str) -> AdapterSetup:
+        if not isinstance(name, str):
+            given = repr(name) if isinstance(name, list | tuple) else _describe(name)
+            raise TypeError(f"An adapter name is a string, got {given}: "
+                            "M²IST activates one adapter at a time (set_adapter('name')); for several adapters' "
+                            "answers on the same inputs use forward_all_adapters(adapter_names=[...]).")
+        if name == BASE_ADAPTER:
+            raise KeyError(f"{BASE_ADAPTER!r} (PEFT's 'no adapter') cannot be used: a REC model has no box without an "
+                           f"adapter's side network and head; this model has {self.list_adapters()}.")
         if name not in self.adapter_setups:
             raise KeyError(f"No adapter named {name!r}; this model has {self.list_adapters()}. Add one with "
                            "add_adapter(name, config) or load_adapter(path, adapter_name).")
@@ -1016,6 +1078,7 @@ class SideTunedModel(RECModel):
         require grad, the others' do not) and ``trainable_state_dict`` returns. It takes the model's train / eval
         mode (an adapter loaded for inference in ``eval()`` trains with dropout once active in a ``train()`` model).
         ``inference_mode=True`` (as in PEFT) activates it frozen: its parameters do not require grad either."""
+        check_flags("set_adapter", inference_mode=inference_mode)
         setup = self._setup(adapter_name)
         if adapter_name != self._active_adapter:
             previous = nn.ModuleDict({"side": self.side, "head": self.head})
@@ -1061,6 +1124,8 @@ class SideTunedModel(RECModel):
         ``model.processor`` (which ``predict`` and ``evaluate`` use for every adapter) gives a warning naming them."""
         from .hub import resolve_pretrained
 
+        check_flags("load_adapter", is_trainable=is_trainable, local_files_only=local_files_only)
+        _check_location("load_adapter", "model_id", model_id)
         self._check_new_name(adapter_name)  # before any download
         own = f"{adapter_name}/{CONFIG_NAME}"
         folder = resolve_pretrained(str(model_id), filenames=[CONFIG_NAME, WEIGHTS_NAME], subfolder=subfolder,
@@ -1186,6 +1251,9 @@ class SideTunedModel(RECModel):
         save_function=accelerator.save)``): ``is_main_process=False`` writes nothing; weights are always safetensors,
         so ``save_function`` is not used (as PEFT with ``safe_serialization=True``) and ``safe_serialization=False``
         is refused."""
+        check_flags("save_pretrained", model_card=model_card, is_main_process=is_main_process,
+                    safe_serialization=safe_serialization)
+        _check_location("save_pretrained", "save_directory", save_directory)
         target = Path(save_directory)
         if not safe_serialization:
             raise ValueError("safe_serialization=False is not supported: m2ist writes weights as safetensors only "
@@ -1231,7 +1299,9 @@ class SideTunedModel(RECModel):
                     shutil.copy2(previous / name, folder / name)
         if self.processor is not None:
             self.processor.save_pretrained(folder)
-        if model_card:
+        # model_card=False writes no new card, but a card already there is updated all the same: kept as it was, it
+        # would report the results of the weights this save replaces
+        if model_card or (previous is not None and (previous / CARD_NAME).is_file()):
             if previous is not None:
                 for name in (CARD_NAME, EVAL_RESULTS_NAME):
                     if (previous / name).is_file():
@@ -1270,6 +1340,7 @@ class SideTunedModel(RECModel):
         a folder's; the card is updated only when ``"default"`` (the root adapter) is pushed."""
         from .hub import full_repo_id, push_to_hub
 
+        check_flags("push_to_hub", private=private, create_pr=create_pr)
         repo_id = full_repo_id(repo_id, token=token, endpoint=endpoint)  # the card names the repo as it loads
         names = None if selected_adapters is None else self._selected(selected_adapters)
         push: dict[str, Any] = {}
@@ -1352,6 +1423,14 @@ class SideTunedModel(RECModel):
         """
         from .hub import resolve_pretrained
 
+        _check_location("from_pretrained", "name_or_path", name_or_path, towers=(vision_model, text_model))
+        for modality, tower in ((VISION, vision_model), (TEXT, text_model)):
+            if tower is not None and not isinstance(tower, nn.Module):
+                raise TypeError(f"from_pretrained: {modality}_model must be a loaded torch model or None (to load the "
+                                f"recorded tower), got {_describe(tower)}; the call is "
+                                "SideTunedModel.from_pretrained(path, vision_model, text_model).")
+        check_flags("from_pretrained", is_trainable=is_trainable, local_files_only=local_files_only,
+                    trust_remote_code=trust_remote_code)
         if "torch_dtype" in kwargs:
             torch_dtype = kwargs.pop("torch_dtype")
             if dtype is not None:
@@ -1433,6 +1512,10 @@ def _cast_features(features: TowerFeatures, dtype: torch.dtype) -> TowerFeatures
         taps={kind: [t.to(dtype) for t in tensors] for kind, tensors in features.taps.items()})
 
 
+#: ``nn.Module.type`` names (``"torch.HalfTensor"``) of the floating dtypes.
+_TYPE_NAMES = {"Half": torch.float16, "BFloat16": torch.bfloat16, "Float": torch.float32, "Double": torch.float64}
+
+
 #: safetensors' dtype codes of the floating dtypes an adapter may be saved in.
 _SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
 
@@ -1459,6 +1542,18 @@ def _adapter_dtype(dtype: str | torch.dtype | None, weights: Path) -> torch.dtyp
         raise ValueError(f"dtype={dtype!r} is not a floating torch dtype: use torch.float32, torch.bfloat16, "
                          "torch.float16 or 'auto'.")
     return dtype
+
+
+def _check_location(where: str, name: str, value: Any, towers: tuple[Any, ...] = ()) -> None:
+    """Refuse a folder or repo id that is not a string or path: a model passed first (PEFT's
+    ``PeftModel.from_pretrained(model, path)`` order) would become its multi-line repr, read as a file name."""
+    if isinstance(value, str | os.PathLike):
+        return
+    order = (" M2IST takes the adapter first, then the towers: SideTunedModel.from_pretrained(path, vision_model, "
+             "text_model), not PEFT's (model, path) order." if isinstance(value, nn.Module) or any(
+                 isinstance(tower, str | os.PathLike) for tower in towers) else "")
+    raise TypeError(f"{where}: {name} must be a folder or a Hub repo id (a string or a path), got {_describe(value)}."
+                    f"{order}")
 
 
 def _single_device(device: str | int | torch.device | None,
@@ -1489,4 +1584,4 @@ def get_side_tuned_model(vision_model: nn.Module, text_model: nn.Module,
     ``config`` defaults to the paper's settings. The caller's config object is not modified; the built model's
     ``model.config`` records the towers.
     """
-    return SideTunedModel(vision_model, text_model, config or M2ISTConfig())
+    return SideTunedModel(vision_model, text_model, M2ISTConfig() if config is None else config)

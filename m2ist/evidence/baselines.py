@@ -45,7 +45,7 @@ class BackboneTunedModel(RECModel):
                  method: str = "full", lora_rank: int = 16, lora_alpha: int = 32) -> None:
         if method not in ("full", "adapter", "lora"):
             raise ValueError(f"method must be 'full', 'adapter' or 'lora' (or 'm2ist' via build_model), got {method!r}.")
-        super().__init__(vision_model, text_model, config or M2ISTConfig())
+        super().__init__(vision_model, text_model, M2ISTConfig() if config is None else config)
         self.method = method
         for tower in (self.vision_tower, self.text_tower):
             tower.model.requires_grad_(method == "full")
