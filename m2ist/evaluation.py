@@ -263,8 +263,12 @@ def _json_safe(value: Any) -> Any:
     return str(value)
 
 
-def _model_summary(model: nn.Module) -> dict[str, Any]:
+def _model_summary(model: nn.Module, adapter: str | None = None) -> dict[str, Any]:
+    """The model's class, method, settings and towers; with ``adapter``, that adapter's settings (the metrics
+    reported at the top level are the first named adapter's, not necessarily the active one's)."""
     config = getattr(model, "config", None)
+    if adapter is not None and adapter in getattr(model, "peft_config", {}):
+        config = model.peft_config[adapter]
     keys = ("vision_model_name_or_path", "vision_revision", "vision_model_type", "text_model_name_or_path",
             "text_revision", "text_model_type", "image_size", "max_query_len", "num_vision_tokens", "bottleneck",
             "adapter_scale", "experts", "share_iea_up_projection", "intra_tap", "inter_tap", "fusion_dim",
@@ -291,9 +295,14 @@ def _towers_used(model: nn.Module) -> dict[str, dict[str, str | None]]:
     return {modality: {"name_or_path": name, "commit": commit} for modality, (name, commit) in ids.items()}
 
 
-def _measured_weights(model: nn.Module) -> dict[str, str]:
+def _measured_weights(model: nn.Module, adapter: str | None = None) -> dict[str, str]:
     """``{"weights_sha256": ...}``: the SHA-256 of the trained tensors measured (what their weights file records),
-    so a model card shows these results only beside those weights; empty for a model without an adapter's tensors."""
+    so a model card shows these results only beside those weights; empty for a model without an adapter's tensors.
+    With ``adapter``, those of that adapter of a :class:`~m2ist.model.SideTunedModel` (active or not)."""
+    modules = getattr(model, "_adapter_modules", None)
+    if adapter is not None and callable(modules):
+        side, head = modules(adapter)  # the tensors save_pretrained writes for that adapter, in its key layout
+        return {WEIGHTS_SHA256_KEY: tensors_sha256(dict(nn.ModuleDict({"side": side, "head": head}).state_dict()))}
     state = getattr(model, "trainable_state_dict", None)
     return {WEIGHTS_SHA256_KEY: tensors_sha256(state())} if callable(state) else {}
 
@@ -417,15 +426,16 @@ def evaluate(
             predicted and ground-truth boxes, IoU.
         clamp: ``"image"`` (spec; default) or ``"canvas"`` (TransVG's code) — see the module docstring.
         num_workers: ``DataLoader`` workers that load and process the images.
-        metadata: extra entries for the results' ``metadata`` (e.g. the adapter path, the data files).
+        metadata: extra entries for the results' ``metadata`` (e.g. the adapter path, the data files); a key
+            that evaluate records itself (``model``, ``protocol``, ``weights_sha256``, ...) is refused.
         adapter_names: ``"all"`` or a list of a :class:`~m2ist.model.SideTunedModel`'s adapters to score together,
             on one pass of the frozen towers per batch; default: the active adapter only.
 
     Returns:
         ``{"metrics": {split: {"acc@0.5", "correct@0.5", "miou", "count"}}, "metadata": {...}}`` (accuracies in
         ``[0, 1]``), plus ``"predictions": {split: [...]}`` with ``save_predictions``. With ``adapter_names``,
-        also ``"adapters": {name: {"metrics": ..., ["predictions": ...]}}``; ``"metrics"`` is then the first
-        named adapter's.
+        also ``"adapters": {name: {"metrics": ..., "weights_sha256": ..., ["predictions": ...]}}``; ``"metrics"``,
+        ``metadata.model`` and ``metadata.weights_sha256`` are then the first named adapter's.
     """
     from tqdm.auto import tqdm
 
@@ -436,6 +446,7 @@ def evaluate(
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
     if output_file is not None:
         check_output_file(output_file)  # before any forward pass: a bad path must not cost the evaluation
+    _check_metadata(metadata)
     processor = resolve_processor(model, processor)
     if isinstance(datasets, Mapping):
         names_seen: dict[str, Any] = {}
@@ -517,8 +528,8 @@ def evaluate(
                 "unit": "one prediction per expression",
                 "accuracy": "correct / expressions",
             },
-            "model": _model_summary(model),
-            **({} if names is not None else _measured_weights(model)),
+            "model": _model_summary(model, keys[0]),  # "metrics" are the first named adapter's: so is this
+            **_measured_weights(model, keys[0]),
             "processor": (processor.flat_settings() if hasattr(processor, "flat_settings")
                           else processor.to_dict() if hasattr(processor, "to_dict") else repr(processor)),
             "batch_size": batch_size,
@@ -530,11 +541,31 @@ def evaluate(
     if save_predictions:
         results["predictions"] = predictions
     if names is not None:
-        results["adapters"] = {key: {"metrics": metrics_by[key], **({"predictions": predictions_by[key]}
-                                                                    if save_predictions else {})} for key in keys}
+        results["adapters"] = {key: {"metrics": metrics_by[key], **_measured_weights(model, key),
+                                     **({"predictions": predictions_by[key]} if save_predictions else {})}
+                               for key in keys}
     if output_file is not None:
         _write_or_keep(results, output_file)
     return results
+
+
+#: ``metadata`` entries :func:`evaluate` records itself: extra metadata may not replace them.
+RECORDED_METADATA_KEYS = ("format_version", "date", "protocol", "model", WEIGHTS_SHA256_KEY, "processor", "batch_size",
+                          "device", "m2ist_version", "torch_version", "transformers_version", "python_version")
+
+
+def _check_metadata(metadata: Mapping[str, Any] | None) -> None:
+    """Refuse extra ``metadata`` that is not a mapping or that would replace what :func:`evaluate` records (the
+    model and its towers, the weights measured, the protocol): results must say what produced them."""
+    if metadata is None:
+        return
+    if not isinstance(metadata, Mapping):
+        raise TypeError(f"metadata must be a mapping of extra entries, got {type(metadata).__name__}.")
+    taken = [str(key) for key in metadata if str(key) in RECORDED_METADATA_KEYS]
+    if taken:
+        raise ValueError(f"metadata keys {', '.join(repr(k) for k in taken)} would replace what evaluate() records "
+                         f"itself ({', '.join(RECORDED_METADATA_KEYS)}): give your entries other names, e.g. "
+                         "'run_name' or 'notes'.")
 
 
 def _write_or_keep(results: dict[str, Any], output_file: str | os.PathLike) -> None:

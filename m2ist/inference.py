@@ -14,6 +14,7 @@ draw_boxes("dog.jpg", boxes, texts=["the dog on the left"]).save("dog_boxes.png"
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -237,7 +238,9 @@ def predict_boxes(
 
 
 # ---------------------------------------------------------------------------------------------- drawing
-def _as_box_list(boxes: Any, name: str) -> list[list[float]]:
+def _as_box_list(boxes: Any, name: str, size: tuple[int, int] | None = None) -> list[list[float]]:
+    """``boxes`` as a list of ``[x0, y0, x1, y1]``; with the image's ``size``, boxes that cannot be its pixels are
+    refused (:func:`_frame_problem`)."""
     if boxes is None:
         return []
     array = np.asarray(boxes.detach().cpu() if isinstance(boxes, torch.Tensor) else boxes, dtype=np.float64)
@@ -248,6 +251,20 @@ def _as_box_list(boxes: Any, name: str) -> list[list[float]]:
     if not np.isfinite(array).all():
         raise ValueError(f"{name} holds non-finite numbers.")
     corners = np.concatenate([np.minimum(array[:, :2], array[:, 2:]), np.maximum(array[:, :2], array[:, 2:])], axis=1)
+    if size is not None:
+        width, height = size
+        for row, box in enumerate(corners.tolist()):
+            where = f"{name}[{row}] {[round(v, 4) for v in box]}"
+            x0, y0, x1, y1 = box
+            if x0 > width or y0 > height or x1 < 0 or y1 < 0:  # predict_boxes clips to the image: never this
+                raise ValueError(f"{where} lies wholly outside the {width}x{height} image (is it in another frame, e.g. "
+                                 "the model's canvas?): boxes are xyxy pixels of the image drawn on, as predict_boxes "
+                                 "gives them; drawn, it would show no box and its label at the edge.")
+            if x1 > x0 and y1 > y0 and max(box) <= 1.0 and min(x0, y0) >= 0.0 and min(width, height) > 4:
+                # a warning: a poor prediction can be a box this small in a corner too
+                warnings.warn(f"{where} lies within [0, 1] in a {width}x{height} image: it looks normalised, not "
+                              "pixels (predict_boxes gives pixels), and is drawn as a speck in the corner.",
+                              UserWarning, stacklevel=3)
     return corners.tolist()
 
 
@@ -284,7 +301,9 @@ def draw_boxes(
 
     Args:
         image: a path, URL, base64 data URI, PIL image, array or tensor (see :func:`m2ist.processing.fetch_image`).
-        boxes: one ``(x0, y0, x1, y1)`` pixel box or ``(N, 4)`` boxes (e.g. from :func:`predict_boxes`).
+        boxes: one ``(x0, y0, x1, y1)`` pixel box or ``(N, 4)`` boxes (e.g. from :func:`predict_boxes`), in
+            pixels of ``image`` as stored: a box wholly outside the image is refused, a normalised-looking one (an
+            area, every number in [0, 1]) warned about.
         texts: the phrase of each predicted box, written above it.
         gt_boxes: ground-truth ``xyxy`` pixel boxes, drawn in ``gt_color`` and labelled ``GT``.
         colors: colours of the predicted boxes, cycled (one colour name for all of them).
@@ -296,8 +315,8 @@ def draw_boxes(
         A new RGB :class:`PIL.Image.Image`; the input is not modified.
     """
     canvas = load_rec_image(image).copy()
-    predicted = _as_box_list(boxes, "boxes")
-    truths = _as_box_list(gt_boxes, "gt_boxes")
+    predicted = _as_box_list(boxes, "boxes", canvas.size)
+    truths = _as_box_list(gt_boxes, "gt_boxes", canvas.size)
     if texts is None:
         labels: list[str | None] = [None] * len(predicted)
     else:

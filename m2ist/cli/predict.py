@@ -32,7 +32,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     group.add_argument("--image", nargs="+", required=True, metavar="PATH", help="image file(s)")
     group.add_argument("--text", nargs="+", required=True, metavar="PHRASE", help="referring phrase(s)")
     group.add_argument("--draw", metavar="OUT.png", help="also draw the boxes (one file per image: OUT-<n>.png; no "
-                       "extension adds .png); never an input image")
+                       "extension adds .png); replaces only an earlier drawing of this command")
     group.add_argument("--output", metavar="FILE", help="also write the JSON to FILE (never an input image)")
     add_evaluation_flags(predict, "predict")
     add_tower_flags(predict, " (default: the one recorded in the adapter)")
@@ -82,9 +82,35 @@ def is_predictions_file(path: Path) -> bool:
         isinstance(record, dict) and "box_xyxy" in record for record in value))
 
 
+#: The EXIF ``Software`` (tag 0x0131) of the pictures ``--draw`` writes: only those may be replaced by a new drawing.
+DRAWN_BY = "m2ist predict --draw"
+_EXIF_SOFTWARE = 0x0131
+
+
+def _drawing_exif() -> Any:
+    """The EXIF block that marks a ``--draw`` picture (formats without EXIF, e.g. BMP or GIF, go unmarked)."""
+    from PIL import Image
+
+    exif = Image.Exif()
+    exif[_EXIF_SOFTWARE] = DRAWN_BY
+    return exif
+
+
+def is_predict_drawing(path: Path) -> bool:
+    """Whether ``path`` is a picture an earlier ``m2ist predict --draw`` wrote (its EXIF ``Software`` says so)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            return image.getexif().get(_EXIF_SOFTWARE) == DRAWN_BY
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return False
+
+
 def _check_outputs(outputs: list[tuple[str, Path]], images: list[str]) -> None:
     """Refuse, before predicting, an output that is a folder or cannot be created, that would overwrite an input
-    image or (``--output``) a file that is not an earlier ``--output``, or that two outputs share."""
+    image or a file that is not an earlier output of its flag (``--draw out.png`` with several images writes
+    ``out-0.png``, ``out-1.png``..., names that may be the user's other pictures), or that two outputs share."""
     from m2ist.evaluation import check_output_file
 
     for flag, path in outputs:
@@ -93,10 +119,11 @@ def _check_outputs(outputs: list[tuple[str, Path]], images: list[str]) -> None:
                 raise CLIError(f"{flag} {path} is the input image {image}: writing it would destroy the image. "
                                "Choose another output file.")
         try:
-            check_output_file(path, replaces=is_predictions_file if flag == "--output" else None)
+            check_output_file(path, replaces=is_predictions_file if flag == "--output" else is_predict_drawing)
         except FileExistsError as err:
-            raise CLIError(f"{flag} {path} already exists and is not an earlier `m2ist predict --output` (a data file, "
-                           "weights?): it would be overwritten. Choose another file, or delete it first if it may go."
+            what = "a data file, weights?" if flag == "--output" else "one of your pictures?"
+            raise CLIError(f"{flag} {path} already exists and is not an earlier `m2ist predict {flag}` ({what}): it "
+                           "would be overwritten. Choose another file, or delete it first if it may go."
                            if path.is_file() else f"{flag} {path}: {err}") from None
     for index, (flag, path) in enumerate(outputs):
         for other_flag, other in outputs[index + 1 :]:
@@ -148,6 +175,7 @@ def run(settings: dict[str, dict[str, Any]], args: argparse.Namespace) -> int:
     for image, path in drawings.items():
         indices = [index for index, (source, _) in enumerate(pairs) if str(source) == image]
         drawn = draw_boxes(image, boxes[indices], texts=[pairs[i][1] for i in indices])
-        atomic_write(path, lambda tmp, drawn=drawn, path=path: drawn.save(tmp, format=_image_format(path)))
+        atomic_write(path, lambda tmp, drawn=drawn, path=path: drawn.save(tmp, format=_image_format(path),
+                                                                          exif=_drawing_exif()))
         info(f"Drew {len(indices)} box(es) on {image} -> {path}")
     return 0
