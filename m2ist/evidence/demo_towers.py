@@ -207,7 +207,7 @@ class VisionPretrainRecipe:
     def scene_config(self) -> SyntheticRECConfig:
         """The scenes used for pretraining: the benchmark's look, object sizes scaled to ``image_size``."""
         scale = self.image_size / 128.0
-        small = (max(3, round(12 * scale)), max(4, round(18 * scale)))
+        small = (max(4, round(12 * scale)), max(5, round(18 * scale)))  # below 4 px two shapes draw alike
         large = (max(small[1] + 1, round(26 * scale)), max(small[1] + 2, round(38 * scale)))
         return SyntheticRECConfig(
             image_size=self.image_size,

@@ -35,6 +35,7 @@ import itertools
 import json
 import math
 import shutil
+import warnings
 import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -112,6 +113,103 @@ def default_heldout_pairs(shapes: Sequence[str], colours: Sequence[str]) -> tupl
     return tuple((shape, colours[(2 * i + 1) % len(colours)]) for i, shape in enumerate(shapes))
 
 
+_WHOLE_FIELDS: dict[str, int] = {
+    "min_objects": 1,
+    "max_objects": 1,
+    "margin": 1,  # two objects never touch (two touching squares of one colour would read as one rectangle)
+    "border": 0,  # an object never leaves the image (its box would not be the box of its drawn pixels)
+    "colour_jitter": 0,
+    "texture_strength": 0,
+    "seed": 0,
+}
+"""Whole-number fields of :class:`SyntheticRECConfig` and their smallest value."""
+
+_DISTINCT_EXTENTS = 16
+"""Shapes are checked to draw distinct pixels at every extent below this (above it they always do)."""
+
+
+def _whole(name: str, value: Any, minimum: int) -> int:
+    """``value`` if it is a whole number (not a bool) ``>= minimum``; a ``ValueError`` naming ``name`` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"{name} must be a whole number, got {value!r} ({type(value).__name__}).")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}.")
+    return int(value)
+
+
+def _pair(name: str, value: Any) -> tuple[int, int]:
+    """An inclusive ``(min, max)`` range of whole pixel counts ``>= 1``."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or len(value) != 2:
+        raise ValueError(f"SyntheticRECConfig.{name} must be a (min, max) pair of whole numbers, got {value!r}.")
+    low, high = (_whole(f"SyntheticRECConfig.{name}", v, 1) for v in value)
+    if low > high:
+        raise ValueError(f"SyntheticRECConfig.{name} must be a (min, max) pair with min <= max, got {value!r}.")
+    return low, high
+
+
+def _size_setting(value: Any) -> int | tuple[int, int]:
+    """``image_size``: one whole side, or an inclusive ``(min, max)`` range of sides."""
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        return _whole("SyntheticRECConfig.image_size", value, 1)
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        raise ValueError(f"SyntheticRECConfig.image_size must be a whole number or a (min, max) pair, got {value!r}.")
+    return _pair("image_size", value)
+
+
+def _names(name: str, value: Any) -> tuple[str, ...]:
+    """A vocabulary: a list of names, never one string (read letter by letter)."""
+    if isinstance(value, str) or not isinstance(value, Iterable):
+        raise ValueError(f"SyntheticRECConfig.{name} must be a list of names, got {value!r}; e.g. {name}=({value!r},).")
+    return tuple(value)
+
+
+def _heldout_pairs(value: Any, name: str = "SyntheticRECConfig.heldout_pairs") -> tuple[tuple[str, str], ...]:
+    """Held-out pairs: ``(shape, colour)`` pairs of names (one pair alone, ``("circle", "green")``, is refused: it
+    would be read as two one-letter-at-a-time entries)."""
+    if isinstance(value, str) or not isinstance(value, Iterable):
+        raise ValueError(f"{name} must be a list of (shape, colour) pairs, got {value!r}.")
+    pairs = []
+    for pair in value:
+        if isinstance(pair, str) or not isinstance(pair, Sequence) or len(pair) != 2 or not all(
+            isinstance(v, str) for v in pair
+        ):
+            raise ValueError(
+                f"{name} holds {pair!r}; each entry must be a (shape, colour) pair of names, e.g. "
+                f"[('circle', 'green')], not ('circle', 'green')."
+            )
+        pairs.append((pair[0], pair[1]))
+    return tuple(pairs)
+
+
+def _check_distinct_shapes(shapes: Sequence[str], smallest: int, largest: int) -> None:
+    """Every shape draws some pixels, and two shapes never the same pixels, at every extent the config may draw:
+    at a few pixels a circle is a square, and "the circle" would name what looks like a square."""
+    for extent in range(smallest, min(largest, _DISTINCT_EXTENTS - 1) + 1):
+        masks = {shape: np.asarray(_shape_mask(shape, extent)) > 0 for shape in shapes}
+        for shape, mask in masks.items():
+            if not mask.any():
+                raise ValueError(
+                    f"A {shape} of {extent} px draws no pixel: raise small_extent[0] to at least 4 (got {smallest})."
+                )
+        for a, b in itertools.combinations(shapes, 2):
+            if np.array_equal(masks[a], masks[b]):
+                raise ValueError(
+                    f"A {a} and a {b} of {extent} px draw the same pixels, so an expression naming one would name "
+                    f"what looks like the other: raise small_extent[0] to at least 4 (got {smallest})."
+                )
+
+
+def _check_colour_jitter(colours: Sequence[str], jitter: int) -> None:
+    """Two jittered colours never meet: a "red" object is never drawn in a colour an "orange" one may have."""
+    for a, b in itertools.combinations(colours, 2):
+        gap = max(abs(u - v) for u, v in zip(COLOURS[a], COLOURS[b]))
+        if 2 * jitter >= gap:
+            raise ValueError(
+                f"SyntheticRECConfig.colour_jitter={jitter} lets {a} and {b} objects take the same colour (their "
+                f"base colours differ by {gap} at most per channel): use colour_jitter <= {(gap - 1) // 2}."
+            )
+
+
 @dataclass
 class SyntheticRECConfig:
     """What the scenes of the procedural benchmark look like.
@@ -157,15 +255,10 @@ class SyntheticRECConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if isinstance(self.image_size, int):
-            size_range = (self.image_size, self.image_size)
-        else:
-            size_range = tuple(int(v) for v in self.image_size)
-            if len(size_range) != 2 or size_range[0] > size_range[1]:
-                raise ValueError(f"image_size must be an int or a (min, max) pair, got {self.image_size!r}.")
-            self.image_size = size_range
-        self.shapes = tuple(self.shapes)
-        self.colours = tuple(self.colours)
+        self.image_size = _size_setting(self.image_size)
+        size_range = self.image_size if isinstance(self.image_size, tuple) else (self.image_size, self.image_size)
+        self.shapes = _names("shapes", self.shapes)
+        self.colours = _names("colours", self.colours)
         for shape in self.shapes:
             if shape not in SHAPES:
                 raise ValueError(f"Unknown shape {shape!r}; choose from {SHAPES}.")
@@ -176,6 +269,20 @@ class SyntheticRECConfig:
             self.shapes and self.colours
         ):
             raise ValueError("shapes and colours must be non-empty and free of duplicates.")
+        for name, minimum in _WHOLE_FIELDS.items():
+            setattr(self, name, _whole(f"SyntheticRECConfig.{name}", getattr(self, name), minimum))
+        self.small_extent = _pair("small_extent", self.small_extent)
+        self.large_extent = _pair("large_extent", self.large_extent)
+        for name in ("position_tolerance", "size_tolerance"):
+            value = getattr(self, name)
+            valid = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+            if not valid or not math.isfinite(value) or value < 0:
+                raise ValueError(
+                    f"SyntheticRECConfig.{name} must be a finite number of pixels >= 0, got {value!r}: a NaN, "
+                    "infinite or negative tolerance makes every extreme and ordinal a tie (or none), so they are never "
+                    "generated."
+                )
+            setattr(self, name, float(value))
         if not 1 <= self.min_objects <= self.max_objects:
             raise ValueError(
                 f"Need 1 <= min_objects <= max_objects, got min_objects={self.min_objects}, "
@@ -187,6 +294,8 @@ class SyntheticRECConfig:
                 f"Size classes must be separable: need 1 <= small_extent[0] <= small_extent[1] < large_extent[0] "
                 f"<= large_extent[1], got small_extent={self.small_extent}, large_extent={self.large_extent}."
             )
+        _check_distinct_shapes(self.shapes, s0, l1)
+        _check_colour_jitter(self.colours, self.colour_jitter)
         if l1 + 2 * self.border > size_range[0]:
             raise ValueError(
                 f"A large object ({l1} px) plus borders does not fit in a {size_range[0]} px image: "
@@ -196,7 +305,7 @@ class SyntheticRECConfig:
             raise ValueError(f"background must be 'plain' or 'textured', got {self.background!r}.")
         if self.heldout_pairs is None:
             self.heldout_pairs = default_heldout_pairs(self.shapes, self.colours)
-        self.heldout_pairs = tuple((str(s), str(c)) for s, c in self.heldout_pairs)
+        self.heldout_pairs = _heldout_pairs(self.heldout_pairs)
         for shape, colour in self.heldout_pairs:
             if shape not in self.shapes or colour not in self.colours:
                 raise ValueError(
@@ -221,8 +330,30 @@ class SyntheticRECConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SyntheticRECConfig:
-        """Rebuild a config written by :meth:`to_dict`."""
+        """Rebuild a config written by :meth:`to_dict` (e.g. ``benchmark.json``'s ``"config"``).
+
+        A field that is not a config field is refused, naming it. A config written before
+        ``heldout_distractors`` existed (no such key) described scenes that drew held-out pairs in every split:
+        it is read with ``heldout_distractors=True``, with a warning, so the same scenes come back.
+        """
+        if not isinstance(data, dict):
+            raise ValueError(f"SyntheticRECConfig.from_dict needs a dict (a to_dict() output), got {type(data).__name__}.")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            hint = " (pass benchmark.json's \"config\" entry, not the whole manifest)" if "config" in data else ""
+            raise ValueError(f"SyntheticRECConfig.from_dict: unknown field(s) {unknown}{hint}; the fields are "
+                             f"{sorted(known)}.")
         data = dict(data)
+        if "heldout_distractors" not in data:
+            warnings.warn(
+                "This SyntheticRECConfig has no 'heldout_distractors' field: it was written before held-out pairs "
+                "were kept out of the other splits' images, so it is read with heldout_distractors=True (the scenes "
+                "it described); set heldout_distractors=False for the current benchmark.",
+                UserWarning,
+                stacklevel=2,
+            )
+            data["heldout_distractors"] = True
         for key in ("image_size", "small_extent", "large_extent", "shapes", "colours"):
             if isinstance(data.get(key), list):
                 data[key] = tuple(data[key])
@@ -387,7 +518,15 @@ def generate_scene(
     config = config or SyntheticRECConfig()
     if required_pair is not None and (required_pair[0] not in config.shapes or required_pair[1] not in config.colours):
         raise ValueError(f"required_pair {required_pair!r} is not made of the configured shapes and colours.")
-    excluded = set(excluded_pairs)
+    excluded = set(_heldout_pairs(excluded_pairs, "generate_scene(excluded_pairs=...)"))
+    for pair in excluded:
+        if pair[0] not in config.shapes or pair[1] not in config.colours:
+            raise ValueError(
+                f"excluded_pairs holds {pair!r}, which is not made of the configured shapes {config.shapes} and "
+                f"colours {config.colours}: it would exclude nothing."
+            )
+    if required_pair is not None and tuple(required_pair) in excluded:
+        raise ValueError(f"required_pair {tuple(required_pair)!r} is also in excluded_pairs.")
     drawable = [pair for pair in itertools.product(config.shapes, config.colours) if pair not in excluded]
     if not drawable:
         raise ValueError("excluded_pairs leaves no (shape, colour) pair to draw.")
@@ -735,7 +874,9 @@ def generate_split(
         colour, size), ``target_index``, ``heldout_target``, ``spec`` and ``scene`` (see :func:`referents`).
     """
     config = config or SyntheticRECConfig()
-    seed = config.seed if seed is None else seed
+    seed = _whole("generate_split(seed=...)", config.seed if seed is None else seed, 0)
+    num_images = _whole("generate_split(num_images=...)", num_images, 0)
+    expressions_per_image = _whole("generate_split(expressions_per_image=...)", expressions_per_image, 1)
     recipe = SPLITS.get(name, {})
     types = tuple(expression_types or recipe.get("types", ()))
     if not types:
@@ -748,8 +889,6 @@ def generate_split(
     heldout = heldout or recipe.get("heldout", "exclude")
     if heldout not in ("exclude", "only", "ignore"):
         raise ValueError(f"heldout must be 'exclude', 'only' or 'ignore', got {heldout!r}.")
-    if num_images < 0 or expressions_per_image < 1:
-        raise ValueError("num_images must be >= 0 and expressions_per_image >= 1.")
     heldout_pairs = set(config.heldout_pairs or ())
     if heldout == "only" and not heldout_pairs:
         raise ValueError("heldout='only' needs config.heldout_pairs to be non-empty.")
@@ -856,11 +995,15 @@ def make_benchmark(
         ``{split: [RECSample, ...]}`` with in-memory PIL images.
     """
     config = config or SyntheticRECConfig()
-    seed = config.seed if seed is None else seed
+    seed = _whole("make_benchmark(seed=...)", config.seed if seed is None else seed, 0)
+    expressions_per_image = _whole("make_benchmark(expressions_per_image=...)", expressions_per_image, 1)
     unknown = set(sizes or {}) - set(SPLITS)
     if unknown:
         raise ValueError(f"Unknown split(s) {sorted(unknown)}; the benchmark's splits are {tuple(SPLITS)}.")
-    resolved = {**DEFAULT_SIZES, **(sizes or {})}
+    resolved = {
+        name: _whole(f"make_benchmark(sizes={{{name!r}: ...}})", count, 0)
+        for name, count in {**DEFAULT_SIZES, **(sizes or {})}.items()
+    }
     splits = {
         name: generate_split(name, count, seed, config, expressions_per_image=expressions_per_image)
         for name, count in resolved.items()
@@ -893,51 +1036,98 @@ def _image_key(sample: RECSample, index: int) -> str:
     return safe or f"image-{index:06d}"
 
 
+def _same_image(a: Any, b: Any) -> bool:
+    """Whether two sample images hold the same picture (the same object, file or pixels)."""
+    if a is b:
+        return True
+    if isinstance(a, (str, Path)) and isinstance(b, (str, Path)):
+        return Path(a).resolve() == Path(b).resolve()
+    if isinstance(a, (str, Path)) or isinstance(b, (str, Path)):
+        return False
+    from m2ist.data.images import DeferredImage, load_image
+
+    a_pixels, b_pixels = (np.asarray(load_image(x) if isinstance(x, DeferredImage) else x) for x in (a, b))
+    return np.array_equal(a_pixels, b_pixels)
+
+
 def export_jsonl(samples: Sequence[RECSample], directory: str | Path, filename: str = "annotations.jsonl") -> Path:
     """Write ``samples`` as PNG images plus a JSONL index that ``m2ist.data.load_jsonl`` reads.
 
-    Images go to ``directory/images/<image_id>.png`` (written once per image id); each JSONL row holds
-    ``image`` (path relative to ``directory``), ``text``, ``bbox`` (``xyxy`` pixels), ``box_format: "xyxy"``,
-    ``image_id`` and ``metadata``. Load it back with
-    ``load_jsonl(path, box_format="xyxy", image_root=directory)``.
+    Images go to ``directory/images/<image_id>.png`` (written once per image id; ids that give the same file name
+    once made safe, such as ``a/b`` and ``a_b``, get a ``-2``, ``-3``... suffix); each JSONL row holds ``image``
+    (path relative to ``directory``), ``text``, ``bbox`` (``xyxy`` pixels), ``box_format: "xyxy"``, ``image_id``
+    and ``metadata``. Load it back with ``load_jsonl(path, box_format="xyxy", image_root=directory)``.
+
+    Every row is checked before anything is written (an image of an unknown type, metadata that is not JSON, two
+    different images under one ``image_id`` are refused, naming the sample), and the JSONL file is swapped in
+    whole, so a failed export never leaves a half-written index.
 
     Returns:
         The path of the JSONL file.
     """
+    from m2ist.data.images import DeferredImage, load_image
+    from m2ist.save_and_load import atomic_write
+
     directory = Path(directory)
+    by_id: dict[tuple[str, Any], tuple[int, str]] = {}  # image id -> (first sample, relative path)
+    taken: set[str] = set()
+    to_write: list[tuple[int, str]] = []
+    lines = []
+    for index, sample in enumerate(samples):
+        image = sample.image
+        if not isinstance(image, (str, Path, Image.Image, np.ndarray, DeferredImage)):
+            raise TypeError(
+                f"Sample {index} has an image of type {type(image).__name__}; expected a PIL image, an array or a "
+                "path."
+            )
+        ident = (type(sample.image_id).__name__, sample.image_id) if sample.image_id is not None else ("", index)
+        if ident in by_id:
+            first, relative = by_id[ident]
+            if not _same_image(samples[first].image, image):
+                raise ValueError(
+                    f"Samples {first} and {index} have the same image_id {sample.image_id!r} but different images: "
+                    "give each image its own image_id (the export writes one image file per id)."
+                )
+        else:
+            key = _image_key(sample, index)
+            suffix = (Path(image).suffix or ".png") if isinstance(image, (str, Path)) else ".png"
+            stem, count = key, 1
+            while f"{stem}{suffix}".lower() in taken:  # lower case: one file on case-insensitive file systems too
+                count += 1
+                stem = f"{key}-{count}"
+            taken.add(f"{stem}{suffix}".lower())
+            relative = f"images/{stem}{suffix}"
+            by_id[ident] = (index, relative)
+            to_write.append((index, relative))
+        row = {
+            "image": relative,
+            "text": sample.expression,
+            "bbox": [float(v) for v in sample.box],
+            "box_format": "xyxy",
+            "image_id": sample.image_id,
+            "metadata": sample.metadata,
+        }
+        try:
+            lines.append(json.dumps(row) + "\n")
+        except (TypeError, ValueError) as error:
+            raise ValueError(
+                f"Sample {index} (image_id {sample.image_id!r}) cannot be written as JSON ({error}): its image_id "
+                "and metadata must hold only strings, numbers, booleans, None, lists and dicts."
+            ) from error
     image_dir = directory / "images"
     image_dir.mkdir(parents=True, exist_ok=True)
-    written: dict[str, str] = {}
+    for index, relative in to_write:
+        image = samples[index].image
+        if isinstance(image, (str, Path)):
+            shutil.copyfile(image, directory / relative)
+        else:
+            if isinstance(image, np.ndarray):
+                image = Image.fromarray(image)
+            elif isinstance(image, DeferredImage):
+                image = load_image(image)
+            image.save(directory / relative, format="PNG")
     path = directory / filename
-    with path.open("w", encoding="utf-8") as handle:
-        for index, sample in enumerate(samples):
-            key = _image_key(sample, index)
-            if key not in written:
-                image = sample.image
-                if isinstance(image, (str, Path)):
-                    source = Path(image)
-                    relative = f"images/{key}{source.suffix or '.png'}"
-                    shutil.copyfile(source, directory / relative)
-                else:
-                    if isinstance(image, np.ndarray):
-                        image = Image.fromarray(image)
-                    if not isinstance(image, Image.Image):
-                        raise TypeError(
-                            f"Sample {index} has an image of type {type(image).__name__}; expected a PIL image, "
-                            "an array or a path."
-                        )
-                    relative = f"images/{key}.png"
-                    image.save(directory / relative, format="PNG")
-                written[key] = relative
-            row = {
-                "image": written[key],
-                "text": sample.expression,
-                "bbox": [float(v) for v in sample.box],
-                "box_format": "xyxy",
-                "image_id": sample.image_id,
-                "metadata": sample.metadata,
-            }
-            handle.write(json.dumps(row) + "\n")
+    atomic_write(path, lambda tmp: Path(tmp).write_text("".join(lines), encoding="utf-8"))
     return path
 
 
