@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+import numpy as np
+
 logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "m2ist_config.json"
@@ -75,6 +77,19 @@ def _matches_type(value: Any, hint: Any) -> bool:
     if origin is dict or hint is dict:
         return isinstance(value, dict) and all(isinstance(key, str) for key in value)
     return isinstance(value, hint) if isinstance(hint, type) else True
+
+
+
+def is_flag(value: Any) -> bool:
+    """Whether ``value`` is a boolean (Python's or numpy's): ``bool("false")`` is ``True``, so nothing else is one."""
+    return isinstance(value, bool | np.bool_)
+
+
+def is_whole_number(value: Any) -> bool:
+    """Whether ``value`` is a whole number: an integer or an integral float (numpy's too), never a boolean or text
+    (``int()`` would read ``7.9`` as 7 and ``"12"`` as 12)."""
+    whole = isinstance(value, int | np.integer) or (isinstance(value, float | np.floating) and float(value).is_integer())
+    return whole and not is_flag(value)
 
 
 @dataclass

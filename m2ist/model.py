@@ -31,7 +31,7 @@ from torch import nn
 from transformers.utils import ModelOutput
 
 from .card import CARD_NAME, EVAL_RESULTS_NAME, write_model_card
-from .config import CONFIG_NAME, M2ISTConfig
+from .config import CONFIG_NAME, M2ISTConfig, is_flag
 from .head import RECHead, rec_loss
 from .layer import SideNetwork, make_checkpoint_function
 from .provenance import _load_recorded_tower, _warn_if_other_tower, tower_identity
@@ -337,9 +337,7 @@ def check_flags(where: str, **flags: Any) -> None:
     a true value in Python, so ``inference_mode="False"`` would freeze the adapter and ``trust_remote_code="false"``
     run a repo's code. ``None`` is accepted only for the switches that default to it (``private``)."""
     for name, value in flags.items():
-        if isinstance(value, bool) or (value is None and name in _OPTIONAL_FLAGS):
-            continue
-        if type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_"):  # numpy's booleans
+        if is_flag(value) or (value is None and name in _OPTIONAL_FLAGS):
             continue
         raise TypeError(f"{where}: {name} must be True or False, got {_describe(value)}"
                         f"{' (a non-empty string is true in Python)' if isinstance(value, str) else ''}.")

@@ -33,9 +33,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-import numpy as np
 import torch
 from PIL import Image, ImageEnhance
+
+from m2ist.config import is_flag, is_whole_number
 
 __all__ = [
     "LOCATION_WORDS",
@@ -185,18 +186,6 @@ _JITTER_ENHANCERS = {
     "contrast": ImageEnhance.Contrast,
     "saturation": ImageEnhance.Color,
 }
-
-
-def is_flag(value: Any) -> bool:
-    """Whether ``value`` is a boolean (Python's or numpy's): ``bool("false")`` is ``True``, so nothing else is one."""
-    return isinstance(value, bool | np.bool_)
-
-
-def is_whole_number(value: Any) -> bool:
-    """Whether ``value`` is a whole number: an integer or an integral float (numpy's too), never a boolean or text
-    (``int()`` would read ``7.9`` as 7 and ``"12"`` as 12)."""
-    whole = isinstance(value, int | np.integer) or (isinstance(value, float | np.floating) and float(value).is_integer())
-    return whole and not is_flag(value)
 
 
 def _is_real(value: Any) -> bool:

@@ -45,6 +45,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
+from m2ist.config import is_whole_number
 from m2ist.data.sample import RECSample
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond", "star")
@@ -129,8 +130,9 @@ _DISTINCT_EXTENTS = 16
 
 
 def _whole(name: str, value: Any, minimum: int) -> int:
-    """``value`` if it is a whole number (not a bool) ``>= minimum``; a ``ValueError`` naming ``name`` otherwise."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+    """``value`` as an ``int`` if it is a whole number (:func:`~m2ist.config.is_whole_number`) ``>= minimum``; a
+    ``ValueError`` naming ``name`` otherwise."""
+    if not is_whole_number(value):
         raise ValueError(f"{name} must be a whole number, got {value!r} ({type(value).__name__}).")
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}.")
@@ -149,7 +151,7 @@ def _pair(name: str, value: Any) -> tuple[int, int]:
 
 def _size_setting(value: Any) -> int | tuple[int, int]:
     """``image_size``: one whole side, or an inclusive ``(min, max)`` range of sides."""
-    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+    if is_whole_number(value):
         return _whole("SyntheticRECConfig.image_size", value, 1)
     if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
         raise ValueError(f"SyntheticRECConfig.image_size must be a whole number or a (min, max) pair, got {value!r}.")
