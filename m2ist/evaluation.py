@@ -299,10 +299,9 @@ def _measured_weights(model: nn.Module, adapter: str | None = None) -> dict[str,
     """``{"weights_sha256": ...}``: the SHA-256 of the trained tensors measured (what their weights file records),
     so a model card shows these results only beside those weights; empty for a model without an adapter's tensors.
     With ``adapter``, those of that adapter of a :class:`~m2ist.model.SideTunedModel` (active or not)."""
-    modules = getattr(model, "_adapter_modules", None)
-    if adapter is not None and callable(modules):
-        side, head = modules(adapter)  # the tensors save_pretrained writes for that adapter, in its key layout
-        return {WEIGHTS_SHA256_KEY: tensors_sha256(dict(nn.ModuleDict({"side": side, "head": head}).state_dict()))}
+    adapter_state = getattr(model, "adapter_state_dict", None)
+    if adapter is not None and callable(adapter_state):  # what save_pretrained writes for that adapter
+        return {WEIGHTS_SHA256_KEY: tensors_sha256(adapter_state(adapter))}
     state = getattr(model, "trainable_state_dict", None)
     return {WEIGHTS_SHA256_KEY: tensors_sha256(state())} if callable(state) else {}
 
@@ -515,6 +514,7 @@ def evaluate(
                             ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
                                       for k, v in split_metrics.items()))
     metrics, predictions = metrics_by[keys[0]], predictions_by[keys[0]]
+    measured = {key: _measured_weights(model, key) for key in keys}  # hashed once each, reported twice for keys[0]
 
     results: dict[str, Any] = {
         "metrics": metrics,
@@ -529,7 +529,7 @@ def evaluate(
                 "accuracy": "correct / expressions",
             },
             "model": _model_summary(model, keys[0]),  # "metrics" are the first named adapter's: so is this
-            **_measured_weights(model, keys[0]),
+            **measured[keys[0]],
             "processor": (processor.flat_settings() if hasattr(processor, "flat_settings")
                           else processor.to_dict() if hasattr(processor, "to_dict") else repr(processor)),
             "batch_size": batch_size,
@@ -541,7 +541,7 @@ def evaluate(
     if save_predictions:
         results["predictions"] = predictions
     if names is not None:
-        results["adapters"] = {key: {"metrics": metrics_by[key], **_measured_weights(model, key),
+        results["adapters"] = {key: {"metrics": metrics_by[key], **measured[key],
                                      **({"predictions": predictions_by[key]} if save_predictions else {})}
                                for key in keys}
     if output_file is not None:

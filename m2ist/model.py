@@ -1013,6 +1013,12 @@ class SideTunedModel(RECModel):
         modules = self.inactive_adapters[name]
         return modules["side"], modules["head"]
 
+    def adapter_state_dict(self, name: str) -> dict[str, torch.Tensor]:
+        """The tensors ``save_pretrained`` writes for adapter ``name`` (active or not), keyed ``side.*`` / ``head.*``
+        as the active adapter's in :meth:`trainable_state_dict`."""
+        side, head = self._adapter_modules(name)
+        return _AdapterView(nn.ModuleDict({"side": side, "head": head})).trainable_state_dict()
+
     def _check_new_name(self, name: str) -> None:
         """Refuse a name that cannot name a new adapter (unusable, or taken)."""
         problem = adapter_name_problem(name) or (f"{BASE_ADAPTER!r} is PEFT's 'no adapter'" if name == BASE_ADAPTER
@@ -1282,12 +1288,10 @@ class SideTunedModel(RECModel):
                                  "would reload as another model. Build a new model with the config you want (or put the "
                                  "values back); nothing was saved.")
         for name in names:
-            side, head = self._adapter_modules(name)
             target = folder if name == DEFAULT_ADAPTER else folder / name
             target.mkdir(parents=True, exist_ok=True)
             self.adapter_setups[name].config.save_pretrained(target)
-            state = _AdapterView(nn.ModuleDict({"side": side, "head": head})).trainable_state_dict()
-            save_trainable_state(state, target / WEIGHTS_NAME)
+            save_trainable_state(self.adapter_state_dict(name), target / WEIGHTS_NAME)
         if DEFAULT_ADAPTER not in names and previous is not None:
             carried = [CONFIG_NAME, WEIGHTS_NAME]
             if self.processor is None:
