@@ -42,7 +42,6 @@ from torch.utils.data import Dataset
 from transformers import EvalPrediction, Trainer, TrainingArguments
 from transformers.trainer import TRAINER_STATE_NAME, TRAINING_ARGS_NAME
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
-from transformers.trainer_pt_utils import get_parameter_names
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, IntervalStrategy, SaveStrategy, SchedulerType
 
 from .cache import (
@@ -166,7 +165,8 @@ class RECTrainingArguments(TrainingArguments):
     learning_rate: float = field(default=1e-4, metadata={"help": "Learning rate of the REC head (the recipe: 1e-4)."})
     weight_decay: float = field(
         default=1e-4,
-        metadata={"help": "AdamW weight decay, applied to weights only (not biases, norms or embeddings)."},
+        metadata={"help": "AdamW weight decay, applied to the weight matrices of layers only (not biases, norms, "
+                          "embeddings, or a tower's bare tokens and position tables)."},
     )
     max_grad_norm: float = field(
         default=0.0, metadata={"help": "Gradient clipping norm; 0 (the recipe) disables clipping."}
@@ -550,6 +550,23 @@ class StderrPrinterCallback(PrinterCallback):
             return super().on_log(args, state, control, logs=logs, **kwargs)
 
 
+
+def decayed_parameter_names(model: nn.Module) -> list[str]:
+    """Names of ``model``'s parameters that are layer weight matrices: a ``*weight`` parameter of two or more
+    dimensions held by a module that is neither an embedding nor a normalisation (by class: ``nn.Embedding``, the
+    ``torch.nn`` norms, or a class whose name has ``Norm`` in it, as ``LlamaRMSNorm``). A parameter shared by several
+    modules is decayed only if every one of them would decay it."""
+    norms = (nn.Embedding, nn.EmbeddingBag, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.LocalResponseNorm,
+             nn.modules.batchnorm._NormBase)
+    verdicts: dict[int, bool] = {}
+    for module in model.modules():
+        held_by_norm = isinstance(module, norms) or "norm" in type(module).__name__.lower()
+        for name, param in module.named_parameters(recurse=False):
+            decays = name.endswith("weight") and param.ndim >= 2 and not held_by_norm
+            verdicts[id(param)] = verdicts.get(id(param), True) and decays
+    return [name for name, param in model.named_parameters(remove_duplicate=False) if verdicts.get(id(param), False)]
+
+
 class RECTrainer(Trainer):
     """``transformers.Trainer`` for :class:`SideTunedModel` and the baselines of :func:`m2ist.evidence.baselines.build_model`.
 
@@ -923,9 +940,12 @@ class RECTrainer(Trainer):
 
     # ------------------------------------------------------------------ optimizer and schedule
     def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
-        """Weights get weight decay; biases, norms and embeddings (position, [REG] token) do not."""
-        patterns = [r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)"]
-        return get_parameter_names(model, [nn.LayerNorm, nn.Embedding], patterns)
+        """The parameters that get weight decay: the weight matrices of layers (linear, convolution, attention
+        projections). Biases, norms, embedding tables (position, [REG] token) and the tokens and tables a tower holds
+        as bare parameters (ViT's ``cls_token`` and ``position_embeddings``, Swin's relative position table,
+        DINOv2's layer scale) get none, so a tower trained by full fine-tuning is decayed as timm and BERT's
+        recipes decay it."""
+        return decayed_parameter_names(model)
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         """AdamW (``args.optim``) with four groups: head / side (and trained tower) parameters, each with and without

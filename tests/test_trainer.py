@@ -273,6 +273,21 @@ def test_parameter_groups_learning_rates_and_weight_decay(tmp_path):
     assert decay | no_decay == every and not decay & no_decay
 
 
+def test_full_fine_tuning_decays_layer_weights_only(tmp_path):
+    """Full fine-tuning decays the towers' layer weights, never the tokens and tables a tower holds as bare
+    parameters (ViT's [CLS] token and position table), its norms or embedding tables: decaying them pulls the
+    position table to zero and handicaps the baseline m2ist is compared with."""
+    model = build_model(vision_tower("vit"), text_tower("bert"), tiny_config(), method="full")
+    decayed = set(RECTrainer(model, _args(tmp_path)).get_decay_parameter_names(model))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    vision = {n for n in trainable if n.startswith("vision_model.embeddings.") and n.count(".") == 2}
+    assert len(vision) == 2 and not vision & decayed
+    assert not {n for n in trainable if "_embeddings.weight" in n or "LayerNorm" in n or "layernorm" in n} & decayed
+    assert any(n.endswith("patch_embeddings.projection.weight") for n in decayed)  # a convolution's weight
+    assert any("attention" in n and n.endswith("query.weight") for n in decayed)
+    assert "head.layers.0.attention.in_proj_weight" in decayed  # nn.MultiheadAttention's bare projection matrix
+    assert all(n in trainable for n in decayed)
+
 def test_default_optimizer_is_fused_adamw(tmp_path):
     """transformers 5's default optim, adamw_torch_fused, reaches the optimizer through our parameter groups (torch
     runs fused AdamW on CPUs too)."""
