@@ -93,10 +93,17 @@ def results_for_weights(results: Mapping[str, Any] | None, weights: Path,
     written by an older ``RECTrainer`` without one (they may measure any of its runs' weights), are left out.
     Results without a SHA-256 from elsewhere (written by hand, or by an older ``evaluate``) are kept. Given the
     adapter's ``config``, results measured with other towers than it records (``m2ist eval --vision-model ...``)
-    are left out too: the card names the recorded towers."""
+    are left out too: the card names the recorded towers, and so are results of the first expressions of each
+    split alone (``max_eval_samples``): the card reports whole splits."""
     if not results:
         return None
     metadata = results.get("metadata") if isinstance(results.get("metadata"), Mapping) else {}
+    data = metadata.get("data") if isinstance(metadata.get("data"), Mapping) else {}
+    if data.get("max_eval_samples") is not None:
+        logger.warning("Leaving the evaluation results out of the model card: they scored only the first %s "
+                       "expressions of each split (max_eval_samples); evaluate the whole splits for the card.",
+                       data["max_eval_samples"])
+        return None
     measured = metadata.get(WEIGHTS_SHA256_KEY)
     if measured is None and metadata.get("source") != "RECTrainer":
         return _results_for_towers(results, config)

@@ -112,6 +112,25 @@ def test_sample_limit_flags_refuse_negative_numbers(workspace, capsys):
     assert code == 2 and out == "" and "--max-eval-samples: -1 must be positive" in err
 
 
+def test_a_subsample_evaluation_keeps_the_full_results_and_stays_out_of_the_card(workspace, capsys, tmp_path):
+    """``m2ist eval --max-eval-samples N`` writes ``eval_results.first-N.json`` beside the adapter: it replaced the
+    full results, and the next card reported the first N expressions' accuracy as the adapter's."""
+    adapter = tmp_path / "adapter"
+    shutil.copytree(workspace / "adapter", adapter)
+    assert run_cli(capsys, *eval_args(workspace, adapter))[0] == 0
+    full = digest(adapter / "eval_results.json")
+    assert run_cli(capsys, *eval_args(workspace, adapter, "--max-eval-samples", "1"))[0] == 0
+    assert digest(adapter / "eval_results.json") == full
+    quick = json.loads((adapter / "eval_results.first-1.json").read_text())
+    assert quick["metadata"]["data"]["max_eval_samples"] == 1 and quick["metrics"]["val"]["count"] == 1
+
+    model = SideTunedModel.from_pretrained(adapter)
+    write_model_card(adapter, model.config, model.parameter_counts())
+    assert "## Evaluation" in (adapter / "README.md").read_text()
+    shutil.copy(adapter / "eval_results.first-1.json", adapter / "eval_results.json")  # --output eval_results.json
+    write_model_card(adapter, model.config, model.parameter_counts())
+    assert "## Evaluation" not in (adapter / "README.md").read_text()
+
 # ---------------------------------------------------------------------------------------------- 3. towers used
 def test_results_name_the_towers_used_and_a_card_leaves_out_those_of_other_towers(workspace, tmp_path):
     other = tmp_path / "vit_other"

@@ -48,8 +48,10 @@ def run(settings: dict[str, dict[str, Any]], args: argparse.Namespace) -> int:
     evaluation = settings["evaluation"]
     adapter = settings["model"].get("adapter") or ""
     output = evaluation.get("output_file")
-    if output is None:
-        output = Path(adapter) / "eval_results.json" if adapter and Path(adapter).is_dir() else Path("eval_results.json")
+    if output is None:  # a subsample's scores never replace the full results the adapter's card reports
+        limit = settings["data"].get("max_eval_samples")
+        name = "eval_results.json" if limit is None else f"eval_results.first-{limit}.json"
+        output = Path(adapter) / name if adapter and Path(adapter).is_dir() else Path(name)
     refuse_dash("--output", output, "give a file name for the JSON results (the table goes to stdout).")
     check_output_file(output)  # a bad --output fails now, not after the whole evaluation
     splits = load_data_splits(settings["data"], "eval")
