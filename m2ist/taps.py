@@ -561,3 +561,8 @@ _BERT_LIKE = TapSpec(
 )
 register_taps("text", ["bert", "roberta", "xlm-roberta", "deberta-v2", "deberta", "electra", "camembert", "ernie"],
               _BERT_LIKE)
+register_taps("text", ["mobilebert"], TapSpec(
+    layers=("encoder.layer.*",), unused_modules=("pooler",),
+    note="both experts read the layer outputs: each layer stacks its feed-forward networks (ffn.*) inside a "
+         "bottleneck, which the structural search would take for the layers (3x too many, at the bottleneck width)",
+))

@@ -123,7 +123,15 @@ def resample_tokens(x: torch.Tensor, grid: tuple[int, int] | None, target: torch
         try:
             grid = infer_grid(x.shape[1] - prefix, aspect)
         except ValueError:
-            lead, grid = 0, infer_grid(x.shape[1], aspect)
+            try:
+                lead, grid = 0, infer_grid(x.shape[1], aspect)
+            except ValueError:
+                raise TowerLayoutError(
+                    f"A layer gives {x.shape[1]} tokens, which form no patch grid like the final output's "
+                    f"{target_grid[0]}x{target_grid[1]}, with or without its {prefix} leading tokens: the tower's "
+                    "layers carry tokens that are not image patches (as GroupViT's group tokens are), or its prefix / "
+                    "suffix token counts are wrong (vision_taps={'num_prefix_tokens': ..., 'num_suffix_tokens': "
+                    "...})") from None
     if lead not in (0, prefix):
         raise ValueError(f"A tap has {lead} leading tokens, the final output {prefix}: they cannot be matched.")
     patches = rearrange(x[:, lead:], "b (h w) c -> b c h w", h=grid[0], w=grid[1])
@@ -336,7 +344,39 @@ class Tower:
         self.fixed_length: int | None = None  # set for a text tower that reads its padding (see _check_padding)
         self.pad_id = 0
         self._check_padding(probe_inputs)
+        self._check_batch(probe_inputs)
         self._install_hooks()
+
+    def structural_refusal(self, reason: str) -> TowerLayoutError:
+        """One line refusing the tower for its structure, which no tap override changes."""
+        return TowerLayoutError(f"Cannot side-tune the {self.modality} tower {type(self.model).__name__} "
+                                f"(model_type={self.model_type!r}): {reason}.")
+
+    def _check_batch(self, probe_inputs: dict[str, torch.Tensor] | None) -> None:
+        """Refuse a tower whose samples are not independent: its output must have one entry per input sample,
+        and a sample's features must not change with the other samples of its batch. Pixtral's vision model packs
+        every image of a batch into one sequence: built on one probe image it would pass, then fail (or misread
+        tokens) on every batch of several images."""
+        if probe_inputs is None:
+            return
+        key = "pixel_values" if self.modality == VISION else "input_ids"
+        first = probe_inputs[key][:1]
+        pair = {name: torch.cat([value[:1], value[:1].flip(-1) if name == key else value[:1]])
+                for name, value in probe_inputs.items()}
+        with torch.no_grad():
+            alone = self._probe({name: value[:1] for name, value in probe_inputs.items()})[0]
+            together = self._probe(pair)[0]
+        if together.shape[0] != 2 or together.shape[1:] != alone.shape[1:]:  # _run refuses most of these already
+            raise self.structural_refusal(f"its forward mixes the samples of a batch (2 inputs give an output of shape "
+                                          f"{tuple(together.shape)}, 1 input {tuple(alone.shape)})")
+        alone, mixed = alone.float(), together[:1].float()
+        # loose: a GPU may pick other kernels (TF32 convolutions) for another batch size; mixing changes far more
+        tolerance = (5e-2 if self.dtype in HALF_PRECISION else 1e-2) * max(1.0, alone.abs().max().item())
+        change = (alone - mixed).abs().max().item()
+        if not change <= tolerance and bool(torch.isfinite(alone).all()):
+            raise self.structural_refusal(f"a sample's features change by {change:.3g} with the other samples of its "
+                                          f"batch ({key} {tuple(first.shape)} alone and with another): its forward "
+                                          "does not keep the samples apart; use a tower that does")
 
     def _check_padding(self, probe_inputs: dict[str, torch.Tensor] | None) -> None:
         """Find whether a text tower reads its padding: a phrase's final tokens change when padding (other token
@@ -590,6 +630,11 @@ class Tower:
             out = self._call(input_ids=input_ids, attention_mask=mask, output_hidden_states=hidden_states or None,
                              use_cache=False)
             tokens = out.last_hidden_state
+            if tokens.shape[0] != input_ids.shape[0]:
+                raise self.structural_refusal(
+                    f"{input_ids.shape[0]} phrases give an output of shape {tuple(tokens.shape)}: its forward packs "
+                    "the phrases of a batch into one sequence, and m2ist reads one output per phrase; use a tower "
+                    "that keeps the batch dimension")
             mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device) if mask is None else mask.bool()
             return tokens, mask, out
         pixel_values = inputs["pixel_values"].to(self.dtype)
@@ -606,6 +651,11 @@ class Tower:
                 and tuple(pixel_values.shape[-2:]) != self.native_size:
             kwargs["interpolate_pos_encoding"] = True
         out = self._call(**kwargs, output_hidden_states=hidden_states or None)
+        if out.last_hidden_state.shape[0] != pixel_values.shape[0]:
+            raise self.structural_refusal(
+                f"{pixel_values.shape[0]} images give an output of shape {tuple(out.last_hidden_state.shape)}: its "
+                "forward packs the images of a batch into one sequence (as Pixtral's vision model does), and m2ist "
+                "reads one output per image; use a tower that keeps the batch dimension")
         tokens, grid = to_tokens(out.last_hidden_state, self.spec.layer_layout)
         if grid is not None:  # a feature map: no prefix tokens, the grid is its own
             self.num_prefix_tokens, self.num_suffix_tokens, self.grid = 0, 0, grid

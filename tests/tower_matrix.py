@@ -88,6 +88,9 @@ VISION_FAMILIES: list[Family] = [
     Family("aimv2_vision", _vit_like(T.Aimv2VisionConfig, T.Aimv2VisionModel), prefix=0, grid=G4),
     Family("yolos", lambda: T.YolosModel(T.YolosConfig(
         **_LAYERS, image_size=[IMAGE_SIZE, IMAGE_SIZE], patch_size=8, num_detection_tokens=3)), prefix=1, suffix=3, grid=G4),
+    Family("pixtral", lambda: T.PixtralVisionModel(T.PixtralVisionConfig(**_LAYERS, image_size=IMAGE_SIZE, patch_size=8,
+                                                                          head_dim=16)),
+           refused="packs the images of a batch into one sequence", overridable=False),
     Family("vit_mae", _vit_like(T.ViTMAEConfig, T.ViTMAEModel), refused="at random"),
     Family("swin", lambda: T.SwinModel(T.SwinConfig(embed_dim=16, depths=[1, 1], num_heads=[2, 2], image_size=IMAGE_SIZE,
                                                      patch_size=4, window_size=4)), grid=(4, 4)),
@@ -183,6 +186,13 @@ TEXT_FAMILIES: list[Family] = [
     Family("convbert", _text(T.ConvBertConfig, T.ConvBertModel, embedding_size=H)),  # its convolutions too
     Family("nystromformer", _text(T.NystromformerConfig, T.NystromformerModel, num_landmarks=4, segment_means_seq_len=8),
            refused="fails on a padded phrase", overridable=False),
+    Family("mobilebert", lambda: T.MobileBertModel(T.MobileBertConfig(
+        **_LAYERS, vocab_size=VOCAB, embedding_size=16, intra_bottleneck_size=16, true_hidden_size=16,
+        num_feedforward_networks=4))),  # its stacked FFNs are not layers; reads its padding (trigram embedding)
+    Family("gemma2", _text(T.Gemma2Config, T.Gemma2Model, **_DECODER, head_dim=16, sliding_window=4),
+           last_state_normed=True),
+    Family("mixtral", _text(T.MixtralConfig, T.MixtralModel, **_DECODER, num_local_experts=2, num_experts_per_tok=1),
+           last_state_normed=True),
     Family("funnel", lambda: T.FunnelModel(T.FunnelConfig(vocab_size=VOCAB, block_sizes=[1, 1], d_model=H, n_head=A,
                                                           d_head=16, d_inner=F)),
            refused="changes its sequence length between layers", overridable=False),
@@ -259,7 +269,7 @@ def support_table(built: list[Built]) -> str:
         for item in (b for b in built if b.role == role):
             if item.error is not None:
                 counts["refused"] += 1
-                reason = str(item.error).split(": ", 1)[-1].split(". Override", 1)[0]
+                reason = str(item.error).split(": ", 1)[-1].split(". Override", 1)[0].rstrip(".")
                 lines.append(f"| {item.family.name} | | refused | | | | | | {reason} |")
                 continue
             r = item.report
