@@ -81,12 +81,17 @@ def profile_training_step(model: torch.nn.Module, batch: dict[str, torch.Tensor]
                           warmup: int = 1, lr: float = 1e-5, forward: Any = None) -> dict[str, Any]:
     """AdamW steps of ``model`` on ``batch``: exact bytes, process peak memory and median step time.
 
-    Exact bytes = autograd's saved tensors (one forward, distinct storages) + parameters + gradients + AdamW
-    state. Process peak = ``torch.cuda.max_memory_allocated`` since the warm-up on GPU, peak RSS on CPU (run one
-    method per process to compare peaks).
+    Exact bytes = autograd's saved tensors (one forward, distinct storages, the model's parameters left out: they
+    are counted once, as parameters) + parameters + the gradients and AdamW state held after the timed steps
+    (measured, not predicted: a trainable parameter that gets no gradient, such as a pooler, costs nothing).
+    Process peak = ``torch.cuda.max_memory_allocated`` since the warm-up on GPU, peak RSS on CPU (run one method
+    per process to compare peaks).
     """
     from .profiling import saved_tensor_accounting, training_state_bytes
 
+    for name, value, least in (("steps", steps, 1), ("warmup", warmup, 0)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+            raise ValueError(f"profile_training_step: {name} must be a whole number >= {least}, got {value!r}.")
     dev = next(p.device for p in model.parameters())
     batch = {k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=1e-4,
@@ -103,7 +108,7 @@ def profile_training_step(model: torch.nn.Module, batch: dict[str, torch.Tensor]
     _sync(dev)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
-    with saved_tensor_accounting() as saved:
+    with saved_tensor_accounting(exclude=model.parameters()) as saved:
         loss = forward().loss
     loss.backward()
     del loss
@@ -114,7 +119,7 @@ def profile_training_step(model: torch.nn.Module, batch: dict[str, torch.Tensor]
         step()
         _sync(dev)
         times.append(time.perf_counter() - start)
-    state = training_state_bytes(model)
+    state = training_state_bytes(model, optimizer)  # what the last step left: gradients and AdamW state
     peak = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else \
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {
@@ -300,6 +305,16 @@ def describe_device(device: str) -> str:
     return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
+def floor_times(results: list[dict[str, Any]]) -> dict[str, float]:
+    """The median floor (frozen towers' forward alone) of the rows whose towers run in each dtype: on a GPU with
+    bfloat16, M²IST's rows run their towers in bfloat16 and the baselines in float32, and one median over all of
+    them would be neither's floor."""
+    by_dtype: dict[str, list[float]] = {}
+    for row in results:
+        by_dtype.setdefault(row.get("tower_dtype", "?"), []).append(row["floor_time_s"])
+    return {dtype: statistics.median(times) for dtype, times in by_dtype.items()}
+
+
 def format_table(results: list[dict[str, Any]]) -> str:
     """A markdown table of the figures and their ratios to full fine-tuning."""
     lines = ["| method | towers | trainable (M) | trainable % | side % | saved tensors (MiB) | exact bytes (MiB) | "
@@ -315,11 +330,13 @@ def format_table(results: list[dict[str, Any]]) -> str:
             f"{100 * r['side_fraction']:.2f} | {r['saved_tensor_bytes'] / 2**20:.0f} | {r['exact_bytes'] / 2**20:.0f} | "
             f"{r['peak_memory_bytes'] / 2**20:.0f} | {r['step_time_s']:.3f} | {ratio.get('exact_bytes', float('nan')):.3f} | "
             f"{ratio.get('peak_memory_bytes', float('nan')):.3f} | {ratio.get('step_time_s', float('nan')):.3f} |")
-    floor = statistics.median(r["floor_time_s"] for r in results)
     full = next((r for r in results if r["method"] == "full"), None)
     lines.append("")
-    lines.append(f"floor (frozen towers' forward alone): {floor:.3f} s"
-                 + (f" = {floor / full['step_time_s']:.3f} of full fine-tuning's step" if full else ""))
+    floors = floor_times(results)
+    for dtype, floor in floors.items():  # towers of another dtype run at another speed: one floor per dtype
+        towers = f", {dtype} towers" if len(floors) > 1 else ""
+        lines.append(f"floor (frozen towers' forward alone{towers}): {floor:.3f} s"
+                     + (f" = {floor / full['step_time_s']:.3f} of full fine-tuning's step" if full else ""))
     for r in results:
         if r.get("lower_bound_time_s"):
             lines.append(f"M²IST lower bound (towers' forward + side/head forward and backward): "

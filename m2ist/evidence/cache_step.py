@@ -28,6 +28,9 @@ def measure(rounds: int = 10, batch_size: int = 32, tiny: bool = False, cache_di
 
     from .demo import DEMO_CACHE_DTYPE, prepare
 
+    for name, value in (("rounds", rounds), ("batch_size", batch_size)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"cache_step: {name} must be a whole number >= 1, got {value!r}.")
     torch.manual_seed(0)
     sizes = {"train": batch_size, "val": 2, "test_attributes": 2, "test_compositional": 2, "test_relations": 2,
              "test_spatial": 2}
@@ -74,10 +77,12 @@ def measure(rounds: int = 10, batch_size: int = 32, tiny: bool = False, cache_di
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point."""
+    from m2ist.cli.flags import positive_int
+
     parser = argparse.ArgumentParser(prog="python -m m2ist.evidence.cache_step", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=10, help="interleaved rounds (the first is dropped)")
-    parser.add_argument("--batch-size", type=int, default=32, help="batch size (default: 32, the demo's)")
+    parser.add_argument("--rounds", type=positive_int, default=10, help="interleaved rounds (the first is dropped)")
+    parser.add_argument("--batch-size", type=positive_int, default=32, help="batch size (default: 32, the demo's)")
     parser.add_argument("--tiny", action="store_true", help="tiny towers (a smoke test)")
     parser.add_argument("--cache-dir", default=None, help="cache of the pretrained shapes ViT")
     parser.add_argument("--compile", action="store_true",

@@ -4,7 +4,9 @@ Every method trains on the same towers (fresh copies), head configuration, proce
 its own subprocess (so process peak memory is per method), then is evaluated on every test split. The table
 gives Acc@0.5 per split, trainable parameters (M and % of the model), exact training memory (autograd saved
 tensors + parameters + gradients + AdamW state), process peak memory (peak RSS on CPU,
-``torch.cuda.max_memory_allocated`` on GPU) and step time, each also as a ratio to full fine-tuning.
+``torch.cuda.max_memory_allocated`` on GPU) and step time, each also as a ratio to full fine-tuning. Each method
+trains as training does by default (``tower_dtype="auto"``): on a GPU with bfloat16, M²IST's frozen towers run in
+bfloat16 and the baselines train theirs in float32; the ``towers`` column says which.
 """
 
 from __future__ import annotations
@@ -60,7 +62,10 @@ def run_method(method: str, *, steps: int, batch_size: int, seed: int, tiny: boo
         {"image": s.image, "expression": s.expression, "box": s.box} for s in setup.splits["train"][:batch_size]])
     figures = profile_training_step(model, dict(batch), steps=3, warmup=1)
     trainable, total = model.get_nb_trainable_parameters()
-    return {"method": method, "metrics": metrics, "trainable_params": trainable, "total_params": total,
+    # training's default (tower_dtype="auto") runs M²IST's frozen towers in bfloat16 on a GPU that supports it,
+    # while the baselines train theirs in float32: each row says which its figures were measured with
+    return {"method": method, "tower_dtype": str(model.vision_tower.dtype).removeprefix("torch."),
+            "metrics": metrics, "trainable_params": trainable, "total_params": total,
             "parameter_counts": model.parameter_counts(), "train_seconds": train_seconds, **figures}
 
 
@@ -80,14 +85,15 @@ def _isolated(method: str, args: argparse.Namespace) -> dict[str, Any]:
 def format_table(rows: list[dict[str, Any]]) -> str:
     """Markdown: accuracy per split, then cost and its ratio to full fine-tuning."""
     splits = list(rows[0]["metrics"])
-    head = "| method | " + " | ".join(f"{s} Acc@0.5" for s in splits) + " | trainable (M) | trainable % | " \
+    head = "| method | towers | " + " | ".join(f"{s} Acc@0.5" for s in splits) + " | trainable (M) | trainable % | " \
         "exact memory (MiB) | peak memory (MiB) | step (s) | memory vs full | peak vs full | time vs full |"
-    lines = [head, "|" + "---|" * (len(splits) + 9)]
+    lines = [head, "|" + "---|" * (len(splits) + 10)]
     for r in rows:
         ratio = r.get("ratios_to_full", {})
         accs = " | ".join(f"{100 * r['metrics'][s]['acc@0.5']:.1f}" for s in splits)
         lines.append(
-            f"| {r['method']} | {accs} | {r['trainable_params'] / 1e6:.2f} | {100 * r['trainable_fraction']:.2f} | "
+            f"| {r['method']} | {r.get('tower_dtype', '?')} | {accs} | {r['trainable_params'] / 1e6:.2f} | "
+            f"{100 * r['trainable_fraction']:.2f} | "
             f"{r['exact_bytes'] / 2**20:.0f} | {r['peak_memory_bytes'] / 2**20:.0f} | {r['step_time_s']:.3f} | "
             f"{ratio.get('exact_bytes', float('nan')):.3f} | {ratio.get('peak_memory_bytes', float('nan')):.3f} | "
             f"{ratio.get('step_time_s', float('nan')):.3f} |")
