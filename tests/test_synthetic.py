@@ -311,6 +311,17 @@ def test_make_benchmark_writes_every_split_and_a_manifest(tmp_path):
     assert config == SyntheticRECConfig()
 
 
+def test_make_benchmark_refuses_to_leave_a_skipped_splits_earlier_export(tmp_path):
+    """Exporting again with a split's size 0 left the earlier export's ``root/<split>/`` beside a manifest that
+    does not describe it: now refused before any scene is drawn, and nothing is written."""
+    make_benchmark(tmp_path, sizes={name: 1 for name in SPLITS}, seed=0)
+    before = (tmp_path / "benchmark.json").read_bytes()
+    with pytest.raises(ValueError, match=r"test_spatial.*holds an earlier export.*Remove that folder"):
+        make_benchmark(tmp_path, sizes={name: 0 if name == "test_spatial" else 1 for name in SPLITS}, seed=1)
+    assert (tmp_path / "benchmark.json").read_bytes() == before
+    make_benchmark(tmp_path / "fresh", sizes={name: 0 if name == "test_spatial" else 1 for name in SPLITS}, seed=1)
+    assert not (tmp_path / "fresh" / "test_spatial").exists()
+
 def test_records_and_hf_dataset():
     samples = generate_split("test_spatial", 2, seed=0)
     rows = to_records(samples)

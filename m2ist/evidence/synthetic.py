@@ -1006,12 +1006,20 @@ def make_benchmark(
         name: _whole(f"make_benchmark(sizes={{{name!r}: ...}})", count, 0)
         for name, count in {**DEFAULT_SIZES, **(sizes or {})}.items()
     }
+    if root is not None:  # checked before the scenes are drawn
+        stale = [name for name, count in resolved.items() if count == 0 and (Path(root) / name / "annotations.jsonl").exists()]
+        if stale:
+            raise ValueError(f"{Path(root) / stale[0]} holds an earlier export of the split {stale[0]!r}, which "
+                             f"sizes={{{stale[0]!r}: 0}} skips: it would stay beside a benchmark.json that does not "
+                             "describe it. Remove that folder, or export to an empty root.")
     splits = {
         name: generate_split(name, count, seed, config, expressions_per_image=expressions_per_image)
         for name, count in resolved.items()
         if count > 0
     }
     if root is not None:
+        from .outputs import write_json
+
         root = Path(root)
         root.mkdir(parents=True, exist_ok=True)
         for name, samples in splits.items():
@@ -1024,7 +1032,7 @@ def make_benchmark(
             "splits": {name: {"images": resolved[name], "expressions": len(s)} for name, s in splits.items()},
             "box_format": "xyxy",
         }
-        (root / "benchmark.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        write_json(root / "benchmark.json", manifest)
     return splits
 
 
