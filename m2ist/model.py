@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.modules.module import _IncompatibleKeys
 from transformers.utils import ModelOutput
 
 from .card import CARD_NAME, EVAL_RESULTS_NAME, write_model_card
@@ -727,20 +728,22 @@ class SideTunedModel(RECModel):
     def to(self, *args: Any, **kwargs: Any) -> SideTunedModel:
         """Move the whole model to a device; cast only the side network and the head to a dtype.
 
-        ``model.to("cuda")``, ``model.to(torch.bfloat16)``, ``model.to("cuda", torch.float16)`` work as on any
-        module, except that a dtype applies to the trained part only: the frozen towers keep the dtype set by
+        ``model.to("cuda")``, ``model.to(torch.bfloat16)``, ``model.to("cuda", torch.float16)`` and
+        ``model.to(memory_format=torch.channels_last)`` work as on any module, except that a dtype applies to the
+        trained part only: the frozen towers keep the dtype set by
         ``config.backbone_dtype`` (rebuild or reload with ``backbone_dtype=...`` to change it).
         """
         try:
-            device, dtype, non_blocking, _ = torch._C._nn._parse_to(*args, **kwargs)
+            device, dtype, non_blocking, memory_format = torch._C._nn._parse_to(*args, **kwargs)
         except (TypeError, RuntimeError) as err:
             raise TypeError(f"SideTunedModel.to() takes a device and/or a floating dtype, e.g. to('cuda') or "
                             f"to(torch.bfloat16); got args={args}, kwargs={kwargs} ({err}).") from None
         if dtype is not None and not dtype.is_floating_point:
             raise TypeError(f"SideTunedModel.to({dtype}): the side network and head need a floating dtype "
                             f"(torch.float32, torch.bfloat16 or torch.float16).")
-        if device is not None:
-            super().to(device=device, non_blocking=non_blocking)
+        if device is not None or memory_format is not None:  # the layout, like the device, applies to the towers too
+            layout = {} if memory_format is None else {"memory_format": memory_format}
+            super().to(device=device, non_blocking=non_blocking, **layout)
         if dtype is not None:  # every adapter's side network and head, the inactive ones too
             for module in (self.side, self.head, self.inactive_adapters):
                 module.to(dtype=dtype, non_blocking=non_blocking)
@@ -988,6 +991,42 @@ class SideTunedModel(RECModel):
         deleted there would change nothing (use :meth:`add_adapter` / :meth:`delete_adapter`)."""
         return MappingProxyType({name: setup.config for name, setup in self.adapter_setups.items()})
 
+    # PEFT verbs that side-tuning has no meaning for: one clear refusal each, not an AttributeError or a no-op.
+    # (``get_base_model`` / ``base_model`` stay undefined: transformers' Trainer probes them with ``hasattr``.)
+    def merge_and_unload(self, *args: Any, **kwargs: Any) -> nn.Module:
+        """Refused: side-tuning cannot merge (see :func:`_cannot_merge`)."""
+        raise NotImplementedError(_cannot_merge("merge_and_unload"))
+
+    def merge_adapter(self, *args: Any, **kwargs: Any) -> None:
+        """Refused: side-tuning cannot merge (see :func:`_cannot_merge`)."""
+        raise NotImplementedError(_cannot_merge("merge_adapter"))
+
+    def unmerge_adapter(self, *args: Any, **kwargs: Any) -> None:
+        """Refused: nothing is ever merged into the towers (see :func:`_cannot_merge`)."""
+        raise NotImplementedError(_cannot_merge("unmerge_adapter"))
+
+    def unload(self, *args: Any, **kwargs: Any) -> nn.Module:
+        """Refused: there is no single base model to give back (see :func:`_cannot_merge`)."""
+        raise NotImplementedError(_cannot_merge("unload"))
+
+    def disable_adapter(self, *args: Any, **kwargs: Any) -> Any:
+        """Refused: a REC model gives no box without an adapter (PEFT's context manager runs the base model)."""
+        raise NotImplementedError(_cannot_disable("disable_adapter"))
+
+    def disable_adapter_layers(self, *args: Any, **kwargs: Any) -> None:
+        """Refused, as :meth:`disable_adapter`."""
+        raise NotImplementedError(_cannot_disable("disable_adapter_layers"))
+
+    def disable_adapters(self, *args: Any, **kwargs: Any) -> None:
+        """Refused, as :meth:`disable_adapter` (transformers' ``PeftAdapterMixin`` name)."""
+        raise NotImplementedError(_cannot_disable("disable_adapters"))
+
+    def enable_adapter_layers(self) -> None:
+        """Nothing to do: the active adapter is always enabled (it cannot be disabled)."""
+
+    def enable_adapters(self) -> None:
+        """Nothing to do: the active adapter is always enabled (transformers' ``PeftAdapterMixin`` name)."""
+
     def list_adapters(self) -> list[str]:
         """Names of every adapter on the towers, the active one first."""
         return [self._active_adapter, *(n for n in self.adapter_setups if n != self._active_adapter)]
@@ -1021,6 +1060,10 @@ class SideTunedModel(RECModel):
 
     def _check_new_name(self, name: str) -> None:
         """Refuse a name that cannot name a new adapter (unusable, or taken)."""
+        if not isinstance(name, str):
+            order = (" M2IST takes the name first, as PEFT does: add_adapter('name', config), not transformers' "
+                     "add_adapter(config, name)." if isinstance(name, M2ISTConfig) else "")
+            raise TypeError(f"An adapter name is a string, got {_describe(name)}.{order}")
         problem = adapter_name_problem(name) or (f"{BASE_ADAPTER!r} is PEFT's 'no adapter'" if name == BASE_ADAPTER
                                                  else None)
         if problem is not None:
@@ -1116,7 +1159,7 @@ class SideTunedModel(RECModel):
     def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, *, subfolder: str | None = None,
                      is_trainable: bool = False, revision: str | None = None, token: str | bool | None = None,
                      cache_dir: str | os.PathLike | None = None, local_files_only: bool = False,
-                     endpoint: str | None = None) -> None:
+                     endpoint: str | None = None) -> _IncompatibleKeys:
         """Load an adapter saved by :meth:`save_pretrained` (a folder or a Hub repo id, optionally its
         ``subfolder``) as ``adapter_name`` on these towers; loading is strict as in :meth:`from_pretrained`. As in
         PEFT, it is not activated; ``is_trainable=False`` leaves it in ``eval()`` until :meth:`set_adapter`.
@@ -1125,7 +1168,10 @@ class SideTunedModel(RECModel):
         ``adapter_name`` in its ``<adapter_name>/`` subfolder (where :meth:`save_pretrained` puts it) is refused,
         since either could be meant: pass ``subfolder=adapter_name`` for that one. The weights load in their saved
         dtype, then take the model's (:attr:`dtype`). A processor saved with the adapter whose settings differ from
-        ``model.processor`` (which ``predict`` and ``evaluate`` use for every adapter) gives a warning naming them."""
+        ``model.processor`` (which ``predict`` and ``evaluate`` use for every adapter) gives a warning naming them.
+
+        Returns, as PEFT's ``load_adapter``, the load result ``(missing_keys, unexpected_keys)``: both are always
+        empty, since a mismatch raises instead (nothing is loaded then)."""
         from .hub import resolve_pretrained
 
         check_flags("load_adapter", is_trainable=is_trainable, local_files_only=local_files_only)
@@ -1168,6 +1214,7 @@ class SideTunedModel(RECModel):
         if not is_trainable:
             self.inactive_adapters[adapter_name].eval()
         self._warn_if_other_processor(folder / PROCESSOR_CONFIG_NAME, adapter_name)
+        return _IncompatibleKeys(missing_keys=[], unexpected_keys=[])  # strict: every tensor loaded, or an error
 
     def _warn_if_other_processor(self, saved: Path, adapter_name: str) -> None:
         """Warn when the processor settings saved with adapter ``adapter_name`` (``m2ist_processor.json``) differ from
@@ -1225,6 +1272,18 @@ class SideTunedModel(RECModel):
             logger.info("The state dict was taken with the adapter %r active: its weights were loaded into %r and the "
                         "active adapter %r's into it.", theirs, theirs, active)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True,
+                        assign: bool = False) -> _IncompatibleKeys:
+        """``nn.Module.load_state_dict``, except that a non-empty state dict of which no key is this model's is
+        refused, strict or not: with ``strict=False`` (the usual call with only the side network's and head's
+        tensors, the towers being left out) torch would load nothing and say so only in the result it returns (keys
+        saved through a DDP or ``torch.compile`` wrapper, ``module.side.…``, or by a submodule, ``blocks.0.…``)."""
+        if isinstance(state_dict, Mapping) and state_dict:
+            known = set(self.state_dict(keep_vars=True))
+            if known.isdisjoint(state_dict):
+                raise ValueError(_nothing_to_load(list(state_dict), known))
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """The tensors that are saved: the side network's and the head's, never a tower's."""
@@ -1499,6 +1558,46 @@ class SideTunedModel(RECModel):
             module.requires_grad_(is_trainable)
         model.train(is_trainable)
         return model
+
+
+def _cannot_merge(verb: str) -> str:
+    """Why PEFT's merging verb ``verb`` is refused on a SideTunedModel."""
+    return (f"SideTunedModel.{verb}(): side-tuning cannot merge. The side network runs beside the frozen towers and "
+            "never changes their weights, and the REC head has no counterpart in them, so there is no merged model "
+            "to give back. Keep the adapter as it is (save_pretrained / from_pretrained); the towers alone are "
+            "model.vision_model and model.text_model.")
+
+
+def _cannot_disable(verb: str) -> str:
+    """Why PEFT's verb ``verb`` (run the base model without the adapter) is refused on a SideTunedModel."""
+    return (f"SideTunedModel.{verb}(): a REC model gives no box without an adapter's side network and head, so it "
+            "cannot run with the adapter disabled (PEFT's base model output). The towers alone are model.vision_model "
+            "and model.text_model; to compare adapters on the same inputs, use forward_all_adapters().")
+
+
+def _nothing_to_load(given: list[Any], known: set[str]) -> str:
+    """Why a state dict whose keys ``given`` share none with the model's ``known`` keys is refused, with the prefix
+    to strip or add when one makes its keys the model's."""
+    first = next((key for key in given if isinstance(key, str)), None)
+    hint = ""
+    if first is not None:
+        parts = first.split(".")
+        strip = next((".".join(parts[:i]) + "." for i in range(1, len(parts)) if ".".join(parts[i:]) in known), None)
+        add = next((group for group in ("side.", "head.", "vision_model.", "text_model.") if group + first in known),
+                   None)
+        if first.startswith(INACTIVE_PREFIX) and len(parts) > 2:
+            hint = (f" Its keys hold the adapter {parts[1]!r}, which this model does not have: add it first "
+                    f"(add_adapter({parts[1]!r}, config)).")
+        elif strip is not None:
+            hint = (f" Its keys carry the prefix {strip!r} (a DDP or torch.compile wrapper's?): load "
+                    f"{{k.removeprefix({strip!r}): v for k, v in state_dict.items()}}.")
+        elif add is not None:
+            hint = (f" Its keys lack the prefix {add!r} (a submodule's state dict?): load it with "
+                    f"model.{add.rstrip('.')}.load_state_dict(...).")
+    example = sorted(key for key in known if key.startswith(("side.", "head.")))[:1] or sorted(known)[:1]
+    return (f"load_state_dict: none of the {len(given)} keys given (e.g. {first!r}) is a key of this model (e.g. "
+            f"{example[0]!r}), so nothing would be loaded, even with strict=False.{hint} To load a saved adapter, use "
+            "SideTunedModel.from_pretrained or load_adapter.")
 
 
 _FROM_PRETRAINED_ARGUMENTS = ("vision_model", "text_model", "is_trainable", "subfolder", "revision", "dtype",
