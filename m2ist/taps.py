@@ -128,6 +128,7 @@ class TapReport:
     num_suffix_tokens: int = 0
     grid: tuple[int, int] | None = None
     note: str = ""
+    mixer: str = ""  # set when the IEA reads, in some layers, a token mixer that is not attention (see Tower)
 
     def __str__(self) -> str:
         expert = "VEA" if self.modality == "vision" else "LEA"
@@ -135,6 +136,8 @@ class TapReport:
         line = (f"{self.modality} tower {self.model_class} ({self.model_type}): {self.status} taps from "
                 f"{self.source}; {self.depth} layers [{', '.join(shown)}]; IEA <- {self.attention or 'layer output'}, "
                 f"{expert} <- {self.ffn or 'layer output'}")
+        if self.mixer:
+            line += f" ({self.mixer})"
         if self.modality == "vision":
             line += (f"; tokens: {self.num_prefix_tokens} prefix + {self.grid[0]}x{self.grid[1]} grid"
                      if self.grid else f"; tokens: {self.num_prefix_tokens} prefix, no grid")
@@ -384,9 +387,13 @@ def _shallowest_alias(chosen: _Record, records: list[_Record]) -> _Record:
     return min(same, key=lambda r: (r.path.count("."), r.order))
 
 
-def _before_scale(chosen: _Record, records: list[_Record]) -> _Record:
+def _before_scale(chosen: _Record, records: list[_Record], norms: frozenset[str] = frozenset()) -> _Record:
     """Step back through a per-channel scale (layer scale, as a module or a parameter: output = gamma * an earlier
-    sub-module's output) to the sub-layer it scales."""
+    sub-module's output) to the sub-layer it scales. A normalisation (``norms``: paths of the block's norm modules)
+    is never stepped back through: it is the post-norm whose output is added to the stream (Olmo2, Gemma2), and it
+    only looks like a per-channel scale of its input when that input is far below its eps (a small random init)."""
+    if chosen.path in norms:
+        return chosen
     out = chosen.output.float()
     channels = (0, 1) if out.dim() == 3 else (0, *range(2, out.dim()))
     for feeder in sorted((r for r in records if r.order < chosen.order), key=lambda r: -r.order):
@@ -429,8 +436,10 @@ def residual_taps(recorder: BlockRecorder) -> tuple[_Record, _Record] | None:
             if second.order <= first.order or any(_close(second.output, s) for s in streams):
                 continue
             if any(added(s, second, first.order) is not None for s in streams):
-                return (_before_scale(_shallowest_alias(first, records), records),
-                        _before_scale(_shallowest_alias(second, records), records))
+                norms = frozenset(path for path, module in recorder.block.named_modules()
+                                  if path and "Norm" in type(module).__name__)
+                return (_before_scale(_shallowest_alias(first, records), records, norms),
+                        _before_scale(_shallowest_alias(second, records), records, norms))
     for first in records:  # parallel attention and MLP: y = x + attn + mlp
         for second in records:
             if second.order > first.order and _sums_to(x + first.output, second.output, y) \

@@ -18,6 +18,7 @@ import copy
 import inspect
 import logging
 import math
+import re
 import weakref
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,6 +48,7 @@ from .taps import (
 
 logger = logging.getLogger(__name__)
 VISION, TEXT = "vision", "text"
+_ATTENTION = re.compile(r"attn|attention", re.IGNORECASE)
 
 
 @dataclass
@@ -345,7 +347,26 @@ class Tower:
         self.pad_id = 0
         self._check_padding(probe_inputs)
         self._check_batch(probe_inputs)
+        self.mixer = self._mixer_note()
         self._install_hooks()
+
+    def _mixer_note(self) -> str:
+        """A note when the taps were found by structure and the IEA's tap, in some layers, is not attention: those
+        layers have no attention sub-module (by class or path name), and the first residual branch the IEA reads is
+        another token mixer (RecurrentGemma's RG-LRU recurrence, FNet's Fourier transform, PoolFormer's pooling)."""
+        tap = self.spec.attention
+        if self.spec.source != "structure" or tap is None or not self.layers:
+            return ""
+        without = [(index, get_submodule(layer, tap.module, name)) for index, (name, layer) in enumerate(self.layers)
+                   if not any(_ATTENTION.search(path) or _ATTENTION.search(type(module).__name__)
+                              for path, module in layer.named_modules())]
+        if not without:
+            return ""
+        classes = ", ".join(dict.fromkeys(type(module).__name__ for _, module in without))
+        where = "no layer has attention" if len(without) == len(self.layers) else \
+            f"layer{'s' if len(without) > 1 else ''} {', '.join(str(index) for index, _ in without)} of " \
+            f"{len(self.layers)} {'have' if len(without) > 1 else 'has'} no attention"
+        return f"{where}: the IEA reads the token mixer in its place, {tap.module} ({classes})"
 
     def structural_refusal(self, reason: str) -> TowerLayoutError:
         """One line refusing the tower for its structure, which no tap override changes."""
@@ -399,6 +420,9 @@ class Tower:
                                    False)[0]
             except Exception as error:  # every batch of phrases of different lengths would fail like this
                 first_line = (str(error).splitlines() or [""])[0]
+                mismatch = self._input_mismatch(f"{type(error).__name__}: {first_line}")
+                if mismatch is not None:  # no probe ran before (the hidden-states fallback): it fails on any phrase
+                    raise ValueError(mismatch) from None
                 raise ValueError(self.refusal(f"its forward fails on a padded phrase (an attention mask with zeros: "
                                               f"{type(error).__name__}: {first_line}), and the processor pads every "
                                               "phrase to max_query_len; use a tower that takes padded text")) from None
@@ -510,16 +534,61 @@ class Tower:
             if isinstance(error, ValueError) and str(error).startswith("Cannot side-tune"):
                 raise
             first_line = (str(error).splitlines() or [""])[0]
-            reason = f"its forward fails on the probe inputs ({type(error).__name__}: {first_line})"
+            failure = f"{type(error).__name__}: {first_line}"
+            mismatch = self._input_mismatch(failure)
+            if mismatch is not None:
+                raise ValueError(mismatch) from error
+            reason = f"its forward fails on the probe inputs ({failure})"
             if self.modality == VISION and self.native_size is not None \
                     and tuple(inputs["pixel_values"].shape[-2:]) != self.native_size:
                 reason += (f"; its own image size is {self.native_size[0]}x{self.native_size[1]} and it cannot "
                            f"interpolate its position encodings: use M2ISTConfig(image_size={self.native_size[0]})")
             else:
-                other = TEXT if self.modality == VISION else VISION
-                reason += (f"; is it a {self.modality} model? (get_side_tuned_model takes the vision tower first and "
-                           f"the text tower second; a {other} tower in this place fails like this)")
+                reason += f"; m2ist runs a {self.modality} tower on {self._given_inputs()} alone"
             raise ValueError(self.refusal(reason)) from error
+
+    def _given_inputs(self) -> str:
+        """The forward inputs m2ist gives a tower of this modality, in words."""
+        return "pixel_values (and pixel_mask)" if self.modality == VISION else "input_ids and attention_mask"
+
+    def _input_mismatch(self, failure: str) -> str | None:
+        """Why a failed forward cannot be fed, read from its signature (no forward run): it requires inputs m2ist
+        does not give (SegGPT's prompts, a Q-Former's query embeddings, an audio model's input_values), it is a
+        tower of the other modality (the towers passed in the wrong order), or a multimodal model that takes both
+        pixels and token ids. None when the signature tells nothing (a registry family with its own inputs, a
+        forward taking ``**kwargs`` only)."""
+        if self.spec.encode is not None or self.spec.prepare_inputs is not None:
+            return None
+        try:
+            parameters = list(inspect.signature(self.model.forward).parameters.values())
+        except (TypeError, ValueError):
+            return None
+        names = {p.name for p in parameters}
+        own, other = ("pixel_values", "input_ids") if self.modality == VISION else ("input_ids", "pixel_values")
+        given = {"pixel_values", "pixel_mask"} if self.modality == VISION else {"input_ids", "attention_mask"}
+        missing = [p.name for p in parameters if p.default is p.empty and p.name not in given
+                   and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        head = f"Cannot side-tune the {self.modality} tower {type(self.model).__name__} " \
+               f"(model_type={self.model_type!r})"
+        if missing and own in names:
+            fix = ("give them with a TapSpec(prepare_inputs=...) registered by m2ist.taps.register_taps()"
+                   if self.modality == VISION else "use a text model whose forward runs on input_ids alone")
+            return (f"{head}: its forward needs inputs m2ist does not give: {', '.join(missing)} (required arguments "
+                    f"of {type(self.model).__name__}.forward; m2ist runs a {self.modality} tower on "
+                    f"{self._given_inputs()} alone), and fails without them ({failure}); {fix}.")
+        if other in names and own not in names:
+            kind = TEXT if self.modality == VISION else VISION
+            return (f"{head}: its forward fails on the probe inputs ({failure}); is it a {self.modality} model? Its "
+                    f"forward takes {other}, not {own}, as a {kind} model does: get_side_tuned_model takes the vision "
+                    "tower first and the text tower second.")
+        if own not in names and missing:  # (a forward taking **kwargs alone tells nothing)
+            return (f"{head}: its forward takes no {own} but {', '.join(missing)}, and m2ist runs a {self.modality} "
+                    f"tower on {self._given_inputs()} alone ({failure}); pass a {self.modality} model.")
+        if other in names:
+            return (f"{head}: its forward fails on {self._given_inputs()} alone, all m2ist gives a {self.modality} "
+                    f"tower ({failure}), and it is a multimodal model (its forward also takes {other}); pass its "
+                    f"{self.modality} encoder alone.")
+        return None
 
     def _hidden_states_start_at(self, seed: torch.Tensor | None, probe_inputs) -> bool:
         """Whether the tower's ``hidden_states`` begin with ``seed`` (the first block's input), i.e. they hold the
@@ -776,7 +845,7 @@ class Tower:
                          status=spec.status, source=spec.source, depth=depth, layers=layers,
                          attention=path("attention"), ffn=path("ffn"),
                          num_prefix_tokens=self.num_prefix_tokens or 0, num_suffix_tokens=self.num_suffix_tokens,
-                         grid=grid, note=spec.note)
+                         grid=grid, note=spec.note, mixer=getattr(self, "mixer", ""))
 
 
 __all__ = ["TEXT", "VISION", "Tower", "TowerFeatures", "infer_grid", "resample_tokens", "resolve_tap_spec",

@@ -92,6 +92,10 @@ VISION_FAMILIES: list[Family] = [
                                                                           head_dim=16)),
            refused="packs the images of a batch into one sequence", overridable=False),
     Family("vit_mae", _vit_like(T.ViTMAEConfig, T.ViTMAEModel), refused="at random"),
+    Family("seggpt", lambda: T.SegGptModel(T.SegGptConfig(
+        hidden_size=H, num_hidden_layers=L, num_attention_heads=A, image_size=[IMAGE_SIZE, IMAGE_SIZE], patch_size=8,
+        merge_index=0, intermediate_hidden_state_indices=[1])),
+           refused="needs inputs m2ist does not give: prompt_pixel_values, prompt_masks", overridable=False),
     Family("swin", lambda: T.SwinModel(T.SwinConfig(embed_dim=16, depths=[1, 1], num_heads=[2, 2], image_size=IMAGE_SIZE,
                                                      patch_size=4, window_size=4)), grid=(4, 4)),
     Family("swinv2", lambda: T.Swinv2Model(T.Swinv2Config(embed_dim=16, depths=[1, 1], num_heads=[2, 2],
@@ -193,6 +197,12 @@ TEXT_FAMILIES: list[Family] = [
            last_state_normed=True),
     Family("mixtral", _text(T.MixtralConfig, T.MixtralModel, **_DECODER, num_local_experts=2, num_experts_per_tok=1),
            last_state_normed=True),
+    Family("olmo2", _text(T.Olmo2Config, T.Olmo2Model, **_DECODER), last_state_normed=True),  # post-norm sub-layers
+    Family("gemma3_text", _text(T.Gemma3TextConfig, T.Gemma3TextModel, **_DECODER, head_dim=16, sliding_window=4),
+           last_state_normed=True),
+    Family("recurrent_gemma", _text(T.RecurrentGemmaConfig, T.RecurrentGemmaModel, **_DECODER, head_dim=16,
+                                    lru_width=H, block_types=["recurrent", "attention"], attention_window_size=4),
+           last_state_normed=True),  # layer 0 mixes tokens by an RG-LRU recurrence, not attention (noted)
     Family("funnel", lambda: T.FunnelModel(T.FunnelConfig(vocab_size=VOCAB, block_sizes=[1, 1], d_model=H, n_head=A,
                                                           d_head=16, d_inner=F)),
            refused="changes its sequence length between layers", overridable=False),
@@ -279,6 +289,8 @@ def support_table(built: list[Built]) -> str:
                 f"{r.num_prefix_tokens} prefix" + (f" + {r.num_suffix_tokens} suffix" if r.num_suffix_tokens else "")
                 + (f" + {r.grid[0]}x{r.grid[1]} grid" if r.grid else ""))
             note = r.note.split(": ", 1)[-1] if r.source != "structure" else ""
+            if r.mixer:  # the IEA reads a token mixer that is not attention in some layers
+                note = f"{note}; {r.mixer}" if note else r.mixer
             lines.append(f"| {item.family.name} | `{r.model_class}` | {r.status} | {r.source} | {layers} | "
                          f"{_code(r.attention)} | {_code(r.ffn)} | {tokens} | {note} |")
         lines.append("")
