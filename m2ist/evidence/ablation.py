@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from .demo import DEMO_HEAD, DEMO_SIZES
+from .outputs import check_counts, seed_value
 
 _VOTE = dict(fusion_layers=0, fusion_norm="pre", reg_init="text", box_readout="vote", vote_hops=1,
              position_init="random")
@@ -57,19 +58,12 @@ def encode_splits(model, processor, splits: dict[str, list], batch_size: int = 1
     return out
 
 
-def _check_counts(**counts: Any) -> None:
-    """Refuse a step count or batch size that is not a whole number >= 1: an untrained head's accuracy is no result."""
-    for name, value in counts.items():
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"ablation: {name} must be a whole number >= 1, got {value!r}.")
-
-
 def train_head(head, features: tuple[torch.Tensor, ...], config, *, steps: int, batch_size: int, seed: int,
                learning_rate: float = 1e-3) -> float:
     """AdamW with the demo's schedule (5% warm-up, cosine); returns the last step's loss."""
     from m2ist.head import rec_loss
 
-    _check_counts(steps=steps, batch_size=batch_size)
+    check_counts("ablation", steps=steps, batch_size=batch_size)
     optimizer = torch.optim.AdamW(head.parameters(), lr=learning_rate, weight_decay=1e-4)
     warmup = max(1, steps // 20)
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -109,7 +103,7 @@ def run(*, steps: int = ABLATION_STEPS, batch_size: int = 32, seed: int = 0, tin
 
     from .demo import prepare
 
-    _check_counts(steps=steps, batch_size=batch_size)  # before the benchmark is drawn and encoded
+    check_counts("ablation", steps=steps, batch_size=batch_size)  # before the benchmark is drawn and encoded
     torch.manual_seed(seed)
     setup = prepare(tiny=tiny, cache_dir=cache_dir, seed=seed, progress=False, sizes=None if tiny else ABLATION_SIZES)
     model = get_side_tuned_model(*setup.make_towers(), setup.config).eval()
@@ -142,8 +136,6 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m m2ist.evidence.ablation``."""
     from m2ist.cli.flags import positive_int
-
-    from .outputs import seed_value
 
     parser = argparse.ArgumentParser(prog="python -m m2ist.evidence.ablation", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

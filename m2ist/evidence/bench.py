@@ -87,11 +87,10 @@ def profile_training_step(model: torch.nn.Module, batch: dict[str, torch.Tensor]
     Process peak = ``torch.cuda.max_memory_allocated`` since the warm-up on GPU, peak RSS on CPU (run one method
     per process to compare peaks).
     """
+    from .outputs import check_counts
     from .profiling import saved_tensor_accounting, training_state_bytes
 
-    for name, value, least in (("steps", steps, 1), ("warmup", warmup, 0)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < least:
-            raise ValueError(f"profile_training_step: {name} must be a whole number >= {least}, got {value!r}.")
+    check_counts("profile_training_step", steps=steps, warmup=warmup)
     dev = next(p.device for p in model.parameters())
     batch = {k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=1e-4,

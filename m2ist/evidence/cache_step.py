@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from .outputs import check_counts
+
 
 def measure(rounds: int = 10, batch_size: int = 32, tiny: bool = False, cache_dir: str | None = None,
             compile: bool = False) -> dict[str, Any]:
@@ -28,9 +30,7 @@ def measure(rounds: int = 10, batch_size: int = 32, tiny: bool = False, cache_di
 
     from .demo import DEMO_CACHE_DTYPE, prepare
 
-    for name, value in (("rounds", rounds), ("batch_size", batch_size)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"cache_step: {name} must be a whole number >= 1, got {value!r}.")
+    check_counts("cache_step", rounds=rounds, batch_size=batch_size)
     torch.manual_seed(0)
     sizes = {"train": batch_size, "val": 2, "test_attributes": 2, "test_compositional": 2, "test_relations": 2,
              "test_spatial": 2}

@@ -46,6 +46,15 @@ def tower_cache_value(text: str) -> str:
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
+def check_counts(where: str, **counts: Any) -> None:
+    """Refuse a count (steps, rounds, batch size) that is not a whole number >= 1 (``warmup`` may be 0), naming
+    ``where`` it was given: a run of no step measures or trains nothing, and its figures would still be printed."""
+    for name, value in counts.items():
+        least = 0 if name == "warmup" else 1
+        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+            raise ValueError(f"{where}: {name} must be a whole number >= {least}, got {value!r}.")
+
+
 def check_batch_size(batch_size: int, train_samples: int, tiny: bool) -> None:
     """Refuse a batch larger than the training set: every step would train on the whole set, fewer samples than
     the batch size the report states."""
