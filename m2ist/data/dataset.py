@@ -17,7 +17,7 @@ from m2ist.data.images import WHITE, DeferredImage, RGBColor, image_name, image_
 from m2ist.data.loaders import box_values, has_visible_text
 from m2ist.data.sample import RECSample
 
-__all__ = ["RECDataWarning", "RECDataset", "ValidationReport", "check_annotated_size"]
+__all__ = ["RECDataWarning", "RECDataset", "ValidationReport", "check_annotated_size", "check_pixel_box"]
 
 Box = tuple[float, float, float, float]
 Transform = Callable[[Image.Image, str, Box], Any]
@@ -95,6 +95,19 @@ def check_annotated_size(sample: RECSample, size: tuple[int, int], *, where: str
     )
 
 
+def check_pixel_box(box: Sequence[float], size: tuple[int, int], *, where: str) -> None:
+    """Refuse a box that lies within ``[0, 1]`` in an image larger than a few pixels: fractions of the image size
+    (normalised numbers) read as pixels, a box of one pixel at the top-left corner. ``evaluate()`` refuses the same
+    ground truth; training on it would teach the model that corner without a word."""
+    width, height = size
+    if max(box) <= 1.0 and min(width, height) > 4:
+        raise ValueError(
+            f"{where}: the box {tuple(box)} lies within [0, 1] in a {width}x{height} image: it looks normalised "
+            "(fractions of the image size), but RECDataset boxes are pixels. Load the data with normalized=True "
+            "(--normalized on the command line), or convert the boxes to pixels."
+        )
+
+
 def _image_key(image: Any) -> Any:
     return str(image) if isinstance(image, str | Path) else id(image)
 
@@ -108,6 +121,8 @@ class RECDataset(Dataset):
     * a box with zero/negative width or height after clipping, with non-finite numbers or that is not four
       numbers (text such as ``"1234"`` included), and an expression with no visible character (empty, whitespace,
       NUL, zero-width characters) are dropped (one warning with counts and a few examples);
+    * a box within ``[0, 1]`` in an image of more than 4 pixels each way raises (normalised numbers read as pixels:
+      load with ``normalized=True``), when the dataset is built or, for images not read then, when the item is taken;
     * a sample whose image file is not the size its annotation states (``RECSample.annotated_size``, set by the
       loaders from COCO/``instances.json``/record ``width`` and ``height``) raises, naming both sizes: its box is
       in the annotated image's pixels (a resized copy of the images would shift every box);
@@ -203,6 +218,7 @@ class RECDataset(Dataset):
                     continue
                 check_annotated_size(sample, size, where=f"Sample {index} (image_id={sample.image_id!r})",
                                      exif_transpose=self.exif_transpose)
+                check_pixel_box(box, size, where=f"Sample {index} (image_id={sample.image_id!r})")
                 clipped = _clip(box, *size)
                 if clipped != box:
                     report.num_clipped += 1
@@ -283,6 +299,8 @@ class RECDataset(Dataset):
             context = f"Sample {index} (source index {self.source_indices[index]}, image_id={sample.image_id!r})"
             raise _with_context(err, context) from err
         check_annotated_size(sample, image.size, exif_transpose=self.exif_transpose, where=(
+            f"Sample {index} (source index {self.source_indices[index]}, image_id={sample.image_id!r})"))
+        check_pixel_box(box_values(sample.box), image.size, where=(
             f"Sample {index} (source index {self.source_indices[index]}, image_id={sample.image_id!r})"))
         box = _clip(box_values(sample.box), *image.size)
         if box[2] <= box[0] or box[3] <= box[1]:

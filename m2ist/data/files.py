@@ -16,8 +16,9 @@ from __future__ import annotations
 import csv
 import io
 import json
+import warnings
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from os import PathLike
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,8 @@ from m2ist.data.loaders import (
     first_key,
     index_unique,
     join_image_path,
+    match_splits,
+    normalize_split_request,
     parse_box,
     read_text_file,
 )
@@ -92,6 +95,34 @@ def _size_from(record: dict[str, Any], *, where: str, box_keys: tuple[str, ...] 
     return annotated_size(record, where=where, box_keys=box_keys)
 
 
+def _split_selection(found: list[tuple[str, Any]], split: str | Sequence[str] | None, *,
+                     source: str, stacklevel: int = 3) -> set[str] | None:
+    """The split values to keep (``None``: every record), from ``found`` = ``(where, split value or None)`` per record.
+
+    With ``split=None`` a file whose records name several splits warns: all of them are loaded as one set (a
+    train+val file used for training would train on the evaluation rows). A ``split`` asked of a file whose records
+    name none, or of which some records name none, is refused."""
+    values = sorted({str(value) for _, value in found if value is not None})
+    requested = normalize_split_request(split)
+    if requested is None:
+        if split is None and len(values) > 1:
+            warnings.warn(
+                f"{source} holds records of the splits {values} (their 'split' field) and all {len(found)} are loaded "
+                "as one set: training on it trains on the evaluation rows too. Pass split= (e.g. split='train') to "
+                "load one of them, or split='all' to load every split without this warning.",
+                stacklevel=stacklevel,
+            )
+        return None
+    if not values:
+        raise ValueError(f"{source}: split={split!r} selects records by their 'split' field, but no record has one; "
+                         "pass split=None (the whole file is one split) or add a 'split' field to every record.")
+    unnamed = [where for where, value in found if value is None]
+    if unnamed:
+        raise ValueError(f"{unnamed[0]}: no 'split' field, while other records name theirs ({values}) and split="
+                         f"{split!r} selects by it; give every record a 'split'.")
+    return match_splits(requested, values, source=source)
+
+
 def _add_records(
     builder: _SampleBuilder,
     records: Iterable[tuple[str, dict[str, Any]]],
@@ -99,10 +130,18 @@ def _add_records(
     image_root: Path,
     read_box: Any,
     allow_outside_image_root: bool = True,
+    split: str | Sequence[str] | None = None,
+    source: str = "",
 ) -> None:
+    records = list(records)
     for where, record in records:
         if not isinstance(record, dict):
             raise ValueError(f"{where}: expected an object with image, text and bbox; got {record!r:.80}.")
+    wanted = _split_selection([(where, record.get("split")) for where, record in records], split, source=source,
+                              stacklevel=4)
+    for where, record in records:
+        if wanted is not None and str(record.get("split")) not in wanted:
+            continue
         text_key, image_key = first_key(record, TEXT_KEYS), first_key(record, IMAGE_KEYS)
         if text_key is None or image_key is None:
             raise ValueError(
@@ -140,10 +179,17 @@ def load_jsonl(
     *,
     normalized: bool = False,
     allow_outside_image_root: bool = False,
+    split: str | Sequence[str] | None = None,
 ) -> list[RECSample]:
     """Load a JSON-lines file: one object per line with ``image``, ``text`` and ``bbox`` (see module docstring).
 
-    With an ``image_root``, image paths must stay inside it unless ``allow_outside_image_root``."""
+    With an ``image_root``, image paths must stay inside it unless ``allow_outside_image_root``.
+
+    Args:
+        split: keep the records whose ``split`` field names this split (or one of a list; ``val`` and
+            ``validation`` are one split); ``"all"`` loads every record. ``None`` loads every record too, with a
+            warning when they name several splits.
+    """
     path = Path(path)
     box_format = check_box_format(box_format, source=str(path))
     records = []
@@ -158,7 +204,8 @@ def load_jsonl(
             raise ValueError(f"{path}:{number}: not valid JSON ({err.msg}).") from err
     builder = _SampleBuilder(box_format=box_format, normalized=normalized)
     _add_records(builder, records, image_root=Path(image_root) if image_root else path.parent, read_box=_read_box_key,
-                 allow_outside_image_root=allow_outside_image_root or image_root is None)
+                 allow_outside_image_root=allow_outside_image_root or image_root is None, split=split,
+                 source=str(path))
     return builder.build()
 
 
@@ -170,9 +217,16 @@ def load_csv(
     normalized: bool = False,
     delimiter: str = ",",
     allow_outside_image_root: bool = False,
+    split: str | Sequence[str] | None = None,
 ) -> list[RECSample]:
     """Load a CSV file with a header row: ``image``, ``text`` and ``bbox`` (``"[x, y, w, h]"`` or ``"x y w h"``)
-    or four box columns named after ``box_format`` (``x0,y0,x1,y1`` / ``x,y,w,h`` / ``cx,cy,w,h``)."""
+    or four box columns named after ``box_format`` (``x0,y0,x1,y1`` / ``x,y,w,h`` / ``cx,cy,w,h``).
+
+    Args:
+        split: keep the records whose ``split`` column names this split (or one of a list; ``val`` and
+            ``validation`` are one split); ``"all"`` loads every record. ``None`` loads every record too, with a
+            warning when they name several splits.
+    """
     path = Path(path)
     box_format = check_box_format(box_format, source=str(path))
 
@@ -193,7 +247,8 @@ def load_csv(
         raise ValueError(f"{path}:{reader.line_num}: not valid CSV ({err}).") from err
     builder = _SampleBuilder(box_format=box_format, normalized=normalized)
     _add_records(builder, records, image_root=Path(image_root) if image_root else path.parent, read_box=read_box,
-                 allow_outside_image_root=allow_outside_image_root or image_root is None)
+                 allow_outside_image_root=allow_outside_image_root or image_root is None, split=split,
+                 source=str(path))
     return builder.build()
 
 
@@ -225,6 +280,7 @@ def load_coco_style(
     *,
     normalized: bool = False,
     allow_outside_image_root: bool = False,
+    split: str | Sequence[str] | None = None,
 ) -> list[RECSample]:
     """Load a COCO-style JSON (``images``, ``annotations``) whose expressions sit on annotations or images.
 
@@ -234,7 +290,9 @@ def load_coco_style(
       expression): the entry must have exactly one annotation, the referred box.
 
     ``images[].file_name`` is joined to ``image_root`` (default: the JSON's folder). ``box_format`` defaults to
-    COCO's ``xywh`` pixels; ``images[].width``/``height`` are used for ``normalized`` boxes.
+    COCO's ``xywh`` pixels; ``images[].width``/``height`` are used for ``normalized`` boxes. ``split`` keeps the
+    expressions whose annotation (or else image entry) names that ``split`` (``"all"``: every one; ``None``: every
+    one, with a warning when they name several splits).
     """
     path = Path(path)
     box_format = check_box_format(box_format, source=str(path))
@@ -278,6 +336,7 @@ def load_coco_style(
             size=_size_from(image, where=where),
         )
 
+    entries: list[tuple[dict[str, Any], dict[str, Any], Any, str]] = []  # (annotation, image, expression(s), where)
     for position, ann in enumerate(data["annotations"]):
         where = f"{path} annotations[{position}]"
         text_key = first_key(ann, TEXT_KEYS)
@@ -286,7 +345,7 @@ def load_coco_style(
         image = images.get(ann.get("image_id"))
         if image is None:
             raise ValueError(f"{where}: image_id {ann.get('image_id')} is not in images.")
-        add(ann, image, ann[text_key], where)
+        entries.append((ann, image, ann[text_key], where))
     for position, image in enumerate(data["images"]):
         text_key = first_key(image, TEXT_KEYS)
         if text_key is None:
@@ -299,7 +358,12 @@ def load_coco_style(
                 "annotations; a REC entry needs exactly one (the referred box). Put the expression on the "
                 "annotation instead."
             )
-        add(candidates[0], image, image[text_key], where)
+        entries.append((candidates[0], image, image[text_key], where))
+    wanted = _split_selection([(where, ann.get("split", image.get("split"))) for ann, image, _, where in entries],
+                              split, source=str(path))
+    for ann, image, text_value, where in entries:
+        if wanted is None or str(ann.get("split", image.get("split"))) in wanted:
+            add(ann, image, text_value, where)
     if not builder.pending:
         raise ValueError(
             f"{path}: no expressions found; put a 'text' (or 'caption', 'expression', ...) key on each annotation "

@@ -14,7 +14,7 @@ import math
 import os
 import re
 import unicodedata
-from collections.abc import Hashable, Iterable, Sequence
+from collections.abc import Hashable, Iterable, Mapping, Sequence, Set
 from numbers import Real
 from os import PathLike
 from pathlib import Path
@@ -65,7 +65,14 @@ _NUMBER_SPLIT = re.compile(r"[\s,;]+")
 
 
 def parse_box(value: Any, *, where: str) -> Box:
-    """Read four numbers from a list/tuple/array/tensor or a string like ``"[1, 2, 3, 4]"`` or ``"1 2 3 4"``."""
+    """Read four numbers from a list/tuple/array/tensor or a string like ``"[1, 2, 3, 4]"`` or ``"1 2 3 4"``.
+
+    A mapping (its keys would be read), a set (no order) and bytes are refused."""
+    if isinstance(value, Mapping | Set | bytes | bytearray):
+        # iterating a dict gives its keys ({"0": 10, ...} -> 0, 1, 2, 3), a set has no order, bytes are codes
+        kind = f"a mapping with keys {list(value)!r:.80}" if isinstance(value, Mapping) else f"a {type(value).__name__}"
+        raise ValueError(f"{where}: the box {value!r:.80} is {kind}, not four numbers in order; store it as a list "
+                         "in the box_format's order, e.g. [x0, y0, x1, y1] (xyxy) or [x, y, w, h] (xywh).")
     if isinstance(value, str):
         text = value.strip().strip("[]()")
         parts = [part for part in _NUMBER_SPLIT.split(text) if part]
@@ -96,7 +103,7 @@ def box_values(value: Any) -> Box:
     if isinstance(value, str | bytes):
         raise ValueError(f"got the text {value!r}; give four numbers, e.g. [x0, y0, x1, y1]")
     parts = value.tolist() if hasattr(value, "tolist") else value
-    if not isinstance(parts, Iterable) or isinstance(parts, dict):
+    if not isinstance(parts, Iterable) or isinstance(parts, Mapping | Set):  # keys / no order: never the box
         raise ValueError(f"got {type(value).__name__} {value!r}, not a sequence of four numbers")
     parts = list(parts)
     if any(isinstance(part, Iterable) and not isinstance(part, str | bytes) for part in parts):
