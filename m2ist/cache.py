@@ -23,7 +23,9 @@ input. :class:`TowerFeatureCache` stores it the first time an input is seen and 
   each epoch picks one of ``views`` deterministic augmentations of every image at random.
 
 With ``dtype="float32"`` and no augmentation, training with the cache gives the same weights as without it:
-a batch runs the towers on its missing inputs only (once each) and reads the rest back.
+a batch runs the towers on its missing inputs only (once each) and reads the rest back. Under mixed precision
+(``bf16=True`` / ``fp16=True``) it does not: the cache runs the towers in their own dtype, outside the autocast
+that an uncached step runs them under (cast the towers with ``tower_dtype`` to store lower-precision features).
 """
 
 from __future__ import annotations
@@ -716,10 +718,27 @@ class _TowerRecords:
             return 0
         return sum(path.stat().st_blocks * 512 for path in self.folder.glob("rows.*.bin"))
 
-    def reserve(self) -> None:
-        """Reserve the expected rows in this writer's shard, their disk blocks allocated now."""
+    def reservation(self, world_size: int = 1) -> int:
+        """The rows this writer's shard should hold before filling: the rows it holds, plus its share of the expected
+        records (``capacity``) that no shard of the folder holds yet: ``1 / world_size`` of them, as each rank of a
+        distributed run computes the records of the samples it is given. Records another shard holds (an earlier
+        run's, another rank's, another run's on a shared folder) are read from there, never stored again, so they
+        take no space here. 0 for RAM and for a folder this process cannot write."""
+        if not isinstance(self.store, _DiskStore) or not isinstance(self.store.own, _Shard):
+            return 0
+        missing = max(0, self.capacity - len(self.store))
+        return self.store.own.next_row + -(-missing // max(1, world_size))
+
+    def bytes_to_reserve(self, world_size: int = 1) -> int:
+        """Disk space :meth:`reserve` takes beyond what this writer's rows file holds already."""
+        if not isinstance(self.store, _DiskStore) or not isinstance(self.store.own, _Shard):
+            return 0
+        return max(0, self.reservation(world_size) - self.store.own._rows_in_file()) * self.bytes_per_record
+
+    def reserve(self, world_size: int = 1) -> None:
+        """Reserve this writer's rows (see :meth:`reservation`) in its shard, their disk blocks allocated now."""
         if isinstance(self.store, _DiskStore):
-            self.store.own.reserve(self.capacity)
+            self.store.own.reserve(self.reservation(world_size))
 
     @property
     def bytes_per_record(self) -> int:
@@ -768,11 +787,14 @@ class TowerFeatureCache:
         expected_images: how many image records (images × views) the run should store, for the size estimate.
         expected_texts: how many expression records.
         rank: this process's rank (each rank writes its own shard of a folder cache).
+        world_size: the number of processes filling the cache together: each reserves (and asks free space for) its
+            share of the expected records the folder does not hold yet, not all of them.
         check_space: refuse a folder cache that the disk cannot hold.
     """
 
     def __init__(self, model: SideTunedModel, location: str | os.PathLike | None = None, dtype: str = "bfloat16",
-                 expected_images: int = 0, expected_texts: int = 0, rank: int = 0, check_space: bool = True) -> None:
+                 expected_images: int = 0, expected_texts: int = 0, rank: int = 0, world_size: int = 1,
+                 check_space: bool = True) -> None:
         if not isinstance(model, SideTunedModel):
             raise TypeError(f"The tower cache needs frozen towers (a SideTunedModel), got {type(model).__name__}: the "
                             "baselines train their towers, so their features change every step.")
@@ -782,7 +804,7 @@ class TowerFeatureCache:
         self.location = None if location is None else Path(location).expanduser()
         self.adapter = model.active_adapter
         self._expected = {VISION: expected_images, TEXT: expected_texts}
-        self._rank, self._check_space = rank, check_space
+        self._rank, self._world_size, self._check_space = rank, max(1, int(world_size)), check_space
         #: every tower state's records opened so far, by folder name (a state seen again reuses its records)
         self._opened: dict[str, _TowerRecords] = {}
         self._state: tuple | None = None
@@ -818,7 +840,7 @@ class TowerFeatureCache:
             records[modality] = self._opened[name]
         on_disk = [r for r in fresh if r.writable]  # a read-only folder's new records go to RAM
         if self.location is not None and self._check_space and on_disk:  # what earlier runs stored needs no new space
-            needed = sum(r.capacity * r.bytes_per_record for r in on_disk) - sum(r.stored_bytes() for r in on_disk)
+            needed = sum(r.bytes_to_reserve(self._world_size) for r in on_disk)
             free = shutil.disk_usage(self.location).free
             if needed > 0.95 * free:
                 for name in [name for name, r in self._opened.items() if r in fresh]:
@@ -827,7 +849,7 @@ class TowerFeatureCache:
                                  f"{_size(free)} is free: free some space, give tower_cache another folder, use "
                                  "tower_cache_dtype='bfloat16', or set tower_cache='off'.")
         for fresh_records in fresh:
-            fresh_records.reserve()
+            fresh_records.reserve(self._world_size)
         self.records = records
         self._state = self._tower_state()
 

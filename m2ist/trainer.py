@@ -191,7 +191,8 @@ class RECTrainingArguments(TrainingArguments):
     tower_cache_dtype: str = field(
         default="bfloat16",
         metadata={"help": "Dtype of the cached features: 'bfloat16' (half the bytes of float32), 'float16' or "
-                  "'float32' (training then gives the same weights as without the cache)."},
+                  "'float32' (training then gives the same weights as without the cache, unless bf16/fp16 mixed precision is on: "
+                  "the cache runs the towers in their own dtype, outside autocast)."},
     )
     tower_cache_views: int = field(
         default=0,
@@ -261,9 +262,28 @@ class RECTrainingArguments(TrainingArguments):
                 and self.metric_for_best_model.endswith(_LOWER_IS_BETTER):
             self.greater_is_better = False  # transformers would keep the *highest* loss_giou / loss_box as best
         super().__post_init__()
+        self._orient_plateau_schedule()
         if self.lr_drop_epochs and self.lr_scheduler_type != SchedulerType.CONSTANT:
             raise ValueError(f"lr_drop_epochs={self.lr_drop_epochs} is a step schedule; it cannot be combined with "
                              f"lr_scheduler_type={self.lr_scheduler_type.value!r}. Use one or the other.")
+
+    def _orient_plateau_schedule(self) -> None:
+        """Give a metric-driven schedule (``reduce_lr_on_plateau``, ``greedy``) the direction of
+        ``metric_for_best_model``: transformers builds both in mode ``"min"`` whatever the metric, so with the default
+        ``acc@0.5`` (higher is better) a rising accuracy would count as no improvement and cut the learning rate
+        while the model improves. A ``mode`` in ``lr_scheduler_kwargs`` that contradicts ``greater_is_better`` is
+        refused."""
+        if self.lr_scheduler_type not in (SchedulerType.REDUCE_ON_PLATEAU, SchedulerType.GREEDY):
+            return
+        kwargs = dict(self.lr_scheduler_kwargs or {})
+        mode = "max" if self.greater_is_better else "min"
+        if "mode" in kwargs and kwargs["mode"] != mode:
+            raise ValueError(f"lr_scheduler_kwargs mode={kwargs['mode']!r} contradicts metric_for_best_model="
+                             f"{self.metric_for_best_model!r} with greater_is_better={self.greater_is_better}: the "
+                             f"{self.lr_scheduler_type.value} schedule would lower the learning rate while that metric "
+                             f"improves. Drop 'mode' (it follows greater_is_better) or set mode={mode!r}.")
+        kwargs["mode"] = mode
+        self.lr_scheduler_kwargs = kwargs  # a new dict: the caller's is left as it was
 
 
 # ---------------------------------------------------------------------------------------------- schedule
@@ -714,7 +734,8 @@ class RECTrainer(Trainer):
                 more_images, more_texts = expected_records(dataset, views)
                 images, texts = images + more_images, texts + more_texts
         self.tower_cache = TowerFeatureCache(model, location, args.tower_cache_dtype, expected_images=images,
-                                             expected_texts=texts, rank=args.process_index)
+                                             expected_texts=texts, rank=args.process_index,
+                                             world_size=args.world_size)
         for collator in (self.data_collator, self.eval_data_collator):
             if isinstance(collator, TowerCacheCollator):  # batches it has seen whole are then built without images
                 collator.cache = self.tower_cache
