@@ -37,7 +37,7 @@ from m2ist.data.dataset import check_annotated_size
 from m2ist.data.images import load_image
 from m2ist.data.sample import RECSample
 from m2ist.inference import eval_mode, forward_boxes_per_adapter, model_device, resolve_adapters, resolve_processor
-from m2ist.ops.boxes import box_convert, clip_boxes, paired_box_iou
+from m2ist.ops.boxes import box_convert, clip_boxes, looks_normalised, paired_box_iou
 from m2ist.save_and_load import atomic_write, tensors_sha256
 
 if TYPE_CHECKING:
@@ -237,7 +237,7 @@ def _ground_truth_problem(box: torch.Tensor, width: float, height: float) -> str
         return "has zero area."
     if x1 <= 0 or y1 <= 0 or x0 >= width or y0 >= height:
         return f"lies outside the {width:g}x{height:g} image."
-    if max(x0, y0, x1, y1) <= 1.0 and min(width, height) > 4:
+    if looks_normalised((x0, y0, x1, y1), width, height):
         return (f"lies within [0, 1] in a {width:g}x{height:g} image: it looks normalised, but evaluation boxes are "
                 "pixels (load with normalized=True).")
     return ""

@@ -16,6 +16,7 @@ from torch.utils.data import Dataset
 from m2ist.data.images import WHITE, DeferredImage, RGBColor, image_name, image_size, load_image
 from m2ist.data.loaders import box_values, has_visible_text
 from m2ist.data.sample import RECSample
+from m2ist.ops.boxes import looks_normalised
 
 __all__ = ["RECDataWarning", "RECDataset", "ValidationReport", "check_annotated_size", "check_pixel_box"]
 
@@ -100,7 +101,7 @@ def check_pixel_box(box: Sequence[float], size: tuple[int, int], *, where: str) 
     (normalised numbers) read as pixels, a box of one pixel at the top-left corner. ``evaluate()`` refuses the same
     ground truth; training on it would teach the model that corner without a word."""
     width, height = size
-    if max(box) <= 1.0 and min(width, height) > 4:
+    if looks_normalised(box, width, height):
         raise ValueError(
             f"{where}: the box {tuple(box)} lies within [0, 1] in a {width}x{height} image: it looks normalised "
             "(fractions of the image size), but RECDataset boxes are pixels. Load the data with normalized=True "

@@ -60,6 +60,12 @@ def clip_boxes(boxes: torch.Tensor, width: float | torch.Tensor, height: float |
     )
 
 
+def looks_normalised(box: Any, width: float, height: float) -> bool:
+    """Whether a pixel box (any four coordinates) lies within ``[0, 1]`` in an image larger than 4 pixels each way:
+    fractions of the image size read as pixels (a box of one pixel at the top-left corner)."""
+    return max(box) <= 1.0 and min(width, height) > 4
+
+
 def _area(boxes: torch.Tensor) -> torch.Tensor:
     return (boxes[..., 2] - boxes[..., 0]).clamp(min=0) * (boxes[..., 3] - boxes[..., 1]).clamp(min=0)
 
