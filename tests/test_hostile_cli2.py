@@ -107,6 +107,23 @@ def test_sample_limits_are_whole_positive_numbers(workspace, limit):
     assert len(load_data_splits({**data, "max_eval_samples": 2}, "eval")["val"]) == 2
 
 
+def test_a_file_naming_its_splits_gives_the_rows_of_the_split_the_command_line_names(workspace, tmp_path):
+    """One JSONL of train and val rows: ``--train-file`` read every row (training on the evaluation rows too), and
+    ``--eval-file val=FILE`` scored the training rows; now each reads the rows of the split it names, and a file
+    of one split (no 'split' field) is still read whole."""
+    rows = [{"image": str(workspace / f"img{i}.png"), "text": "the red square", "bbox": [5 + i, 5, 20, 15],
+             "split": "train" if i < 2 else "validation"} for i in range(3)]
+    mixed = tmp_path / "all.jsonl"
+    mixed.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    data = {"format": "jsonl", "box_format": "xywh", "train_file": str(mixed), "eval_files": [f"val={mixed}"]}
+    train = load_data_splits(data, "train")["train"]
+    assert [s.box[0] for s in train] == [5, 6]
+    assert [s.box[0] for s in load_data_splits(data, "eval")["val"]] == [7]  # 'val' is 'validation'
+    with pytest.raises(ValueError, match=r"has no split 'test'; available splits: \['train', 'validation'\]"):
+        load_data_splits({**data, "eval_files": [f"test={mixed}"]}, "eval")
+    whole = load_data_splits({**data, "eval_files": [str(workspace / "val.jsonl")]}, "eval")["val"]
+    assert len(whole) == 3  # val.jsonl names no split: the whole file is the split
+
 def test_sample_limit_flags_refuse_negative_numbers(workspace, capsys):
     code, out, err = run_cli(capsys, *eval_args(workspace, workspace / "adapter", "--max-eval-samples", "-1"))
     assert code == 2 and out == "" and "--max-eval-samples: -1 must be positive" in err

@@ -123,7 +123,10 @@ def load_data_splits(data: Mapping[str, Any], role: str) -> dict[str, list]:
             flag = "--train-file FILE" if role == "train" else "--eval-file [NAME=]FILE"
             raise CLIError(f"--data-format {fmt} reads files: pass {flag}.")
         for name, path in files.items():
-            options = {"image_root": image_root, "normalized": bool(data.get("normalized", False)), **outside}
+            # records that name their split give the rows of the split this file is read as (--train-split, the
+            # NAME of --eval-file NAME=FILE or the file's stem); a file that names none is that split whole
+            options = {"image_root": image_root, "normalized": bool(data.get("normalized", False)), **outside,
+                       "split": None if name.lower() == "all" else name, "split_optional": True}
             if fmt == "coco":
                 splits[name] = load_coco_style(path, data.get("box_format") or "xywh", **options)
             else:

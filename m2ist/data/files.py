@@ -96,7 +96,7 @@ def _size_from(record: dict[str, Any], *, where: str, box_keys: tuple[str, ...] 
 
 
 def _split_selection(found: list[tuple[str, Any]], split: str | Sequence[str] | None, *,
-                     source: str, stacklevel: int = 3) -> set[str] | None:
+                     source: str, stacklevel: int = 3, split_optional: bool = False) -> set[str] | None:
     """The split values to keep (``None``: every record), from ``found`` = ``(where, split value or None)`` per record.
 
     With ``split=None`` a file whose records name several splits warns: all of them are loaded as one set (a
@@ -112,6 +112,8 @@ def _split_selection(found: list[tuple[str, Any]], split: str | Sequence[str] | 
                 "load one of them, or split='all' to load every split without this warning.",
                 stacklevel=stacklevel,
             )
+        return None
+    if not values and split_optional:  # a file of one split: loaded whole
         return None
     if not values:
         raise ValueError(f"{source}: split={split!r} selects records by their 'split' field, but no record has one; "
@@ -132,13 +134,14 @@ def _add_records(
     allow_outside_image_root: bool = True,
     split: str | Sequence[str] | None = None,
     source: str = "",
+    split_optional: bool = False,
 ) -> None:
     records = list(records)
     for where, record in records:
         if not isinstance(record, dict):
             raise ValueError(f"{where}: expected an object with image, text and bbox; got {record!r:.80}.")
     wanted = _split_selection([(where, record.get("split")) for where, record in records], split, source=source,
-                              stacklevel=4)
+                              stacklevel=4, split_optional=split_optional)
     for where, record in records:
         if wanted is not None and str(record.get("split")) not in wanted:
             continue
@@ -180,6 +183,7 @@ def load_jsonl(
     normalized: bool = False,
     allow_outside_image_root: bool = False,
     split: str | Sequence[str] | None = None,
+    split_optional: bool = False,
 ) -> list[RECSample]:
     """Load a JSON-lines file: one object per line with ``image``, ``text`` and ``bbox`` (see module docstring).
 
@@ -189,6 +193,8 @@ def load_jsonl(
         split: keep the records whose ``split`` field names this split (or one of a list; ``val`` and
             ``validation`` are one split); ``"all"`` loads every record. ``None`` loads every record too, with a
             warning when they name several splits.
+        split_optional: with ``split`` given, a file whose records name no split is loaded whole (a file of
+            that one split) instead of refused: the command line's reading of ``--train-file`` / ``--eval-file``.
     """
     path = Path(path)
     box_format = check_box_format(box_format, source=str(path))
@@ -205,7 +211,7 @@ def load_jsonl(
     builder = _SampleBuilder(box_format=box_format, normalized=normalized)
     _add_records(builder, records, image_root=Path(image_root) if image_root else path.parent, read_box=_read_box_key,
                  allow_outside_image_root=allow_outside_image_root or image_root is None, split=split,
-                 source=str(path))
+                 source=str(path), split_optional=split_optional)
     return builder.build()
 
 
@@ -218,6 +224,7 @@ def load_csv(
     delimiter: str = ",",
     allow_outside_image_root: bool = False,
     split: str | Sequence[str] | None = None,
+    split_optional: bool = False,
 ) -> list[RECSample]:
     """Load a CSV file with a header row: ``image``, ``text`` and ``bbox`` (``"[x, y, w, h]"`` or ``"x y w h"``)
     or four box columns named after ``box_format`` (``x0,y0,x1,y1`` / ``x,y,w,h`` / ``cx,cy,w,h``).
@@ -226,6 +233,8 @@ def load_csv(
         split: keep the records whose ``split`` column names this split (or one of a list; ``val`` and
             ``validation`` are one split); ``"all"`` loads every record. ``None`` loads every record too, with a
             warning when they name several splits.
+        split_optional: with ``split`` given, a file whose records name no split is loaded whole (a file of
+            that one split) instead of refused: the command line's reading of ``--train-file`` / ``--eval-file``.
     """
     path = Path(path)
     box_format = check_box_format(box_format, source=str(path))
@@ -248,7 +257,7 @@ def load_csv(
     builder = _SampleBuilder(box_format=box_format, normalized=normalized)
     _add_records(builder, records, image_root=Path(image_root) if image_root else path.parent, read_box=read_box,
                  allow_outside_image_root=allow_outside_image_root or image_root is None, split=split,
-                 source=str(path))
+                 source=str(path), split_optional=split_optional)
     return builder.build()
 
 
@@ -281,6 +290,7 @@ def load_coco_style(
     normalized: bool = False,
     allow_outside_image_root: bool = False,
     split: str | Sequence[str] | None = None,
+    split_optional: bool = False,
 ) -> list[RECSample]:
     """Load a COCO-style JSON (``images``, ``annotations``) whose expressions sit on annotations or images.
 
@@ -292,7 +302,8 @@ def load_coco_style(
     ``images[].file_name`` is joined to ``image_root`` (default: the JSON's folder). ``box_format`` defaults to
     COCO's ``xywh`` pixels; ``images[].width``/``height`` are used for ``normalized`` boxes. ``split`` keeps the
     expressions whose annotation (or else image entry) names that ``split`` (``"all"``: every one; ``None``: every
-    one, with a warning when they name several splits).
+    one, with a warning when they name several splits); with ``split_optional``, a file that names no split is
+    loaded whole.
     """
     path = Path(path)
     box_format = check_box_format(box_format, source=str(path))
@@ -360,7 +371,7 @@ def load_coco_style(
             )
         entries.append((candidates[0], image, image[text_key], where))
     wanted = _split_selection([(where, ann.get("split", image.get("split"))) for ann, image, _, where in entries],
-                              split, source=str(path))
+                              split, source=str(path), split_optional=split_optional)
     for ann, image, text_value, where in entries:
         if wanted is None or str(ann.get("split", image.get("split"))) in wanted:
             add(ann, image, text_value, where)
