@@ -1351,6 +1351,8 @@ class SideTunedModel(RECModel):
             target.mkdir(parents=True, exist_ok=True)
             self.adapter_setups[name].config.save_pretrained(target)
             save_trainable_state(self.adapter_state_dict(name), target / WEIGHTS_NAME)
+        if selected_adapters is None and previous is not None and previous.is_dir():
+            self._warn_of_kept_adapters(previous)
         if DEFAULT_ADAPTER not in names and previous is not None:
             carried = [CONFIG_NAME, WEIGHTS_NAME]
             if self.processor is None:
@@ -1371,6 +1373,19 @@ class SideTunedModel(RECModel):
             if subject is not None:
                 config, counts, subfolder = subject
                 write_model_card(folder, config, counts, repo_id=repo_id, subfolder=subfolder, tags=list(card_tags))
+
+    def _warn_of_kept_adapters(self, previous: Path) -> None:
+        """Warn when the folder a full save replaces holds adapter subfolders (``<name>/`` with a config and weights)
+        of adapters this model no longer has: the save keeps them (they are not its files, as PEFT keeps them), and
+        ``load_adapter(folder, name, subfolder=name)`` would still load one deleted with :meth:`delete_adapter`."""
+        kept = sorted(entry.name for entry in previous.iterdir()
+                      if entry.is_dir() and entry.name not in self.adapter_setups
+                      and (entry / CONFIG_NAME).is_file() and (entry / WEIGHTS_NAME).is_file())
+        if kept:
+            warnings.warn(f"{previous} keeps the adapter subfolder(s) {kept} of an earlier save: this model has no "
+                          "adapter of that name (deleted with delete_adapter?), and a save never removes what it did "
+                          "not write, so load_adapter would still load them from there. Remove them if they are "
+                          "stale.", stacklevel=4)
 
     def card_subject(self, folder: Path,
                      written: Sequence[str]) -> tuple[M2ISTConfig, dict[str, int], str | None] | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import pytest
@@ -232,3 +233,17 @@ def test_head_attention_is_multihead_attention():
         torch.testing.assert_close(fused_attention(attention, x, x + 1, x, padding), expected, rtol=1e-5, atol=1e-6)
     attention.train()  # dropout is applied in training, not in eval
     assert not torch.allclose(fused_attention(attention, x, x, x, padding), expected, atol=1e-3)
+
+
+def test_a_full_save_warns_of_the_subfolders_of_adapters_it_no_longer_has(tmp_path):
+    """After delete_adapter, saving into the same folder kept the deleted adapter's subfolder without a word, and
+    load_adapter still loaded it from there; the save keeps it (not its file) but now says so."""
+    model = _model_with_adapters()
+    model.save_pretrained(tmp_path)
+    model.delete_adapter("deep")
+    with pytest.warns(UserWarning, match=r"keeps the adapter subfolder\(s\) \['deep'\].*delete_adapter"):
+        model.save_pretrained(tmp_path)
+    assert (tmp_path / "deep" / WEIGHTS_NAME).is_file() and (tmp_path / "wide" / WEIGHTS_NAME).is_file()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # only the selected adapter is written: nothing to say
+        model.save_pretrained(tmp_path, selected_adapters=["wide"])
