@@ -161,8 +161,12 @@ def _short(err: BaseException, limit: int = 200) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- prediction
-def _display_copy(image: Image.Image) -> tuple[Image.Image, float]:
-    """The image resized for the page (large ones shrunk, small ones enlarged) and the scale applied."""
+def _display_copy(image: Image.Image) -> tuple[Image.Image, tuple[float, float]]:
+    """The image resized for the page (large ones shrunk, small ones enlarged) and the ``(x, y)`` scales applied.
+
+    The scales are per axis, each the displayed side over the original one: sizes are rounded to whole pixels, so one
+    factor for both axes would put a box on the image's far edge a fraction of a pixel outside the displayed copy.
+    """
     side = max(image.size)
     scale = 1.0
     if side > DISPLAY_MAX_SIDE:
@@ -170,10 +174,17 @@ def _display_copy(image: Image.Image) -> tuple[Image.Image, float]:
     elif side < DISPLAY_MIN_SIDE:
         scale = DISPLAY_MIN_SIDE / side
     if scale == 1.0:
-        return image, scale
+        return image, (1.0, 1.0)
     size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
     resample = Image.Resampling.LANCZOS if scale < 1 else Image.Resampling.NEAREST
-    return image.resize(size, resample), scale
+    return image.resize(size, resample), (size[0] / image.width, size[1] / image.height)
+
+
+def _display_boxes(boxes: list[list[float]], scales: tuple[float, float], size: tuple[int, int]) -> list[list[float]]:
+    """``xyxy`` boxes of the original image in pixels of its displayed copy of ``size``, clipped to it."""
+    (scale_x, scale_y), (width, height) = scales, size
+    return [[min(max(x0 * scale_x, 0.0), width), min(max(y0 * scale_y, 0.0), height),
+             min(max(x1 * scale_x, 0.0), width), min(max(y1 * scale_y, 0.0), height)] for x0, y0, x1, y1 in boxes]
 
 
 def _escape(text: str) -> str:
@@ -192,6 +203,21 @@ def _format_table(rows: list[tuple[str, str, list[float]]], several: bool) -> st
     return "\n".join(lines)
 
 
+def _check_models(models: Sequence[tuple[str, nn.Module]], where: str) -> list[tuple[str, nn.Module]]:
+    """``models`` as a list of ``(name, model)`` pairs with distinct names; ``ValueError`` otherwise (results are keyed
+    by name: a second model of one name would replace the first's boxes and times, under two identical pictures)."""
+    models = list(models)
+    bad = [pair for pair in models if not (isinstance(pair, tuple | list) and len(pair) == 2 and isinstance(pair[0], str))]
+    if bad:
+        raise TypeError(f"{where} takes (name, model) pairs, as load_models returns them; got {bad[0]!r:.80}.")
+    names = [name for name, _ in models]
+    if len(set(names)) != len(names):
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        raise ValueError(f"{where}: two models share the name {repeated[0]!r} ({names}); results are keyed by name, so "
+                         "give each model its own (e.g. load_models(['a=out/a', 'b=out/b'])).")
+    return models
+
+
 def predict_page(models: Sequence[tuple[str, nn.Module]], image: Any, text: str | None) -> PagePrediction:
     """Predict one box per expression with every ``(name, model)``; never raises for bad input.
 
@@ -207,16 +233,19 @@ def predict_page(models: Sequence[tuple[str, nn.Module]], image: Any, text: str 
         page; :func:`~m2ist.inference.predict_boxes` and ``m2ist predict`` read the stored pixels and ignore it),
         and a status line with each model's time (or the message that explains what is wrong with the input). When
         the image carries an EXIF rotation or flip, the status line says so.
+
+    Two models of one name are refused (``ValueError``): the results are keyed by name.
     """
     from m2ist.inference import draw_boxes, predict_boxes
 
+    models = _check_models(models, "predict_page")
     empty = [None] * len(models)
     try:
         phrases = parse_phrases(text)
         picture = read_image(image)
     except AppInputError as err:
         return PagePrediction(images=empty, message=f"⚠️ {err}")
-    shown, scale = _display_copy(picture)
+    shown, scales = _display_copy(picture)
     result = PagePrediction(images=list(empty))
     rows: list[tuple[str, str, list[float]]] = []
     notes = []
@@ -225,15 +254,16 @@ def predict_page(models: Sequence[tuple[str, nn.Module]], image: Any, text: str 
             started = time.perf_counter()
             boxes = predict_boxes(model, picture, phrases)
             seconds = time.perf_counter() - started
+            box_list = boxes.tolist()
+            drawn = draw_boxes(shown, _display_boxes(box_list, scales, shown.size), texts=phrases,
+                               font_size=max(14, round(min(shown.size) / 30)))
         except Exception as err:  # a model failure is reported on the page; the server keeps serving
             logger.exception("prediction failed for adapter %s", name)
             notes.append(f"⚠️ {_escape(name)}: the prediction failed ({_escape(_short(err))}).")
             continue
-        box_list = boxes.tolist()
         result.boxes[name] = box_list
         result.seconds[name] = seconds
-        result.images[index] = draw_boxes(shown, [[v * scale for v in box] for box in box_list], texts=phrases,
-                                          font_size=max(14, round(min(shown.size) / 30)))
+        result.images[index] = drawn
         rows += [(name, phrase, box) for phrase, box in zip(phrases, box_list)]
         count = f"{len(phrases)} expression{'s' if len(phrases) > 1 else ''}"
         notes.append(f"**{_escape(name)}**: {count} in {1000 * seconds:.0f} ms "
@@ -369,7 +399,7 @@ def build_app(models: Sequence[tuple[str, nn.Module]], examples: Sequence[tuple[
         title: the heading and the browser tab's title.
     """
     gr = _gradio()
-    models = list(models)
+    models = _check_models(models, "build_app")
     if not models:
         raise ValueError("build_app needs at least one (name, model) pair.")
     names = ", ".join(f"`{name}`" for name, _ in models)

@@ -29,8 +29,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     add_config_flags(predict, "predict")
     add_adapter_flags(predict)
     group = predict.add_argument_group("inputs and outputs")
-    group.add_argument("--image", nargs="+", required=True, metavar="PATH", help="image file(s)")
-    group.add_argument("--text", nargs="+", required=True, metavar="PHRASE", help="referring phrase(s)")
+    # action="extend": a repeated flag adds to the list (argparse's default keeps the last one and drops the others)
+    group.add_argument("--image", nargs="+", action="extend", required=True, metavar="PATH",
+                       help="image file(s); several after one flag or the flag repeated")
+    group.add_argument("--text", nargs="+", action="extend", required=True, metavar="PHRASE",
+                       help="referring phrase(s); several after one flag or the flag repeated")
     group.add_argument("--draw", metavar="OUT.png", help="also draw the boxes (one file per image: OUT-<n>.png; no "
                        "extension adds .png); replaces only an earlier drawing of this command")
     group.add_argument("--output", metavar="FILE", help="also write the JSON to FILE (never an input image)")
