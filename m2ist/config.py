@@ -108,7 +108,8 @@ class M2ISTConfig:
     # --- M³ISA side network -------------------------------------------------------------------------------
     bottleneck: int = field(default=128, metadata={"help": "Bottleneck width r of every side adapter."})
     adapter_scale: float = field(
-        default=0.1, metadata={"help": "Fixed scale s of the intra-modal experts: s · W_up(ReLU(W_down(LN(x))))."}
+        default=0.1, metadata={"help": "Fixed scale s of the intra-modal experts: s · W_up(ReLU(W_down(LN(x)))); "
+                                       "positive while 'vea' or 'lea' is in experts."}
     )
     experts: list[str] = field(
         default_factory=lambda: list(EXPERTS),
@@ -145,7 +146,8 @@ class M2ISTConfig:
     # --- REC head -----------------------------------------------------------------------------------------
     fusion_dim: int = field(default=256, metadata={"help": "Width of the vision-language fusion encoder."})
     fusion_layers: int = field(
-        default=6, metadata={"help": "Layers of the fusion encoder; 0 (no fusion) needs reg_init='text'."}
+        default=6, metadata={"help": "Layers of the fusion encoder; 0 (no fusion) needs reg_init='text' and "
+                                     "box_readout='vote'."}
     )
     fusion_heads: int = field(default=8, metadata={"help": "Attention heads of the fusion encoder."})
     fusion_ffn_dim: int = field(default=2048, metadata={"help": "Feed-forward width of the fusion encoder."})
@@ -337,9 +339,10 @@ class M2ISTConfig:
         if self.box_readout == "vote" and self.vote_window is not None and self.point_loss_weight == 0:
             fail("point_loss_weight", "with vote_window set, only the point loss teaches the readout where to look: "
                  "use a positive weight (1.0) or vote_window=None.")
-        if self.fusion_layers == 0 and self.reg_init != "text":
-            fail("fusion_layers", "0 fusion layers leave a learned [REG] blind to the input: set reg_init='text' "
-                 "or use at least one layer.")
+        if self.fusion_layers == 0 and (self.reg_init != "text" or self.box_readout != "vote"):
+            fail("fusion_layers", "without a fusion layer [REG] reads the expression only through reg_init='text' "
+                 "and the image only through box_readout='vote' (a [REG] MLP would give every image the same box): "
+                 "set both, or use at least one fusion layer.")
         for name in ("image_size", "num_vision_tokens"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
@@ -354,6 +357,9 @@ class M2ISTConfig:
         for name in ("adapter_scale", "box_loss_weight", "giou_loss_weight", "smooth_l1_beta", "point_loss_weight"):
             if not isinstance(getattr(self, name), int | float) or getattr(self, name) < 0:
                 fail(name, "expected a non-negative number.")
+        if self.adapter_scale == 0 and {"vea", "lea"} & set(self.experts or ()):
+            fail("adapter_scale", "0 makes every VEA and LEA output zero and gives them no gradient, so they would "
+                 "never train: use a positive scale (the paper's 0.1), or drop 'vea' and 'lea' from experts.")
         if self.box_loss_weight == 0 and self.giou_loss_weight == 0:
             fail("giou_loss_weight", "both loss weights are 0: nothing would be trained.")
         if not self.experts or any(e not in EXPERTS for e in self.experts) or len(set(self.experts)) != len(

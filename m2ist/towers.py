@@ -747,11 +747,14 @@ class Tower:
         return (self.num_prefix_tokens or 0) + self.num_suffix_tokens
 
     def token_mask(self, pixel_mask: torch.Tensor | None, tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        """Validity of each visual token: prefix tokens are valid, patch tokens follow the downsampled pixel mask."""
+        """Validity of each visual token: prefix tokens are valid, a patch token when any pixel under it is the
+        image's. (DETR samples the pixel mask at each patch's top-left pixel: with a centred letterbox that drops the
+        partial patch row or column at the image's top or left, image pixels the head could then never point at, and
+        keeps the one at its bottom or right.)"""
         batch, num_tokens = tokens.shape[:2]
         if pixel_mask is None:
             return torch.ones((batch, num_tokens), dtype=torch.bool, device=tokens.device)
-        patches = F.interpolate(pixel_mask[:, None].float(), size=grid, mode="nearest")[:, 0] > 0.5
+        patches = F.adaptive_max_pool2d(pixel_mask[:, None].float(), grid)[:, 0] > 0.5
         prefix = torch.ones((batch, self.num_leading_tokens), dtype=torch.bool, device=tokens.device)
         return torch.cat([prefix, rearrange(patches, "b h w -> b (h w)")], dim=1)
 
