@@ -276,12 +276,13 @@ class M2ISTConfig:
 
     TOWER_FIELDS: ClassVar[tuple[str, ...]] = ("model_type", "width", "depth")
     #: Fields a model is built from (its modules, their sizes, dropout and scale, the layers and taps it reads, its
-    #: canvas and query length): changing one on a built model changes nothing it computes, so a save refuses it.
+    #: canvas and query length, the towers' dtype): changing one on a built model changes nothing it computes, so a
+    #: save refuses it (``set_backbone_dtype`` casts the towers and records their dtype).
     BUILD_FIELDS: ClassVar[tuple[str, ...]] = (
         "bottleneck", "adapter_scale", "experts", "share_iea_up_projection", "intra_tap", "inter_tap", "vision_layers",
         "text_layers", "layer_pairing", "side_dropout", "fusion_dim", "fusion_layers", "fusion_heads", "fusion_ffn_dim",
         "fusion_dropout", "box_mlp_layers", "fusion_norm", "reg_init", "box_readout", "vote_hops", "vote_window",
-        "vote_keys", "position_init", "max_query_len", "image_size", "vision_taps", "text_taps")
+        "vote_keys", "position_init", "max_query_len", "image_size", "vision_taps", "text_taps", "backbone_dtype")
     #: Fields the model fills in (what the towers are, the file's version): recorded, never chosen by a user.
     RECORDED_FIELDS: ClassVar[tuple[str, ...]] = (
         *(f"{modality}_{key}" for modality in ("vision", "text")

@@ -784,7 +784,7 @@ class SideTunedModel(RECModel):
             raise ValueError(f"backbone_dtype must be one of {tuple(DTYPES)}, got {backbone_dtype!r}.")
         self._cast_towers(backbone_dtype)
         for setup in self.adapter_setups.values():  # adapters on one pair of towers share its settings
-            setup.config.backbone_dtype = backbone_dtype
+            setup.config.backbone_dtype = setup.built["backbone_dtype"] = backbone_dtype
         return self
 
     def _cast_towers(self, backbone_dtype: str) -> None:

@@ -72,3 +72,17 @@ def test_a_patch_holding_any_image_pixel_is_valid_and_a_box_on_the_images_top_ed
                 input_ids=torch.randint(3, 100, (1, 8)), attention_mask=torch.ones(1, 8, dtype=torch.long))
     top_edge = torch.tensor([[0.5, 7.5 / 32, 0.25, 3 / 32]])  # image rows 6..9, in patch row 0
     assert rec_loss(out.pred_boxes, top_edge, model.config, out.patch_logits)["loss_point"] > 0
+
+
+def test_the_towers_dtype_set_on_the_config_of_a_built_model_is_refused_at_save(tmp_path):
+    """``model.config.backbone_dtype = "bfloat16"`` left the towers in float32 but was saved: the reload ran its
+    towers in bfloat16, another model than the one trained and evaluated. ``set_backbone_dtype`` casts and saves."""
+    model = get_side_tuned_model(vision_tower("vit"), text_tower("bert"), tiny_config())
+    model.config.backbone_dtype = "bfloat16"
+    with pytest.raises(ValueError, match=r"changed after the model was built \(backbone_dtype: None -> 'bfloat16'\)"):
+        model.save_pretrained(tmp_path / "adapter")
+    model.config.backbone_dtype = None
+    model.set_backbone_dtype("bfloat16")
+    assert next(model.vision_model.parameters()).dtype == torch.bfloat16
+    model.save_pretrained(tmp_path / "adapter")
+    assert json.loads((tmp_path / "adapter" / "m2ist_config.json").read_text())["backbone_dtype"] == "bfloat16"
