@@ -34,7 +34,7 @@ from .config import M2ISTConfig
 from .save_and_load import WEIGHTS_NAME, atomic_write, recorded_sha256
 
 __all__ = ["CARD_NAME", "EVAL_RESULTS_NAME", "PLACEHOLDER_REPO_ID", "TOWERS_USED_KEY", "WEIGHTS_SHA256_KEY",
-           "build_model_card", "card_results_problem",
+           "build_model_card", "card_for_push", "card_results_problem",
            "hub_model_id", "read_eval_results", "results_for_weights", "write_model_card"]
 
 logger = logging.getLogger(__name__)
@@ -226,6 +226,24 @@ def _section(config: M2ISTConfig, counts: Mapping[str, int], repo_id: str | None
     return "\n".join(lines)
 
 
+#: The generated usage line: ``model = SideTunedModel.from_pretrained("<repo>"[, subfolder='x'][, revision='y'])``.
+_USAGE = re.compile(r'^(model = SideTunedModel\.from_pretrained\()"[^"\n]*"((?:, subfolder=(?:\'[^\'\n]*\'|"[^"\n]*"))?)'
+                    r'(?:, revision=(?:\'[^\'\n]*\'|"[^"\n]*"))?\)', re.MULTILINE)
+
+
+def card_for_push(card: str, repo_id: str, revision: str | None = None) -> str:
+    """``card`` with its generated usage snippet loading the adapter from where a push puts it: ``repo_id`` (a card
+    written for another repo, or still showing :data:`PLACEHOLDER_REPO_ID`, would load another adapter or none) at
+    ``revision`` (a branch other than ``main``; the snippet of a card pushed to a branch would load ``main``'s
+    adapter). Text outside m2ist's generated section is kept, the placeholder excepted."""
+    pinned = f", revision={revision!r}" if revision else ""
+
+    def usage(section: re.Match[str]) -> str:
+        return _USAGE.sub(lambda line: f'{line.group(1)}"{repo_id}"{line.group(2)}{pinned})', section.group(0))
+
+    return _SECTION.sub(usage, card, count=1).replace(PLACEHOLDER_REPO_ID, repo_id)
+
+
 def build_model_card(config: M2ISTConfig, counts: Mapping[str, int], *, repo_id: str | None = None,
                      results: Mapping[str, Any] | None = None, datasets: Sequence[str] = (),
                      tags: Sequence[str] = (), model_name: str | None = None, license: str | None = None,
@@ -239,14 +257,18 @@ def build_model_card(config: M2ISTConfig, counts: Mapping[str, int], *, repo_id:
         repo_id: the Hub repo the card is for (shown in the usage snippet and as the ``model-index`` name).
         results: evaluation results in :func:`m2ist.evaluation.evaluate`'s format; they go to ``model-index``.
         datasets: Hub dataset ids the adapter was trained / evaluated on (also read from
-            ``results["metadata"]["datasets"]``).
+            ``results["metadata"]["datasets"]``); local paths are left out, with a warning.
         tags / model_name / license / language: extra metadata (a card's own license and language win).
         subfolder: the adapter the card documents lies in this subfolder (shown in the usage snippet).
 
     Without results the card carries no metrics: an ``existing`` card's ``model-index`` is dropped.
     """
     recorded = (results or {}).get("metadata", {}).get("datasets", []) if isinstance(results, Mapping) else []
-    dataset_ids = list(dict.fromkeys([*datasets, *(d for d in recorded if isinstance(d, str))]))
+    named = list(dict.fromkeys([*datasets, *(d for d in recorded if isinstance(d, str))]))
+    dataset_ids = [d for d in named if hub_model_id(d)]  # a local path is no Hub dataset, and would be published
+    if len(dataset_ids) < len(named):
+        logger.warning("Leaving %s out of the model card's datasets: they are local paths, not Hub dataset ids "
+                       "('namespace/name'); name the Hub dataset instead.", [d for d in named if d not in dataset_ids])
     base_models = [m for m in (hub_model_id(config.vision_model_name_or_path),
                                hub_model_id(config.text_model_name_or_path)) if m]
     name = model_name or (repo_id.split("/")[-1] if repo_id else "m2ist-adapter")

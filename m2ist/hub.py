@@ -39,9 +39,16 @@ from huggingface_hub.errors import (
 )
 from huggingface_hub.utils import filter_repo_objects, validate_repo_id
 
-from .card import CARD_NAME, PLACEHOLDER_REPO_ID, card_results_problem
+from .card import CARD_NAME, card_for_push, card_results_problem
 from .config import CONFIG_NAME
-from .save_and_load import ADAPTER_FILES, WEIGHTS_NAME, adapter_name_problem, foreign_model_files, owned_entries
+from .save_and_load import (
+    ADAPTER_FILES,
+    WEIGHTS_NAME,
+    adapter_name_problem,
+    folder_identity,
+    foreign_model_files,
+    owned_entries,
+)
 from .version import __version__
 
 __all__ = ["ADAPTER_PATTERNS", "IGNORED_PATTERNS", "PretrainedNotFoundError", "full_repo_id", "push_folder_to_hub", "push_to_hub",
@@ -98,8 +105,10 @@ def push_folder_to_hub(
 
     Only an adapter's own files go up by default (`ADAPTER_PATTERNS`: `m2ist_config.json`, the weights, `README.md`,
     the processor and tokenizer files), never optimizer state, `training_args.bin`, `trainer_state.json` or
-    `checkpoint-*` folders, so the output folder of a training run can be pushed as it is. A card still showing the
-    placeholder repo id in its usage snippet gets the real one.
+    `checkpoint-*` folders, so the output folder of a training run can be pushed as it is. The card's usage snippet
+    loads from where the push puts it: `repo_id` (a card still showing the placeholder, or written for another repo,
+    gets it) at `revision` (a branch other than `main`). A folder replaced by a new save while the push reads it
+    (a training run saving there) is refused before any commit: the commit would mix files of two saves.
 
     The commit also deletes the repo's adapter files (an adapter file name at the root or in an adapter's
     subfolder, `README.md` excepted) that this push would upload but the folder does not hold, e.g. a processor or
@@ -124,6 +133,7 @@ def push_folder_to_hub(
     folder_path = Path(folder)
     if not folder_path.is_dir():
         raise NotADirectoryError(f"Cannot push '{folder}': it is not a directory. Pass the folder to upload.")
+    identity = folder_identity(folder_path)  # every save swaps in a new folder: a save while this reads is caught
     present = sorted(path.relative_to(folder_path).as_posix() for path in folder_path.rglob("*") if path.is_file())
     if not present:
         raise ValueError(f"Cannot push '{folder}': the folder contains no files.")
@@ -169,7 +179,18 @@ def push_folder_to_hub(
                 f"(e.g. '{repo_id}-m2ist'); no commit was made."
             )
         with tempfile.TemporaryDirectory(prefix="m2ist-upload-") as staging:
-            _stage(folder_path, selected, Path(staging), repo_id)
+            try:
+                _stage(folder_path, selected, Path(staging), repo_id,
+                       None if create_pr or revision == constants.DEFAULT_REVISION else revision)
+            except FileNotFoundError:  # a file gone: the folder was replaced (checked below), or a plain error
+                if folder_identity(folder_path) == identity:
+                    raise
+            if folder_identity(folder_path) != identity:
+                raise ValueError(
+                    f"Cannot push '{folder}': it was replaced by a new save while it was being read (a training run "
+                    "saving there?), so the commit could mix files of two saves; no commit was made. Push again once "
+                    "the save is done."
+                )
             stale = _stale_adapter_files(repo_files, selected, allow_patterns, ignore_patterns)
             _warn_if_adapters_deleted(repo_id, stale)
             return api.upload_folder(
@@ -239,15 +260,17 @@ def _warn_if_adapters_deleted(repo_id: str, stale: Sequence[str]) -> None:
                       stacklevel=4)
 
 
-def _stage(folder: Path, selected: Sequence[str], staging: Path, repo_id: str) -> None:
-    """Link (or copy) the selected files into `staging`; the card gets the real repo id in its usage snippet."""
+def _stage(folder: Path, selected: Sequence[str], staging: Path, repo_id: str, revision: str | None) -> None:
+    """Link (or copy) the selected files into `staging`; a card's usage snippet loads from `repo_id` at `revision`
+    (see `card_for_push`)."""
     for name in selected:
         source, target = folder / name, staging / name
         target.parent.mkdir(parents=True, exist_ok=True)
         if PurePosixPath(name).name == CARD_NAME:
             text = source.read_text(encoding="utf-8")
-            if PLACEHOLDER_REPO_ID in text:
-                target.write_text(text.replace(PLACEHOLDER_REPO_ID, repo_id), encoding="utf-8")
+            pushed = card_for_push(text, repo_id, revision)
+            if pushed != text:
+                target.write_text(pushed, encoding="utf-8")
                 continue
         try:
             os.link(source, target)
