@@ -259,6 +259,11 @@ def checked_value(section: str, key: str, value: Any, *, source: str) -> Any:
     ``no`` read by YAML as false for a string, ``null`` where none is allowed, a number for a name) raises a
     :class:`CLIError` naming ``source`` and the key."""
     hint = _key_type(section, key)
+    surprise = _yaml11_surprise(value)
+    if surprise is not None and (surprise is not value or _typed_ok(int(surprise), hint)):
+        kind = "base-60" if ":" in surprise.text else "octal"
+        raise CLIError(f"{source}: {section}.{key}: YAML 1.1 reads {surprise.text} as the {kind} number "
+                       f"{surprise!r}; write the number in decimal, without leading zeros or colons.")
     try:
         return _typed(value, hint)
     except _WrongType as err:
@@ -276,7 +281,8 @@ def checked_value(section: str, key: str, value: Any, *, source: str) -> Any:
         why = " Write a whole number."
     else:
         why = ""
-    raise CLIError(f"{source}: {section}.{key} must be {expected}, got {value!r} ({type(value).__name__}).{why}")
+    kind = type(value).__name__ if not isinstance(value, _Yaml11Int | _Yaml11Float) else type(value).__mro__[1].__name__
+    raise CLIError(f"{source}: {section}.{key} must be {expected}, got {value!r} ({kind}).{why}")
 
 
 _BOOLEAN_WORDS = ("true", "false", "yes", "no", "on", "off", "y", "n", "1", "0")
@@ -381,6 +387,46 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                                        "first).")
         return super().construct_mapping(node, deep=deep)
 
+    def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
+        return _yaml11_number(node, super().construct_yaml_int(node))
+
+    def construct_yaml_float(self, node: yaml.ScalarNode) -> float:
+        return _yaml11_number(node, super().construct_yaml_float(node))
+
+
+class _Yaml11Int(int):
+    """An int YAML 1.1 read from a leading-zero octal (``040`` is 32) or base-60 (``1:30`` is 90) scalar."""
+
+    text = ""
+
+
+class _Yaml11Float(float):
+    """A float YAML 1.1 read from a base-60 scalar (``1:30.5`` is 90.5)."""
+
+    text = ""
+
+
+def _yaml11_number(node: yaml.ScalarNode, value: Any) -> Any:
+    """``value``, marked with its text when YAML 1.1 read it as an octal or base-60 number nobody means."""
+    digits = str(node.value).replace("_", "").lstrip("+-")
+    if ":" not in digits and not (len(digits) > 1 and digits[0] == "0" and digits.isdigit()):
+        return value
+    marked = (_Yaml11Int if isinstance(value, int) else _Yaml11Float)(value)
+    marked.text = str(node.value)
+    return marked
+
+
+_UniqueKeyLoader.add_constructor("tag:yaml.org,2002:int", _UniqueKeyLoader.construct_yaml_int)
+_UniqueKeyLoader.add_constructor("tag:yaml.org,2002:float", _UniqueKeyLoader.construct_yaml_float)
+
+
+def _yaml11_surprise(value: Any) -> _Yaml11Int | _Yaml11Float | None:
+    """The first number in ``value`` (a scalar, list or mapping) that YAML 1.1 read as octal or base 60."""
+    if isinstance(value, _Yaml11Int | _Yaml11Float):
+        return value
+    items = value.values() if isinstance(value, Mapping) else value if isinstance(value, list | tuple) else ()
+    return next((found for found in map(_yaml11_surprise, items) if found is not None), None)
+
 def _section_of(key: str, *, source: str, allowed: tuple[str, ...] = SECTIONS) -> str:
     owners = [section for section, keys in _section_keys(allowed).items() if key in keys]
     if not owners:
@@ -413,7 +459,7 @@ def _parse_set(item: str, allowed: tuple[str, ...] = SECTIONS, command: str | No
     key, raw = item.split("=", 1)
     key = key.strip().replace("-", "_")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = yaml.load(raw, Loader=_UniqueKeyLoader) if raw.strip() else ""  # a SafeLoader
     except yaml.YAMLError as err:
         raise CLIError(f"--set {item!r}: the value is not valid YAML ({err}).") from err
     if "." in key:
@@ -437,22 +483,50 @@ def _parse_set(item: str, allowed: tuple[str, ...] = SECTIONS, command: str | No
 def resolve_settings(namespace: argparse.Namespace) -> dict[str, dict[str, Any]]:
     """Merge ``--config`` (lowest), ``--set`` and explicit flags (highest) into ``{section: {key: value}}``."""
     settings: dict[str, dict[str, Any]] = {section: {} for section in SECTIONS}
+    origin: dict[str, tuple[int, str]] = {}  # the layer (0 config, 1 --set, 2 flag) and the words of each data key
     config = getattr(namespace, "config", None)
     if config is not None:
         for section, values in load_config_file(config).items():
             settings[section].update(values)
+        origin.update(dict.fromkeys(settings["data"], (0, f"the config file {config}")))
     command = getattr(namespace, "command", None)
     allowed = COMMAND_SECTIONS.get(command, SECTIONS)
     for item in getattr(namespace, "set", None) or []:
         section, name, value = _parse_set(item, allowed, command)
         _assign(settings, section, name, value, source=f"--set {item}")
+        origin[name if section == "data" else ""] = (1, f"--set {item}")
     for dest, value in vars(namespace).items():
         if "." in dest:
             section, name = dest.split(".", 1)
             settings[section][name] = value
+            origin[name if section == "data" else ""] = (2, "--" + _FLAG_NAMES.get(name, name).replace("_", "-"))
+    _one_way_to_name_eval_splits(settings["data"], origin)
     if settings["evaluation"].get("device") not in (None, ""):
         check_device(settings["evaluation"]["device"])
     return settings
+
+_FLAG_NAMES = {"eval_files": "eval_file", "format": "data_format"}
+
+
+def _one_way_to_name_eval_splits(data: dict[str, Any], origin: Mapping[str, tuple[int, str]]) -> None:
+    """Keep ``data.eval_files`` or ``data.eval_splits``, never both: the loaders read the files and drop the split
+    names. Files given in a later layer than the names replace them (``--eval-file`` over a recipe's ``eval_splits``);
+    names given as late as the files, which would be ignored, are refused, as are files for a format that reads none."""
+    if data.get("format") in ("refer", "hf"):
+        for key in ("eval_files", "train_file"):
+            if data.get(key):
+                raise CLIError(f"{origin[key][1]}: --data-format {data['format']} reads no files, so data.{key} would be "
+                               "ignored; name the splits with --eval-splits / --train-split, or pick a file format.")
+    if not data.get("eval_files") or not data.get("eval_splits"):
+        return
+    (files_layer, files), (splits_layer, splits) = origin["eval_files"], origin["eval_splits"]
+    if files_layer > splits_layer:
+        del data["eval_splits"]  # the later layer wins, as for any setting
+        return
+    raise CLIError(f"data.eval_splits (from {splits}) would be ignored: the files of data.eval_files (from {files}) are "
+                   "read instead; name each file's split with --eval-file NAME=FILE, or give only the split names "
+                   "(--set data.eval_files=null drops a config file's files).")
+
 
 def check_device(value: Any) -> None:
     """Refuse a ``--device`` / ``evaluation.device`` torch cannot parse, or a GPU this machine does not have."""
