@@ -263,3 +263,12 @@ def test_weights_that_are_not_safetensors_are_reported_as_damaged_not_allocated(
     code, out, err = run_cli(capsys, *eval_args(workspace, adapter))
     assert_one_line_error(code, err, str(weights), "corrupted or truncated", "header claims", exit_code=2)
     assert out == ""
+
+
+def test_load_data_splits_refuses_split_names_it_would_drop_for_files(workspace):
+    """Settings built without the command line's resolution (a script calling load_data_splits) kept both: the
+    split names were dropped silently and only the files scored."""
+    data = {"format": "jsonl", "box_format": "xywh", "eval_files": [f"val={workspace / 'val.jsonl'}"],
+            "eval_splits": ["testA"]}
+    with pytest.raises(CLIError, match=r"data.eval_splits \['testA'\] and data.eval_files \['val'\] are both set"):
+        load_data_splits(data, "eval")

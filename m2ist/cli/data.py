@@ -113,6 +113,10 @@ def load_data_splits(data: Mapping[str, Any], role: str) -> dict[str, list]:
     else:
         files = _eval_files(data.get("eval_files"))
         names = _split_list(data.get("eval_splits"))
+        if files and names:  # the settings layer keeps one of them; a caller building settings itself may not
+            raise CLIError(f"data.eval_splits {names} and data.eval_files {list(files)} are both set, and only the files "
+                           "would be read: name each file's split with --eval-file NAME=FILE, or give only the split "
+                           "names.")
         if not names and not files and fmt in SPLIT_FORMATS:
             names = ["val"]
     limit = _sample_limit(data, "max_train_samples" if role == "train" else "max_eval_samples")
