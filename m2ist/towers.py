@@ -422,7 +422,7 @@ class Tower:
                 first_line = (str(error).splitlines() or [""])[0]
                 mismatch = self._input_mismatch(f"{type(error).__name__}: {first_line}")
                 if mismatch is not None:  # no probe ran before (the hidden-states fallback): it fails on any phrase
-                    raise ValueError(mismatch) from None
+                    raise self.structural_refusal(mismatch) from None
                 raise ValueError(self.refusal(f"its forward fails on a padded phrase (an attention mask with zeros: "
                                               f"{type(error).__name__}: {first_line}), and the processor pads every "
                                               "phrase to max_query_len; use a tower that takes padded text")) from None
@@ -537,7 +537,7 @@ class Tower:
             failure = f"{type(error).__name__}: {first_line}"
             mismatch = self._input_mismatch(failure)
             if mismatch is not None:
-                raise ValueError(mismatch) from error
+                raise self.structural_refusal(mismatch) from error
             reason = f"its forward fails on the probe inputs ({failure})"
             if self.modality == VISION and self.native_size is not None \
                     and tuple(inputs["pixel_values"].shape[-2:]) != self.native_size:
@@ -552,11 +552,11 @@ class Tower:
         return "pixel_values (and pixel_mask)" if self.modality == VISION else "input_ids and attention_mask"
 
     def _input_mismatch(self, failure: str) -> str | None:
-        """Why a failed forward cannot be fed, read from its signature (no forward run): it requires inputs m2ist
-        does not give (SegGPT's prompts, a Q-Former's query embeddings, an audio model's input_values), it is a
-        tower of the other modality (the towers passed in the wrong order), or a multimodal model that takes both
-        pixels and token ids. None when the signature tells nothing (a registry family with its own inputs, a
-        forward taking ``**kwargs`` only)."""
+        """Why a failed forward cannot be fed (a reason for :meth:`structural_refusal`), read from its signature (no
+        forward run): it requires inputs m2ist does not give (SegGPT's prompts, a Q-Former's query embeddings, an
+        audio model's input_values), it is a tower of the other modality (the towers passed in the wrong order), or a
+        multimodal model that takes both pixels and token ids. None when the signature tells nothing (a registry
+        family with its own inputs, a forward taking ``**kwargs`` only)."""
         if self.spec.encode is not None or self.spec.prepare_inputs is not None:
             return None
         try:
@@ -568,26 +568,24 @@ class Tower:
         given = {"pixel_values", "pixel_mask"} if self.modality == VISION else {"input_ids", "attention_mask"}
         missing = [p.name for p in parameters if p.default is p.empty and p.name not in given
                    and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
-        head = f"Cannot side-tune the {self.modality} tower {type(self.model).__name__} " \
-               f"(model_type={self.model_type!r})"
         if missing and own in names:
             fix = ("give them with a TapSpec(prepare_inputs=...) registered by m2ist.taps.register_taps()"
                    if self.modality == VISION else "use a text model whose forward runs on input_ids alone")
-            return (f"{head}: its forward needs inputs m2ist does not give: {', '.join(missing)} (required arguments "
+            return (f"its forward needs inputs m2ist does not give: {', '.join(missing)} (required arguments "
                     f"of {type(self.model).__name__}.forward; m2ist runs a {self.modality} tower on "
-                    f"{self._given_inputs()} alone), and fails without them ({failure}); {fix}.")
+                    f"{self._given_inputs()} alone), and fails without them ({failure}); {fix}")
         if other in names and own not in names:
             kind = TEXT if self.modality == VISION else VISION
-            return (f"{head}: its forward fails on the probe inputs ({failure}); is it a {self.modality} model? Its "
+            return (f"its forward fails on the probe inputs ({failure}); is it a {self.modality} model? Its "
                     f"forward takes {other}, not {own}, as a {kind} model does: get_side_tuned_model takes the vision "
-                    "tower first and the text tower second.")
+                    "tower first and the text tower second")
         if own not in names and missing:  # (a forward taking **kwargs alone tells nothing)
-            return (f"{head}: its forward takes no {own} but {', '.join(missing)}, and m2ist runs a {self.modality} "
-                    f"tower on {self._given_inputs()} alone ({failure}); pass a {self.modality} model.")
+            return (f"its forward takes no {own} but {', '.join(missing)}, and m2ist runs a {self.modality} "
+                    f"tower on {self._given_inputs()} alone ({failure}); pass a {self.modality} model")
         if other in names:
-            return (f"{head}: its forward fails on {self._given_inputs()} alone, all m2ist gives a {self.modality} "
+            return (f"its forward fails on {self._given_inputs()} alone, all m2ist gives a {self.modality} "
                     f"tower ({failure}), and it is a multimodal model (its forward also takes {other}); pass its "
-                    f"{self.modality} encoder alone.")
+                    f"{self.modality} encoder alone")
         return None
 
     def _hidden_states_start_at(self, seed: torch.Tensor | None, probe_inputs) -> bool:

@@ -494,12 +494,14 @@ def resolve_settings(namespace: argparse.Namespace) -> dict[str, dict[str, Any]]
     for item in getattr(namespace, "set", None) or []:
         section, name, value = _parse_set(item, allowed, command)
         _assign(settings, section, name, value, source=f"--set {item}")
-        origin[name if section == "data" else ""] = (1, f"--set {item}")
+        if section == "data":
+            origin[name] = (1, f"--set {item}")
     for dest, value in vars(namespace).items():
         if "." in dest:
             section, name = dest.split(".", 1)
             settings[section][name] = value
-            origin[name if section == "data" else ""] = (2, "--" + _FLAG_NAMES.get(name, name).replace("_", "-"))
+            if section == "data":
+                origin[name] = (2, "--" + _FLAG_NAMES.get(name, name).replace("_", "-"))
     _one_way_to_name_eval_splits(settings["data"], origin)
     if settings["evaluation"].get("device") not in (None, ""):
         check_device(settings["evaluation"]["device"])
