@@ -67,7 +67,8 @@ class FusionEncoderLayer(nn.Module):
     def forward(self, x: torch.Tensor, position: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
         if self.pre_norm:
             h = self.norm1(x)
-            attended = fused_attention(self.attention, h + position, h + position, h, padding)
+            query = h + position  # one tensor for queries and keys: autograd keeps it once
+            attended = fused_attention(self.attention, query, query, h, padding)
             x = x + self.dropout(attended)
             return x + self.dropout(self.ffn(self.norm2(x)))
         query = x + position
@@ -145,8 +146,17 @@ class BoxVoteReadout(nn.Module):
     @staticmethod
     def _point(query: nn.Linear, key: nn.Linear, reg: torch.Tensor, keys: torch.Tensor,
                mask: torch.Tensor) -> torch.Tensor:
-        """[REG]'s attention logits ``(B, N)`` over the patch keys; invalid patches at the dtype's minimum."""
-        logits = torch.einsum("bd,bnd->bn", query(reg), key(keys)) * keys.shape[-1] ** -0.5
+        """[REG]'s attention logits ``(B, N)`` over the patch keys, ``q · (W_k k_n + b_k) / √d`` with ``q`` the
+        projected [REG]; invalid patches at the dtype's minimum.
+
+        One query per image, so the key projection is folded into it (``(W_kᵀ q) · k_n + q · b_k``): a ``(B, d)``
+        product replaces projecting all ``B × N`` patch keys (the widest matrix product of the readout, forward
+        and backward), and autograd keeps the keys alone, which every round shares."""
+        q = query(reg)
+        logits = (keys @ (q @ key.weight)[..., None])[..., 0]
+        if key.bias is not None:
+            logits = logits + (q @ key.bias)[:, None]
+        logits = logits * keys.shape[-1] ** -0.5
         return logits.masked_fill(~mask, torch.finfo(logits.dtype).min)
 
     def _voters(self, logits: torch.Tensor) -> torch.Tensor:
@@ -273,7 +283,10 @@ class RECHead(nn.Module):
             # one split, not three slices: its backward concatenates the parts' gradients where three slices'
             # would each fill a zero tensor of x's size and add them up (the same values; with the readout's
             # own splits, about 20 ms less of the demo's 184 ms step on the tower cache, on 2 CPU cores)
-            reg, fused_text, visual = x.split([1, text_len, x.shape[1] - 1 - text_len], dim=1)
+            # each part as its own tensor: the readout keeps its inputs for the backward pass, and views would keep
+            # all of x (the linear layers copy a non-contiguous input anyway)
+            reg, fused_text, visual = (part.contiguous() for part in
+                                       x.split([1, text_len, x.shape[1] - 1 - text_len], dim=1))
             keys = visual if self.vote_keys == "fused" else projected if self.vote_keys == "projected" \
                 else projected + visual
             return HeadOutput(*self.box_votes(reg[:, 0], visual, position[:, 1 + text_len:], vision_mask.bool(),

@@ -54,7 +54,7 @@ from .save_and_load import (
     trainable_counts,
 )
 from .taps import TapReport, resolve_tap_spec
-from .towers import TEXT, VISION, Tower, TowerFeatures, TowerLayoutError, unwrap_tower
+from .towers import TEXT, VISION, Tower, TowerFeatures, TowerLayoutError, unwrap_tower, without_trailing_padding
 
 logger = logging.getLogger(__name__)
 
@@ -826,7 +826,7 @@ class SideTunedModel(RECModel):
         setup = self._setup(name)
         side, _ = self._adapter_modules(name)
         vision = features.select(VISION, setup.vision_layers, setup.tap_kinds)
-        text = features.select(TEXT, setup.text_layers, setup.tap_kinds)
+        text = without_trailing_padding(features.select(TEXT, setup.text_layers, setup.tap_kinds))
         dtype = next(side.parameters()).dtype
         if dtype != torch.float32:  # taps come in float32; a half-precision side network reads them in its dtype
             vision, text = _cast_features(vision, dtype), _cast_features(text, dtype)

@@ -68,6 +68,35 @@ class TowerFeatures:
     taps: dict[str, list[torch.Tensor]] = field(default_factory=dict)
 
 
+@torch.compiler.disable  # the kept length depends on the data: one eager call, not a graph break inside a graph
+def without_trailing_padding(features: TowerFeatures) -> TowerFeatures:
+    """``features`` without the token columns after the batch's last real token (where ``mask`` is False on every
+    row), as a collator that pads to the longest sequence would give them.
+
+    The processor pads every expression to ``max_query_len`` so that a phrase's tower features never depend on the
+    batch; the side network is per token and the head masks padded keys, so the real tokens' results do not
+    depend on those columns either, and dropping them saves their share of the side network's and the head's work
+    and activations (the demo's batches use 10 or 11 of 16 columns). Features whose tensors do not all have the
+    mask's token count (a tower that pools tokens between layers) come back unchanged, as do features with no
+    padding column or no real token."""
+    length = features.mask.shape[1]
+    tensors = [features.tokens, *([] if features.seed is None else [features.seed]),
+               *(t for taps in features.taps.values() for t in taps)]
+    if any(t.dim() < 2 or t.shape[1] != length for t in tensors):
+        return features
+    real = features.mask.any(0).nonzero()
+    keep = int(real[-1]) + 1 if len(real) else length
+    if keep == length:
+        return features
+
+    def kept(tensor: torch.Tensor) -> torch.Tensor:  # a copy: a view would keep the padded storage for backward
+        return tensor[:, :keep].contiguous()
+
+    return TowerFeatures(tokens=kept(features.tokens), mask=kept(features.mask),
+                         seed=None if features.seed is None else kept(features.seed),
+                         taps={kind: [kept(t) for t in taps] for kind, taps in features.taps.items()})
+
+
 def to_tokens(x: torch.Tensor, layout: str) -> tuple[torch.Tensor, tuple[int, int] | None]:
     """``x`` in ``layout`` (an einops pattern) as ``(B, N, C)`` tokens, plus its grid when the layout has one.
 

@@ -20,6 +20,7 @@ from torch import nn
 from m2ist.config import M2ISTConfig
 from m2ist.model import METHODS, RECModel, SideTunedModel, _dummy_inputs, get_side_tuned_model
 from m2ist.taps import get_submodule
+from m2ist.towers import without_trailing_padding
 
 QUERY_VALUE_NAMES = ("query", "value", "q_proj", "v_proj", "q_lin", "v_lin", "query_proj", "value_proj", "qkv")
 
@@ -88,9 +89,10 @@ class BackboneTunedModel(RECModel):
             tower.layers = [(n, tower.model.get_submodule(n)) for n, _ in tower.layers]
 
     def encode(self, pixel_values, pixel_mask, input_ids, attention_mask):
-        """Run both towers with gradients, then feed their final outputs to the head."""
+        """Run both towers with gradients, then feed their final outputs to the head (the text without the batch's
+        padding columns, as M²IST's head gets it)."""
         vision = self.vision_tower({"pixel_values": pixel_values, "pixel_mask": pixel_mask})
-        text = self.text_tower({"input_ids": input_ids, "attention_mask": attention_mask})
+        text = without_trailing_padding(self.text_tower({"input_ids": input_ids, "attention_mask": attention_mask}))
         return vision.tokens.float(), vision.mask, text.tokens.float(), text.mask
 
     def train(self, mode: bool = True) -> BackboneTunedModel:
