@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import json
 import logging
 import math
@@ -26,9 +27,10 @@ import random
 import re
 import shutil
 import sys
+import tempfile
 import warnings
 import zipfile
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,6 +66,7 @@ from .save_and_load import (
     ADAPTER_FILES,
     OWNED_FILES,
     WEIGHTS_NAME,
+    atomic_write,
     check_finite,
     load_trainable_state,
     read_safetensors,
@@ -1235,7 +1238,13 @@ class RECTrainer(Trainer):
     def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
         """With ``args.push_to_hub``: after each save, push the adapter's files and the m2ist card from the output
         folder (never ``training_args.bin``, optimizer state or ``trainer_state.json``). With ``hub_strategy``
-        ``"checkpoint"`` / ``"all_checkpoints"`` the checkpoint folder itself is pushed too, as those ask."""
+        ``"checkpoint"`` / ``"all_checkpoints"`` the checkpoint folder itself is pushed too, as those ask.
+
+        The uploads run in the background, one after the other (one commit per save, in the order of the saves),
+        each from a snapshot of what this save wrote (hard links, else copies, in a folder beside the output
+        folder), so a later save into the output folder or a checkpoint removed by ``save_total_limit`` cannot
+        change what an upload still reads. A snapshot is removed once its uploads are done."""
+        from huggingface_hub.utils import filter_repo_objects
         from transformers.trainer_utils import HubStrategy
         from transformers.utils import PushInProgress
 
@@ -1246,38 +1255,85 @@ class RECTrainer(Trainer):
         if not self.args.hub_always_push and self.push_in_progress is not None and not self.push_in_progress.is_done():
             return
         self.callback_handler.on_push_begin(self.args, self.state, self.control)
-        output_dir = self.args.output_dir
+        self._remove_push_snapshots()
+        output_dir = Path(self.args.output_dir)
         model = self.accelerator.unwrap_model(self.model)
         subfolders = [""] + ([n for n in model.list_adapters() if n != DEFAULT_ADAPTER]
                              if isinstance(model, SideTunedModel) else [])
         for subfolder in subfolders:  # the checkpoint's adapters, not a copy of the whole model
             for name in ADAPTER_FILES:
-                if os.path.isfile(os.path.join(checkpoint_folder, subfolder, name)):
-                    os.makedirs(os.path.join(output_dir, subfolder), exist_ok=True)
-                    shutil.copy(os.path.join(checkpoint_folder, subfolder, name),
-                                os.path.join(output_dir, subfolder, name))
+                source = Path(checkpoint_folder, subfolder, name)
+                if source.is_file():  # replaced, never rewritten in place: a snapshot's link keeps the old file
+                    atomic_write(output_dir / subfolder / name, functools.partial(shutil.copyfile, source))
         if self.processing_class is not None:
-            self.processing_class.save_pretrained(output_dir)
+            _save_by_replacement(self.processing_class.save_pretrained, output_dir)
         self.create_model_card(repo_id=self.hub_model_id)
         if self.args.save_strategy == SaveStrategy.STEPS:
             commit_message = f"Training in progress, step {self.state.global_step}"
         else:
             commit_message = f"Training in progress, epoch {int(self.state.epoch)}"
-        api = HfApi(library_name="m2ist", library_version=__version__)
-        jobs = [api.upload_folder(repo_id=self.hub_model_id, folder_path=output_dir, commit_message=commit_message,
-                                  token=self.args.hub_token, run_as_future=True, revision=self.args.hub_revision,
-                                  allow_patterns=list(ADAPTER_PATTERNS), ignore_patterns=list(IGNORED_PATTERNS))]
-        if self.args.hub_strategy in (HubStrategy.CHECKPOINT, HubStrategy.ALL_CHECKPOINTS):
-            path_in_repo = ("last-checkpoint" if self.args.hub_strategy == HubStrategy.CHECKPOINT
-                            else Path(checkpoint_folder).name)
-            jobs.append(api.upload_folder(repo_id=self.hub_model_id, folder_path=checkpoint_folder,
+        snapshot = _push_snapshot_folder(output_dir)
+        checkpoint = Path(checkpoint_folder)
+        pushes_checkpoint = self.args.hub_strategy in (HubStrategy.CHECKPOINT, HubStrategy.ALL_CHECKPOINTS)
+        try:
+            present = [path.relative_to(output_dir).as_posix() for path in output_dir.rglob("*") if path.is_file()]
+            _link_or_copy(output_dir, filter_repo_objects(present, allow_patterns=ADAPTER_PATTERNS,
+                                                          ignore_patterns=IGNORED_PATTERNS), snapshot / "output")
+            if pushes_checkpoint:
+                _link_or_copy(checkpoint, [path.relative_to(checkpoint).as_posix() for path in checkpoint.rglob("*")
+                                           if path.is_file()], snapshot / "checkpoint")
+        except BaseException:
+            shutil.rmtree(snapshot, ignore_errors=True)
+            raise
+        api = self._push_api()
+        jobs = [api.upload_folder(repo_id=self.hub_model_id, folder_path=snapshot / "output",
+                                  commit_message=commit_message, token=self.args.hub_token, run_as_future=True,
+                                  revision=self.args.hub_revision, allow_patterns=list(ADAPTER_PATTERNS),
+                                  ignore_patterns=list(IGNORED_PATTERNS))]
+        if pushes_checkpoint:
+            path_in_repo = "last-checkpoint" if self.args.hub_strategy == HubStrategy.CHECKPOINT else checkpoint.name
+            jobs.append(api.upload_folder(repo_id=self.hub_model_id, folder_path=snapshot / "checkpoint",
                                           path_in_repo=path_in_repo, commit_message=commit_message + ", checkpoint",
                                           token=self.args.hub_token, run_as_future=True,
                                           revision=self.args.hub_revision))
+        self._push_snapshots().append((snapshot, jobs))
+
+        def remove_when_done(_: Any) -> None:  # the last upload of this save to finish removes its snapshot
+            if all(job.done() for job in jobs):
+                shutil.rmtree(snapshot, ignore_errors=True)
+
+        for job in jobs:
+            job.add_done_callback(remove_when_done)
         if self.push_in_progress is None or self.push_in_progress.is_done():
             self.push_in_progress = PushInProgress(jobs)
         else:
             self.push_in_progress.jobs.extend(jobs)
+
+    def _push_api(self) -> HfApi:
+        """The ``HfApi`` of this trainer's background pushes: one for all of them, so its single worker thread
+        uploads them one after the other (with one each, a later save's commit could land before an earlier one's
+        and leave the repo at the older weights)."""
+        api = self.__dict__.get("_m2ist_push_api")
+        if api is None:
+            api = self.__dict__["_m2ist_push_api"] = HfApi(library_name="m2ist", library_version=__version__)
+        return api
+
+    def _push_snapshots(self) -> list[tuple[Path, list[Any]]]:
+        """The snapshot folders of the background pushes, with their upload futures."""
+        return self.__dict__.setdefault("_m2ist_push_snapshots", [])
+
+    def _remove_push_snapshots(self) -> None:
+        """Remove the snapshot folders whose uploads are done (one still uploading is kept)."""
+        snapshots = self._push_snapshots()
+        for snapshot, jobs in list(snapshots):
+            if all(job.done() for job in jobs):
+                shutil.rmtree(snapshot, ignore_errors=True)
+                snapshots.remove((snapshot, jobs))
+
+    def _finish_current_push(self) -> None:
+        """Wait for the background pushes to finish, then remove their snapshot folders."""
+        super()._finish_current_push()
+        self._remove_push_snapshots()
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         """``Trainer``'s, for a checkpoint without optimizer and scheduler states (``save_only_model=True``) too: the
@@ -1320,6 +1376,39 @@ def _without_secrets(args: TrainingArguments) -> TrainingArguments:
     kept = copy.copy(args)
     kept.hub_token = None
     return kept
+
+
+def _push_snapshot_folder(output_dir: Path) -> Path:
+    """A fresh folder for one push's snapshot: beside the output folder (same file system, so files are linked, not
+    copied), else in the temporary folder."""
+    folder = Path(os.path.realpath(output_dir))
+    try:
+        return Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".m2ist-push", dir=folder.parent))
+    except OSError:
+        return Path(tempfile.mkdtemp(prefix=f"{folder.name}.", suffix=".m2ist-push"))
+
+
+def _link_or_copy(folder: Path, names: Iterable[str], snapshot: Path) -> None:
+    """Hard-link (copy where a link fails) the files ``names`` of ``folder`` into ``snapshot``, keeping their layout;
+    ``snapshot`` is created even when ``names`` is empty."""
+    snapshot.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        source, target = folder / name, snapshot / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(source, target)
+        except OSError:  # another file system, or links not allowed
+            shutil.copy2(source, target)
+
+
+def _save_by_replacement(save_pretrained: Callable[[str], object], folder: Path) -> None:
+    """``save_pretrained(folder)``, with each file written put in place by a rename, never rewritten in place: a
+    snapshot linked to the folder's earlier file keeps that file's bytes."""
+    with tempfile.TemporaryDirectory(prefix="m2ist-push-") as staging:
+        save_pretrained(staging)
+        for path in sorted(Path(staging).rglob("*")):
+            if path.is_file():
+                atomic_write(folder / path.relative_to(staging), functools.partial(shutil.copyfile, path))
 
 
 def _advance_schedule(scheduler: Any, steps: int) -> None:
