@@ -46,6 +46,19 @@ def non_negative_int(text: str) -> int:
     """An argparse ``type``: a whole number >= 0 (warm-up steps, workers)."""
     return _int_at_least(text, 0)
 
+
+def iou_threshold(text: str) -> float:
+    """An argparse ``type``: an IoU threshold, a number in (0, 1] (``75`` for 0.75 is refused when parsed, not after
+    training)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text} is not in (0, 1]: give IoU thresholds as fractions, e.g. 0.5 0.75")
+    return value
+
+
 def device_name(text: str) -> str:
     """An argparse ``type``: a device torch knows and this machine has (cpu, cuda, cuda:N, mps)."""
     from .errors import CLIError
@@ -222,7 +235,10 @@ def flag_kwargs(f: dataclasses.Field, hint: Any, choices: Sequence[str] | None =
         kwargs.update(nargs=len(typing.get_args(member)), type=typing.get_args(member)[0], metavar="X")
     elif origin in (list, tuple, collections.abc.Sequence):
         item = (typing.get_args(member) or (str,))[0]
-        kwargs.update(nargs="*", type=item if item in (int, float, str) else _yaml_value)
+        # the flag alone gives an empty list only where that is the default ("no drops"); elsewhere it would be a
+        # forgotten value (--experts --epochs 5), which argparse refuses as "expected at least one argument"
+        empty = isinstance(default, list | tuple) and not default
+        kwargs.update(nargs="*" if empty else "+", type=item if item in (int, float, str) else _yaml_value)
     elif origin is dict or member is dict or any(typing.get_origin(m) is dict or m is dict for m in members):
         kwargs.update(type=_mapping, metavar="JSON")
     elif member in (int, float, str):
@@ -245,6 +261,8 @@ def flag_kwargs(f: dataclasses.Field, hint: Any, choices: Sequence[str] | None =
             kwargs.pop("metavar", None)
     kind = " | ".join(_type_name(m) for m in members) + (" | none" if optional else "")
     text = " ".join((help_text or f.metadata.get("help") or "").split())
+    if kwargs.get("nargs") == "*":
+        listed += " The flag with no values gives an empty list (it replaces a config file's list)."
     kwargs["help"] = f"{text}{listed} [{kind}; default: {default!r}]".strip().replace("%", "%%")
     return kwargs
 
@@ -321,7 +339,7 @@ def add_training_flags(parser: argparse.ArgumentParser) -> None:
 def add_evaluation_flags(parser: argparse.ArgumentParser, command: str) -> None:
     group = parser.add_argument_group("inference" if command == "predict" else "evaluation")
     if command != "predict":
-        _add(group, "--iou-thresholds", dest="evaluation.iou_thresholds", type=float, nargs="+", metavar="T",
+        _add(group, "--iou-thresholds", dest="evaluation.iou_thresholds", type=iou_threshold, nargs="+", metavar="T",
              help="report Acc@T for each T (default: 0.5; IoU >= T, the TransVG criterion, not GIoU)")
         _add(group, "--output", dest="evaluation.output_file", metavar="FILE",
              help="results JSON (default: <adapter>/eval_results.json for an adapter folder, ./eval_results.json for "

@@ -82,6 +82,7 @@ def load_adapter(settings: Mapping[str, Mapping[str, Any]]):
     trust = bool(model_settings.get("trust_remote_code", False))
     towers = {}
     recorded = _recorded_towers(adapter)
+    _refuse_missing_recorded_folders(adapter, recorded, model_settings)
     for modality in ("vision", "text"):
         name = model_settings.get(f"{modality}_model")
         if not name:
@@ -120,6 +121,43 @@ def _recorded_towers(adapter: str) -> dict[str, str]:
         return {}
     return {modality: name for modality in ("vision", "text")
             if (name := getattr(config, f"{modality}_model_name_or_path", None))}
+
+
+def _is_path_name(name: str) -> bool:
+    """Whether a tower name can only be a local path: absolute, ``./``, ``../``, ``~``, or not a valid Hub repo id
+    (``out/towers/vit``). ``owner/name`` can be either, and stays with the loader."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if Path(name).is_absolute() or name.startswith(("./", "../", "~")) or "\\" in name:
+        return True
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return True
+    return False
+
+
+def _refuse_missing_recorded_folders(adapter: str, recorded: Mapping[str, str], model_settings: Mapping[str, Any]
+                                     ) -> None:
+    """A tower the adapter's config records as a local folder that does not exist here (moved, deleted, another
+    machine, or a relative path read from another working directory), and that no ``--vision-model`` /
+    ``--text-model`` replaces: refuse it naming the field, the file and the flag, before any Hub look-up of the
+    path."""
+    from m2ist.config import CONFIG_NAME
+    from m2ist.provenance import same_tower_name
+
+    where = Path(adapter) / CONFIG_NAME if Path(adapter).is_dir() else f"the {CONFIG_NAME} of the adapter {adapter}"
+    for modality in ("vision", "text"):
+        name, given = recorded.get(modality), model_settings.get(f"{modality}_model")
+        if not name or (given and not same_tower_name(given, name)) or not _is_path_name(name):
+            continue
+        folder = Path(name).expanduser()
+        if folder.exists():
+            continue
+        relative = "" if Path(name).is_absolute() or name.startswith("~") else \
+            f" (a relative path, read from the working directory {Path.cwd()}, not from the adapter folder)"
+        raise CLIError(f"{where} records the {modality} tower as {modality}_model_name_or_path={name!r}, a local folder "
+                       f"that does not exist here{relative}: pass --{modality}-model with that tower's folder or Hub id.")
 
 
 def _warn_if_not_the_adapters_processor(own: Any, given: Any, adapter: str, source: str) -> None:

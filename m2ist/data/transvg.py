@@ -111,6 +111,20 @@ def _check_named_dataset(file: Path, dataset: str, named: str | None) -> None:
         )
 
 
+def _check_named_split(file: Path, split: str | None, named_dataset: str | None, named: str | None) -> None:
+    """Refuse ``split=`` when the file's own name (``<ds>_<split>.pth`` of a TransVG dataset) says another split: every
+    sample would carry the wrong ``metadata["split"]`` (``unc_val.pth`` read as ``testA``). Other spellings of one
+    split (``testa``, ``validation``) agree."""
+    if split is None or named is None or named_dataset not in TRANSVG_DATASETS:
+        return
+    if canonical_split(split) != canonical_split(named):
+        raise ValueError(
+            f"{file} is the {named!r} split file by its name, but split={split!r} was passed: its samples would be "
+            f"labelled {split!r}. Pass split={named!r} (or leave split out), or load {named_dataset}_{split}.pth for the "
+            f"{split!r} split."
+        )
+
+
 def _load_rows(file: Path, *, trusted: bool) -> Any:
     if not file.is_file():
         raise ValueError(f"{file} is not a regular file.")
@@ -165,7 +179,8 @@ def load_transvg_split(
         dataset: ``unc``, ``unc+``, ``gref``, ``gref_umd``, ``referit`` or ``flickr``; it fixes the row layout
             and the box convention (see the module docstring). Inferred from the file name when omitted.
         image_root: the folder the rows' image file names are relative to; ``None`` keeps them as stored.
-        split: the split name when ``path`` is a folder (``train``, ``val``, ``testA``, ...).
+        split: the split name when ``path`` is a folder (``train``, ``val``, ``testA``, ...). With a file it is
+            the split the samples are labelled with; a ``<ds>_<split>.pth`` file naming another split is refused.
         trusted: load with unrestricted unpickling. Only for files you trust: a pickle can run code. By default
             the file is read with ``torch.load(weights_only=True)`` (numeric numpy arrays allowed) and a file that
             needs more is refused with an explanation.
@@ -185,6 +200,7 @@ def load_transvg_split(
         )
     row_length, box_format = TRANSVG_DATASETS[dataset]
     _check_named_dataset(file, dataset, inferred_dataset)
+    _check_named_split(file, split, inferred_dataset, inferred_split)
     split = split or inferred_split
     rows = _load_rows(file, trusted=trusted)
     if not isinstance(rows, list | tuple):
