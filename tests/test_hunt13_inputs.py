@@ -125,3 +125,43 @@ def test_a_missing_recorded_folder_replaced_by_a_given_tower_loads(tmp_path: Pat
     vision_tower("vit").save_pretrained(tmp_path / "vit_here")
     model, _ = load_adapter({"model": {"adapter": str(adapter), "vision_model": str(tmp_path / "vit_here")}})
     assert model.vision_model.config._name_or_path == str(tmp_path / "vit_here")
+
+
+# ---------------------------------------------------------------- settings checked before training, files as splits
+
+
+def test_iou_thresholds_from_a_config_file_are_checked_before_training(tmp_path: Path, capsys) -> None:
+    """``evaluation.iou_thresholds: [75]`` in a YAML file (or ``--set``) passed the parser and was refused only by
+    the evaluation ``m2ist train`` runs after the whole training run."""
+    from m2ist.cli.train import _check_train_settings
+
+    settings = {"model": {"vision_model": "a/b", "text_model": "c/d"}, "training": {"output_dir": "out"},
+                "evaluation": {"iou_thresholds": [0.5, 75]}}
+    with pytest.raises(CLIError, match=r"evaluation.iou_thresholds: .*\(0, 1\], got 75"):
+        _check_train_settings(settings)
+    settings["evaluation"]["iou_thresholds"] = []
+    with pytest.raises(CLIError, match="at least one IoU threshold"):
+        _check_train_settings(settings)
+    settings["evaluation"]["iou_thresholds"] = [0.5, 0.75]
+    _check_train_settings(settings)
+    config = tmp_path / "run.yaml"
+    config.write_text("evaluation:\n  iou_thresholds: [75]\n")
+    assert main([*_TRAIN[:-1], "--config", str(config), "--train-file", "t.jsonl", "--data-format", "jsonl"]) == 2
+    assert "evaluation.iou_thresholds" in capsys.readouterr().err
+
+
+def test_an_eval_file_named_as_another_split_than_its_file_is_refused(tmp_path: Path) -> None:
+    """``--eval-file testA=unc_val.pth`` reported val's samples as testA; the file's stem, a matching name and a
+    file whose name names no split are read as before."""
+    from m2ist.cli.data import load_data_splits
+
+    torch.save([ROW], tmp_path / "unc_val.pth")
+    torch.save([ROW], tmp_path / "mine.pth")
+    data = {"format": "transvg", "dataset": "unc"}
+    with pytest.raises(ValueError, match=r"'val' split file.*split='testA'"):
+        load_data_splits({**data, "eval_files": [f"testA={tmp_path / 'unc_val.pth'}"]}, "eval")
+    assert list(load_data_splits({**data, "eval_files": [str(tmp_path / "unc_val.pth")]}, "eval")) == ["unc_val"]
+    read = load_data_splits({**data, "eval_files": [f"val={tmp_path / 'unc_val.pth'}"]}, "eval")
+    assert read["val"][0].metadata["split"] == "val"
+    read = load_data_splits({**data, "eval_files": [f"testA={tmp_path / 'mine.pth'}"]}, "eval")
+    assert read["testA"][0].metadata["split"] == "testA"

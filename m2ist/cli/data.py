@@ -140,8 +140,12 @@ def load_data_splits(data: Mapping[str, Any], role: str) -> dict[str, list]:
                 splits[name] = loader(path, data["box_format"], **options)
     elif fmt == "transvg" and files:
         for name, path in files.items():
+            # an evaluation split named for a file (--eval-file testA=unc_val.pth) is the split its samples are
+            # labelled with, so a file whose own name says another split is refused; a file named by its stem (no
+            # NAME=) and the training file keep the split their file name says
+            named = role != "train" and name != Path(path).stem
             splits[name] = load_transvg_split(path, data.get("dataset"), image_root, trusted=bool(data.get("trusted")),
-                                              **outside)
+                                              split=name if named else None, **outside)
     elif fmt == "transvg":
         if not data.get("data_root") or not data.get("dataset"):
             raise CLIError("--data-format transvg needs --data-root (the split root holding <ds>/<ds>_<split>.pth) and "

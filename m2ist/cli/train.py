@@ -62,6 +62,13 @@ def _check_train_settings(settings: Mapping[str, Mapping[str, Any]]) -> None:
             raise CLIError(f"train needs {flag} (a Hub id or a local folder), or model.{key} in the config file.")
     if not settings["training"].get("output_dir"):
         raise CLIError("train needs --output-dir DIR (or training.output_dir in the config file).")
+    if "iou_thresholds" in settings.get("evaluation", {}):  # scored after training: refused now, not then
+        from m2ist.evaluation import _check_thresholds
+
+        try:
+            _check_thresholds(settings["evaluation"]["iou_thresholds"])
+        except ValueError as error:
+            raise CLIError(f"evaluation.iou_thresholds: {error}") from None
 
 
 def run(settings: dict[str, dict[str, Any]], args: argparse.Namespace) -> int:
