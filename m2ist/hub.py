@@ -265,17 +265,24 @@ def _stage(folder: Path, selected: Sequence[str], staging: Path, repo_id: str, r
     (see `card_for_push`)."""
     for name in selected:
         source, target = folder / name, staging / name
-        target.parent.mkdir(parents=True, exist_ok=True)
         if PurePosixPath(name).name == CARD_NAME:
+            target.parent.mkdir(parents=True, exist_ok=True)
             text = source.read_text(encoding="utf-8")
             pushed = card_for_push(text, repo_id, revision)
             if pushed != text:
                 target.write_text(pushed, encoding="utf-8")
                 continue
-        try:
-            os.link(source, target)
-        except OSError:  # another file system, or links not allowed
-            shutil.copy2(source, target)
+        link_or_copy(source, target)
+
+
+def link_or_copy(source: Path, target: Path) -> None:
+    """Hard-link ``source`` as ``target`` (its folders made), or copy it where a link fails (another file system,
+    links not allowed): a staged file whose original a later save replaces keeps the bytes it was staged with."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
 
 
 def full_repo_id(repo_id: str, *, token: str | None = None, endpoint: str | None = None) -> str:

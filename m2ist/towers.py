@@ -879,4 +879,4 @@ class Tower:
 
 
 __all__ = ["TEXT", "VISION", "Tower", "TowerFeatures", "infer_grid", "resample_tokens", "resolve_tap_spec",
-           "to_tokens", "unwrap_tower"]
+           "to_tokens", "unwrap_tower", "without_trailing_padding"]

@@ -1285,7 +1285,7 @@ class RECTrainer(Trainer):
         except BaseException:
             shutil.rmtree(snapshot, ignore_errors=True)
             raise
-        api = self._push_api()
+        api = self._push_api
         jobs = [api.upload_folder(repo_id=self.hub_model_id, folder_path=snapshot / "output",
                                   commit_message=commit_message, token=self.args.hub_token, run_as_future=True,
                                   revision=self.args.hub_revision, allow_patterns=list(ADAPTER_PATTERNS),
@@ -1296,7 +1296,7 @@ class RECTrainer(Trainer):
                                           path_in_repo=path_in_repo, commit_message=commit_message + ", checkpoint",
                                           token=self.args.hub_token, run_as_future=True,
                                           revision=self.args.hub_revision))
-        self._push_snapshots().append((snapshot, jobs))
+        self._push_snapshots.append((snapshot, jobs))
 
         def remove_when_done(_: Any) -> None:  # the last upload of this save to finish removes its snapshot
             if all(job.done() for job in jobs):
@@ -1309,26 +1309,24 @@ class RECTrainer(Trainer):
         else:
             self.push_in_progress.jobs.extend(jobs)
 
+    @functools.cached_property
     def _push_api(self) -> HfApi:
         """The ``HfApi`` of this trainer's background pushes: one for all of them, so its single worker thread
         uploads them one after the other (with one each, a later save's commit could land before an earlier one's
         and leave the repo at the older weights)."""
-        api = self.__dict__.get("_m2ist_push_api")
-        if api is None:
-            api = self.__dict__["_m2ist_push_api"] = HfApi(library_name="m2ist", library_version=__version__)
-        return api
+        return HfApi(library_name="m2ist", library_version=__version__)
 
+    @functools.cached_property
     def _push_snapshots(self) -> list[tuple[Path, list[Any]]]:
         """The snapshot folders of the background pushes, with their upload futures."""
-        return self.__dict__.setdefault("_m2ist_push_snapshots", [])
+        return []
 
     def _remove_push_snapshots(self) -> None:
         """Remove the snapshot folders whose uploads are done (one still uploading is kept)."""
-        snapshots = self._push_snapshots()
-        for snapshot, jobs in list(snapshots):
+        for snapshot, jobs in list(self._push_snapshots):
             if all(job.done() for job in jobs):
                 shutil.rmtree(snapshot, ignore_errors=True)
-                snapshots.remove((snapshot, jobs))
+                self._push_snapshots.remove((snapshot, jobs))
 
     def _finish_current_push(self) -> None:
         """Wait for the background pushes to finish, then remove their snapshot folders."""
@@ -1391,14 +1389,11 @@ def _push_snapshot_folder(output_dir: Path) -> Path:
 def _link_or_copy(folder: Path, names: Iterable[str], snapshot: Path) -> None:
     """Hard-link (copy where a link fails) the files ``names`` of ``folder`` into ``snapshot``, keeping their layout;
     ``snapshot`` is created even when ``names`` is empty."""
+    from .hub import link_or_copy
+
     snapshot.mkdir(parents=True, exist_ok=True)
     for name in names:
-        source, target = folder / name, snapshot / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.link(source, target)
-        except OSError:  # another file system, or links not allowed
-            shutil.copy2(source, target)
+        link_or_copy(folder / name, snapshot / name)
 
 
 def _save_by_replacement(save_pretrained: Callable[[str], object], folder: Path) -> None:

@@ -129,4 +129,4 @@ def test_the_push_snapshots_are_removed_and_the_output_folder_holds_the_last_sav
     the last pushed save's adapter files, as before."""
     assert sorted(path.name for path in run["tmp"].iterdir()) == ["out", "tokenizer"]
     assert _files(run["out"], adapter_only=True) == run["saved"][2][0]
-    assert not run["trainer"]._push_snapshots()
+    assert not run["trainer"]._push_snapshots
