@@ -40,6 +40,10 @@ def tower_identity(model: nn.Module) -> tuple[str | None, str | None, str]:
     snapshot = re.search(r"(?:^|/)models--([^/]+)/snapshots/[0-9a-f]{40}/?$", str(name or ""))
     if snapshot:  # a Hub cache folder: record the repo id, the commit pins the files
         name = snapshot.group(1).replace("--", "/")
+    elif name and not Path(name).is_absolute() and Path(name).is_dir():
+        # a relative folder ("towers/vit") is where from_pretrained found it, from this working directory; recorded
+        # as is, a reload from elsewhere would take it for a Hub id
+        name = str(Path(name).resolve())
     return name, commit, why
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import huggingface_hub
 import torch
 import transformers as T
 
@@ -187,3 +188,24 @@ def test_an_adapter_given_another_tower_of_its_architecture_warns(tmp_path, capl
         assert ("was trained on the vision tower" in caplog.text) is warned, tower
         if warned:
             assert str(tmp_path / "vit_a") in caplog.text and str(tmp_path / "vit_b") in caplog.text
+
+
+def test_a_tower_loaded_from_a_relative_folder_reloads_from_any_working_directory(tmp_path, monkeypatch, batch):
+    """``from_pretrained("towers/vit")`` found a local folder: the adapter records it absolute, so a reload run from
+    another folder loads it again instead of asking the Hub for a repo called "towers/vit"."""
+    project, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    vision_tower("vit").save_pretrained(project / "towers" / "vit")
+    text_tower("bert").save_pretrained(project / "towers" / "bert")
+    monkeypatch.chdir(project)
+    vision, text = T.AutoModel.from_pretrained("towers/vit"), T.AutoModel.from_pretrained("towers/bert")
+    model = get_side_tuned_model(vision, text, tiny_config()).eval()
+    assert model.config.vision_model_name_or_path == str(project.resolve() / "towers" / "vit")
+    model.save_pretrained(project / "adapter")
+    monkeypatch.chdir(elsewhere)
+    def no_hub(**options):
+        raise AssertionError(f"asked the Hub for {options['repo_id']!r}")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", no_hub)
+    again = SideTunedModel.from_pretrained(project / "adapter").eval()
+    torch.testing.assert_close(again(**batch).pred_boxes, model(**batch).pred_boxes, rtol=0, atol=0)
