@@ -20,6 +20,7 @@ import errno
 import fnmatch
 import hashlib
 import json
+import logging
 import math
 import os
 import re
@@ -27,8 +28,6 @@ import secrets
 import shutil
 import stat
 import struct
-import tempfile
-import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +40,12 @@ from safetensors.torch import save as save_safetensors_bytes
 from torch import nn
 
 from .config import CONFIG_NAME
+from .staging import ASIDE, SAVING, aside_path, leftovers, make_staging
 from .version import __version__
+
+logger = logging.getLogger(__name__)
+#: Written into a save's new folder once it is filled: the names it wrote (see :func:`clear_interrupted_saves`).
+_WRITTEN = ".m2ist-written.json"
 
 WEIGHTS_NAME = "m2ist_model.safetensors"
 #: The processor's settings, saved beside the adapter by ``RECProcessor.save_pretrained``.
@@ -71,7 +75,6 @@ SHA256_KEY = "m2ist_sha256"
 #: safetensors metadata key holding the SHA-256 of the file's tensor layout (every tensor's name, dtype, shape and
 #: place in the data): with :data:`SHA256_KEY` it covers everything a load reads.
 LAYOUT_SHA256_KEY = "m2ist_layout_sha256"
-_SAVING_SUFFIX = ".m2ist-saving"
 #: The weights (and PEFT adapter) files of another library's model: a folder or Hub repo holding one is that model's,
 #: and an adapter saved or pushed there would replace its tokenizer, processor and card; saves and pushes refuse it.
 FOREIGN_MODEL_PATTERNS = ("model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json",
@@ -252,6 +255,34 @@ def _move_entries(source: Path, target: Path, skip: Iterable[str]) -> None:
             continue
 
 
+def clear_interrupted_saves(folder: Path, owned: Iterable[str] = OWNED_FILES) -> None:
+    """Undo what saves of ``folder`` killed on this machine left beside it (:mod:`m2ist.staging`): a folder set aside
+    for the swap comes back (whole, if the new one never arrived; else the entries the new save did not replace),
+    the entries of ``folder`` already moved into a finished new folder go back, and half-written folders go."""
+    for aside in leftovers(folder, ASIDE):
+        try:
+            if not folder.exists():
+                os.rename(aside, folder)
+                logger.warning("%s was missing: a save killed mid-swap had set it aside as %s; it is back.", folder,
+                               aside.name)
+                continue
+            present = [entry.name for entry in aside.iterdir()]
+            _move_entries(aside, folder, owned_entries(owned, present))
+        except OSError:  # another process is clearing it too
+            continue
+        logger.warning("A save of %s was killed before it had moved the folder's other entries back from %s; they "
+                       "are back.", folder, aside.name)
+        shutil.rmtree(aside, ignore_errors=True)
+    for leftover in leftovers(folder, SAVING):
+        try:  # finished: the folder's own entries were moved in before the swap; they go back
+            written = json.loads((leftover / _WRITTEN).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            written = None  # killed while writing: nothing of the folder's is in it
+        if isinstance(written, list) and folder.is_dir():
+            _move_entries(leftover, folder, {*map(str, written), _WRITTEN})
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
 def folder_identity(folder: Path) -> tuple[int, int] | None:
     """What tells one save of ``folder`` from the next: every save swaps in a new folder (see
     :func:`save_folder_atomically`), so its device and inode change; None when it cannot be read."""
@@ -290,8 +321,9 @@ def save_folder_atomically(save_directory: str | os.PathLike, write: Callable[[P
     if problem is not None:
         raise ValueError(f"Cannot save into {save_directory}: {problem}; nothing was written.")
     folder.parent.mkdir(parents=True, exist_ok=True)
+    clear_interrupted_saves(folder, owned)
     cwd_is_folder = folder.is_dir() and os.path.samefile(os.getcwd(), folder)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=_SAVING_SUFFIX, dir=folder.parent))
+    tmp = make_staging(folder, SAVING)
     try:
         _swap_in(folder, tmp, write, owned)
         return Path(save_directory)
@@ -305,11 +337,22 @@ def _swap_in(folder: Path, tmp: Path, write: Callable[[Path], object], owned: It
     """The body of :func:`save_folder_atomically`: fill ``tmp``, then swap it in for ``folder``."""
     os.chmod(tmp, 0o777 & ~_umask())
     write(tmp)
+    written = sorted(entry.name for entry in tmp.iterdir())
+    # what the save wrote, so that a kill from here on can tell the folder's own entries (moved in next) from it
+    (tmp / _WRITTEN).write_text(json.dumps(written), encoding="utf-8")
     try:
         present = [entry.name for entry in folder.iterdir()]
     except OSError:
         present = []
-    replaced = owned_entries(owned, present) | {entry.name for entry in tmp.iterdir()}
+    replaced = owned_entries(owned, present) | {*written, _WRITTEN}
+    try:
+        return _swap(folder, tmp, replaced)
+    finally:
+        (folder / _WRITTEN).unlink(missing_ok=True)
+
+
+def _swap(folder: Path, tmp: Path, replaced: set[str]) -> Path:
+    """Swap the filled ``tmp`` in for ``folder``, keeping the entries of ``folder`` not in ``replaced``."""
     for _ in range(100):  # retried only while other savers race for the same folder
         if not folder.exists():
             try:
@@ -325,7 +368,7 @@ def _swap_in(folder: Path, tmp: Path, write: Callable[[Path], object], owned: It
         if _EXCHANGE is not None and _EXCHANGE(str(tmp), str(folder)):
             _move_entries(tmp, folder, replaced)  # tmp now holds the old folder: rescue late arrivals
             return folder
-        aside = folder.with_name(f".{folder.name}.{uuid.uuid4().hex}.m2ist-old")
+        aside = aside_path(folder)
         try:
             os.rename(folder, aside)
         except FileNotFoundError:

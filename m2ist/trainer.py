@@ -76,6 +76,7 @@ from .save_and_load import (
     tensors_sha256,
     write_safetensors,
 )
+from .staging import PUSH, leftovers, make_staging
 from .version import __version__
 
 __all__ = [
@@ -1378,10 +1379,12 @@ def _without_secrets(args: TrainingArguments) -> TrainingArguments:
 
 def _push_snapshot_folder(output_dir: Path) -> Path:
     """A fresh folder for one push's snapshot: beside the output folder (same file system, so files are linked, not
-    copied), else in the temporary folder."""
+    copied), else in the temporary folder. Snapshots that a killed run left beside it are removed first."""
     folder = Path(os.path.realpath(output_dir))
+    for leftover in leftovers(folder, PUSH):
+        shutil.rmtree(leftover, ignore_errors=True)
     try:
-        return Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".m2ist-push", dir=folder.parent))
+        return make_staging(folder, PUSH)
     except OSError:
         return Path(tempfile.mkdtemp(prefix=f"{folder.name}.", suffix=".m2ist-push"))
 

@@ -15,8 +15,8 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "m2ist"
 
 #: The method: frozen towers, taps, side network, head, saving and the Hub.
-METHOD = {"config", "taps", "towers", "layer", "head", "model", "provenance", "save_and_load", "card", "hub", "reference",
-          "version", "ops"}
+METHOD = {"config", "taps", "towers", "layer", "head", "model", "provenance", "save_and_load", "staging", "card", "hub",
+          "reference", "version", "ops"}
 #: The REC pipeline, on top of the method.
 PIPELINE = {"processing", "inference", "evaluation", "trainer", "data", "cache"}
 #: The top: what proves the library and what drives it. The library never imports these.
