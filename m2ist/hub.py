@@ -160,24 +160,12 @@ def push_folder_to_hub(
     api = HfApi(endpoint=endpoint, token=token, library_name="m2ist", library_version=__version__)
     try:
         repo_id = api.create_repo(repo_id, exist_ok=True, private=private, repo_type="model").repo_id
-        if private and not api.repo_info(repo_id, repo_type="model").private:
-            raise ValueError(
-                f"Cannot push to '{repo_id}' with private=True: the repo already exists and is public (private= only "
-                "applies to a repo the push creates), so the push would publish the adapter. Make the repo private "
-                f"first (HfApi().update_repo_settings({repo_id!r}, private=True)), push to another repo, or drop "
-                "private=True; no commit was made."
-            )
+        refuse_public_repo(api, repo_id, private)
         if revision is not None and revision != constants.DEFAULT_REVISION:
             api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
         repo_files = api.list_repo_files(repo_id, revision=constants.DEFAULT_REVISION if create_pr else revision,
                                          repo_type="model")
-        foreign = [name for name in foreign_model_files(f for f in repo_files if "/" not in f) if name not in present]
-        if foreign:
-            raise ValueError(
-                f"Cannot push to '{repo_id}': the repo holds another model ({', '.join(foreign[:4])}), whose "
-                "tokenizer, processor and card the adapter would replace. Push the adapter to a repo of its own "
-                f"(e.g. '{repo_id}-m2ist'); no commit was made."
-            )
+        refuse_foreign_model(repo_id, repo_files, present)
         with tempfile.TemporaryDirectory(prefix="m2ist-upload-") as staging:
             try:
                 _stage(folder_path, selected, Path(staging), repo_id,
@@ -217,6 +205,31 @@ def push_folder_to_hub(
                 f"write to the namespace '{repo_id.split('/')[0]}': {_LOGIN_HINT} with a write token."
             ) from error
         raise
+
+
+def refuse_public_repo(api: HfApi, repo_id: str, private: bool | None, done: str = "no commit was made") -> None:
+    """Refuse ``private=True`` for an existing public repo (``private=`` only applies to a repo a push creates): the
+    push would publish the adapter. ``done``: what the refusal says was (not) done."""
+    if private and not api.repo_info(repo_id, repo_type="model").private:
+        raise ValueError(
+            f"Cannot push to '{repo_id}' with private=True: the repo already exists and is public (private= only "
+            "applies to a repo the push creates), so the push would publish the adapter. Make the repo private "
+            f"first (HfApi().update_repo_settings({repo_id!r}, private=True)), push to another repo, or drop "
+            f"private=True; {done}."
+        )
+
+
+def refuse_foreign_model(repo_id: str, repo_files: Sequence[str], present: Sequence[str] = (),
+                         done: str = "no commit was made") -> None:
+    """Refuse a repo whose root holds another model's weights (those of the folder pushed excepted: ``present``),
+    whose tokenizer, processor and card an adapter pushed there would replace."""
+    foreign = [name for name in foreign_model_files(f for f in repo_files if "/" not in f) if name not in present]
+    if foreign:
+        raise ValueError(
+            f"Cannot push to '{repo_id}': the repo holds another model ({', '.join(foreign[:4])}), whose "
+            "tokenizer, processor and card the adapter would replace. Push the adapter to a repo of its own "
+            f"(e.g. '{repo_id}-m2ist'); {done}."
+        )
 
 
 def _is_adapter_file(path: str, repo_files: Sequence[str] = ()) -> bool:

@@ -1208,6 +1208,28 @@ class RECTrainer(Trainer):
                          datasets=hub_datasets, tags=_as_list(tags), model_name=model_name, license=license,
                          language=language, subfolder=subfolder)
 
+    def init_hf_repo(self, token: str | None = None, private: bool | None = None) -> None:
+        """``Trainer``'s (create ``args.hub_model_id`` if needed), then, before any training, the checks a push
+        makes before its commit (:func:`~m2ist.hub.push_folder_to_hub`): the saves' background pushes would
+        otherwise publish the adapter into a public repo asked to be private, or replace another model's
+        tokenizer, processor and card, one save after another."""
+        from huggingface_hub.errors import RevisionNotFoundError
+
+        from .hub import refuse_foreign_model, refuse_public_repo
+
+        super().init_hf_repo(token=token, private=private)
+        if not self.is_world_process_zero():
+            return
+        api = HfApi(token=token if token is not None else self.args.hub_token)
+        done = "training was not started"
+        refuse_public_repo(api, self.hub_model_id, private if private is not None else self.args.hub_private_repo,
+                           done)
+        try:
+            files = api.list_repo_files(self.hub_model_id, revision=self.args.hub_revision, repo_type="model")
+        except RevisionNotFoundError:  # a branch the pushes create from main
+            files = api.list_repo_files(self.hub_model_id, repo_type="model")
+        refuse_foreign_model(self.hub_model_id, files, done=done)
+
     def push_to_hub(self, commit_message: str | None = "End of training", blocking: bool = True,
                     token: str | None = None, revision: str | None = None, private: bool | None = None, *,
                     endpoint: str | None = None, **kwargs: Any):
