@@ -274,12 +274,22 @@ def clear_interrupted_saves(folder: Path, owned: Iterable[str] = OWNED_FILES) ->
                        "are back.", folder, aside.name)
         shutil.rmtree(aside, ignore_errors=True)
     for leftover in leftovers(folder, SAVING):
-        try:  # finished: the folder's own entries were moved in before the swap; they go back
+        try:  # a finished new folder: the folder's own entries were moved into it before the swap
             written = json.loads((leftover / _WRITTEN).read_text(encoding="utf-8"))
         except (OSError, ValueError):
             written = None  # killed while writing: nothing of the folder's is in it
-        if isinstance(written, list) and folder.is_dir():
-            _move_entries(leftover, folder, {*map(str, written), _WRITTEN})
+        if isinstance(written, list):
+            try:
+                if folder.exists():  # they go back
+                    _move_entries(leftover, folder, {*map(str, written), _WRITTEN})
+                else:  # no folder to go back to: the finished save, with them, becomes it
+                    os.rename(leftover, folder)
+                    (folder / _WRITTEN).unlink(missing_ok=True)
+                    logger.warning("%s was missing: a save killed mid-swap had finished it as %s; it is in place.",
+                                   folder, leftover.name)
+                    continue
+            except OSError:  # another process is clearing it too: keep it, nothing of the folder's is deleted
+                continue
         shutil.rmtree(leftover, ignore_errors=True)
 
 

@@ -146,3 +146,21 @@ def test_push_snapshots_a_killed_run_left_are_removed_by_the_next_push(tmp_path)
     snapshot = _push_snapshot_folder(output)
     assert snapshot.parent == tmp_path and snapshot.name.startswith(f".run.{staging.owner()}.")
     assert not dead.exists() and live.is_dir()
+
+
+def test_a_finished_new_folder_with_no_folder_to_go_back_to_takes_its_place(tmp_path, caplog):
+    """A finished new folder (its marker lists what the save wrote) holding the folder's own entries, and no folder
+    and no set-aside copy beside it: it becomes the folder, entries and all, rather than being thrown away."""
+    adapter = tmp_path / "adapter"
+    machine = staging.owner().rsplit(".", 1)[0]
+    finished = tmp_path / f".adapter.{machine}.{_dead_pid()}.done0001.m2ist-saving"
+    finished.mkdir()
+    (finished / "m2ist_config.json").write_text("new")
+    (finished / "notes.txt").write_text("mine")
+    (finished / ".m2ist-written.json").write_text('["m2ist_config.json"]')
+    with caplog.at_level(logging.WARNING, logger="m2ist.save_and_load"):
+        save_folder_atomically(adapter, _write("next"))
+    assert "it is in place" in caplog.text
+    assert _hidden(adapter) == []
+    assert sorted(p.name for p in adapter.iterdir()) == ["m2ist_config.json", "notes.txt"]
+    assert (adapter / "m2ist_config.json").read_text() == "next" and (adapter / "notes.txt").read_text() == "mine"
