@@ -25,6 +25,7 @@ import math
 import os
 import platform
 from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -35,6 +36,7 @@ from torch.utils.data import DataLoader, Dataset
 from m2ist.card import TOWERS_USED_KEY, WEIGHTS_SHA256_KEY
 from m2ist.data.dataset import check_annotated_size
 from m2ist.data.images import load_image
+from m2ist.data.loaders import has_visible_text
 from m2ist.data.sample import RECSample
 from m2ist.inference import eval_mode, forward_boxes_per_adapter, model_device, resolve_adapters, resolve_processor
 from m2ist.ops.boxes import box_convert, clip_boxes, looks_normalised, paired_box_iou
@@ -67,6 +69,9 @@ def _scalar(value: Any) -> Any:
 def _check_thresholds(thresholds: float | Sequence[float]) -> tuple[float, ...]:
     """The thresholds as distinct floats in (0, 1]; numpy and torch numbers and arrays are read as numbers."""
     thresholds = _scalar(thresholds)
+    if isinstance(thresholds, str | bytes):  # "0.5" would be read letter by letter ("got '0'")
+        raise ValueError(f"IoU thresholds must be numbers in (0, 1], got the text {thresholds!r}; pass numbers, "
+                         "e.g. 0.5 or (0.5, 0.75).")
     try:
         values = (thresholds,) if isinstance(thresholds, int | float) else tuple(_scalar(v) for v in thresholds)
     except TypeError:
@@ -111,16 +116,40 @@ def _check_ground_truth(gt: torch.Tensor) -> None:
                              f"of {gt.shape[0]} ground-truth boxes do: scoring them would count a miss without a word.")
 
 
-def paired_iou(pred_xyxy: Any, gt_xyxy: Any) -> torch.Tensor:
-    """IoU of ``pred[i]`` with ``gt[i]`` for ``(N, 4)`` ``xyxy`` boxes, in float64 (so exact ties stay exact).
+def _check_same_frame(pred: torch.Tensor, gt: torch.Tensor) -> None:
+    """Refuse predictions wholly within ``[0, 1]`` (the model's normalised ``pred_boxes``) scored against ground
+    truth in pixels (coordinates beyond 2): every IoU would be about 0 and the accuracy 0 without a word.
+    Predictions all at ``(0, 0, 0, 0)`` (clamped off an image's corner) are pixels, and are scored."""
+    if pred.numel() == 0 or not bool(((pred >= 0) & (pred <= 1)).all()) or not bool((pred != 0).any()):
+        return
+    largest = float(gt.abs().max())
+    if largest > 2.0:
+        raise ValueError(
+            f"pred_xyxy lies within [0, 1] while gt_xyxy is in pixels (up to {largest:g}): give the predictions in "
+            "xyxy pixels of the original image too (processor.post_process_boxes(outputs.pred_boxes, "
+            "batch['image_geometry']) maps the model's normalised cx, cy, w, h there)."
+        )
 
-    A ground-truth box that is inverted or of zero area is refused, naming it; a predicted box with ``x1 < x0``
-    (or ``y1 < y0``) is empty: IoU 0, as in the loss's GIoU."""
-    pred, gt = _as_boxes(pred_xyxy, "pred_xyxy"), _as_boxes(gt_xyxy, "gt_xyxy")
+
+def _paired_iou(pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
+    """:func:`paired_iou` without the frame check, for boxes already in one frame (``evaluate``'s clamped pixels:
+    a prediction clamped into a corner may lie within [0, 1])."""
     if pred.shape[0] != gt.shape[0]:
         raise ValueError(f"Got {pred.shape[0]} predicted boxes and {gt.shape[0]} ground-truth boxes; pass one each.")
     _check_ground_truth(gt)
     return paired_box_iou(pred, gt, eps=1e-12)
+
+
+def paired_iou(pred_xyxy: Any, gt_xyxy: Any) -> torch.Tensor:
+    """IoU of ``pred[i]`` with ``gt[i]`` for ``(N, 4)`` ``xyxy`` boxes, in float64 (so exact ties stay exact).
+
+    A ground-truth box that is inverted or of zero area is refused, naming it; a predicted box with ``x1 < x0``
+    (or ``y1 < y0``) is empty: IoU 0, as in the loss's GIoU. Predictions within [0, 1] (the model's normalised
+    ``pred_boxes``) against ground truth in pixels are refused."""
+    pred, gt = _as_boxes(pred_xyxy, "pred_xyxy"), _as_boxes(gt_xyxy, "gt_xyxy")
+    if pred.shape[0] == gt.shape[0]:
+        _check_same_frame(pred, gt)
+    return _paired_iou(pred, gt)
 
 
 def accuracy_at_iou(pred_xyxy: Any, gt_xyxy: Any, thresholds: float | Sequence[float] = (0.5,)) -> dict[float, float]:
@@ -194,8 +223,9 @@ class _EvalCollator:
             box = _field(item, "box", position, self.split)
             if box is None:
                 raise ValueError(f"Split {self.split!r}: item {position} has no ground-truth box.")
-            try:
-                values = [float(v) for v in (box.tolist() if hasattr(box, "tolist") else box)]
+            try:  # text ("1234" would be read digit by digit) and mappings (their keys) are never a box
+                values = [] if isinstance(box, str | bytes | Mapping | AbstractSet) else [
+                    float(v) for v in (box.tolist() if hasattr(box, "tolist") else box)]
             except (TypeError, ValueError):
                 values = []
             image_ids.append(item.get("image_id") if isinstance(item, Mapping) else getattr(item, "image_id", None))
@@ -204,6 +234,10 @@ class _EvalCollator:
                 raise TypeError(f"{self._where(position, indices[-1], image_ids[-1])}: the expression is a "
                                 f"{type(expression).__name__} ({expression!r}), not text. Fix the data: every item "
                                 "needs its referring phrase as a string.")
+            if not has_visible_text(expression):  # the processor would name only its batch position
+                raise ValueError(f"{self._where(position, indices[-1], image_ids[-1])}: the expression "
+                                 f"{expression!r} is empty or shows nothing; every scored sample needs its referring "
+                                 "phrase (fix or remove the sample).")
             texts.append(expression)
             if len(values) != 4:
                 raise ValueError(f"{self._where(position, indices[-1], image_ids[-1])}: the ground-truth box {box!r} "
@@ -484,7 +518,7 @@ def evaluate(
                         pred = _to_canvas_clamped(pred)
                     geometry = batch["encoded"]["image_geometry"].double()
                     boxes = processor.post_process_boxes(pred.double(), geometry, clamp=clamp == "image")
-                    iou = paired_iou(boxes, batch["gt"])
+                    iou = _paired_iou(boxes, batch["gt"])
                     ious[key].append(iou)
                     if save_predictions:
                         for row in range(iou.shape[0]):

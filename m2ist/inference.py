@@ -250,7 +250,13 @@ def _as_box_list(boxes: Any, name: str, size: tuple[int, int] | None = None) -> 
         raise ValueError(f"{name} must be one (x0, y0, x1, y1) box or a list of them, got shape {array.shape}.")
     if not np.isfinite(array).all():
         raise ValueError(f"{name} holds non-finite numbers.")
-    corners = np.concatenate([np.minimum(array[:, :2], array[:, 2:]), np.maximum(array[:, :2], array[:, 2:])], axis=1)
+    inverted = np.flatnonzero((array[:, 2] < array[:, 0]) | (array[:, 3] < array[:, 1]))
+    if inverted.size:  # swapping its corners would draw another box (an x, y, w, h box read as corners)
+        row = int(inverted[0])
+        raise ValueError(f"{name}[{row}] {[round(v, 4) for v in array[row].tolist()]} has x1 < x0 or y1 < y0: boxes "
+                         "are xyxy corners (as predict_boxes gives them); convert x, y, w, h boxes with "
+                         "m2ist.ops.boxes.box_convert(boxes, 'xywh', 'xyxy').")
+    corners = array
     if size is not None:
         width, height = size
         for row, box in enumerate(corners.tolist()):
@@ -302,8 +308,8 @@ def draw_boxes(
     Args:
         image: a path, URL, base64 data URI, PIL image, array or tensor (see :func:`m2ist.processing.fetch_image`).
         boxes: one ``(x0, y0, x1, y1)`` pixel box or ``(N, 4)`` boxes (e.g. from :func:`predict_boxes`), in
-            pixels of ``image`` as stored: a box wholly outside the image is refused, a normalised-looking one (an
-            area, every number in [0, 1]) warned about.
+            pixels of ``image`` as stored: a box wholly outside the image or with ``x1 < x0`` / ``y1 < y0`` (an
+            ``x, y, w, h`` box) is refused, a normalised-looking one (an area, every number in [0, 1]) warned about.
         texts: the phrase of each predicted box, written above it.
         gt_boxes: ground-truth ``xyxy`` pixel boxes, drawn in ``gt_color`` and labelled ``GT``.
         colors: colours of the predicted boxes, cycled (one colour name for all of them).

@@ -40,7 +40,7 @@ from transformers import (
 from m2ist.data.images import ImageLoadError, load_image
 from m2ist.data.loaders import box_values, has_visible_text
 from m2ist.data.transforms import RECAugmentation, is_flag, is_whole_number, resize_long_side
-from m2ist.ops.boxes import box_convert, clip_boxes
+from m2ist.ops.boxes import box_convert, clip_boxes, looks_normalised
 from m2ist.save_and_load import PIPELINE, PROCESSOR_CONFIG_NAME
 
 __all__ = [
@@ -66,7 +66,6 @@ IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 GEOMETRY_FIELDS: tuple[str, ...] = ("orig_width", "orig_height", "scale_x", "scale_y", "offset_x", "offset_y")
 
 _HUB_KWARGS = ("revision", "token", "cache_dir", "local_files_only", "subfolder")
-_warned_normalised_boxes = False
 _warned_truncation = False
 
 
@@ -128,7 +127,6 @@ def post_process_boxes(
 # ---------------------------------------------------------------------------------------------- inputs
 def _clean_box(box: Any, width: int, height: int, index: int) -> list[float]:
     """Validate one ``xyxy`` pixel box and clip it to its image."""
-    global _warned_normalised_boxes
     try:
         values = list(box_values(box))
     except ValueError as err:
@@ -149,9 +147,9 @@ def _clean_box(box: Any, width: int, height: int, index: int) -> list[float]:
     clipped = [min(max(x0, 0.0), width), min(max(y0, 0.0), height), min(max(x1, 0.0), width), min(max(y1, 0.0), height)]
     if clipped[2] <= clipped[0] or clipped[3] <= clipped[1]:
         raise ValueError(f"Box {index} {values} has zero width or height; a box must cover part of its image.")
-    if max(values) <= 1.0 and max(width, height) > 32 and not _warned_normalised_boxes:
-        _warned_normalised_boxes = True
-        logger.warning("Box %s looks normalised to [0, 1]; RECProcessor expects xyxy pixel boxes.", values)
+    if looks_normalised(values, width, height):  # as RECDataset and evaluate(): a 1-pixel label in the corner
+        raise ValueError(f"Box {index} {values} lies within [0, 1] in a {width}x{height} image: it looks normalised, "
+                         "but RECProcessor boxes are xyxy pixels; multiply it by the image width and height.")
     return clipped
 
 

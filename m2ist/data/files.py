@@ -32,6 +32,7 @@ from m2ist.data.loaders import (
     annotated_size,
     boxes_to_xyxy,
     check_box_format,
+    check_fractions,
     expressions_of,
     first_key,
     index_unique,
@@ -60,6 +61,7 @@ class _SampleBuilder:
         self.normalized = normalized
         Size = tuple[int, int] | None
         self.pending: list[tuple[str, str, Any, dict[str, Any], Box, Size, Size]] = []
+        self.wheres: list[str] = []  # where each pending box was read, for errors
         self._size_cache: dict[str, tuple[int, int]] = {}
 
     def add(
@@ -71,18 +73,23 @@ class _SampleBuilder:
         image_id: Any,
         metadata: dict[str, Any],
         size: tuple[int, int] | None = None,
+        where: str = "",
     ) -> None:
         annotated = size  # RECDataset checks it against the image file (downscaled copies, swapped files)
+        if self.normalized:
+            check_fractions([box], [where])  # before reading the image's size
         if self.normalized and size is None:
             if image not in self._size_cache:
                 self._size_cache[image] = image_size(image)
             size = self._size_cache[image]
         for text in texts:
             self.pending.append((image, text, image_id, dict(metadata), box, size, annotated))
+            self.wheres.append(where)
 
     def build(self) -> list[RECSample]:
         sizes = [entry[5] for entry in self.pending] if self.normalized else None
-        boxes = boxes_to_xyxy([entry[4] for entry in self.pending], self.box_format, image_sizes=sizes)
+        boxes = boxes_to_xyxy([entry[4] for entry in self.pending], self.box_format, image_sizes=sizes,
+                              wheres=self.wheres)
         return [
             RECSample(image=image, expression=text, box=box, image_id=image_id, metadata=metadata,
                       annotated_size=annotated)
@@ -165,6 +172,7 @@ def _add_records(
             image_id=record.get("image_id", Path(str(record[image_key])).name),
             metadata=metadata,
             size=_size_from(record, where=where, box_keys=box_keys),
+            where=where,
         )
 
 
@@ -248,7 +256,10 @@ def load_csv(
         names = " or ".join(",".join(columns) for columns in _CSV_BOX_COLUMNS[box_format])
         raise ValueError(f"{where}: no box; expected a 'bbox' column or the columns {names}.")
 
-    reader = csv.DictReader(io.StringIO(read_text_file(path, "CSV file"), newline=""), delimiter=delimiter)
+    # skipinitialspace: "image, text, bbox" (spaces after the delimiter) names the columns image, text and bbox, and
+    # a quoted field after a space ( "[1, 2, 3, 4]") stays one field
+    reader = csv.DictReader(io.StringIO(read_text_file(path, "CSV file"), newline=""), delimiter=delimiter,
+                            skipinitialspace=True)
     try:
         records = [(f"{path}:{reader.line_num}", _whole_row(row, reader, where=f"{path}:{reader.line_num}"))
                    for row in reader]
@@ -345,6 +356,7 @@ def load_coco_style(
             image_id=image.get("original_id", image["id"]),
             metadata=metadata,
             size=_size_from(image, where=where),
+            where=where,
         )
 
     entries: list[tuple[dict[str, Any], dict[str, Any], Any, str]] = []  # (annotation, image, expression(s), where)
@@ -355,7 +367,11 @@ def load_coco_style(
             continue
         image = images.get(ann.get("image_id"))
         if image is None:
-            raise ValueError(f"{where}: image_id {ann.get('image_id')} is not in images.")
+            wanted = ann.get("image_id")
+            alike = [key for key in images if str(key) == str(wanted)]
+            hint = (f"; images has the id {alike[0]!r} ({type(alike[0]).__name__}), not {wanted!r} "
+                    f"({type(wanted).__name__}): write the ids alike, both numbers or both text" if alike else "")
+            raise ValueError(f"{where}: image_id {wanted!r} is not in images{hint}.")
         entries.append((ann, image, ann[text_key], where))
     for position, image in enumerate(data["images"]):
         text_key = first_key(image, TEXT_KEYS)

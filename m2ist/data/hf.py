@@ -41,6 +41,7 @@ from m2ist.data.loaders import (
     boxes_to_xyxy,
     canonical_split,
     check_box_format,
+    check_fractions,
     check_sentence_field,
     expressions_of,
     first_key,
@@ -374,6 +375,7 @@ def from_hf_dataset(
     names: list[str | None] = []
     texts: list[str] = []
     raw_boxes = []
+    box_wheres: list[str] = []
     image_ids: list[Any] = []
     metadatas: list[dict[str, Any]] = []
     seen_splits: set[str] = set()
@@ -412,6 +414,7 @@ def from_hf_dataset(
                 names.append(name)
                 texts.append(text)
                 raw_boxes.append(box)
+                box_wheres.append(where)
                 image_ids.append(image_id)
                 metadatas.append(metadata)
 
@@ -430,6 +433,7 @@ def from_hf_dataset(
     images = [image if image is not None else path for image, path in zip(images, resolved)]
     sizes = None
     if normalized:
+        check_fractions(raw_boxes, box_wheres)  # before reading every image's size
         size_cache: dict[Any, tuple[int, int]] = {}
         sizes = []
         for image in images:
@@ -437,7 +441,7 @@ def from_hf_dataset(
             if key not in size_cache:
                 size_cache[key] = image_size(image)
             sizes.append(size_cache[key])
-    boxes = boxes_to_xyxy(raw_boxes, box_format, image_sizes=sizes)
+    boxes = boxes_to_xyxy(raw_boxes, box_format, image_sizes=sizes, wheres=box_wheres)
     return [
         RECSample(image=image, expression=text, box=box, image_id=image_id, metadata=metadata, annotated_size=size)
         for image, text, box, image_id, metadata, size in zip(images, texts, boxes, image_ids, metadatas, sizes_stated)

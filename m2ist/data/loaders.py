@@ -115,15 +115,34 @@ def box_values(value: Any) -> Box:
     return tuple(float(part) for part in parts)  # type: ignore[return-value]
 
 
+#: A number of a ``normalized=True`` box beyond this (or below ``-_FRACTION_LIMIT + 1``) is no fraction of its image.
+_FRACTION_LIMIT = 2.0
+
+
+def check_fractions(boxes: Sequence[Box], wheres: Sequence[str] | None = None) -> None:
+    """Refuse ``normalized=True`` boxes holding a number outside ``[-1, 2]``: pixels loaded as fractions of the
+    image would be multiplied by its size and then clipped to the whole image (or dropped) by ``RECDataset``."""
+    for position, box in enumerate(boxes):
+        if any(math.isfinite(value) and not -1.0 <= value <= _FRACTION_LIMIT for value in box):
+            where = wheres[position] if wheres is not None else f"box {position}"
+            raise ValueError(f"{where}: the box {tuple(box)} was loaded with normalized=True, but {max(box, key=abs):g} "
+                             "is no fraction of the image size: these look like pixels; load them without normalized=True "
+                             "(drop --normalized), or divide the numbers by the image width and height.")
+
+
 def boxes_to_xyxy(
-    boxes: Sequence[Box], box_format: str, *, image_sizes: Sequence[tuple[float, float]] | None = None
+    boxes: Sequence[Box], box_format: str, *, image_sizes: Sequence[tuple[float, float]] | None = None,
+    wheres: Sequence[str] | None = None,
 ) -> list[Box]:
     """Convert ``boxes`` given in ``box_format`` to absolute ``xyxy`` pixels.
 
-    With ``image_sizes`` (one ``(width, height)`` per box) the input numbers are fractions of the image size.
+    With ``image_sizes`` (one ``(width, height)`` per box) the input numbers are fractions of the image size, and a
+    number outside ``[-1, 2]`` (pixels) is refused, naming ``wheres[i]`` (where each box was read).
     """
     if not boxes:
         return []
+    if image_sizes is not None:
+        check_fractions(boxes, wheres)
     tensor = torch.tensor(boxes, dtype=torch.float64)
     if image_sizes is not None:
         sizes = torch.tensor(image_sizes, dtype=torch.float64)
@@ -306,8 +325,9 @@ _SPLIT_ALIASES = {"validation": "val", "valid": "val", "dev": "val"}
 
 
 def canonical_split(name: str) -> str:
-    """Compare split names case-insensitively, with ``validation``/``dev`` meaning ``val``."""
-    lowered = str(name).lower()
+    """Compare split names case-insensitively and without surrounding spaces (``" testA"`` from a CSV written
+    with spaces after its commas), with ``validation``/``dev`` meaning ``val``."""
+    lowered = str(name).strip().lower()
     return _SPLIT_ALIASES.get(lowered, lowered)
 
 

@@ -1,0 +1,148 @@
+"""Round 14, the documented data and evaluation calls as a hurried user makes them: boxes in another frame or
+format than declared, CSV files written with spaces after the commas, ids of two types, phrases and thresholds
+that are not what evaluation needs. Each must be refused in one line or read right, never scored or drawn wrong."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from m2ist.data import from_hf_dataset, load_coco_style, load_csv, load_jsonl
+from m2ist.data.collator import RECCollator
+from m2ist.data.sample import RECSample
+from m2ist.evaluation import accuracy_at_iou, evaluate, paired_iou
+from m2ist.inference import draw_boxes
+from m2ist.processing import RECProcessor
+from tests.test_inference import FixedBoxModel, make_tokenizer
+from tests.tiny import QUERY_LEN
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (100, 80), "grey").save(tmp_path / "images" / "a.png")
+    return tmp_path
+
+
+@pytest.fixture
+def processor(tmp_path) -> RECProcessor:
+    return RECProcessor(make_tokenizer(tmp_path / "tok"), canvas_size=100, max_query_len=QUERY_LEN)
+
+
+# ---------------------------------------------------------------------------------------------- accuracy_at_iou
+def test_accuracy_at_iou_refuses_the_models_normalised_boxes_against_pixel_ground_truth():
+    gt = [[10.0, 10.0, 60.0, 60.0], [20.0, 5.0, 90.0, 70.0]]
+    pred = torch.tensor([[0.35, 0.35, 0.5, 0.5], [0.55, 0.4, 0.7, 0.6]])  # outputs.pred_boxes: cx, cy, w, h in [0, 1]
+    for call in (lambda: accuracy_at_iou(pred, gt), lambda: paired_iou(pred, gt)):
+        with pytest.raises(ValueError, match=r"pred_xyxy lies within \[0, 1\] while gt_xyxy is in pixels"):
+            call()  # was {0.5: 0.0}: every IoU about 0, without a word
+    # what stays scored: pixel predictions clamped off the image's corner, and both sides normalised (the trainer)
+    assert accuracy_at_iou([[0.0, 0.0, 0.0, 0.0]], [[10.0, 10.0, 60.0, 60.0]]) == {0.5: 0.0}
+    assert accuracy_at_iou([[0.1, 0.1, 0.6, 0.6]], [[0.1, 0.1, 0.6, 0.6]]) == {0.5: 1.0}
+    assert accuracy_at_iou([[10.0, 10.0, 60.0, 60.0]], gt[:1]) == {0.5: 1.0}
+
+
+def test_iou_thresholds_given_as_text_are_named_as_text():
+    with pytest.raises(ValueError, match=r"got the text '0.5'"):  # was "got '0'": read letter by letter
+        accuracy_at_iou([[10, 10, 60, 60]], [[10, 10, 60, 60]], "0.5")
+
+
+# ---------------------------------------------------------------------------------------------- draw_boxes
+def test_draw_boxes_refuses_an_xywh_box_instead_of_drawing_another_box():
+    image = Image.new("RGB", (100, 80))
+    with pytest.raises(ValueError, match=r"boxes\[0\] \[50.0, 20.0, 30.0, 40.0\] has x1 < x0.*box_convert"):
+        draw_boxes(image, [[50, 20, 30, 40]])  # was drawn as (30, 20, 50, 40): its corners swapped
+    with pytest.raises(ValueError, match=r"gt_boxes\[1\].*has x1 < x0 or y1 < y0"):
+        draw_boxes(image, [[10, 10, 40, 40]], gt_boxes=[[10, 10, 40, 40], [60, 20, 20, 30]])
+    drawn = draw_boxes(image, [[0, 0, 0, 0], [10, 10, 10, 40], [10, 10, 40, 40]])  # zero area stays drawable
+    assert drawn.size == (100, 80)
+
+
+# ---------------------------------------------------------------------------------------------- normalized=True
+def test_normalized_loading_refuses_pixel_numbers(image_folder):
+    jsonl = image_folder / "train.jsonl"
+    jsonl.write_text(json.dumps({"image": "images/a.png", "text": "the dog", "bbox": [0, 0, 30, 40]}) + "\n")
+    csv_file = image_folder / "train.csv"
+    csv_file.write_text("image,text,x,y,w,h\nimages/a.png,the dog,0,0,30,40\n")
+    coco = image_folder / "refs.json"
+    coco.write_text(json.dumps({"images": [{"id": 1, "file_name": "images/a.png"}],
+                                "annotations": [{"id": 7, "image_id": 1, "bbox": [5, 6, 30, 40], "text": "the dog"}]}))
+    calls = {
+        rf"{jsonl}:1": lambda: load_jsonl(jsonl, "xyxy", normalized=True),
+        rf"{csv_file}:2": lambda: load_csv(csv_file, "xywh", normalized=True),
+        r"annotations\[0\]": lambda: load_coco_style(coco, normalized=True),
+        "row 0": lambda: from_hf_dataset([{"image": str(image_folder / "images" / "a.png"), "text": "the dog",
+                                          "bbox": [0, 0, 30, 40]}], box_format="xyxy", normalized=True),
+    }
+    for where, call in calls.items():
+        # was (0, 0, 3000, 3200): clipped by RECDataset to the whole image and trained on as the answer
+        with pytest.raises(ValueError, match=rf"{where}: the box .* normalized=True, but 40 is no fraction"):
+            call()
+    # fractions still load, a box reaching a little past the image's edge included
+    jsonl.write_text(json.dumps({"image": "images/a.png", "text": "the dog", "bbox": [0.1, 0.5, 1.02, 1.0]}) + "\n")
+    assert load_jsonl(jsonl, "xyxy", normalized=True)[0].box == pytest.approx((10, 40, 102, 80))
+
+
+# ---------------------------------------------------------------------------------------------- the processor
+def test_processor_refuses_normalised_boxes_as_recdataset_does(processor):
+    image = Image.new("RGB", (100, 80))
+    with pytest.raises(ValueError, match=r"Box 0 \[0.1, 0.1, 0.5, 0.5\] lies within \[0, 1\] in a 100x80 image"):
+        processor(image, "the dog", boxes=[0.1, 0.1, 0.5, 0.5])  # was a log line once, and a 1-pixel label
+    samples = [RECSample(image=image, expression="the dog", box=(0.1, 0.1, 0.5, 0.5))]  # RECSample items, no RECDataset
+    with pytest.raises(ValueError, match="looks normalised"):
+        RECCollator(processor, train=False)(samples)
+    labels = processor(image, "the dog", boxes=[10, 8, 50, 40])["labels"]
+    assert labels.shape == (1, 4)
+
+
+# ---------------------------------------------------------------------------------------------- CSV and splits
+def test_csv_with_spaces_after_commas_keeps_every_row_of_the_split(image_folder):
+    csv_file = image_folder / "all.csv"
+    csv_file.write_text(
+        "image, text, bbox, split\n"
+        'images/a.png, the dog, "[1, 2, 30, 40]", testA\n'
+        'images/a.png,the cat,"[5, 6, 50, 60]",testA\n'
+        'images/a.png, the bird, "[5, 6, 50, 60]", testB\n'
+    )
+    samples = load_csv(csv_file, "xyxy", split="testA")
+    # were refused ("6 fields, but the header has 3"), and " testA" was another split than "testA": dropped
+    assert [sample.expression for sample in samples] == ["the dog", "the cat"]
+    assert samples[0].box == (1.0, 2.0, 30.0, 40.0)
+    jsonl = image_folder / "all.jsonl"
+    jsonl.write_text("".join(json.dumps({"image": "images/a.png", "text": text, "bbox": [1, 2, 30, 40],
+                                         "split": split}) + "\n"
+                             for text, split in (("a", "val"), ("b", "val "), ("c", "test"))))
+    assert [sample.expression for sample in load_jsonl(jsonl, "xyxy", split="validation")] == ["a", "b"]
+
+
+def test_coco_ids_of_two_types_are_named(image_folder):
+    coco = image_folder / "refs.json"
+    coco.write_text(json.dumps({"images": [{"id": 1, "file_name": "images/a.png"}],
+                                "annotations": [{"id": 7, "image_id": "1", "bbox": [5, 6, 30, 40], "text": "x"}]}))
+    with pytest.raises(ValueError, match=r"image_id '1' is not in images; images has the id 1 \(int\), not '1' \(str\)"):
+        load_coco_style(coco)
+
+
+# ---------------------------------------------------------------------------------------------- evaluate
+def test_evaluate_names_the_sample_of_an_empty_phrase_and_refuses_a_box_given_as_text(processor):
+    image = Image.new("RGB", (100, 80), "grey")
+    samples = [RECSample(image=image, expression="the dog", box=(10, 10, 60, 60), image_id=i) for i in range(3)]
+    samples.append(RECSample(image=image, expression=" \u200b", box=(10, 10, 60, 60), image_id="empty"))
+    with pytest.raises(ValueError, match=r"Split 'val', sample 3 \(image_id='empty'\): the expression"):
+        evaluate(FixedBoxModel([[0.35, 0.35, 0.5, 0.5]] * 8), processor, {"val": samples}, batch_size=2,
+                 progress=False)  # was "Phrase 1 is empty": a batch position, no split, no sample
+    items = [{"image": image, "expression": "the dog", "box": "1234", "image_id": "a"}]
+    with pytest.raises(ValueError, match=r"the ground-truth box '1234' is not 4 numbers"):
+        evaluate(FixedBoxModel([[0.35, 0.35, 0.5, 0.5]] * 8), processor, {"val": items}, progress=False)
+    items = [{"image": image, "expression": "the dog", "box": np.array([10, 10, 60, 60]), "image_id": "a"}]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        metrics = evaluate(FixedBoxModel([[0.35, 0.35, 0.5, 0.5]] * 8), processor, {"val": items},
+                           progress=False)["metrics"]["val"]
+    assert metrics["count"] == 1
+
