@@ -9,9 +9,9 @@ input. :class:`TowerFeatureCache` stores it the first time an input is seen and 
   its tower once, one expression shared by several images too, and a changed processor setting (canvas size,
   normalisation, tokenizer, augmentation) can only miss, never read a stale record;
 * **what changes features** beyond the input (the tower's class, name, revision and a digest of its weights, its
-  tap spec, the layers and kinds tapped, the tower dtype, the cache dtype) makes the **fingerprint**, and each
-  fingerprint has its own folder (``vision-<fingerprint>/``, ``text-<fingerprint>/``), so a stale cache is never
-  read;
+  tap spec and the config's tap override, the layers and kinds tapped, the tower dtype, the cache dtype) makes the
+  **fingerprint**, and each fingerprint has its own folder (``vision-<fingerprint>/``, ``text-<fingerprint>/``),
+  so a stale cache is never read;
 * **storage**: ``"memory"`` (RAM) or a folder of memory-mapped files (one row per record, ``bfloat16`` by
   default), each rank of a distributed run writing its own shard and reading the others', with an append-only
   index written after its row, so a cache survives a crash or a resumed run and is shared by later runs (a
@@ -177,6 +177,9 @@ class TowerCacheCollator:
         processor = getattr(self.collator, "processor", None)
         if self.cache is None or processor is None or not hasattr(processor, "flat_settings"):
             return [None] * len(items)
+        if all(view is None for view in views) and getattr(self.collator, "train", False) \
+                and getattr(processor, "augment", None) is not None:
+            return [None] * len(items)  # a random augmentation: a batch seen before is new, never rebuilt as it was
         tokenizer = getattr(processor, "tokenizer", None)
         settings = json.dumps([processor.flat_settings(), type(tokenizer).__name__,
                                getattr(tokenizer, "name_or_path", None), len(tokenizer) if tokenizer is not None else 0,
@@ -826,6 +829,10 @@ class TowerFeatureCache:
         layouts = {VISION: _Layout.of(probe[VISION], self.vision_layers, self.kinds),
                    TEXT: _Layout.of(probe[TEXT], self.text_layers, self.kinds)}
         size = {VISION: {"image_size": model.config.image_size}, TEXT: {"max_query_len": model.config.max_query_len}}
+        for modality in size:  # token counts given there change the features, yet not the spec's repr (a lambda's)
+            override = getattr(model.config, f"{modality}_taps", None)
+            if override:
+                size[modality]["taps_override"] = json.loads(json.dumps(override, sort_keys=True, default=str))
         itemsize = torch.finfo(DTYPES[self.dtype]).bits // 8
         self.estimate = {modality: self._expected[modality] * layouts[modality].width * itemsize for modality in layouts}
         records, fresh = {}, []

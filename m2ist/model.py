@@ -13,11 +13,13 @@ from __future__ import annotations
 import contextvars
 import copy
 import dataclasses
+import fnmatch
 import glob
 import json
 import logging
 import os
 import shutil
+import unicodedata
 import warnings
 import weakref
 from collections.abc import Mapping, Sequence
@@ -40,6 +42,7 @@ from .save_and_load import (
     PIPELINE,
     PROCESSOR_CONFIG_NAME,
     PROCESSOR_FILES,
+    RESERVED_ADAPTER_NAMES,
     TOKENIZER_FILES,
     WEIGHTS_NAME,
     _read_header,
@@ -1074,6 +1077,20 @@ class SideTunedModel(RECModel):
         if name in self.adapter_setups:
             raise ValueError(f"An adapter named {name!r} already exists; delete_adapter({name!r}) first or pick "
                              "another name.")
+        # a name becomes a subfolder: on a case-insensitive file system (macOS, Windows) two names that differ only
+        # in case (or Unicode normal form) are one folder, and one adapter's weights would be saved over the other's
+        folded = _folded_name(name)
+        twin = next((other for other in self.adapter_setups if _folded_name(other) == folded), None)
+        if twin is not None:
+            raise ValueError(f"Adapter name {name!r} differs from the existing adapter {twin!r} only in case (or Unicode "
+                             "form): saved, both would be one subfolder on a case-insensitive file system (macOS, "
+                             "Windows) and one adapter's weights would replace the other's; pick a name that differs "
+                             "in more than case.")
+        reserved = next((pattern for pattern in RESERVED_ADAPTER_NAMES if fnmatch.fnmatchcase(folded, pattern)), None)
+        if reserved is not None:
+            raise ValueError(f"Adapter name {name!r} is {reserved!r} in another case: on a case-insensitive file system "
+                             "(macOS, Windows) its subfolder would be the trainer's checkpoint, log or cache folder, "
+                             "which pushes skip and saves replace; pick another name, e.g. 'refcoco_plus'.")
 
     def _check_compatible(self, name: str, config: M2ISTConfig) -> M2ISTConfig:
         """``config`` completed with the towers' settings; raise if it cannot share this model's towers."""
@@ -1207,6 +1224,8 @@ class SideTunedModel(RECModel):
             self.delete_adapter(adapter_name)
             raise
         self.inactive_adapters[adapter_name].to(self.dtype)  # one dtype for every adapter: batches can mix them
+        for modality in (VISION, TEXT):  # same architecture, other weights: it loads, as from_pretrained, but says so
+            _warn_if_other_tower(saved, modality, *self.tower_ids[modality], adapter=model_id)
         for modality in (VISION, TEXT):
             for key in ("model_name_or_path", "revision"):
                 if getattr(saved, f"{modality}_{key}") is not None:
@@ -1386,6 +1405,13 @@ class SideTunedModel(RECModel):
                           "adapter of that name (deleted with delete_adapter?), and a save never removes what it did "
                           "not write, so load_adapter would still load them from there. Remove them if they are "
                           "stale.", stacklevel=4)
+        if DEFAULT_ADAPTER not in self.adapter_setups and (previous / CONFIG_NAME).is_file() \
+                and (previous / WEIGHTS_NAME).is_file():
+            warnings.warn(f"{previous} keeps at its root the {DEFAULT_ADAPTER!r} adapter of an earlier save: this model "
+                          f"has no {DEFAULT_ADAPTER!r} adapter (deleted with delete_adapter?), and a save never removes "
+                          "what it did not write, so SideTunedModel.from_pretrained (and the model card) would still "
+                          f"give that adapter. Remove its {CONFIG_NAME} and {WEIGHTS_NAME} if it is stale, or save "
+                          "into a new folder.", stacklevel=4)
 
     def card_subject(self, folder: Path,
                      written: Sequence[str]) -> tuple[M2ISTConfig, dict[str, int], str | None] | None:
@@ -1618,6 +1644,11 @@ def _nothing_to_load(given: list[Any], known: set[str]) -> str:
 _FROM_PRETRAINED_ARGUMENTS = ("vision_model", "text_model", "is_trainable", "subfolder", "revision", "dtype",
                               "torch_dtype", "device", "device_map", "token", "cache_dir", "local_files_only",
                               "endpoint", "trust_remote_code")
+
+
+def _folded_name(name: str) -> str:
+    """``name`` as a case-insensitive file system compares it: NFC-normalised and case-folded."""
+    return unicodedata.normalize("NFC", name).casefold()
 
 
 def _cast_features(features: TowerFeatures, dtype: torch.dtype) -> TowerFeatures:
