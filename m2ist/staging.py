@@ -58,7 +58,7 @@ def _alive(pid: int) -> bool:
 
 def leftovers(target: Path, suffix: str) -> list[Path]:
     """The ``suffix`` folders of ``target`` made on this machine by processes that are gone (killed mid-save or
-    mid-push), oldest name first; none on systems other than POSIX, or when the parent folder cannot be read."""
+    mid-push), sorted by name; none on systems other than POSIX, or when the parent folder cannot be read."""
     if os.name != "posix":
         return []
     pattern = re.compile(rf"\.{re.escape(target.name)}\.(?P<machine>[A-Za-z0-9-]+)\.(?P<pid>\d+)\.[A-Za-z0-9_]+"
