@@ -146,3 +146,22 @@ def test_evaluate_names_the_sample_of_an_empty_phrase_and_refuses_a_box_given_as
                            progress=False)["metrics"]["val"]
     assert metrics["count"] == 1
 
+
+
+# ---------------------------------------------------------------------------------------------- files without samples
+@pytest.mark.parametrize("name, text, loader", [("empty.jsonl", "", load_jsonl), ("blank.jsonl", "\n\n", load_jsonl),
+                                                ("header.csv", "image,text,bbox\n", load_csv)])
+def test_a_file_without_records_is_refused_where_it_is_read(tmp_path, name, text, loader):
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(ValueError, match=rf"{name} holds no records \(an empty file, or a CSV header alone\)"):
+        loader(path, "xyxy")  # was [] here, and "No valid samples among 0" later, without the cause
+
+
+def test_records_listing_no_expression_are_named(image_folder):
+    path = image_folder / "data.jsonl"
+    path.write_text('{"image": "images/a.png", "text": ["the cat"], "bbox": [1, 2, 30, 40]}\n'
+                    '{"image": "images/a.png", "text": [], "bbox": [5, 5, 20, 20]}\n')
+    with pytest.warns(UserWarning, match=r"1 record\(s\) list no expression .*data.jsonl:2\) and give no sample"):
+        samples = load_jsonl(path, "xyxy")
+    assert [s.expression for s in samples] == ["the cat"]

@@ -144,11 +144,15 @@ def _add_records(
     split_optional: bool = False,
 ) -> None:
     records = list(records)
+    if not records:  # refused here, where the cause is known ("No valid samples among 0" later would not say)
+        raise ValueError(f"{source or 'The file'} holds no records (an empty file, or a CSV header alone): check the "
+                         "path, or write one record per expression.")
     for where, record in records:
         if not isinstance(record, dict):
             raise ValueError(f"{where}: expected an object with image, text and bbox; got {record!r:.80}.")
     wanted = _split_selection([(where, record.get("split")) for where, record in records], split, source=source,
                               stacklevel=4, split_optional=split_optional)
+    speechless: list[str] = []  # records whose text field lists no expression
     for where, record in records:
         if wanted is not None and str(record.get("split")) not in wanted:
             continue
@@ -162,6 +166,8 @@ def _add_records(
         image = join_image_path(str(record[image_key]), image_root, allow_outside_image_root=allow_outside_image_root,
                                 where=where)
         texts = [text for text, _ in expressions_of(record[text_key], sentence_field="sent", where=where)]
+        if not texts:
+            speechless.append(where)
         used = {text_key, image_key, "image_id", *box_keys}
         metadata = {key: value for key, value in record.items() if key not in used}
         metadata["source"] = where
@@ -174,6 +180,10 @@ def _add_records(
             size=_size_from(record, where=where, box_keys=box_keys),
             where=where,
         )
+    if speechless:
+        warnings.warn(f"{len(speechless)} record(s) list no expression (an empty list in the text field, first at "
+                      f"{speechless[0]}) and give no sample: add their referring phrases or remove them.",
+                      stacklevel=3)
 
 
 def _read_box_key(record: dict[str, Any], where: str) -> tuple[Box, tuple[str, ...]]:
