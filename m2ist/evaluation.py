@@ -192,6 +192,9 @@ class _SampleList(Dataset):
 def _as_dataset(data: Any, split: str) -> Dataset:
     if isinstance(data, list | tuple) and data and isinstance(data[0], RECSample):
         return _SampleList(data)
+    if isinstance(data, list | tuple) and data and all(isinstance(part, list | tuple | Dataset) for part in data):
+        raise TypeError(f"Split {split!r}: got a {type(data).__name__} of {len(data)} datasets, not of samples: pass "
+                        "several splits by name, {'val': val, 'testA': testA}, so the results say which is which.")
     if hasattr(data, "__getitem__") and hasattr(data, "__len__"):
         return data
     raise TypeError(f"Split {split!r}: expected a RECDataset, a list of RECSample or a map-style dataset of REC items, "

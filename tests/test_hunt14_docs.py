@@ -165,3 +165,33 @@ def test_records_listing_no_expression_are_named(image_folder):
     with pytest.warns(UserWarning, match=r"1 record\(s\) list no expression .*data.jsonl:2\) and give no sample"):
         samples = load_jsonl(path, "xyxy")
     assert [s.expression for s in samples] == ["the cat"]
+
+
+def test_splits_given_as_a_list_are_refused_asking_for_names(processor):
+    model = FixedBoxModel([[0.5, 0.5, 0.2, 0.2]] * 2, image_size=100)
+    sample = RECSample(image=Image.new("RGB", (100, 100)), expression="a cat", box=(10, 10, 50, 50))
+    with pytest.raises(TypeError, match=r"a list of 2 datasets, not of samples: pass several splits by name"):
+        evaluate(model, processor, [[sample], [sample]])  # was KeyError "item 0: no 'image'"
+    assert evaluate(model, processor, [sample], progress=False)["metrics"]["eval"]["count"] == 1
+
+
+@pytest.mark.parametrize("call", [
+    lambda p: load_jsonl(p / "data.jsonl", "xyxy", normalized="False"),
+    lambda p: load_csv(p / "data.csv", "xyxy", allow_outside_image_root="no"),
+    lambda p: load_coco_style(p / "coco.json", normalized="false"),
+    lambda p: from_hf_dataset([], normalized="False"),
+])
+def test_loader_switches_given_as_text_are_refused(image_folder, call):
+    """`normalized="False"` (a YAML or environment string) is true in Python: fractions read as pixels or the reverse,
+    image paths let out of their root."""
+    with pytest.raises(TypeError, match=r"must be True or False, got str '(False|no|false)' \(a non-empty string is "
+                                        r"true in Python\)"):
+        call(image_folder)
+
+
+def test_a_transvg_file_is_never_unpickled_on_a_text_switch(tmp_path):
+    """`trusted="false"` would have loaded the pickle without the restricted loader: code from the file could run."""
+    from m2ist.data.transvg import load_transvg_split
+
+    with pytest.raises(TypeError, match=r"load_transvg_split: trusted must be True or False, got str 'false'"):
+        load_transvg_split(tmp_path / "unc_val.pth", trusted="false")
