@@ -195,3 +195,15 @@ def test_a_transvg_file_is_never_unpickled_on_a_text_switch(tmp_path):
 
     with pytest.raises(TypeError, match=r"load_transvg_split: trusted must be True or False, got str 'false'"):
         load_transvg_split(tmp_path / "unc_val.pth", trusted="false")
+
+
+def test_dataset_and_collator_switches_given_as_text_are_refused(processor):
+    from m2ist.data import RECDataset
+
+    samples = [RECSample(image=Image.new("RGB", (50, 50)), expression="a cat", box=(1, 1, 20, 20))]
+    for name in ("skip_invalid", "validate_images", "exif_transpose"):
+        with pytest.raises(TypeError, match=rf"RECDataset: {name} must be True or False, got str 'False'"):
+            RECDataset(samples, None, **{name: "False"})
+    with pytest.raises(TypeError, match=r"RECCollator: train must be True or False, got str 'False'"):
+        RECCollator(processor, train="False")  # was bool("False"): an evaluation collator that augments
+    assert RECCollator(processor, train=np.bool_(False)).train is False  # numpy's booleans are booleans
