@@ -105,6 +105,7 @@ def post_process_boxes(
     width or height (a readout whose far edge lies before its near one) is an empty box at its centre, as the loss
     and the trainer's metrics read it: it scores IoU 0, never the box it mirrors.
     """
+    clamp = _flag("clamp", clamp)  # clamp="no" would clip
     pred = torch.as_tensor(pred_boxes)
     pred = pred.to(torch.promote_types(pred.dtype, torch.float32))
     pred = torch.cat((pred[..., :2], pred[..., 2:].clamp(min=0)), -1) if pred.ndim == 2 and pred.shape[-1] == 4 else pred
@@ -513,6 +514,7 @@ class RECProcessor(ProcessorMixin):
             raise ValueError("RECProcessor needs images and phrases: processor(images, texts[, boxes]).")
         if return_tensors not in ("pt", "np", None):
             raise ValueError(f"return_tensors must be 'pt', 'np' or None, got {return_tensors!r}.")
+        train = _flag("train", train)  # train="False" would augment
         if isinstance(texts, str):
             if isinstance(images, list | tuple) and len(images) != 1:
                 raise ValueError(f"Got {len(images)} images and one phrase string: pass a list of phrases, one per "

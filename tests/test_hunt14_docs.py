@@ -207,3 +207,14 @@ def test_dataset_and_collator_switches_given_as_text_are_refused(processor):
     with pytest.raises(TypeError, match=r"RECCollator: train must be True or False, got str 'False'"):
         RECCollator(processor, train="False")  # was bool("False"): an evaluation collator that augments
     assert RECCollator(processor, train=np.bool_(False)).train is False  # numpy's booleans are booleans
+
+
+def test_processor_switches_given_as_text_are_refused(processor):
+    image = Image.new("RGB", (40, 40))
+    with pytest.raises(ValueError, match=r"train must be true or false, got 'False'"):
+        processor([image], ["a cat"], [[1, 1, 20, 20]], train="False")  # was true: an augmented batch
+    geometry = torch.tensor([[40.0, 40.0, 2.5, 2.5, 0.0, 0.0]])
+    with pytest.raises(ValueError, match=r"clamp must be true or false, got 'no'"):
+        processor.post_process_boxes(torch.tensor([[0.5, 0.5, 2.0, 2.0]]), geometry, clamp="no")  # was clamped
+    unclamped = processor.post_process_boxes(torch.tensor([[0.5, 0.5, 2.0, 2.0]]), geometry, clamp=False)
+    assert float(unclamped[0, 2]) > 40
