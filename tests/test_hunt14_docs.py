@@ -218,3 +218,12 @@ def test_processor_switches_given_as_text_are_refused(processor):
         processor.post_process_boxes(torch.tensor([[0.5, 0.5, 2.0, 2.0]]), geometry, clamp="no")  # was clamped
     unclamped = processor.post_process_boxes(torch.tensor([[0.5, 0.5, 2.0, 2.0]]), geometry, clamp=False)
     assert float(unclamped[0, 2]) > 40
+
+
+def test_hf_rows_without_a_split_are_refused_when_a_split_is_asked_for(image_folder):
+    image = str(image_folder / "images" / "a.png")
+    rows = [{"image": image, "text": "the dog", "bbox": [1, 2, 30, 40], "split": "val"},
+            {"image": image, "text": "the cat", "bbox": [5, 5, 20, 20], "split": None}]
+    with pytest.raises(ValueError, match=r"row 1: its 'split' is empty, but split=\['val'\] selects rows"):
+        from_hf_dataset(rows, split="val", box_format="xyxy")  # the cat was left out without a word
+    assert [s.expression for s in from_hf_dataset(rows[:1], split="val", box_format="xyxy")] == ["the dog"]

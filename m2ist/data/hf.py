@@ -390,12 +390,16 @@ def from_hf_dataset(
             if subset is not None and requested is not None and subset in whole and row_split is not None and (
                     canonical_split(str(row_split)) != canonical_split(subset)):
                 relabelled.setdefault(subset, set()).add(str(row_split))
+            where = f"row {index}" + (f" of split {subset!r}" if subset is not None else "")
             if subset not in whole:
+                if row_split is None:  # str(None) would match no split: the row was left out without a word
+                    raise ValueError(f"{where}: its 'split' is empty, but split={sorted(row_filter)} selects rows by "
+                                     "that column; fill it in for every row (the file loaders refuse the same), or "
+                                     "load without split=.")
                 seen_splits.add(str(row_split))
                 if canonical_split(str(row_split)) not in row_filter:
                     continue
                 filtered_rows += 1
-            where = f"row {index}" + (f" of split {subset!r}" if subset is not None else "")
             if text_key not in row or box_key not in row or image_key not in row:
                 raise ValueError(f"{where}: missing one of the columns {text_key!r}, {box_key!r}, {image_key!r}.")
             box = parse_box(row[box_key], where=where)
