@@ -85,6 +85,30 @@ def is_flag(value: Any) -> bool:
     return isinstance(value, bool | np.bool_)
 
 
+def describe_value(value: Any) -> str:
+    """A short description of ``value`` for an error message (never a module's multi-line repr)."""
+    if isinstance(value, type):
+        return f"the class {value.__name__}"
+    if isinstance(value, str | os.PathLike | int | float | bool) or value is None:
+        return f"{type(value).__name__} {str(value)[:80]!r}" if value is not None else "None"
+    return f"a {type(value).__name__}"
+
+
+def check_flags(where: str, **flags: Any) -> None:
+    """Refuse a switch that is not ``True`` or ``False``: ``"False"`` (read from a config file or a command line) is
+    a true value in Python, so ``inference_mode="False"`` would freeze the adapter and ``trust_remote_code="false"``
+    run a repo's code. ``None`` is accepted only for the switches that default to it (``private``)."""
+    for name, value in flags.items():
+        if is_flag(value) or (value is None and name in _OPTIONAL_FLAGS):
+            continue
+        raise TypeError(f"{where}: {name} must be True or False, got {describe_value(value)}"
+                        f"{' (a non-empty string is true in Python)' if isinstance(value, str) else ''}.")
+
+
+#: Switches that take None (meaning "the default") besides True and False.
+_OPTIONAL_FLAGS = ("private",)
+
+
 def is_whole_number(value: Any) -> bool:
     """Whether ``value`` is a whole number: an integer or an integral float (numpy's too), never a boolean or text
     (``int()`` would read ``7.9`` as 7 and ``"12"`` as 12)."""

@@ -34,7 +34,7 @@ from torch.nn.modules.module import _IncompatibleKeys
 from transformers.utils import ModelOutput
 
 from .card import CARD_NAME, EVAL_RESULTS_NAME, write_model_card
-from .config import CONFIG_NAME, M2ISTConfig, is_flag
+from .config import CONFIG_NAME, M2ISTConfig, check_flags, describe_value
 from .head import RECHead, rec_loss
 from .layer import SideNetwork, make_checkpoint_function
 from .provenance import _load_recorded_tower, _warn_if_other_tower, tower_identity
@@ -319,36 +319,12 @@ def check_build_arguments(vision_model: Any, text_model: Any, config: Any) -> No
     for modality, tower in ((VISION, vision_model), (TEXT, text_model)):
         if not isinstance(tower, nn.Module):
             raise TypeError(f"{modality}_model must be a loaded torch model (e.g. AutoModel.from_pretrained(...)), got "
-                            f"{_describe(tower)}; the call is get_side_tuned_model(vision_model, text_model, config).")
+                            f"{describe_value(tower)}; the call is get_side_tuned_model(vision_model, text_model, config).")
     if not isinstance(config, M2ISTConfig):
         hint = ("call it: M2ISTConfig()" if config is M2ISTConfig else
                 "build one with M2ISTConfig(**values) or M2ISTConfig.from_dict(values)" if isinstance(config, Mapping)
                 else "m2ist's settings are an M2ISTConfig(...), not another library's config")
-        raise TypeError(f"config must be an M2ISTConfig instance, got {_describe(config)}: {hint}.")
-
-
-def _describe(value: Any) -> str:
-    """A short description of ``value`` for an error message (never a module's multi-line repr)."""
-    if isinstance(value, type):
-        return f"the class {value.__name__}"
-    if isinstance(value, str | os.PathLike | int | float | bool) or value is None:
-        return f"{type(value).__name__} {str(value)[:80]!r}" if value is not None else "None"
-    return f"a {type(value).__name__}"
-
-
-def check_flags(where: str, **flags: Any) -> None:
-    """Refuse a switch that is not ``True`` or ``False``: ``"False"`` (read from a config file or a command line) is
-    a true value in Python, so ``inference_mode="False"`` would freeze the adapter and ``trust_remote_code="false"``
-    run a repo's code. ``None`` is accepted only for the switches that default to it (``private``)."""
-    for name, value in flags.items():
-        if is_flag(value) or (value is None and name in _OPTIONAL_FLAGS):
-            continue
-        raise TypeError(f"{where}: {name} must be True or False, got {_describe(value)}"
-                        f"{' (a non-empty string is true in Python)' if isinstance(value, str) else ''}.")
-
-
-#: Switches that take None (meaning "the default") besides True and False.
-_OPTIONAL_FLAGS = ("private",)
+        raise TypeError(f"config must be an M2ISTConfig instance, got {describe_value(config)}: {hint}.")
 
 
 class RECModel(nn.Module):
@@ -1036,7 +1012,7 @@ class SideTunedModel(RECModel):
 
     def _setup(self, name: str) -> AdapterSetup:
         if not isinstance(name, str):
-            given = repr(name) if isinstance(name, list | tuple) else _describe(name)
+            given = repr(name) if isinstance(name, list | tuple) else describe_value(name)
             raise TypeError(f"An adapter name is a string, got {given}: "
                             "M²IST activates one adapter at a time (set_adapter('name')); for several adapters' "
                             "answers on the same inputs use forward_all_adapters(adapter_names=[...]).")
@@ -1066,7 +1042,7 @@ class SideTunedModel(RECModel):
         if not isinstance(name, str):
             order = (" M2IST takes the name first, as PEFT does: add_adapter('name', config), not transformers' "
                      "add_adapter(config, name)." if isinstance(name, M2ISTConfig) else "")
-            raise TypeError(f"An adapter name is a string, got {_describe(name)}.{order}")
+            raise TypeError(f"An adapter name is a string, got {describe_value(name)}.{order}")
         problem = adapter_name_problem(name) or (f"{BASE_ADAPTER!r} is PEFT's 'no adapter'" if name == BASE_ADAPTER
                                                  else None)
         if problem is not None:
@@ -1529,7 +1505,7 @@ class SideTunedModel(RECModel):
         for modality, tower in ((VISION, vision_model), (TEXT, text_model)):
             if tower is not None and not isinstance(tower, nn.Module):
                 raise TypeError(f"from_pretrained: {modality}_model must be a loaded torch model or None (to load the "
-                                f"recorded tower), got {_describe(tower)}; the call is "
+                                f"recorded tower), got {describe_value(tower)}; the call is "
                                 "SideTunedModel.from_pretrained(path, vision_model, text_model).")
         check_flags("from_pretrained", is_trainable=is_trainable, local_files_only=local_files_only,
                     trust_remote_code=trust_remote_code)
@@ -1699,7 +1675,7 @@ def _check_location(where: str, name: str, value: Any, towers: tuple[Any, ...] =
     order = (" M2IST takes the adapter first, then the towers: SideTunedModel.from_pretrained(path, vision_model, "
              "text_model), not PEFT's (model, path) order." if isinstance(value, nn.Module) or any(
                  isinstance(tower, str | os.PathLike) for tower in towers) else "")
-    raise TypeError(f"{where}: {name} must be a folder or a Hub repo id (a string or a path), got {_describe(value)}."
+    raise TypeError(f"{where}: {name} must be a folder or a Hub repo id (a string or a path), got {describe_value(value)}."
                     f"{order}")
 
 

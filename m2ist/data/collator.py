@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from m2ist.data.loaders import check_switches
+from m2ist.config import check_flags
 
 if TYPE_CHECKING:
     from m2ist.processing import RECProcessor
@@ -45,7 +45,7 @@ class RECCollator:
     def __init__(self, processor: RECProcessor, train: bool = False, return_geometry: bool = False) -> None:
         if not callable(processor):
             raise TypeError(f"processor must be a RECProcessor, got {type(processor).__name__}.")
-        check_switches("RECCollator", train=train, return_geometry=return_geometry)  # train="False" would augment
+        check_flags("RECCollator", train=train, return_geometry=return_geometry)  # train="False" would augment
         self.processor = processor
         self.train = bool(train)
         self.return_geometry = bool(return_geometry)

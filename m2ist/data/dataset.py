@@ -13,8 +13,9 @@ from typing import Any
 from PIL import Image
 from torch.utils.data import Dataset
 
+from m2ist.config import check_flags
 from m2ist.data.images import WHITE, DeferredImage, RGBColor, image_name, image_size, load_image
-from m2ist.data.loaders import box_values, check_switches, has_visible_text
+from m2ist.data.loaders import box_values, has_visible_text
 from m2ist.data.sample import RECSample
 from m2ist.ops.boxes import looks_normalised
 
@@ -160,8 +161,8 @@ class RECDataset(Dataset):
         background: RGBColor = WHITE,
         max_examples: int = 3,
     ) -> None:
-        check_switches("RECDataset", skip_invalid=skip_invalid, validate_images=validate_images,
-                       exif_transpose=exif_transpose)
+        check_flags("RECDataset", skip_invalid=skip_invalid, validate_images=validate_images,
+                    exif_transpose=exif_transpose)
         self.transform = transform
         self.skip_invalid = skip_invalid
         self.exif_transpose = exif_transpose

@@ -23,6 +23,7 @@ from os import PathLike
 from pathlib import Path
 from typing import Any
 
+from m2ist.config import check_flags
 from m2ist.data.images import image_size
 from m2ist.data.loaders import (
     BOX_KEYS,
@@ -33,7 +34,6 @@ from m2ist.data.loaders import (
     boxes_to_xyxy,
     check_box_format,
     check_fractions,
-    check_switches,
     expressions_of,
     first_key,
     index_unique,
@@ -216,8 +216,8 @@ def load_jsonl(
             that one split) instead of refused: the command line's reading of ``--train-file`` / ``--eval-file``.
     """
     path = Path(path)
-    check_switches(f"load_jsonl({path})", normalized=normalized, allow_outside_image_root=allow_outside_image_root,
-                   split_optional=split_optional)
+    check_flags(f"load_jsonl({path})", normalized=normalized, allow_outside_image_root=allow_outside_image_root,
+                split_optional=split_optional)
     box_format = check_box_format(box_format, source=str(path))
     records = []
     # split on "\n" only: str.splitlines() would also break at U+2028, U+2029 and U+0085 inside JSON strings
@@ -258,8 +258,8 @@ def load_csv(
             that one split) instead of refused: the command line's reading of ``--train-file`` / ``--eval-file``.
     """
     path = Path(path)
-    check_switches(f"load_csv({path})", normalized=normalized, allow_outside_image_root=allow_outside_image_root,
-                   split_optional=split_optional)
+    check_flags(f"load_csv({path})", normalized=normalized, allow_outside_image_root=allow_outside_image_root,
+                split_optional=split_optional)
     box_format = check_box_format(box_format, source=str(path))
 
     def read_box(record: dict[str, Any], where: str) -> tuple[Box, tuple[str, ...]]:
@@ -332,8 +332,8 @@ def load_coco_style(
     loaded whole.
     """
     path = Path(path)
-    check_switches(f"load_coco_style({path})", normalized=normalized, allow_outside_image_root=allow_outside_image_root,
-                   split_optional=split_optional)
+    check_flags(f"load_coco_style({path})", normalized=normalized, allow_outside_image_root=allow_outside_image_root,
+                split_optional=split_optional)
     box_format = check_box_format(box_format, source=str(path))
     try:
         data = json.loads(read_text_file(path, "COCO-style JSON"))

@@ -32,6 +32,7 @@ from typing import Any
 
 from PIL import Image
 
+from m2ist.config import check_flags
 from m2ist.data.images import DeferredImage, ImageLoadError, image_size
 from m2ist.data.loaders import (
     BOX_KEYS,
@@ -43,7 +44,6 @@ from m2ist.data.loaders import (
     check_box_format,
     check_fractions,
     check_sentence_field,
-    check_switches,
     expressions_of,
     first_key,
     join_image_path,
@@ -323,7 +323,7 @@ def from_hf_dataset(
         normalized: the box numbers are fractions of the image size (the image size is read from each image).
         allow_outside_image_root: accept relative image paths that lead outside ``image_root``.
     """
-    check_switches("from_hf_dataset", normalized=normalized, allow_outside_image_root=allow_outside_image_root)
+    check_flags("from_hf_dataset", normalized=normalized, allow_outside_image_root=allow_outside_image_root)
     check_sentence_field(sentence_field)
     if _is_split_mapping(dataset):
         subsets: list[tuple[str | None, Iterable[Any]]] = [(str(name), rows) for name, rows in dataset.items()]

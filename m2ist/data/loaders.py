@@ -115,14 +115,6 @@ def box_values(value: Any) -> Box:
     return tuple(float(part) for part in parts)  # type: ignore[return-value]
 
 
-def check_switches(where: str, **switches: Any) -> None:
-    """Refuse a loader's switch that is not ``True`` or ``False`` (``trusted="false"``, read from a config file, is
-    a true value in Python: it would unpickle a file without the restricted loader)."""
-    from m2ist.model import check_flags  # the method's check: one wording for every switch
-
-    check_flags(where, **switches)
-
-
 #: A number of a ``normalized=True`` box beyond this (or below ``-_FRACTION_LIMIT + 1``) is no fraction of its image.
 _FRACTION_LIMIT = 2.0
 

@@ -14,11 +14,11 @@ from os import PathLike
 from pathlib import Path
 from typing import Any
 
+from m2ist.config import check_flags
 from m2ist.data.loaders import (
     annotated_size,
     boxes_to_xyxy,
     check_sentence_field,
-    check_switches,
     expressions_of,
     index_unique,
     join_image_path,
@@ -70,7 +70,7 @@ def load_refer(
         image id and ``metadata`` holding ``dataset``, ``split_by``, ``split``, ``ref_id``, ``ann_id``,
         ``sent_id`` and ``category_id``.
     """
-    check_switches("load_refer", allow_outside_image_root=allow_outside_image_root)
+    check_flags("load_refer", allow_outside_image_root=allow_outside_image_root)
     check_sentence_field(sentence_field)
     dataset_dir = Path(root) / dataset
     if not dataset_dir.is_dir():

@@ -28,7 +28,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from m2ist.data.loaders import boxes_to_xyxy, canonical_split, check_switches, join_image_path, parse_box
+from m2ist.config import check_flags
+from m2ist.data.loaders import boxes_to_xyxy, canonical_split, join_image_path, parse_box
 from m2ist.data.sample import RECSample
 
 __all__ = ["TRANSVG_DATASETS", "load_transvg_split"]
@@ -190,7 +191,7 @@ def load_transvg_split(
         Samples with ``box`` in ``xyxy`` pixels, ``image_id`` the image file name and ``metadata`` holding
         ``dataset``, ``split``, ``row`` and (5-tuples) ``mask_file``.
     """
-    check_switches("load_transvg_split", trusted=trusted, allow_outside_image_root=allow_outside_image_root)
+    check_flags("load_transvg_split", trusted=trusted, allow_outside_image_root=allow_outside_image_root)
     file = _resolve_file(Path(path), dataset, split)
     inferred_dataset, inferred_split = _infer_dataset_and_split(file)
     dataset = dataset or inferred_dataset
