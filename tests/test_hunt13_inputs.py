@@ -66,6 +66,18 @@ def test_an_empty_list_stays_possible_where_it_means_something_and_the_help_says
     assert "The flag with no values gives an empty list" in help_text[start:help_text.index("--lr-drop-factor")]
 
 
+def test_a_list_flag_whose_field_may_be_none_takes_none_as_its_help_says(capsys) -> None:
+    """``--vision-layers none`` (the help reads ``[list of int | none]``) was refused as "invalid int value", so a
+    config file's layers could not be reset to the automatic choice from the command line."""
+    assert main([*_TRAIN, "--set", "m2ist.vision_layers=[0, 1]", "--vision-layers", "none", "--text-layers", "null"]) == 0
+    out = capsys.readouterr().out
+    assert '"vision_layers": null' in out and '"text_layers": null' in out
+    assert main([*_TRAIN, "--vision-layers", "0", "1"]) == 0
+    assert '"vision_layers": [\n      0,\n      1\n    ]' in capsys.readouterr().out
+    assert main([*_TRAIN, "--vision-layers", "0", "none"]) == 2
+    assert "argument --vision-layers: none stands alone" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("command", [["eval", "--adapter", "x"], _TRAIN])
 def test_iou_thresholds_in_percent_are_refused_when_parsed(command: list[str], capsys) -> None:
     """``--iou-thresholds 75`` was only refused by the evaluation, which `m2ist train` runs after training."""

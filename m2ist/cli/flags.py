@@ -176,6 +176,19 @@ def _none_or(convert: Callable[[str], Any]) -> Callable[[str], Any]:
     return parse
 
 
+class _ListOrNone(argparse.Action):
+    """A list flag of a field that may be None: ``--vision-layers none`` gives None (the help says ``| none``),
+    numbers give the list; ``none`` among numbers is refused."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        if any(value is None for value in values):
+            if len(values) > 1:
+                raise argparse.ArgumentError(self, "none stands alone: give the values, or none for the default")
+            values = None
+        setattr(namespace, self.dest, values)
+
+
 def _yaml_value(text: str) -> Any:
     """A value read as YAML: numbers, true/false, [lists] and {mappings}; anything else stays text."""
     try:
@@ -239,6 +252,9 @@ def flag_kwargs(f: dataclasses.Field, hint: Any, choices: Sequence[str] | None =
         # forgotten value (--experts --epochs 5), which argparse refuses as "expected at least one argument"
         empty = isinstance(default, list | tuple) and not default
         kwargs.update(nargs="*" if empty else "+", type=item if item in (int, float, str) else _yaml_value)
+        if optional:
+            kwargs.update(type=_none_or(kwargs["type"]), action=_ListOrNone,
+                          metavar={int: "N", float: "X", str: "TEXT"}.get(kwargs["type"], "VALUE"))
     elif origin is dict or member is dict or any(typing.get_origin(m) is dict or m is dict for m in members):
         kwargs.update(type=_mapping, metavar="JSON")
     elif member in (int, float, str):
@@ -251,7 +267,7 @@ def flag_kwargs(f: dataclasses.Field, hint: Any, choices: Sequence[str] | None =
         kwargs["type"] = _none_or(kwargs["type"])
     listed = ""
     if choices:
-        kwargs["choices"] = _ChoicesOrNone([*choices, "none"]) if optional and "nargs" not in kwargs else list(choices)
+        kwargs["choices"] = _ChoicesOrNone([*choices, "none"]) if optional else list(choices)
         if "type" in kwargs and not kwargs.get("nargs"):
             kwargs["type"] = _none_or(str) if optional else str
         if len(kwargs["choices"]) > 8:  # a long list goes into the help text, not into the usage line
