@@ -17,6 +17,7 @@ import math
 import os
 import random
 import unicodedata
+import warnings
 from collections.abc import Mapping, Sequence, Set
 from io import BytesIO
 from pathlib import Path
@@ -37,6 +38,7 @@ from transformers import (
     ProcessorMixin,
 )
 
+from m2ist.data.dataset import RECDataWarning
 from m2ist.data.images import ImageLoadError, load_image
 from m2ist.data.loaders import box_values, has_visible_text
 from m2ist.data.transforms import RECAugmentation, is_flag, is_whole_number, resize_long_side
@@ -152,6 +154,13 @@ def _clean_box(box: Any, width: int, height: int, index: int) -> list[float]:
         raise ValueError(f"Box {index} {values} lies within [0, 1] in a {width}x{height} image: it looks normalised, "
                          "but RECProcessor boxes are xyxy pixels; multiply it by the image width and height.")
     return clipped
+
+
+def _reaches_out(box: Sequence[float], width: int, height: int) -> bool:
+    """Whether an ``xyxy`` pixel box reaches more than a pixel outside its ``width`` x ``height`` image (less is
+    rounding, as at the edge of COCO's boxes)."""
+    x0, y0, x1, y1 = box
+    return min(x0, y0) < -1 or x1 > width + 1 or y1 > height + 1
 
 
 def _three_floats(name: str, value: Any) -> tuple[float, float, float]:
@@ -541,6 +550,7 @@ class RECProcessor(ProcessorMixin):
         size = image_processor.canvas_size
         pixel_values, pixel_mask, geometry = image_processor.empty_batch(len(texts))
         clean_boxes: list[list[float]] = []
+        clipped: list[str] = []
         final_texts: list[str] = []
         for index, (image, phrase) in enumerate(zip(images, texts)):
             if not isinstance(phrase, str):
@@ -554,6 +564,8 @@ class RECProcessor(ProcessorMixin):
             width, height = image.size
             if boxes is not None:
                 clean_boxes.append(_clean_box(boxes[index], width, height, index))
+                if _reaches_out(given := list(box_values(boxes[index])), width, height):
+                    clipped.append(f"box {index} {given} in a {width}x{height} image")
             if augment is not None:
                 sample = augment(image, phrase, clean_boxes[index], size, rng=rng)
                 phrase = sample.text
@@ -562,6 +574,11 @@ class RECProcessor(ProcessorMixin):
             else:
                 geometry[index] = image_processor.letterbox(image, pixel_values[index], pixel_mask[index])
             final_texts.append(phrase.lower() if self.lowercase else phrase)
+        if clipped:  # RECDataset clips (and reports) when it is built; a loop of one's own reaches here unclipped
+            warnings.warn(f"Clipped {len(clipped)} of {len(texts)} boxes reaching more than a pixel outside their "
+                          f"image to it, e.g. {clipped[0]}: were they annotated on another copy of the image (a "
+                          "larger one, or before a crop)? Boxes are xyxy pixels of the image passed.",
+                          RECDataWarning, stacklevel=2)
 
         tokens = self.tokenizer(
             final_texts,

@@ -7,6 +7,7 @@ import logging
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ from torch.utils.data import DataLoader
 from transformers import BatchFeature, BertTokenizer
 
 from m2ist.data.collator import RECCollator
+from m2ist.data.dataset import RECDataWarning
 from m2ist.data.sample import RECSample
 from m2ist.data.transforms import RECAugmentation
 from m2ist.processing import (
@@ -135,9 +137,23 @@ def test_numpy_output(processor: RECProcessor) -> None:
 
 
 def test_boxes_are_clipped_to_the_image(processor: RECProcessor) -> None:
-    out = processor(random_image(32, 32), "dog", boxes=(-5, -5, 40, 16))
+    with pytest.warns(RECDataWarning, match=r"Clipped 1 of 1 boxes .* box 0 \[-5.0, -5.0, 40.0, 16.0\] in a 32x32 image"):
+        out = processor(random_image(32, 32), "dog", boxes=(-5, -5, 40, 16))
     assert torch.allclose(processor.post_process_boxes(out["labels"], out["image_geometry"]),
                           torch.tensor([[0.0, 0.0, 32.0, 16.0]]))
+
+
+def test_a_box_reaching_far_outside_its_image_is_named_and_rounding_at_the_edge_is_not(processor) -> None:
+    """Boxes annotated on a larger copy of the image (reaching far past it) were clipped without a word when the
+    processor was called directly (RECDataset reports its clipping when it is built); COCO's edge boxes, a fraction
+    of a pixel past the image, stay quiet."""
+    images = [random_image(40, 30), random_image(40, 30)]
+    with pytest.warns(RECDataWarning, match=r"Clipped 1 of 2 boxes .* box 1 \[10.0, 5.0, 80.0, 60.0\] in a 40x30 "
+                                            r"image: were they annotated on another copy"):
+        processor(images, ["a", "b"], boxes=[(0, 0, 40.4, 30.6), (10, 5, 80, 60)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        processor(images, ["a", "b"], boxes=[(-0.5, 0, 40.4, 30.6), (10, 5, 39, 29)])
 
 
 # ------------------------------------------------------------------------------------------------ geometry
