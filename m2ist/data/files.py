@@ -39,9 +39,12 @@ from m2ist.data.loaders import (
     index_unique,
     join_image_path,
     match_splits,
+    near_miss_hint,
     normalize_split_request,
     parse_box,
     read_text_file,
+    refuse_duplicate_keys,
+    warn_without_expression,
 )
 from m2ist.data.sample import RECSample
 
@@ -161,7 +164,7 @@ def _add_records(
         if text_key is None or image_key is None:
             raise ValueError(
                 f"{where}: needs an image key (one of {list(IMAGE_KEYS)}) and a text key (one of {list(TEXT_KEYS)}); "
-                f"found {sorted(record)}."
+                f"found {sorted(record)}.{near_miss_hint(record, (*IMAGE_KEYS, *TEXT_KEYS))}"
             )
         box, box_keys = read_box(record, where)
         image = join_image_path(str(record[image_key]), image_root, allow_outside_image_root=allow_outside_image_root,
@@ -181,16 +184,13 @@ def _add_records(
             size=_size_from(record, where=where, box_keys=box_keys),
             where=where,
         )
-    if speechless:
-        warnings.warn(f"{len(speechless)} record(s) list no expression (an empty list in the text field, first at "
-                      f"{speechless[0]}) and give no sample: add their referring phrases or remove them.",
-                      stacklevel=3)
+    warn_without_expression(speechless, stacklevel=4)
 
 
 def _read_box_key(record: dict[str, Any], where: str) -> tuple[Box, tuple[str, ...]]:
     key = first_key(record, BOX_KEYS)
     if key is None:
-        raise ValueError(f"{where}: no box; expected a key among {list(BOX_KEYS)}.")
+        raise ValueError(f"{where}: no box; expected a key among {list(BOX_KEYS)}.{near_miss_hint(record, BOX_KEYS)}")
     return parse_box(record[key], where=where), (key,)
 
 
@@ -226,9 +226,11 @@ def load_jsonl(
         if not line.strip():
             continue
         try:
-            records.append((f"{path}:{number}", json.loads(line)))
+            records.append((f"{path}:{number}", json.loads(line, object_pairs_hook=refuse_duplicate_keys)))
         except json.JSONDecodeError as err:
             raise ValueError(f"{path}:{number}: not valid JSON ({err.msg}).") from err
+        except ValueError as err:  # a key named twice
+            raise ValueError(f"{path}:{number}: {err}") from None
     builder = _SampleBuilder(box_format=box_format, normalized=normalized)
     _add_records(builder, records, image_root=Path(image_root) if image_root else path.parent, read_box=_read_box_key,
                  allow_outside_image_root=allow_outside_image_root or image_root is None, split=split,
@@ -269,13 +271,16 @@ def load_csv(
             if all(column in record for column in columns):
                 return parse_box([record[column] for column in columns], where=where), columns
         names = " or ".join(",".join(columns) for columns in _CSV_BOX_COLUMNS[box_format])
-        raise ValueError(f"{where}: no box; expected a 'bbox' column or the columns {names}.")
+        wanted = (*BOX_KEYS, *(column for columns in _CSV_BOX_COLUMNS[box_format] for column in columns))
+        raise ValueError(f"{where}: no box; expected a 'bbox' column or the columns {names}."
+                         f"{near_miss_hint(record, wanted)}")
 
     # skipinitialspace: "image, text, bbox" (spaces after the delimiter) names the columns image, text and bbox, and
     # a quoted field after a space ( "[1, 2, 3, 4]") stays one field
     reader = csv.DictReader(io.StringIO(read_text_file(path, "CSV file"), newline=""), delimiter=delimiter,
                             skipinitialspace=True)
     try:
+        _check_delimiter(reader.fieldnames, delimiter, path=path)
         records = [(f"{path}:{reader.line_num}", _whole_row(row, reader, where=f"{path}:{reader.line_num}"))
                    for row in reader]
     except csv.Error as err:
@@ -285,6 +290,19 @@ def load_csv(
                  allow_outside_image_root=allow_outside_image_root or image_root is None, split=split,
                  source=str(path), split_optional=split_optional)
     return builder.build()
+
+
+def _check_delimiter(header: Sequence[str] | None, delimiter: str, *, path: Path) -> None:
+    """Refuse a header read as one column that holds another usual delimiter (``image;text;bbox``: Excel writes
+    ``;`` in locales with a decimal comma, and tab-separated exports are common): every row would be one field and
+    the error would only say that no image column was found."""
+    if not header or len(header) != 1:
+        return
+    other = [sep for sep in (";", "\t", ",", "|") if sep != delimiter and sep in header[0]]
+    if other:
+        raise ValueError(f"{path}:1: the header is the one column {header[0]!r}, so the file seems to use "
+                         f"{other[0]!r} between columns, not {delimiter!r}: pass delimiter={other[0]!r} to load_csv, or "
+                         f"save the file with {delimiter!r} between columns (the command line reads commas only).")
 
 
 def _whole_row(row: dict[Any, Any], reader: csv.DictReader, *, where: str) -> dict[str, Any]:
@@ -336,9 +354,11 @@ def load_coco_style(
                 split_optional=split_optional)
     box_format = check_box_format(box_format, source=str(path))
     try:
-        data = json.loads(read_text_file(path, "COCO-style JSON"))
+        data = json.loads(read_text_file(path, "COCO-style JSON"), object_pairs_hook=refuse_duplicate_keys)
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}:{err.lineno}: not valid JSON ({err.msg}).") from err
+    except ValueError as err:  # a key named twice
+        raise ValueError(f"{path}: {err}") from None
     if not isinstance(data, dict) or not isinstance(data.get("images"), list) or not isinstance(
             data.get("annotations"), list):
         raise ValueError(f"{path}: a COCO-style file needs top-level 'images' and 'annotations' lists.")
@@ -352,12 +372,17 @@ def load_coco_style(
     for position, ann in enumerate(data["annotations"]):
         if not isinstance(ann, dict) or "image_id" not in ann:
             raise ValueError(f"{path} annotations[{position}]: not an object with an 'image_id'.")
+    empty = [key for key in ("images", "annotations") if not data[key]]
+    if empty:  # refused here, where the cause is known ("no expressions found" would send you looking for keys)
+        raise ValueError(f"{path} holds no {' and no '.join(empty)} (its list is empty): check the path, or export the "
+                         "file again with one annotation per referred object.")
     images = index_unique(data["images"], "id", where=f"{path} images")
     anns_by_image: dict[Any, list[dict[str, Any]]] = defaultdict(list)
     for ann in data["annotations"]:
         anns_by_image[ann.get("image_id")].append(ann)
 
     builder = _SampleBuilder(box_format=box_format, normalized=normalized)
+    speechless: list[str] = []  # entries whose text field lists no expression
 
     def add(ann: dict[str, Any], image: dict[str, Any], text_value: Any, where: str) -> None:
         if ann.get("bbox") is None:
@@ -366,6 +391,8 @@ def load_coco_style(
         if "split" in image or "split" in ann:
             metadata["split"] = ann.get("split", image.get("split"))
         texts = [text for text, _ in expressions_of(text_value, sentence_field="sent", where=where)]
+        if not texts:
+            speechless.append(where)
         builder.add(
             image=join_image_path(image["file_name"], root, allow_outside_image_root=not contain, where=where),
             texts=texts,
@@ -408,9 +435,11 @@ def load_coco_style(
     for ann, image, text_value, where in entries:
         if wanted is None or str(ann.get("split", image.get("split"))) in wanted:
             add(ann, image, text_value, where)
+    warn_without_expression(speechless, what="annotation(s) or image entries", stacklevel=2)
     if not builder.pending:
+        keys = {key for entry in (*data["annotations"], *data["images"]) for key in entry}
         raise ValueError(
             f"{path}: no expressions found; put a 'text' (or 'caption', 'expression', ...) key on each annotation "
-            "or on each image entry."
+            f"or on each image entry.{near_miss_hint(sorted(keys), TEXT_KEYS)}"
         )
     return builder.build()

@@ -47,8 +47,10 @@ from m2ist.data.loaders import (
     expressions_of,
     first_key,
     join_image_path,
+    near_miss_hint,
     normalize_split_request,
     parse_box,
+    warn_without_expression,
 )
 from m2ist.data.sample import RECSample
 
@@ -358,14 +360,16 @@ def from_hf_dataset(
     style_text_keys = {"jxu124": ("sentences", "captions"), "lmms-lab": ("answer",)}.get(style, TEXT_KEYS)
     text_key = text_column or first_key(first_row, style_text_keys)
     if text_key is None or text_key not in first_row:
-        raise ValueError(f"No expression column among {columns}; expected one of {list(TEXT_KEYS)} or pass text_column=.")
+        raise ValueError(f"No expression column among {columns}; expected one of {list(TEXT_KEYS)} or pass "
+                         f"text_column=.{near_miss_hint(columns, TEXT_KEYS)}")
     image_key = {"jxu124": "image_path", "lmms-lab": "image"}.get(style) or first_key(first_row, IMAGE_KEYS)
     if style == "jxu124" and "image" in first_row:
         image_key = "image"  # an export that carries the pixels too
     box_key = first_key(first_row, BOX_KEYS)
     if image_key is None or box_key is None:
         raise ValueError(
-            f"Rows need an image column (one of {list(IMAGE_KEYS)}) and a box column (one of {list(BOX_KEYS)}); found {columns}."
+            f"Rows need an image column (one of {list(IMAGE_KEYS)}) and a box column (one of {list(BOX_KEYS)}); found "
+            f"{columns}.{near_miss_hint(columns, (*IMAGE_KEYS, *BOX_KEYS))}"
         )
 
     requested = normalize_split_request(split)
@@ -382,6 +386,7 @@ def from_hf_dataset(
     metadatas: list[dict[str, Any]] = []
     seen_splits: set[str] = set()
     filtered_rows = 0
+    speechless: list[str] = []  # rows whose text column lists no expression
     for subset, source, rows in peeked:
         if subset not in whole and not row_filter:
             continue
@@ -407,7 +412,10 @@ def from_hf_dataset(
             image_id = row.get("image_id", row.get("file_name", name))
             stated = _row_annotated_size(row, box_key=box_key, where=where)
             sent_ids = row.get("sent_ids") or []
-            for position, (text, item) in enumerate(expressions_of(row[text_key], sentence_field=sentence_field, where=where)):
+            expressions = expressions_of(row[text_key], sentence_field=sentence_field, where=where)
+            if not expressions:
+                speechless.append(where)
+            for position, (text, item) in enumerate(expressions):
                 metadata: dict[str, Any] = {"split": row_split, "row": index}
                 metadata.update({key: row[key] for key in _ID_COLUMNS if key in row and key != "sent_id"})
                 sent_id = item.get("sent_id") if isinstance(item, dict) else None
@@ -424,6 +432,7 @@ def from_hf_dataset(
                 image_ids.append(image_id)
                 metadatas.append(metadata)
 
+    warn_without_expression(speechless, what="row(s)", field=f"the column {text_key!r}", stacklevel=2)
     if relabelled:
         found = "; ".join(f"subset {name!r} holds rows of split {sorted(values)}" for name, values in relabelled.items())
         example = sorted(next(iter(relabelled.values())))[0]

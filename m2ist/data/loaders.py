@@ -14,6 +14,7 @@ import math
 import os
 import re
 import unicodedata
+import warnings
 from collections.abc import Hashable, Iterable, Mapping, Sequence, Set
 from numbers import Real
 from os import PathLike
@@ -89,8 +90,26 @@ def parse_box(value: Any, *, where: str) -> Box:
     except (TypeError, ValueError):
         numbers = ()
     if len(numbers) != 4:
-        raise ValueError(f"{where}: a box must be 4 numbers, got {value!r}.")
+        raise ValueError(f"{where}: a box must be 4 numbers, got {value!r}.{_decimal_comma_hint(value)}")
     return numbers  # type: ignore[return-value]
+
+
+_DECIMAL_COMMA = re.compile(r"-?\d+(,\d+)?")
+
+
+def _decimal_comma_hint(value: Any) -> str:
+    """A hint when ``value`` holds four numbers written with a decimal comma (``"12,5 30,5 40 60"``, or four cells
+    ``"12,5"``: a spreadsheet in a locale that writes ``12,5`` for 12.5), else ``""``."""
+    if isinstance(value, str):
+        items = [part for part in re.split(r"[\s;]+", value.strip().strip("[]()")) if part]
+    elif isinstance(value, list | tuple) and all(isinstance(item, str) for item in value):
+        items = [item.strip() for item in value]
+    else:
+        return ""
+    if len(items) != 4 or not all(_DECIMAL_COMMA.fullmatch(item) for item in items) or not any("," in item for item in items):
+        return ""
+    return (" The numbers seem to use a decimal comma ('12,5' for 12.5): write them with a point, e.g. save the "
+            "file from a program set to an English locale.")
 
 
 def box_values(value: Any) -> Box:
@@ -294,6 +313,41 @@ def read_text_file(path: str | PathLike[str], what: str = "File", *, encoding: s
         line = data[: err.start].count(b"\n") + 1
         raise ValueError(f"{path}:{line}: not {encoding} text (byte {data[err.start]:#04x} at offset {err.start}); "
                          f"save the file as {encoding}.") from None
+
+
+def near_miss_hint(found: Iterable[Any], wanted: Sequence[str]) -> str:
+    """A hint naming the found keys that are one of ``wanted`` but for case or surrounding spaces (``'Image '``), for
+    the error that says a key is missing; ``""`` when there is none."""
+    misses = [(key, key.strip().lower()) for key in found
+              if isinstance(key, str) and key not in wanted and key.strip().lower() in wanted]
+    if not misses:
+        return ""
+    pairs = ", ".join(f"{key!r} is not {name!r}" for key, name in misses[:3])
+    return f" Names are matched exactly ({pairs}): rename them in lower case without surrounding spaces."
+
+
+def warn_without_expression(wheres: Sequence[str], *, what: str = "record(s)", field: str = "the text field",
+                            stacklevel: int = 2) -> None:
+    """One warning counting the records (refs, rows, annotations) whose text field lists no expression, so give no
+    sample, and naming the first; nothing when ``wheres`` is empty. ``stacklevel`` counts from the caller."""
+    if wheres:
+        warnings.warn(f"{len(wheres)} {what} list no expression (an empty list in {field}, first at {wheres[0]}) and "
+                      "give no sample: add their referring phrases or remove them.", stacklevel=stacklevel + 1)
+
+
+def refuse_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``json.loads`` ``object_pairs_hook``: an object naming one key twice is refused (JSON keeps the last value,
+    so ``{"text": "dog", "text": "cat"}`` would silently lose ``"dog"``)."""
+    result = dict(pairs)
+    if len(result) == len(pairs):
+        return result
+    seen: set[str] = set()
+    for key, _ in pairs:
+        if key in seen:
+            raise ValueError(f"the object {result!r:.80} names the key {key!r} twice and JSON keeps only the last "
+                             "value; remove or rename one of them.")
+        seen.add(key)
+    return result  # pragma: no cover - a shorter dict has a repeated key
 
 
 def first_key(row: dict[str, Any], keys: Sequence[str]) -> str | None:

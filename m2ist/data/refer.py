@@ -27,6 +27,7 @@ from m2ist.data.loaders import (
     parse_box,
     read_text_file,
     repair_mojibake,
+    warn_without_expression,
 )
 from m2ist.data.safe_pickle import restricted_load
 from m2ist.data.sample import RECSample
@@ -127,6 +128,12 @@ def load_refer(
     requested = normalize_split_request(split)
     wanted = None
     if requested is not None:
+        unnamed = [ref for ref in refs if ref.get("split") is None]
+        if unnamed:  # str(None) matches no split: the ref would be left out without a word
+            named = sorted({str(ref["split"]) for ref in refs if ref.get("split") is not None})
+            raise ValueError(f"{refs_path} ref_id={unnamed[0].get('ref_id')}: no 'split' ({len(unnamed)} ref(s) lack "
+                             f"one; the others name {named}), so split={split!r} cannot place it; the refs file may be "
+                             "damaged: download it again, or load with split=None.")
         wanted = match_splits(requested, {str(ref.get("split")) for ref in refs}, source=str(refs_path))
 
     if image_root is None:
@@ -134,6 +141,7 @@ def load_refer(
 
     rows: list[tuple[str, str, Any, dict[str, Any], tuple[int, int] | None]] = []
     raw_boxes = []
+    speechless: list[str] = []  # refs whose 'sentences' is an empty list
     for ref in refs:
         if wanted is not None and str(ref.get("split")) not in wanted:
             continue
@@ -162,6 +170,8 @@ def load_refer(
                              "damaged, download it again.")
         sent_ids = ref.get("sent_ids") or []
         expressions = expressions_of(ref["sentences"], sentence_field=sentence_field, where=where)
+        if not expressions:
+            speechless.append(where)
         for position, (text, sentence) in enumerate(expressions):
             text = repair_mojibake(text)
             sent_id = sentence.get("sent_id") if isinstance(sentence, dict) else None
@@ -178,6 +188,7 @@ def load_refer(
             }
             rows.append((image_path, text, image_id, metadata, size))
             raw_boxes.append(box)
+    warn_without_expression(speechless, what="ref(s)", field="'sentences'", stacklevel=2)
     boxes = boxes_to_xyxy(raw_boxes, "xywh")
     return [
         RECSample(image=image, expression=text, box=box, image_id=image_id, metadata=metadata, annotated_size=size)
