@@ -125,6 +125,26 @@ def test_a_csv_with_another_delimiter_says_which(tmp_path, delimiter):
     assert [(s.expression, s.box) for s in samples] == [("dog", (1.0, 2.0, 3.0, 4.0))]
 
 
+@pytest.mark.parametrize("given, delimiter", [(";", ";"), ("tab", "\t"), ("\\t", "\t")])
+def test_the_command_line_reads_a_csv_with_the_delimiter_it_is_given(tmp_path, given, delimiter):
+    """The message above names --csv-delimiter: the command line read commas only, so such a file had to be re-saved."""
+    from m2ist.cli.data import load_data_splits
+    from m2ist.cli.errors import CLIError
+
+    _image(tmp_path)
+    path = tmp_path / "excel.csv"
+    path.write_text(delimiter.join(["image", "text", "bbox"]) + "\n" + delimiter.join(["a.png", "dog", "1 2 3 4"]) + "\n")
+    data = {"format": "csv", "train_file": str(path), "box_format": "xyxy"}
+    with pytest.raises(ValueError, match=r"on the command line: --csv-delimiter"):
+        load_data_splits(data, "train")
+    samples = load_data_splits({**data, "csv_delimiter": given}, "train")["train"]
+    assert [(s.expression, s.box) for s in samples] == [("dog", (1.0, 2.0, 3.0, 4.0))]
+    with pytest.raises(CLIError, match=r"must be one character between columns.*got 'semicolon'"):
+        load_data_splits({**data, "csv_delimiter": "semicolon"}, "train")
+    with pytest.raises(CLIError, match=r"applies to --data-format csv, not jsonl"):  # would be ignored
+        load_data_splits({**data, "format": "jsonl", "csv_delimiter": given}, "train")
+
+
 def test_a_csv_with_four_box_columns_and_semicolons_names_the_delimiter_not_a_field_count(tmp_path):
     path = tmp_path / "excel.csv"
     path.write_text("image;text;x0;y0;x1;y1\na.png;dog;1,5;2;3;4\n")  # the decimal comma made "2 fields"

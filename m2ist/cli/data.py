@@ -92,6 +92,22 @@ def _sample_limit(data: Mapping[str, Any], key: str) -> int | None:
                        f"{value!r}.")
     return value
 
+def csv_delimiter(data: Mapping[str, Any]) -> str:
+    """The CSV delimiter of ``data['csv_delimiter']`` (``','`` when unset; ``tab`` or ``\\t`` for a tab): one
+    character, for ``--data-format csv`` only (another format would ignore it without a word)."""
+    value = data.get("csv_delimiter")
+    if value is None:
+        return ","
+    value = "\t" if value in ("tab", "\\t") else value
+    if not isinstance(value, str) or len(value) != 1 or value in "\"\r\n" or value.isalnum():
+        raise CLIError(f"--csv-delimiter / data.csv_delimiter must be one character between columns, such as ';' or "
+                       f"tab, got {value!r}.")
+    if data.get("format") != "csv":
+        raise CLIError(f"--csv-delimiter / data.csv_delimiter applies to --data-format csv, not {data.get('format')}: "
+                       "drop it.")
+    return value
+
+
 def load_data_splits(data: Mapping[str, Any], role: str) -> dict[str, list]:
     """Load ``{split_name: list[RECSample]}`` for ``role`` ``"train"`` (one split) or ``"eval"`` with the loader
     of ``data['format']``; missing options raise a :class:`CLIError` that names the flag to add."""
@@ -105,6 +121,7 @@ def load_data_splits(data: Mapping[str, Any], role: str) -> dict[str, list]:
         raise CLIError(f"No data format: pass --data-format {{{','.join(DATA_FORMATS)}}} (or data.format in the config).")
     if fmt not in DATA_FORMATS:
         raise CLIError(f"Unknown data format {fmt!r}; choose one of {', '.join(DATA_FORMATS)}.")
+    delimiter = csv_delimiter(data)  # checked for every format: another one would ignore it
     image_root = data.get("image_root")
     outside = {"allow_outside_image_root": bool(data.get("allow_outside_image_root", False))}
     if role == "train":
@@ -136,8 +153,10 @@ def load_data_splits(data: Mapping[str, Any], role: str) -> dict[str, list]:
             else:
                 if not data.get("box_format"):
                     raise CLIError(f"--data-format {fmt} needs --box-format {{xyxy,xywh,cxcywh}}: how {path} stores boxes.")
-                loader = load_jsonl if fmt == "jsonl" else load_csv
-                splits[name] = loader(path, data["box_format"], **options)
+                if fmt == "csv":
+                    splits[name] = load_csv(path, data["box_format"], delimiter=delimiter, **options)
+                else:
+                    splits[name] = load_jsonl(path, data["box_format"], **options)
     elif fmt == "transvg" and files:
         for name, path in files.items():
             # an evaluation split named for a file (--eval-file testA=unc_val.pth) is the split its samples are

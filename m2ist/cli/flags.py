@@ -124,6 +124,9 @@ def add_data_flags(parser: argparse.ArgumentParser, train: bool) -> None:
               "is never split at '='); repeatable, one split name each")
     _add(group, "--box-format", dest="data.box_format", choices=("xyxy", "xywh", "cxcywh"),
          help="jsonl/csv (required), coco (default xywh), hf generic rows: how the files store boxes")
+    _add(group, "--csv-delimiter", dest="data.csv_delimiter", metavar="CHAR",
+         help="csv: the character between columns (default: ','; 'tab' for a tab), e.g. ';' for Excel's files in "
+              "locales with a decimal comma")
     _add(group, "--normalized", dest="data.normalized", action="store_true",
          help="box numbers are fractions of the image size, not pixels")
     _add(group, "--trusted", dest="data.trusted", action="store_true",

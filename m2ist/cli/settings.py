@@ -31,7 +31,7 @@ MODEL_KEYS = ("vision_model", "text_model", "vision_revision", "text_revision", 
 
 DATA_KEYS = ("format", "data_root", "dataset", "split_by", "image_root", "train_split", "eval_splits", "train_file",
              "eval_files", "box_format", "normalized", "trusted", "text_column", "sentence_field", "hf_style",
-             "max_train_samples", "max_eval_samples", "skip_invalid", "augment", "allow_outside_image_root")
+             "max_train_samples", "max_eval_samples", "skip_invalid", "augment", "allow_outside_image_root", "csv_delimiter")
 
 EVALUATION_KEYS = ("batch_size", "iou_thresholds", "output_file", "save_predictions", "clamp", "num_workers", "device",
                    "progress", "final_eval")
@@ -45,7 +45,8 @@ KEY_TYPES: dict[str, dict[str, Any]] = {
              "train_file": str | None, "eval_files": list[str] | dict[str, str] | str | None,
              "box_format": str | None, "normalized": bool, "trusted": bool, "text_column": str | None,
              "sentence_field": str | None, "hf_style": str | None, "max_train_samples": int | None,
-             "max_eval_samples": int | None, "skip_invalid": bool, "augment": bool, "allow_outside_image_root": bool},
+             "max_eval_samples": int | None, "skip_invalid": bool, "augment": bool, "allow_outside_image_root": bool,
+             "csv_delimiter": str | None},
     "evaluation": {"batch_size": int, "iou_thresholds": list[float] | float, "output_file": str | None,
                    "save_predictions": bool, "clamp": str, "num_workers": int, "device": str | None,
                    "progress": bool, "final_eval": bool},
@@ -62,7 +63,7 @@ _SECTION_HELP = {
     "m2ist": "M2ISTConfig fields (bottleneck, image_size, max_query_len, experts, ...)",
     "data": "format, data_root, dataset, split_by, image_root, train_split, eval_splits, train_file, eval_files, "
             "box_format, normalized, trusted, text_column, sentence_field, hf_style, max_train_samples, "
-            "max_eval_samples, skip_invalid, augment, allow_outside_image_root",
+            "max_eval_samples, skip_invalid, augment, allow_outside_image_root, csv_delimiter",
     "training": "RECTrainingArguments fields (output_dir, num_train_epochs, per_device_train_batch_size, "
                 "learning_rate, side_learning_rate, weight_decay, lr_drop_epochs, method, resume_from_checkpoint, ...)",
     "augmentation": "RECAugmentation fields (hflip_p, random_crop, jitter_p, ...)",

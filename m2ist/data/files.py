@@ -302,7 +302,7 @@ def _check_delimiter(header: Sequence[str] | None, delimiter: str, *, path: Path
     if other:
         raise ValueError(f"{path}:1: the header is the one column {header[0]!r}, so the file seems to use "
                          f"{other[0]!r} between columns, not {delimiter!r}: pass delimiter={other[0]!r} to load_csv, or "
-                         f"save the file with {delimiter!r} between columns (the command line reads commas only).")
+                         f"save the file with {delimiter!r} between columns (on the command line: --csv-delimiter).")
 
 
 def _whole_row(row: dict[Any, Any], reader: csv.DictReader, *, where: str) -> dict[str, Any]:
