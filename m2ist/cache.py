@@ -8,10 +8,11 @@ input. :class:`TowerFeatureCache` stores it the first time an input is seen and 
   ``pixel_mask``, or of its ``input_ids`` and ``attention_mask``), so an image shared by several expressions runs
   its tower once, one expression shared by several images too, and a changed processor setting (canvas size,
   normalisation, tokenizer, augmentation) can only miss, never read a stale record;
-* **what changes features** beyond the input (the tower's class, name, revision and a digest of its weights, its
-  tap spec and the config's tap override, the layers and kinds tapped, the tower dtype, the cache dtype) makes the
-  **fingerprint**, and each fingerprint has its own folder (``vision-<fingerprint>/``, ``text-<fingerprint>/``),
-  so a stale cache is never read;
+* **what changes features** beyond the input (the tower's class, a digest of its weights, a digest of its config's
+  fields that can change the computation, its tap spec and the config's tap override, the layers and kinds tapped,
+  the tower dtype, the cache dtype) makes the **fingerprint** (where the tower was loaded from does not), and each
+  fingerprint has its own folder (``vision-<fingerprint>/``, ``text-<fingerprint>/``), so a stale cache is never
+  read;
 * **storage**: ``"memory"`` (RAM) or a folder of memory-mapped files (one row per record, ``bfloat16`` by
   default), each rank of a distributed run writing its own shard and reading the others', with an append-only
   index written after its row, so a cache survives a crash or a resumed run and is shared by later runs (a
@@ -51,6 +52,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from .config import check_flags
 from .model import DTYPES, SideTunedModel, TowerFeatureSet, _dummy_inputs
 from .processing import load_rec_image
 from .save_and_load import atomic_write
@@ -266,22 +268,43 @@ def _sample_identity(item: Any, settings: str, view: int | None) -> str | None:
     return h.hexdigest()
 
 
-def _image_key(item: Any) -> str:
-    """What identifies an item's image: its ``image_id``, its path, or a digest of its pixels."""
+def _image_content_key(item: Any) -> str:
+    """A digest of the content of an item's image, never of its ``image_id`` (ids are per dataset: two merged
+    datasets reuse them for other images): a file's bytes (read whole, cheaper than the decoding that follows), an
+    array's values, the RGB pixels of any other image (a PIL image, a Hugging Face row), a URL as written."""
     get = item.get if isinstance(item, Mapping) else lambda key, default=None: getattr(item, key, default)
-    image_id = get("image_id")
-    if image_id is not None:
-        return f"id:{image_id}"
     image = get("image")
+    h = hashlib.sha256()
     if isinstance(image, str | os.PathLike):
-        return f"path:{os.fspath(image)}"
-    array = np.asarray(image)
-    return "pixels:" + hashlib.blake2b(array.tobytes() + str(array.shape).encode(), digest_size=16).hexdigest()
+        text = os.fsdecode(image)
+        try:
+            if text.startswith(("http://", "https://", "data:")):
+                raise OSError
+            with open(text, "rb") as f:
+                h.update(b"file:")
+                while chunk := f.read(1 << 20):
+                    h.update(chunk)
+        except OSError:  # a URL, or a file the processor will fail on and say why
+            h.update(f"name:{text}".encode())
+    elif isinstance(image, np.ndarray | torch.Tensor):
+        array = image.detach().cpu().contiguous().numpy() if isinstance(image, torch.Tensor) else np.ascontiguousarray(image)
+        h.update(f"array:{array.dtype}:{array.shape}".encode())
+        h.update(array.tobytes())
+    else:
+        try:
+            rgb = load_rec_image(image)
+        except Exception:  # not decodable: the processor says why
+            h.update(f"undecodable:{_stable_repr(image)}".encode())
+        else:
+            h.update(f"pil:{rgb.mode}:{rgb.size}".encode())
+            h.update(rgb.tobytes())
+    return h.hexdigest()
 
 
 class CachedViewsCollator(TowerCacheCollator):
-    """Augmentation that a cache can hold: each image has ``views`` fixed augmentations (view ``v`` of image
-    ``i`` is drawn from a generator seeded by ``(augmentation seed, i, v)``), and every time an item is
+    """Augmentation that a cache can hold: each image has ``views`` fixed augmentations (view ``v`` of an image is
+    drawn from a generator seeded by the augmentation's seed, a digest of the image's content, never its
+    ``image_id``, which merged datasets share between other images, and ``v``), and every time an item is
     batched one of its image's views is picked at random (``torch``'s generator, so the Trainer's seed governs
     it). ``collator`` must be a training ``RECCollator`` whose processor has an augmentation."""
 
@@ -301,7 +324,7 @@ class CachedViewsCollator(TowerCacheCollator):
         augment = self.collator.processor.augment
         parts = []
         for item, view in zip(items, views, strict=True):
-            seed = int.from_bytes(hashlib.blake2b(f"{augment.seed}|{_image_key(item)}|{view}".encode(),
+            seed = int.from_bytes(hashlib.blake2b(f"{augment.seed}|{_image_content_key(item)}|{view}".encode(),
                                                   digest_size=8).digest(), "little")
             with augment.seeded(seed):  # the same augmentation in the main process and in every worker
                 parts.append(self.collator([item]))
@@ -318,17 +341,45 @@ def _weights_digest(model: nn.Module) -> str:
     return h.hexdigest()
 
 
-def fingerprint(tower: Tower, identity: tuple[str | None, str | None], layers: list[int], kinds: list[str],
-                dtype: str, extra: Mapping[str, Any]) -> dict:
-    """Everything besides the input that changes what ``tower.tap(inputs, layers, kinds)`` returns; ``identity`` is
-    the tower's ``(name or path, commit)`` as the model recorded it (``model.tower_ids``)."""
-    name, revision = identity
+#: Tower config fields that cannot change what the tower computes, left out of the config's digest so that they
+#: do not split caches: where it was loaded from, provenance, task label maps, and the dtype (recorded apart).
+_INERT_CONFIG_FIELDS = frozenset({
+    "_name_or_path", "name_or_path", "_commit_hash", "transformers_version", "architectures", "auto_map",
+    "id2label", "label2id", "num_labels", "problem_type", "finetuning_task", "task_specific_params",
+    "tokenizer_class", "prefix", "dtype", "torch_dtype", "initializer_range", "initializer_factor", "_auto_class",
+})
+
+
+def _config_digest(model: nn.Module) -> str | None:
+    """A digest of the tower config's fields that can change its computation (``layer_norm_eps``, ``hidden_act``,
+    ``layerscale_value``..., nested configs too), without :data:`_INERT_CONFIG_FIELDS`; ``None`` for a tower without
+    a transformers config. The attention implementation is not a field of ``to_dict()``: it changes the features
+    by rounding only."""
+    config = getattr(model, "config", None)
+    to_dict = getattr(config, "to_dict", None)
+    if not callable(to_dict):
+        return None
+
+    def computing(value: Any) -> Any:
+        if isinstance(value, Mapping):
+            return {str(k): computing(v) for k, v in value.items() if k not in _INERT_CONFIG_FIELDS}
+        if isinstance(value, list | tuple):
+            return [computing(v) for v in value]
+        return value
+
+    text = json.dumps(computing(to_dict()), sort_keys=True, default=_stable_repr)
+    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+
+
+def fingerprint(tower: Tower, layers: list[int], kinds: list[str], dtype: str, extra: Mapping[str, Any]) -> dict:
+    """Everything besides the input that changes what ``tower.tap(inputs, layers, kinds)`` returns. The tower's name
+    and commit are not part of it: its class, weights and config are what computes, so a tower copied to another
+    folder, or loaded from the Hub cache instead of a path, reads the records of the first."""
     return {
         "format": CACHE_FORMAT,
         "modality": tower.modality,
         "tower_class": type(tower.model).__name__,
-        "tower_name_or_path": name,
-        "tower_revision": revision,
+        "tower_config": _config_digest(tower.model),
         "tower_weights": _weights_digest(tower.model),
         "tower_dtype": str(tower.dtype).removeprefix("torch."),
         "tap_spec": _stable_repr(tower.spec),
@@ -803,6 +854,7 @@ class TowerFeatureCache:
                             "baselines train their towers, so their features change every step.")
         if dtype not in CACHE_DTYPES:
             raise ValueError(f"dtype must be one of {CACHE_DTYPES}, got {dtype!r}.")
+        check_flags("TowerFeatureCache", check_space=check_space)
         self.model, self.dtype = model, dtype
         self.location = None if location is None else Path(location).expanduser()
         self.adapter = model.active_adapter
@@ -838,7 +890,7 @@ class TowerFeatureCache:
         records, fresh = {}, []
         for modality, tower, layers in ((VISION, model.vision_tower, self.vision_layers),
                                         (TEXT, model.text_tower, self.text_layers)):
-            prints = fingerprint(tower, model.tower_ids[modality], layers, self.kinds, self.dtype, size[modality])
+            prints = fingerprint(tower, layers, self.kinds, self.dtype, size[modality])
             name = f"{modality}-{_folder_digest(prints)}"
             if name not in self._opened:
                 self._opened[name] = _TowerRecords(tower, prints, name, layers, self.kinds, layouts[modality],
@@ -986,8 +1038,9 @@ def expected_records(dataset: Any, views: int = 1) -> tuple[int, int]:
     with views for a flip that rewrites left / right) a dataset can fill; its length when items are opaque."""
     samples = getattr(dataset, "samples", dataset)
     if isinstance(samples, Sequence) and samples and hasattr(samples[0], "expression"):
-        images = {getattr(s, "image_id", None) or (s.image if isinstance(s.image, str | os.PathLike) else id(s))
-                  for s in samples}
+        # an image_id with the file it names: ids are per dataset, and merged datasets reuse them for other files
+        images = {(getattr(s, "image_id", None), os.fspath(s.image)) if isinstance(s.image, str | os.PathLike)
+                  else getattr(s, "image_id", None) or id(s) for s in samples}
         texts = {s.expression for s in samples}
         return len(images) * max(views, 1), len(texts) * (2 if views > 1 else 1)
     try:

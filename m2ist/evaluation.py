@@ -34,6 +34,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from m2ist.card import TOWERS_USED_KEY, WEIGHTS_SHA256_KEY
+from m2ist.config import check_flags
 from m2ist.data.dataset import check_annotated_size
 from m2ist.data.images import load_image
 from m2ist.data.loaders import has_visible_text
@@ -478,8 +479,9 @@ def evaluate(
     thresholds = _check_thresholds(iou_thresholds)
     if clamp not in CLAMP_MODES:
         raise ValueError(f"clamp must be one of {CLAMP_MODES}, got {clamp!r}.")
-    if not isinstance(batch_size, int) or batch_size < 1:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:  # True is an int
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
+    check_flags("evaluate", progress=progress, save_predictions=save_predictions)
     if output_file is not None:
         check_output_file(output_file)  # before any forward pass: a bad path must not cost the evaluation
     _check_metadata(metadata)

@@ -40,7 +40,7 @@ from huggingface_hub.errors import (
 from huggingface_hub.utils import filter_repo_objects, validate_repo_id
 
 from .card import CARD_NAME, card_for_push, card_results_problem
-from .config import CONFIG_NAME
+from .config import CONFIG_NAME, check_flags
 from .save_and_load import (
     ADAPTER_FILES,
     WEIGHTS_NAME,
@@ -130,6 +130,7 @@ def push_folder_to_hub(
     Returns:
         The commit's `CommitInfo`: a `str` equal to the commit URL, with `.oid` and `.pr_url`.
     """
+    check_flags("push_folder_to_hub", private=private, create_pr=create_pr)  # create_pr="no" would open a PR
     folder_path = Path(folder)
     if not folder_path.is_dir():
         raise NotADirectoryError(f"Cannot push '{folder}': it is not a directory. Pass the folder to upload.")
@@ -400,6 +401,7 @@ def resolve_pretrained(
         raise TypeError("filenames and optional_filenames must be lists of file names, not a single string.")
     if not filenames:
         raise ValueError("filenames must name at least one file to resolve.")
+    check_flags("resolve_pretrained", local_files_only=local_files_only)  # "False" would stay offline
 
     if subfolder is not None:
         subfolder = PurePosixPath(str(subfolder).replace("\\", "/")).as_posix().strip("/")

@@ -25,6 +25,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import nn
 
+from m2ist.config import check_flags
 from m2ist.processing import load_rec_image
 from m2ist.save_and_load import PIPELINE
 
@@ -219,6 +220,7 @@ def predict_boxes(
 
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:  # True is an int
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
+    check_flags("predict_boxes", progress=progress)
     processor = resolve_processor(model, processor)
     images, texts = _pair_up(images, texts)
     if device is not None:

@@ -577,8 +577,9 @@ class RECModel(nn.Module):
             every_n_layers: checkpoint only every n-th layer of each stack (1: all of them).
             offload: keep the checkpointed layers' inputs in host memory.
         """
-        if not isinstance(every_n_layers, int) or every_n_layers < 1:
+        if isinstance(every_n_layers, bool) or not isinstance(every_n_layers, int) or every_n_layers < 1:
             raise ValueError(f"every_n_layers must be a positive integer, got {every_n_layers!r}.")
+        check_flags("activation_checkpointing_enable", offload=offload)
         function = make_checkpoint_function(activation_checkpointing_kwargs, offload)
         for module in self._checkpointed_modules():
             module.checkpoint_function, module.checkpoint_every = function, every_n_layers
@@ -1274,6 +1275,7 @@ class SideTunedModel(RECModel):
         refused, strict or not: with ``strict=False`` (the usual call with only the side network's and head's
         tensors, the towers being left out) torch would load nothing and say so only in the result it returns (keys
         saved through a DDP or ``torch.compile`` wrapper, ``module.side.…``, or by a submodule, ``blocks.0.…``)."""
+        check_flags("load_state_dict", strict=strict, assign=assign)  # assign="False" would replace the parameters
         if isinstance(state_dict, Mapping) and state_dict:
             known = set(self.state_dict(keep_vars=True))
             if known.isdisjoint(state_dict):
@@ -1332,6 +1334,7 @@ class SideTunedModel(RECModel):
         replaced: its card and measured results are carried over (the card is updated rather than replaced), and so
         is its root adapter (config, weights, and its processor when the model has none) when ``"default"`` is not
         written."""
+        check_flags("write_adapter_files", model_card=model_card)
         # an unknown name or a string fails before anything is written
         names = self._selected(selected_adapters) if selected_adapters is not None else list(self.adapter_setups)
         for name in names:  # a config changed after the build would reload as another model

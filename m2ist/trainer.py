@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import functools
 import json
 import logging
@@ -56,7 +57,7 @@ from .cache import (
     expected_records,
 )
 from .card import EVAL_RESULTS_NAME, WEIGHTS_SHA256_KEY, read_eval_results, write_model_card
-from .config import CONFIG_NAME, M2ISTConfig
+from .config import CONFIG_NAME, M2ISTConfig, check_flags
 from .data.collator import RECCollator
 from .evaluation import paired_iou, write_results
 from .head import rec_loss
@@ -230,6 +231,8 @@ class RECTrainingArguments(TrainingArguments):
     )
 
     def __post_init__(self) -> None:
+        # bf16="False" or use_cpu="no" (from a config file read as text) are true: mixed precision, a CPU run
+        check_flags("RECTrainingArguments", **self._switches())
         if self.method is not None and self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS} (or None to take it from the model), got {self.method!r}.")
         for name in ("learning_rate", "side_learning_rate", "num_train_epochs", "weight_decay", "max_grad_norm"):
@@ -270,6 +273,17 @@ class RECTrainingArguments(TrainingArguments):
         if self.lr_drop_epochs and self.lr_scheduler_type != SchedulerType.CONSTANT:
             raise ValueError(f"lr_drop_epochs={self.lr_drop_epochs} is a step schedule; it cannot be combined with "
                              f"lr_scheduler_type={self.lr_scheduler_type.value!r}. Use one or the other.")
+
+    def _switches(self) -> dict[str, Any]:
+        """The boolean fields (transformers' and ours) and their values; a ``bool | None`` field only when set."""
+        switches = {}
+        for item in dataclasses.fields(self):
+            kind = str(item.type).replace("typing.", "").replace(" ", "")
+            value = getattr(self, item.name, None)
+            optional = kind in ("bool|None", "Optional[bool]", "Union[bool,NoneType]")
+            if item.type is bool or kind == "bool" or (optional and value is not None):
+                switches[item.name] = value
+        return switches
 
     def _orient_plateau_schedule(self) -> None:
         """Give a metric-driven schedule (``reduce_lr_on_plateau``, ``greedy``) the direction of
@@ -1164,6 +1178,7 @@ class RECTrainer(Trainer):
         (``{"metrics": {split: {"acc@0.5", "miou"}}, "metadata": {...}}``): those of the last evaluation, or with
         ``best`` those of the best checkpoint's step; None before any evaluation. ``metadata["weights_sha256"]`` is
         the SHA-256 of the weights measured (what their weights file records), when known."""
+        check_flags("measured_results", best=best)
         steps: dict[int, dict[str, dict[str, float]]] = {}
         for entry in self.state.log_history:
             for key, value in entry.items():
@@ -1217,6 +1232,7 @@ class RECTrainer(Trainer):
 
         from .hub import refuse_foreign_model, refuse_public_repo
 
+        check_flags("init_hf_repo", private=private)
         super().init_hf_repo(token=token, private=private)
         if not self.is_world_process_zero():
             return
@@ -1241,6 +1257,7 @@ class RECTrainer(Trainer):
         """
         from .hub import push_folder_to_hub
 
+        check_flags("push_to_hub", private=private, blocking=blocking)  # private="False" would make a private repo
         self.callback_handler.on_push_begin(self.args, self.state, self.control)
         model_name = kwargs.pop("model_name", None)
         token = token if token is not None else self.args.hub_token
@@ -1565,6 +1582,7 @@ def checkpoint_problems(folder: str | os.PathLike, *, needs_optimizer: bool = Tr
     ``"default"``), ``trainer_state.json`` (valid JSON; written last, so its absence means the save was cut short)
     and, unless ``needs_optimizer`` is False, readable optimizer and scheduler states (and RNG and scaler states,
     where saved)."""
+    check_flags("checkpoint_problems", needs_optimizer=needs_optimizer)
     folder = Path(folder)
     weights = adapter_folder(folder, adapter)
     where = "" if weights == folder else f"{adapter}/"

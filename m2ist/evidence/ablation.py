@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from m2ist.config import check_flags
+
 from .demo import DEMO_HEAD, DEMO_SIZES
 from .outputs import check_counts, seed_value
 
@@ -104,6 +106,7 @@ def run(*, steps: int = ABLATION_STEPS, batch_size: int = 32, seed: int = 0, tin
     from .demo import prepare
 
     check_counts("ablation", steps=steps, batch_size=batch_size)  # before the benchmark is drawn and encoded
+    check_flags("ablation.run", tiny=tiny)
     torch.manual_seed(seed)
     setup = prepare(tiny=tiny, cache_dir=cache_dir, seed=seed, progress=False, sizes=None if tiny else ABLATION_SIZES)
     model = get_side_tuned_model(*setup.make_towers(), setup.config).eval()

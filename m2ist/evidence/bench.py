@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 
+from m2ist.config import check_flags
+
 from .outputs import check_outputs, write_json
 
 PAPER = {"trainable": 0.0211, "memory": 0.3961, "time": 0.6346}
@@ -136,6 +138,7 @@ def measure(method: str, batch_size: int, steps: int, warmup: int, device: str, 
 
     from .baselines import build_model
 
+    check_flags("bench.measure", tiny=tiny)  # tiny="False" would time the tiny towers as the real ones
     torch.manual_seed(0)
     dev = torch.device(device)
     variant, method = method, method.split("-")[0]

@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from m2ist.config import check_flags
+
 from .outputs import check_counts
 
 
@@ -31,6 +33,7 @@ def measure(rounds: int = 10, batch_size: int = 32, tiny: bool = False, cache_di
     from .demo import DEMO_CACHE_DTYPE, prepare
 
     check_counts("cache_step", rounds=rounds, batch_size=batch_size)
+    check_flags("cache_step.measure", tiny=tiny, compile=compile)
     torch.manual_seed(0)
     sizes = {"train": batch_size, "val": 2, "test_attributes": 2, "test_compositional": 2, "test_relations": 2,
              "test_spatial": 2}

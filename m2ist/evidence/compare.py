@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+from m2ist.config import check_flags
+
 from .bench import add_ratios, describe_device, parse_methods
 from .demo import DEMO_CACHE_DTYPE, DEMO_SIDE_LEARNING_RATE, DEMO_SIZES, TINY_SIZES
 from .outputs import check_batch_size, check_outputs, seed_value, tower_cache_value, write_json, write_picture
@@ -45,6 +47,7 @@ def run_method(method: str, *, steps: int, batch_size: int, seed: int, tiny: boo
     from .bench import profile_training_step
     from .demo import prepare, training_arguments
 
+    check_flags("compare.run_method", tiny=tiny)
     torch.manual_seed(seed)
     setup = prepare(tiny=tiny, cache_dir=cache_dir, seed=seed, progress=False)
     check_batch_size(batch_size, len(setup.splits["train"]), tiny)

@@ -22,7 +22,7 @@ import torch
 from transformers import TrainerCallback
 
 from m2ist.cache import CACHE_DTYPES, check_tower_cache
-from m2ist.config import M2ISTConfig
+from m2ist.config import M2ISTConfig, check_flags
 from m2ist.data.sample import RECSample
 
 from .outputs import check_batch_size, check_outputs, seed_value, tower_cache_value, write_json, write_picture
@@ -80,6 +80,7 @@ def prepare(*, tiny: bool = False, cache_dir: str | None = None, seed: int = 0, 
     from .demo_towers import VisionPretrainRecipe, load_vision_tower, text_tower_path, vision_tower_path
     from .synthetic import make_benchmark
 
+    check_flags("demo.prepare", tiny=tiny, progress=progress)
     if recipe is None:
         recipe = VisionPretrainRecipe.tiny() if tiny else VisionPretrainRecipe()
     # installed (or pretrained) once, then cached; this first load serves the first make_towers() call (not loaded twice)
@@ -185,6 +186,7 @@ def run(output_dir: str | Path = "outputs/demo", *, steps: int = DEMO_STEPS, bat
 
     from .synthetic import generate_split
 
+    check_flags("demo.run", tiny=tiny, progress=progress)  # tiny="False" would run the smoke test as the demo
     output_dir = Path(output_dir)
     check_demo_outputs(output_dir)
     tower_cache = check_tower_cache(tower_cache)

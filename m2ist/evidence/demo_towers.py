@@ -44,6 +44,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from m2ist.config import check_flags
+
 from .synthetic import SIZES, SyntheticRECConfig, generate_scene
 
 logger = logging.getLogger(__name__)
@@ -421,6 +423,7 @@ def pretrain_vision_tower(
 
     from m2ist.trainer import denormals_flushed
 
+    check_flags("pretrain_vision_tower", progress=progress)
     recipe = recipe or VisionPretrainRecipe()
     scene_config = recipe.scene_config()
     previous_threads = torch.get_num_threads()
@@ -695,6 +698,7 @@ def load_vision_tower(
     A missing, incomplete, corrupted or other-recipe cache folder is rebuilt. The tower is written to a temporary
     folder next to the final one, which is then renamed into place, so a crash never leaves a half-written tower.
     """
+    check_flags("load_vision_tower", force=force, progress=progress)
     if recipe is None:
         recipe = VisionPretrainRecipe(image_size=image_size or 128)
     elif image_size is not None and image_size != recipe.image_size:
