@@ -118,18 +118,29 @@ def _check_ground_truth(gt: torch.Tensor) -> None:
 
 
 def _check_same_frame(pred: torch.Tensor, gt: torch.Tensor) -> None:
-    """Refuse predictions wholly within ``[0, 1]`` (the model's normalised ``pred_boxes``) scored against ground
-    truth in pixels (coordinates beyond 2): every IoU would be about 0 and the accuracy 0 without a word.
+    """Refuse boxes of two frames: predictions wholly within ``[0, 1]`` (the model's normalised ``pred_boxes``)
+    against ground truth in pixels (coordinates beyond 2), or ground truth wholly within ``[0, 1]`` (normalised
+    labels) against predictions in pixels (beyond 4, as ``m2ist.data.dataset.check_pixel_box`` reads a box within ``[0, 1]`` of an
+    image over 4 pixels as fractions): every IoU would be about 0 and the accuracy 0 without a word.
     Predictions all at ``(0, 0, 0, 0)`` (clamped off an image's corner) are pixels, and are scored."""
-    if pred.numel() == 0 or not bool(((pred >= 0) & (pred <= 1)).all()) or not bool((pred != 0).any()):
+    if pred.numel() == 0:
         return
-    largest = float(gt.abs().max())
-    if largest > 2.0:
-        raise ValueError(
-            f"pred_xyxy lies within [0, 1] while gt_xyxy is in pixels (up to {largest:g}): give the predictions in "
-            "xyxy pixels of the original image too (processor.post_process_boxes(outputs.pred_boxes, "
-            "batch['image_geometry']) maps the model's normalised cx, cy, w, h there)."
-        )
+    if bool(((pred >= 0) & (pred <= 1)).all()) and bool((pred != 0).any()):
+        largest = float(gt.abs().max())
+        if largest > 2.0:
+            raise ValueError(
+                f"pred_xyxy lies within [0, 1] while gt_xyxy is in pixels (up to {largest:g}): give the predictions in "
+                "xyxy pixels of the original image too (processor.post_process_boxes(outputs.pred_boxes, "
+                "batch['image_geometry']) maps the model's normalised cx, cy, w, h there)."
+            )
+    if bool(((gt >= 0) & (gt <= 1)).all()):  # beyond 4: a box of 1 pixel in the corner is no fraction
+        largest = float(pred.abs().max())
+        if largest > 4.0:
+            raise ValueError(
+                f"gt_xyxy lies within [0, 1] while pred_xyxy is in pixels (up to {largest:g}): give the ground truth "
+                "in xyxy pixels of the original image too (the labels of a batch are normalised cx, cy, w, h of the "
+                "canvas; score pixel predictions against the samples' boxes, as evaluate() does)."
+            )
 
 
 def _paired_iou(pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
@@ -141,28 +152,32 @@ def _paired_iou(pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
     return paired_box_iou(pred, gt, eps=1e-12)
 
 
-def paired_iou(pred_xyxy: Any, gt_xyxy: Any) -> torch.Tensor:
+def paired_iou(pred_xyxy: Any, gt_xyxy: Any, *, check_frames: bool = True) -> torch.Tensor:
     """IoU of ``pred[i]`` with ``gt[i]`` for ``(N, 4)`` ``xyxy`` boxes, in float64 (so exact ties stay exact).
 
     A ground-truth box that is inverted or of zero area is refused, naming it; a predicted box with ``x1 < x0``
     (or ``y1 < y0``) is empty: IoU 0, as in the loss's GIoU. Predictions within [0, 1] (the model's normalised
-    ``pred_boxes``) against ground truth in pixels are refused."""
+    ``pred_boxes``) against ground truth in pixels are refused, and so is normalised ground truth against pixel
+    predictions; ``check_frames=False`` skips that check where both are known to share a frame (a diverging model's
+    normalised predictions against normalised labels may reach far past 2)."""
+    check_flags("paired_iou", check_frames=check_frames)
     pred, gt = _as_boxes(pred_xyxy, "pred_xyxy"), _as_boxes(gt_xyxy, "gt_xyxy")
-    if pred.shape[0] == gt.shape[0]:
+    if check_frames and pred.shape[0] == gt.shape[0]:
         _check_same_frame(pred, gt)
     return _paired_iou(pred, gt)
 
 
-def accuracy_at_iou(pred_xyxy: Any, gt_xyxy: Any, thresholds: float | Sequence[float] = (0.5,)) -> dict[float, float]:
+def accuracy_at_iou(pred_xyxy: Any, gt_xyxy: Any, thresholds: float | Sequence[float] = (0.5,), *,
+                    check_frames: bool = True) -> dict[float, float]:
     """Fraction of predictions whose IoU with their ground-truth box is ``>= t``, for each threshold ``t``.
 
     Boxes are ``(N, 4)`` ``xyxy`` in one frame (e.g. original-image pixels; clamp predictions to the image first,
     as :func:`evaluate` does). This is the TransVG criterion (IoU), not MDETR's GIoU. Returns
     ``{threshold: accuracy in [0, 1]}``; an empty input, or a ground-truth box that is inverted (``x, y, w, h``
-    given as ``xyxy``) or of zero area, raises.
+    given as ``xyxy``) or of zero area, raises; so do boxes of two frames (see :func:`paired_iou`).
     """
     values = _check_thresholds(thresholds)
-    iou = paired_iou(pred_xyxy, gt_xyxy)
+    iou = paired_iou(pred_xyxy, gt_xyxy, check_frames=check_frames)
     if iou.numel() == 0:
         raise ValueError("No boxes to score: accuracy over zero expressions is undefined.")
     return {t: float((iou >= t).double().mean()) for t in values}

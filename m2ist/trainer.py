@@ -498,7 +498,7 @@ def compute_rec_metrics(pred_boxes: Any, labels: Any, regions: Any = None,
         region = torch.as_tensor(np.asarray(regions), dtype=torch.float64)
         low, high = region[:, :2].repeat(1, 2), region[:, 2:].repeat(1, 2)
         pred_xyxy = torch.minimum(torch.maximum(pred_xyxy, low), high)
-    iou = paired_iou(pred_xyxy, box_convert(target, "cxcywh", "xyxy"))
+    iou = paired_iou(pred_xyxy, box_convert(target, "cxcywh", "xyxy"), check_frames=False)  # both normalised
     losses = rec_loss(pred, target, config or M2ISTConfig())
     return {
         ACCURACY_METRIC: float((iou >= 0.5).double().mean()),

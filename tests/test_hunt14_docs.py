@@ -47,6 +47,20 @@ def test_accuracy_at_iou_refuses_the_models_normalised_boxes_against_pixel_groun
     assert accuracy_at_iou([[10.0, 10.0, 60.0, 60.0]], gt[:1]) == {0.5: 1.0}
 
 
+def test_accuracy_at_iou_refuses_normalised_ground_truth_against_pixel_predictions():
+    """The reverse mix (a batch's normalised labels, converted to xyxy, against post-processed pixel predictions)
+    scored 0 without a word; the trainer, whose predictions and labels are both normalised, opts out."""
+    labels = [[0.1, 0.1, 0.6, 0.6], [0.2, 0.05, 0.9, 0.7]]
+    pred = [[10.0, 10.0, 60.0, 60.0], [20.0, 5.0, 90.0, 70.0]]
+    for call in (lambda: accuracy_at_iou(pred, labels), lambda: paired_iou(pred, labels)):
+        with pytest.raises(ValueError, match=r"gt_xyxy lies within \[0, 1\] while pred_xyxy is in pixels \(up to 90\)"):
+            call()
+    # a diverging model's normalised predictions far past 1, against normalised labels: scored (as misses)
+    assert accuracy_at_iou([[3.0, 3.0, 9.0, 9.0]], labels[:1], check_frames=False) == {0.5: 0.0}
+    with pytest.raises(TypeError, match="check_frames must be True or False"):
+        paired_iou(pred, labels, check_frames="no")
+
+
 def test_iou_thresholds_given_as_text_are_named_as_text():
     with pytest.raises(ValueError, match=r"got the text '0.5'"):  # was "got '0'": read letter by letter
         accuracy_at_iou([[10, 10, 60, 60]], [[10, 10, 60, 60]], "0.5")

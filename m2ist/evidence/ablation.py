@@ -94,7 +94,8 @@ def accuracy(head, features: tuple[torch.Tensor, ...]) -> float:
     head.eval()
     vision, vision_mask, text, text_mask, labels = features
     pred_boxes = head(vision, vision_mask, text, text_mask).pred_boxes
-    return accuracy_at_iou(box_convert(pred_boxes, "cxcywh", "xyxy"), box_convert(labels, "cxcywh", "xyxy"))[0.5]
+    return accuracy_at_iou(box_convert(pred_boxes, "cxcywh", "xyxy"), box_convert(labels, "cxcywh", "xyxy"),
+                           check_frames=False)[0.5]  # both normalised: a young head's boxes may reach past 2
 
 
 def run(*, steps: int = ABLATION_STEPS, batch_size: int = 32, seed: int = 0, tiny: bool = False,
