@@ -288,7 +288,8 @@ def _mask_problems(mask: torch.Tensor, ordered: bool) -> torch.Tensor:
 @torch.compiler.disable  # reads values: runs eagerly under torch.compile, without a graph-break warning
 def check_labels(labels: Any, batch: int) -> None:
     """Refuse labels that are not one normalised ``(cx, cy, w, h)`` box per sample, ``(B, 4)`` with finite values in
-    [0, 1] and ``w, h > 0``, in one line naming the sample: a ``(4,)`` or ``(1, 4)`` box would be broadcast over the
+    [0, 1], ``w, h > 0`` and the box within the canvas (``xyxy`` or ``xywh`` boxes read as ``cx, cy, w, h`` mostly
+    reach outside it), in one line naming the sample: a ``(4,)`` or ``(1, 4)`` box would be broadcast over the
     batch, and ``xyxy`` or pixel boxes give a loss that trains towards nonsense. Non-finite values are left to
     the trainer (``NonFiniteTrainingError`` names the step)."""
     if not isinstance(labels, torch.Tensor):
@@ -305,6 +306,15 @@ def check_labels(labels: Any, batch: int) -> None:
         raise ValueError(f"labels[{row}] = {[round(v, 4) for v in values[row].tolist()]} is not a (cx, cy, w, h) box "
                          "normalised by the canvas (values in [0, 1], w and h > 0): pixel or xyxy boxes? The "
                          "processor's labels are normalised; processor.boxes_to_labels converts xyxy pixel boxes.")
+    half = values[:, 2:] / 2  # a label is a box on the canvas: the processor clips boxes to the image
+    outside = ((values[:, :2] - half < -_LABEL_SLACK) | (values[:, :2] + half > 1 + _LABEL_SLACK)).any(1)
+    outside &= torch.isfinite(values).all(1)
+    if bool(outside.any()):
+        row = int(outside.nonzero()[0, 0])
+        raise ValueError(f"labels[{row}] = {[round(v, 4) for v in values[row].tolist()]} read as (cx, cy, w, h) reaches "
+                         f"outside the canvas, as {int(outside.sum())} of {batch} labels do: xyxy or xywh boxes given as "
+                         "cx, cy, w, h? The processor's labels are normalised (cx, cy, w, h) on the canvas; "
+                         "processor.boxes_to_labels converts xyxy pixel boxes, m2ist.ops.boxes.box_convert other layouts.")
 
 
 #: Rounding allowed around [0, 1] in labels (boxes clipped to the image, then normalised in float32).

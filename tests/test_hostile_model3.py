@@ -79,6 +79,11 @@ def test_inputs_the_processor_gives_still_pass(model):
     (torch.rand(2, 1, 4), r"labels must be \(2, 4\).*got \(2, 1, 4\)"),
     (torch.tensor([[3.0, 4.0, 20.0, 30.0], [0.5, 0.5, 0.2, 0.2]]), r"labels\[0\] = \[3.0, 4.0, 20.0, 30.0\] is not"),
     (torch.tensor([[0.5, 0.5, 0.2, 0.2], [0.5, 0.5, 0.0, 0.3]]), r"labels\[1\] .* w and h > 0"),
+    # normalised xyxy (and xywh) boxes given as cx, cy, w, h: values in [0, 1], but the box leaves the canvas
+    (torch.tensor([[0.5, 0.5, 0.2, 0.2], [0.6, 0.2, 0.9, 0.7]]), r"labels\[1\] = \[0.6, 0.2, 0.9, 0.7\] read as \(cx, cy, "
+                                                               r"w, h\) reaches outside the canvas, as 1 of 2 labels do: "
+                                                               r"xyxy or xywh"),
+    (torch.tensor([[0.1, 0.3, 0.4, 0.2], [0.5, 0.5, 0.2, 0.2]]), r"labels\[0\] .* reaches outside the canvas"),
 ])
 def test_labels_that_are_not_one_normalised_box_per_sample_are_refused(model, labels, message):
     for run in (lambda: model(**_inputs(), labels=labels),
