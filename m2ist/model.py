@@ -286,6 +286,15 @@ def _mask_problems(mask: torch.Tensor, ordered: bool) -> torch.Tensor:
 
 
 @torch.compiler.disable  # reads values: runs eagerly under torch.compile, without a graph-break warning
+def as_returned(output: RECModelOutput, return_dict: bool | None) -> RECModelOutput | tuple:
+    """transformers' convention: ``return_dict`` None (the default) or True gives the output object, False its
+    tuple; text is refused (``"False"`` is a true value)."""
+    if return_dict is None:
+        return output
+    check_flags("forward", return_dict=return_dict)
+    return output if return_dict else output.to_tuple()
+
+
 def check_labels(labels: Any, batch: int) -> None:
     """Refuse labels that are not one normalised ``(cx, cy, w, h)`` box per sample, ``(B, 4)`` with finite values in
     [0, 1], ``w, h > 0`` and the box within the canvas (``xyxy`` or ``xywh`` boxes read as ``cx, cy, w, h`` mostly
@@ -505,7 +514,7 @@ class RECModel(nn.Module):
         attention_mask: torch.Tensor | None = None,
         pixel_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
-        return_dict: bool = True,
+        return_dict: bool | None = None,
     ) -> RECModelOutput | tuple:
         """Predict one box per (image, expression); with ``labels`` ``(B, 4)`` (normalised cx, cy, w, h) also
         return the loss."""
@@ -518,7 +527,7 @@ class RECModel(nn.Module):
             check_labels(labels, pred_boxes.shape[0])
             losses = rec_loss(pred_boxes, labels, self.config, patch_logits)
         output = RECModelOutput(pred_boxes=pred_boxes, patch_logits=patch_logits, **losses)
-        return output if return_dict else output.to_tuple()
+        return as_returned(output, return_dict)
 
     # ---------------------------------------------------------------------------------------------------------
     def _unused_parameters(self) -> set[int]:
@@ -824,7 +833,7 @@ class SideTunedModel(RECModel):
         return vision_tokens, vision.mask, text_tokens, text.mask
 
     def forward_features(self, features: TowerFeatureSet, labels: torch.Tensor | None = None,
-                         adapter_name: str | None = None, return_dict: bool = True) -> RECModelOutput | tuple:
+                         adapter_name: str | None = None, return_dict: bool | None = None) -> RECModelOutput | tuple:
         """Side network + head of adapter ``adapter_name`` (default: the active one) on precomputed tower
         features; with ``labels`` also the loss (with that adapter's loss settings)."""
         name = adapter_name or self._active_adapter
@@ -838,7 +847,7 @@ class SideTunedModel(RECModel):
             check_labels(labels, pred_boxes.shape[0])
             losses = rec_loss(pred_boxes, labels, config, patch_logits)
         output = RECModelOutput(pred_boxes=pred_boxes, patch_logits=patch_logits, **losses)
-        return output if return_dict else output.to_tuple()
+        return as_returned(output, return_dict)
 
     @torch.compiler.disable  # reads every tower parameter's flag: runs eagerly, without a graph-break warning
     def _check_towers_frozen(self) -> None:
@@ -865,7 +874,7 @@ class SideTunedModel(RECModel):
         attention_mask: torch.Tensor | None = None,
         pixel_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
-        return_dict: bool = True,
+        return_dict: bool | None = None,
         adapter_names: Sequence[str] | None = None,
         tower_features: TowerFeatureSet | None = None,
     ) -> RECModelOutput | tuple:
@@ -923,7 +932,7 @@ class SideTunedModel(RECModel):
         every_has_logits = all(outputs[name].patch_logits is not None for name in unique)
         patch_logits = gather("patch_logits") if every_has_logits else None
         output = RECModelOutput(pred_boxes=pred_boxes, patch_logits=patch_logits)
-        return output if return_dict else output.to_tuple()
+        return as_returned(output, return_dict)
 
     def forward_all_adapters(
         self,

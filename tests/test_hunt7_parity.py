@@ -89,3 +89,24 @@ def test_type_casts_only_the_trained_part_as_to_does(dst_type) -> None:
 def _inputs(batch: int = 2) -> dict[str, torch.Tensor]:
     values = make_batch(batch=batch)
     return {key: values[key] for key in INPUTS}
+
+
+def test_return_dict_follows_transformers_none_gives_the_output_object(model) -> None:
+    """transformers reads ``return_dict=None`` as "the default", an output object; wrappers pass it explicitly (PEFT's
+    task models do). It gave a tuple, and text such as ``"False"`` gave the object."""
+    from m2ist.model import RECModelOutput
+
+    batch = make_batch()
+    inputs = {key: value for key, value in batch.items() if key != "labels"}
+    model.eval()
+    with torch.no_grad():
+        default = model(**inputs)
+        assert isinstance(model(**inputs, return_dict=None), RECModelOutput)
+        assert isinstance(model(**inputs, return_dict=True), RECModelOutput)
+        as_tuple = model(**inputs, return_dict=False)
+        assert isinstance(as_tuple, tuple) and torch.equal(as_tuple[0], default.pred_boxes)
+        features = model.tower_features(**{k: inputs[k] for k in ("pixel_values", "pixel_mask", "input_ids",
+                                                                   "attention_mask")})
+        assert isinstance(model.forward_features(features, return_dict=None), RECModelOutput)
+        with pytest.raises(TypeError, match="return_dict must be True or False, got str 'False'"):
+            model(**inputs, return_dict="False")
