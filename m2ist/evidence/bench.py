@@ -152,7 +152,8 @@ def measure(method: str, batch_size: int, steps: int, warmup: int, device: str, 
         "pixel_mask": torch.ones(batch_size, size, size, dtype=torch.long),
         "input_ids": torch.randint(1000, 2000, (batch_size, length), generator=g) % model.text_model.config.vocab_size,
         "attention_mask": torch.ones(batch_size, length, dtype=torch.long),
-        "labels": torch.rand(batch_size, 4, generator=g) * 0.5 + 0.25,
+        # boxes on the canvas (centres in [0.3, 0.7], sides in [0.1, 0.5]), as the processor's labels always are
+        "labels": torch.rand(batch_size, 4, generator=g) * 0.4 + torch.tensor([0.3, 0.3, 0.1, 0.1]),
     }
     batch = {k: v.to(dev) for k, v in batch.items()}
     extra: dict[str, Any] = {}
