@@ -51,8 +51,8 @@ from .save_and_load import (
 )
 from .version import __version__
 
-__all__ = ["ADAPTER_PATTERNS", "IGNORED_PATTERNS", "PretrainedNotFoundError", "full_repo_id", "push_folder_to_hub", "push_to_hub",
-           "resolve_pretrained"]
+__all__ = ["ADAPTER_PATTERNS", "IGNORED_PATTERNS", "PretrainedNotFoundError", "check_token", "full_repo_id",
+           "push_folder_to_hub", "push_to_hub", "resolve_pretrained"]
 
 #: What a push uploads by default: an adapter's own files (config, weights, card, processor, tokenizer), at the top
 #: of the folder or in an adapter's subfolder.
@@ -77,6 +77,15 @@ def _transport_errors() -> tuple[type[BaseException], ...]:
 _TRANSPORT_ERRORS = _transport_errors()
 
 _LOGIN_HINT = "log in with `hf auth login` (or set HF_TOKEN), or pass token=..."
+
+
+def check_token(token: object) -> None:
+    """Refuse a token given as the text of a Python value (``"None"``, ``"False"``, ``"null"``, ``""``: a config file
+    or command line read as text): it would be sent as the token, which the Hub refuses, and the refusal reads as a
+    repo that does not exist or may not be written to."""
+    if isinstance(token, str) and token.strip().lower() in ("", "none", "null", "false", "true"):
+        raise ValueError(f"token={token!r} is text, not a Hub token: pass token=None (the saved login or HF_TOKEN), "
+                         "token=False (send none) or a token such as 'hf_...'.")
 
 
 class PretrainedNotFoundError(FileNotFoundError):
@@ -131,6 +140,7 @@ def push_folder_to_hub(
         The commit's `CommitInfo`: a `str` equal to the commit URL, with `.oid` and `.pr_url`.
     """
     check_flags("push_folder_to_hub", private=private, create_pr=create_pr)  # create_pr="no" would open a PR
+    check_token(token)
     folder_path = Path(folder)
     if not folder_path.is_dir():
         raise NotADirectoryError(f"Cannot push '{folder}': it is not a directory. Pass the folder to upload.")
@@ -302,6 +312,7 @@ def link_or_copy(source: Path, target: Path) -> None:
 def full_repo_id(repo_id: str, *, token: str | None = None, endpoint: str | None = None) -> str:
     """``repo_id`` with its namespace: a bare name is the token's user's repo (as ``create_repo`` places it), so the
     card read before a push, the card's usage snippet and the push itself all name the same repo."""
+    check_token(token)
     if not isinstance(repo_id, str) or "/" in repo_id:
         return repo_id
     try:
@@ -402,6 +413,7 @@ def resolve_pretrained(
     if not filenames:
         raise ValueError("filenames must name at least one file to resolve.")
     check_flags("resolve_pretrained", local_files_only=local_files_only)  # "False" would stay offline
+    check_token(token)
 
     if subfolder is not None:
         subfolder = PurePosixPath(str(subfolder).replace("\\", "/")).as_posix().strip("/")

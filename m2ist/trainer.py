@@ -1230,9 +1230,10 @@ class RECTrainer(Trainer):
         tokenizer, processor and card, one save after another."""
         from huggingface_hub.errors import RevisionNotFoundError
 
-        from .hub import refuse_foreign_model, refuse_public_repo
+        from .hub import check_token, refuse_foreign_model, refuse_public_repo
 
         check_flags("init_hf_repo", private=private)
+        check_token(token if token is not None else self.args.hub_token)  # "None" read from a config file
         super().init_hf_repo(token=token, private=private)
         if not self.is_world_process_zero():
             return
@@ -1271,9 +1272,15 @@ class RECTrainer(Trainer):
         self.create_model_card(model_name=model_name or self.hub_model_id.split("/")[-1], repo_id=self.hub_model_id,
                                **kwargs)
         self._finish_current_push()
-        return push_folder_to_hub(self.args.output_dir, self.hub_model_id, commit_message=commit_message or "End of training",
-                                  token=token, revision=revision or self.args.hub_revision, private=private,
-                                  endpoint=endpoint)
+        output_dir = Path(self.args.output_dir)
+        snapshot = _push_snapshot_folder(output_dir)
+        try:  # the model's adapters only: an adapter subfolder an earlier run left there is not this model's
+            _link_or_copy(output_dir, _pushed_files(output_dir, self.accelerator.unwrap_model(self.model)), snapshot)
+            return push_folder_to_hub(snapshot, self.hub_model_id, commit_message=commit_message or "End of training",
+                                      token=token, revision=revision or self.args.hub_revision, private=private,
+                                      endpoint=endpoint)
+        finally:
+            shutil.rmtree(snapshot, ignore_errors=True)
 
     def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
         """With ``args.push_to_hub``: after each save, push the adapter's files and the m2ist card from the output
@@ -1283,12 +1290,16 @@ class RECTrainer(Trainer):
         The uploads run in the background, one after the other (one commit per save, in the order of the saves),
         each from a snapshot of what this save wrote (hard links, else copies, in a folder beside the output
         folder), so a later save into the output folder or a checkpoint removed by ``save_total_limit`` cannot
-        change what an upload still reads. A snapshot is removed once its uploads are done."""
-        from huggingface_hub.utils import filter_repo_objects
+        change what an upload still reads. A snapshot is removed once its uploads are done.
+
+        Each upload is a :func:`~m2ist.hub.push_folder_to_hub` of the snapshot, as the final push is: it deletes the
+        adapter files of adapters the model no longer has (an earlier push's, an output folder's leftovers are not
+        snapshotted), points the card's usage snippet at ``hub_revision``, and refuses a card whose results do not
+        describe the weights. A failed upload is logged as a warning (training goes on)."""
         from transformers.trainer_utils import HubStrategy
         from transformers.utils import PushInProgress
 
-        from .hub import ADAPTER_PATTERNS, IGNORED_PATTERNS
+        from .hub import push_folder_to_hub
 
         if not self.is_world_process_zero() or self.args.hub_strategy == HubStrategy.END:
             return
@@ -1316,9 +1327,7 @@ class RECTrainer(Trainer):
         checkpoint = Path(checkpoint_folder)
         pushes_checkpoint = self.args.hub_strategy in (HubStrategy.CHECKPOINT, HubStrategy.ALL_CHECKPOINTS)
         try:
-            present = [path.relative_to(output_dir).as_posix() for path in output_dir.rglob("*") if path.is_file()]
-            _link_or_copy(output_dir, filter_repo_objects(present, allow_patterns=ADAPTER_PATTERNS,
-                                                          ignore_patterns=IGNORED_PATTERNS), snapshot / "output")
+            _link_or_copy(output_dir, _pushed_files(output_dir, model), snapshot / "output")
             if pushes_checkpoint:
                 _link_or_copy(checkpoint, [path.relative_to(checkpoint).as_posix() for path in checkpoint.rglob("*")
                                            if path.is_file()], snapshot / "checkpoint")
@@ -1326,10 +1335,9 @@ class RECTrainer(Trainer):
             shutil.rmtree(snapshot, ignore_errors=True)
             raise
         api = self._push_api
-        jobs = [api.upload_folder(repo_id=self.hub_model_id, folder_path=snapshot / "output",
-                                  commit_message=commit_message, token=self.args.hub_token, run_as_future=True,
-                                  revision=self.args.hub_revision, allow_patterns=list(ADAPTER_PATTERNS),
-                                  ignore_patterns=list(IGNORED_PATTERNS))]
+        jobs = [api.run_as_future(push_folder_to_hub, snapshot / "output", self.hub_model_id,
+                                  commit_message=commit_message, token=self.args.hub_token,
+                                  revision=self.args.hub_revision, endpoint=api.endpoint)]
         if pushes_checkpoint:
             path_in_repo = "last-checkpoint" if self.args.hub_strategy == HubStrategy.CHECKPOINT else checkpoint.name
             jobs.append(api.upload_folder(repo_id=self.hub_model_id, folder_path=snapshot / "checkpoint",
@@ -1338,7 +1346,12 @@ class RECTrainer(Trainer):
                                           revision=self.args.hub_revision))
         self._push_snapshots.append((snapshot, jobs))
 
-        def remove_when_done(_: Any) -> None:  # the last upload of this save to finish removes its snapshot
+        def remove_when_done(done: Any) -> None:  # the last upload of this save to finish removes its snapshot
+            error = None if done.cancelled() else done.exception()
+            if error is not None:  # a future's error is never raised: say it, or the repo silently lags behind
+                logger.warning("The push of %s to the Hub repo '%s' failed, so the repo does not hold this save "
+                               "(training goes on; the next save or trainer.push_to_hub() pushes again): %s: %s",
+                               commit_message.lower(), self.hub_model_id, type(error).__name__, error)
             if all(job.done() for job in jobs):
                 shutil.rmtree(snapshot, ignore_errors=True)
 
@@ -1426,6 +1439,22 @@ def _push_snapshot_folder(output_dir: Path) -> Path:
         return make_staging(folder, PUSH)
     except OSError:
         return Path(tempfile.mkdtemp(prefix=f"{folder.name}.", suffix=".m2ist-push"))
+
+
+def _pushed_files(folder: Path, model: nn.Module) -> list[str]:
+    """The files of the output ``folder`` a push of ``model`` uploads: the adapter files at its root (an adapter's,
+    the processor's, the card) and in the subfolders of ``model``'s other adapters. A subfolder of an adapter the
+    model does not have (an earlier run's, or one deleted since) is left out, so the push deletes it from the repo
+    rather than publishing it again."""
+    from huggingface_hub.utils import filter_repo_objects
+
+    from .hub import ADAPTER_PATTERNS, IGNORED_PATTERNS
+
+    adapters = set(model.list_adapters()) - {DEFAULT_ADAPTER} if isinstance(model, SideTunedModel) else set()
+    present = sorted(path.relative_to(folder).as_posix() for path in folder.rglob("*") if path.is_file())
+    return [name for name in filter_repo_objects(present, allow_patterns=ADAPTER_PATTERNS,
+                                                 ignore_patterns=IGNORED_PATTERNS)
+            if "/" not in name or name.split("/")[0] in adapters]
 
 
 def _link_or_copy(folder: Path, names: Iterable[str], snapshot: Path) -> None:
