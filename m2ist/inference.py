@@ -27,7 +27,7 @@ from torch import nn
 
 from m2ist.config import check_flags
 from m2ist.processing import load_rec_image
-from m2ist.save_and_load import PIPELINE
+from m2ist.save_and_load import ALL_ADAPTERS, PIPELINE
 
 if TYPE_CHECKING:
     from m2ist.processing import RECProcessor
@@ -134,7 +134,7 @@ def resolve_adapters(model: nn.Module, adapters: str | Sequence[str] | None) -> 
     """``None`` (the active adapter only), ``"all"`` (every adapter of the model) or a list of adapter names."""
     if adapters is None:
         return None
-    if adapters == "all":
+    if adapters == ALL_ADAPTERS:
         if not hasattr(model, "list_adapters"):
             raise TypeError(f"adapters='all' needs a SideTunedModel, got {type(model).__name__}.")
         return model.list_adapters()

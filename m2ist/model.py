@@ -39,6 +39,7 @@ from .head import RECHead, rec_loss
 from .layer import SideNetwork, make_checkpoint_function
 from .provenance import _load_recorded_tower, _warn_if_other_tower, tower_identity
 from .save_and_load import (
+    ALL_ADAPTERS,
     PIPELINE,
     PROCESSOR_CONFIG_NAME,
     PROCESSOR_FILES,
@@ -946,8 +947,10 @@ class SideTunedModel(RECModel):
     ) -> dict[str, RECModelOutput]:
         """Every adapter's answer on the same inputs, ``{name: RECModelOutput}``: the towers run once (tapping
         the union of the adapters' layers), then each adapter's side network and head. ``adapter_names`` (one name
-        or a list) limits it to those adapters (default: all, the active one first). Each output equals running that
-        adapter alone."""
+        or a list; ``"all"`` as in :meth:`predict`) limits it to those adapters (default: all, the active one first).
+        Each output equals running that adapter alone."""
+        if adapter_names == ALL_ADAPTERS:
+            adapter_names = None
         if isinstance(adapter_names, str):
             adapter_names = [adapter_names]
         names = list(adapter_names) if adapter_names is not None else self.list_adapters()
@@ -969,7 +972,7 @@ class SideTunedModel(RECModel):
             return super().predict(images, texts, processor=processor, batch_size=batch_size)
         if PIPELINE.predict is None:
             raise RuntimeError("predict() needs the REC pipeline: import m2ist.inference first.")
-        names = self.list_adapters() if adapters == "all" else [adapters] if isinstance(adapters, str) else list(adapters)
+        names = self.list_adapters() if adapters == ALL_ADAPTERS else [adapters] if isinstance(adapters, str) else list(adapters)
         return PIPELINE.predict(self, images, texts, processor=processor, batch_size=batch_size, adapters=names)
 
     # ---------------------------------------------------------------------------------------------------------
@@ -1059,17 +1062,7 @@ class SideTunedModel(RECModel):
 
     def _check_new_name(self, name: str) -> None:
         """Refuse a name that cannot name a new adapter (unusable, or taken)."""
-        if not isinstance(name, str):
-            order = (" M2IST takes the name first, as PEFT does: add_adapter('name', config), not transformers' "
-                     "add_adapter(config, name)." if isinstance(name, M2ISTConfig) else "")
-            raise TypeError(f"An adapter name is a string, got {describe_value(name)}.{order}")
-        problem = adapter_name_problem(name) or (f"{BASE_ADAPTER!r} is PEFT's 'no adapter'" if name == BASE_ADAPTER
-                                                 else None)
-        if problem is not None:
-            raise ValueError(f"Adapter name {name!r} is not usable: {problem}. Give a non-empty name without '/', "
-                             "'\\', '.', spaces at either end or control characters (it becomes a module name and a "
-                             f"subfolder when saving), other than {BASE_ADAPTER!r}, 'checkpoint-*', 'runs', "
-                             "'last-checkpoint' and 'tower_cache'; e.g. 'refcoco_plus'.")
+        _check_adapter_name(name)
         if name in self.adapter_setups:
             raise ValueError(f"An adapter named {name!r} already exists; delete_adapter({name!r}) first or pick "
                              "another name.")
@@ -1082,11 +1075,6 @@ class SideTunedModel(RECModel):
                              "form): saved, both would be one subfolder on a case-insensitive file system (macOS, "
                              "Windows) and one adapter's weights would replace the other's; pick a name that differs "
                              "in more than case.")
-        reserved = next((pattern for pattern in RESERVED_ADAPTER_NAMES if fnmatch.fnmatchcase(folded, pattern)), None)
-        if reserved is not None:
-            raise ValueError(f"Adapter name {name!r} is {reserved!r} in another case: on a case-insensitive file system "
-                             "(macOS, Windows) its subfolder would be the trainer's checkpoint, log or cache folder, "
-                             "which pushes skip and saves replace; pick another name, e.g. 'refcoco_plus'.")
 
     def _check_compatible(self, name: str, config: M2ISTConfig) -> M2ISTConfig:
         """``config`` completed with the towers' settings; raise if it cannot share this model's towers."""
@@ -1489,6 +1477,7 @@ class SideTunedModel(RECModel):
         local_files_only: bool = False,
         endpoint: str | None = None,
         trust_remote_code: bool = False,
+        adapter_name: str = DEFAULT_ADAPTER,
         **kwargs: Any,
     ) -> SideTunedModel:
         """Load a saved side adapter from a folder or a Hub repo id, ready for inference (as PEFT does).
@@ -1513,6 +1502,8 @@ class SideTunedModel(RECModel):
             token / cache_dir / local_files_only / endpoint: Hub options (``endpoint`` for a mirror).
             trust_remote_code: passed to ``from_pretrained`` of the recorded tower class (``AutoModel`` for configs
                 that record none) when the towers are re-loaded.
+            adapter_name: the name the loaded adapter takes (PEFT's ``adapter_name``; default ``"default"``), e.g.
+                for :meth:`load_adapter` of others beside it. It is saved in its own subfolder (as PEFT does).
             **kwargs: runtime settings of the config that may differ from the saved ones: ``backbone_dtype``,
                 ``side_dropout``, ``fusion_dropout``. Anything else is refused.
 
@@ -1543,6 +1534,7 @@ class SideTunedModel(RECModel):
             raise TypeError(f"SideTunedModel.from_pretrained() got unexpected keyword arguments {unknown}. It accepts "
                             f"{sorted(_FROM_PRETRAINED_ARGUMENTS + LOAD_OVERRIDES)} (the last three change runtime "
                             "settings of the saved config; architecture settings cannot change when loading).")
+        _check_adapter_name(adapter_name)  # before any download
         target_device = _single_device(device, device_map)
         hub = {"revision": revision, "token": token, "cache_dir": cache_dir, "local_files_only": local_files_only,
                "endpoint": endpoint}
@@ -1596,7 +1588,32 @@ class SideTunedModel(RECModel):
         for module in (model.side, model.head):
             module.requires_grad_(is_trainable)
         model.train(is_trainable)
+        if adapter_name != DEFAULT_ADAPTER:  # the only adapter, active: renaming it touches nothing else
+            model.adapter_setups = {adapter_name: model.adapter_setups.pop(DEFAULT_ADAPTER)}
+            model._active_adapter = adapter_name
         return model
+
+
+def _check_adapter_name(name: object) -> None:
+    """Refuse a name that cannot name an adapter: it becomes a module name and a subfolder when saving (reserved
+    folder names are refused in any case: on macOS and Windows ``Runs/`` is the trainer's ``runs/``)."""
+    if not isinstance(name, str):
+        order = (" M2IST takes the name first, as PEFT does: add_adapter('name', config), not transformers' "
+                 "add_adapter(config, name)." if isinstance(name, M2ISTConfig) else "")
+        raise TypeError(f"An adapter name is a string, got {describe_value(name)}.{order}")
+    problem = adapter_name_problem(name) or (f"{BASE_ADAPTER!r} is PEFT's 'no adapter'" if name == BASE_ADAPTER
+                                             else None)
+    if problem is not None:
+        raise ValueError(f"Adapter name {name!r} is not usable: {problem}. Give a non-empty name without '/', "
+                         "'\\', '.', spaces at either end or control characters (it becomes a module name and a "
+                         f"subfolder when saving), other than {BASE_ADAPTER!r}, 'checkpoint-*', 'runs', "
+                         "'last-checkpoint' and 'tower_cache'; e.g. 'refcoco_plus'.")
+    folded = _folded_name(name)
+    reserved = next((pattern for pattern in RESERVED_ADAPTER_NAMES if fnmatch.fnmatchcase(folded, pattern)), None)
+    if reserved is not None:
+        raise ValueError(f"Adapter name {name!r} is {reserved!r} in another case: on a case-insensitive file system "
+                         "(macOS, Windows) its subfolder would be the trainer's checkpoint, log or cache folder, "
+                         "which pushes skip and saves replace; pick another name, e.g. 'refcoco_plus'.")
 
 
 def _cannot_merge(verb: str) -> str:
@@ -1641,7 +1658,7 @@ def _nothing_to_load(given: list[Any], known: set[str]) -> str:
 
 _FROM_PRETRAINED_ARGUMENTS = ("vision_model", "text_model", "is_trainable", "subfolder", "revision", "dtype",
                               "torch_dtype", "device", "device_map", "token", "cache_dir", "local_files_only",
-                              "endpoint", "trust_remote_code")
+                              "endpoint", "trust_remote_code", "adapter_name")
 
 
 def _folded_name(name: str) -> str:

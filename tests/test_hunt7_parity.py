@@ -110,3 +110,31 @@ def test_return_dict_follows_transformers_none_gives_the_output_object(model) ->
         assert isinstance(model.forward_features(features, return_dict=None), RECModelOutput)
         with pytest.raises(TypeError, match="return_dict must be True or False, got str 'False'"):
             model(**inputs, return_dict="False")
+
+
+def test_from_pretrained_names_the_loaded_adapter_as_peft_does(model, tmp_path: Path) -> None:
+    """PEFT's ``PeftModel.from_pretrained(base, path, adapter_name="refcoco")`` names the loaded adapter; m2ist
+    refused the keyword, so the loaded adapter was always "default" beside those loaded after it."""
+    model.save_pretrained(tmp_path / "a")
+    loaded = SideTunedModel.from_pretrained(tmp_path / "a", model.vision_model, model.text_model,
+                                            adapter_name="refcoco")
+    assert loaded.active_adapter == "refcoco" and loaded.list_adapters() == ["refcoco"]
+    loaded.load_adapter(tmp_path / "a", adapter_name="default")  # the name is free
+    batch = make_batch()
+    inputs = {key: value for key, value in batch.items() if key != "labels"}
+    with torch.no_grad():
+        outputs = loaded.forward_all_adapters(**inputs, adapter_names="all")
+        torch.testing.assert_close(outputs["refcoco"].pred_boxes, outputs["default"].pred_boxes)
+    loaded.save_pretrained(tmp_path / "b")
+    assert (tmp_path / "b" / "refcoco" / "m2ist_config.json").is_file()  # in its subfolder, as PEFT saves it
+    for bad, error in (("a/b", ValueError), ("RUNS", ValueError), (3, TypeError)):
+        with pytest.raises(error, match=r"(A|a)dapter name"):
+            SideTunedModel.from_pretrained(tmp_path / "a", model.vision_model, model.text_model, adapter_name=bad)
+
+
+def test_forward_all_adapters_takes_all_as_predict_and_evaluate_do(model) -> None:
+    """``adapter_names="all"`` (what predict and evaluate take for every adapter) raised "No adapter named 'all'"."""
+    batch = make_batch()
+    inputs = {key: value for key, value in batch.items() if key != "labels"}
+    with torch.no_grad():
+        assert list(model.forward_all_adapters(**inputs, adapter_names="all")) == model.list_adapters()
