@@ -97,17 +97,29 @@ def without_trailing_padding(features: TowerFeatures) -> TowerFeatures:
                          taps={kind: [kept(t) for t in taps] for kind, taps in features.taps.items()})
 
 
-def to_tokens(x: torch.Tensor, layout: str) -> tuple[torch.Tensor, tuple[int, int] | None]:
+def to_tokens(x: torch.Tensor, layout: str, aspect: float | None = None) -> tuple[torch.Tensor, tuple[int, int] | None]:
     """``x`` in ``layout`` (an einops pattern) as ``(B, N, C)`` tokens, plus its grid when the layout has one.
 
-    A 4-D tensor given as plain tokens is read as ``(B, C, H, W)``, the convention of Hugging Face CNN outputs.
+    A 4-D tensor given as plain tokens is read as ``(B, C, H, W)``, the convention of Hugging Face CNN outputs, unless
+    ``aspect`` (the canvas's height / width) shows it channels-last, ``(B, H, W, C)`` (SAM's vision layers): its middle
+    axes then form a grid of the canvas's aspect and its last two a grid further from it.
     """
     if layout == TOKENS and x.dim() == 4:
-        layout = "b c h w"
+        layout = "b h w c" if aspect is not None and _channels_last(x.shape, aspect) else "b c h w"
     if layout == TOKENS:
         return x, None
     grid_axes = dict(zip(layout.split(), x.shape))
     return rearrange(x, f"{layout} -> b (h w) c"), (grid_axes["h"], grid_axes["w"])
+
+
+def _channels_last(shape: torch.Size, aspect: float) -> bool:
+    """Whether a ``(B, ?, ?, ?)`` feature map is ``(B, H, W, C)``: read so, its grid is within 1.5x of the canvas's
+    aspect and nearer to it than read as ``(B, C, H, W)`` (a tie stays channels-first)."""
+    def error(height: int, width: int) -> float:
+        return abs(math.log(height / width / aspect))
+
+    last = error(shape[1], shape[2])
+    return last < math.log(1.5) and last < error(shape[2], shape[3])
 
 
 class TowerLayoutError(ValueError):
@@ -130,10 +142,11 @@ def infer_grid(num_tokens: int, aspect: float, square_only: bool | None = None) 
 
 
 def resample_tokens(x: torch.Tensor, grid: tuple[int, int] | None, target: torch.Tensor, target_grid,
-                    prefix: int) -> torch.Tensor:
+                    prefix: int, dropped: int = 0) -> torch.Tensor:
     """Bring tap ``x`` to the final output's token layout (``prefix`` leading tokens, then ``target_grid``) by
     average-pooling its patch grid. A tap from a stage without the leading tokens (PVT adds its CLS token in the
-    last stage) gets their place filled with the mean of its pooled patches."""
+    last stage) gets their place filled with the mean of its pooled patches; the ``dropped`` leading tokens of a
+    tower whose output is a feature map without them (CvT's last-stage CLS token) are left out of a tap."""
     if x.shape[1] == target.shape[1] and (grid is None or grid == target_grid):
         return x
     if x.dim() == 3 and x.shape[:2] == target.shape[:2][::-1]:
@@ -154,20 +167,24 @@ def resample_tokens(x: torch.Tensor, grid: tuple[int, int] | None, target: torch
         try:
             grid = infer_grid(x.shape[1] - prefix, aspect)
         except ValueError:
-            try:
-                lead, grid = 0, infer_grid(x.shape[1], aspect)
-            except ValueError:
+            for lead in dict.fromkeys((0, 0 if prefix else dropped)):
+                try:
+                    grid = infer_grid(x.shape[1] - lead, aspect)
+                    break
+                except ValueError:
+                    continue
+            if grid is None:
                 raise TowerLayoutError(
                     f"A layer gives {x.shape[1]} tokens, which form no patch grid like the final output's "
                     f"{target_grid[0]}x{target_grid[1]}, with or without its {prefix} leading tokens: the tower's "
                     "layers carry tokens that are not image patches (as GroupViT's group tokens are), or its prefix / "
                     "suffix token counts are wrong (vision_taps={'num_prefix_tokens': ..., 'num_suffix_tokens': "
                     "...})") from None
-    if lead not in (0, prefix):
+    if lead not in (0, prefix) and not (prefix == 0 and lead == dropped):
         raise ValueError(f"A tap has {lead} leading tokens, the final output {prefix}: they cannot be matched.")
     patches = rearrange(x[:, lead:], "b (h w) c -> b c h w", h=grid[0], w=grid[1])
     pooled = rearrange(F.adaptive_avg_pool2d(patches, target_grid), "b c h w -> b (h w) c")
-    leading = x[:, :lead] if lead else pooled.mean(dim=1, keepdim=True).expand(-1, prefix, -1)
+    leading = x[:, :lead] if lead and lead == prefix else pooled.mean(dim=1, keepdim=True).expand(-1, prefix, -1)
     return torch.cat([leading, pooled], dim=1)
 
 
@@ -496,6 +513,7 @@ class Tower:
         suffix = override.get("num_suffix_tokens", self.spec.num_suffix_tokens(self.model.config))
         self.num_prefix_tokens = count_token_parameters(self.model, PREFIX_PARAMETERS, skip) if prefix is None else prefix
         self.num_suffix_tokens = count_token_parameters(self.model, SUFFIX_PARAMETERS, skip) if suffix is None else suffix
+        self.layer_leading_tokens = self.num_prefix_tokens + self.num_suffix_tokens  # kept if the output drops them
 
     # --------------------------------------------------------------------------------------------------------
     @property
@@ -550,7 +568,8 @@ class Tower:
         if spec.status == "fallback" and self._hidden_states_start_at(recorder.block_input, probe_inputs):
             # no attention / feed-forward pair (a CNN): the tower's own hidden states are its layers
             return hidden_states_spec(self.model, f"its repeated {type(order[0][1]).__name__} has no attention / "
-                                                  "feed-forward residual pair (a CNN)")
+                                                  "feed-forward residual pair in its sub-modules (a CNN, or "
+                                                  "windowed attention re-assembled in the layer's own code)")
         self.layers = order
         return spec
 
@@ -715,6 +734,13 @@ class Tower:
             raise ValueError(f"The {self.modality} tower {type(self.model).__name__} returns a tuple, not a model "
                              "output: its config has return_dict=False (or torchscript=True). Set "
                              "model.config.return_dict = True (and torchscript = False) before wrapping it.")
+        if not hasattr(out, "last_hidden_state"):  # a backbone (feature maps) or a task head (logits)
+            fields = ", ".join(k for k, v in out.items() if v is not None) if hasattr(out, "items") else type(out).__name__
+            what = "a backbone (AutoBackbone), which returns feature maps" if hasattr(out, "feature_maps") else \
+                "not a base model"
+            raise self.structural_refusal(
+                f"its output has no last_hidden_state, only {fields}: it is {what}; load the checkpoint with "
+                "AutoModel (its base model) instead, where its family has one")
         return out
 
     def _run(self, inputs: dict[str, torch.Tensor], hidden_states: bool) -> tuple[torch.Tensor, torch.Tensor, Any]:
@@ -752,7 +778,8 @@ class Tower:
                 f"{pixel_values.shape[0]} images give an output of shape {tuple(out.last_hidden_state.shape)}: its "
                 "forward packs the images of a batch into one sequence (as Pixtral's vision model does), and m2ist "
                 "reads one output per image; use a tower that keeps the batch dimension")
-        tokens, grid = to_tokens(out.last_hidden_state, self.spec.layer_layout)
+        tokens, grid = to_tokens(out.last_hidden_state, self.spec.layer_layout,
+                                 pixel_values.shape[-2] / pixel_values.shape[-1])
         if grid is not None:  # a feature map: no prefix tokens, the grid is its own
             self.num_prefix_tokens, self.num_suffix_tokens, self.grid = 0, 0, grid
         tokens = self.canonical(tokens)
@@ -841,15 +868,17 @@ class Tower:
                 for kind in kinds:
                     captured[(kind, index)] = (states[index + 1], self.spec.layer_layout)
         image_hw = inputs["pixel_values"].shape[-2:] if self.modality == VISION else None
+        aspect = image_hw[0] / image_hw[1] if image_hw is not None else None
         grid = self.grid_of(tokens.shape[1], image_hw)
 
         def aligned(key) -> torch.Tensor:
             if key not in captured:
                 raise ValueError(self.refusal(f"the tap {key} was never reached in the forward"))
-            x, x_grid = to_tokens(*captured[key])
+            x, x_grid = to_tokens(*captured[key], aspect)
             if self.modality == VISION:
                 x = self.canonical(x)
-            return resample_tokens(x, x_grid, tokens, grid, self.num_leading_tokens).float()
+            return resample_tokens(x, x_grid, tokens, grid, self.num_leading_tokens,
+                                   getattr(self, "layer_leading_tokens", 0) or 0).float()
 
         return TowerFeatures(
             tokens=tokens.float(), mask=mask, seed=aligned("seed"),

@@ -108,8 +108,11 @@ def _check_taps_against_hidden_states(item: Built, batch: dict) -> None:
         _, _, out = tower._run(inputs, hidden_states=True)
     states = getattr(out, family.states or tower.spec.hidden_states_key, None) if out is not None else None
     assert item.report.depth == family.depth
-    if tower.spec.uses_hidden_states or not states or not family.states_are_layers:
-        return  # the taps are the hidden states themselves, the tower has none, or they are normalised stages
+    if tower.spec.uses_hidden_states and states:
+        _check_hidden_state_taps(item, inputs, states)
+        return
+    if not states or not family.states_are_layers:
+        return  # the tower has no hidden states, or they are normalised stages
     raw = _raw_layer_outputs(item, inputs)
     compared = 0
     last = len(states) - 1 - (1 if family.last_state_normed else 0)
@@ -126,6 +129,19 @@ def _check_taps_against_hidden_states(item: Built, batch: dict) -> None:
                 raise AssertionError(f"layer {index} of {len(states) - 1}: {err}") from None
             compared += 1
     assert compared, f"no layer tap could be compared with {family.states or tower.spec.hidden_states_key}"
+
+
+def _check_hidden_state_taps(item: Built, inputs: dict, states: tuple) -> None:
+    """Taps read from ``output_hidden_states`` are those states, read in their own layout (SAM's layers are
+    channels-last): the same channels, and the same values where the state's grid is the final one."""
+    tower, family = item.tower, item.family
+    taps = tower.tap(inputs, list(range(len(states) - 1)), ["layer"]).taps["layer"]
+    for index, tap in enumerate(taps):
+        state, _ = to_tokens(states[index + 1], family.states_layout)
+        state = tower.canonical(state) if item.role == "vision" else state
+        assert tap.shape[-1] == state.shape[-1], f"layer {index}: a tap of {tap.shape[-1]} channels, not {state.shape[-1]}"
+        if tap.shape == state.shape:
+            torch.testing.assert_close(tap, state.float(), rtol=1e-4, atol=1e-5)
 
 
 def _check_padding(item: Built, batch: dict) -> None:

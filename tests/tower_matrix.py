@@ -144,6 +144,62 @@ VISION_FAMILIES: list[Family] = [
     Family("conditional_detr", _detr(T.ConditionalDetrModel, T.ConditionalDetrConfig), grid=(4, 4)),
     Family("deformable_detr", _detr(T.DeformableDetrModel, T.DeformableDetrConfig, num_feature_levels=1),
            refused="multi-scale"),
+    # round 15: families a REC user could pick that the matrix lacked
+    Family("levit", lambda: T.LevitModel(T.LevitConfig(
+        image_size=IMAGE_SIZE, hidden_sizes=[16, 32, 48], num_attention_heads=[1, 2, 2], depths=[1, 1, 1],
+        key_dim=[8, 8, 8], down_ops=[["Subsample", 8, 2, 4, 2, 2], ["Subsample", 8, 4, 4, 2, 2]])),
+           grid=(1, 1), depth=3),  # its residual sub-layers are separate modules: the stages are tapped
+    Family("cvt", lambda: T.CvtModel(T.CvtConfig(embed_dim=[8, 16, 32], num_heads=[1, 1, 2], depth=[1, 2, 3],
+                                                  mlp_ratio=[2.0, 2.0, 2.0])),
+           grid=(2, 2), depth=6, states_are_layers=False),  # its last-stage CLS token is left out of the taps
+    Family("bit", lambda: T.BitModel(T.BitConfig(embedding_size=8, hidden_sizes=[16, 32], depths=[1, 1], num_groups=4,
+                                                  layer_type="bottleneck", global_padding="SAME")), grid=(4, 4)),
+    Family("mobilenet_v2", lambda: T.MobileNetV2Model(T.MobileNetV2Config(image_size=IMAGE_SIZE, depth_multiplier=0.25)),
+           grid=(1, 1), depth=16),
+    Family("mobilevitv2", lambda: T.MobileViTV2Model(T.MobileViTV2Config(image_size=IMAGE_SIZE, width_multiplier=0.25)),
+           refused="its forward fails on the probe inputs"),  # too small a canvas: its last stage unfolds a 1x1 map
+    Family("swiftformer", lambda: T.SwiftFormerModel(T.SwiftFormerConfig(image_size=IMAGE_SIZE, depths=[1, 1, 1, 1],
+                                                                          embed_dims=[8, 16, 16, 32])),
+           grid=(1, 1), depth=7),
+    Family("textnet", lambda: T.TextNetModel(T.TextNetConfig()), grid=(1, 1), depth=4),
+    Family("hgnet_v2 (AutoBackbone)", lambda: T.HGNetV2Backbone(T.HGNetV2Config()), refused="it is a backbone",
+           overridable=False),
+    Family("dinov2 (AutoBackbone)", lambda: T.Dinov2Backbone(T.Dinov2Config(
+        hidden_size=H, num_hidden_layers=L, num_attention_heads=A, mlp_ratio=2, image_size=IMAGE_SIZE, patch_size=8,
+        out_features=["stage2"])), refused="it is a backbone", overridable=False),
+    Family("vitdet", lambda: T.VitDetModel(T.VitDetConfig(
+        **_LAYERS, image_size=IMAGE_SIZE, pretrain_image_size=IMAGE_SIZE, patch_size=8, window_size=2,
+        window_block_indices=[0])), grid=G4),
+    Family("sam_vision", lambda: T.SamVisionModel(T.SamVisionConfig(
+        hidden_size=H, num_hidden_layers=L, num_attention_heads=A, mlp_dim=F, image_size=IMAGE_SIZE, patch_size=8,
+        output_channels=16, window_size=2, global_attn_indexes=[1], initializer_range=0.02)),
+           grid=G4, states_layout="b h w c"),  # channels-last layers, channels-first output (its neck)
+    Family("dpt", lambda: T.DPTModel(T.DPTConfig(**_LAYERS, image_size=IMAGE_SIZE, patch_size=8,
+                                                  backbone_out_indices=[0, 1], neck_hidden_sizes=[16, 16],
+                                                  reassemble_factors=[1, 1], fusion_hidden_size=16)),
+           prefix=1, grid=G4),
+    Family("glpn", lambda: T.GLPNModel(T.GLPNConfig(num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1],
+                                                     hidden_sizes=[16, 32], patch_sizes=[7, 3], strides=[4, 2],
+                                                     num_attention_heads=[1, 2], mlp_ratios=[2, 2])),
+           grid=(4, 4), states_are_layers=False),
+    Family("mlcd_vision", _vit_like(T.MLCDVisionConfig, T.MLCDVisionModel), prefix=1, grid=G4),
+    Family("siglip2 (dual encoder)", lambda: T.Siglip2Model(T.Siglip2Config(
+        vision_config=dict(**_LAYERS, patch_size=8, num_patches=16), text_config=dict(**_LAYERS, vocab_size=VOCAB))),
+           grid=G4),
+    Family("owlvit_vision", _vit_like(T.OwlViTVisionConfig, T.OwlViTVisionModel), prefix=1, grid=G4),
+    Family("owlv2_vision", _vit_like(T.Owlv2VisionConfig, T.Owlv2VisionModel), prefix=1, grid=G4),
+    Family("blip_vision", _vit_like(T.BlipVisionConfig, T.BlipVisionModel, initializer_range=0.02), prefix=1, grid=G4),
+    Family("chinese_clip_vision", _vit_like(T.ChineseCLIPVisionConfig, T.ChineseCLIPVisionModel), prefix=1, grid=G4),
+    Family("altclip_vision", _vit_like(T.AltCLIPVisionConfig, T.AltCLIPVisionModel), prefix=1, grid=G4),
+    Family("groupvit_vision", lambda: T.GroupViTVisionModel(T.GroupViTVisionConfig(
+        hidden_size=H, intermediate_size=F, depths=[1, 1], num_group_tokens=[4, 0], num_output_groups=[4, 4],
+        num_attention_heads=A, image_size=IMAGE_SIZE, patch_size=8)), refused="form no patch grid", overridable=False),
+    Family("x_clip_vision", _vit_like(T.XCLIPVisionConfig, T.XCLIPVisionModel),
+           refused="its forward fails on the probe inputs"),  # a batch is read as clips of num_frames (8) frames
+    Family("vjepa2", lambda: T.VJEPA2Model(T.VJEPA2Config(
+        hidden_size=H, num_hidden_layers=L, num_attention_heads=A, mlp_ratio=2, crop_size=IMAGE_SIZE, patch_size=8,
+        frames_per_clip=2, tubelet_size=2, pred_hidden_size=16, pred_num_hidden_layers=1, pred_num_attention_heads=2)),
+           refused="pixel_values_videos", overridable=False),
 ]
 
 
@@ -210,6 +266,46 @@ TEXT_FAMILIES: list[Family] = [
            refused="pads the sequence inside its layers", overridable=False),
     Family("xlnet", lambda: T.XLNetModel(T.XLNetConfig(d_model=H, n_layer=L, n_head=A, d_inner=F, vocab_size=VOCAB)),
            refused="its layers are sequence-first", overridable=False),
+    # round 15
+    Family("big_bird", _text(T.BigBirdConfig, T.BigBirdModel, attention_type="block_sparse", block_size=2,
+                             num_random_blocks=1)),  # short phrases: runs its full attention
+    Family("canine", lambda: T.CanineModel(T.CanineConfig(**_LAYERS, downsampling_rate=2, num_hash_buckets=64,
+                                                          num_hash_functions=2, local_transformer_stride=4)),
+           refused="changes its sequence length between layers", overridable=False),
+    Family("luke", _text(T.LukeConfig, T.LukeModel, entity_vocab_size=10, entity_emb_size=16)),
+    Family("xmod", _text(T.XmodConfig, T.XmodModel, languages=["en_XX"], default_language="en_XX")),
+    Family("rembert", _text(T.RemBertConfig, T.RemBertModel, input_embedding_size=16, output_embedding_size=16)),
+    Family("squeezebert", _text(T.SqueezeBertConfig, T.SqueezeBertModel, embedding_size=H, q_groups=1, k_groups=1,
+                                v_groups=1, post_attention_groups=1, intermediate_groups=1, output_groups=1)),
+    Family("ibert", _text(T.IBertConfig, T.IBertModel)),
+    Family("megatron_bert", _text(T.MegatronBertConfig, T.MegatronBertModel), last_state_normed=True),
+    Family("esm", _text(T.EsmConfig, T.EsmModel, pad_token_id=0, mask_token_id=1, position_embedding_type="rotary"),
+           last_state_normed=True),
+    Family("bros", _text(T.BrosConfig, T.BrosModel), refused="You have to specify bbox"),
+    Family("layoutlm", _text(T.LayoutLMConfig, T.LayoutLMModel)),
+    Family("lilt", lambda: T.LiltModel(T.LiltConfig(**{**_LAYERS, "hidden_size": 48}, vocab_size=VOCAB,
+                                                    channel_shrink_ratio=4))),
+    Family("markuplm", _text(T.MarkupLMConfig, T.MarkupLMModel)),
+    Family("mt5 (encoder)", lambda: T.MT5EncoderModel(T.MT5Config(d_model=H, d_kv=16, d_ff=F, num_layers=L,
+                                                                   num_heads=A, vocab_size=VOCAB)),
+           last_state_normed=True),
+    Family("umt5 (encoder)", lambda: T.UMT5EncoderModel(T.UMT5Config(d_model=H, d_kv=16, d_ff=F, num_layers=L,
+                                                                      num_heads=A, vocab_size=VOCAB)),
+           last_state_normed=True),
+    Family("t5gemma (encoder)", lambda: T.T5GemmaEncoderModel(T.T5GemmaConfig(
+        encoder=dict(**_DECODER, head_dim=16), decoder=dict(**_DECODER, head_dim=16), vocab_size=VOCAB,
+        is_encoder_decoder=False)), last_state_normed=True),
+    Family("modernbert-decoder", _text(T.ModernBertDecoderConfig, T.ModernBertDecoderModel, global_attn_every_n_layers=2,
+                                       pad_token_id=0, bos_token_id=1, eos_token_id=2, cls_token_id=1,
+                                       sep_token_id=2), last_state_normed=True),
+    Family("olmo3", _text(T.Olmo3Config, T.Olmo3Model, **_DECODER, sliding_window=4), last_state_normed=True),
+    Family("smollm3", _text(T.SmolLM3Config, T.SmolLM3Model, **_DECODER, pad_token_id=0), last_state_normed=True),
+    Family("qwen3_moe", _text(T.Qwen3MoeConfig, T.Qwen3MoeModel, **_DECODER, head_dim=16, num_experts=2,
+                              num_experts_per_tok=1, moe_intermediate_size=16), last_state_normed=True),
+    Family("granite", _text(T.GraniteConfig, T.GraniteModel, **_DECODER), last_state_normed=True),
+    Family("cohere2", _text(T.Cohere2Config, T.Cohere2Model, **_DECODER, sliding_window=4),
+           last_state_normed=True),  # parallel attention and MLP
+    Family("exaone4", _text(T.Exaone4Config, T.Exaone4Model, **_DECODER, sliding_window=4), last_state_normed=True),
 ]
 
 
