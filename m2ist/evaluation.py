@@ -118,29 +118,26 @@ def _check_ground_truth(gt: torch.Tensor) -> None:
 
 
 def _check_same_frame(pred: torch.Tensor, gt: torch.Tensor) -> None:
-    """Refuse boxes of two frames: predictions wholly within ``[0, 1]`` (the model's normalised ``pred_boxes``)
-    against ground truth in pixels (coordinates beyond 2), or ground truth wholly within ``[0, 1]`` (normalised
-    labels) against predictions in pixels (beyond 4, as ``m2ist.data.dataset.check_pixel_box`` reads a box within ``[0, 1]`` of an
-    image over 4 pixels as fractions): every IoU would be about 0 and the accuracy 0 without a word.
-    Predictions all at ``(0, 0, 0, 0)`` (clamped off an image's corner) are pixels, and are scored."""
+    """Refuse boxes of two frames, where every IoU would be about 0 and the accuracy 0 without a word: predictions
+    wholly within ``[0, 1]`` (the model's normalised ``pred_boxes``) against ground truth in pixels (beyond 2), and
+    ground truth wholly within ``[0, 1]`` (a batch's normalised labels) against predictions in pixels (beyond 4: a
+    one-pixel box in the corner is no fraction, as ``m2ist.data.dataset.check_pixel_box`` reads it). Predictions all
+    at ``(0, 0, 0, 0)`` (clamped off an image's corner) are pixels, and are scored."""
     if pred.numel() == 0:
         return
-    if bool(((pred >= 0) & (pred <= 1)).all()) and bool((pred != 0).any()):
-        largest = float(gt.abs().max())
-        if largest > 2.0:
-            raise ValueError(
-                f"pred_xyxy lies within [0, 1] while gt_xyxy is in pixels (up to {largest:g}): give the predictions in "
-                "xyxy pixels of the original image too (processor.post_process_boxes(outputs.pred_boxes, "
-                "batch['image_geometry']) maps the model's normalised cx, cy, w, h there)."
-            )
-    if bool(((gt >= 0) & (gt <= 1)).all()):  # beyond 4: a box of 1 pixel in the corner is no fraction
-        largest = float(pred.abs().max())
-        if largest > 4.0:
-            raise ValueError(
-                f"gt_xyxy lies within [0, 1] while pred_xyxy is in pixels (up to {largest:g}): give the ground truth "
-                "in xyxy pixels of the original image too (the labels of a batch are normalised cx, cy, w, h of the "
-                "canvas; score pixel predictions against the samples' boxes, as evaluate() does)."
-            )
+    fractions = {"pred_xyxy": bool(((pred >= 0) & (pred <= 1)).all()) and bool((pred != 0).any()),
+                 "gt_xyxy": bool(((gt >= 0) & (gt <= 1)).all())}
+    for name, other, pixels, limit, fix in (
+        ("pred_xyxy", "gt_xyxy", gt, 2.0, "give the predictions in xyxy pixels of the original image too "
+         "(processor.post_process_boxes(outputs.pred_boxes, batch['image_geometry']) maps the model's normalised cx, "
+         "cy, w, h there)"),
+        ("gt_xyxy", "pred_xyxy", pred, 4.0, "give the ground truth in xyxy pixels of the original image too (the "
+         "labels of a batch are normalised cx, cy, w, h of the canvas; score pixel predictions against the samples' "
+         "boxes, as evaluate() does)"),
+    ):
+        largest = float(pixels.abs().max())
+        if fractions[name] and largest > limit:
+            raise ValueError(f"{name} lies within [0, 1] while {other} is in pixels (up to {largest:g}): {fix}.")
 
 
 def _paired_iou(pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
