@@ -19,7 +19,7 @@ from .flags import (
     wrap,
 )
 from .loading import default_device, info, load_adapter, local_or_hub
-from .report import print_metrics
+from .report import print_metrics, refuse_non_json_name
 from .settings import settings_help
 
 #: The line ``m2ist --help`` shows for this command.
@@ -54,6 +54,7 @@ def run(settings: dict[str, dict[str, Any]], args: argparse.Namespace) -> int:
         output = Path(adapter) / name if adapter and Path(adapter).is_dir() else Path(name)
     refuse_dash("--output", output, "give a file name for the JSON results (the table goes to stdout).")
     check_output_file(output)  # a bad --output fails now, not after the whole evaluation
+    refuse_non_json_name("--output", output)
     splits = load_data_splits(settings["data"], "eval")
     model, processor = load_adapter(settings)
     try:

@@ -63,6 +63,31 @@ def _refuse_baseline_checkpoint(folder: Path) -> None:
                        "load side adapters. In Python: model = m2ist.evidence.baselines.build_model(vision, text, config, "
                        f"method={method!r}); m2ist.trainer.load_trainable_tensors(model, {str(folder)!r}).")
 
+def _checkpoint_step(name: str) -> int:
+    """The step of a ``checkpoint-<step>`` folder name (-1 for any other name)."""
+    step = name.removeprefix("checkpoint-")
+    return int(step) if name.startswith("checkpoint-") and step.isdigit() else -1
+
+
+def _refuse_folder_without_adapter(folder: Path) -> None:
+    """A folder with no ``m2ist_config.json`` of its own (a run's folder that holds only ``checkpoint-*/``, a
+    folder above the adapters): refuse it naming the ``--adapter`` that loads one of the adapters it holds."""
+    from m2ist.config import CONFIG_NAME
+
+    if not folder.is_dir() or (folder / CONFIG_NAME).is_file():
+        return
+    held = sorted((sub for sub in folder.iterdir() if (sub / CONFIG_NAME).is_file()),
+                  key=lambda sub: (_checkpoint_step(sub.name), sub.name))
+    if not held:
+        raise CLIError(f"--adapter {folder} holds no {CONFIG_NAME}, nor do its subfolders: give the folder "
+                       "`m2ist train` wrote (its --output-dir) or one of its checkpoint-* folders.")
+    latest = held[-1] if _checkpoint_step(held[-1].name) >= 0 else held[0]
+    names = [sub.name for sub in held]
+    shown = names[:8] + ([f"... ({len(names) - 8} more)"] if len(names) > 8 else [])
+    raise CLIError(f"--adapter {folder} holds no adapter itself but adapters in its subfolders {shown}: pass one of "
+                   f"them, e.g. --adapter {latest}.")
+
+
 def load_adapter(settings: Mapping[str, Mapping[str, Any]]):
     """``(model, processor)`` from ``model.adapter`` (+ optional tower and processor overrides)."""
     from m2ist.model import SideTunedModel
@@ -79,6 +104,7 @@ def load_adapter(settings: Mapping[str, Mapping[str, Any]]):
         raise CLIError(f"Adapter folder not found: {adapter} (give the --output-dir of `m2ist train`, or a Hub repo id "
                        "such as user/m2ist-refcoco).")
     _refuse_baseline_checkpoint(Path(adapter))
+    _refuse_folder_without_adapter(Path(adapter))
     trust = bool(model_settings.get("trust_remote_code", False))
     towers = {}
     recorded = _recorded_towers(adapter)

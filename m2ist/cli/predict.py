@@ -10,7 +10,8 @@ from typing import Any
 
 from .errors import CLIError, refuse_dash
 from .flags import HelpFormatter, add_adapter_flags, add_config_flags, add_evaluation_flags, add_tower_flags, examples, wrap
-from .loading import default_device, info, load_adapter
+from .loading import default_device, info, load_adapter, logger
+from .report import refuse_non_json_name
 from .settings import settings_help
 
 #: The line ``m2ist --help`` shows for this command.
@@ -31,12 +32,15 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     group = predict.add_argument_group("inputs and outputs")
     # action="extend": a repeated flag adds to the list (argparse's default keeps the last one and drops the others)
     group.add_argument("--image", nargs="+", action="extend", required=True, metavar="PATH",
-                       help="image file(s); several after one flag or the flag repeated")
+                       help="image file(s) or http(s) URL(s), downloaded once; several after one flag or the flag "
+                       "repeated")
     group.add_argument("--text", nargs="+", action="extend", required=True, metavar="PHRASE",
-                       help="referring phrase(s); several after one flag or the flag repeated")
+                       help="referring phrase(s); several after one flag or the flag repeated; - reads them from "
+                       "stdin, one per line (--text - < phrases.txt)")
     group.add_argument("--draw", metavar="OUT.png", help="also draw the boxes (one file per image: OUT-<n>.png; no "
                        "extension adds .png); replaces only an earlier drawing of this command")
-    group.add_argument("--output", metavar="FILE", help="also write the JSON to FILE (never an input image)")
+    group.add_argument("--output", metavar="FILE", help="also write the JSON to FILE (a .json name or none; never "
+                       "an input image)")
     add_evaluation_flags(predict, "predict")
     add_tower_flags(predict, " (default: the one recorded in the adapter)")
     return predict
@@ -134,13 +138,46 @@ def _check_outputs(outputs: list[tuple[str, Path]], images: list[str]) -> None:
                 raise CLIError(f"{flag} and {other_flag} both write {path}; give them different files.")
 
 
+def _is_url(image: str) -> bool:
+    """Whether ``--image`` names an ``http(s)`` URL (downloaded) rather than a file."""
+    return image.startswith(("http://", "https://"))
+
+
+def _names_a_file(text: str) -> bool:
+    """Whether a phrase is the name of an existing file (a phrase too long for a file name is not)."""
+    try:
+        return Path(text).is_file()
+    except (OSError, ValueError):
+        return False
+
+
+def _read_phrases(texts: list[str]) -> list[str]:
+    """``--text`` with each ``-`` replaced by the phrases on stdin, one per non-blank line (stdin is read once)."""
+    import sys
+
+    if "-" not in texts:
+        return texts
+    if texts.count("-") > 1:
+        raise CLIError("--text - is given more than once: stdin can be read once; give - a single time.")
+    if sys.stdin is None or sys.stdin.isatty():
+        raise CLIError("--text - reads the phrases from stdin, one per line, but stdin is a terminal: pipe or redirect "
+                       "them (--text - < phrases.txt).")
+    read = [" ".join(line.split()) for line in sys.stdin.read().splitlines()]
+    read = [line for line in read if line]
+    if not read:
+        raise CLIError("--text - read no phrase from stdin (it was empty or blank): give one phrase per line.")
+    at = texts.index("-")
+    return texts[:at] + read + texts[at + 1 :]
+
+
 def run(settings: dict[str, dict[str, Any]], args: argparse.Namespace) -> int:
     """Predict one box per phrase and print them as JSON (optionally draw them)."""
     from m2ist.data.images import image_size
     from m2ist.inference import draw_boxes, predict_boxes
+    from m2ist.processing import load_rec_image
     from m2ist.save_and_load import atomic_write
 
-    images, texts = list(args.image), list(args.text)
+    images, texts = list(args.image), _read_phrases(list(args.text))
     if args.output:
         refuse_dash("--output", args.output, "the JSON is printed on stdout already: drop --output.")
     if args.draw:
@@ -151,17 +188,27 @@ def run(settings: dict[str, dict[str, Any]], args: argparse.Namespace) -> int:
         except UnicodeEncodeError:
             raise CLIError(f"--text phrase {number} ({text.encode('utf-8', 'surrogateescape')!r}) is not valid UTF-8: "
                            "pass the phrase as UTF-8 text.") from None
+        if _names_a_file(text):  # `--text phrases.txt`: the name is the phrase, the file is never read
+            logger.warning("--text %r is the name of a file, but phrases are taken as typed: the box is for the words "
+                           "%r. To read phrases from a file, one per line: --text - < %s", text, text, text)
     if len(images) > 1 and len(texts) > 1 and len(images) != len(texts):
         raise CLIError(f"Got {len(images)} images and {len(texts)} phrases: give one phrase per image, one image "
                        "with several phrases, or several images with one phrase.")
+    # a URL is downloaded once, now (an offline machine fails here, before the model is loaded); files are only
+    # checked (a missing or unreadable one fails here too)
+    pixels = {image: load_rec_image(image) for image in dict.fromkeys(images) if _is_url(image)}
     for image in images:
-        image_size(image)  # a missing or unreadable file fails here, before the model is loaded
+        if image not in pixels:
+            image_size(image)
     drawings = _draw_paths(args.draw, [str(image) for image in images]) if args.draw else {}
-    _check_outputs(([("--output", Path(args.output))] if args.output else [])
-                   + [("--draw", path) for path in drawings.values()], [str(image) for image in images])
+    outputs = ([("--output", Path(args.output))] if args.output else []) + [("--draw", path) for path in drawings.values()]
+    _check_outputs(outputs, [image for image in images if image not in pixels])
+    if args.output:
+        refuse_non_json_name("--output", args.output, draw_hint=True)
     model, processor = load_adapter(settings)
     evaluation = settings["evaluation"]
-    boxes = predict_boxes(model, images if len(images) > 1 else images[0], texts, processor=processor,
+    inputs = [pixels.get(image, image) for image in images]
+    boxes = predict_boxes(model, inputs if len(inputs) > 1 else inputs[0], texts, processor=processor,
                           batch_size=int(evaluation.get("batch_size", 16)), device=default_device(evaluation))
     pairs = list(zip(images * len(texts) if len(images) == 1 else images,
                      texts * len(images) if len(texts) == 1 else texts))
@@ -177,7 +224,7 @@ def run(settings: dict[str, dict[str, Any]], args: argparse.Namespace) -> int:
         atomic_write(Path(args.output), lambda tmp: Path(tmp).write_text(output + "\n", encoding="utf-8"))
     for image, path in drawings.items():
         indices = [index for index, (source, _) in enumerate(pairs) if str(source) == image]
-        drawn = draw_boxes(image, boxes[indices], texts=[pairs[i][1] for i in indices])
+        drawn = draw_boxes(pixels.get(image, image), boxes[indices], texts=[pairs[i][1] for i in indices])
         atomic_write(path, lambda tmp, drawn=drawn, path=path: drawn.save(tmp, format=_image_format(path),
                                                                           exif=_drawing_exif()))
         info(f"Drew {len(indices)} box(es) on {image} -> {path}")
