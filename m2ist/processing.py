@@ -156,6 +156,11 @@ def _clean_box(box: Any, width: int, height: int, index: int) -> list[float]:
     return clipped
 
 
+def _shortened(text: str, limit: int = 80) -> str:
+    """``text`` cut to ``limit`` characters with an ellipsis, for a log line (a phrase may be thousands long)."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def _reaches_out(box: Sequence[float], width: int, height: int) -> bool:
     """Whether an ``xyxy`` pixel box reaches more than a pixel outside its ``width`` x ``height`` image (less is
     rounding, as at the edge of COCO's boxes)."""
@@ -634,9 +639,10 @@ class RECProcessor(ProcessorMixin):
             logger.warning(
                 "Phrase %d %r has %d tokens but max_query_len=%d keeps only the first %d (special tokens included): its "
                 "last words are not read "
-                "(%d of %d phrases in this batch are cut). Raise max_query_len (TransVG uses 40 for RefCOCOg) or "
-                "shorten the phrases; this warning is shown once.",
-                index, texts[index], length, self.max_query_len, self.max_query_len, len(cut), len(texts))
+                "(%d of %d phrases in this batch are cut). Shorten the phrases, or, when training, raise "
+                "max_query_len (TransVG uses 40 for RefCOCOg; a trained adapter keeps its own); this warning is "
+                "shown once.",
+                index, _shortened(texts[index]), length, self.max_query_len, self.max_query_len, len(cut), len(texts))
 
     # ------------------------------------------------------------------ boxes
     def boxes_to_labels(self, boxes_xyxy: torch.Tensor, image_geometry: torch.Tensor | np.ndarray) -> torch.Tensor:

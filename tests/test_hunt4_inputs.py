@@ -168,3 +168,13 @@ def test_augmentation_in_a_saved_processor_is_checked(processor: RECProcessor, t
     (tmp_path / "processor_config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"processor_config\.json: RECAugmentation hflip must be true or false"):
         RECProcessor.from_pretrained(tmp_path)
+
+
+def test_a_very_long_phrase_is_shortened_in_the_truncation_warning(processor: RECProcessor,
+                                                                   monkeypatch: pytest.MonkeyPatch,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    """A 10,000-character phrase was quoted whole in the warning (a 10 KB log line)."""
+    monkeypatch.setattr(processing, "_warned_truncation", False)
+    with caplog.at_level(logging.WARNING, logger="m2ist.processing"):
+        processor([Image.new("RGB", (8, 8))], ["the dog " * 1250])
+    assert "tokens but max_query_len=8" in caplog.text and "…'" in caplog.text and len(caplog.text) < 800
