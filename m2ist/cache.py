@@ -17,7 +17,9 @@ input. :class:`TowerFeatureCache` stores it the first time an input is seen and 
   default), each rank of a distributed run writing its own shard and reading the others', with an append-only
   index written after its row, so a cache survives a crash or a resumed run and is shared by later runs (a
   folder this process cannot write, e.g. a shared cache on a read-only mount, is read and its new records kept in
-  RAM); the fingerprint is the same in every process (no memory addresses), so later processes find the folder;
+  RAM); each index line holds a CRC32 of its row, checked the first time a process reads a row it did not write,
+  so a row damaged on disk is reported and computed again, never read as features; the fingerprint is the same in
+  every process (no memory addresses), so later processes find the folder;
 * **the towers as they are now**: cast (``set_backbone_dtype``), given other weights, or read at other layers by
   the cached adapter, the towers' records are those of the new fingerprint from the next batch on;
 * **augmentation** meets the cache through a fixed number of views per image (:class:`CachedViewsCollator`):
@@ -41,6 +43,7 @@ import re
 import shutil
 import time
 import weakref
+import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -63,8 +66,9 @@ __all__ = ["CACHE_DTYPES", "TOWER_CACHE_MODES", "CachedViewsCollator", "TowerCac
 
 logger = logging.getLogger(__name__)
 
-#: Bumped whenever the record layout or the keys change (it is part of every fingerprint; 2: SHA-256 keys).
-CACHE_FORMAT = 2
+#: Bumped whenever the record layout or the keys change (it is part of every fingerprint; 2: SHA-256 keys; 3: a CRC32
+#: of each disk row on its index line).
+CACHE_FORMAT = 3
 CACHE_DTYPES = ("bfloat16", "float16", "float32")
 #: The batch entries :class:`TowerCacheCollator` adds (lists of hex digests, one per sample).
 KEY_FIELDS = {VISION: "vision_cache_keys", TEXT: "text_cache_keys"}
@@ -478,7 +482,9 @@ class _MemoryStore:
 
 class _Shard:
     """One rank's memory-mapped rows (``rows.<rank>.bin``) and its append-only index (``index.<rank>.txt``:
-    ``<key> <row>`` lines, each written after its row is flushed)."""
+    ``<key> <row> <crc32>`` lines, each written after its row is flushed). The CRC32 of a row's bytes is on the line
+    that makes the row visible, so it is durable no later than the row is read; it is checked the first time this
+    process reads a row it did not write itself (:meth:`intact`)."""
 
     def __init__(self, folder: Path, rank: int, width: int, dtype: str, writable: bool) -> None:
         self.data_path, self.index_path = folder / f"rows.{rank}.bin", folder / f"index.{rank}.txt"
@@ -486,6 +492,12 @@ class _Shard:
         self.storage = _NUMPY_STORAGE[dtype]
         self.itemsize = np.dtype(self.storage).itemsize
         self.index: dict[str, int] = {}
+        #: each key's CRC32 as its index line gives it (``None``: the line has none, so the row cannot be trusted)
+        self.crcs: dict[str, int | None] = {}
+        #: keys whose rows this process wrote, or found to match their CRC32: never checked again
+        self.verified: set[str] = set()
+        #: how many rows this process has checked
+        self.checks = 0
         self.next_row = 0
         self._index_size = 0
         self.array: np.memmap | None = None
@@ -520,15 +532,40 @@ class _Shard:
             data = f.read()
         end = data.rfind(b"\n") + 1
         found: dict[str, int] = {}
+        crcs: dict[str, int | None] = {}
         for line in data[:end].decode("ascii", "replace").splitlines():
             parts = line.split()
-            if len(parts) == 2 and len(parts[0]) == 32 and parts[1].isdigit():
+            if len(parts) in (2, 3) and len(parts[0]) == 32 and parts[1].isdigit():
                 found[parts[0]] = int(parts[1])
+                crcs[parts[0]] = int(parts[2], 16) if len(parts) == 3 and _CRC.fullmatch(parts[2]) else None
         if found:
             self._check_covers(max(found.values()) + 1)
         self._index_size += end
         self.index.update(found)
+        self.crcs.update(crcs)
+        self.verified.difference_update(found)  # a key written again (its row was damaged): check the new row
         self.next_row = max([self.next_row, *(row + 1 for row in found.values())])
+
+    def intact(self, key: str) -> bool:
+        """Whether ``key``'s row holds the bytes its index line's CRC32 was taken of: checked once per process,
+        never for rows this process wrote."""
+        if key in self.verified:
+            return True
+        row = self.index[key]
+        self._check_covers(row + 1)
+        self._ensure(row + 1)
+        self.checks += 1
+        expected = self.crcs.get(key)
+        if expected is None or zlib.crc32(self.array[row]) != expected:
+            return False
+        self.verified.add(key)
+        return True
+
+    def forget(self, key: str) -> None:
+        """Drop ``key`` (its row is damaged): it is a miss from now on, and computed and stored again."""
+        del self.index[key]
+        self.crcs.pop(key, None)
+        self.verified.discard(key)
 
     def _rows_in_file(self) -> int:
         return os.path.getsize(self.data_path) // (self.width * self.itemsize) if self.data_path.exists() else 0
@@ -567,20 +604,26 @@ class _Shard:
             return
         first = self.next_row
         self._ensure(first + len(fresh))
-        block = torch.stack([value for _, value in fresh]).to(DTYPES[self.dtype]).cpu()
-        if self.dtype == "bfloat16":
-            self.array[first: first + len(fresh)] = block.view(torch.int16).numpy().view(np.uint16)
-        else:
-            self.array[first: first + len(fresh)] = block.numpy()
+        block = torch.stack([value for _, value in fresh]).to(DTYPES[self.dtype]).cpu().contiguous()
+        stored = block.view(torch.int16).numpy().view(np.uint16) if self.dtype == "bfloat16" else block.numpy()
+        self.array[first: first + len(fresh)] = stored
         self.array.flush()
-        lines = "".join(f"{key} {first + i}\n" for i, (key, _) in enumerate(fresh))
+        # the checksum goes on the index line, written (and synced) after the row: a reader sees both or neither
+        crcs = [zlib.crc32(row) for row in stored]
+        lines = "".join(f"{key} {first + i} {crc:08x}\n"
+                        for i, ((key, _), crc) in enumerate(zip(fresh, crcs, strict=True)))
         with open(self.index_path, "a", encoding="ascii") as f:
             f.write(lines)
             f.flush()
             os.fsync(f.fileno())
         for i, (key, _) in enumerate(fresh):
-            self.index[key] = first + i
+            self.index[key], self.crcs[key] = first + i, crcs[i]
+            self.verified.add(key)  # written by this process: read back without a check
         self.next_row = first + len(fresh)
+
+
+#: A CRC32 on an index line: 8 hex digits.
+_CRC = re.compile(r"[0-9a-f]{8}")
 
 
 def _allocate(path: Path, start: int, end: int) -> None:
@@ -641,6 +684,8 @@ class _DiskStore:
         self.own: _Shard | _RamShard = _Shard(folder, self.rank, width, dtype, writable=True) if writable else \
             _RamShard(width, dtype)
         self.others: dict[int, _Shard] = {}
+        #: rows found damaged (not matching their CRC32) in this process
+        self.damaged = 0
         self._last_refresh = 0.0
         self._refresh_others(force=True)
 
@@ -687,12 +732,27 @@ class _DiskStore:
                 self.others[rank].refresh()
 
     def _find(self, key: str) -> tuple[_Shard, int] | None:
-        if key in self.own.index:
+        if key in self.own.index and self._intact(self.own, key):
             return self.own, self.own.index[key]
         for shard in self.others.values():
-            if key in shard.index:
+            if key in shard.index and self._intact(shard, key):
                 return shard, shard.index[key]
         return None
+
+    def _intact(self, shard: _Shard | _RamShard, key: str) -> bool:
+        """Whether ``key``'s row in ``shard`` can be read: a row whose bytes do not match their CRC32 (changed on
+        disk: bit rot, a partial overwrite, a copy cut short and padded) is reported once and forgotten, so it is a
+        miss, computed again and stored in this writer's shard; it is never read as features."""
+        if not isinstance(shard, _Shard) or shard.intact(key):
+            return True
+        row = shard.index[key]
+        shard.forget(key)
+        self.damaged += 1
+        logger.warning("Row %d of %s in the tower cache does not match its checksum (damaged on disk): its features "
+                       "are computed again, never read from it; %d damaged row%s in %s so far. If more follow, delete "
+                       "that folder (the run refills it) or set tower_cache='off'.", row, shard.data_path, self.damaged,
+                       "" if self.damaged == 1 else "s", self.folder)
+        return False
 
     def get(self, keys: list[str]) -> list[tuple[_Shard, int] | None]:
         found = [self._find(key) for key in keys]
