@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -147,6 +148,22 @@ def test_a_subsample_evaluation_keeps_the_full_results_and_stays_out_of_the_card
     shutil.copy(adapter / "eval_results.first-1.json", adapter / "eval_results.json")  # --output eval_results.json
     write_model_card(adapter, model.config, model.parameter_counts())
     assert "## Evaluation" not in (adapter / "README.md").read_text()
+
+def test_a_sample_limit_above_every_split_gives_the_full_results(workspace, capsys, caplog, tmp_path):
+    """``--max-eval-samples 1000`` on splits of 3 scores them whole, yet was written to ``eval_results.first-1000.json``
+    and recorded as a subsample, so the adapter's card never reported those full results."""
+    adapter = tmp_path / "adapter"
+    shutil.copytree(workspace / "adapter", adapter)
+    with caplog.at_level(logging.WARNING):
+        code = run_cli(capsys, *eval_args(workspace, adapter, "--max-eval-samples", "1000"))[0]
+    assert code == 0 and "more than every split holds: the whole splits are scored" in caplog.text
+    assert not (adapter / "eval_results.first-1000.json").exists()
+    results = json.loads((adapter / "eval_results.json").read_text())
+    assert results["metadata"]["data"].get("max_eval_samples") is None and results["metrics"]["val"]["count"] == 3
+    model = SideTunedModel.from_pretrained(adapter)
+    write_model_card(adapter, model.config, model.parameter_counts())
+    assert "## Evaluation" in (adapter / "README.md").read_text()
+
 
 # ---------------------------------------------------------------------------------------------- 3. towers used
 def test_results_name_the_towers_used_and_a_card_leaves_out_those_of_other_towers(workspace, tmp_path):

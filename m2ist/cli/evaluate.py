@@ -18,7 +18,7 @@ from .flags import (
     examples,
     wrap,
 )
-from .loading import default_device, info, load_adapter, local_or_hub
+from .loading import default_device, info, load_adapter, local_or_hub, logger
 from .report import print_metrics, refuse_non_json_name
 from .settings import settings_help
 
@@ -41,6 +41,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     return evaluate
 
 
+def _results_path(adapter: str, limit: int | None) -> Path:
+    """Where ``eval`` writes its results by default: ``eval_results.json`` (``eval_results.first-N.json`` for a
+    subsample of N expressions per split), in the adapter's folder when it is one."""
+    name = "eval_results.json" if limit is None else f"eval_results.first-{limit}.json"
+    return Path(adapter) / name if adapter and Path(adapter).is_dir() else Path(name)
+
+
 def run(settings: dict[str, dict[str, Any]], args: argparse.Namespace) -> int:
     """Load an adapter and its processor, score the evaluation splits, write the JSON results."""
     from m2ist.evaluation import ResultsWriteError, check_output_file, evaluate
@@ -48,14 +55,23 @@ def run(settings: dict[str, dict[str, Any]], args: argparse.Namespace) -> int:
     evaluation = settings["evaluation"]
     adapter = settings["model"].get("adapter") or ""
     output = evaluation.get("output_file")
-    if output is None:  # a subsample's scores never replace the full results the adapter's card reports
-        limit = settings["data"].get("max_eval_samples")
-        name = "eval_results.json" if limit is None else f"eval_results.first-{limit}.json"
-        output = Path(adapter) / name if adapter and Path(adapter).is_dir() else Path(name)
+    limit = settings["data"].get("max_eval_samples")
+    named = output is None  # a subsample's scores never replace the full results the adapter's card reports
+    if named:
+        output = _results_path(adapter, limit)
     refuse_dash("--output", output, "give a file name for the JSON results (the table goes to stdout).")
     check_output_file(output)  # a bad --output fails now, not after the whole evaluation
     refuse_non_json_name("--output", output)
-    splits = load_data_splits(settings["data"], "eval")
+    data = settings["data"]
+    splits = load_data_splits(data, "eval")
+    if limit is not None and all(len(samples) < limit for samples in splits.values()):
+        # every split is shorter than the limit: these are the full splits' scores, not a subsample's, and they are
+        # recorded (and named, by default) as such, so the adapter's card reports them
+        logger.warning("--max-eval-samples %d is more than every split holds: the whole splits are scored.", limit)
+        data = {**data, "max_eval_samples": None}
+        if named:
+            output = _results_path(adapter, None)
+            check_output_file(output)
     model, processor = load_adapter(settings)
     try:
         results = evaluate(model, processor, splits, batch_size=int(evaluation.get("batch_size", 32)),
@@ -63,7 +79,7 @@ def run(settings: dict[str, dict[str, Any]], args: argparse.Namespace) -> int:
                            device=default_device(evaluation), progress=bool(evaluation.get("progress", True)),
                            save_predictions=bool(evaluation.get("save_predictions", False)),
                            clamp=evaluation.get("clamp", "image"), num_workers=int(evaluation.get("num_workers", 0)),
-                           metadata={"adapter": local_or_hub(adapter), "data": data_record(settings["data"])})
+                           metadata={"adapter": local_or_hub(adapter), "data": data_record(data)})
     except ResultsWriteError as err:  # the scores are printed before the error that says where the file went
         print_metrics(err.results["metrics"])
         raise
