@@ -202,3 +202,10 @@ def test_careless_csv_that_already_loads_keeps_loading(tmp_path):
     path.write_bytes('\ufeffimage,text,bbox\r\na.png,dog,"[1, 2, 3, 4]"\r\n'.encode())
     samples = load_csv(path, "xyxy")
     assert [(s.expression, s.box) for s in samples] == [("dog", (1.0, 2.0, 3.0, 4.0))]
+
+
+def test_hf_rows_that_all_list_no_expression_are_refused_at_load():
+    """Every row empty gave ``[]`` after the warning, refused only later by RECDataset ("No valid samples among 0")."""
+    rows = [{"image": Image.new("RGB", (20, 20)), "text": [], "bbox": [1, 2, 3, 4]}] * 2
+    with pytest.raises(ValueError, match=r"Every row read \(2, first at row 0\) lists no expression in the column 'text'"):
+        from_hf_dataset(rows, box_format="xyxy")

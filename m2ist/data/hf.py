@@ -432,6 +432,10 @@ def from_hf_dataset(
                 image_ids.append(image_id)
                 metadatas.append(metadata)
 
+    if speechless and not texts:  # as an empty COCO-style file: refused here, where the cause is known
+        raise ValueError(f"Every row read ({len(speechless)}, first at {speechless[0]}) lists no expression in the "
+                         f"column {text_key!r} (an empty list): no sample can be made; check text_column= or the "
+                         "dataset's export.")
     warn_without_expression(speechless, what="row(s)", field=f"the column {text_key!r}", stacklevel=2)
     if relabelled:
         found = "; ".join(f"subset {name!r} holds rows of split {sorted(values)}" for name, values in relabelled.items())
