@@ -128,8 +128,8 @@ def post_process_boxes(
 
 
 # ---------------------------------------------------------------------------------------------- inputs
-def _clean_box(box: Any, width: int, height: int, index: int) -> list[float]:
-    """Validate one ``xyxy`` pixel box and clip it to its image."""
+def _clean_box(box: Any, width: int, height: int, index: int) -> tuple[list[float], list[float]]:
+    """Validate one ``xyxy`` pixel box: ``(as given, clipped to its image)``."""
     try:
         values = list(box_values(box))
     except ValueError as err:
@@ -153,19 +153,12 @@ def _clean_box(box: Any, width: int, height: int, index: int) -> list[float]:
     if looks_normalised(values, width, height):  # as RECDataset and evaluate(): a 1-pixel label in the corner
         raise ValueError(f"Box {index} {values} lies within [0, 1] in a {width}x{height} image: it looks normalised, "
                          "but RECProcessor boxes are xyxy pixels; multiply it by the image width and height.")
-    return clipped
+    return values, clipped
 
 
 def _shortened(text: str, limit: int = 80) -> str:
     """``text`` cut to ``limit`` characters with an ellipsis, for a log line (a phrase may be thousands long)."""
     return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-def _reaches_out(box: Sequence[float], width: int, height: int) -> bool:
-    """Whether an ``xyxy`` pixel box reaches more than a pixel outside its ``width`` x ``height`` image (less is
-    rounding, as at the edge of COCO's boxes)."""
-    x0, y0, x1, y1 = box
-    return min(x0, y0) < -1 or x1 > width + 1 or y1 > height + 1
 
 
 def _three_floats(name: str, value: Any) -> tuple[float, float, float]:
@@ -568,8 +561,9 @@ class RECProcessor(ProcessorMixin):
             image = load_rec_image(image)
             width, height = image.size
             if boxes is not None:
-                clean_boxes.append(_clean_box(boxes[index], width, height, index))
-                if _reaches_out(given := list(box_values(boxes[index])), width, height):
+                given, clean = _clean_box(boxes[index], width, height, index)
+                clean_boxes.append(clean)
+                if max(abs(a - b) for a, b in zip(given, clean)) > 1:  # a pixel or less out is rounding (COCO's edges)
                     clipped.append(f"box {index} {given} in a {width}x{height} image")
             if augment is not None:
                 sample = augment(image, phrase, clean_boxes[index], size, rng=rng)
