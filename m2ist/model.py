@@ -286,7 +286,6 @@ def _mask_problems(mask: torch.Tensor, ordered: bool) -> torch.Tensor:
     return torch.stack([((mask != 0) & (mask != 1)).flatten(1).any(1), ~on.any(1), left.any(1)])
 
 
-@torch.compiler.disable  # reads values: runs eagerly under torch.compile, without a graph-break warning
 def as_returned(output: RECModelOutput, return_dict: bool | None) -> RECModelOutput | tuple:
     """transformers' convention: ``return_dict`` None (the default) or True gives the output object, False its
     tuple; text is refused (``"False"`` is a true value)."""
@@ -296,6 +295,7 @@ def as_returned(output: RECModelOutput, return_dict: bool | None) -> RECModelOut
     return output if return_dict else output.to_tuple()
 
 
+@torch.compiler.disable  # reads values: runs eagerly under torch.compile, without a graph-break warning
 def check_labels(labels: Any, batch: int) -> None:
     """Refuse labels that are not one normalised ``(cx, cy, w, h)`` box per sample, ``(B, 4)`` with finite values in
     [0, 1], ``w, h > 0`` and the box within the canvas (``xyxy`` or ``xywh`` boxes read as ``cx, cy, w, h`` mostly
@@ -972,8 +972,8 @@ class SideTunedModel(RECModel):
             return super().predict(images, texts, processor=processor, batch_size=batch_size)
         if PIPELINE.predict is None:
             raise RuntimeError("predict() needs the REC pipeline: import m2ist.inference first.")
-        names = self.list_adapters() if adapters == ALL_ADAPTERS else [adapters] if isinstance(adapters, str) else list(adapters)
-        return PIPELINE.predict(self, images, texts, processor=processor, batch_size=batch_size, adapters=names)
+        # predict_boxes resolves "all", one name or a list (m2ist.inference.resolve_adapters)
+        return PIPELINE.predict(self, images, texts, processor=processor, batch_size=batch_size, adapters=adapters)
 
     # ---------------------------------------------------------------------------------------------------------
     # PEFT's multi-adapter verbs
