@@ -1038,13 +1038,14 @@ class TowerFeatureCache:
 
     @property
     def stats(self) -> dict[str, int]:
-        """Hits and misses per tower (since the cache was opened, whatever the towers' changes), and the records
-        stored for the towers as they are now."""
+        """Hits and misses per tower (since the cache was opened, whatever the towers' changes), the records
+        stored for the towers as they are now, and the disk rows found damaged (and computed again) so far."""
         stats = {}
         for modality, current in self.records.items():
             opened = [r for r in self._opened.values() if r.tower.modality == modality]
             stats.update({f"{modality}_hits": sum(r.hits for r in opened), f"{modality}_misses": sum(r.misses for r in opened),
-                          f"{modality}_records": len(current.store)})
+                          f"{modality}_records": len(current.store),
+                          f"{modality}_damaged": sum(getattr(r.store, "damaged", 0) for r in opened)})
         return stats
 
     def holds(self, modality: str, keys: Sequence[str]) -> bool:

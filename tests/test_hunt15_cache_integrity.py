@@ -96,6 +96,7 @@ def test_a_damaged_row_is_reported_and_computed_again(tmp_path, caplog, damage, 
     assert "1 damaged row in" in warnings[0]
     # the damaged image's two samples are misses, computed again; the other images and the texts are hits
     assert later.stats["vision_misses"] == keys.count(damaged_key) == 2
+    assert later.stats["vision_damaged"] == 1 and later.stats["text_damaged"] == 0  # counted in the stats too
     assert later.stats["vision_hits"] == 4 and later.stats["text_misses"] == 0
     direct = _direct(model, batch)
     torch.testing.assert_close(read.vision.tokens, direct.vision.tokens)
