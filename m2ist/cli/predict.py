@@ -143,6 +143,19 @@ def _is_url(image: str) -> bool:
     return image.startswith(("http://", "https://"))
 
 
+def _check_image_path(image: str) -> None:
+    """Refuse, naming what to give instead, an ``--image`` that names a folder or a pattern the shell left as it
+    was (no file matched it, or it was quoted)."""
+    path = Path(image)
+    if path.is_dir():
+        raise CLIError(f"--image {image} is a folder: give image files (a shell pattern such as {path / '*.jpg'} "
+                       "expands to them).")
+    if not path.exists() and any(char in path.name for char in "*?["):
+        raise CLIError(f"--image {image}: no file matches this pattern (the shell passes a pattern that matches "
+                       "nothing, or a quoted one, as it is): check the folder and the extension, and leave the "
+                       "pattern unquoted.")
+
+
 def _names_a_file(text: str) -> bool:
     """Whether a phrase is the name of an existing file (a phrase too long for a file name is not)."""
     try:
@@ -199,6 +212,7 @@ def run(settings: dict[str, dict[str, Any]], args: argparse.Namespace) -> int:
     pixels = {image: load_rec_image(image) for image in dict.fromkeys(images) if _is_url(image)}
     for image in images:
         if image not in pixels:
+            _check_image_path(image)
             image_size(image)
     drawings = _draw_paths(args.draw, [str(image) for image in images]) if args.draw else {}
     outputs = ([("--output", Path(args.output))] if args.output else []) + [("--draw", path) for path in drawings.values()]
