@@ -194,6 +194,39 @@ def _read_box_key(record: dict[str, Any], where: str) -> tuple[Box, tuple[str, .
     return parse_box(record[key], where=where), (key,)
 
 
+def _format_hint(text: str, reading: str) -> str:
+    """`` It looks like ...: ...``, naming the loader that reads ``text`` when it is another of the file formats
+    than ``reading`` (``"coco"``, ``"jsonl"``, ``"csv"``): a COCO-style document, JSON Lines, a JSON list of records,
+    CSV. ``""`` when it is none of them, or the format being read."""
+    hints = {
+        "coco": " It looks like a COCO-style JSON file: read it with load_coco_style (--data-format coco).",
+        "list": " It looks like one JSON list of records: write each record as a JSON object on a line of its own "
+                "(JSON Lines) and read it with load_jsonl (--data-format jsonl).",
+        "jsonl": " It looks like JSON Lines (one object per line): read it with load_jsonl (--data-format jsonl).",
+        "csv": " It looks like a CSV file: read it with load_csv (--data-format csv).",
+    }
+    stripped = text.lstrip("\ufeff \t\r\n")
+    first = next((line for line in stripped.split("\n") if line.strip()), "")
+    try:
+        whole = json.loads(stripped)
+    except ValueError:
+        whole = None
+    if isinstance(whole, dict) and isinstance(whole.get("images"), list) and "annotations" in whole:
+        kind = "coco"
+    elif isinstance(whole, list) and whole and all(isinstance(item, dict) for item in whole):
+        kind = "list"
+    elif whole is not None:
+        kind = None
+    elif first.lstrip().startswith("{"):
+        try:
+            kind = "jsonl" if isinstance(json.loads(first), dict) else None
+        except ValueError:
+            kind = None
+    else:
+        kind = "csv" if not first.lstrip().startswith("[") and any(mark in first for mark in ",;\t|") else None
+    return hints[kind] if kind is not None and kind != reading else ""
+
+
 def load_jsonl(
     path: str | PathLike[str],
     box_format: str,
@@ -220,17 +253,20 @@ def load_jsonl(
                 split_optional=split_optional)
     box_format = check_box_format(box_format, source=str(path))
     records = []
+    text = read_text_file(path, "JSONL file")
     # split on "\n" only: str.splitlines() would also break at U+2028, U+2029 and U+0085 inside JSON strings
-    for number, line in enumerate(read_text_file(path, "JSONL file").split("\n"), start=1):
+    for number, line in enumerate(text.split("\n"), start=1):
         line = line.removesuffix("\r")
         if not line.strip():
             continue
         try:
             records.append((f"{path}:{number}", json.loads(line, object_pairs_hook=refuse_duplicate_keys)))
         except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{number}: not valid JSON ({err.msg}).") from err
+            raise ValueError(f"{path}:{number}: not valid JSON ({err.msg}).{_format_hint(text, 'jsonl')}") from err
         except ValueError as err:  # a key named twice
             raise ValueError(f"{path}:{number}: {err}") from None
+    if len(records) == 1 and isinstance(records[0][1], list):  # a whole JSON list written on one line
+        raise ValueError(f"{path} holds one JSON list, not one object per line.{_format_hint(text, 'jsonl')}")
     builder = _SampleBuilder(box_format=box_format, normalized=normalized)
     _add_records(builder, records, image_root=Path(image_root) if image_root else path.parent, read_box=_read_box_key,
                  allow_outside_image_root=allow_outside_image_root or image_root is None, split=split,
@@ -277,8 +313,11 @@ def load_csv(
 
     # skipinitialspace: "image, text, bbox" (spaces after the delimiter) names the columns image, text and bbox, and
     # a quoted field after a space ( "[1, 2, 3, 4]") stays one field
-    reader = csv.DictReader(io.StringIO(read_text_file(path, "CSV file"), newline=""), delimiter=delimiter,
-                            skipinitialspace=True)
+    text = read_text_file(path, "CSV file")
+    if text.lstrip("\ufeff \t\r\n").startswith(("{", "[")):
+        hint = _format_hint(text, "csv") or " Read it with load_jsonl or load_coco_style."
+        raise ValueError(f"{path} is JSON, not CSV.{hint}")
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter, skipinitialspace=True)
     try:
         _check_delimiter(reader.fieldnames, delimiter, path=path)
         records = [(f"{path}:{reader.line_num}", _whole_row(row, reader, where=f"{path}:{reader.line_num}"))
@@ -353,15 +392,17 @@ def load_coco_style(
     check_flags(f"load_coco_style({path})", normalized=normalized, allow_outside_image_root=allow_outside_image_root,
                 split_optional=split_optional)
     box_format = check_box_format(box_format, source=str(path))
+    text = read_text_file(path, "COCO-style JSON")
     try:
-        data = json.loads(read_text_file(path, "COCO-style JSON"), object_pairs_hook=refuse_duplicate_keys)
+        data = json.loads(text, object_pairs_hook=refuse_duplicate_keys)
     except json.JSONDecodeError as err:
-        raise ValueError(f"{path}:{err.lineno}: not valid JSON ({err.msg}).") from err
+        raise ValueError(f"{path}:{err.lineno}: not valid JSON ({err.msg}).{_format_hint(text, 'coco')}") from err
     except ValueError as err:  # a key named twice
         raise ValueError(f"{path}: {err}") from None
     if not isinstance(data, dict) or not isinstance(data.get("images"), list) or not isinstance(
             data.get("annotations"), list):
-        raise ValueError(f"{path}: a COCO-style file needs top-level 'images' and 'annotations' lists.")
+        raise ValueError(f"{path}: a COCO-style file needs top-level 'images' and 'annotations' lists."
+                         f"{_format_hint(text, 'coco')}")
     root = Path(image_root) if image_root else path.parent
     contain = not allow_outside_image_root and image_root is not None
     for position, image in enumerate(data["images"]):
