@@ -569,6 +569,17 @@ class RECModel(nn.Module):
                         if p.requires_grad and id(p) not in unused and not name.startswith(INACTIVE_PREFIX))
         return trainable, sum(self.parameter_counts().values())
 
+    def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
+        """The number of parameters in the module, as transformers' ``PreTrainedModel.num_parameters``: every
+        parameter of both towers (poolers and DETR's decoder included) and of every adapter, the inactive ones too;
+        ``only_trainable``: those that require grad; ``exclude_embeddings``: without the weights of ``nn.Embedding``
+        modules. For the share the method trains, as the paper reports it, see :meth:`get_nb_trainable_parameters`."""
+        check_flags("num_parameters", only_trainable=only_trainable, exclude_embeddings=exclude_embeddings)
+        embeddings = ({id(module.weight) for module in self.modules() if isinstance(module, nn.Embedding)}
+                      if exclude_embeddings else set())
+        return sum(p.numel() for p in self.parameters()
+                   if (p.requires_grad or not only_trainable) and id(p) not in embeddings)
+
     def print_trainable_parameters(self) -> None:
         """Print parameters per role with their share of the whole model, then PEFT's summary line."""
         counts = self.parameter_counts()
@@ -678,6 +689,13 @@ class SideTunedModel(RECModel):
         #: the adapters that are not active (``{name: ModuleDict(side=..., head=...)}``); see :meth:`set_adapter`
         self.inactive_adapters = nn.ModuleDict()
         self._record_towers(config, vision, text, vision_depth, text_depth)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Restore a copy (``copy.deepcopy``, unpickling) and record it as a holder of its towers, as a built model
+        is, so that casting them for another model that shares them warns about this one too."""
+        super().__setstate__(state)
+        for tower in (self.vision_model, self.text_model):
+            _TOWER_HOLDERS.setdefault(tower, weakref.WeakSet()).add(self)
 
     # ---------------------------------------------------------------------------------------------------------
     def _adapter_setup(self, config: M2ISTConfig, vision_depth: int, text_depth: int) -> AdapterSetup:
@@ -994,7 +1012,20 @@ class SideTunedModel(RECModel):
         return MappingProxyType({name: setup.config for name, setup in self.adapter_setups.items()})
 
     # PEFT verbs that side-tuning has no meaning for: one clear refusal each, not an AttributeError or a no-op.
-    # (``get_base_model`` / ``base_model`` stay undefined: transformers' Trainer probes them with ``hasattr``.)
+    # (``get_base_model`` / ``base_model`` stay undefined, ``hasattr`` False, since transformers' Trainer and PEFT
+    # helpers probe them with ``hasattr``; reading one raises an AttributeError naming what to use: __getattr__.)
+    def __getattr__(self, name: str) -> Any:
+        """``nn.Module``'s lookup of submodules, parameters and buffers; PEFT's ``get_base_model`` / ``base_model``,
+        which have no single meaning here (two frozen towers), raise an AttributeError naming what to use."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name not in _NO_BASE_MODEL:
+                raise
+        raise AttributeError(f"SideTunedModel has no {name} (PEFT's base model): side-tuning leaves two frozen base "
+                             "models, the towers model.vision_model and model.text_model, and trains the side network "
+                             "and head, model.side and model.head, so use those.") from None
+
     def merge_and_unload(self, *args: Any, **kwargs: Any) -> nn.Module:
         """Refused: side-tuning cannot merge (see :func:`_cannot_merge`)."""
         raise NotImplementedError(_cannot_merge("merge_and_unload"))
@@ -1614,6 +1645,10 @@ def _check_adapter_name(name: object) -> None:
         raise ValueError(f"Adapter name {name!r} is {reserved!r} in another case: on a case-insensitive file system "
                          "(macOS, Windows) its subfolder would be the trainer's checkpoint, log or cache folder, "
                          "which pushes skip and saves replace; pick another name, e.g. 'refcoco_plus'.")
+
+
+#: PEFT's names for the wrapped model, which a SideTunedModel (two towers) answers with an AttributeError naming them.
+_NO_BASE_MODEL = ("get_base_model", "base_model")
 
 
 def _cannot_merge(verb: str) -> str:

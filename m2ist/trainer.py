@@ -918,6 +918,12 @@ class RECTrainer(Trainer):
                              "(SideTunedModel.from_pretrained(checkpoint, is_trainable=True)).")
         logger.warning("Resuming although %s", message.split(". Resume with")[0])
 
+    def floating_point_ops(self, inputs: dict[str, Any]) -> int:
+        """0: ``total_flos`` is not estimated. transformers' estimate (6 x text tokens x ``model.num_parameters``)
+        charges the frozen towers a backward pass side-tuning never runs and counts no image token, so it would
+        mislead more than it tells (and walk every tower parameter each step)."""
+        return 0
+
     # ------------------------------------------------------------------ non-finite guard
     def training_step(self, model: nn.Module, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> torch.Tensor:
         """``Trainer.training_step``, then stop with :class:`NonFiniteTrainingError` (naming the step and the cause)
