@@ -26,7 +26,7 @@ from PIL import Image, ImageDraw, ImageFont
 from torch import nn
 
 from m2ist.config import check_flags
-from m2ist.processing import load_rec_image
+from m2ist.processing import describe_differences, load_rec_image
 from m2ist.save_and_load import ALL_ADAPTERS, PIPELINE
 
 if TYPE_CHECKING:
@@ -43,7 +43,9 @@ MODEL_INPUTS = ("pixel_values", "pixel_mask", "input_ids", "attention_mask")
 
 # ---------------------------------------------------------------------------------------------- helpers
 def resolve_processor(model: nn.Module, processor: RECProcessor | None) -> RECProcessor:
-    """``processor`` if given, else ``model.processor``; check that it matches the model's canvas and query length."""
+    """``processor`` if given, else ``model.processor``; check that it matches the model's canvas and query length,
+    and warn when a given one prepares inputs otherwise than ``model.processor`` (predict and evaluate pass here)."""
+    given = processor is not None
     if processor is None:
         processor = getattr(model, "processor", None)
     if processor is None:
@@ -66,7 +68,40 @@ def resolve_processor(model: nn.Module, processor: RECProcessor | None) -> RECPr
             f"max_query_len={max_query_len}: use the processor saved with the adapter, or build one with "
             f"max_query_len={max_query_len}."
         )
+    if given:
+        _warn_if_not_the_models_processor(model, processor)
     return processor
+
+
+def _warn_if_not_the_models_processor(model: nn.Module, processor: Any) -> None:
+    """Warn, naming each setting, when ``processor`` prepares inputs otherwise than ``model.processor`` (the one
+    saved with the adapter, restored by ``from_pretrained``): another tokenizer gives the text tower other words for
+    the same ids, other statistics or a shorter ``max_query_len`` other images or phrases, and the boxes change
+    silently. Skipped for a model of several adapters, where ``processor=`` is how an adapter loaded with a
+    processor of its own is fed (``load_adapter`` warns of the difference). Without ``model.processor``, a
+    ``max_query_len`` below the head's (``config.max_query_len``) is warned of."""
+    own = getattr(model, "processor", None)
+    if own is None:  # nothing saved to compare with: the head's query length is all the model records
+        head_len, given_len = getattr(getattr(model, "config", None), "max_query_len", None), getattr(
+            processor, "max_query_len", None)
+        if isinstance(head_len, int) and isinstance(given_len, int) and given_len < head_len:
+            warnings.warn(f"The processor cuts phrases to max_query_len={given_len} tokens but the model's head was "
+                          f"built (and m2ist train trains it) for {head_len}: phrases longer than {given_len} tokens "
+                          "lose their last words. Use the processor saved with the adapter "
+                          f"(RECProcessor.from_pretrained(<adapter folder>)) or one built with max_query_len={head_len}.",
+                          UserWarning, stacklevel=4)
+        return
+    if own is processor or not hasattr(own, "differences"):
+        return
+    adapters = model.list_adapters() if hasattr(model, "list_adapters") else []
+    if len(adapters) > 1:
+        return
+    differ = describe_differences(own.differences(processor), "model.processor", "given")
+    if differ:
+        warnings.warn(f"The processor given prepares inputs otherwise than model.processor, the one the adapter was "
+                      f"saved or attached with ({differ}), so the boxes will not be the adapter's: leave out "
+                      "processor= to use model.processor, or set model.processor = processor if the adapter was "
+                      "trained with this one.", UserWarning, stacklevel=4)
 
 
 def model_device(model: nn.Module) -> torch.device:

@@ -43,7 +43,7 @@ from m2ist.data.images import ImageLoadError, load_image
 from m2ist.data.loaders import box_values, has_visible_text
 from m2ist.data.transforms import RECAugmentation, is_flag, is_whole_number, resize_long_side
 from m2ist.ops.boxes import box_convert, clip_boxes, looks_normalised
-from m2ist.save_and_load import PIPELINE, PROCESSOR_CONFIG_NAME
+from m2ist.save_and_load import PIPELINE, PROCESSOR_CONFIG_NAME, processor_setting_differences, processor_settings
 
 __all__ = [
     "GEOMETRY_FIELDS",
@@ -638,6 +638,27 @@ class RECProcessor(ProcessorMixin):
                 "shown once.",
                 index, _shortened(texts[index]), length, self.max_query_len, self.max_query_len, len(cut), len(texts))
 
+    def differences(self, other: Any) -> list[tuple[str, Any, Any]]:
+        """``(setting, this processor's, other's)`` for each way ``other`` prepares inputs otherwise: canvas,
+        normalisation, ``max_query_len``, ``lowercase``, the tokenizer's size, and, at equal size, its vocabulary
+        (a sample of ids: every 1/256th and the last 32) and how it splits :data:`_PROBE_PHRASE` (casing, accents).
+        Cheap enough to run for every ``predict`` call: no file is read and nothing is cached."""
+        found = processor_setting_differences(processor_settings(self), processor_settings(other))
+        mine, theirs = self.tokenizer, getattr(other, "tokenizer", None)
+        if found or theirs is None or mine is theirs:
+            return found
+        size = len(mine)
+        sample = sorted({*range(0, size, max(1, size // 256)), *range(max(0, size - 32), size)})
+        for index, a, b in zip(sample, mine.convert_ids_to_tokens(sample), theirs.convert_ids_to_tokens(sample)):
+            if a != b:
+                return [("tokenizer vocabulary", f"id {index} is {a!r}", f"id {index} is {b!r}")]
+        phrase = unicodedata.normalize("NFC", _PROBE_PHRASE)
+        split = [processor.tokenizer.tokenize(phrase.lower() if processor.lowercase else phrase)
+                 for processor in (self, other)]
+        if split[0] != split[1]:
+            return [("tokenizer", f"{phrase!r} -> {split[0]}", f"{phrase!r} -> {split[1]}")]
+        return []
+
     # ------------------------------------------------------------------ boxes
     def boxes_to_labels(self, boxes_xyxy: torch.Tensor, image_geometry: torch.Tensor | np.ndarray) -> torch.Tensor:
         """``xyxy`` pixel boxes of the original images -> normalised ``(cx, cy, w, h)`` labels on the canvas."""
@@ -775,6 +796,14 @@ class RECProcessor(ProcessorMixin):
         return type(self)(self.tokenizer, RECImageProcessor(**image_settings), **settings)
 
 
+def describe_differences(found: list[tuple[str, Any, Any]], mine: str, theirs: str) -> str:
+    """:meth:`RECProcessor.differences` as text, ``"key: <mine> value, <theirs> value; ..."``."""
+    return "; ".join(f"{key}: {mine} {a}, {theirs} {b}" if key.startswith("tokenizer") and isinstance(a, str)
+                     else f"{key}: {mine} {a!r}, {theirs} {b!r}" for key, a, b in found)
+
+
+#: A phrase that tells tokenizers apart by casing, accents and word pieces (:meth:`RECProcessor.differences`).
+_PROBE_PHRASE = "The LEFT Café's Zebra, über 2 dogs"
 #: Key of ``m2ist_processor.json`` recording ``len(tokenizer)`` at save time (older folders lack it: not checked).
 _VOCAB_SIZE_KEY = "tokenizer_vocab_size"
 #: The settings ``RECProcessor.from_pretrained`` reads from a saved processor and takes as overrides.

@@ -683,12 +683,42 @@ class RECTrainer(Trainer):
                                                                             eval_data_collator)
         super().__init__(model=model, args=args, data_collator=data_collator, **kwargs)
         self._set_tower_dtype()  # the Trainer has placed the model; the tower cache (keyed by the dtype) is not open
+        self._adopt_processor()
         for stdout_callback, stderr_callback in ((ProgressCallback, StderrProgressCallback),
                                                  (PrinterCallback, StderrPrinterCallback)):
             if self.pop_callback(stdout_callback) is not None:  # log dicts on stderr: stdout is for results
                 self.add_callback(stderr_callback)
         # Our forward takes no loss kwargs: the loss is a per-batch mean and the Trainer scales it for accumulation.
         self.model_accepts_loss_kwargs = False
+
+    def _adopt_processor(self) -> None:
+        """A SideTunedModel keeps the processor it is trained with as ``model.processor``, which ``save_pretrained``
+        saves with the adapter and ``predict``/``evaluate`` use: the training processor (``processing_class``) is
+        attached to a model that has none, and replaces one that prepares inputs otherwise, with a warning naming
+        the differences (the adapter would have been saved with, and predicted through, a processor it never saw).
+        On a model of several adapters, which all share ``model.processor``, a differing one is named and kept."""
+        from m2ist.processing import describe_differences
+
+        model, processor = self.accelerator.unwrap_model(self.model), self.processing_class
+        if not isinstance(model, SideTunedModel) or not hasattr(processor, "differences") or model.processor is processor:
+            return
+        if model.processor is None:
+            model.processor = processor
+            return
+        differ = describe_differences(model.processor.differences(processor), "model.processor", "training")
+        if not differ:
+            return
+        if len(model.list_adapters()) > 1:
+            warnings.warn(f"The processor this run trains adapter {model.active_adapter!r} with prepares inputs otherwise "
+                          f"than model.processor, which the model's {len(model.list_adapters())} adapters share "
+                          f"({differ}): model.processor is kept for the others, so save this adapter with its processor "
+                          "(processor.save_pretrained into its folder) and predict with processor= for it.",
+                          UserWarning, stacklevel=3)
+            return
+        warnings.warn(f"This run trains with a processor that prepares inputs otherwise than model.processor ({differ}): "
+                      "model.processor is set to the training processor, so the adapter is saved with, and predicts "
+                      "through, the processor it is trained with.", UserWarning, stacklevel=3)
+        model.processor = processor
 
     # ------------------------------------------------------------------ the towers' dtype
     def _set_tower_dtype(self) -> None:

@@ -84,3 +84,28 @@ def test_a_broken_line_of_a_jsonl_file_names_no_other_format(tmp_path):
     path.write_text(FILES["jsonl"] + '{"image": "c.png", "text": \n', encoding="utf-8")
     with pytest.raises(ValueError, match=r"data.jsonl:3: not valid JSON \([^)]*\)\.$"):
         load_jsonl(path, "xywh")
+
+
+def test_cli_processor_with_another_vocabulary_of_the_same_size_is_named(workspace, tmp_path, caplog):
+    """``--processor`` whose tokenizer has the adapter's size but other words for some ids was compared by its settings
+    only (the size matched), so the boxes changed without a word."""
+    import logging
+
+    from transformers import BertTokenizer
+
+    from m2ist.cli import loading as cli_loading
+    from m2ist.processing import RECProcessor
+
+    own = RECProcessor.from_pretrained(str(workspace / "adapter"))
+    original = own.tokenizer.convert_ids_to_tokens(list(range(len(own.tokenizer))))
+    words = [*original[:-2], original[-1], original[-2]]  # the last two ids trade words
+    (tmp_path / "vocab.txt").write_text("\n".join(words) + "\n", encoding="utf-8")
+    other = RECProcessor(BertTokenizer(str(tmp_path / "vocab.txt")), own.image_processor,
+                         max_query_len=own.max_query_len, lowercase=own.lowercase)
+    other.save_pretrained(tmp_path / "processor")
+    settings = {"model": {"adapter": str(workspace / "adapter"), "processor": str(tmp_path / "processor")}}
+    with caplog.at_level(logging.WARNING, logger="m2ist.cli"):
+        cli_loading.load_adapter(settings)
+    first = len(words) - 2
+    assert f"tokenizer vocabulary: adapter id {first} is {original[first]!r}, --processor id {first} is " \
+           f"{words[first]!r}" in caplog.text

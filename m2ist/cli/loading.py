@@ -190,16 +190,15 @@ def _warn_if_not_the_adapters_processor(own: Any, given: Any, adapter: str, sour
     """``--processor`` replaces the processor saved with the adapter: warn, naming each setting, when it prepares
     images or phrases otherwise than the one the adapter was trained with (a RefCOCO processor's 20 tokens for a
     RefCOCOg adapter trained on 40 cut every long phrase, silently)."""
-    from m2ist.save_and_load import processor_setting_differences, processor_settings
+    from m2ist.processing import describe_differences
 
     if own is None:
         return
-    differ = [f"{key}: adapter {mine!r}, --processor {theirs!r}" for key, mine, theirs
-              in processor_setting_differences(processor_settings(own), processor_settings(given))]
+    differ = describe_differences(own.differences(given), "adapter", "--processor")
     if differ:
         logger.warning("--processor %s prepares the inputs otherwise than the processor saved with the adapter %s "
                        "(%s): the boxes will differ from the adapter's own. Leave out --processor to use the "
-                       "adapter's.", source, adapter, "; ".join(differ))
+                       "adapter's.", source, adapter, differ)
 
 
 def default_device(evaluation: Mapping[str, Any]) -> str | None:
