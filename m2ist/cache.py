@@ -309,8 +309,10 @@ class CachedViewsCollator(TowerCacheCollator):
     """Augmentation that a cache can hold: each image has ``views`` fixed augmentations (view ``v`` of an image is
     drawn from a generator seeded by the augmentation's seed, a digest of the image's content, never its
     ``image_id``, which merged datasets share between other images, and ``v``), and every time an item is
-    batched one of its image's views is picked at random (``torch``'s generator, so the Trainer's seed governs
-    it). ``collator`` must be a training ``RECCollator`` whose processor has an augmentation."""
+    batched one of its image's views is picked at random, from ``generator`` when set (``RECTrainer`` sets one per
+    batch, seeded by the training seed and the batch's number, so a resumed run picks the views the uninterrupted
+    one picked), else from ``torch``'s. ``collator`` must be a training ``RECCollator`` whose processor has an
+    augmentation."""
 
     def __init__(self, collator: Any, views: int) -> None:
         super().__init__(collator)
@@ -320,9 +322,11 @@ class CachedViewsCollator(TowerCacheCollator):
         if augment is None or not getattr(collator, "train", False):
             raise ValueError("CachedViewsCollator needs a training RECCollator whose processor has an augmentation.")
         self.views = views
+        #: the generator the views are picked from (None: torch's)
+        self.generator: torch.Generator | None = None
 
     def _views(self, items: Sequence[Any]) -> list[int | None]:
-        return [int(torch.randint(self.views, (1,)).item()) for _ in items]
+        return [int(torch.randint(self.views, (1,), generator=self.generator).item()) for _ in items]
 
     def _collate(self, items: Sequence[Any], views: list[int | None]) -> dict[str, Any]:
         augment = self.collator.processor.augment

@@ -20,6 +20,7 @@ import contextlib
 import copy
 import dataclasses
 import functools
+import hashlib
 import json
 import logging
 import math
@@ -673,6 +674,10 @@ class RECTrainer(Trainer):
         self._update_steps_per_epoch: int | None = None
         #: whether ``train()`` restarted the training augmentation's generator (at the first call)
         self._augmentation_started = False
+        #: the training loader's collator when it draws at random (see :class:`_NumberedBatches`), else None
+        self._numbered_batches: _NumberedBatches | None = None
+        #: the batches of one epoch of the training loader (None: the loader has no length)
+        self._batches_per_epoch: int | None = None
         #: the sizes of the batches of the current gradient accumulation window (see ``get_batch_samples``)
         self._window_sizes: list[int] | None = None
         #: per-sample evaluation losses gathered from every process (see ``evaluation_loop``; None: not collected)
@@ -1003,6 +1008,47 @@ class RECTrainer(Trainer):
         finally:
             self.data_collator, self.args.dataloader_drop_last = saved, drop_last
 
+    def get_train_dataloader(self):
+        """The training ``DataLoader``; a training collator that draws at random (an augmentation, cached views)
+        builds each batch from generators seeded by the batch's number in the run (see :class:`_NumberedBatches`),
+        so that a resumed run draws what the uninterrupted one drew."""
+        augmentation = _augmentation_of(getattr(self.data_collator, "collator", self.data_collator))
+        if augmentation is None:
+            self._numbered_batches = None
+            return super().get_train_dataloader()
+        self._numbered_batches = _NumberedBatches(self.data_collator, augmentation, self.args.seed)
+        saved, self.data_collator = self.data_collator, self._numbered_batches
+        try:
+            return super().get_train_dataloader()
+        finally:
+            self.data_collator = saved
+
+    def _position_training_batches(self) -> None:
+        """On resume, number the next batch the training loader builds as the uninterrupted run numbered it: the
+        Trainer skips the batches of the epochs trained and ``global_step % steps per epoch`` accumulation windows of
+        the current epoch (none with ``ignore_data_skip``) without building them. DataLoader workers draw from
+        generators the loader seeds at the start of each epoch, which a resume mid-epoch cannot put back: a warning
+        says so."""
+        numbered, step = self._numbered_batches, self.state.global_step
+        if numbered is None:
+            return
+        accumulation = self.args.gradient_accumulation_steps
+        per_epoch, batches = self._update_steps_per_epoch, self._batches_per_epoch
+        if not per_epoch or batches is None:  # a loader without a length: the run is one long epoch
+            in_epoch = numbered.next_batch = step * accumulation
+        else:
+            in_epoch = 0 if self.args.ignore_data_skip else (step % per_epoch) * accumulation
+            numbered.next_batch = (step // per_epoch) * batches + in_epoch
+        workers = self.args.dataloader_num_workers
+        if in_epoch and workers > 0:
+            logger.warning("Resuming mid-epoch (step %d) with dataloader_num_workers=%d: the training augmentation%s "
+                           "after the resume differ from the uninterrupted run's (the workers draw from generators "
+                           "the DataLoader seeds at each epoch's start), so the weights will too. Resume with "
+                           "dataloader_num_workers=0, or from a checkpoint at an epoch's end, for the uninterrupted "
+                           "run's weights.", step, workers,
+                           " and the cached views picked" if isinstance(numbered.collator, CachedViewsCollator)
+                           else "'s draws")
+
     def get_eval_dataloader(self, eval_dataset: str | Dataset | None = None):
         """The evaluation ``DataLoader``, built with ``eval_data_collator`` (no augmentation), never dropping a batch."""
         with self._evaluation_loader(self.eval_data_collator):
@@ -1075,6 +1121,7 @@ class RECTrainer(Trainer):
         """As ``Trainer``'s; also remembers the optimizer steps per epoch (for ``lr_drop_epochs``)."""
         values = super().set_initial_training_values(args, dataloader)
         self._update_steps_per_epoch = values[1] if dataloader is not None and _has_length(dataloader) else None
+        self._batches_per_epoch = len(dataloader) if self._update_steps_per_epoch is not None else None
         return values
 
     def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None):
@@ -1428,6 +1475,8 @@ class RECTrainer(Trainer):
         ``lr_drop_epochs`` drops shifted by the steps already trained), and a warning says the optimizer's moments
         start afresh."""
         super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is not None:  # the Trainer loads these once it has read the checkpoint's step
+            self._position_training_batches()
         if checkpoint is None or self.state.global_step <= 0:
             return
         missing = [name for name in ("optimizer.pt", "scheduler.pt") if not (Path(checkpoint) / name).is_file()]
@@ -1511,6 +1560,46 @@ def _save_by_replacement(save_pretrained: Callable[[str], object], folder: Path)
         for path in sorted(Path(staging).rglob("*")):
             if path.is_file():
                 atomic_write(folder / path.relative_to(staging), functools.partial(shutil.copyfile, path))
+
+
+def _draw_seed(*parts: Any) -> int:
+    """A 64-bit seed derived from ``parts`` (the same in every process and Python session)."""
+    return int.from_bytes(hashlib.blake2b("|".join(map(str, parts)).encode(), digest_size=8).digest(), "little")
+
+
+class _NumberedBatches:
+    """The training collator, with the random draws of each batch (the augmentation's; with cached views, the view
+    picked for each item) taken from generators seeded by the run's seeds and the batch's number in the run, rather
+    than from generators that run on from one batch to the next.
+
+    A running generator cannot be resumed: the DataLoader builds a batch ahead of the step that trains on it (so a
+    checkpoint's generator states are a batch or more ahead), a resumed run skips the batches already trained without
+    building them, and the Trainer restores torch's random state only after it has built the first batch of a resumed
+    epoch. Numbered draws make a resumed run draw for its batch N what the uninterrupted run drew
+    (:meth:`RECTrainer._position_training_batches` numbers it), and keep torch's generator, which dropout draws from,
+    out of the collator's way. In DataLoader workers the collator draws as before (from the workers' generators)."""
+
+    def __init__(self, collator: Callable, augmentation: Any, seed: int) -> None:
+        self.collator, self.augmentation, self.seed = collator, augmentation, seed
+        #: the number in the run of the batch built next (0-based, counting every epoch's batches)
+        self.next_batch = 0
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.collator!r})"
+
+    def __call__(self, items: Sequence[Any]) -> Any:
+        if torch.utils.data.get_worker_info() is not None:
+            return self.collator(items)
+        number, self.next_batch = self.next_batch, self.next_batch + 1
+        views = self.collator if isinstance(self.collator, CachedViewsCollator) else None
+        if views is not None:
+            views.generator = torch.Generator().manual_seed(_draw_seed("views", self.seed, number))
+        try:
+            with self.augmentation.seeded(_draw_seed("augmentation", self.augmentation.seed, number)):
+                return self.collator(items)
+        finally:
+            if views is not None:
+                views.generator = None
 
 
 def _advance_schedule(scheduler: Any, steps: int) -> None:
@@ -1710,9 +1799,11 @@ def train_rec(model: RECModel, processor, train_dataset: Dataset,
     The processor is saved with every checkpoint. ``kwargs`` go to :class:`RECTrainer` (``callbacks``, ...).
 
     ``resume_from_checkpoint`` (a folder, or True for the last one in ``args.output_dir``) restores the trained
-    tensors, optimizer, schedule, data order and the torch/numpy/python random states, so a run without
-    augmentation resumes exactly. The processor's augmentation draws from its own generator
-    (``RECAugmentation.seed``), which checkpoints do not hold: augmented runs resume with other augmentation draws.
+    tensors, optimizer, schedule, data order and the torch/numpy/python random states, so a resumed run trains the
+    uninterrupted run's weights. The processor's augmentation (and, with ``tower_cache_views``, the view picked for
+    each item) draws for each batch from a generator seeded by ``RECAugmentation.seed`` (``args.seed`` for the views)
+    and the batch's number in the run, so augmented runs resume exactly too, with ``dataloader_num_workers=0``; with
+    workers the draws after a resume mid-epoch differ (a warning says so).
 
     Example::
 

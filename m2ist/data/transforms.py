@@ -218,7 +218,9 @@ class RECAugmentation:
         seed: seed of the augmentation's own random generator; ``None`` seeds from the OS (``RECTrainer`` gives such
             an augmentation the training seed, so runs with one seed draw the same augmentations). In DataLoader workers
             the generator is re-seeded from ``(seed, worker seed)`` so workers do not repeat each other. A call's
-            ``rng`` argument, or an enclosing :meth:`seeded` block, is used instead of it (workers or not).
+            ``rng`` argument, or an enclosing :meth:`seeded` block, is used instead of it (workers or not):
+            ``RECTrainer`` (without workers) augments each training batch in a block seeded by ``seed`` and the
+            batch's number in the run, so that a resumed run draws what the uninterrupted one drew.
     """
 
     random_resize: bool = True
