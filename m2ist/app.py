@@ -39,6 +39,7 @@ __all__ = [
     "MAX_FILE_SIZE",
     "MAX_PHRASES",
     "MAX_PIXELS",
+    "MAX_TEXT_CHARS",
     "AppInputError",
     "PagePrediction",
     "add_arguments",
@@ -60,10 +61,16 @@ logger = logging.getLogger("m2ist.app")
 MAX_PHRASES = 16
 #: Longest expression, in characters (the processor truncates to the model's query length anyway).
 MAX_PHRASE_CHARS = 300
+#: Longest text one request may hold, in characters (blank lines and spaces included), checked before it is split:
+#: a hostile request of megabytes kept the one-at-a-time server busy for seconds per request.
+MAX_TEXT_CHARS = 20_000
 #: Largest image, in pixels (width × height), checked from the header before decoding.
 MAX_PIXELS = 40_000_000
 #: Largest upload the server accepts (gradio's ``max_file_size``).
 MAX_FILE_SIZE = "20mb"
+#: Uploads and drawn pictures the page keeps in gradio's cache are deleted once this old (seconds), and all of them
+#: when the server stops; without it every request's upload and pictures stayed on disk for good.
+CACHE_SECONDS = 3600
 #: Longest side of the picture shown on the page (boxes are computed on the original image).
 DISPLAY_MAX_SIDE = 1024
 #: Small images are enlarged to this side for display, so that the labels stay readable.
@@ -95,11 +102,21 @@ class PagePrediction:
 
 # ---------------------------------------------------------------------------------------------- input checks
 def parse_phrases(text: str | None, *, max_phrases: int = MAX_PHRASES) -> list[str]:
-    """The expressions of ``text``, one per non-blank line, stripped; :class:`AppInputError` when there is none."""
-    if text is None or not str(text).strip():
+    """The expressions of ``text``, one per non-blank line, stripped; :class:`AppInputError` when there is none.
+
+    A line that shows nothing (only whitespace, control or zero-width characters, e.g. a pasted U+200B) counts
+    as blank: the processor refuses such a phrase, which failed the whole request for every adapter.
+    """
+    from m2ist.data.loaders import has_visible_text
+
+    text = "" if text is None else str(text)
+    if len(text) > MAX_TEXT_CHARS:
+        raise AppInputError(f"The text is {len(text)} characters long; keep it under {MAX_TEXT_CHARS} (at most "
+                            f"{max_phrases} expressions of up to {MAX_PHRASE_CHARS} characters, one per line).")
+    phrases = [" ".join(line.split()) for line in text.splitlines()]
+    phrases = [phrase for phrase in phrases if has_visible_text(phrase)]
+    if not phrases:
         raise AppInputError("Type at least one expression (one per line), e.g. “the red circle”.")
-    phrases = [" ".join(line.split()) for line in str(text).splitlines()]
-    phrases = [phrase for phrase in phrases if phrase]
     if len(phrases) > max_phrases:
         raise AppInputError(f"{len(phrases)} expressions: at most {max_phrases} per request, one per line.")
     long = [phrase for phrase in phrases if len(phrase) > MAX_PHRASE_CHARS]
@@ -112,16 +129,20 @@ def read_image(image: Any, *, max_pixels: int = MAX_PIXELS) -> Image.Image:
     """An RGB image from a path, PIL image or array; :class:`AppInputError` when missing, unreadable or too large.
 
     The size of a file is read from its header before its pixels are decoded, so a decompression bomb is refused
-    without being decoded.
+    without being decoded (the stored size: the EXIF orientation, which changes no pixel count, is read only for an
+    image within the limit, as a PNG's is read by decoding it).
     """
     from m2ist.data.images import ImageLoadError, image_size, load_image
 
     if image is None or (isinstance(image, str) and not image.strip()):
         raise AppInputError("Upload, paste or drop an image first (or pick an example below).")
+    if isinstance(image, _Unreadable) and image.missing:
+        raise AppInputError(f"The image is no longer on the server (uploads are deleted after {CACHE_SECONDS // 60} "
+                            "minutes): upload it again.")
     if isinstance(image, _Unreadable):
         raise AppInputError(f"Cannot read this file as an image ({image.reason}). Try a PNG, JPEG or WebP file.")
     try:
-        width, height = image_size(image, exif_transpose=True)
+        width, height = image_size(image)  # exif_transpose=True would decode a PNG whole to read its orientation
         if width < 1 or height < 1:
             raise AppInputError("The image is empty (0 pixels).")
         if width * height > max_pixels:
@@ -218,6 +239,27 @@ def _check_models(models: Sequence[tuple[str, nn.Module]], where: str) -> list[t
     return models
 
 
+def _cut_phrases(model: Any, phrases: list[str]) -> list[tuple[int, int, int]]:
+    """``(index, tokens, limit)`` of each phrase with more tokens than ``model``'s processor reads
+    (``max_query_len``, special tokens included): its last words are cut off before the model sees it. Empty when
+    that cannot be told (no tokenizer); never raises."""
+    import unicodedata
+
+    processor = getattr(model, "processor", None)
+    tokenizer, limit = getattr(processor, "tokenizer", None), getattr(processor, "max_query_len", None)
+    if tokenizer is None or not isinstance(limit, int):
+        return []
+    texts = [unicodedata.normalize("NFC", phrase) for phrase in phrases]  # as the processor prepares them
+    if getattr(processor, "lowercase", False):
+        texts = [text.lower() for text in texts]
+    try:
+        lengths = [len(ids) for ids in tokenizer(texts, truncation=False)["input_ids"]]
+    except Exception:  # a note, not a reason to fail the request
+        logger.debug("could not count the tokens of the expressions", exc_info=True)
+        return []
+    return [(index, length, limit) for index, length in enumerate(lengths) if length > limit]
+
+
 def predict_page(models: Sequence[tuple[str, nn.Module]], image: Any, text: str | None) -> PagePrediction:
     """Predict one box per expression with every ``(name, model)``; never raises for bad input.
 
@@ -268,6 +310,12 @@ def predict_page(models: Sequence[tuple[str, nn.Module]], image: Any, text: str 
         count = f"{len(phrases)} expression{'s' if len(phrases) > 1 else ''}"
         notes.append(f"**{_escape(name)}**: {count} in {1000 * seconds:.0f} ms "
                      f"({1000 * seconds / len(phrases):.0f} ms each) on a {picture.width}×{picture.height} image.")
+        cut = _cut_phrases(model, phrases)
+        if cut:  # the processor only logs this, once per process: the page would show a box for words never read
+            which = ", ".join(f"{index + 1} ({length} tokens)" for index, length, _ in cut)
+            notes.append(f"ℹ️ {_escape(name)} reads the first {cut[0][2]} tokens of an expression (special tokens "
+                         f"included): the last words of expression{'s' if len(cut) > 1 else ''} {which} were not "
+                         "read, and the box is for what is left. Shorten them.")
     orientation = exif_orientation(image)
     if orientation != 1 and rows:
         notes.append(f"ℹ️ This image carries an EXIF orientation (tag {orientation}): it was turned upright as photo "
@@ -319,13 +367,28 @@ def load_models(adapters: Sequence[str] | None = None, **from_pretrained: Any) -
         raise ValueError(f"Two adapters share a name ({names}); name them with --adapter NAME=PATH.")
     models = []
     for name, target in specs:
-        model = SideTunedModel.from_pretrained(target, **from_pretrained)
+        try:
+            model = SideTunedModel.from_pretrained(target, **from_pretrained)
+        except (ValueError, OSError) as err:  # say which adapter: not every loading error names its folder
+            raise _naming_adapter(err, name, target) from err
         if getattr(model, "processor", None) is None:
             raise ValueError(f"The adapter {target} has no processor (m2ist_processor.json): save it with "
                              "`model.processor = processor` set, as `m2ist train` and `make demo` do.")
         model.eval()
         models.append((name, model))
     return models
+
+
+def _naming_adapter(err: ValueError | OSError, name: str, target: str) -> ValueError | OSError:
+    """``err`` (same type where it can be rebuilt from a message) with the adapter it came from in front."""
+    message = f"adapter {name!r} ({target}) cannot be loaded: {err}"
+    try:
+        named = type(err)(message)
+        if str(named) == message:
+            return named
+    except Exception:  # an exception class that takes other arguments (json.JSONDecodeError, ...)
+        pass
+    return ValueError(message) if isinstance(err, ValueError) else OSError(message)
 
 
 def demo_examples(count: int = 4, seed: int = 2024, folder: str | Path | None = None) -> list[tuple[str, str]]:
@@ -369,6 +432,8 @@ class _Unreadable:
     """An upload gradio could not open; carries the reason to :func:`read_image`."""
 
     reason: str
+    #: the upload is gone from gradio's cache (deleted after :data:`CACHE_SECONDS`): the page asks for it again
+    missing: bool = False
 
 
 def _image_input(gr: Any, **kwargs: Any):
@@ -382,6 +447,8 @@ def _image_input(gr: Any, **kwargs: Any):
     def preprocess(payload: Any) -> Any:
         try:
             return original(payload)
+        except FileNotFoundError as err:
+            return _Unreadable(_short(err), missing=True)
         except Exception as err:
             return _Unreadable(_short(err))
 
@@ -412,7 +479,7 @@ def build_app(models: Sequence[tuple[str, nn.Module]], examples: Sequence[tuple[
             result = PagePrediction(images=[None] * len(models), message=f"⚠️ Something went wrong: {_short(err)}")
         return (*result.images, result.table, result.message)
 
-    with gr.Blocks(title=title, analytics_enabled=False) as app:
+    with gr.Blocks(title=title, analytics_enabled=False, delete_cache=(min(600, CACHE_SECONDS), CACHE_SECONDS)) as app:
         gr.Markdown(f"## {html.escape(title)}\nUpload or paste an image, type one expression per line (“the red "
                     f"circle”, “the square left of the star”), press **Find**. Adapter{'s' if len(models) > 1 else ''}: "
                     f"{names}.")
@@ -447,8 +514,10 @@ def serve(models: Sequence[tuple[str, nn.Module]], *, host: str | None = "127.0.
 
     ``block=False`` returns the running app at once; stop it with ``app.close()``. ``host``/``port`` ``None`` use
     gradio's defaults (``GRADIO_SERVER_NAME``/``GRADIO_SERVER_PORT``, as on a Hugging Face Space). Never creates a
-    share link; uploads over :data:`MAX_FILE_SIZE` are refused.
+    share link; uploads over :data:`MAX_FILE_SIZE` are refused, and uploads and drawn pictures leave gradio's cache
+    after :data:`CACHE_SECONDS` and when the server stops.
     """
+    _refuse_ipv6(host, "host")
     gr = _gradio()
     app = app or build_app(models, examples)
     theme = gr.themes.Default(font=_FONT_STACK, font_mono=_MONO_STACK)
@@ -485,11 +554,21 @@ def _port(text: str) -> int:
     return value
 
 
+def _refuse_ipv6(host: str | None, what: str) -> None:
+    """``ValueError`` for an IPv6 address: gradio writes ``http://{host}:{port}`` unbracketed and fails (a traceback,
+    its server thread left running) once the server is up, i.e. after every adapter has loaded."""
+    if host and ":" in host:
+        raise ValueError(f"{what} {host!r} is an IPv6 address, which the page's server (gradio) cannot listen on; "
+                         "give an IPv4 address such as 127.0.0.1 (this machine only) or 0.0.0.0 (the network), or a "
+                         "host name.")
+
+
 def check_address(host: str, port: int | None) -> None:
     """Raise ``ValueError`` unless the page can listen on ``host`` (and ``port``, when given): checked before any
     adapter loads, so a typo in ``--host`` or a port in use is not found only after minutes of loading."""
     import socket
 
+    _refuse_ipv6(host, "--host")
     try:
         family, kind, proto, _, address = socket.getaddrinfo(host, port or 0, type=socket.SOCK_STREAM)[0]
     except (socket.gaierror, UnicodeError) as err:
@@ -513,8 +592,9 @@ def run(args: argparse.Namespace) -> int:
     check_address(args.host, args.port)
     models = load_models(args.adapter, local_files_only=args.local_files_only)
     use_scenes = args.examples == "shapes" or (args.examples == "auto" and not args.adapter)
-    examples = demo_examples() if use_scenes else None
-    serve(models, host=args.host, port=args.port, examples=examples)
+    with tempfile.TemporaryDirectory(prefix="m2ist-app-examples-") as folder:  # each start left its scenes in /tmp
+        examples = demo_examples(folder=folder) if use_scenes else None
+        serve(models, host=args.host, port=args.port, examples=examples)
     return 0
 
 
