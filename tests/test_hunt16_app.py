@@ -4,7 +4,6 @@ pictures each request leaves on disk."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -13,9 +12,8 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageFile
 
-from tests.test_app import _free_port, scene
-from tests.test_inference import make_tokenizer
-from tests.tiny import save_reloadable_adapter
+from tests import test_app
+from tests.test_app import HAS_GRADIO, _free_port, needs_gradio, scene
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
@@ -23,22 +21,10 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 from m2ist import app as m2ist_app
 from m2ist.app import AppInputError, parse_phrases, predict_page, read_image
 
-HAS_GRADIO = importlib.util.find_spec("gradio") is not None
+# the tiny adapter saved with its processor, and the page's models loaded from it: test_app's fixtures
+adapter_dir, models = test_app.adapter_dir, test_app.models
 pytestmark = [pytest.mark.filterwarnings("ignore:.*no_silent_downcasting"),
               pytest.mark.filterwarnings("ignore:The copy keyword is deprecated")]
-
-
-@pytest.fixture(scope="module")
-def adapter_dir(tmp_path_factory) -> Path:
-    """A tiny random-weight adapter saved with its processor (as tests/test_app.py makes it)."""
-    root = tmp_path_factory.mktemp("app")
-    save_reloadable_adapter(root, make_tokenizer(root / "tokenizer"))
-    return root / "adapter"
-
-
-@pytest.fixture(scope="module")
-def models(adapter_dir):
-    return m2ist_app.load_models([f"tiny={adapter_dir}"])
 
 
 def test_a_line_that_shows_nothing_is_a_blank_line(models, tmp_path):
@@ -124,7 +110,7 @@ def test_one_broken_adapter_among_several_is_named(adapter_dir, tmp_path, monkey
         m2ist_app.load_models([f"good={adapter_dir}", f"gone={tmp_path / 'gone'}"])
 
 
-@pytest.mark.skipif(not HAS_GRADIO, reason='gradio is not installed (pip install "m2ist[app]")')
+@needs_gradio
 def test_uploads_and_pictures_are_not_left_on_disk(models, tmp_path, monkeypatch):
     """gradio keeps every upload and every drawn picture in its cache: without delete_cache, each request added
     them for good (users' photos included), and stopping the server removed nothing."""
@@ -157,7 +143,7 @@ def test_the_cache_is_also_aged_while_serving(models):
 
 
 
-@pytest.mark.skipif(not HAS_GRADIO, reason='gradio is not installed (pip install "m2ist[app]")')
+@needs_gradio
 def test_an_upload_deleted_from_the_cache_asks_for_it_again(models, tmp_path):
     """With uploads aged out of the cache, pressing Find again on an old page said "Cannot read this file as an
     image ([Errno 2] No such file or directory ...). Try a PNG, JPEG or WebP file." about a PNG: it now says to upload
