@@ -713,9 +713,10 @@ class RECTrainer(Trainer):
         differ = describe_differences(model.processor.differences(processor), "model.processor", "training")
         if not differ:
             return
-        if len(model.list_adapters()) > 1:
+        adapters = len(model.list_adapters())
+        if adapters > 1:
             warnings.warn(f"The processor this run trains adapter {model.active_adapter!r} with prepares inputs otherwise "
-                          f"than model.processor, which the model's {len(model.list_adapters())} adapters share "
+                          f"than model.processor, which the model's {adapters} adapters share "
                           f"({differ}): model.processor is kept for the others, so save this adapter with its processor "
                           "(processor.save_pretrained into its folder) and predict with processor= for it.",
                           UserWarning, stacklevel=3)
@@ -861,13 +862,17 @@ class RECTrainer(Trainer):
             raise ValueError(f"The training set has {_length(train_dataset)} samples, fewer than one batch ({batch}), "
                              "and dataloader_drop_last=True drops that batch: nothing to train on. Lower the batch "
                              "size or turn dataloader_drop_last off.")
-        # the RECCollator, inside a TowerCacheCollator when the cache is on
-        augmentation = _augmentation_of(getattr(self.data_collator, "collator", self.data_collator))
+        augmentation = self._training_augmentation()
         if augmentation is not None and not self._augmentation_started:
             self._restart_augmentation(augmentation)
         with denormals_flushed(self.args.flush_denormal and self.args.device.type == "cpu"):
             self._open_tower_cache()
             return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _training_augmentation(self) -> Any:
+        """The augmentation of the training collator (the RECCollator, inside a TowerCacheCollator when the cache is
+        on); None when it has none."""
+        return _augmentation_of(getattr(self.data_collator, "collator", self.data_collator))
 
     def _restart_augmentation(self, augmentation: Any) -> None:
         """Restart the augmentation's generator at this trainer's first ``train()``, as the Trainer seeds torch when
@@ -1012,7 +1017,7 @@ class RECTrainer(Trainer):
         """The training ``DataLoader``; a training collator that draws at random (an augmentation, cached views)
         builds each batch from generators seeded by the batch's number in the run (see :class:`_NumberedBatches`),
         so that a resumed run draws what the uninterrupted one drew."""
-        augmentation = _augmentation_of(getattr(self.data_collator, "collator", self.data_collator))
+        augmentation = self._training_augmentation()
         if augmentation is None:
             self._numbered_batches = None
             return super().get_train_dataloader()
