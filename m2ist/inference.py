@@ -15,7 +15,7 @@ draw_boxes("dog.jpg", boxes, texts=["the dog on the left"]).save("dog_boxes.png"
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,6 +26,7 @@ from PIL import Image, ImageDraw, ImageFont
 from torch import nn
 
 from m2ist.config import check_flags
+from m2ist.model import non_finite_cause
 from m2ist.processing import describe_differences, load_rec_image
 from m2ist.save_and_load import ALL_ADAPTERS, PIPELINE
 
@@ -131,15 +132,19 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
         model.train(was_training)
 
 
-def check_finite_boxes(pred: torch.Tensor, adapter: str | None = None) -> torch.Tensor:
+def check_finite_boxes(pred: torch.Tensor, adapter: str | None = None,
+                       explain: Callable[[], str] | None = None) -> torch.Tensor:
     """``pred`` if every coordinate is finite; else a ``ValueError`` (clipping to the image would turn an inf into
-    a plausible-looking edge box, and a NaN would pass through)."""
+    a plausible-looking edge box, and a NaN would pass through). ``explain`` (called only then) names a cause
+    outside the adapter, such as frozen towers that overflow; without one the adapter's weights are blamed."""
     bad = ~torch.isfinite(pred).all(dim=-1)
     if bool(bad.any()):
         which = f"adapter {adapter!r}" if adapter is not None else "the model"
+        cause = explain() if explain is not None else ""
         raise ValueError(f"{which} predicted non-finite boxes (NaN or inf) for {int(bad.sum())} of {bad.numel()} "
-                         f"samples (batch positions {bad.nonzero().flatten().tolist()[:8]}): its weights are damaged "
-                         "or its training diverged. Retrain it or load an earlier checkpoint.")
+                         f"samples (batch positions {bad.nonzero().flatten().tolist()[:8]}): "
+                         + (cause or "its weights are damaged or its training diverged. Retrain it or load an "
+                            "earlier checkpoint."))
     return pred
 
 
@@ -156,13 +161,18 @@ def forward_boxes_per_adapter(model: nn.Module, encoded: Any, device: torch.devi
     """:func:`forward_boxes` for every adapter in ``adapters`` on one pass of the towers
     (``model.forward_all_adapters``), ``{name: pred_boxes}``; ``None`` gives ``{None: the model's boxes}``.
     Non-finite predictions raise (:func:`check_finite_boxes`): prediction and evaluation share this check."""
+    inputs = {key: encoded[key].to(device) for key in MODEL_INPUTS if key in encoded}
+
+    def explain() -> str:
+        return non_finite_cause(model, inputs)
+
     if adapters is None:
-        return {None: check_finite_boxes(forward_boxes(model, encoded, device))}
+        return {None: check_finite_boxes(forward_boxes(model, encoded, device), explain=explain)}
     if not hasattr(model, "forward_all_adapters"):
         raise TypeError(f"adapters= needs a model with several adapters (a SideTunedModel), got {type(model).__name__}.")
-    inputs = {key: encoded[key].to(device) for key in MODEL_INPUTS if key in encoded}
     outputs = model.forward_all_adapters(**inputs, adapter_names=list(adapters))
-    return {name: check_finite_boxes(output.pred_boxes.detach().float().cpu(), name) for name, output in outputs.items()}
+    return {name: check_finite_boxes(output.pred_boxes.detach().float().cpu(), name, explain)
+            for name, output in outputs.items()}
 
 
 def resolve_adapters(model: nn.Module, adapters: str | Sequence[str] | None) -> list[str] | None:

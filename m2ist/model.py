@@ -1709,6 +1709,70 @@ def _cast_features(features: TowerFeatures, dtype: torch.dtype) -> TowerFeatures
         taps={kind: [t.to(dtype) for t in tensors] for kind, tensors in features.taps.items()})
 
 
+def non_finite_features(features: TowerFeatures, layers: Sequence[int]) -> list[str]:
+    """Where one tower's ``features`` (tapped at ``layers``) hold NaN or inf at real tokens: ``["the output",
+    "the layer-3 hidden taps", ...]`` (empty when every value is finite). Padded positions are not looked at."""
+
+    def finite(tensor: torch.Tensor) -> bool:
+        if tensor.dim() >= 2 and tuple(tensor.shape[:2]) == tuple(features.mask.shape):
+            tensor = tensor[features.mask.to(tensor.device)]
+        return bool(torch.isfinite(tensor).all())
+
+    found = [] if finite(features.tokens) else ["the output"]
+    if features.seed is not None and not finite(features.seed):
+        found.append("the embeddings")
+    for kind, tensors in features.taps.items():
+        found += [f"the layer-{layer} {kind} taps" for layer, tensor in zip(layers, tensors, strict=False)
+                  if not finite(tensor)]
+    return found
+
+
+def non_finite_cause(model: nn.Module, inputs: Mapping[str, Any]) -> str:
+    """Why ``model`` gives NaN or inf on the batch ``inputs`` when the frozen towers are to blame, as a sentence
+    naming the tower, where its features stop being finite and what to do; ``""`` when the towers' features are
+    finite (or ``model`` is not a :class:`SideTunedModel`, or the batch carries no images and texts). Runs the
+    towers once under ``no_grad``, in the autocast state of the caller (call it where the failing forward ran)."""
+    if not isinstance(model, SideTunedModel) or "pixel_values" not in inputs or "input_ids" not in inputs:
+        return ""
+    with torch.no_grad():
+        features = model.tower_features(inputs["pixel_values"], inputs.get("pixel_mask"), inputs["input_ids"],
+                                        inputs.get("attention_mask"))
+    sentences = []
+    for modality, tower, tapped, layers in ((VISION, model.vision_model, features.vision, features.vision_layers),
+                                            (TEXT, model.text_model, features.text, features.text_layers)):
+        where = non_finite_features(tapped, layers)
+        if not where:
+            continue
+        said = f"The frozen {modality} tower computes NaN or infinite features on this batch ({', '.join(where[:3])})"
+        damaged = next((name for name, p in tower.named_parameters()
+                        if p.is_floating_point() and not bool(torch.isfinite(p).all())), None)
+        device = tapped.tokens.device.type
+        half = any(p.dtype == torch.float16 for p in tower.parameters()) or (
+            torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == torch.float16)
+        if damaged is not None and half:
+            said += (f": its weight {damaged!r} holds NaN or inf, as a weight beyond float16's ±65504 becomes when "
+                     f"the tower is cast to float16. Run the {modality} tower in bfloat16 or float32 "
+                     "(model.set_backbone_dtype('bfloat16'), --backbone-dtype), or reload it if it was damaged.")
+        elif damaged is not None:
+            said += (f": its weight {damaged!r} holds NaN or inf. Reload the {modality} tower from its checkpoint "
+                     "(the adapter's weights are not the cause).")
+        elif half:
+            said += (": float16 overflows past ±65504 in this tower. Run it in bfloat16 or float32 "
+                     "(model.set_backbone_dtype('bfloat16'), --backbone-dtype, or bf16=True instead of fp16=True).")
+        else:
+            said += ": its weights are finite, so an input drives it out of range; check this batch's images and texts."
+        sentences.append(said)
+    if not sentences:
+        side_dtype = next(model._adapter_modules(model.active_adapter)[0].parameters()).dtype
+        if side_dtype == torch.float16:
+            largest = max(float(t.abs().max()) for tapped in (features.vision, features.text)
+                          for t in [tapped.tokens, *(x for taps in tapped.taps.values() for x in taps)])
+            if largest > torch.finfo(torch.float16).max:
+                sentences.append(f"The towers' features reach {largest:.3g}, beyond float16's ±65504, and adapter "
+                                 f"{model.active_adapter!r} is float16: keep its side network in float32 or bfloat16.")
+    return " ".join(sentences)
+
+
 #: ``nn.Module.type`` names (``"torch.HalfTensor"``) of the floating dtypes.
 _TYPE_NAMES = {"Half": torch.float16, "BFloat16": torch.bfloat16, "Float": torch.float32, "Double": torch.float64}
 

@@ -62,7 +62,7 @@ from .config import CONFIG_NAME, M2ISTConfig, check_flags
 from .data.collator import RECCollator
 from .evaluation import paired_iou, write_results
 from .head import rec_loss
-from .model import DEFAULT_ADAPTER, DTYPES, METHODS, RECModel, SideTunedModel
+from .model import DEFAULT_ADAPTER, DTYPES, METHODS, RECModel, SideTunedModel, non_finite_cause
 from .ops.boxes import box_convert
 from .save_and_load import (
     ADAPTER_FILES,
@@ -862,6 +862,7 @@ class RECTrainer(Trainer):
             raise ValueError(f"The training set has {_length(train_dataset)} samples, fewer than one batch ({batch}), "
                              "and dataloader_drop_last=True drops that batch: nothing to train on. Lower the batch "
                              "size or turn dataloader_drop_last off.")
+        _refuse_float16_parameters(self.model)
         augmentation = self._training_augmentation()
         if augmentation is not None and not self._augmentation_started:
             self._restart_augmentation(augmentation)
@@ -972,7 +973,7 @@ class RECTrainer(Trainer):
         step = self.state.global_step + 1
         if not bool(torch.isfinite(loss.detach()).all()):
             raise NonFiniteTrainingError(f"Training diverged at step {step}: the loss is {float(loss)}."
-                                         + _non_finite_inputs(inputs) + " Nothing was saved from this step.")
+                                         + self._non_finite_cause(model, inputs) + " Nothing was saved from this step.")
         # with fp16 mixed precision the grad scaler expects inf gradients now and then (it skips those steps)
         scaled = getattr(self.accelerator, "scaler", None) is not None
         grads = [] if scaled else [p.grad for group in self.optimizer.param_groups for p in group["params"]
@@ -987,6 +988,19 @@ class RECTrainer(Trainer):
                                              f"(loss {float(loss):.4g}). Lower the learning rates or set max_grad_norm; "
                                              "nothing was saved from this step.")
         return loss
+
+    def _non_finite_cause(self, model: nn.Module, inputs: dict[str, Any]) -> str:
+        """Why a training batch gave a non-finite loss: non-finite inputs, else frozen towers whose features are
+        not finite (re-run once on the batch, under the run's autocast), else the learning rates."""
+        cause = _non_finite_inputs(inputs)
+        if cause:
+            return cause
+        with self.compute_loss_context_manager(), self.accelerator.autocast():
+            cause = non_finite_cause(self.accelerator.unwrap_model(model), self._prepare_inputs(inputs))
+        if cause:
+            return " " + cause
+        return " The inputs and the towers' features are finite: the learning rates are probably too high (or set " \
+               "max_grad_norm)."
 
     # ------------------------------------------------------------------ accelerate / DDP
     def _build_accelerator_args(self, **kwargs: Any) -> dict[str, Any]:
@@ -1688,12 +1702,24 @@ def _resolve_best_metric(args: RECTrainingArguments, eval_dataset: Any, compute_
                      f"{choices}{sets_note}. Lower is better for loss, loss_box and loss_giou.")
 
 
+def _refuse_float16_parameters(model: nn.Module) -> None:
+    """Refuse to train float16 parameters (``model.half()`` before training): the optimizer's updates and its
+    second moments underflow in float16 (Adam's epsilon is 0 there), so the run stalls and then turns NaN, and with
+    ``fp16=True`` the gradient scaler cannot unscale them. Mixed precision keeps them float32."""
+    half = [name for name, p in model.named_parameters() if p.requires_grad and p.dtype == torch.float16]
+    if half:
+        raise ValueError(f"{len(half)} trained parameter tensors are float16 (e.g. {half[0]!r}, after model.half() or "
+                         "model.to(torch.float16)): the optimizer's updates underflow in float16 and the run would "
+                         "stall, then diverge. Keep them float32 (model.float()) and train with fp16=True or bf16=True "
+                         "(mixed precision); to save memory in the frozen towers, use backbone_dtype.")
+
+
 def _non_finite_inputs(inputs: Mapping[str, Any]) -> str:
-    """" The batch's labels hold non-finite values ..." when the inputs explain a non-finite loss, else ""."""
+    """" The batch's labels hold non-finite values ..." when the inputs explain a non-finite loss, else ``""``."""
     bad = [key for key, value in inputs.items() if isinstance(value, torch.Tensor) and value.is_floating_point()
            and not bool(torch.isfinite(value).all())]
     if not bad:
-        return " The inputs are finite: the learning rates are probably too high (or set max_grad_norm)."
+        return ""
     return (f" The batch's {', '.join(bad)} hold non-finite values (NaN or inf): check the data (boxes and images) "
             "and the processor.")
 
