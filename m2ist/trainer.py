@@ -1732,10 +1732,10 @@ _RESTORED_BY_OPTIMIZER = ("learning_rate", "side_learning_rate", "weight_decay",
 def run_settings(trainer: RECTrainer) -> dict[str, Any]:
     """The settings that define a training run, recorded in each checkpoint (``m2ist_run.json``) and compared when
     resuming: learning rates and their schedule, the optimizer and its settings, seed, batch sizes (and
-    ``dataloader_drop_last``), method, the trained adapter's name (M²IST's active adapter), the model's M2ISTConfig
-    (without the recorded tower names; its ``backbone_dtype`` is the towers' dtype after ``args.tower_dtype``, so a run resumed
-    with its towers in another dtype is refused) and the training-set size. Epoch and step counts are left out:
-    extending a run is fine."""
+    ``dataloader_drop_last``), method, the trained adapter's name (M²IST's active adapter), the model's
+    M2ISTConfig (without the recorded tower names; its ``backbone_dtype`` is the towers' dtype after
+    ``args.tower_dtype``, so a run resumed with its towers in another dtype is refused), the training-set size and
+    the training augmentation's settings. Epoch and step counts are left out: extending a run is fine."""
     args = trainer.args
     model = trainer.accelerator.unwrap_model(trainer.model)
     config = getattr(model, "config", None)
@@ -1758,7 +1758,21 @@ def run_settings(trainer: RECTrainer) -> dict[str, Any]:
         "tower_cache_dtype": None if args.tower_cache == "off" else args.tower_cache_dtype,
         "tower_cache_views": args.tower_cache_views if args.tower_cache != "off" else None,
         "train_samples": _length(trainer.train_dataset) if trainer.train_dataset is not None else None,
+        "augmentation": _augmentation_settings(trainer._training_augmentation()),
     }
+
+
+def _augmentation_settings(augmentation: Any) -> dict[str, Any] | None:
+    """The training augmentation's class and, for a dataclass such as :class:`RECAugmentation`, its settings
+    (seed included): a run resumed with other draws or other augmentations would not continue the run."""
+    if augmentation is None:
+        return None
+    settings: dict[str, Any] = {"class": f"{type(augmentation).__module__}.{type(augmentation).__qualname__}"}
+    if dataclasses.is_dataclass(augmentation):
+        settings.update({f.name: getattr(augmentation, f.name) for f in dataclasses.fields(augmentation) if f.init})
+    if getattr(augmentation, _SEED_FROM_TRAINING, False):
+        settings["seed"] = None  # it follows the training seed (recorded apart), as before the run gave it
+    return settings
 
 
 def checkpoint_problems(folder: str | os.PathLike, *, needs_optimizer: bool = True, adapter: str | None = None) -> str:
