@@ -365,6 +365,8 @@ def load_models(adapters: Sequence[str] | None = None, **from_pretrained: Any) -
     names = [name for name, _ in specs]
     if len(set(names)) != len(names):  # before loading anything
         raise ValueError(f"Two adapters share a name ({names}); name them with --adapter NAME=PATH.")
+    for name, target in specs:  # a later adapter that is neither a folder nor a repo id fails before the first loads
+        _check_target(name, target)
     models = []
     for name, target in specs:
         try:
@@ -377,6 +379,20 @@ def load_models(adapters: Sequence[str] | None = None, **from_pretrained: Any) -
         model.eval()
         models.append((name, model))
     return models
+
+
+def _check_target(name: str, target: str) -> None:
+    """``FileNotFoundError`` when ``target`` is neither a folder nor a valid Hub repo id (a mistyped or missing
+    path), checked for every adapter before any loads: loading the ones before it can take minutes."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if Path(target).expanduser().is_dir():
+        return
+    try:
+        validate_repo_id(target)
+    except HFValidationError:
+        raise FileNotFoundError(f"adapter {name!r} ({target}) cannot be loaded: no such folder, and it is not a Hub "
+                                "repo id (OWNER/NAME) either; check the path.") from None
 
 
 def _naming_adapter(err: ValueError | OSError, name: str, target: str) -> ValueError | OSError:
@@ -517,7 +533,8 @@ def serve(models: Sequence[tuple[str, nn.Module]], *, host: str | None = "127.0.
     share link; uploads over :data:`MAX_FILE_SIZE` are refused, and uploads and drawn pictures leave gradio's cache
     after :data:`CACHE_SECONDS` and when the server stops.
     """
-    _refuse_ipv6(host, "host")
+    _refuse_ipv6(host if host is not None else os.environ.get("GRADIO_SERVER_NAME"),
+                 "host" if host is not None else "GRADIO_SERVER_NAME")
     gr = _gradio()
     app = app or build_app(models, examples)
     theme = gr.themes.Default(font=_FONT_STACK, font_mono=_MONO_STACK)
