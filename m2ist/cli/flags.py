@@ -374,7 +374,7 @@ def add_evaluation_flags(parser: argparse.ArgumentParser, command: str) -> None:
     _add(group, "--batch-size", dest="evaluation.batch_size", type=positive_int, metavar="N",
          help=f"expressions per forward pass (default: {32 if command == 'eval' else 16})")
     _add(group, "--device", dest="evaluation.device", metavar="DEVICE",
-         help="cpu, cuda, cuda:1, mps ... (default: cuda if available, else cpu)")
+         help="cpu, cuda, cuda:1, mps, xpu ... (default: cuda if available, else cpu)")
     if command == "eval":
         _add(group, "--num-workers", dest="evaluation.num_workers", type=non_negative_int, metavar="N",
              help="DataLoader worker processes that load the images")

@@ -532,21 +532,31 @@ def _one_way_to_name_eval_splits(data: dict[str, Any], origin: Mapping[str, tupl
 
 
 def check_device(value: Any) -> None:
-    """Refuse a ``--device`` / ``evaluation.device`` torch cannot parse, or a GPU this machine does not have."""
+    """Refuse a ``--device`` / ``evaluation.device`` torch cannot parse, or an accelerator this machine does not
+    have. ``cpu`` and this machine's accelerator (``torch.accelerator``: CUDA, MPS, XPU, ...) are accepted."""
     import torch
 
     try:
         device = torch.device(value)
     except (RuntimeError, TypeError, ValueError):
-        raise CLIError(f"--device {value!r} is not a device: use cpu, cuda, cuda:N or mps.") from None
-    if device.type not in ("cpu", "cuda", "mps"):  # meta, xla...: no real tensors to evaluate
-        raise CLIError(f"--device {value}: m2ist runs on cpu, cuda, cuda:N or mps.")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise CLIError(f"--device {value}: no CUDA GPU is visible here; use --device cpu.")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise CLIError(f"--device {value}: this machine has {torch.cuda.device_count()} CUDA GPU(s), numbered from 0.")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise CLIError(f"--device {value}: MPS is not available here; use --device cpu.")
+        raise CLIError(f"--device {value!r} is not a device: use cpu, cuda, cuda:N, mps or xpu.") from None
+    if device.type == "cpu":
+        return
+    here = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
+    offer = "--device cpu" + (f" or --device {here.type}" if here is not None else "")
+    if device.type not in _ACCELERATORS:
+        raise CLIError(f"--device {value}: m2ist runs on cpu or on this machine's accelerator (cuda, mps, xpu, ...); "
+                       f"use {offer}.")  # meta, xla...: no real tensors to evaluate
+    if here is None or here.type != device.type:
+        name = {"cuda": "CUDA GPU", "mps": "MPS device", "xpu": "XPU"}.get(device.type, f"{device.type} device")
+        raise CLIError(f"--device {value}: no {name} is visible here; use {offer}.")
+    count = torch.accelerator.device_count()
+    if device.index is not None and device.index >= count:
+        raise CLIError(f"--device {value}: this machine has {count} {device.type} device(s), numbered from 0.")
+
+
+#: torch's accelerator device types (checked against the one this machine has).
+_ACCELERATORS = ("cuda", "mps", "xpu", "npu", "hpu", "mtia", "maia", "ipu")
 
 
 def build_m2ist_config(settings: Mapping[str, Mapping[str, Any]]):
