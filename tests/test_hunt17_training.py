@@ -4,21 +4,12 @@ several adapters."""
 from __future__ import annotations
 
 import pytest
-from transformers import TrainerCallback
 
 from m2ist.data.transforms import RECAugmentation
 from m2ist.trainer import train_rec
 from tests.ddp_worker import make_dataset, make_model, make_processor
+from tests.test_hunt16_resume import _StopAt
 from tests.tiny import QUERY_LEN, cpu_training_args, tiny_config
-
-
-class _StopAt(TrainerCallback):
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step >= self.step:
-            control.should_training_stop = True
 
 
 def test_resuming_with_another_augmentation_is_refused(tmp_path):
