@@ -35,7 +35,7 @@ from .save_and_load import WEIGHTS_NAME, atomic_write, recorded_sha256
 
 __all__ = ["CARD_NAME", "EVAL_RESULTS_NAME", "PLACEHOLDER_REPO_ID", "TOWERS_USED_KEY", "WEIGHTS_SHA256_KEY",
            "build_model_card", "card_for_push", "card_results_problem",
-           "hub_model_id", "read_eval_results", "results_for_weights", "write_model_card"]
+           "hub_model_id", "other_tower", "read_eval_results", "results_for_weights", "scoring_note", "write_model_card"]
 
 logger = logging.getLogger(__name__)
 
@@ -115,12 +115,23 @@ def results_for_weights(results: Mapping[str, Any] | None, weights: Path,
 
 
 def _results_for_towers(results: Mapping[str, Any], config: M2ISTConfig | None) -> Mapping[str, Any] | None:
-    """``results`` unless they record (``metadata.model.towers_used``) a tower other than ``config`` records:
-    another commit when both are known, else another name (local paths compared resolved)."""
+    """``results`` unless they record (``metadata.model.towers_used``) a tower other than ``config`` records."""
     model = results.get("metadata", {}).get("model") if isinstance(results.get("metadata"), Mapping) else None
     used = model.get(TOWERS_USED_KEY) if isinstance(model, Mapping) else None
     if config is None or not isinstance(used, Mapping):
         return results
+    other = other_tower(used, config)
+    if other:
+        logger.warning("Leaving the evaluation results out of the model card: they were measured with the %s "
+                       "tower %r, not the %r this adapter records.", *other)
+        return None
+    return results
+
+
+def other_tower(used: Mapping[str, Any], config: M2ISTConfig) -> tuple[str, str, str] | None:
+    """``(modality, name used, name recorded)`` of the first tower in ``used`` (``{"vision"|"text":
+    {"name_or_path", "commit"}}``) that is not the one ``config`` records: another commit when both are known,
+    else another name (local paths compared resolved); None when all are the recorded ones."""
     for modality in ("vision", "text"):
         tower = used.get(modality)
         recorded = getattr(config, f"{modality}_model_name_or_path", None)
@@ -134,16 +145,28 @@ def _results_for_towers(results: Mapping[str, Any], config: M2ISTConfig | None) 
             other = name != recorded and not (os.path.exists(name) and os.path.exists(recorded)
                                               and Path(name).resolve() == Path(recorded).resolve())
         if other:
-            logger.warning("Leaving the evaluation results out of the model card: they were measured with the %s "
-                           "tower %r, not the %r this adapter records.", modality, name, recorded)
-            return None
-    return results
+            return modality, name, str(recorded)
+    return None
+
+
+def scoring_note(results: Mapping[str, Any] | None) -> str | None:
+    """How ``results`` were scored otherwise than the standard protocol (predictions clamped to the image), in words
+    for the card; None when they follow it (or do not say)."""
+    metadata = (results or {}).get("metadata")
+    protocol = metadata.get("protocol") if isinstance(metadata, Mapping) else None
+    clamp = protocol.get("clamp") if isinstance(protocol, Mapping) else None
+    if clamp in (None, "image"):
+        return None
+    if clamp == "canvas":
+        return "predictions clamped to the padded canvas (TransVG's code), not to the image (the standard protocol)"
+    return f"predictions clamped with clamp={_cell(clamp)}, not to the image (the standard protocol)"
 
 
 def _eval_results(results: Mapping[str, Any] | None, datasets: Sequence[str]) -> list[EvalResult]:
     if not results:
         return []
     dataset_type = datasets[0] if len(datasets) == 1 else "rec"
+    clamp = results.get("metadata", {}).get("protocol", {}).get("clamp") if scoring_note(results) else None
     found = []
     for split, metrics in results.get("metrics", {}).items():
         if not isinstance(metrics, Mapping):
@@ -155,7 +178,8 @@ def _eval_results(results: Mapping[str, Any] | None, datasets: Sequence[str]) ->
                                         task_name="Referring expression comprehension",
                                         dataset_type=dataset_type, dataset_name=f"{dataset_type} ({split})",
                                         dataset_split=str(split), metric_type=metric_type, metric_name=metric_name,
-                                        metric_value=round(float(value), 4)))
+                                        metric_value=round(float(value), 4),
+                                        metric_config=f"clamp={clamp}" if clamp else None))
     return found
 
 
@@ -211,6 +235,9 @@ def _section(config: M2ISTConfig, counts: Mapping[str, int], repo_id: str | None
                 acc, miou, count = (_number(metrics.get(key)) for key in ("acc@0.5", "miou", "count"))
                 lines.append(f"| {_cell(split)} | {'' if acc is None else f'{100 * acc:.2f}%'} | "
                              f"{'' if miou is None else f'{miou:.4f}'} | {'' if count is None else count} |")
+        note = scoring_note(results)
+        if note:
+            lines += ["", f"Scored with {note}."]
     lines += [
         "",
         "## Use",

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from m2ist.card import TOWERS_USED_KEY, WEIGHTS_SHA256_KEY
+from m2ist.card import EVAL_RESULTS_NAME, TOWERS_USED_KEY, WEIGHTS_SHA256_KEY
 from m2ist.config import check_flags
 from m2ist.data.dataset import check_annotated_size
 from m2ist.data.images import load_image
@@ -46,13 +46,16 @@ from m2ist.save_and_load import atomic_write, tensors_sha256
 if TYPE_CHECKING:
     from m2ist.processing import RECProcessor
 
-__all__ = ["CLAMP_MODES", "RESULTS_FORMAT_VERSION", "ResultsWriteError", "accuracy_at_iou", "check_output_file", "evaluate",
-           "is_results_file", "json_file_is", "metric_name", "paired_iou", "write_results"]
+__all__ = ["CLAMP_MODES", "HEADLINE_THRESHOLD", "RESULTS_FORMAT_VERSION", "ResultsWriteError", "accuracy_at_iou",
+           "check_output_file", "evaluate", "is_results_file", "json_file_is", "metric_name", "paired_iou",
+           "read_results", "replaced_results_note", "with_headline", "write_results"]
 
 logger = logging.getLogger(__name__)
 
 RESULTS_FORMAT_VERSION = 1
 CLAMP_MODES = ("image", "canvas")
+#: The threshold of the headline accuracy (Acc@0.5) an adapter's model card reports from its ``eval_results.json``.
+HEADLINE_THRESHOLD = 0.5
 DEFAULT_SPLIT_NAME = "eval"
 
 
@@ -90,6 +93,13 @@ def _check_thresholds(thresholds: float | Sequence[float]) -> tuple[float, ...]:
             raise ValueError(f"IoU thresholds {other!r} and {value!r} are both reported as {metric_name(other)!r}; "
                              "give thresholds that differ in their first 6 significant digits.")
     return tuple(dict.fromkeys(float(v) for v in values))
+
+
+def with_headline(thresholds: float | Sequence[float]) -> tuple[float, ...]:
+    """The checked ``thresholds`` with :data:`HEADLINE_THRESHOLD` added when missing: what an adapter's
+    ``eval_results.json`` is scored at, so that its model card keeps its headline Acc@0.5."""
+    values = _check_thresholds(thresholds)
+    return values if HEADLINE_THRESHOLD in values else (HEADLINE_THRESHOLD, *values)
 
 
 def _as_boxes(boxes: Any, name: str) -> torch.Tensor:
@@ -427,11 +437,65 @@ def check_output_file(output_file: str | os.PathLike, *,
     return path
 
 
+def read_results(path: str | os.PathLike) -> Mapping[str, Any] | None:
+    """The results in ``path`` (:func:`evaluate`'s format), or None when it holds none (absent, unreadable, other
+    JSON)."""
+    path = Path(path)
+    try:
+        if not path.is_file() or path.stat().st_size > _MAX_REPLACEABLE_BYTES:
+            return None
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, Mapping) and isinstance(value.get("metrics"), Mapping) else None
+
+
+def _same_data(before: Mapping[str, Any], now: Mapping[str, Any]) -> bool:
+    """Whether two results' data records describe the same data for the splits both scored: the settings alike
+    but for the list of splits, and each split both name read from the same file."""
+    listing = ("eval_files", "eval_splits")
+    if _json_safe({k: v for k, v in before.items() if k not in listing}) != \
+            _json_safe({k: v for k, v in now.items() if k not in listing}):
+        return False
+    files_before, files_now = before.get("eval_files"), now.get("eval_files")
+    if isinstance(files_before, Mapping) and isinstance(files_now, Mapping):
+        return all(_json_safe(files_before[k]) == _json_safe(files_now[k]) for k in files_before if k in files_now)
+    return True
+
+
+def replaced_results_note(output_file: str | os.PathLike, results: Mapping[str, Any]) -> str | None:
+    """What writing ``results`` to ``output_file`` would lose, or None: the results already there scored splits
+    these do not, another adapter, other data or another clamp (weights and dates are expected to change)."""
+    old = read_results(Path(output_file).expanduser())
+    if old is None:
+        return None
+    lost: list[str] = []
+    gone = [str(split) for split in old["metrics"] if str(split) not in map(str, results.get("metrics", {}))]
+    if gone:
+        lost.append(f"the scores of split{'s' if len(gone) > 1 else ''} {', '.join(gone)}, which these results lack")
+    before = old.get("metadata") if isinstance(old.get("metadata"), Mapping) else {}
+    now = results.get("metadata") if isinstance(results.get("metadata"), Mapping) else {}
+    if before.get("adapter") and now.get("adapter") and before["adapter"] != now["adapter"]:
+        lost.append(f"the results of another adapter ({before['adapter']})")
+    if isinstance(before.get("data"), Mapping) and isinstance(now.get("data"), Mapping) \
+            and not _same_data(before["data"], now["data"]):
+        lost.append("the results of other data (another dataset, split files or settings)")
+    old_clamp = (before.get("protocol") or {}).get("clamp") if isinstance(before.get("protocol"), Mapping) else None
+    new_clamp = (now.get("protocol") or {}).get("clamp") if isinstance(now.get("protocol"), Mapping) else None
+    if old_clamp and new_clamp and old_clamp != new_clamp:
+        lost.append(f"the results scored with clamp={old_clamp!r}")
+    return " and ".join(lost) or None
+
+
 def write_results(results: Mapping[str, Any], output_file: str | os.PathLike) -> Path:
     """Write ``results`` as indented JSON (parent folders created); the file is replaced in one step, through a
-    temporary file of its own that a failure removes, so it is never seen half-written. Return the path."""
+    temporary file of its own that a failure removes, so it is never seen half-written. Replacing results of other
+    splits, adapter, data or clamp is warned about (:func:`replaced_results_note`). Return the path."""
     path = check_output_file(output_file)
     text = json.dumps(_json_safe(results), indent=2) + "\n"
+    note = replaced_results_note(path, results)
+    if note:
+        logger.warning("Replacing %s, which held %s; write to another file (--output) to keep both.", path, note)
     atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
     return path
 
@@ -466,6 +530,8 @@ def evaluate(
             dataset whose items have ``image``, ``expression`` and ``box`` (``xyxy`` pixels).
         batch_size: expressions per forward pass.
         iou_thresholds: the accuracy thresholds; each is reported as ``acc@<t>`` (``acc@0.5``, ``acc@0.75``...).
+            An ``output_file`` named ``eval_results.json`` (the file an adapter's model card reads) is always
+            scored at 0.5 too, so the card keeps its headline Acc@0.5.
         output_file: write the results as JSON there; checked before any scoring (a folder or an uncreatable
             path raises an ``OSError`` at once). If writing fails after scoring, a :class:`ResultsWriteError`
             holds the results and names the copy saved in the temporary folder.
@@ -489,6 +555,8 @@ def evaluate(
     from tqdm.auto import tqdm
 
     thresholds = _check_thresholds(iou_thresholds)
+    if output_file is not None and Path(output_file).name == EVAL_RESULTS_NAME:
+        thresholds = with_headline(thresholds)  # the card reads its headline Acc@0.5 from this file
     if clamp not in CLAMP_MODES:
         raise ValueError(f"clamp must be one of {CLAMP_MODES}, got {clamp!r}.")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:  # True is an int

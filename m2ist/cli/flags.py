@@ -362,7 +362,9 @@ def add_evaluation_flags(parser: argparse.ArgumentParser, command: str) -> None:
              help="report Acc@T for each T (default: 0.5; IoU >= T, the TransVG criterion, not GIoU)")
         _add(group, "--output", dest="evaluation.output_file", metavar="FILE",
              help="results JSON (default: <adapter>/eval_results.json for an adapter folder, ./eval_results.json for "
-                  "a Hub repo id; eval_results.first-N.json with --max-eval-samples N)" if command == "eval" else
+                  "a Hub repo id; eval_results.first-N.json with --max-eval-samples N, eval_results.clamp-canvas.json, "
+                  ".other-processor.json or .other-towers.json when scored otherwise than the card's protocol)"
+             if command == "eval" else
              "results JSON of the final evaluation (default: <output-dir>/eval_results.json)")
         _add(group, "--clamp", dest="evaluation.clamp", choices=("image", "canvas"),
              help="clamp predictions to the image (default, spec) or to the padded canvas (TransVG's code)")

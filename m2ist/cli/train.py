@@ -73,9 +73,9 @@ def _check_train_settings(settings: Mapping[str, Mapping[str, Any]]) -> None:
 
 def run(settings: dict[str, dict[str, Any]], args: argparse.Namespace) -> int:
     """Build the towers, the model and the processor, load the data, train, save, and score the evaluation splits."""
-    from m2ist.card import write_model_card
+    from m2ist.card import EVAL_RESULTS_NAME, write_model_card
     from m2ist.data.dataset import RECDataset
-    from m2ist.evaluation import check_output_file, evaluate, write_results
+    from m2ist.evaluation import check_output_file, evaluate, with_headline, write_results
     from m2ist.evidence.baselines import build_model
     from m2ist.model import SideTunedModel
     from m2ist.processing import RECProcessor
@@ -128,12 +128,15 @@ def run(settings: dict[str, dict[str, Any]], args: argparse.Namespace) -> int:
     info(f"Saved the adapter and the processor to {output_dir}")
 
     if eval_sets and evaluation.get("final_eval", True):
+        thresholds = evaluation.get("iou_thresholds", (0.5,))
+        if results_file.name == EVAL_RESULTS_NAME:  # the card reads its headline Acc@0.5 from this file
+            thresholds = with_headline(thresholds)
         # every expression counts (as in `m2ist eval`), unless unreadable samples are to be skipped
         results = evaluate(model, processor, eval_sets if skip_invalid else eval_samples,
                            # the batch evaluation during training used, unless the evaluation section sets one
                            batch_size=int(evaluation.get("batch_size") or training_args.per_device_eval_batch_size),
-                           iou_thresholds=evaluation.get("iou_thresholds", (0.5,)),
-                           progress=evaluation.get("progress", True), clamp=evaluation.get("clamp", "image"),
+                           iou_thresholds=thresholds, progress=evaluation.get("progress", True),
+                           clamp=evaluation.get("clamp", "image"),
                            num_workers=int(evaluation.get("num_workers", 0)),
                            device=evaluation.get("device") or None,  # default: where training left the model
                            save_predictions=bool(evaluation.get("save_predictions", False)),
