@@ -78,6 +78,12 @@ def _hf_rows(data: Mapping[str, Any]) -> Any:
                        "written by Dataset.save_to_disk.")
     if Path(source).is_dir() and any((Path(source) / n).is_file() for n in ("dataset_dict.json", "dataset_info.json")):
         return datasets.load_from_disk(source)
+    from m2ist.data.loaders import format_hint
+
+    hint = format_hint(source, "hf") if Path(source).exists() else ""
+    if hint:  # a local file or folder another --data-format reads: load_dataset would treat it as a Hub id or script
+        raise CLIError(f"--data-format hf: --data-root {source} is no Hugging Face dataset (a Hub id, or a folder "
+                       f"written by Dataset.save_to_disk).{hint}")
     return datasets.load_dataset(source, data.get("dataset"))
 
 def _sample_limit(data: Mapping[str, Any], key: str) -> int | None:

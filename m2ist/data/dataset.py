@@ -59,7 +59,10 @@ class ValidationReport:
 
 def _describe(index: int, sample: RECSample) -> str:
     image = sample.image if isinstance(sample.image, str | Path | DeferredImage) else type(sample.image).__name__
-    return f"#{index} (image_id={sample.image_id!r}, image={image}, expression={sample.expression!r}, box={sample.box})"
+    source = sample.metadata.get("source") if isinstance(sample.metadata, dict) else None
+    read_at = f", read at {source}" if isinstance(source, str) else ""  # the file loaders' file:line
+    return (f"#{index} (image_id={sample.image_id!r}, image={image}, expression={sample.expression!r}, "
+            f"box={sample.box}{read_at})")
 
 
 def _with_context(err: BaseException, context: str) -> BaseException:
@@ -246,9 +249,12 @@ class RECDataset(Dataset):
     def _warn(self, examples: dict[str, list[str]]) -> None:
         report = self.report
         if report.num_clipped:
+            many = report.num_clipped * 4 >= report.num_input  # a few boxes a pixel past the edge are common
+            hint = (". So many boxes reaching outside their image suggest a wrong box format: an xyxy box read as "
+                    "xywh reaches past the image by its x0, y0; check box_format (--box-format)" if many else "")
             warnings.warn(
                 f"Clipped {report.num_clipped} of {report.num_input} boxes to their image, e.g. "
-                + "; ".join(examples["clipped"]),
+                + "; ".join(examples["clipped"]) + hint,
                 RECDataWarning,
                 stacklevel=3,
             )

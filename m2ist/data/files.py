@@ -18,7 +18,7 @@ import io
 import json
 import warnings
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from os import PathLike
 from pathlib import Path
 from typing import Any
@@ -36,6 +36,8 @@ from m2ist.data.loaders import (
     check_fractions,
     expressions_of,
     first_key,
+    format_hint,
+    image_name_of,
     index_unique,
     join_image_path,
     match_splits,
@@ -91,6 +93,7 @@ class _SampleBuilder:
             self.wheres.append(where)
 
     def build(self) -> list[RECSample]:
+        self._warn_duplicates()
         sizes = [entry[5] for entry in self.pending] if self.normalized else None
         boxes = boxes_to_xyxy([entry[4] for entry in self.pending], self.box_format, image_sizes=sizes,
                               wheres=self.wheres)
@@ -99,6 +102,24 @@ class _SampleBuilder:
                       annotated_size=annotated)
             for (image, text, image_id, metadata, _, _, annotated), box in zip(self.pending, boxes)
         ]
+
+
+    def _warn_duplicates(self) -> None:
+        """One warning counting the samples that repeat an earlier one (same image, expression and box): a record
+        written twice (two exports concatenated) weighs twice in training and counts twice in every score."""
+        first: dict[tuple[Any, ...], str] = {}
+        repeats: list[tuple[str, str]] = []
+        for (image, text, _, _, box, _, _), where in zip(self.pending, self.wheres):
+            key = (image, text, box)
+            if key in first:
+                repeats.append((where, first[key]))
+            else:
+                first[key] = where
+        if repeats:
+            where, original = repeats[0]
+            warnings.warn(f"{len(repeats)} of {len(self.pending)} samples repeat an earlier one (same image, "
+                          f"expression and box; first {where}, a copy of {original}): they weigh twice in training "
+                          "and count twice in scores. Remove the repeated records.", stacklevel=4)
 
 
 def _size_from(record: dict[str, Any], *, where: str, box_keys: tuple[str, ...] = ()) -> tuple[int, int] | None:
@@ -146,7 +167,10 @@ def _add_records(
     split: str | Sequence[str] | None = None,
     source: str = "",
     split_optional: bool = False,
+    hint: Callable[[], str] = str,
 ) -> None:
+    """Add one sample per expression of ``records`` (``(where, record)``) to ``builder``; ``hint()`` is added to the
+    error for a record without an image or text key (the file may be another format, see :func:`format_hint`)."""
     records = list(records)
     if not records:  # refused here, where the cause is known ("No valid samples among 0" later would not say)
         raise ValueError(f"{source or 'The file'} holds no records (an empty file, or a CSV header alone): check the "
@@ -164,11 +188,11 @@ def _add_records(
         if text_key is None or image_key is None:
             raise ValueError(
                 f"{where}: needs an image key (one of {list(IMAGE_KEYS)}) and a text key (one of {list(TEXT_KEYS)}); "
-                f"found {sorted(record)}.{near_miss_hint(record, (*IMAGE_KEYS, *TEXT_KEYS))}"
+                f"found {sorted(record)}.{near_miss_hint(record, (*IMAGE_KEYS, *TEXT_KEYS)) or hint()}"
             )
         box, box_keys = read_box(record, where)
-        image = join_image_path(str(record[image_key]), image_root, allow_outside_image_root=allow_outside_image_root,
-                                where=where)
+        name = image_name_of(record[image_key], where=where)
+        image = join_image_path(name, image_root, allow_outside_image_root=allow_outside_image_root, where=where)
         texts = [text for text, _ in expressions_of(record[text_key], sentence_field="sent", where=where)]
         if not texts:
             speechless.append(where)
@@ -179,7 +203,7 @@ def _add_records(
             image=image,
             texts=texts,
             box=box,
-            image_id=record.get("image_id", Path(str(record[image_key])).name),
+            image_id=record.get("image_id", Path(name).name),
             metadata=metadata,
             size=_size_from(record, where=where, box_keys=box_keys),
             where=where,
@@ -192,39 +216,6 @@ def _read_box_key(record: dict[str, Any], where: str) -> tuple[Box, tuple[str, .
     if key is None:
         raise ValueError(f"{where}: no box; expected a key among {list(BOX_KEYS)}.{near_miss_hint(record, BOX_KEYS)}")
     return parse_box(record[key], where=where), (key,)
-
-
-def _format_hint(text: str, reading: str) -> str:
-    """`` It looks like ...: ...``, naming the loader that reads ``text`` when it is another of the file formats
-    than ``reading`` (``"coco"``, ``"jsonl"``, ``"csv"``): a COCO-style document, JSON Lines, a JSON list of records,
-    CSV. ``""`` when it is none of them, or the format being read."""
-    hints = {
-        "coco": " It looks like a COCO-style JSON file: read it with load_coco_style (--data-format coco).",
-        "list": " It looks like one JSON list of records: write each record as a JSON object on a line of its own "
-                "(JSON Lines) and read it with load_jsonl (--data-format jsonl).",
-        "jsonl": " It looks like JSON Lines (one object per line): read it with load_jsonl (--data-format jsonl).",
-        "csv": " It looks like a CSV file: read it with load_csv (--data-format csv).",
-    }
-    stripped = text.lstrip("\ufeff \t\r\n")
-    first = next((line for line in stripped.split("\n") if line.strip()), "")
-    try:
-        whole = json.loads(stripped)
-    except ValueError:
-        whole = None
-    if isinstance(whole, dict) and isinstance(whole.get("images"), list) and "annotations" in whole:
-        kind = "coco"
-    elif isinstance(whole, list) and whole and all(isinstance(item, dict) for item in whole):
-        kind = "list"
-    elif whole is not None:
-        kind = None
-    elif first.lstrip().startswith("{"):
-        try:
-            kind = "jsonl" if isinstance(json.loads(first), dict) else None
-        except ValueError:
-            kind = None
-    else:
-        kind = "csv" if not first.lstrip().startswith("[") and any(mark in first for mark in ",;\t|") else None
-    return hints[kind] if kind is not None and kind != reading else ""
 
 
 def load_jsonl(
@@ -253,7 +244,7 @@ def load_jsonl(
                 split_optional=split_optional)
     box_format = check_box_format(box_format, source=str(path))
     records = []
-    text = read_text_file(path, "JSONL file")
+    text = read_text_file(path, "JSONL file", reading="jsonl")
     # split on "\n" only: str.splitlines() would also break at U+2028, U+2029 and U+0085 inside JSON strings
     for number, line in enumerate(text.split("\n"), start=1):
         line = line.removesuffix("\r")
@@ -262,15 +253,17 @@ def load_jsonl(
         try:
             records.append((f"{path}:{number}", json.loads(line, object_pairs_hook=refuse_duplicate_keys)))
         except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{number}: not valid JSON ({err.msg}).{_format_hint(text, 'jsonl')}") from err
+            hint = format_hint(path, "jsonl", text=text)
+            raise ValueError(f"{path}:{number}: not valid JSON ({err.msg}).{hint}") from err
         except ValueError as err:  # a key named twice
             raise ValueError(f"{path}:{number}: {err}") from None
     if len(records) == 1 and isinstance(records[0][1], list):  # a whole JSON list written on one line
-        raise ValueError(f"{path} holds one JSON list, not one object per line.{_format_hint(text, 'jsonl')}")
+        hint = format_hint(path, "jsonl", text=text)
+        raise ValueError(f"{path} holds one JSON list, not one object per line.{hint}")
     builder = _SampleBuilder(box_format=box_format, normalized=normalized)
     _add_records(builder, records, image_root=Path(image_root) if image_root else path.parent, read_box=_read_box_key,
                  allow_outside_image_root=allow_outside_image_root or image_root is None, split=split,
-                 source=str(path), split_optional=split_optional)
+                 source=str(path), split_optional=split_optional, hint=lambda: format_hint(path, "jsonl", text=text))
     return builder.build()
 
 
@@ -313,21 +306,22 @@ def load_csv(
 
     # skipinitialspace: "image, text, bbox" (spaces after the delimiter) names the columns image, text and bbox, and
     # a quoted field after a space ( "[1, 2, 3, 4]") stays one field
-    text = read_text_file(path, "CSV file")
+    text = read_text_file(path, "CSV file", reading="csv")
     if text.lstrip("\ufeff \t\r\n").startswith(("{", "[")):
-        hint = _format_hint(text, "csv") or " Read it with load_jsonl or load_coco_style."
+        hint = format_hint(path, "csv", text=text) or " Read it with load_jsonl or load_coco_style."
         raise ValueError(f"{path} is JSON, not CSV.{hint}")
     reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter, skipinitialspace=True)
     try:
         _check_delimiter(reader.fieldnames, delimiter, path=path)
+        # a row of empty fields (",,," that spreadsheets leave after the data) is skipped like a blank line
         records = [(f"{path}:{reader.line_num}", _whole_row(row, reader, where=f"{path}:{reader.line_num}"))
-                   for row in reader]
+                   for row in reader if not _empty_row(row)]
     except csv.Error as err:
         raise ValueError(f"{path}:{reader.line_num}: not valid CSV ({err}).") from err
     builder = _SampleBuilder(box_format=box_format, normalized=normalized)
     _add_records(builder, records, image_root=Path(image_root) if image_root else path.parent, read_box=read_box,
                  allow_outside_image_root=allow_outside_image_root or image_root is None, split=split,
-                 source=str(path), split_optional=split_optional)
+                 source=str(path), split_optional=split_optional, hint=lambda: format_hint(path, "csv", text=text))
     return builder.build()
 
 
@@ -342,6 +336,11 @@ def _check_delimiter(header: Sequence[str] | None, delimiter: str, *, path: Path
         raise ValueError(f"{path}:1: the header is the one column {header[0]!r}, so the file seems to use "
                          f"{other[0]!r} between columns, not {delimiter!r}: pass delimiter={other[0]!r} to load_csv, or "
                          f"save the file with {delimiter!r} between columns (on the command line: --csv-delimiter).")
+
+
+def _empty_row(row: dict[Any, Any]) -> bool:
+    """Whether a CSV row holds nothing but empty or blank fields (and no extra values)."""
+    return row.get(None) is None and all(value is None or not str(value).strip() for value in row.values())
 
 
 def _whole_row(row: dict[Any, Any], reader: csv.DictReader, *, where: str) -> dict[str, Any]:
@@ -392,17 +391,18 @@ def load_coco_style(
     check_flags(f"load_coco_style({path})", normalized=normalized, allow_outside_image_root=allow_outside_image_root,
                 split_optional=split_optional)
     box_format = check_box_format(box_format, source=str(path))
-    text = read_text_file(path, "COCO-style JSON")
+    text = read_text_file(path, "COCO-style JSON", reading="coco")
     try:
         data = json.loads(text, object_pairs_hook=refuse_duplicate_keys)
     except json.JSONDecodeError as err:
-        raise ValueError(f"{path}:{err.lineno}: not valid JSON ({err.msg}).{_format_hint(text, 'coco')}") from err
+        hint = format_hint(path, "coco", text=text)
+        raise ValueError(f"{path}:{err.lineno}: not valid JSON ({err.msg}).{hint}") from err
     except ValueError as err:  # a key named twice
         raise ValueError(f"{path}: {err}") from None
     if not isinstance(data, dict) or not isinstance(data.get("images"), list) or not isinstance(
             data.get("annotations"), list):
         raise ValueError(f"{path}: a COCO-style file needs top-level 'images' and 'annotations' lists."
-                         f"{_format_hint(text, 'coco')}")
+                         f"{format_hint(path, 'coco', text=text)}")
     root = Path(image_root) if image_root else path.parent
     contain = not allow_outside_image_root and image_root is not None
     for position, image in enumerate(data["images"]):
@@ -435,7 +435,8 @@ def load_coco_style(
         if not texts:
             speechless.append(where)
         builder.add(
-            image=join_image_path(image["file_name"], root, allow_outside_image_root=not contain, where=where),
+            image=join_image_path(image_name_of(image["file_name"], where=where), root,
+                                  allow_outside_image_root=not contain, where=where),
             texts=texts,
             box=parse_box(ann["bbox"], where=where),
             image_id=image.get("original_id", image["id"]),
@@ -471,6 +472,15 @@ def load_coco_style(
                 "annotation instead."
             )
         entries.append((candidates[0], image, image[text_key], where))
+    if not entries:
+        keys = {key for entry in (*data["annotations"], *data["images"]) for key in entry}
+        hint = near_miss_hint(sorted(keys), TEXT_KEYS) or format_hint(path, "coco", text=text)
+        raise ValueError(
+            f"{path}: no expressions found: none of its {len(data['annotations'])} annotation(s) and "
+            f"{len(data['images'])} image entries has a text key (one of {list(TEXT_KEYS)}); put one on each "
+            f"annotation or on each image entry.{hint}"
+        )
+    _warn_textless(data["annotations"], {id(ann) for ann, *_ in entries}, path=path)
     wanted = _split_selection([(where, ann.get("split", image.get("split"))) for ann, image, _, where in entries],
                               split, source=str(path), split_optional=split_optional)
     for ann, image, text_value, where in entries:
@@ -478,9 +488,25 @@ def load_coco_style(
             add(ann, image, text_value, where)
     warn_without_expression(speechless, what="annotation(s) or image entries", stacklevel=2)
     if not builder.pending:
-        keys = {key for entry in (*data["annotations"], *data["images"]) for key in entry}
-        raise ValueError(
-            f"{path}: no expressions found; put a 'text' (or 'caption', 'expression', ...) key on each annotation "
-            f"or on each image entry.{near_miss_hint(sorted(keys), TEXT_KEYS)}"
-        )
+        raise ValueError(f"{path}: no expressions found: every annotation or image entry that has a text key lists no "
+                         "expression (an empty list); add their referring phrases.")
     return builder.build()
+
+
+def _warn_textless(annotations: list[dict[str, Any]], used: set[int], *, path: Path) -> None:
+    """Count the annotations that give no sample: no text key (one of ``TEXT_KEYS``) and not the referred box of an
+    image entry carrying the expression. One whose key differs from a text key by case or spaces (``Text``) is
+    refused; the others are named in one warning (a file mixing REC annotations with plain COCO objects)."""
+    textless = [(position, ann) for position, ann in enumerate(annotations) if id(ann) not in used]
+    if not textless:
+        return
+    for position, ann in textless:
+        hint = near_miss_hint(ann, TEXT_KEYS)
+        if hint:
+            raise ValueError(f"{path} annotations[{position}]: no text key (one of {list(TEXT_KEYS)}), so it would "
+                             f"give no sample.{hint}")
+    position, ann = textless[0]
+    warnings.warn(f"{path}: {len(textless)} of {len(annotations)} annotations have no text key (one of "
+                  f"{list(TEXT_KEYS)}) and are no image entry's referred box, so give no sample (first: "
+                  f"annotations[{position}], id {ann.get('id')!r}): add their expressions, or remove them.",
+                  stacklevel=3)

@@ -46,6 +46,7 @@ from m2ist.data.loaders import (
     check_sentence_field,
     expressions_of,
     first_key,
+    format_hint,
     join_image_path,
     near_miss_hint,
     normalize_split_request,
@@ -327,6 +328,11 @@ def from_hf_dataset(
     """
     check_flags("from_hf_dataset", normalized=normalized, allow_outside_image_root=allow_outside_image_root)
     check_sentence_field(sentence_field)
+    if isinstance(dataset, str | bytes | PathLike):  # iterating a path would give its characters as rows
+        hint = format_hint(dataset, "hf") if not isinstance(dataset, bytes) else ""
+        raise TypeError(f"from_hf_dataset takes rows (a datasets.Dataset, a DatasetDict or a list of dicts), not the "
+                        f"path {dataset!r}: load it first, e.g. datasets.load_from_disk(path) or "
+                        f"datasets.load_dataset(name).{hint}")
     if _is_split_mapping(dataset):
         subsets: list[tuple[str | None, Iterable[Any]]] = [(str(name), rows) for name, rows in dataset.items()]
     else:

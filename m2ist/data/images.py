@@ -160,7 +160,10 @@ def load_image(image: Any, *, exif_transpose: bool = False, background: RGBColor
     Raises:
         ImageNotFoundError: the path does not exist (the message names it).
         ImageLoadError: the file cannot be decoded (the message names it).
-        ValueError / TypeError: an array of unsupported shape, dtype or value range.
+        ValueError / TypeError: an array of unsupported shape, dtype or value range, or one that a scale mistake
+            turns black (``[0, 1]`` values cast to integers, 0..255 values in ``uint16``).
+
+    An animated file (GIF, APNG, WebP) gives its first frame; a PIL image you ``seek()`` ed, its current frame.
     """
     rgb = _load_rgb(image, exif_transpose, background)
     if rgb.width == 0 or rgb.height == 0:  # letterboxing and box scaling would divide by zero
@@ -310,8 +313,29 @@ def _array_to_uint8(array: np.ndarray) -> np.ndarray:
     raise TypeError(f"Unsupported image array dtype {array.dtype}; use uint8, uint16, bool or float in [0, 1].")
 
 
+def _check_not_blacked_out(array: np.ndarray, pixels: np.ndarray) -> None:
+    """Refuse an array whose colours, not all zero, all become 0 or 1 of 255: a scale mistake (``[0, 1]`` floats
+    cast to integers, 0..255 data in ``uint16``, floats divided by 255 twice) that would show the model black."""
+    if array.dtype == np.bool_ or not array.size:
+        return
+    colour = (slice(None),) * 2 + ((slice(0, 1 if array.shape[-1] == 2 else 3),) if array.ndim == 3 else ())
+    if pixels[colour].max() > 1 or not array[colour].max() > 0:
+        return
+    if array.dtype == np.uint16:
+        hint = ("uint16 arrays are read as 16-bit (0..65535), so 0..255 values are almost black: pass "
+                "array.astype(numpy.uint8).")
+    elif np.issubdtype(array.dtype, np.integer):
+        hint = ("integers are read as 0..255: if these are [0, 1] values cast to integers (their fractions are lost), "
+                "pass the floats or multiply by 255 before casting; pass a black-and-white mask as array.astype(bool).")
+    else:
+        hint = "floats are read as [0, 1]: were the values divided by 255 twice?"
+    raise ValueError(f"Image array of dtype {array.dtype} reads as black: its brightest value, {array[colour].max()}, "
+                     f"becomes {pixels[colour].max()} of 255. {hint}")
+
+
 def _array_to_rgb(array: np.ndarray, *, background: RGBColor) -> Image.Image:
     pixels = np.ascontiguousarray(_array_to_uint8(array))
+    _check_not_blacked_out(array, pixels)
     if pixels.ndim == 3 and pixels.shape[-1] == 1:
         pixels = pixels[..., 0]
     if pixels.ndim == 2:

@@ -8,6 +8,7 @@ load_refer`` (and the other ``load_*`` names) works too.
 
 from __future__ import annotations
 
+import ast
 import importlib
 import json
 import math
@@ -63,6 +64,8 @@ def check_box_format(box_format: str | None, *, source: str) -> str:
 
 
 _NUMBER_SPLIT = re.compile(r"[\s,;]+")
+_BARE_COMMA = re.compile(r"\d,\d")  # "1,2,3,4" (comma-separated) or "12,5" (a decimal comma)
+_OTHER_SEPARATOR = re.compile(r"[\s;]")  # with a bare comma: "12,5, 30,0" or "1,5 2 3" cannot be told apart
 
 
 def parse_box(value: Any, *, where: str) -> Box:
@@ -75,7 +78,14 @@ def parse_box(value: Any, *, where: str) -> Box:
         raise ValueError(f"{where}: the box {value!r:.80} is {kind}, not four numbers in order; store it as a list "
                          "in the box_format's order, e.g. [x0, y0, x1, y1] (xyxy) or [x, y, w, h] (xywh).")
     if isinstance(value, str):
-        text = value.strip().strip("[]()")
+        text = value.strip().strip("[]()").strip()
+        if _BARE_COMMA.search(text) and _OTHER_SEPARATOR.search(text):
+            raise ValueError(
+                f"{where}: a box must be 4 numbers, and {value!r} is ambiguous: it has commas between digits and "
+                "other separators too, and a decimal comma ('12,5' for 12.5) would be read as two numbers. Write them "
+                "with a decimal point, separated by ', ' or spaces, e.g. [12.5, 30.0, 40.2, 50.1] (save the file from "
+                "a program set to an English locale)."
+            )
         parts = [part for part in _NUMBER_SPLIT.split(text) if part]
     elif hasattr(value, "tolist"):
         parts = value.tolist()
@@ -85,8 +95,8 @@ def parse_box(value: Any, *, where: str) -> Box:
         parts = [value]
     if isinstance(parts, list) and len(parts) == 1 and isinstance(parts[0], list | tuple):
         parts = list(parts[0])  # [[x, y, w, h]] -> [x, y, w, h]
-    try:
-        numbers = tuple(float(part) for part in parts)
+    try:  # True/False are no coordinates (float(True) is 1.0)
+        numbers = tuple(float(part) for part in parts) if not any(isinstance(part, bool) for part in parts) else ()
     except (TypeError, ValueError):
         numbers = ()
     if len(numbers) != 4:
@@ -100,6 +110,9 @@ _DECIMAL_COMMA = re.compile(r"-?\d+(,\d+)?")
 def _decimal_comma_hint(value: Any) -> str:
     """A hint when ``value`` holds four numbers written with a decimal comma (``"12,5 30,5 40 60"``, or four cells
     ``"12,5"``: a spreadsheet in a locale that writes ``12,5`` for 12.5), else ``""``."""
+    if isinstance(value, list | tuple) and len(value) == 8 and all(isinstance(item, int) for item in value):
+        return (" Eight whole numbers: a box written with decimal commas inside a JSON list ([12,5, 30,0, 40,2, 50,1]) "
+                "is read as eight numbers; write it with decimal points.")
     if isinstance(value, str):
         items = [part for part in re.split(r"[\s;]+", value.strip().strip("[]()")) if part]
     elif isinstance(value, list | tuple) and all(isinstance(item, str) for item in value):
@@ -230,6 +243,16 @@ def _columnar_sentences(value: dict[str, Any], *, where: str) -> list[dict[str, 
     return [{key: item[position] for key, item in value.items()} for position in range(count)]
 
 
+def _python_list_of_texts(text: str) -> list[str] | None:
+    """``['the dog', "a cat"]`` (a Python list of strings: how pandas writes a list column to CSV) as a list;
+    ``None`` for anything else (a phrase that merely starts and ends with brackets)."""
+    try:
+        decoded = ast.literal_eval(text)
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        return None
+    return decoded if isinstance(decoded, list) and all(isinstance(item, str) for item in decoded) else None
+
+
 def expressions_of(value: Any, *, sentence_field: str, where: str) -> list[tuple[str, Any]]:
     """All expressions in a text field: a string, a list of strings/sentence dicts, a JSON-encoded list, or sentence
     dicts stored one list per field (a ``datasets`` ``Sequence`` of dicts: ``{"sent": [...], "sent_id": [...]}``).
@@ -242,7 +265,7 @@ def expressions_of(value: Any, *, sentence_field: str, where: str) -> list[tuple
             try:
                 decoded = json.loads(stripped)
             except json.JSONDecodeError:
-                decoded = None
+                decoded = _python_list_of_texts(stripped)  # pandas writes a list column as ['a', 'b']
             if isinstance(decoded, list):
                 value = decoded
         if isinstance(value, str):
@@ -269,6 +292,33 @@ def repair_mojibake(text: str) -> str:
         return text
 
 
+_WINDOWS_ABSOLUTE = re.compile(r"^(?:[A-Za-z]:[\\/]|\\\\)")  # C:\ or C:/, or \\server\share
+
+
+def image_name_of(value: Any, *, where: str) -> str:
+    """The image path a record gives, refusing what names no file: a missing value (``null``, an empty CSV cell,
+    ``NaN``) would become the path ``None`` or the image root itself, and a number (an id) is no path."""
+    if isinstance(value, PathLike):
+        value = os.fspath(value)
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"{where}: the image is {value!r}, not a file name; give each record the image's path "
+                         "(relative to the image root).")
+    return value
+
+
+def _posix_image_name(name: str | PathLike[str], *, where: str | None) -> str | PathLike[str]:
+    """``name`` with Windows separators (``images\\a.jpg``) turned to ``/`` where ``\\`` is no separator; a Windows
+    absolute path (``C:\\data\\a.jpg``, ``\\\\server\\share``) is refused: it names no file here."""
+    text = os.fspath(name)
+    if os.sep == "\\" or not isinstance(text, str):
+        return name
+    if _WINDOWS_ABSOLUTE.match(text):
+        raise ValueError(f"{where + ': ' if where else ''}the image path {text!r} is a Windows absolute path, which "
+                         "names no file on this system: write it relative to the image root (e.g. images/a.jpg) and "
+                         "pass the folder as image_root (--image-root).")
+    return text.replace("\\", "/") if "\\" in text else name
+
+
 def join_image_path(name: str | PathLike[str], image_root: str | PathLike[str] | None, *,
                     allow_outside_image_root: bool = True, where: str | None = None) -> str:
     """``image_root / name`` unless ``name`` is absolute or there is no root.
@@ -277,7 +327,7 @@ def join_image_path(name: str | PathLike[str], image_root: str | PathLike[str] |
     ``image_root`` (``../../etc/passwd``, an absolute path elsewhere) raises ``ValueError`` naming ``where``. The
     check is on the path as written (``..`` collapsed), so symbolic links inside the root may point anywhere.
     """
-    path = Path(name)
+    path = Path(_posix_image_name(name, where=where))
     if image_root is None:
         return str(path)
     joined = path if path.is_absolute() else Path(image_root) / path
@@ -291,28 +341,161 @@ def join_image_path(name: str | PathLike[str], image_root: str | PathLike[str] |
     return str(joined)
 
 
-def check_regular_file(path: str | PathLike[str], what: str = "File") -> Path:
+def check_regular_file(path: str | PathLike[str], what: str = "File", *, reading: str | None = None) -> Path:
     """``Path(path)`` if it is a regular file (or a link to one); otherwise ``FileNotFoundError`` (missing) or
-    ``ValueError`` (a folder, a FIFO, a device: reading those could block or never end)."""
+    ``ValueError`` (a folder, a FIFO, a device: reading those could block or never end). With ``reading`` (the
+    loader's format), a folder another loader reads is named (:func:`format_hint`)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{what} not found: {path}")
     if not path.is_file():
         kind = "a folder" if path.is_dir() else "not a regular file (a FIFO, a device or a socket)"
-        raise ValueError(f"{what} {path} is {kind}; give a regular file.")
+        hint = format_hint(path, reading) if reading and path.is_dir() else ""
+        raise ValueError(f"{what} {path} is {kind}; give a regular file.{hint}")
     return path
 
 
-def read_text_file(path: str | PathLike[str], what: str = "File", *, encoding: str = "utf-8") -> str:
+def read_text_file(path: str | PathLike[str], what: str = "File", *, encoding: str = "utf-8",
+                   reading: str | None = None) -> str:
     """The text of a regular file, with an error naming the file and the line of the first byte that is not
-    ``encoding`` (UTF-8; a leading byte-order mark is dropped)."""
-    data = check_regular_file(path, what).read_bytes()
+    ``encoding`` (UTF-8; a leading byte-order mark is dropped). With ``reading`` (the loader's format), a binary
+    file another loader reads (a pickle, a ``torch.save`` file, a Parquet table) is named (:func:`format_hint`)."""
+    data = check_regular_file(path, what, reading=reading).read_bytes()
     try:
         return data.decode("utf-8-sig" if encoding == "utf-8" else encoding)
     except UnicodeDecodeError as err:
         line = data[: err.start].count(b"\n") + 1
-        raise ValueError(f"{path}:{line}: not {encoding} text (byte {data[err.start]:#04x} at offset {err.start}); "
-                         f"save the file as {encoding}.") from None
+        hint = format_hint(path, reading) if reading else ""
+        if data[:2] in (b"\xff\xfe", b"\xfe\xff"):
+            hint = f" It is UTF-16 text (it starts with a UTF-16 byte-order mark): save it as {encoding} instead."
+        fix = f".{hint}" if hint else f"; save the file as {encoding}."
+        raise ValueError(f"{path}:{line}: not {encoding} text (byte {data[err.start]:#04x} at offset {err.start}){fix}"
+                         ) from None
+
+
+#: How each kind of REC source that :func:`sniff_format` tells apart is read: (what it looks like, how to read it,
+#: the ``--data-format`` that reads it; ``None`` for a kind no loader reads as it is).
+_FORMAT_KINDS: dict[str, tuple[str, str, str | None]] = {
+    "coco": ("a COCO-style JSON file", "read it with load_coco_style", "coco"),
+    "instances": ("the refer toolkit's instances.json (boxes and image names, no expressions)",
+                  "read it with load_refer on the folder above its dataset folder (<root>/<dataset>/instances.json "
+                  "next to refs(<split_by>).p)", "refer"),
+    "list": ("one JSON list of records", "write each record as a JSON object on a line of its own (JSON Lines) and "
+             "read it with load_jsonl", "jsonl"),
+    "jsonl": ("JSON Lines (one object per line)", "read it with load_jsonl", "jsonl"),
+    "csv": ("a CSV file", "read it with load_csv", "csv"),
+    "torch": ("a torch.save file (a TransVG split file, <ds>_<split>.pth)", "read it with load_transvg_split",
+              "transvg"),
+    "pickle": ("a Python pickle (the refer toolkit's refs(<split_by>).p)",
+               "read it with load_refer on the folder above its dataset folder", "refer"),
+    "table": ("a Hugging Face datasets table (Arrow or Parquet)",
+              "load it with datasets.load_dataset or load_from_disk and pass it to from_hf_dataset", "hf"),
+    "hf-disk": ("a folder written by datasets' save_to_disk",
+                "load it with datasets.load_from_disk and pass it to from_hf_dataset (or --data-root it)", "hf"),
+    "refer-root": ("the refer toolkit's data folder (<dataset>/refs(<split_by>).p)",
+                   "read it with load_refer (--data-root it)", "refer"),
+    "refer-dataset": ("one dataset folder of the refer toolkit (refs(<split_by>).p and instances.json)",
+                      "read it with load_refer, giving the folder above it as the root and its name as the dataset",
+                      "refer"),
+    "transvg-root": ("a TransVG split folder (<ds>_<split>.pth files)",
+                     "read it with load_transvg_split (--data-root it with --dataset)", "transvg"),
+}
+#: The loaders' own names for what they read (``reading`` of :func:`format_hint`).
+READING_FORMATS = ("jsonl", "csv", "coco", "transvg", "refer", "hf")
+_SNIFF_WHOLE_LIMIT = 64 << 20  # a larger file is judged by its first bytes
+_TORCH_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # the number a pre-zip torch.save pickles first
+
+
+def _sniff_folder(path: Path) -> str | None:
+    if any((path / name).is_file() for name in ("dataset_info.json", "dataset_dict.json", "state.json")):
+        return "hf-disk"
+    if any(path.glob("refs(*).p")):
+        return "refer-dataset"
+    if any(path.glob("*/refs(*).p")):
+        return "refer-root"
+    if any(path.glob("*.pth")) or any(path.glob("*/*.pth")):
+        return "transvg-root"
+    if any(path.glob("*.arrow")) or any(path.glob("*.parquet")):
+        return "table"
+    return None
+
+
+def _sniff_bytes(head: bytes, suffix: str) -> str | None:
+    if head.startswith(b"PK\x03\x04"):
+        return "torch" if suffix in (".pth", ".pt", ".bin") or b"data.pkl" in head else None
+    if head.startswith(b"PAR1") or head.startswith(b"ARROW1") or (suffix == ".arrow" and head.startswith(b"\xff" * 4)):
+        return "table"
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        if head[2:4] == b"\x8a\x0a" and int.from_bytes(head[4:14], "little") == _TORCH_LEGACY_MAGIC:
+            return "torch"
+        return "pickle"
+    if head[:4] in (b"(lp0", b"(dp0"):  # a protocol-0 pickle of a list or a dict (Python 2's default)
+        return "pickle"
+    return None
+
+
+def _sniff_text(text: str) -> str | None:
+    stripped = text.lstrip("\ufeff \t\r\n")
+    first = next((line for line in stripped.split("\n") if line.strip()), "")
+    try:
+        whole = json.loads(stripped)
+    except ValueError:
+        whole = None
+    if isinstance(whole, dict) and isinstance(whole.get("images"), list) and "annotations" in whole:
+        entries = [entry for key in ("images", "annotations") if isinstance(whole.get(key), list)
+                   for entry in whole[key]]
+        spoken = any(isinstance(entry, dict) and first_key(entry, TEXT_KEYS) for entry in entries)
+        return "coco" if spoken or not entries else "instances"
+    if isinstance(whole, list) and whole and all(isinstance(item, dict) for item in whole):
+        return "list"
+    if isinstance(whole, dict) and first_key(whole, (*IMAGE_KEYS, *TEXT_KEYS, *BOX_KEYS)):
+        return "jsonl"  # JSON Lines of one line
+    if whole is not None:
+        return None
+    if first.lstrip().startswith("{"):
+        try:
+            return "jsonl" if isinstance(json.loads(first), dict) else None
+        except ValueError:
+            return None
+    if not first.lstrip().startswith("[") and any(mark in first for mark in ",;\t|"):
+        return "csv"
+    return None
+
+
+def sniff_format(path: str | PathLike[str], *, text: str | None = None) -> str | None:
+    """The kind of REC source ``path`` looks like (a key of ``_FORMAT_KINDS``: ``coco``, ``instances``, ``jsonl``,
+    ``list``, ``csv``, ``torch``, ``pickle``, ``table``, or a folder kind), judged by its content and never raising;
+    ``None`` when it is none of them. ``text`` is the file's text when the caller has read it already."""
+    path = Path(path)
+    try:
+        if path.is_dir():
+            return _sniff_folder(path)
+        if text is None:
+            if not path.is_file():
+                return None
+            with path.open("rb") as handle:
+                data = handle.read(_SNIFF_WHOLE_LIMIT + 1)
+            kind = _sniff_bytes(data[:64], path.suffix.lower())
+            if kind is not None:
+                return kind
+            text = data[:_SNIFF_WHOLE_LIMIT].decode("utf-8-sig", errors="ignore" if len(data) > _SNIFF_WHOLE_LIMIT
+                                                    else "strict")
+        return _sniff_text(text)
+    except (OSError, UnicodeDecodeError, RecursionError):
+        return None
+
+
+def format_hint(path: str | PathLike[str], reading: str, *, text: str | None = None) -> str:
+    """`` It looks like ...: read it with ... (--data-format ...).`` when ``path`` looks like a REC source that
+    another loader than ``reading`` (one of :data:`READING_FORMATS`) reads; ``""`` when it looks like what is being
+    read, or like nothing known. Every loader adds it to the error that says its input cannot be read."""
+    kind = sniff_format(path, text=text)
+    if kind is None:
+        return ""
+    what, how, data_format = _FORMAT_KINDS[kind]
+    if data_format == reading and kind != "list":
+        return ""
+    return f" It looks like {what}: {how}" + (f" (--data-format {data_format})." if data_format else ".")
 
 
 def near_miss_hint(found: Iterable[Any], wanted: Sequence[str]) -> str:

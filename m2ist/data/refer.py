@@ -20,6 +20,8 @@ from m2ist.data.loaders import (
     boxes_to_xyxy,
     check_sentence_field,
     expressions_of,
+    format_hint,
+    image_name_of,
     index_unique,
     join_image_path,
     match_splits,
@@ -27,6 +29,7 @@ from m2ist.data.loaders import (
     parse_box,
     read_text_file,
     repair_mojibake,
+    sniff_format,
     warn_without_expression,
 )
 from m2ist.data.safe_pickle import restricted_load
@@ -76,9 +79,13 @@ def load_refer(
     dataset_dir = Path(root) / dataset
     if not dataset_dir.is_dir():
         present = sorted(p.name for p in Path(root).iterdir() if p.is_dir()) if Path(root).is_dir() else []
+        hint = format_hint(root, "refer") if Path(root).exists() else ""
+        if sniff_format(root) == "refer-dataset":  # the dataset folder itself was given as the root
+            hint = (f" {root} is itself a dataset folder (it holds refs(<split_by>).p): pass its parent "
+                    f"{Path(root).resolve().parent} as the root and dataset={Path(root).resolve().name!r}.")
         raise FileNotFoundError(
             f"No folder {dataset_dir} for dataset {dataset!r}; {root} holds {present or 'nothing'}. "
-            "Expected the refer layout <root>/<dataset>/refs(<split_by>).p + instances.json."
+            f"Expected the refer layout <root>/<dataset>/refs(<split_by>).p + instances.json.{hint}"
         )
     if split_by is None:
         if dataset not in DEFAULT_SPLIT_BY:
@@ -101,19 +108,24 @@ def load_refer(
         if isinstance(err, pickle.UnpicklingError) and "Refused" in str(err):
             raise
         what = "empty" if refs_path.stat().st_size == 0 else "truncated or not a pickle"
-        raise ValueError(f"{refs_path} is {what} ({type(err).__name__}: {err}); download it again.") from None
+        hint = format_hint(refs_path, "refer")
+        raise ValueError(f"{refs_path} is {what} ({type(err).__name__}: {err}); "
+                         f"{'it is another format.' + hint if hint else 'download it again.'}") from None
     if not isinstance(refs, list):
-        raise ValueError(f"{refs_path} should hold a list of ref dicts, found {type(refs).__name__}.")
+        raise ValueError(f"{refs_path} should hold a list of ref dicts, found {type(refs).__name__}."
+                         f"{format_hint(refs_path, 'refer')}")
     for position, ref in enumerate(refs):
         if not isinstance(ref, dict):
             raise ValueError(f"{refs_path} ref {position}: expected a dict (ref_id, ann_id, image_id, sentences, "
                              f"split), found {type(ref).__name__} {ref!r:.60}.")
     try:
-        instances = json.loads(read_text_file(instances_path, "instances.json"))
+        instances = json.loads(read_text_file(instances_path, "instances.json", reading="refer"))
     except json.JSONDecodeError as err:
-        raise ValueError(f"{instances_path}:{err.lineno}: not valid JSON ({err.msg}).") from err
+        raise ValueError(f"{instances_path}:{err.lineno}: not valid JSON ({err.msg})."
+                         f"{format_hint(instances_path, 'refer')}") from err
     if not isinstance(instances, dict):
-        raise ValueError(f"{instances_path} should hold a JSON object with 'images' and 'annotations'.")
+        raise ValueError(f"{instances_path} should hold a JSON object with 'images' and 'annotations'."
+                         f"{format_hint(instances_path, 'refer')}")
     for key, needed in (("annotations", ("id", "bbox")), ("images", ("id", "file_name"))):
         entries = instances.get(key, [])
         if not isinstance(entries, list):
@@ -162,7 +174,7 @@ def load_refer(
                 "datasets (or versions). Use the instances.json shipped with this refs file."
             )
         box = parse_box(ann["bbox"], where=where)
-        image_path = join_image_path(image["file_name"], image_root,
+        image_path = join_image_path(image_name_of(image["file_name"], where=where), image_root,
                                      allow_outside_image_root=allow_outside_image_root, where=where)
         size = annotated_size(image, where=f"{instances_path} image {image_id!r}")
         if ref.get("sentences") is None:

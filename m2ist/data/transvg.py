@@ -29,7 +29,14 @@ import numpy as np
 import torch
 
 from m2ist.config import check_flags
-from m2ist.data.loaders import boxes_to_xyxy, canonical_split, join_image_path, parse_box
+from m2ist.data.loaders import (
+    boxes_to_xyxy,
+    canonical_split,
+    format_hint,
+    image_name_of,
+    join_image_path,
+    parse_box,
+)
 from m2ist.data.sample import RECSample
 
 __all__ = ["TRANSVG_DATASETS", "load_transvg_split"]
@@ -131,13 +138,14 @@ def _load_rows(file: Path, *, trusted: bool) -> Any:
         raise ValueError(f"{file} is not a regular file.")
     if not zipfile.is_zipfile(file) and file.stat().st_size and file.read_bytes()[:1] != b"\x80":
         raise ValueError(f"{file} is not a torch.save file (neither a zip archive nor a pickle): corrupted, or "
-                         "another format.")
+                         f"another format.{format_hint(file, 'transvg')}")
     try:
         return _torch_load(file, trusted=trusted)
     except (EOFError, RuntimeError, zipfile.BadZipFile) as err:
         what = "empty" if file.stat().st_size == 0 else "truncated or corrupted"
+        hint = format_hint(file, "transvg")
         raise ValueError(f"{file} is {what} ({str(err).splitlines()[0] if str(err) else type(err).__name__}); "
-                         "download it again.") from None
+                         f"{'it is another format.' + hint if hint else 'download it again.'}") from None
 
 
 def _torch_load(file: Path, *, trusted: bool) -> Any:
@@ -154,7 +162,9 @@ def _torch_load(file: Path, *, trusted: bool) -> Any:
     except pickle.UnpicklingError as err:
         reason = str(err).split("WeightsUnpickler error:")[-1].strip().splitlines()[0].split(" Please use")[0]
         if "global" not in reason.lower() and "unsupported" not in reason.lower():
-            raise ValueError(f"{file} is not a readable torch.save file ({reason}): truncated or corrupted.") from None
+            hint = format_hint(file, "transvg")
+            raise ValueError(f"{file} is not a readable torch.save file ({reason}): "
+                             f"{'another format.' + hint if hint else 'truncated or corrupted.'}") from None
         raise pickle.UnpicklingError(
             f"{file} cannot be read with torch.load(weights_only=True): it needs unrestricted unpickling, which "
             f"can run code from the file ({reason}). If you trust the file, either pass trusted=True, or convert it "
@@ -198,7 +208,7 @@ def load_transvg_split(
     if dataset not in TRANSVG_DATASETS:
         raise ValueError(
             f"Unknown TransVG dataset {dataset!r} for {file}; pass dataset= one of {sorted(TRANSVG_DATASETS)} "
-            "(it decides the row layout and whether boxes are xywh or xyxy)."
+            f"(it decides the row layout and whether boxes are xywh or xyxy).{format_hint(file, 'transvg')}"
         )
     row_length, box_format = TRANSVG_DATASETS[dataset]
     _check_named_dataset(file, dataset, inferred_dataset)
@@ -206,7 +216,8 @@ def load_transvg_split(
     split = split or inferred_split
     rows = _load_rows(file, trusted=trusted)
     if not isinstance(rows, list | tuple):
-        raise ValueError(f"{file} should hold a list of tuples, found {type(rows).__name__}.")
+        raise ValueError(f"{file} should hold a list of tuples, found {type(rows).__name__}."
+                         f"{format_hint(file, 'transvg')}")
 
     images, texts, raw_boxes, metadatas = [], [], [], []
     for index, row in enumerate(rows):
@@ -214,7 +225,9 @@ def load_transvg_split(
         if not isinstance(row, list | tuple) or len(row) != row_length:
             layout = "(img_file, bbox, phrase)" if row_length == 3 else "(img_file, mask_file, bbox, phrase, attri)"
             found = f"{len(row)} fields" if isinstance(row, list | tuple) else type(row).__name__
-            raise ValueError(f"{where}: dataset {dataset!r} rows are {layout}, found {found}. Is dataset= right for this file?")
+            hint = format_hint(file, "transvg") if isinstance(row, dict) else ""
+            raise ValueError(f"{where}: dataset {dataset!r} rows are {layout}, found {found}. "
+                             f"{hint.strip() if hint else 'Is dataset= right for this file?'}")
         metadata: dict[str, Any] = {"dataset": dataset, "split": split, "row": index}
         if row_length == 3:
             image_file, box, phrase = row
@@ -223,8 +236,8 @@ def load_transvg_split(
             metadata["mask_file"] = mask_file
         if not isinstance(phrase, str):
             raise ValueError(f"{where}: the phrase should be a string, found {phrase!r}.")
-        images.append(join_image_path(str(image_file), image_root, allow_outside_image_root=allow_outside_image_root,
-                                      where=where))
+        images.append(join_image_path(image_name_of(image_file, where=where), image_root,
+                                      allow_outside_image_root=allow_outside_image_root, where=where))
         texts.append(phrase)
         raw_boxes.append(parse_box(box, where=where))
         metadatas.append(metadata)
