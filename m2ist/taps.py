@@ -42,11 +42,25 @@ TAP_OVERRIDE_KEYS = ("layers", "attention", "ffn", "layout", "num_prefix_tokens"
 @dataclass(frozen=True)
 class Tap:
     """A sub-module (path relative to one layer; ``""`` is the layer itself), the layout of its output and
-    which of its calls within one layer call is read (a drop-path module used for both residuals)."""
+    which of its calls within one layer call is read (a drop-path module used for both residuals).
+
+    ``branch``: read the module's *input* minus the layer's input instead of its output: the residual branch added
+    to the stream before that module, for a branch that is no module's output (SAM's windowed attention,
+    re-assembled from its windows in the layer's own code before the residual sum)."""
 
     module: str
     layout: str = TOKENS
     call: int = 0
+    branch: bool = False
+
+    def __repr__(self) -> str:  # ``branch`` only when set: the feature caches fingerprint specs by their repr
+        extra = ", branch=True" if self.branch else ""
+        return f"Tap(module={self.module!r}, layout={self.layout!r}, call={self.call!r}{extra})"
+
+    def describe(self) -> str:
+        """The tap in words, for the tap report."""
+        what = f"{self.module} input - layer input" if self.branch else self.module
+        return what + (f" (call {self.call + 1})" if self.call else "")
 
 
 def _none(config: Any) -> int | None:
@@ -406,17 +420,32 @@ def _before_scale(chosen: _Record, records: list[_Record], norms: frozenset[str]
     return chosen
 
 
-def residual_taps(recorder: BlockRecorder) -> tuple[_Record, _Record] | None:
-    """The (attention, feed-forward) sub-modules of a recorded block: the sub-module whose output is added to
-    the block input, and the one whose output is added to that sum (or to its normalisation, post-norm), or
-    two outputs both added to the input (parallel blocks). None when the block has no two such residuals."""
+def residual_taps(recorder: BlockRecorder) -> tuple[Tap, Tap] | None:
+    """The (attention, feed-forward) taps of a recorded block: the sub-module whose output is added to the block
+    input, and the one whose output is added to that sum (or to its normalisation, post-norm), or two outputs both
+    added to the input (parallel blocks). A layer that takes and returns ``(B, C, H, W)`` maps but runs its
+    sub-layers channels-last (VitDet) is searched channels-last, its taps read as ``b h w c``. None when the block
+    has no two such residuals."""
     x, y = recorder.block_input, recorder.block_output
     if x is None or y is None or x.shape != y.shape:
         return None
+    found = _residual_pair(recorder, x, y, TOKENS)
+    if found is None and x.dim() == 4:
+        found = _residual_pair(recorder, x.permute(0, 2, 3, 1), y.permute(0, 2, 3, 1), "b h w c")
+    return found
+
+
+def _residual_pair(recorder: BlockRecorder, x: torch.Tensor, y: torch.Tensor, layout: str) -> tuple[Tap, Tap] | None:
+    """:func:`residual_taps` for a block input ``x`` and output ``y`` in the sub-layers' axis order."""
     records = [r for r in recorder.records if r.output is not None and r.output.shape == x.shape
                and _nonzero(r.output)]
     targets = [(r.order, r.input) for r in recorder.records if r.input is not None and r.input.shape == x.shape]
     targets.append((len(recorder.records), y))
+    norms = frozenset(path for path, module in recorder.block.named_modules()
+                      if path and "Norm" in type(module).__name__)
+
+    def tap(record: _Record, branch: bool = False) -> Tap:
+        return Tap(record.path, layout, call=record.call, branch=branch)
 
     def added(stream: torch.Tensor, candidate: _Record, after: int) -> torch.Tensor | None:
         for order, target in targets:
@@ -425,8 +454,11 @@ def residual_taps(recorder: BlockRecorder) -> tuple[_Record, _Record] | None:
                 return target
         return None
 
-    for first in records:
-        sum_one = added(x, first, -1)
+    # the stream the first residual is added to: the block input, else the output of a sub-module run on it (a
+    # block that mixes locally before its two residuals: SwiftFormer's local representation)
+    bases = [(x, -1)] + [(r.output, r.order) for r in records if r.input is x or _close(r.input, x)]
+    for (base, start), first in ((b, f) for b in bases for f in records):
+        sum_one = added(base, first, start) if first.order > start else None
         if sum_one is None or _close(first.output, sum_one):
             continue
         streams = [sum_one] + [r.output for r in recorder.records
@@ -436,16 +468,31 @@ def residual_taps(recorder: BlockRecorder) -> tuple[_Record, _Record] | None:
             if second.order <= first.order or any(_close(second.output, s) for s in streams):
                 continue
             if any(added(s, second, first.order) is not None for s in streams):
-                norms = frozenset(path for path, module in recorder.block.named_modules()
-                                  if path and "Norm" in type(module).__name__)
-                return (_before_scale(_shallowest_alias(first, records), records, norms),
-                        _before_scale(_shallowest_alias(second, records), records, norms))
+                return (tap(_before_scale(_shallowest_alias(first, records), records, norms)),
+                        tap(_before_scale(_shallowest_alias(second, records), records, norms)))
     for first in records:  # parallel attention and MLP: y = x + attn + mlp
         for second in records:
             if second.order > first.order and _sums_to(x + first.output, second.output, y) \
                     and _sums_to(x + second.output, first.output, y):
-                return _shallowest_alias(first, records), _shallowest_alias(second, records)
+                return tap(_shallowest_alias(first, records)), tap(_shallowest_alias(second, records))
+    # a first branch that is no sub-module's output (SAM: windowed attention re-assembled in the layer's own code):
+    # the stream after it enters the second sub-layer's pre-norm, and that sub-layer's output is added to it
+    for norm in (r for r in recorder.records if r.path in norms and r.input is not None and r.input.shape == x.shape):
+        stream = norm.input
+        if _close(stream, x) or not _nonzero(stream.float() - x.float()):
+            continue
+        for second in records:
+            if second.order > norm.order and not _close(second.output, stream) \
+                    and added(stream, second, norm.order) is not None:
+                return (tap(_shallowest_input(norm, recorder.records), branch=True),
+                        tap(_before_scale(_shallowest_alias(second, records), records, norms)))
     return None
+
+
+def _shallowest_input(chosen: _Record, records: list[_Record]) -> _Record:
+    """The outermost sub-module (then the earliest) whose input is the same tensor as ``chosen``'s."""
+    same = [r for r in records if r.input is chosen.input or _close(r.input, chosen.input)]
+    return min(same, key=lambda r: (r.path.count("."), r.order))
 
 
 def structural_spec(layer_paths: list[str], recorder: BlockRecorder, model_type: str | None) -> TapSpec:
@@ -456,8 +503,7 @@ def structural_spec(layer_paths: list[str], recorder: BlockRecorder, model_type:
         return TapSpec(layers=tuple(pattern), note=f"{model_type}: no attention/feed-forward residual pair in the "
                        "block (a CNN stage): both experts read the block output", source="structure")
     attention, ffn = found
-    return TapSpec(layers=tuple(pattern), attention=Tap(attention.path, call=attention.call),
-                   ffn=Tap(ffn.path, call=ffn.call), source="structure",
+    return TapSpec(layers=tuple(pattern), attention=attention, ffn=ffn, source="structure",
                    note=f"{model_type}: sub-layers found by structure (the outputs added to the residual stream)")
 
 

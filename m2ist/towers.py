@@ -20,7 +20,7 @@ import logging
 import math
 import re
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -355,6 +355,7 @@ class _Capture:
     layer: int = -1
     calls: dict[str, int] = field(default_factory=dict)
     out: dict[Any, tuple[torch.Tensor, Any]] = field(default_factory=dict)
+    layer_input: torch.Tensor | None = None  # the current layer's input (for branch taps, see Tap.branch)
 
 
 class Tower:
@@ -548,6 +549,8 @@ class Tower:
         order: list[tuple[str, nn.Module]] = []
         handles = [module.register_forward_pre_hook(lambda *_, name=name, module=module: order.append((name, module)))
                    for name, module in dict(modules).items()]
+        inside: list[bool] = []  # whether the first block's sub-modules ran (the block itself called or not)
+        handles += [child.register_forward_hook(lambda *_: inside.append(True)) for child in modules[0][1].children()]
         probe = _FirstCall(modules[0][1])
         try:
             self._probe(probe_inputs)
@@ -556,7 +559,10 @@ class Tower:
             for handle in handles:
                 handle.remove()
         if not order:
-            return hidden_states_spec(self.model)
+            block = type(modules[0][1]).__name__
+            return hidden_states_spec(self.model, f"its repeated {block} is called through its .forward() method, "
+                                                  "which runs no module hooks" if inside else
+                                      f"its repeated {block} is never called in its forward")
         if order[0][1] is not modules[0][1]:  # the first block called is not the first in module order
             probe = _FirstCall(order[0][1])
             try:
@@ -565,13 +571,69 @@ class Tower:
                 probe.remove()
         recorder = probe.recorder()
         spec = structural_spec([name for name, _ in order], recorder, self.model_type)
+        spec = self._same_in_every_layer(spec, order, probe_inputs)
         if spec.status == "fallback" and self._hidden_states_start_at(recorder.block_input, probe_inputs):
             # no attention / feed-forward pair (a CNN): the tower's own hidden states are its layers
-            return hidden_states_spec(self.model, f"its repeated {type(order[0][1]).__name__} has no attention / "
-                                                  "feed-forward residual pair in its sub-modules (a CNN, or "
-                                                  "windowed attention re-assembled in the layer's own code)")
+            x, y, block = recorder.block_input, recorder.block_output, type(order[0][1]).__name__
+            why = (f"its repeated {block} changes the shape of its stream (it down-samples or widens inside), so no "
+                   "residual sum spans it" if y is not None and x.shape != y.shape else
+                   f"its repeated {block} has no attention / feed-forward residual pair in its sub-modules (a CNN)")
+            return hidden_states_spec(self.model, why)
         self.layers = order
         return spec
+
+    def _same_in_every_layer(self, spec: TapSpec, order: list[tuple[str, nn.Module]], probe_inputs) -> TapSpec:
+        """``spec``, found on the first layer, if its taps have the layer stream's shape in every layer; else the
+        spec found on the first layer where they do not (VitDet and SAM mix windowed and global attention: found on
+        a global layer, the attention module's output is cut into windows in the others), else layer outputs."""
+        bad = self._misshapen_layer(spec, order, probe_inputs)
+        if bad is None:
+            return spec
+        probe = _FirstCall(order[bad][1])
+        try:
+            self._probe(probe_inputs)
+        finally:
+            probe.remove()
+        again = structural_spec([name for name, _ in order], probe.recorder(), self.model_type)
+        if again.status == "exact" and self._misshapen_layer(again, order, probe_inputs) is None:
+            return again
+        return replace(spec, attention=None, ffn=None, note=f"{self.model_type}: both experts read the layer outputs: "
+                       f"the sub-layers found in one layer have another shape in layer {bad}")
+
+    def _misshapen_layer(self, spec: TapSpec, order: list[tuple[str, nn.Module]], probe_inputs) -> int | None:
+        """The first layer call whose attention or feed-forward tap output has not the shape of the layer's input
+        (in the tap's axis order); None when all have it."""
+        if spec.status != "exact" or len(order) < 2:
+            return None
+        state: dict[str, Any] = {"layer": -1, "shape": None, "calls": {}, "bad": None}
+
+        def enter(_module, args, kwargs) -> None:
+            start = input_tensor(args, kwargs)
+            state["layer"] += 1
+            state["calls"] = {}
+            state["shape"] = None if start is None else tuple(start.shape)
+
+        def check(tap, _module, args, out) -> None:
+            call = state["calls"].get(tap, 0)  # per tap: both may be one module's calls (a drop-path module)
+            state["calls"][tap] = call + 1
+            value = input_tensor(args, {}) if tap.branch else _first_tensor(out)
+            shape = state["shape"]
+            if shape is not None and len(shape) == 4 and tap.layout == "b h w c" != spec.layer_layout:
+                shape = (shape[0], shape[2], shape[3], shape[1])
+            if call == tap.call and state["bad"] is None and (value is None or tuple(value.shape) != shape):
+                state["bad"] = state["layer"]
+
+        handles = []
+        for name, layer in {id(module): (name, module) for name, module in order}.values():
+            handles.append(layer.register_forward_pre_hook(enter, with_kwargs=True))
+            for tap in {spec.attention, spec.ffn}:
+                handles.append(get_submodule(layer, tap.module, name).register_forward_hook(
+                    lambda module, args, out, tap=tap: check(tap, module, args, out)))
+        try:
+            self._probe(probe_inputs)
+        finally:
+            _remove_all(handles)
+        return state["bad"]
 
     def _probe(self, inputs: dict[str, torch.Tensor], hidden_states: bool = False) -> Any:
         """One forward at build time; a tower that cannot run on these inputs is refused in one line."""
@@ -587,6 +649,15 @@ class Tower:
             if mismatch is not None:
                 raise self.structural_refusal(mismatch) from error
             reason = f"its forward fails on the probe inputs ({failure})"
+            grouped = self._runs_on_groups(inputs, failure) if self.modality == VISION else None
+            if grouped is not None:
+                raise self.structural_refusal(grouped) from error
+            larger = self._runs_on_a_larger_canvas(inputs) if self.modality == VISION else None
+            if larger is not None:  # the canvas, not the taps: no override offered
+                raise self.structural_refusal(
+                    f"its forward fails on a {inputs['pixel_values'].shape[-2]}x{inputs['pixel_values'].shape[-1]} "
+                    f"canvas ({failure}) but runs on a {larger}x{larger} one: the canvas is too small for its "
+                    f"down-sampling; use M2ISTConfig(image_size={larger}) or larger") from error
             if self.modality == VISION and self.native_size is not None \
                     and tuple(inputs["pixel_values"].shape[-2:]) != self.native_size:
                 reason += (f"; its own image size is {self.native_size[0]}x{self.native_size[1]} and it cannot "
@@ -594,6 +665,40 @@ class Tower:
             else:
                 reason += f"; m2ist runs a {self.modality} tower on {self._given_inputs()} alone"
             raise ValueError(self.refusal(reason)) from error
+
+    def _runs_on_groups(self, inputs: dict[str, torch.Tensor], failure: str) -> str | None:
+        """Why a vision tower with ``config.num_frames`` that fails on one image runs on that many (X-CLIP's vision
+        model reads a batch as clips of ``num_frames`` frames and mixes each clip's frames), or None."""
+        pixel_values = inputs["pixel_values"][:1]
+        frames = getattr(self.model.config, "num_frames", None)
+        for size in [frames] if isinstance(frames, int) and 1 < frames <= 64 else []:
+            try:
+                with torch.no_grad():
+                    self._run({"pixel_values": pixel_values.expand(size, -1, -1, -1)}, hidden_states=False)
+            except Exception:  # any failure: try the next group size
+                continue
+            return (f"its forward fails on one image ({failure}) but runs on {size} at once (config.num_frames): it "
+                    "reads a batch as groups of images (the frames of a video clip) and mixes the images of a group, "
+                    "where m2ist reads each image on its own; use an image tower (for X-CLIP, the vision model of a "
+                    "CLIP checkpoint)")
+        return None
+
+    def _runs_on_a_larger_canvas(self, inputs: dict[str, torch.Tensor]) -> int | None:
+        """The first of its own image size (when larger), twice and four times the canvas (up to 1024) on which a
+        vision tower that failed on the canvas runs (its feature maps shrink below what a layer needs on a small
+        canvas: MobileViTv2's unfolding), else None."""
+        size = int(inputs["pixel_values"].shape[-1])
+        native = max(self.native_size) if self.native_size is not None else None
+        candidates = ([native] if native is not None and native > size else []) + [size * 2, size * 4]
+        for larger in dict.fromkeys(c for c in candidates if c <= 1024):  # (a failure path: a few forwards at most)
+            pixel_values = F.interpolate(inputs["pixel_values"][:1], size=(larger, larger))
+            try:
+                with torch.no_grad():
+                    self._run({"pixel_values": pixel_values}, hidden_states=False)
+            except Exception:  # any failure: the canvas size is not the cause
+                continue
+            return larger
+        return None
 
     def _given_inputs(self) -> str:
         """The forward inputs m2ist gives a tower of this modality, in words."""
@@ -672,7 +777,11 @@ class Tower:
             self._handles.append(layer.register_forward_hook(_TapHook(self, "_layer_leave")))
             for kind in ("attention", "ffn"):
                 tap = self.spec.tap(kind)
-                if tap.module:
+                if tap.module and tap.branch:  # the module's input minus the layer's input
+                    module = get_submodule(layer, tap.module, name)
+                    self._handles.append(module.register_forward_pre_hook(_TapHook(self, "_branch", kind, tap),
+                                                                          with_kwargs=True))
+                elif tap.module:
                     module = get_submodule(layer, tap.module, name)
                     self._handles.append(module.register_forward_hook(_TapHook(self, "_sublayer", kind, tap)))
         weakref.finalize(self, _remove_all, list(self._handles))
@@ -706,8 +815,9 @@ class Tower:
             return
         state.layer += 1
         state.calls = {}
+        state.layer_input = input_tensor(args, kwargs)
         if state.layer == 0:
-            state.out["seed"] = (input_tensor(args, kwargs), self.spec.layer_layout)
+            state.out["seed"] = (state.layer_input, self.spec.layer_layout)
 
     def _layer_leave(self, _module, _args, out) -> None:
         state = self._state
@@ -725,6 +835,26 @@ class Tower:
         state.calls[kind] = call + 1
         if call == tap.call and state.layer in state.layers:
             state.out[(kind, state.layer)] = (_first_tensor(out), tap.layout)
+
+    def _branch(self, kind: str, tap, _module, args, kwargs) -> None:
+        """A branch tap (:attr:`~m2ist.taps.Tap.branch`): the module's input minus the layer's input, the latter
+        put in the tap's axis order (a channels-first layer input for a ``b h w c`` tap: VitDet)."""
+        state = self._state
+        if state is None or kind not in state.kinds:
+            return
+        call = state.calls.get(kind, 0)
+        state.calls[kind] = call + 1
+        if call != tap.call or state.layer not in state.layers:
+            return
+        stream, start = input_tensor(args, kwargs), state.layer_input
+        if start is not None and start.dim() == 4 and tap.layout == "b h w c" != self.spec.layer_layout:
+            start = start.permute(0, 2, 3, 1)
+        if stream is None or start is None or stream.shape != start.shape:
+            raise TowerLayoutError(self.refusal(
+                f"the {kind} tap reads the input of {tap.module} minus the layer's input, and layer {state.layer} "
+                f"gives them shapes {None if stream is None else tuple(stream.shape)} and "
+                f"{None if start is None else tuple(start.shape)}; pass explicit tap names"))
+        state.out[(kind, state.layer)] = (stream - start, tap.layout)
 
     # --------------------------------------------------------------------------------------------------------
     def _call(self, **kwargs: Any) -> Any:
@@ -897,7 +1027,7 @@ class Tower:
             tap = spec.tap(kind)
             if not tap.module or spec.uses_hidden_states:
                 return None
-            return tap.module + (f" (call {tap.call + 1})" if tap.call else "")
+            return tap.describe()
 
         layers = tuple(dict.fromkeys(name for name, _ in self.layers)) or (f"{spec.hidden_states_key}[1:]",)
         return TapReport(modality=self.modality, model_type=self.model_type, model_class=type(self.model).__name__,

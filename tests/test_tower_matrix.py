@@ -90,11 +90,13 @@ def _raw_layer_outputs(item: Built, inputs: dict) -> dict[int, torch.Tensor]:
             tower._run(inputs, hidden_states=False)
     finally:
         tower._state = None
+    pixels = inputs.get("pixel_values")
+    aspect = pixels.shape[-2] / pixels.shape[-1] if pixels is not None else None  # channels-last layers (SAM's)
     outputs = {}
     for key, (x, layout) in state.out.items():
         if key != "seed" and key[0] == "layer":
             index = key[1]
-            tokens, _ = to_tokens(x, layout)
+            tokens, _ = to_tokens(x, layout, aspect)
             outputs[index] = tower.canonical(tokens) if item.role == "vision" else tokens
     return outputs
 

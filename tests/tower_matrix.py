@@ -157,7 +157,7 @@ VISION_FAMILIES: list[Family] = [
     Family("mobilenet_v2", lambda: T.MobileNetV2Model(T.MobileNetV2Config(image_size=IMAGE_SIZE, depth_multiplier=0.25)),
            grid=(1, 1), depth=16),
     Family("mobilevitv2", lambda: T.MobileViTV2Model(T.MobileViTV2Config(image_size=IMAGE_SIZE, width_multiplier=0.25)),
-           refused="its forward fails on the probe inputs"),  # too small a canvas: its last stage unfolds a 1x1 map
+           refused="the canvas is too small", overridable=False),  # its last stage would unfold a 1x1 map
     Family("swiftformer", lambda: T.SwiftFormerModel(T.SwiftFormerConfig(image_size=IMAGE_SIZE, depths=[1, 1, 1, 1],
                                                                           embed_dims=[8, 16, 16, 32])),
            grid=(1, 1), depth=7),
@@ -195,7 +195,7 @@ VISION_FAMILIES: list[Family] = [
         hidden_size=H, intermediate_size=F, depths=[1, 1], num_group_tokens=[4, 0], num_output_groups=[4, 4],
         num_attention_heads=A, image_size=IMAGE_SIZE, patch_size=8)), refused="form no patch grid", overridable=False),
     Family("x_clip_vision", _vit_like(T.XCLIPVisionConfig, T.XCLIPVisionModel),
-           refused="its forward fails on the probe inputs"),  # a batch is read as clips of num_frames (8) frames
+           refused="reads a batch as groups of images", overridable=False),  # clips of num_frames (8) frames
     Family("vjepa2", lambda: T.VJEPA2Model(T.VJEPA2Config(
         hidden_size=H, num_hidden_layers=L, num_attention_heads=A, mlp_ratio=2, crop_size=IMAGE_SIZE, patch_size=8,
         frames_per_clip=2, tubelet_size=2, pred_hidden_size=16, pred_num_hidden_layers=1, pred_num_attention_heads=2)),
