@@ -19,14 +19,16 @@ from __future__ import annotations
 import functools
 import glob
 import os
+import re
 import shutil
 import tempfile
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from os import PathLike
 from pathlib import Path, PurePosixPath
+from urllib.parse import quote
 
-from huggingface_hub import CommitInfo, HfApi, constants, hf_hub_download, snapshot_download
+from huggingface_hub import CommitInfo, HfApi, ModelCard, constants, hf_hub_download, snapshot_download
 from huggingface_hub.errors import (
     EntryNotFoundError,
     GatedRepoError,
@@ -37,9 +39,9 @@ from huggingface_hub.errors import (
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
-from huggingface_hub.utils import filter_repo_objects, validate_repo_id
+from huggingface_hub.utils import build_hf_headers, filter_repo_objects, get_session, hf_raise_for_status, validate_repo_id
 
-from .card import CARD_NAME, card_for_push, card_results_problem
+from .card import _RESULTS_MARKER, _SECTION, CARD_NAME, card_for_push, card_results_problem
 from .config import CONFIG_NAME, check_flags
 from .save_and_load import (
     ADAPTER_FILES,
@@ -77,6 +79,9 @@ def _transport_errors() -> tuple[type[BaseException], ...]:
 _TRANSPORT_ERRORS = _transport_errors()
 
 _LOGIN_HINT = "log in with `hf auth login` (or set HF_TOKEN), or pass token=..."
+#: A pull request's ref (``refs/pr/<n>``) and a full commit sha, as a push's ``revision``.
+_PR_REF = re.compile(r"refs/pr/(\d+)")
+_COMMIT_SHA = re.compile(r"[0-9a-f]{40}")
 
 
 def check_token(token: object) -> None:
@@ -124,13 +129,19 @@ def push_folder_to_hub(
     an adapter of an earlier push, so the repo loads as the folder does. Other files (notes, checkpoints, the card)
     are never deleted.
 
+    A card the repo already holds at the same path is updated, not replaced (see `card_onto_repo`): its text and
+    metadata written on the Hub are kept, with m2ist's generated section, tags, towers and results taken from the
+    folder's card (a folder card with text of its own that differs replaces the Hub's text, with a warning).
+
     Args:
         folder: local directory to upload (its layout is kept).
         repo_id: `"namespace/name"` of the model repo.
         commit_message / commit_description: commit title and body.
         private: visibility when the repo is created (an existing repo keeps its visibility).
         token: Hub token; None uses the saved login / `HF_TOKEN`, False sends none.
-        revision: branch to commit to (created from `main` if missing); None means `main`.
+        revision: branch to commit to (created from `main` if missing), or an open pull request's ref
+            (`refs/pr/<n>`: the card's snippet then loads the branch it merges into); None means `main`. A commit
+            sha, or a merged or closed pull request, is refused.
         create_pr: open a pull request with the change instead of committing to the branch.
         endpoint: Hub URL; None uses `HF_ENDPOINT` / huggingface.co.
         allow_patterns / ignore_patterns: which files to upload (fnmatch patterns on paths relative to `folder`);
@@ -168,19 +179,32 @@ def push_folder_to_hub(
             f"create_pr=True opens the pull request against '{constants.DEFAULT_REVISION}'; "
             f"drop revision={revision!r} or drop create_pr."
         )
+    if revision is not None and (not isinstance(revision, str) or not revision.strip()
+                                 or _COMMIT_SHA.fullmatch(revision.lower())):
+        raise ValueError(
+            f"Cannot push to revision={revision!r}: a commit goes onto a branch (e.g. 'main' or 'dev', created if "
+            "missing) or an open pull request ('refs/pr/<n>'), not onto a commit sha; no commit was made."
+        )
+    pull_request = _PR_REF.fullmatch(revision or "")
     api = HfApi(endpoint=endpoint, token=token, library_name="m2ist", library_version=__version__)
     try:
         repo_id = api.create_repo(repo_id, exist_ok=True, private=private, repo_type="model").repo_id
         refuse_public_repo(api, repo_id, private)
-        if revision is not None and revision != constants.DEFAULT_REVISION:
+        # where the card's usage snippet loads from once the commit is merged: the branch it lands on, or a pull
+        # request's base branch (a PR's ref is not where its adapter is published)
+        loads_from = None if create_pr or revision == constants.DEFAULT_REVISION else revision
+        if pull_request:
+            loads_from = _pull_request_base(api, repo_id, int(pull_request.group(1)))
+        elif revision is not None and revision != constants.DEFAULT_REVISION:
             api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
-        repo_files = api.list_repo_files(repo_id, revision=constants.DEFAULT_REVISION if create_pr else revision,
-                                         repo_type="model")
+        lands_on = constants.DEFAULT_REVISION if create_pr else revision  # a PR opened now starts from main
+        repo_files = api.list_repo_files(repo_id, revision=lands_on, repo_type="model")
         refuse_foreign_model(repo_id, repo_files, present)
         with tempfile.TemporaryDirectory(prefix="m2ist-upload-") as staging:
+            cards = _repo_cards(api, repo_id, lands_on, [name for name in selected if name in repo_files
+                                                         and PurePosixPath(name).name == CARD_NAME])
             try:
-                _stage(folder_path, selected, Path(staging), repo_id,
-                       None if create_pr or revision == constants.DEFAULT_REVISION else revision)
+                _stage(folder_path, selected, Path(staging), repo_id, loads_from, cards)
             except FileNotFoundError:  # a file gone: the folder was replaced (checked below), or a plain error
                 if folder_identity(folder_path) == identity:
                     raise
@@ -284,19 +308,106 @@ def _warn_if_adapters_deleted(repo_id: str, stale: Sequence[str]) -> None:
                       stacklevel=4)
 
 
-def _stage(folder: Path, selected: Sequence[str], staging: Path, repo_id: str, revision: str | None) -> None:
-    """Link (or copy) the selected files into `staging`; a card's usage snippet loads from `repo_id` at `revision`
-    (see `card_for_push`)."""
+def _stage(folder: Path, selected: Sequence[str], staging: Path, repo_id: str, revision: str | None,
+           repo_cards: Mapping[str, str] | None = None) -> None:
+    """Link (or copy) the selected files into `staging`; a card is laid onto the repo's card at the same path
+    (`repo_cards`, see `card_onto_repo`) and its usage snippet loads from `repo_id` at `revision` (see
+    `card_for_push`)."""
     for name in selected:
         source, target = folder / name, staging / name
         if PurePosixPath(name).name == CARD_NAME:
             target.parent.mkdir(parents=True, exist_ok=True)
             text = source.read_text(encoding="utf-8")
-            pushed = card_for_push(text, repo_id, revision)
+            pushed = card_for_push(card_onto_repo(text, (repo_cards or {}).get(name), f"{repo_id}/{name}"),
+                                   repo_id, revision)
             if pushed != text:
                 target.write_text(pushed, encoding="utf-8")
                 continue
         link_or_copy(source, target)
+
+
+def _pull_request_base(api: HfApi, repo_id: str, number: int) -> str | None:
+    """The branch pull request ``number`` of ``repo_id`` merges into (None for ``main``); a merged or closed one, or
+    a discussion that is not a pull request, is refused: a commit there would publish nothing."""
+    details = api.get_discussion_details(repo_id, number, repo_type="model")
+    if not details.is_pull_request or details.status in ("merged", "closed"):
+        what = "a discussion, not a pull request" if not details.is_pull_request else f"{details.status}"
+        raise ValueError(f"Cannot push to revision='refs/pr/{number}' of '{repo_id}': #{number} is {what}, so the "
+                         "commit would publish nothing. Push with create_pr=True to open a new pull request; no "
+                         "commit was made.")
+    base = (details.target_branch or constants.DEFAULT_REVISION).removeprefix("refs/heads/")
+    return None if base == constants.DEFAULT_REVISION else base
+
+
+def _repo_cards(api: HfApi, repo_id: str, revision: str | None, paths: Sequence[str]) -> dict[str, str]:
+    """``{path: text}`` of the cards at ``paths`` in ``repo_id`` at ``revision`` (those the push replaces), read from
+    the Hub the push writes to (``api.endpoint``); a card gone meanwhile is left out. Any other failure raises (see
+    `push_folder_to_hub`): pushing the folder's card instead would replace the repo's and lose its text."""
+    cards: dict[str, str] = {}
+    headers = build_hf_headers(token=api.token, library_name="m2ist", library_version=__version__)
+    at = quote(revision or constants.DEFAULT_REVISION, safe="")
+    for path in paths:
+        response = get_session().get(f"{api.endpoint}/{repo_id}/resolve/{at}/{quote(path)}", headers=headers,
+                                     follow_redirects=True)
+        try:
+            hf_raise_for_status(response)
+        except EntryNotFoundError:
+            continue
+        cards[path] = response.content.decode("utf-8", errors="replace")
+    return cards
+
+
+def _own_text(text: str) -> str:
+    """A card's text other than m2ist's generated section and results marker: what someone wrote."""
+    return _RESULTS_MARKER.sub("", _SECTION.sub("", text)).strip()
+
+
+def card_onto_repo(pushed: str, current: str | None, where: str) -> str:
+    """The card a push commits when the repo already holds ``current`` at its path (``where``, for messages): the
+    repo's card, with m2ist's generated section, results marker and metadata (library, towers, tags, datasets,
+    results) taken from ``pushed``, so that text and metadata written on the Hub (a user's edits, a license) are
+    kept, as ``save_pretrained`` keeps a folder's card. A ``pushed`` card with text of its own that differs from the
+    repo's replaces that text, with a warning (the old text stays in the repo's history)."""
+    if current is None or current == pushed:
+        return pushed
+    try:
+        mine, theirs = ModelCard(pushed), ModelCard(current)
+    except Exception as error:  # the Hub validates cards' metadata: only a hand-made commit gets here
+        warnings.warn(f"The card {where} on the Hub could not be read ({type(error).__name__}: "
+                      f"{' '.join(str(error).split())[:200]}): the push replaces it (the old one stays in the repo's "
+                      "history).", UserWarning, stacklevel=4)
+        return pushed
+    if _own_text(mine.text) and _own_text(mine.text) != _own_text(theirs.text):
+        warnings.warn(f"The card {where} on the Hub has text of its own that differs from the pushed card's, which "
+                      "replaces it (the old text stays in the repo's history). To keep the Hub's text, push with "
+                      "model.push_to_hub() (it updates the repo's card) or edit the card in one place only.",
+                      UserWarning, stacklevel=4)
+        text = mine.text
+    else:
+        text = _RESULTS_MARKER.sub("", theirs.text)
+        section = _SECTION.search(mine.text)
+        if section is not None:
+            text = _SECTION.sub(lambda _: section.group(0), text, count=1)
+        marker = _RESULTS_MARKER.search(mine.text)
+        if marker is not None:
+            text = f"{text.rstrip(chr(10))}\n\n{marker.group(0)}"
+    data, new = theirs.data, mine.data
+    data.library_name = new.library_name or data.library_name
+    data.base_model = new.base_model or data.base_model
+    for key in ("tags", "datasets"):  # the repo's, then the pushed card's
+        merged = list(dict.fromkeys([*_listed(getattr(data, key, None)), *_listed(getattr(new, key, None))]))
+        setattr(data, key, merged or None)
+    for key in ("license", "language", "pipeline_tag"):  # as written on the Hub
+        setattr(data, key, getattr(data, key, None) or getattr(new, key, None))
+    data.eval_results = new.eval_results  # the results of the pushed weights, or none: never older weights'
+    data.model_name = (data.model_name or new.model_name) if new.eval_results else data.model_name
+    return f"---\n{data.to_yaml()}\n---\n{text}"
+
+
+def _listed(value: object) -> list[str]:
+    if value is None:
+        return []
+    return [value] if isinstance(value, str) else list(value)  # type: ignore[call-overload]
 
 
 def link_or_copy(source: Path, target: Path) -> None:

@@ -28,6 +28,7 @@ import secrets
 import shutil
 import stat
 import struct
+import unicodedata
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,6 +97,40 @@ def adapter_name_problem(name: object) -> str | None:
         return "it contains '.', which a PyTorch module name cannot hold (and which could clash with a file name)"
     if name != name.strip() or not name.isprintable():
         return "it has spaces at either end or control characters"
+    return _portable_name_problem(name) or _reserved_name_problem(name)
+
+
+#: Characters a folder name cannot hold on Windows, and names Windows reserves for devices (an adapter's subfolder,
+#: in a saved folder or a Hub repo, must be made wherever the adapter is loaded).
+_WINDOWS_FORBIDDEN = '<>:"|?*'
+_WINDOWS_RESERVED = re.compile(r"(?i)(con|prn|aux|nul|com[0-9]|lpt[0-9])")
+#: Scripts whose letters look alike ('е' Cyrillic, 'e' Latin): one name mixing them can pass for another name.
+_CONFUSABLE_SCRIPTS = ("LATIN", "CYRILLIC", "GREEK")
+
+
+def _portable_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot be a folder name everywhere, or can pass for another name, or None."""
+    normal = unicodedata.normalize("NFKC", name)
+    if normal != unicodedata.normalize("NFC", name):  # (composed and decomposed accents: see the model's case check)
+        return (f"it holds characters that are written differently but read as others (fullwidth letters, "
+                f"ligatures, superscripts): it reads as {normal!r}, which a load typing the name would ask for. Use "
+                "that spelling")
+    scripts = sorted({unicodedata.name(char, "").split(" ")[0] for char in name if char.isalpha()}
+                     & set(_CONFUSABLE_SCRIPTS))
+    if len(scripts) > 1:
+        return (f"it mixes {' and '.join(s.title() for s in scripts)} letters, which look alike (e.g. Cyrillic 'е' "
+                "and Latin 'e'), so it can pass for another adapter's name. Type it in one script")
+    if len(name.encode("utf-8")) > 128:
+        return f"it is {len(name.encode('utf-8'))} bytes long; a subfolder name of at most 128 bytes fits every file system"
+    forbidden = sorted({char for char in name if char in _WINDOWS_FORBIDDEN})
+    if forbidden or _WINDOWS_RESERVED.fullmatch(name):
+        what = f"the character(s) {''.join(forbidden)!r}" if forbidden else f"the device name {name!r}"
+        return f"it holds {what}, which a folder name cannot hold on Windows, where the adapter may be loaded"
+    return None
+
+
+def _reserved_name_problem(name: str) -> str | None:
+    """Why ``name`` is reserved, or None."""
     if name == ALL_ADAPTERS:
         return (f"the name {ALL_ADAPTERS!r} is reserved: predict(adapters={ALL_ADAPTERS!r}) and "
                 f"evaluate(adapter_names={ALL_ADAPTERS!r}) mean every adapter")
