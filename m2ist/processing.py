@@ -54,6 +54,7 @@ __all__ = [
     "RECProcessor",
     "RECProcessorConfig",
     "boxes_to_labels",
+    "download_image",
     "fetch_image",
     "load_rec_image",
     "post_process_boxes",
@@ -250,6 +251,22 @@ def _decode_bytes(data: bytes, source: str) -> Image.Image:
         raise ImageLoadError(f"{source} is not an image PIL can read ({reason}).") from err
 
 
+def download_image(url: str, *, timeout: float | None = 30.0) -> bytes:
+    """The bytes an ``http(s)`` URL serves (with transformers' HTTP client, ``httpx``), undecoded; an
+    :class:`~m2ist.data.images.ImageLoadError` naming the URL when it cannot be fetched."""
+    import httpx
+
+    try:
+        response = httpx.get(url, timeout=timeout, follow_redirects=True)
+        response.raise_for_status()
+    except httpx.HTTPStatusError as err:
+        raise ImageLoadError(f"Could not download the image {url}: HTTP {err.response.status_code}.") from err
+    except httpx.HTTPError as err:
+        raise ImageLoadError(f"Could not download the image {url}: {type(err).__name__}: {err}. Check the URL "
+                             "and the network, or pass a local path.") from err
+    return response.content
+
+
 def fetch_image(image: Any, *, timeout: float | None = 30.0) -> Any:
     """Turn a URL, a base64 data URI or a tensor into something :func:`m2ist.data.images.load_image` reads.
 
@@ -264,17 +281,7 @@ def fetch_image(image: Any, *, timeout: float | None = 30.0) -> Any:
     white; see :mod:`m2ist.data.images`), so a file and the same file served by URL give the same boxes.
     """
     if isinstance(image, str) and image.startswith(("http://", "https://")):
-        import httpx
-
-        try:
-            response = httpx.get(image, timeout=timeout, follow_redirects=True)
-            response.raise_for_status()
-        except httpx.HTTPStatusError as err:
-            raise ImageLoadError(f"Could not download the image {image}: HTTP {err.response.status_code}.") from err
-        except httpx.HTTPError as err:
-            raise ImageLoadError(f"Could not download the image {image}: {type(err).__name__}: {err}. Check the URL "
-                                 "and the network, or pass a local path.") from err
-        return _decode_bytes(response.content, f"The download of {image}")
+        return _decode_bytes(download_image(image, timeout=timeout), f"The download of {image}")
     if isinstance(image, str) and image.startswith("data:"):
         header, _, payload = image.partition(",")
         if not header.startswith("data:image/") or not header.endswith(";base64") or not payload:
@@ -589,6 +596,7 @@ class RECProcessor(ProcessorMixin):
             return_tensors="np",
         )
         self._check_words(np.asarray(tokens["input_ids"]), np.asarray(tokens["attention_mask"]), final_texts)
+        self._warn_unknown(np.asarray(tokens["input_ids"]), np.asarray(tokens["attention_mask"]), final_texts)
         self._warn_truncated(np.asarray(tokens["attention_mask"]), final_texts)
         data: dict[str, Any] = {
             "pixel_values": pixel_values,
@@ -617,6 +625,27 @@ class RECProcessor(ProcessorMixin):
                 f"tokenizer drops all of its characters (accents or symbols only), or max_query_len leaves no room "
                 "beside the special tokens. Rewrite the phrase, or raise max_query_len."
             )
+
+    def _warn_unknown(self, input_ids: np.ndarray, attention_mask: np.ndarray, texts: list[str]) -> None:
+        """Warn when every word token of a phrase is the tokenizer's unknown token (``[UNK]``): an emoji, a script
+        or fullwidth letters the vocabulary lacks. The model would find a box for no word it knows; logged (not
+        raised) for every batch that holds one, so that one odd phrase never stops a training run."""
+        tokenizer = self.tokenizer
+        unknown = tokenizer.unk_token_id
+        roles = (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.cls_token_id,
+                 tokenizer.sep_token_id)
+        if unknown is None or unknown in roles:  # byte-level tokenizers (GPT-2: one token for all) read every character
+            return
+        special = set(tokenizer.all_special_ids) - {unknown}
+        words = np.isin(input_ids, sorted(special), invert=True) & (attention_mask == 1)
+        only_unknown = np.flatnonzero(words.any(axis=1) & ~(words & (input_ids != unknown)).any(axis=1))
+        if only_unknown.size:
+            shown = ", ".join(repr(_shortened(texts[int(i)], 40)) for i in only_unknown[:3])
+            logger.warning(
+                "%d of %d phrases read as unknown tokens only (%s) to the tokenizer: %s. The model finds a box for "
+                "no word it knows. Write them in words of the text tower's language (its vocabulary lacks these "
+                "characters: emoji, another script, fullwidth letters, or a word over the tokenizer's length limit).",
+                only_unknown.size, len(texts), tokenizer.unk_token, shown)
 
     def _warn_truncated(self, attention_mask: np.ndarray, texts: list[str]) -> None:
         """Warn (once per process) when a phrase has more tokens than ``max_query_len``: its last words are cut

@@ -8,6 +8,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from m2ist.data.images import DeferredImage
+
 from .errors import CLIError, refuse_dash
 from .flags import HelpFormatter, add_adapter_flags, add_config_flags, add_evaluation_flags, add_tower_flags, examples, wrap
 from .loading import default_device, info, load_adapter, logger
@@ -23,7 +25,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     predict = subparsers.add_parser(
         "predict", formatter_class=HelpFormatter, help=HELP,
         description=wrap("Predict one box per phrase (xyxy pixels of the stored image; EXIF orientation is not "
-                          "applied) with a saved adapter; "
+                          "applied unless --exif-transpose is given) with a saved adapter; "
                           "prints a JSON list of {image, text, box_xyxy}. One image with several phrases, several "
                           "images with one phrase, or one phrase per image.") + "\n\n" + settings_help("predict"),
         epilog=examples("predict"))
@@ -41,6 +43,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                        "extension adds .png); replaces only an earlier drawing of this command")
     group.add_argument("--output", metavar="FILE", help="also write the JSON to FILE (a .json name or none; never "
                        "an input image)")
+    group.add_argument("--exif-transpose", action="store_true",
+                       help="turn each image upright by its EXIF orientation tag, as photo viewers and the web app "
+                       "do (a phone photo is often stored sideways): the model reads the picture you see, and boxes "
+                       "and drawings are pixels of the upright image (default: the stored pixels, as dataset boxes)")
     add_evaluation_flags(predict, "predict")
     add_tower_flags(predict, " (default: the one recorded in the adapter)")
     return predict
@@ -143,9 +149,84 @@ def _is_url(image: str) -> bool:
     return image.startswith(("http://", "https://"))
 
 
+#: How an EXIF orientation tag shows the stored pixels (tags 2-8; 1 is upright).
+_ORIENTATIONS = {2: "mirrored", 3: "rotated 180°", 4: "flipped upside down", 5: "mirrored and rotated 90°",
+                 6: "rotated 90° clockwise", 7: "mirrored and rotated 90°", 8: "rotated 90° counter-clockwise"}
+
+
+class _InputImage(DeferredImage):
+    """One ``--image`` (a file, or the bytes of a URL downloaded once), read when prediction or drawing needs it:
+    with ``--exif-transpose`` turned upright; the first read warns about what the picture shown by a viewer and the
+    pixels the model reads may not share (an EXIF orientation left unapplied, the other frames of an animation)."""
+
+    __slots__ = ("exif_transpose", "name", "source", "warned")
+
+    def __init__(self, name: str, source: Path | bytes, exif_transpose: bool) -> None:
+        self.name, self.source, self.exif_transpose, self.warned = name, source, exif_transpose, False
+
+    def describe(self) -> str:
+        """The ``--image`` as given."""
+        return self.name
+
+    def open(self) -> Any:
+        """The image as the model reads it (an RGB PIL image); the first call warns (:meth:`_warn`)."""
+        import io
+
+        from PIL import Image
+
+        from m2ist.data.images import exif_orientation, load_image
+
+        with Image.open(self.source if isinstance(self.source, Path) else io.BytesIO(self.source)) as opened:
+            if not self.warned:
+                self.warned = True
+                self._warn(opened, exif_orientation(opened))
+            return load_image(opened, exif_transpose=self.exif_transpose)
+
+    def _warn(self, opened: Any, orientation: int) -> None:
+        """Say how the pixels read differ from the picture a viewer shows."""
+        if orientation != 1 and not self.exif_transpose:
+            logger.warning("--image %s carries an EXIF orientation tag (%d: shown %s): the model reads the pixels as "
+                           "stored, not as a photo viewer shows them, so the box (and a word such as 'left') is in "
+                           "the stored frame. Pass --exif-transpose to predict on the upright picture.",
+                           self.name, orientation, _ORIENTATIONS[orientation])
+        elif orientation != 1:
+            info(f"{self.name}: turned upright by its EXIF orientation ({_ORIENTATIONS[orientation]}).")
+        if getattr(opened, "is_animated", False) and opened.format != "MPO":  # MPO: a photo with a preview frame
+            logger.warning("--image %s holds %d frames (an animation, or pages): only the first is read. Save the "
+                           "frame you mean as an image file and pass that.", self.name, getattr(opened, "n_frames", 2))
+
+
+def _input_image(image: str, exif_transpose: bool) -> Any:
+    """``--image`` as :func:`m2ist.inference.predict_boxes` takes it: a URL is downloaded now (an offline machine
+    fails here, before the adapter is loaded) and its header read; a file is checked (its header read) and decoded
+    only when it is used. Both as a :class:`m2ist.data.images.DeferredImage`."""
+    import io
+
+    from PIL import Image
+
+    from m2ist.data.images import ImageLoadError, image_size
+    from m2ist.processing import download_image
+
+    if _is_url(image):
+        data = download_image(image)
+        try:
+            image_size(Image.open(io.BytesIO(data)))
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+            raise ImageLoadError(f"--image {image}: the download is not an image PIL can read ({err}).") from err
+        source: Path | bytes = data
+    else:
+        _check_image_path(image)
+        image_size(image)  # a missing or unreadable file fails now
+        source = Path(image)
+    return _InputImage(image, source, exif_transpose)
+
+
 def _check_image_path(image: str) -> None:
     """Refuse, naming what to give instead, an ``--image`` that names a folder or a pattern the shell left as it
-    was (no file matched it, or it was quoted)."""
+    was (no file matched it, or it was quoted), or ``-`` (images are not read from stdin)."""
+    if image.strip() == "-":
+        raise CLIError("--image -: images are not read from stdin; give image files or http(s) URLs (phrases are: "
+                       "--text -).")
     path = Path(image)
     if path.is_dir():
         raise CLIError(f"--image {image} is a folder: give image files (a shell pattern such as {path / '*.jpg'} "
@@ -175,7 +256,8 @@ def _read_phrases(texts: list[str]) -> list[str]:
     if sys.stdin is None or sys.stdin.isatty():
         raise CLIError("--text - reads the phrases from stdin, one per line, but stdin is a terminal: pipe or redirect "
                        "them (--text - < phrases.txt).")
-    read = [" ".join(line.split()) for line in sys.stdin.read().splitlines()]
+    # a byte-order mark (a file saved by Notepad) is no part of the first phrase
+    read = [" ".join(line.split()) for line in sys.stdin.read().removeprefix("\ufeff").splitlines()]
     read = [line for line in read if line]
     if not read:
         raise CLIError("--text - read no phrase from stdin (it was empty or blank): give one phrase per line.")
@@ -185,9 +267,8 @@ def _read_phrases(texts: list[str]) -> list[str]:
 
 def run(settings: dict[str, dict[str, Any]], args: argparse.Namespace) -> int:
     """Predict one box per phrase and print them as JSON (optionally draw them)."""
-    from m2ist.data.images import image_size
+    from m2ist.data.loaders import has_visible_text
     from m2ist.inference import draw_boxes, predict_boxes
-    from m2ist.processing import load_rec_image
     from m2ist.save_and_load import atomic_write
 
     images, texts = list(args.image), _read_phrases(list(args.text))
@@ -201,28 +282,26 @@ def run(settings: dict[str, dict[str, Any]], args: argparse.Namespace) -> int:
         except UnicodeEncodeError:
             raise CLIError(f"--text phrase {number} ({text.encode('utf-8', 'surrogateescape')!r}) is not valid UTF-8: "
                            "pass the phrase as UTF-8 text.") from None
+        if not has_visible_text(text):  # checked before the adapter is loaded, numbered as typed
+            raise CLIError(f"--text phrase {number} ({text!r}) is empty or shows nothing (only whitespace, control or "
+                           "zero-width characters): give each phrase some words.")
         if _names_a_file(text):  # `--text phrases.txt`: the name is the phrase, the file is never read
             logger.warning("--text %r is the name of a file, but phrases are taken as typed: the box is for the words "
                            "%r. To read phrases from a file, one per line: --text - < %s", text, text, text)
     if len(images) > 1 and len(texts) > 1 and len(images) != len(texts):
         raise CLIError(f"Got {len(images)} images and {len(texts)} phrases: give one phrase per image, one image "
                        "with several phrases, or several images with one phrase.")
-    # a URL is downloaded once, now (an offline machine fails here, before the model is loaded); files are only
-    # checked (a missing or unreadable one fails here too)
-    pixels = {image: load_rec_image(image) for image in dict.fromkeys(images) if _is_url(image)}
-    for image in images:
-        if image not in pixels:
-            _check_image_path(image)
-            image_size(image)
+    # a URL is downloaded once, now, and a file's header read (an offline machine, a missing or unreadable file
+    # fail here, before the model is loaded); the pixels are decoded when they are used
+    sources = {image: _input_image(image, args.exif_transpose) for image in dict.fromkeys(images)}
     drawings = _draw_paths(args.draw, [str(image) for image in images]) if args.draw else {}
     outputs = ([("--output", Path(args.output))] if args.output else []) + [("--draw", path) for path in drawings.values()]
-    _check_outputs(outputs, [image for image in images if image not in pixels])
+    _check_outputs(outputs, [image for image in images if not _is_url(image)])
     if args.output:
         refuse_non_json_name("--output", args.output, draw_hint=True)
     model, processor = load_adapter(settings)
     evaluation = settings["evaluation"]
-    inputs = [pixels.get(image, image) for image in images]
-    boxes = predict_boxes(model, inputs if len(inputs) > 1 else inputs[0], texts, processor=processor,
+    boxes = predict_boxes(model, [sources[image] for image in images], texts, processor=processor,
                           batch_size=int(evaluation.get("batch_size", 16)), device=default_device(evaluation))
     pairs = list(zip(images * len(texts) if len(images) == 1 else images,
                      texts * len(images) if len(texts) == 1 else texts))
@@ -238,7 +317,7 @@ def run(settings: dict[str, dict[str, Any]], args: argparse.Namespace) -> int:
         atomic_write(Path(args.output), lambda tmp: Path(tmp).write_text(output + "\n", encoding="utf-8"))
     for image, path in drawings.items():
         indices = [index for index, (source, _) in enumerate(pairs) if str(source) == image]
-        drawn = draw_boxes(pixels.get(image, image), boxes[indices], texts=[pairs[i][1] for i in indices])
+        drawn = draw_boxes(sources[image], boxes[indices], texts=[pairs[i][1] for i in indices])
         atomic_write(path, lambda tmp, drawn=drawn, path=path: drawn.save(tmp, format=_image_format(path),
                                                                           exif=_drawing_exif()))
         info(f"Drew {len(indices)} box(es) on {image} -> {path}")
