@@ -1002,8 +1002,9 @@ class SideTunedModel(RECModel):
 
     @property
     def active_adapters(self) -> list[str]:
-        """``[active_adapter]`` (PEFT's list form; M²IST activates one adapter at a time)."""
-        return [self._active_adapter]
+        """``[active_adapter]`` (PEFT's list form; M²IST activates one adapter at a time). Both spellings work:
+        ``model.active_adapters`` (PEFT's property) and ``model.active_adapters()`` (transformers' method)."""
+        return _ActiveAdapters([self._active_adapter])
 
     @property
     def peft_config(self) -> Mapping[str, M2ISTConfig]:
@@ -1059,6 +1060,35 @@ class SideTunedModel(RECModel):
 
     def enable_adapters(self) -> None:
         """Nothing to do: the active adapter is always enabled (transformers' ``PeftAdapterMixin`` name)."""
+
+    def requires_grad_(self, requires_grad: bool = True) -> SideTunedModel:
+        """``nn.Module.requires_grad_`` for what can train: ``True`` makes the active adapter (side network and
+        head) trainable, as ``set_adapter(name)`` does; the frozen towers run under ``no_grad`` and the inactive
+        adapters take no part in training, so both stay frozen (torch's own call would unfreeze them and
+        ``print_trainable_parameters`` count them as trained). ``False`` freezes every parameter."""
+        check_flags("requires_grad_", requires_grad=requires_grad)
+        if not requires_grad:
+            return super().requires_grad_(False)
+        self.side.requires_grad_(True)
+        self.head.requires_grad_(True)
+        return self
+
+    def set_requires_grad(self, adapter_names: str | Sequence[str], requires_grad: bool = True) -> None:
+        """PEFT's ``set_requires_grad``: make the adapters ``adapter_names`` trainable (``requires_grad=True``) or
+        frozen. Only the active adapter trains: an inactive one is always frozen, so asking to make one trainable is
+        refused (activate it with ``set_adapter(name)``, which makes it trainable)."""
+        check_flags("set_requires_grad", requires_grad=requires_grad)
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        for name in names:
+            self._setup(name)
+        inactive = [name for name in names if name != self._active_adapter]
+        if requires_grad and inactive:
+            raise ValueError(f"set_requires_grad({inactive!r}): only the active adapter ({self._active_adapter!r}) "
+                             "trains, the others are frozen (they take no part in a training forward). Activate the "
+                             f"one to train with set_adapter({inactive[0]!r}), which makes it trainable.")
+        if self._active_adapter in names:
+            self.side.requires_grad_(requires_grad)
+            self.head.requires_grad_(requires_grad)
 
     def list_adapters(self) -> list[str]:
         """Names of every adapter on the towers, the active one first."""
@@ -1132,8 +1162,16 @@ class SideTunedModel(RECModel):
         """Add a new, untrained adapter (side network + head) named ``adapter_name`` on the same towers; it is not
         made active (use :meth:`set_adapter`). Its tap kinds and layers may differ from the other adapters'; the
         image size, query length and tap specs must be the towers'. It is built in the dtype of the other adapters
-        (:attr:`dtype`), so that one batch can mix them (``adapter_names=``)."""
-        self._add_adapter(adapter_name, config, self.dtype)
+        (:attr:`dtype`), so that one batch can mix them (``adapter_names=``).
+
+        It records this model's towers as the ones it is trained on (their Hub names and commits, as the active
+        adapter records them), whatever towers ``config`` names (e.g. another model's ``peft_config[...]``): saved,
+        it reloads on these. A config recorded for towers of another type, width or depth is refused."""
+        self._check_compatible(adapter_name, config)
+        towers = {f"{modality}_{key}": None for modality in (VISION, TEXT) for key in M2ISTConfig.TOWER_FIELDS}
+        towers.update({f"{modality}_{key}": getattr(self.config, f"{modality}_{key}") for modality in (VISION, TEXT)
+                       for key in ("model_name_or_path", "revision", "model_class", "dtype")})
+        self._add_adapter(adapter_name, dataclasses.replace(config, **towers), self.dtype)
 
     def _add_adapter(self, adapter_name: str, config: M2ISTConfig, dtype: torch.dtype | None) -> None:
         """:meth:`add_adapter`, with the new adapter's modules in ``dtype`` (None: float32, as built)."""
@@ -1161,9 +1199,10 @@ class SideTunedModel(RECModel):
         setup = self._setup(adapter_name)
         if adapter_name != self._active_adapter:
             previous = nn.ModuleDict({"side": self.side, "head": self.head})
+            # the active one goes in first: were it refused, no adapter would have left its holder yet
+            self.inactive_adapters[self._active_adapter] = previous
             previous.requires_grad_(False)
             chosen = self.inactive_adapters.pop(adapter_name)
-            self.inactive_adapters[self._active_adapter] = previous
             chosen.train(self.training)
             self.side, self.head = chosen["side"], chosen["head"]
             self._active_adapter = adapter_name
@@ -1194,7 +1233,12 @@ class SideTunedModel(RECModel):
                      endpoint: str | None = None) -> _IncompatibleKeys:
         """Load an adapter saved by :meth:`save_pretrained` (a folder or a Hub repo id, optionally its
         ``subfolder``) as ``adapter_name`` on these towers; loading is strict as in :meth:`from_pretrained`. As in
-        PEFT, it is not activated; ``is_trainable=False`` leaves it in ``eval()`` until :meth:`set_adapter`.
+        PEFT, it is not activated. Unlike PEFT, an inactive adapter never requires grad (only the active one trains,
+        and one that requires grad but is unused would fail a ``DistributedDataParallel`` step), whatever
+        ``is_trainable``: ``set_adapter(adapter_name)`` makes it trainable (``inference_mode=True``: frozen), so build
+        your own optimizer after that call (:class:`~m2ist.trainer.RECTrainer` rebuilds its own).
+        ``is_trainable=False`` puts it in ``eval()`` (no dropout in :meth:`forward_all_adapters` and mixed batches)
+        until ``model.train()`` or :meth:`set_adapter`, which give it the model's mode; ``True``: the model's mode.
 
         Without ``subfolder`` the adapter at the folder's root is read; a folder that also holds an adapter named
         ``adapter_name`` in its ``<adapter_name>/`` subfolder (where :meth:`save_pretrained` puts it) is refused,
@@ -1645,10 +1689,28 @@ def _check_adapter_name(name: object) -> None:
         raise ValueError(f"Adapter name {name!r} is {reserved!r} in another case: on a case-insensitive file system "
                          "(macOS, Windows) its subfolder would be the trainer's checkpoint, log or cache folder, "
                          "which pushes skip and saves replace; pick another name, e.g. 'refcoco_plus'.")
+    if hasattr(_ADAPTER_HOLDER, name):  # torch's add_module refuses it: a bare KeyError, half-way through a verb
+        raise ValueError(f"Adapter name {name!r} is not usable: an inactive adapter is held as "
+                         f"model.inactive_adapters[{name!r}], a torch ModuleDict, and {name!r} is one of its "
+                         "attributes (torch refuses such module names); pick another name, e.g. "
+                         f"'{name.strip('_')}_adapter'.")
+
+
+#: an empty holder like ``SideTunedModel.inactive_adapters``: a name that is one of its attributes (``train``,
+#: ``keys``, ``training``, ``_modules``...) cannot name a module in it
+_ADAPTER_HOLDER = nn.ModuleDict()
 
 
 #: PEFT's names for the wrapped model, which a SideTunedModel (two towers) answers with an AttributeError naming them.
 _NO_BASE_MODEL = ("get_base_model", "base_model")
+
+
+class _ActiveAdapters(list):
+    """The list ``SideTunedModel.active_adapters`` gives, also callable: ``active_adapters()`` is transformers'
+    ``PeftAdapterMixin`` spelling (a method), ``active_adapters`` PEFT's (a property)."""
+
+    def __call__(self) -> list[str]:
+        return list(self)
 
 
 def _cannot_merge(verb: str) -> str:
