@@ -33,6 +33,7 @@ that an uncached step runs them under (cast the towers with ``tower_dtype`` to s
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import itertools
@@ -139,10 +140,11 @@ class TowerCacheCollator:
     Around a :class:`~m2ist.data.collator.RECCollator`, with ``cache`` set (``RECTrainer`` sets it when it opens its
     cache), a batch of samples that were all batched before, and whose records the cache holds, is built without
     loading, letterboxing or hashing its images: the rest of each sample (token ids, labels, geometry) and its keys
-    are remembered from the first time. A sample is recognised by its image (a file's path, size and modification
-    time, or a digest of the pixels of an in-memory image), its expression, box and index, the view, and the
-    processor's settings; anything else is processed as usual. The batch then has no ``pixel_values`` (the cache
-    supplies the towers' features) and its ``pixel_mask`` is drawn again from the image's window on the canvas.
+    are remembered from the first time. A sample is recognised by its image (a file's path, size, modification
+    time, inode and change time, or a digest of the pixels of an in-memory image), its expression, box and index,
+    the view, and the processor's settings; anything else is processed as usual. The batch then has no
+    ``pixel_values`` (the cache supplies the towers' features) and its ``pixel_mask`` is drawn again from the image's
+    window on the canvas.
     ``skipped_batches`` counts such batches.
     """
 
@@ -250,7 +252,11 @@ def _sample_identity(item: Any, settings: str, view: int | None) -> str | None:
             stat = os.stat(image)
         except OSError:
             return None
-        h.update(f"path:{os.path.abspath(image)}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+        # the size and modification time can both stay as they were while the pixels change (a file rewritten
+        # and its time set back, ``cp -p``, ``tar x``, ``rsync -a``; a coarse clock): the inode and the change
+        # time, which no tool sets back, tell the file written anew from the one that was batched
+        h.update(f"path:{os.path.abspath(image)}:{stat.st_size}:{stat.st_mtime_ns}:{stat.st_dev}:{stat.st_ino}:"
+                 f"{stat.st_ctime_ns}".encode())
     elif isinstance(image, Image.Image):
         # the RGB pixels the processor reads, not the stored ones: a palette image's colours are in its palette
         # (and its transparency in image.info), which tobytes() leaves out; an RGB image is not converted
@@ -505,6 +511,8 @@ class _Shard:
         self.next_row = 0
         self._index_size = 0
         self.array: np.memmap | None = None
+        #: ``(device, inode)`` of the rows file :attr:`array` maps (None: none mapped yet)
+        self._mapped: tuple[int, int] | None = None
         if writable:
             self._repair_index()
         self.refresh()
@@ -575,16 +583,40 @@ class _Shard:
         return os.path.getsize(self.data_path) // (self.width * self.itemsize) if self.data_path.exists() else 0
 
     def _check_covers(self, rows: int) -> None:
+        self._check_mapped()
         held = self._rows_in_file()
         if rows > held:
             raise ValueError(f"The tower cache in {self.data_path.parent} is damaged: {self.index_path.name} names row "
                              f"{rows - 1} but {self.data_path.name} holds {held} rows (truncated or deleted?). "
                              "Delete that folder (the run refills it) or set tower_cache='off'.")
 
+    def _check_mapped(self) -> None:
+        """Refuse to go on with a rows file that is no longer the one mapped: deleted, or replaced by another file,
+        while this process uses it (its rows, checked once, are never checked again); and, for the shard this
+        process writes, one cut below what it mapped (a memory-mapped write past a file's end is a SIGBUS). Growing
+        a new file there would give the rows this process wrote as zeros, and read them as features."""
+        if self._mapped is None:
+            return
+        try:
+            stat = os.stat(self.data_path)
+        except FileNotFoundError:
+            stat = None
+        if stat is None or (stat.st_dev, stat.st_ino) != self._mapped:
+            raise ValueError(f"The tower cache in {self.data_path.parent} is damaged: {self.data_path.name} was "
+                             f"{'deleted' if stat is None else 'replaced by another file'} while this run used it "
+                             "(another run or a clean-up deleting the folder, or a copy over it?). Start the run again "
+                             "(it refills what is missing) with a folder nothing else deletes, or set tower_cache='off'.")
+        row_bytes = self.width * self.itemsize
+        if self.writable and self.array is not None and stat.st_size // row_bytes < self.array.shape[0]:
+            raise ValueError(f"The tower cache in {self.data_path.parent} is damaged: {self.data_path.name} holds "
+                             f"{stat.st_size // row_bytes} rows but this run reserved {self.array.shape[0]} (truncated "
+                             "while in use?). Delete that folder (the run refills it) or set tower_cache='off'.")
+
     def _ensure(self, rows: int) -> None:
         have = self.array.shape[0] if self.array is not None else 0
         if rows <= have:
             return
+        self._check_mapped()  # never grow a new file in place of the one whose rows this process holds
         row_bytes = self.width * self.itemsize
         existing = os.path.getsize(self.data_path) // row_bytes if self.data_path.exists() else 0
         capacity = existing
@@ -593,6 +625,8 @@ class _Shard:
             _allocate(self.data_path, existing * row_bytes, capacity * row_bytes)
         self.array = np.memmap(self.data_path, dtype=self.storage, mode="r+" if self.writable else "r",
                                shape=(capacity, self.width))
+        stat = os.stat(self.data_path)
+        self._mapped = (stat.st_dev, stat.st_ino)
 
     def read(self, rows: list[int]) -> torch.Tensor:
         self._check_covers(max(rows) + 1)  # the file may have been cut since the index was read
@@ -608,22 +642,39 @@ class _Shard:
             return
         first = self.next_row
         self._ensure(first + len(fresh))
+        self._check_mapped()  # the file is still the one mapped, and whole: a write past its end is a SIGBUS
         block = torch.stack([value for _, value in fresh]).to(DTYPES[self.dtype]).cpu().contiguous()
         stored = block.view(torch.int16).numpy().view(np.uint16) if self.dtype == "bfloat16" else block.numpy()
-        self.array[first: first + len(fresh)] = stored
-        self.array.flush()
         # the checksum goes on the index line, written (and synced) after the row: a reader sees both or neither
         crcs = [zlib.crc32(row) for row in stored]
         lines = "".join(f"{key} {first + i} {crc:08x}\n"
                         for i, ((key, _), crc) in enumerate(zip(fresh, crcs, strict=True)))
-        with open(self.index_path, "a", encoding="ascii") as f:
-            f.write(lines)
-            f.flush()
-            os.fsync(f.fileno())
+        indexed = os.path.getsize(self.index_path) if self.index_path.exists() else 0
+        try:
+            self.array[first: first + len(fresh)] = stored
+            self.array.flush()
+            with open(self.index_path, "a", encoding="ascii") as f:
+                f.write(lines)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as err:  # the disk filled, went read-only or failed, or the folder went, mid-run
+            # lines half written would name rows this process writes over next: none of them stays
+            with contextlib.suppress(OSError), open(self.index_path, "r+b") as f:
+                f.truncate(indexed)
+            raise _io_error(err, self.data_path.parent, f"record rows in {self.index_path.name}") from None
         for i, (key, _) in enumerate(fresh):
             self.index[key], self.crcs[key] = first + i, crcs[i]
             self.verified.add(key)  # written by this process: read back without a check
         self.next_row = first + len(fresh)
+
+
+def _io_error(err: OSError, folder: Path, what: str) -> OSError:
+    """``err`` (the disk full, read-only, failing, or the folder gone) as an error naming the cache folder, what it
+    could not do, and what to do: the raw ``OSError`` names a file and nothing else."""
+    code = err.errno or 0
+    return type(err)(code, f"The tower cache in {folder} could not {what} ({os.strerror(code) if code else err}): "
+                           "free some space, give tower_cache another folder on a writable disk, or set "
+                           "tower_cache='memory' or 'off'. The records written so far stay valid.")
 
 
 #: A CRC32 on an index line: 8 hex digits.
@@ -634,7 +685,11 @@ def _allocate(path: Path, start: int, end: int) -> None:
     """Grow ``path`` from ``start`` to ``end`` bytes with the disk blocks allocated now, so a full disk is an error
     here, naming the folder, and never a SIGBUS later when a memory-mapped write finds no block behind its page.
     Where the filesystem cannot allocate ahead, the file grows sparse (the space check up front still applies)."""
-    with open(path, "ab") as f:
+    try:
+        f = open(path, "ab")  # noqa: SIM115 (closed below)
+    except OSError as err:  # the disk gone read-only, or the folder deleted, mid-run
+        raise _io_error(err, path.parent, f"grow {path.name}") from None
+    with f:
         try:
             os.posix_fallocate(f.fileno(), start, end - start)
             return
@@ -642,12 +697,16 @@ def _allocate(path: Path, start: int, end: int) -> None:
             pass
         except OSError as err:
             if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
-                f.truncate(start)  # this writer owns the shard: give back what the failed call may have taken
+                with contextlib.suppress(OSError):  # this writer owns the shard: give back what the call took
+                    f.truncate(start)
                 raise OSError(err.errno, f"The tower cache in {path.parent} could not grow {path.name} to "
                                          f"{_size(end)} ({os.strerror(err.errno)}): free some space, give tower_cache "
                                          "another folder, use tower_cache_dtype='bfloat16', or set tower_cache='off'."
                               ) from None
-        f.truncate(end)
+        try:
+            f.truncate(end)
+        except OSError as err:
+            raise _io_error(err, path.parent, f"grow {path.name} to {_size(end)}") from None
 
 
 class _RamShard:
@@ -710,11 +769,17 @@ class _DiskStore:
                 descriptor = os.open(self.folder / f"lock.{shard}", os.O_RDWR | os.O_CREAT, 0o644)
             except PermissionError:
                 continue
+            except OSError as err:  # a full disk (no inode left) or a failing one
+                raise _io_error(err, self.folder, f"create lock.{shard}") from None
             try:
                 fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 os.close(descriptor)
                 continue
+            except OSError as err:  # ENOLCK: a network filesystem without locks; unlocked, two writers collide
+                os.close(descriptor)
+                raise _io_error(err, self.folder, f"lock lock.{shard} (a network filesystem without locks? give "
+                                                  "tower_cache a local folder)") from None
             weakref.finalize(self, os.close, descriptor)
             if shard != rank:
                 logger.info("Shard %d of the tower cache in %s is in use by another run: writing shard %d.", rank,
@@ -822,7 +887,10 @@ class _TowerRecords:
                     or recorded.get("fingerprint") != self.fingerprint:
                 raise ValueError(f"The tower cache in {self.folder} was written with another layout; delete that folder.")
         else:
-            atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=2), encoding="utf-8"))
+            try:
+                atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=2), encoding="utf-8"))
+            except OSError as err:  # a full disk: the manifest is the folder's first write
+                raise _io_error(err, self.folder, f"write {path.name}") from None
         # rows reserved by reserve(), once checked
         self.store = _DiskStore(self.folder, layout.width, dtype, rank, writable=self.writable)
         if not self.writable:
@@ -927,6 +995,8 @@ class TowerFeatureCache:
         check_flags("TowerFeatureCache", check_space=check_space)
         self.model, self.dtype = model, dtype
         self.location = None if location is None else Path(location).expanduser()
+        if self.location is not None:
+            _check_location(self.location)
         self.adapter = model.active_adapter
         self._expected = {VISION: expected_images, TEXT: expected_texts}
         self._rank, self._world_size, self._check_space = rank, max(1, int(world_size)), check_space
@@ -958,12 +1028,16 @@ class TowerFeatureCache:
         itemsize = torch.finfo(DTYPES[self.dtype]).bits // 8
         self.estimate = {modality: self._expected[modality] * layouts[modality].width * itemsize for modality in layouts}
         records, fresh = {}, []
-        for modality, tower, layers in ((VISION, model.vision_tower, self.vision_layers),
-                                        (TEXT, model.text_tower, self.text_layers)):
-            prints = fingerprint(tower, layers, self.kinds, self.dtype, size[modality])
-            name = f"{modality}-{_folder_digest(prints)}"
+        towers = ((VISION, model.vision_tower, self.vision_layers), (TEXT, model.text_tower, self.text_layers))
+        prints = {modality: fingerprint(tower, layers, self.kinds, self.dtype, size[modality])
+                  for modality, tower, layers in towers}
+        names = {modality: f"{modality}-{_folder_digest(prints[modality])}" for modality in prints}
+        if self.location is None and self._check_space:  # before the rows are allocated
+            self._check_memory(sum(self.estimate[m] for m, name in names.items() if name not in self._opened))
+        for modality, tower, layers in towers:
+            name = names[modality]
             if name not in self._opened:
-                self._opened[name] = _TowerRecords(tower, prints, name, layers, self.kinds, layouts[modality],
+                self._opened[name] = _TowerRecords(tower, prints[modality], name, layers, self.kinds, layouts[modality],
                                                    self.dtype, self.location, self._expected[modality], self._rank)
                 fresh.append(self._opened[name])
             records[modality] = self._opened[name]
@@ -981,6 +1055,18 @@ class TowerFeatureCache:
             fresh_records.reserve(self._world_size)
         self.records = records
         self._state = self._tower_state()
+
+    def _check_memory(self, needed: int) -> None:
+        """Refuse an in-memory cache whose records, in every process of this machine, RAM cannot hold: it fills
+        for the whole run and would end it hours in, killed for memory without a word of why."""
+        processes = _local_processes()
+        available = _available_memory()
+        if available is None or needed * processes <= 0.9 * available:
+            return
+        each = f" ({processes} processes on this machine, each with its own)" if processes > 1 else ""
+        raise ValueError(f"The in-memory tower cache needs up to {_size(needed * processes)}{each} but only "
+                         f"{_size(available)} of RAM is available: use tower_cache='disk' or a folder (memory-mapped "
+                         "files), tower_cache_dtype='bfloat16', or set tower_cache='off'.")
 
     def _tower_state(self) -> tuple:
         """What identifies the towers' current weights, cheaply (no hashing): each tower object, and each of its
@@ -1089,6 +1175,57 @@ class TowerFeatureCache:
                 tokens=features.tokens.to(device), mask=features.mask.to(device), seed=features.seed.to(device),
                 taps={kind: [t.to(device) for t in taps] for kind, taps in features.taps.items()})
         return TowerFeatureSet(out[VISION], out[TEXT], self.vision_layers, self.text_layers)
+
+
+def _check_location(location: Path) -> None:
+    """Refuse a cache location that no folder can be made at, saying why (``mkdir`` says "File exists" or "Not a
+    directory" about the fingerprint's subfolder): the location, or the nearest of its parents that exists, is a file,
+    or a link to nothing."""
+    for path in (location, *location.parents):
+        if path.is_symlink() and not path.exists():
+            raise FileNotFoundError(errno.ENOENT, f"The tower cache location {location}: {path} is a link to "
+                                                  f"{os.readlink(path)}, which does not exist. Create that folder, or "
+                                                  "give tower_cache another folder, 'memory', or 'off'.")
+        if path.exists():
+            if not path.is_dir():
+                raise NotADirectoryError(errno.ENOTDIR, f"The tower cache location {location}: {path} is a file, not "
+                                                        "a folder. Give tower_cache a folder, 'memory', or 'off'.")
+            return
+
+
+def _local_processes() -> int:
+    """How many processes of the run share this machine (``torchrun``'s ``LOCAL_WORLD_SIZE``; 1 without it)."""
+    try:
+        return max(1, int(os.environ.get("LOCAL_WORLD_SIZE") or 1))
+    except ValueError:
+        return 1
+
+
+def _available_memory() -> int | None:
+    """Bytes of RAM that processes can still take (``MemAvailable``, within a container's cgroup limit); ``None``
+    where the system does not say."""
+    available = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                available = int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    if available is None:
+        with contextlib.suppress(AttributeError, ValueError, OSError):
+            available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    try:  # a container's limit (cgroup v2): the machine's free memory is not the container's
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+            for line in Path("/sys/fs/cgroup/memory.stat").read_text().splitlines():
+                if line.startswith("inactive_file "):  # page cache the kernel gives back: not taken
+                    used -= int(line.split()[1])
+            room = max(0, int(limit) - used)
+            available = room if available is None else min(available, room)
+    except (OSError, ValueError):
+        pass
+    return available
 
 
 def _disk_bytes(folder: Path) -> int:
