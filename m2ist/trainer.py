@@ -45,7 +45,7 @@ from torch import nn
 from torch.utils.data import Dataset
 from transformers import EvalPrediction, Trainer, TrainingArguments
 from transformers.trainer import TRAINER_STATE_NAME, TRAINING_ARGS_NAME
-from transformers.trainer_callback import PrinterCallback, ProgressCallback
+from transformers.trainer_callback import EarlyStoppingCallback, PrinterCallback, ProgressCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, IntervalStrategy, SaveStrategy, SchedulerType
 
 from .cache import (
@@ -126,6 +126,9 @@ _UNSUPPORTED_OPTIONS: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("train_sampling_strategy", lambda value: value == "group_by_length",
      "groups items by token count, which REC items (image, expression, box) do not have: use 'random'"),
 )
+#: ``TrainingArguments`` counts that must be whole numbers >= 1 (0 fails mid-run: a ``ZeroDivisionError`` at the first
+#: step for ``gradient_accumulation_steps``, a ``DataLoader`` error at the first batch or the first evaluation).
+_POSITIVE_COUNTS = ("gradient_accumulation_steps", "per_device_train_batch_size", "per_device_eval_batch_size")
 #: Set on a ``RECAugmentation`` whose seed a trainer gave (it had none): the next trainer gives it its own seed.
 _SEED_FROM_TRAINING = "_m2ist_seed_from_training"
 #: Metrics whose lower values are better (transformers guesses the direction from a name ending in ``loss`` only).
@@ -270,6 +273,7 @@ class RECTrainingArguments(TrainingArguments):
                 and self.metric_for_best_model.endswith(_LOWER_IS_BETTER):
             self.greater_is_better = False  # transformers would keep the *highest* loss_giou / loss_box as best
         super().__post_init__()
+        _check_step_counts(self)
         self._orient_plateau_schedule()
         if self.lr_drop_epochs and self.lr_scheduler_type != SchedulerType.CONSTANT:
             raise ValueError(f"lr_drop_epochs={self.lr_drop_epochs} is a step schedule; it cannot be combined with "
@@ -303,6 +307,26 @@ class RECTrainingArguments(TrainingArguments):
                              f"improves. Drop 'mode' (it follows greater_is_better) or set mode={mode!r}.")
         kwargs["mode"] = mode
         self.lr_scheduler_kwargs = kwargs  # a new dict: the caller's is left as it was
+
+
+def _check_step_counts(args: RECTrainingArguments) -> None:
+    """Refuse counts that break a run only once it has started, or that silently do less than asked: a batch size
+    or ``gradient_accumulation_steps`` below 1, ``save_steps=0`` with ``save_strategy='steps'`` (transformers then saves
+    only at the end, so a run killed midway leaves nothing to resume from), and ``lr_scheduler_kwargs`` with the step
+    schedule (``lr_scheduler_type='constant'``), which takes none and would drop them without a word."""
+    for name in _POSITIVE_COUNTS:
+        value = getattr(args, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a whole number >= 1, got {value!r}.")
+    if args.save_strategy == SaveStrategy.STEPS and not args.save_steps > 0:
+        raise ValueError(f"save_steps={args.save_steps} with save_strategy='steps' saves no checkpoint before the end of "
+                         "training (nothing to resume from if the run stops): give save_steps > 0 (a number of steps, "
+                         "or below 1 a fraction of the run), or save_strategy='epoch' / 'no'.")
+    if args.lr_scheduler_type == SchedulerType.CONSTANT and args.lr_scheduler_kwargs:
+        raise ValueError(f"lr_scheduler_kwargs={args.lr_scheduler_kwargs!r} would be ignored: lr_scheduler_type='constant' "
+                         "(the default) is m2ist's step schedule, which takes only warmup_steps, lr_drop_epochs and "
+                         "lr_drop_factor. Set the lr_scheduler_type these settings are for (e.g. 'cosine_with_min_lr' for "
+                         "min_lr), or drop lr_scheduler_kwargs.")
 
 
 # ---------------------------------------------------------------------------------------------- schedule
@@ -613,14 +637,17 @@ class RECTrainer(Trainer):
     strictly; head and side/tower parameters get ``learning_rate`` and ``args.side_learning_rate``; the schedule is
     a step schedule (``args.lr_drop_epochs``); evaluation reports ``acc@0.5``, ``miou``, ``loss_box`` and
     ``loss_giou`` (``compute_metrics`` defaults to :class:`RECMetrics`); ``eval_data_collator`` (default: the
-    training collator) builds evaluation and prediction batches. ``predict()`` returns
+    training ``RECCollator`` without its augmentation, else the training collator) builds evaluation and prediction
+    batches. ``predict()`` returns
     ``predictions=(pred_boxes, image_regions)``. The log dicts (loss, learning rate, ...) go to stderr, not stdout.
 
     Args:
         model: a :class:`SideTunedModel` or a baseline (:class:`BackboneTunedModel`).
         args: :class:`RECTrainingArguments` (the trainer works on a shallow copy).
-        data_collator: the training collator, e.g. ``RECCollator(processor, train=True)``.
-        eval_data_collator: the evaluation collator, e.g. ``RECCollator(processor)`` (no augmentation).
+        data_collator: the training collator, e.g. ``RECCollator(processor, train=True)`` (the default when
+            ``processing_class`` is a :class:`~m2ist.processing.RECProcessor`).
+        eval_data_collator: the evaluation collator, e.g. ``RECCollator(processor)`` (no augmentation; the default
+            for a training ``RECCollator``).
         **kwargs: anything ``Trainer`` takes (``train_dataset``, ``eval_dataset`` (a dataset or a dict of them),
             ``processing_class``, ``callbacks``, ...).
     """
@@ -632,8 +659,7 @@ class RECTrainer(Trainer):
             raise ValueError("RECTrainer needs a model (model_init is not supported): pass a SideTunedModel or a "
                              "baseline from m2ist.evidence.baselines.build_model().")
         if not isinstance(model, RECModel):
-            raise TypeError(f"RECTrainer trains m2ist REC models (SideTunedModel, BackboneTunedModel), got "
-                            f"{type(model).__name__}; use transformers.Trainer for other models.")
+            raise TypeError(_not_a_rec_model(model))
         if args is None:
             args = RECTrainingArguments(output_dir="trainer_output")
         if not isinstance(args, RECTrainingArguments):
@@ -666,6 +692,8 @@ class RECTrainer(Trainer):
         if args.metric_for_best_model is not None:
             args.metric_for_best_model = _resolve_best_metric(args, eval_dataset, kwargs["compute_metrics"])
         self.method = found
+        data_collator, eval_data_collator = _default_collators(data_collator, eval_data_collator,
+                                                               kwargs.get("processing_class"))
         self.eval_data_collator = eval_data_collator
         #: the optimizer ``create_optimizer`` built (None: none yet, or one passed in ``optimizers=``)
         self._built_optimizer: torch.optim.Optimizer | None = None
@@ -1114,6 +1142,7 @@ class RECTrainer(Trainer):
             optimizer_cls, optimizer_kwargs = self.optimizer_cls_and_kwargs
         else:
             optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(args, opt_model)
+        _refuse_own_parameter_groups(args, optimizer_cls, optimizer_kwargs)
         self.optimizer = self._built_optimizer = optimizer_cls(groups, **optimizer_kwargs)
         return self.optimizer
 
@@ -1171,6 +1200,36 @@ class RECTrainer(Trainer):
         return self.lr_scheduler
 
     # ------------------------------------------------------------------ evaluation
+    def _determine_best_metric(self, metrics: dict[str, float], trial: Any) -> bool:
+        """``Trainer._determine_best_metric``, for a ``compute_metrics`` of the user's that does not report
+        ``metric_for_best_model`` (``acc@0.5`` by default in :class:`RECTrainingArguments`, where transformers has
+        none): the Trainer raised a ``KeyError`` at the first evaluation, mid-run, even when nothing used the best
+        metric. Now the best metric is not tracked then (a warning says so, once); when something uses it
+        (``load_best_model_at_end``, ``save_strategy='best'``, ``EarlyStoppingCallback``) the error names the metrics
+        reported and the setting to change."""
+        metric = self.args.metric_for_best_model
+        key = None if metric is None else metric if metric.startswith("eval_") else f"eval_{metric}"
+        if key is None or key in metrics:
+            return super()._determine_best_metric(metrics=metrics, trial=trial)
+        reported = sorted(name.removeprefix("eval_") for name in metrics
+                          if not name.endswith(("_runtime", "_per_second", "_preparation_time")) and name != "epoch")
+        users = [what for what, used in (("load_best_model_at_end", self.args.load_best_model_at_end),
+                                         ("save_strategy='best'", self.args.save_strategy == SaveStrategy.BEST),
+                                         ("EarlyStoppingCallback", any(isinstance(c, EarlyStoppingCallback)
+                                                                       for c in self.callback_handler.callbacks)))
+                 if used]
+        if users:
+            raise ValueError(f"metric_for_best_model={metric!r} is not among the metrics this evaluation reports "
+                             f"({reported}), and {' and '.join(users)} need it: set metric_for_best_model to one of "
+                             "them (RECTrainingArguments defaults it to 'acc@0.5', which only the default "
+                             "compute_metrics, RECMetrics, reports).")
+        if not getattr(self, "_warned_best_metric", False):
+            self._warned_best_metric = True
+            logger.warning("metric_for_best_model=%r is not among the metrics the evaluation reports (%s): the best "
+                           "checkpoint is not tracked. Set metric_for_best_model to one of them, or to None.", metric,
+                           ", ".join(reported))
+        return False
+
     def evaluate(self, eval_dataset: Dataset | dict[str, Dataset] | None = None, ignore_keys: list[str] | None = None,
                  metric_key_prefix: str = "eval") -> dict[str, float]:
         """``Trainer.evaluate``; remembers the SHA-256 of the weights measured, which ``eval_results.json`` records so
@@ -1236,8 +1295,8 @@ class RECTrainer(Trainer):
         labels = inputs.get("labels")
         with torch.no_grad(), self.compute_loss_context_manager():
             outputs = model(**inputs)
-        loss = outputs["loss"].detach().mean() if labels is not None else None
-        if self._sample_losses is not None and labels is not None:
+        loss = _evaluation_loss(self.compute_loss_func, outputs, labels)
+        if self._sample_losses is not None and labels is not None and self.compute_loss_func is None:
             self._sample_losses.append(self._gathered_sample_losses(model, outputs, labels))
         if prediction_loss_only:
             return loss, None, None
@@ -1700,6 +1759,66 @@ def _resolve_best_metric(args: RECTrainingArguments, eval_dataset: Any, compute_
     sets_note = f" for the evaluation sets {sets}" if sets else ""
     raise ValueError(f"metric_for_best_model={metric!r} is not a metric the evaluation reports{why}: choose one of "
                      f"{choices}{sets_note}. Lower is better for loss, loss_box and loss_giou.")
+
+
+def _not_a_rec_model(model: Any) -> str:
+    """Why ``model`` cannot go to :class:`RECTrainer`; a REC model inside a wrapper (``torch.compile``'s
+    ``OptimizedModule``, DDP's or DataParallel's ``module``) is named with what to pass instead."""
+    for attribute, fix in (("_orig_mod", "pass the model itself and set torch_compile=True (the Trainer compiles it)"),
+                           ("module", "pass the model itself: the Trainer wraps it for several devices")):
+        inner = getattr(model, attribute, None)
+        if isinstance(inner, RECModel):
+            return (f"RECTrainer got a {type(model).__name__} around a {type(inner).__name__}: {fix}; checkpoints, "
+                    "resuming and the best model read and write the REC model's trained tensors.")
+    return (f"RECTrainer trains m2ist REC models (SideTunedModel, BackboneTunedModel), got {type(model).__name__}; use "
+            "transformers.Trainer for other models.")
+
+
+def _default_collators(train: Callable | None, evaluation: Callable | None,
+                       processor: Any) -> tuple[Callable | None, Callable | None]:
+    """The training and evaluation collators, with the defaults REC needs. Without a training collator, a
+    :class:`~m2ist.processing.RECProcessor` given as ``processing_class`` makes ``RECCollator(processor, train=True)``
+    (transformers' ``default_data_collator`` fails on the items' images, "Could not infer dtype of Image"). Without an
+    evaluation collator, a training ``RECCollator`` that augments gives its test-time twin, ``RECCollator(processor)``:
+    evaluating through the training collator scored randomly augmented images, so the metrics changed from one
+    evaluation to the next and the best checkpoint was picked on noise."""
+    from m2ist.processing import RECProcessor
+
+    if train is None and isinstance(processor, RECProcessor):
+        train = RECCollator(processor, train=True)
+    if evaluation is None and isinstance(train, RECCollator) and train.train:
+        evaluation = RECCollator(train.processor, train=False)
+    return train, evaluation
+
+
+def _refuse_own_parameter_groups(args: RECTrainingArguments, optimizer_cls: Any, optimizer_kwargs: Mapping) -> None:
+    """Refuse an optimizer that brings its own parameters or builds itself from the model (GaLore and APOLLO give
+    ``params``, LOMO ``model``, the layer-wise variants ``optimizer_dict``; Muon-like factories take the model):
+    ``RECTrainer``'s parameter groups (the head at ``learning_rate``, the side network at ``side_learning_rate``,
+    weight decay on weight matrices only) would clash with them ("got multiple values for argument 'params'") or
+    be replaced by groups over the whole model, frozen towers included."""
+    from transformers.trainer_optimizer import is_optimizer_factory
+
+    own = [key for key in ("params", "model", "optimizer_dict") if key in optimizer_kwargs]
+    if own or is_optimizer_factory(optimizer_cls):
+        what = f"brings its own {' and '.join(own)}" if own else "builds itself from the whole model"
+        raise ValueError(f"optim={getattr(args.optim, 'value', args.optim)!r} {what}, which RECTrainer cannot combine "
+                         "with its parameter groups (head at learning_rate, side network at side_learning_rate, weight "
+                         "decay on weight matrices only). Use an optim that takes parameter groups (adamw_torch_fused, "
+                         "adamw_torch, adafactor, sgd, ...), or build the optimizer yourself and pass "
+                         "optimizers=(optimizer, None).")
+
+
+def _evaluation_loss(compute_loss_func: Callable | None, outputs: Any, labels: torch.Tensor | None) -> Any:
+    """An evaluation batch's loss: the ``compute_loss_func`` given to the trainer when there is one, as training
+    uses it (and as ``Trainer.prediction_step`` does), else the model's REC loss; None without labels. The REC loss
+    was reported as ``eval_loss`` even when training minimised the user's loss, so ``metric_for_best_model='loss'``
+    and early stopping followed a loss the run did not train on."""
+    if labels is None:
+        return None
+    if compute_loss_func is not None:
+        return compute_loss_func(outputs, labels, num_items_in_batch=None).detach().mean()
+    return outputs["loss"].detach().mean()
 
 
 def _refuse_float16_parameters(model: nn.Module) -> None:
