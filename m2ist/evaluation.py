@@ -24,6 +24,7 @@ import logging
 import math
 import os
 import platform
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from pathlib import Path
@@ -39,7 +40,14 @@ from m2ist.data.dataset import check_annotated_size
 from m2ist.data.images import load_image
 from m2ist.data.loaders import has_visible_text
 from m2ist.data.sample import RECSample
-from m2ist.inference import eval_mode, forward_boxes_per_adapter, model_device, resolve_adapters, resolve_processor
+from m2ist.inference import (
+    check_positive_int,
+    eval_mode,
+    forward_boxes_per_adapter,
+    model_device,
+    resolve_adapters,
+    resolve_processor,
+)
 from m2ist.ops.boxes import box_convert, clip_boxes, looks_normalised, paired_box_iou
 from m2ist.save_and_load import atomic_write, tensors_sha256
 
@@ -213,6 +221,9 @@ class _SampleList(Dataset):
 
 
 def _as_dataset(data: Any, split: str) -> Dataset:
+    if isinstance(data, str | bytes | os.PathLike):  # a str has __getitem__ and __len__: read as items "d", "a"...
+        raise TypeError(f"Split {split!r}: got the path {os.fsdecode(data)!r}, not data: load it first, e.g. "
+                        "m2ist.data.load_refer(...) (see docs/how-to/evaluation.md), and pass the dataset.")
     if isinstance(data, list | tuple) and data and isinstance(data[0], RECSample):
         return _SampleList(data)
     if isinstance(data, list | tuple) and data and all(isinstance(part, list | tuple | Dataset) for part in data):
@@ -278,8 +289,12 @@ class _EvalCollator:
                 raise ValueError(f"{self._where(position, indices[position], image_ids[position])}: the ground-truth "
                                  f"box {[round(v, 4) for v in boxes[position]]} {problem} Fix the data (or its "
                                  "box_format / normalized setting): scoring it would count a miss without a word.")
-        return {"encoded": encoded, "gt": clip_boxes(gt, width, height), "texts": texts, "image_ids": image_ids,
-                "indices": indices}
+        clipped_gt = clip_boxes(gt, width, height)
+        clipped = [f"{self._where(row, indices[row], image_ids[row])}: {[round(v, 2) for v in boxes[row]]} in a "
+                   f"{float(width[row]):g}x{float(height[row]):g} image"
+                   for row in (clipped_gt != gt).any(dim=-1).nonzero().flatten().tolist()]
+        return {"encoded": encoded, "gt": clipped_gt, "texts": texts, "image_ids": image_ids,
+                "indices": indices, "clipped": clipped}
 
     def _where(self, position: int, index: Any, image_id: Any) -> str:
         sample = f"sample {index}" if index is not None else f"batch position {position}"
@@ -527,8 +542,10 @@ def evaluate(
             transform is used); ``None`` uses ``model.processor``.
         datasets: ``{split_name: data}`` or one ``data`` (named ``"eval"``), where ``data`` is a
             :class:`~m2ist.data.RECDataset`, a list of :class:`~m2ist.data.sample.RECSample`, or any map-style
-            dataset whose items have ``image``, ``expression`` and ``box`` (``xyxy`` pixels).
-        batch_size: expressions per forward pass.
+            dataset whose items have ``image``, ``expression`` and ``box`` (``xyxy`` pixels); a path is refused
+            (load the data first). A ground-truth box reaching outside its image is clipped to it, with a warning
+            per split naming the first such samples.
+        batch_size: expressions per forward pass, a positive whole number (numpy integers too).
         iou_thresholds: the accuracy thresholds; each is reported as ``acc@<t>`` (``acc@0.5``, ``acc@0.75``...).
             An ``output_file`` named ``eval_results.json`` (the file an adapter's model card reads) is always
             scored at 0.5 too, so the card keeps its headline Acc@0.5.
@@ -540,7 +557,7 @@ def evaluate(
         save_predictions: also return (and write) one record per expression: index, image id, expression,
             predicted and ground-truth boxes, IoU.
         clamp: ``"image"`` (spec; default) or ``"canvas"`` (TransVG's code) — see the module docstring.
-        num_workers: ``DataLoader`` workers that load and process the images.
+        num_workers: ``DataLoader`` workers that load and process the images (a whole number, 0 or more).
         metadata: extra entries for the results' ``metadata`` (e.g. the adapter path, the data files); a key
             that evaluate records itself (``model``, ``protocol``, ``weights_sha256``, ...) is refused.
         adapter_names: ``"all"`` or a list of a :class:`~m2ist.model.SideTunedModel`'s adapters to score together,
@@ -559,8 +576,10 @@ def evaluate(
         thresholds = with_headline(thresholds)  # the card reads its headline Acc@0.5 from this file
     if clamp not in CLAMP_MODES:
         raise ValueError(f"clamp must be one of {CLAMP_MODES}, got {clamp!r}.")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:  # True is an int
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
+    batch_size = check_positive_int("batch_size", batch_size)
+    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+        raise ValueError(f"num_workers must be a whole number of data-loading processes, 0 or more, got "
+                         f"{num_workers!r}.")
     check_flags("evaluate", progress=progress, save_predictions=save_predictions)
     if output_file is not None:
         check_output_file(output_file)  # before any forward pass: a bad path must not cost the evaluation
@@ -597,6 +616,7 @@ def evaluate(
             ious: dict[str | None, list[torch.Tensor]] = {key: [] for key in keys}
             records: dict[str | None, list[dict[str, Any]]] = {key: [] for key in keys}
             seen = 0
+            clipped: list[str] = []
             for batch in tqdm(loader, desc=f"eval {name}", unit="batch", disable=not progress, delay=2.0):  # long work only
                 for key, pred in forward_boxes_per_adapter(model, batch["encoded"], target, names).items():
                     if clamp == "canvas":
@@ -617,6 +637,14 @@ def evaluate(
                                 "iou": round(float(iou[row]), 6),
                             })
                 seen += len(batch["gt"])
+                clipped += batch.get("clipped", [])
+            if clipped:  # as RECDataset warns when it clips: boxes of resized images, or xyxy read as xywh
+                many = len(clipped) > 1 and len(clipped) * 4 >= len(data)  # one box is no pattern
+                warnings.warn(
+                    f"Split {name!r}: {len(clipped)} of {len(data)} ground-truth boxes reach outside their image and "
+                    f"were clipped to it before scoring, e.g. {'; '.join(clipped[:3])}"
+                    + (". So many suggest boxes in another frame: images resized after annotation, or x, y, w, h "
+                       "boxes read as x0, y0, x1, y1" if many else "") + ".", UserWarning, stacklevel=2)
             for key in keys:
                 all_iou = torch.cat(ious[key])
                 split_metrics: dict[str, Any] = {}

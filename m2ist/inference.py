@@ -14,9 +14,12 @@ draw_boxes("dog.jpg", boxes, texts=["the dog on the left"]).save("dog_boxes.png"
 
 from __future__ import annotations
 
+import operator
+import os
 import warnings
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager, suppress
+from io import BytesIO
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,7 +28,9 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import nn
 
+from m2ist import processing as _processing
 from m2ist.config import check_flags
+from m2ist.data.images import DeferredImage, exif_orientation, image_name, load_image
 from m2ist.model import non_finite_cause
 from m2ist.processing import describe_differences, load_rec_image
 from m2ist.save_and_load import ALL_ADAPTERS, PIPELINE
@@ -54,6 +59,7 @@ def resolve_processor(model: nn.Module, processor: RECProcessor | None) -> RECPr
             "No processor: pass processor=RECProcessor.from_pretrained(<adapter folder>) (the folder the adapter "
             "was saved to holds processor_config.json), or attach one once with `model.processor = processor`."
         )
+    _check_processor_type(processor)
     config = getattr(model, "config", None)
     image_size = getattr(config, "image_size", None)
     if image_size is not None and getattr(processor, "canvas_size", image_size) != image_size:
@@ -72,6 +78,32 @@ def resolve_processor(model: nn.Module, processor: RECProcessor | None) -> RECPr
     if given:
         _warn_if_not_the_models_processor(model, processor)
     return processor
+
+
+def _check_processor_type(processor: Any) -> None:
+    """Refuse, naming the fix, a ``processor=`` that is not a processor: a folder's path (it was called:
+    "'str' object is not callable") or a tokenizer (it was warned about as "another processor" and failed in
+    transformers' text checks)."""
+    if isinstance(processor, str | os.PathLike):
+        raise TypeError(f"processor={os.fspath(processor)!r} is a path, not a processor: load it with "
+                        "RECProcessor.from_pretrained(<adapter folder>) (from m2ist.processing) and pass that.")
+    if not callable(processor) or not callable(getattr(processor, "post_process_boxes", None)):
+        raise TypeError(f"processor must be a RECProcessor (m2ist.processing), got a {type(processor).__name__}: "
+                        "build one around a tokenizer with RECProcessor(tokenizer, canvas_size=..., "
+                        "max_query_len=...), or load the adapter's with RECProcessor.from_pretrained(<adapter folder>).")
+
+
+def check_positive_int(name: str, value: Any) -> int:
+    """``value`` as an ``int`` when it is a positive whole number of any integer type (``numpy.int64`` too: it was
+    refused as "not a positive integer"); ``True``, floats and text are refused."""
+    if not isinstance(value, bool | np.bool_):
+        try:
+            number = operator.index(value)
+        except TypeError:
+            number = None
+        if number is not None and number >= 1:
+            return number
+    raise ValueError(f"{name} must be a positive integer, got {value!r}.")
 
 
 def _warn_if_not_the_models_processor(model: nn.Module, processor: Any) -> None:
@@ -189,6 +221,88 @@ def resolve_adapters(model: nn.Module, adapters: str | Sequence[str] | None) -> 
     return names
 
 
+#: How an EXIF orientation tag shows the stored pixels (tags 2-8; 1 is upright), as ``m2ist predict`` words it.
+_ORIENTATIONS = {2: "mirrored", 3: "rotated 180°", 4: "flipped upside down", 5: "mirrored and rotated 90°",
+                 6: "rotated 90° clockwise", 7: "mirrored and rotated 90°", 8: "rotated 90° counter-clockwise"}
+
+
+class _ImageNotes:
+    """What :func:`predict_boxes` read otherwise than a viewer shows it: images with an EXIF orientation (the stored
+    pixels are read) and images of several frames (one is read), each named once; warned about at the end, as
+    ``m2ist predict`` warns about its ``--image``."""
+
+    def __init__(self) -> None:
+        self.rotated: dict[str, int] = {}
+        self.animated: dict[str, str] = {}
+        self.seen: set[int] = set()
+
+    def note(self, image: Image.Image, name: str) -> None:
+        with suppress(Exception):  # an image that cannot be read: the processor's reading names the fault
+            self._note(image, name)
+
+    def _note(self, image: Image.Image, name: str) -> None:
+        orientation = exif_orientation(image)
+        if orientation != 1:
+            self.rotated.setdefault(name, orientation)
+        if getattr(image, "is_animated", False) and image.format != "MPO":  # MPO: a photo with a preview frame
+            frame = image.tell()
+            self.animated.setdefault(name, f"{getattr(image, 'n_frames', 2)} frames, frame {frame} read")
+
+    def warn(self) -> None:
+        def listed(found: dict[str, Any], describe: Callable[[Any], str]) -> str:
+            shown = [f"{name} ({describe(value)})" for name, value in list(found.items())[:3]]
+            more = f" and {len(found) - 3} more" if len(found) > 3 else ""
+            return ", ".join(shown) + more
+
+        if self.rotated:
+            warnings.warn(
+                f"{len(self.rotated)} image{'s carry' if len(self.rotated) > 1 else ' carries'} an EXIF orientation "
+                f"tag: {listed(self.rotated, lambda tag: f'{tag}: shown {_ORIENTATIONS[tag]}')}. The model reads the "
+                "pixels as stored, not as a photo viewer shows them, so the boxes (and a word such as 'left') are "
+                "in the stored frame. To predict on the upright picture, pass "
+                "m2ist.data.images.load_image(image, exif_transpose=True) and draw on that (m2ist predict: "
+                "--exif-transpose).", UserWarning, stacklevel=4)
+        if self.animated:
+            warnings.warn(
+                f"{len(self.animated)} image{'s hold' if len(self.animated) > 1 else ' holds'} several frames (an "
+                f"animation, or pages): {listed(self.animated, str)}; only that frame is read. Pass the frame you "
+                "mean as an image (image.seek(n), then image.convert('RGB')).", UserWarning, stacklevel=4)
+
+
+def _read_noting(image: Any, notes: _ImageNotes) -> Any:
+    """``image`` as the processor reads it, noting an EXIF orientation or frames (:class:`_ImageNotes`): a file
+    is decoded here, once, into its stored pixel grid (what the processor would read); PIL images and encoded bytes
+    are only looked at; a URL is downloaded and decoded here. Anything else (arrays, tensors, data URIs, deferred
+    images, which warn themselves) is passed on;
+    so is a path that cannot be opened, which the processor then names."""
+    if id(image) in notes.seen:
+        return image
+    if isinstance(image, Image.Image):
+        notes.seen.add(id(image))
+        notes.note(image, image_name(image))
+        return image
+    if isinstance(image, bytes | bytearray | memoryview):
+        notes.seen.add(id(image))
+        with suppress(Exception), Image.open(BytesIO(bytes(image))) as opened:  # not an image: the processor says so
+            notes.note(opened, f"<{len(image)} bytes>")
+        return image
+    if isinstance(image, str) and image.startswith(("http://", "https://")):  # downloaded once, here
+        data = _processing.download_image(image)  # looked up now: tests (and users) may replace it
+        with suppress(Exception), Image.open(BytesIO(data)) as opened:  # not an image: decoding says so
+            notes.note(opened, image)
+        return _processing._decode_bytes(data, f"The download of {image}")
+    is_path = isinstance(image, os.PathLike) or (isinstance(image, str) and not image.startswith("data:"))
+    if not is_path or isinstance(image, DeferredImage):
+        return image
+    try:
+        opened = Image.open(image)
+    except Exception:  # missing, a folder, not an image: the processor's reading names it
+        return image
+    with opened:
+        notes.note(opened, str(image))
+        return load_image(opened)
+
+
 def _is_single_image(images: Any) -> bool:
     """One image (a path, URL, PIL image, encoded bytes, array, or an ``(H, W)`` / ``(H, W, C)`` / ``(C, H, W)``
     tensor as for arrays), not a list of them (``bytes`` are a sequence of ints, never a list of images)."""
@@ -196,7 +310,8 @@ def _is_single_image(images: Any) -> bool:
         isinstance(images, torch.Tensor) and images.ndim in (2, 3))
 
 
-def _pair_up(images: Any, texts: str | Sequence[str]) -> tuple[list[Any], list[str]]:
+def _pair_up(images: Any, texts: str | Sequence[str],
+             notes: _ImageNotes | None = None) -> tuple[list[Any], list[str]]:
     """Broadcast one image over several phrases (or one phrase over several images); check lengths."""
     single_image = _is_single_image(images)
     if isinstance(texts, str):
@@ -208,13 +323,17 @@ def _pair_up(images: Any, texts: str | Sequence[str]) -> tuple[list[Any], list[s
         images = [images]
     elif not isinstance(images, Sequence):
         shape = f" of shape {tuple(images.shape)}" if isinstance(images, torch.Tensor) else ""
+        batch = (f" A batch of {images.shape[0]} images: pass list(images), one (C, H, W) tensor each (not a "
+                 "processor's normalised pixel_values: the images themselves)."
+                 if isinstance(images, torch.Tensor) and images.ndim == 4 else "")
         raise TypeError(f"images must be an image (path, PIL image, or an (H, W), (H, W, C) or (C, H, W) array or "
-                        f"tensor) or a list of them; got a {type(images).__name__}{shape}.")
+                        f"tensor) or a list of them; got a {type(images).__name__}{shape}.{batch}")
     images = list(images)
     if not texts or not images:
         raise ValueError("Nothing to predict: pass at least one image and one phrase.")
     if len(images) == 1 and len(texts) > 1:
-        image = load_rec_image(images[0])  # decode (or download) once, reuse for every phrase
+        first = images[0] if notes is None else _read_noting(images[0], notes)
+        image = load_rec_image(first)  # decode (or download) once, reuse for every phrase
         images = [image] * len(texts)
     elif len(texts) == 1 and len(images) > 1:
         texts = texts * len(images)
@@ -244,12 +363,17 @@ def predict_boxes(
         model: a REC model (:class:`~m2ist.model.SideTunedModel` or a baseline) whose ``forward`` returns
             ``pred_boxes``.
         images: a path, ``http(s)`` URL, base64 data URI, PIL image, ``(H, W[, C])`` array or tensor, or a list of
-            them. One image with several phrases is
-            used for each phrase; several images with one phrase use that phrase for each.
+            them (a 4-D batch tensor is refused: pass ``list(batch)``). One image with several phrases is
+            used for each phrase; several images with one phrase use that phrase for each. The stored pixels are
+            read: a file, PIL image or encoded bytes with an EXIF orientation tag is warned about (pass
+            ``m2ist.data.images.load_image(path, exif_transpose=True)`` for the upright picture, as
+            ``m2ist predict --exif-transpose`` does), and so is an animated one (its first, or current, frame is
+            read).
         texts: a phrase or a list of phrases.
         processor: the :class:`~m2ist.processing.RECProcessor` the model was trained with; defaults to
-            ``model.processor`` when one is attached.
-        batch_size: samples per forward pass.
+            ``model.processor`` when one is attached. A path or a tokenizer is refused, naming
+            ``RECProcessor.from_pretrained``.
+        batch_size: samples per forward pass, a positive whole number (numpy integers too).
         device: run on this device (the model is moved there); default: where the model is.
         progress: show a progress bar.
         adapters: ``None`` (the model's active adapter), ``"all"`` or a list of adapter names: every named
@@ -263,11 +387,11 @@ def predict_boxes(
     """
     from tqdm.auto import tqdm
 
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:  # True is an int
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
+    batch_size = check_positive_int("batch_size", batch_size)
     check_flags("predict_boxes", progress=progress)
     processor = resolve_processor(model, processor)
-    images, texts = _pair_up(images, texts)
+    notes = _ImageNotes()
+    images, texts = _pair_up(images, texts, notes)
     if device is not None:
         model.to(device)
     target = model_device(model)
@@ -276,9 +400,11 @@ def predict_boxes(
     starts = range(0, len(texts), batch_size)
     with eval_mode(model):
         for start in tqdm(starts, desc="predict", unit="batch", disable=not progress or len(starts) < 2):
-            encoded = processor(images[start : start + batch_size], texts[start : start + batch_size], return_tensors="pt")
+            batch = [_read_noting(image, notes) for image in images[start : start + batch_size]]
+            encoded = processor(batch, texts[start : start + batch_size], return_tensors="pt")
             for name, pred in forward_boxes_per_adapter(model, encoded, target, names).items():
                 results.setdefault(name, []).append(processor.post_process_boxes(pred, encoded["image_geometry"]).float())
+    notes.warn()
     if names is None:
         return torch.cat(results[None])
     return {name: torch.cat(boxes) for name, boxes in results.items()}
@@ -290,6 +416,13 @@ def _as_box_list(boxes: Any, name: str, size: tuple[int, int] | None = None) -> 
     refused (:func:`_frame_problem`)."""
     if boxes is None:
         return []
+    if isinstance(boxes, Mapping):  # predict_boxes(..., adapters=...) gives {adapter: boxes}
+        raise TypeError(f"{name} is a mapping ({', '.join(map(repr, list(boxes)[:4]))}), as predict_boxes gives with "
+                        f"adapters=: draw one adapter's boxes, {name}[<adapter name>].")
+    if isinstance(boxes, str | bytes):
+        raise TypeError(f"{name} is text ({boxes!r}); give numbers: one (x0, y0, x1, y1) box or a list of them.")
+    if isinstance(boxes, list | tuple) and len(boxes) == 0:
+        return []  # no boxes, as a (0, 4) tensor
     array = np.asarray(boxes.detach().cpu() if isinstance(boxes, torch.Tensor) else boxes, dtype=np.float64)
     if array.ndim == 1:
         array = array[None]
@@ -321,11 +454,72 @@ def _as_box_list(boxes: Any, name: str, size: tuple[int, int] | None = None) -> 
     return corners.tolist()
 
 
+def _is_rgb_tuple(value: Any) -> bool:
+    """Whether ``value`` is one colour as numbers, ``(r, g, b)`` or ``(r, g, b, a)`` in 0..255."""
+    return (isinstance(value, tuple | list) and len(value) in (3, 4)
+            and all(isinstance(v, int | np.integer) and not isinstance(v, bool) and 0 <= v <= 255 for v in value))
+
+
+def _colour_list(colors: Any, name: str = "colors") -> list[Any]:
+    """``colors`` as a list of colours, each checked: one name, ``"#rrggbb"`` or ``(r, g, b)`` is one colour (an
+    ``(r, g, b)`` tuple was read as three colours, the numbers 255, 0 and 0, and drew the second box black)."""
+    from PIL import ImageColor
+
+    listed = [colors] if isinstance(colors, str) or _is_rgb_tuple(colors) else list(colors)  # "red": not "r", "e"
+    if not listed:
+        raise ValueError(f"{name} must name at least one colour.")
+    for colour in listed:
+        if _is_rgb_tuple(colour):
+            continue
+        if not isinstance(colour, str):
+            raise ValueError(f"{name}: {colour!r} is not a colour; give names ('red'), '#rrggbb' or (r, g, b) tuples.")
+        try:
+            ImageColor.getrgb(colour)
+        except ValueError:
+            raise ValueError(f"{name}: {colour!r} is not a colour PIL knows; give names ('red'), '#rrggbb' or "
+                             "(r, g, b) tuples.") from None
+    return [tuple(int(v) for v in c) if _is_rgb_tuple(c) else c for c in listed]
+
+
 def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
     try:
         return ImageFont.load_default(size=size)
     except TypeError:  # Pillow < 10.1 has one fixed-size bitmap font
         return ImageFont.load_default()
+
+
+def _resolve_font(font: Any, size: int) -> Any:
+    """``font`` as a PIL font: ``None`` the default (PIL's own, of ``size``), a path a TrueType/OpenType file of
+    ``size``, a PIL font as it is."""
+    if font is None:
+        return _font(size)
+    if isinstance(font, str | os.PathLike):
+        try:
+            return ImageFont.truetype(os.fspath(font), size)
+        except OSError as err:
+            raise ValueError(f"font={os.fspath(font)!r} is not a TrueType/OpenType font file PIL can read ({err}).") from None
+    if isinstance(font, ImageFont.ImageFont | ImageFont.FreeTypeFont | ImageFont.TransposedFont):
+        return font
+    raise TypeError(f"font must be a path to a .ttf/.otf file or a PIL font, got {type(font).__name__}.")
+
+
+def _missing_glyphs(font: Any, labels: Sequence[str | None]) -> list[str]:
+    """The characters of ``labels`` that ``font`` has no glyph for (drawn as its empty box, "tofu"): PIL's default
+    font lacks even é, ü, ñ and €. Only a FreeType font is checked, each non-ASCII character once."""
+    if not isinstance(font, ImageFont.FreeTypeFont):
+        return []
+    wanted = sorted({ch for label in labels if label for ch in label if ord(ch) > 126 and not ch.isspace()})
+
+    def rendered(text: str) -> bytes:
+        left, top, right, bottom = font.getbbox(text)
+        canvas = Image.new("L", (max(right - left, 1) + 4, max(bottom - top, 1) + 4))
+        ImageDraw.Draw(canvas).text((2 - left, 2 - top), text, fill=255, font=font)
+        return canvas.tobytes()
+
+    if not wanted:
+        return []
+    notdef = rendered("\U0010ffff")  # a private-use code point: no font draws it but as its empty box
+    return [ch for ch in wanted if rendered(ch) == notdef]
 
 
 def _label(draw: ImageDraw.ImageDraw, box: list[float], text: str, color: str, font: Any, image_size: tuple[int, int]):
@@ -349,6 +543,7 @@ def draw_boxes(
     gt_color: str = GT_COLOR,
     line_width: int | None = None,
     font_size: int | None = None,
+    font: Any = None,
 ) -> Image.Image:
     """Draw predicted boxes (and, optionally, ground-truth boxes in ``gt_color``) on a copy of ``image``.
 
@@ -357,12 +552,18 @@ def draw_boxes(
         boxes: one ``(x0, y0, x1, y1)`` pixel box or ``(N, 4)`` boxes (e.g. from :func:`predict_boxes`), in
             pixels of ``image`` as stored: a box wholly outside the image or with ``x1 < x0`` / ``y1 < y0`` (an
             ``x, y, w, h`` box) is refused, a normalised-looking one (an area, every number in [0, 1]) warned about.
+            ``[]`` or a ``(0, 4)`` tensor draws no box; a ``{adapter: boxes}`` mapping (``predict_boxes`` with
+            ``adapters=``) is refused: draw one adapter's.
         texts: the phrase of each predicted box, written above it.
         gt_boxes: ground-truth ``xyxy`` pixel boxes, drawn in ``gt_color`` and labelled ``GT``.
-        colors: colours of the predicted boxes, cycled (one colour name for all of them).
+        colors: colours of the predicted boxes, cycled (one colour name, ``"#rrggbb"`` or ``(r, g, b)`` tuple for
+            all of them); a colour PIL does not know is refused, naming it.
         gt_color: colour of the ground-truth boxes.
-        line_width: outline width in pixels; default grows with the image (at least 2).
-        font_size: label size in pixels; default grows with the image.
+        line_width: outline width in pixels, a positive whole number; default grows with the image (at least 2).
+        font_size: label size in pixels, a positive whole number; default grows with the image.
+        font: the labels' font: a path to a ``.ttf``/``.otf`` file (of ``font_size``) or a PIL font; default PIL's
+            own, which lacks most letters beyond ASCII (é, ü, ñ, CJK...): labels holding such letters are drawn
+            with empty boxes in their place, with a warning naming them (pass a font that has them).
 
     Returns:
         A new RGB :class:`PIL.Image.Image`; the input is not modified.
@@ -382,12 +583,25 @@ def draw_boxes(
             labels = labels * len(predicted)
         if len(labels) != len(predicted):
             raise ValueError(f"Got {len(labels)} texts for {len(predicted)} boxes; pass one text per box.")
-    colors = [colors] if isinstance(colors, str) else list(colors)  # "red" is one colour, not "r", "e", "d"
-    if not colors:
-        raise ValueError("colors must name at least one colour.")
+    colors = _colour_list(colors)
+    gt_colors = _colour_list(gt_color, "gt_color")
+    if len(gt_colors) != 1:
+        raise ValueError(f"gt_color is one colour, got {len(gt_colors)}: {gt_color!r}.")
+    gt_color = gt_colors[0]
+    for setting, value in (("line_width", line_width), ("font_size", font_size)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1):
+            # a negative width drew no box at all, without a word; 0 quietly meant the default
+            raise ValueError(f"{setting} must be a positive whole number of pixels (or None for the default), "
+                             f"got {value!r}.")
     short_side = min(canvas.size)
-    line_width = line_width or max(2, round(short_side / 200))
-    font = _font(font_size or max(10, round(short_side / 40)))
+    line_width = int(line_width or max(2, round(short_side / 200)))
+    font = _resolve_font(font, int(font_size or max(10, round(short_side / 40))))
+    missing = _missing_glyphs(font, labels)
+    if missing:
+        warnings.warn(f"The labels' font has no glyph for {''.join(missing[:12])!r}"
+                      f"{f' and {len(missing) - 12} more characters' if len(missing) > 12 else ''}: they are drawn as "
+                      "empty boxes. Pass font=<path to a .ttf/.otf file that has them> (e.g. a Noto or DejaVu font).",
+                      UserWarning, stacklevel=2)
     draw = ImageDraw.Draw(canvas)
     for box in truths:
         draw.rectangle(box, outline=gt_color, width=line_width)
