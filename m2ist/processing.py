@@ -586,7 +586,7 @@ class RECProcessor(ProcessorMixin):
                           "larger one, or before a crop)? Boxes are xyxy pixels of the image passed.",
                           RECDataWarning, stacklevel=2)
 
-        tokens = self.tokenizer(
+        tokens = self._tokenize(
             final_texts,
             padding="max_length",
             padding_side="right",  # whatever the tokenizer's default (LLaMA's pads left): the head's text positions
@@ -611,6 +611,27 @@ class RECProcessor(ProcessorMixin):
         if return_tensors != "pt":
             data = {key: value.numpy() for key, value in data.items()}
         return BatchFeature(data, tensor_type=return_tensors)
+
+    def _tokenize(self, texts: list[str], **kwargs: Any) -> Any:
+        """``self.tokenizer(texts, **kwargs)`` as every phrase must be read, whatever the tokenizer's own settings:
+        cut at its end (a tokenizer with ``truncation_side="left"`` would drop a long phrase's first words, the
+        subject, while the warning says its last ones are cut), and with text that spells a special token (``[SEP]``,
+        ``<pad>``, ``</s>``, ``<|endoftext|>``) read as words, never as that token (a ``<pad>`` with attention 1 in
+        the middle of a phrase, an end of text before its last words)."""
+        tokenizer = self.tokenizer
+        side = tokenizer.truncation_side
+        if side != "right":  # (set only then: concurrent calls on a usual tokenizer never see it change)
+            tokenizer.truncation_side = "right"
+        try:
+            try:
+                return tokenizer(texts, split_special_tokens=True, **kwargs)
+            except ValueError as error:  # a backend that never parses special tokens from text (mistral-common)
+                if "split_special_tokens" not in str(error):
+                    raise
+                return tokenizer(texts, **kwargs)
+        finally:
+            if side != "right":
+                tokenizer.truncation_side = side
 
     def _check_words(self, input_ids: np.ndarray, attention_mask: np.ndarray, texts: list[str]) -> None:
         """Refuse a phrase left with no token but the tokenizer's special ones (``[CLS]``, ``[SEP]``, padding): the
@@ -654,7 +675,7 @@ class RECProcessor(ProcessorMixin):
         full = np.flatnonzero(attention_mask.sum(axis=1) >= self.max_query_len)
         if _warned_truncation or not full.size:
             return
-        lengths = [len(ids) for ids in self.tokenizer([texts[i] for i in full], truncation=False)["input_ids"]]
+        lengths = [len(ids) for ids in self._tokenize([texts[i] for i in full], truncation=False)["input_ids"]]
         cut = [(int(i), length) for i, length in zip(full, lengths) if length > self.max_query_len]
         if cut:
             _warned_truncation = True

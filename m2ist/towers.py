@@ -470,6 +470,10 @@ class Tower:
                 mismatch = self._input_mismatch(f"{type(error).__name__}: {first_line}")
                 if mismatch is not None:  # no probe ran before (the hidden-states fallback): it fails on any phrase
                     raise self.structural_refusal(mismatch) from None
+                shorter = self._runs_on_a_shorter_phrase(probe_inputs)
+                if shorter is not None:  # the length, not the padding: it fails unpadded too
+                    raise self.structural_refusal(self._too_few_positions(
+                        probe_inputs, shorter, f"{type(error).__name__}: {first_line}")) from None
                 raise ValueError(self.refusal(f"its forward fails on a padded phrase (an attention mask with zeros: "
                                               f"{type(error).__name__}: {first_line}), and the processor pads every "
                                               "phrase to max_query_len; use a tower that takes padded text")) from None
@@ -652,6 +656,9 @@ class Tower:
             grouped = self._runs_on_groups(inputs, failure) if self.modality == VISION else None
             if grouped is not None:
                 raise self.structural_refusal(grouped) from error
+            shorter = self._runs_on_a_shorter_phrase(inputs) if self.modality == TEXT else None
+            if shorter is not None:  # the query length, not the taps: no override offered
+                raise self.structural_refusal(self._too_few_positions(inputs, shorter, failure)) from error
             larger = self._runs_on_a_larger_canvas(inputs) if self.modality == VISION else None
             if larger is not None:  # the canvas, not the taps: no override offered
                 raise self.structural_refusal(
@@ -682,6 +689,32 @@ class Tower:
                     "where m2ist reads each image on its own; use an image tower (for X-CLIP, the vision model of a "
                     "CLIP checkpoint)")
         return None
+
+    def _runs_on_a_shorter_phrase(self, inputs: dict[str, torch.Tensor]) -> int | None:
+        """The longest unpadded phrase, shorter than the probe's, on which a text tower that failed runs (a tower with
+        fewer positions than ``max_query_len``: RoBERTa's family numbers positions from ``padding_idx + 1``, so
+        ``max_position_embeddings=514`` reads 512 tokens); None when it runs on the probe's length unpadded (the
+        length is not the cause) or on none. A failure path: a few forwards at most."""
+        ids = inputs["input_ids"][:1]
+        low, high = 0, ids.shape[1] + 1  # it runs on low tokens (0: not known yet), fails on high
+        while high - low > 1:
+            middle = (low + high) // 2
+            try:
+                with torch.no_grad():
+                    self._run({"input_ids": ids[:, :middle], "attention_mask": torch.ones_like(ids[:, :middle])},
+                              False)
+            except Exception:  # any failure: shorter still, or not the length at all
+                high = middle
+                continue
+            low = middle
+        return low if 0 < low < ids.shape[1] else None
+
+    def _too_few_positions(self, inputs: dict[str, torch.Tensor], shorter: int, failure: str) -> str:
+        """Why a text tower that runs on ``shorter`` tokens and fails on the probe's length is refused."""
+        return (f"its forward fails on phrases of {inputs['input_ids'].shape[1]} tokens ({failure}) but runs on "
+                f"{shorter}: it reads at most {shorter} positions (fewer than config.max_position_embeddings when they "
+                "start at an offset, as RoBERTa's start at padding_idx + 1), and the processor pads every phrase to "
+                f"max_query_len; use M2ISTConfig(max_query_len={shorter}) or less")
 
     def _runs_on_a_larger_canvas(self, inputs: dict[str, torch.Tensor]) -> int | None:
         """The first of its own image size (when larger), twice and four times the canvas (up to 1024) on which a
