@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import functools
 import json
 import logging
 import math
 import os
+import sys
 import types
 import typing
 from dataclasses import asdict, dataclass, field
@@ -39,6 +42,78 @@ FIELD_BOUNDS: dict[str, tuple[float, float | None]] = {
 }
 #: Fields whose upper bound is excluded (a dropout of 1 drops everything).
 _OPEN_ABOVE = frozenset({"side_dropout", "fusion_dropout"})
+#: The values a text field may take (for ``experts``: each of its items).
+FIELD_CHOICES: dict[str, tuple[str, ...]] = {
+    "experts": EXPERTS, "intra_tap": TAP_KINDS, "inter_tap": TAP_KINDS, "layer_pairing": LAYER_PAIRINGS,
+    "fusion_norm": ("post", "pre"), "reg_init": ("learned", "text"), "box_readout": ("reg", "vote"),
+    "vote_keys": ("fused", "projected", "both"), "position_init": ("random", "sincos"), "box_loss": BOX_LOSSES,
+    "backbone_dtype": DTYPES, "vision_dtype": DTYPES, "text_dtype": DTYPES,
+}
+#: The keys of ``vision_taps`` / ``text_taps``, their types and (token counts) bounds; ``layers`` is a glob or a list
+#: of globs, ``layout`` an einops pattern of the tapped outputs ("b n c" tokens, or "b", "c", "h", "w" in any order).
+TAP_KEYS: dict[str, Any] = {"layers": str | list[str], "attention": str | None, "ffn": str | None, "layout": str,
+                            "num_prefix_tokens": int | None, "num_suffix_tokens": int | None}
+TAP_KEY_BOUNDS: dict[str, tuple[int, int]] = {"num_prefix_tokens": (0, 4096), "num_suffix_tokens": (0, 4096)}
+#: At most this many bytes are read as an ``m2ist_config.json`` (a real one is a few kilobytes).
+MAX_CONFIG_BYTES = 1 << 20
+
+
+def _type_name(value: Any) -> str:
+    """``int`` for Python's, ``numpy.bool`` for numpy's (whose plain name is ``bool`` too)."""
+    kind = type(value)
+    return kind.__name__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__name__}"
+
+
+def _bounds_error(low: float, high: float | None, integer: bool, open_above: bool = False) -> str:
+    """What a value outside ``[low, high]`` should have been."""
+    if integer:
+        kind = {0: "a non-negative integer", 1: "a positive integer"}.get(low, f"an integer >= {low}")  # type: ignore[call-overload]
+        return f"expected {kind}" + (f" (at most {high})." if high is not None else ".")
+    closing = ")" if open_above or high is None else "]"
+    return f"expected a number in [{low}, {'∞' if high is None else high}{closing}."
+
+
+def _check_value(name: str, value: Any, hint: Any, metadata: Any = None) -> Any:
+    """``value`` of the field ``name`` (annotated ``hint``) checked on its own: its type, finiteness, bounds
+    (:data:`FIELD_BOUNDS`), choices (:data:`FIELD_CHOICES`) and, for a mapping with ``keys`` in its metadata, every
+    key and value. Returns it normalised (a tuple as a list, a mapping copied so the caller's stays apart); raises
+    ``ValueError`` naming the field."""
+
+    def fail(why: str) -> None:
+        raise ValueError(f"M2ISTConfig.{name}={value!r} is invalid: {why}")
+
+    if not _matches_type(value, hint):
+        wrong = [item for item in value if not _matches_type([item], hint)] if isinstance(value, list | tuple) else []
+        fail(f"expected {_describe_type(hint)}, got " + (f"a list holding {describe_value(wrong[0])}." if wrong
+                                                          else f"a value of type {_type_name(value)}."))
+    if isinstance(value, float | int) and not isinstance(value, bool) and _matches_type(0.5, hint) and not (
+            abs(value) <= sys.float_info.max and math.isfinite(value)):  # an int beyond a float (10**400) too
+        fail("expected a finite number.")
+    if isinstance(value, list | tuple):
+        value = list(value)
+    bounds = FIELD_BOUNDS.get(name)
+    if bounds is not None and value is not None:
+        low, high = bounds
+        above = high is not None and (value >= high if name in _OPEN_ABOVE else value > high)
+        if value < low or above:
+            fail(_bounds_error(low, high, not _matches_type(0.5, hint), name in _OPEN_ABOVE))
+    choices = FIELD_CHOICES.get(name)
+    if choices is not None and value is not None and any(
+            item not in choices for item in (value if isinstance(value, list) else [value])):
+        fail(f"expected a non-empty list of distinct names from {choices}." if isinstance(value, list) else
+             f"expected None or one of {choices}." if _matches_type(None, hint) else f"expected one of {choices}.")
+    keys = (metadata or {}).get("keys")
+    if keys is not None and isinstance(value, dict):
+        unknown = sorted(set(value) - set(keys))
+        if unknown:
+            fail(f"unknown key(s) {unknown}; the keys are {list(keys)}.")
+        for key, item in value.items():
+            if not _matches_type(item, keys[key]):
+                fail(f"{key!r} expected {_describe_type(keys[key])}, got {describe_value(item)}.")
+            if key in TAP_KEY_BOUNDS and item is not None and not TAP_KEY_BOUNDS[key][0] <= item <= TAP_KEY_BOUNDS[key][1]:
+                fail(f"{key!r} {_bounds_error(*TAP_KEY_BOUNDS[key], integer=True)}")
+        value = {key: list(item) if isinstance(item, list | tuple) else item for key, item in value.items()}
+    return value
 
 
 def _describe_type(hint: Any) -> str:
@@ -78,6 +153,32 @@ def _matches_type(value: Any, hint: Any) -> bool:
         return isinstance(value, dict) and all(isinstance(key, str) for key in value)
     return isinstance(value, hint) if isinstance(hint, type) else True
 
+
+
+def _refuse_repeated_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``json.loads`` ``object_pairs_hook``: a key given twice is refused (JSON would silently keep the last)."""
+    values: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in values:
+            raise ValueError(f"the key {key!r} is given twice ({values[key]!r:.40} and {value!r:.40}) and JSON would "
+                             "keep only the last; keep one.")
+        values[key] = value
+    return values
+
+
+def _foreign_config_hint(values: dict[str, Any], unknown: list[str]) -> str:
+    """Why a dict of config values holds keys M2ISTConfig lacks: another library's config, or misspelt fields."""
+    if "peft_type" in values:
+        return " (this is a PEFT adapter config, not an m2ist one: an m2ist adapter's is m2ist_config.json)"
+    if "model_type" in values or "architectures" in values:
+        return " (this is a transformers model config, not an m2ist one: an m2ist adapter's is m2ist_config.json)"
+    if "canvas_size" in values or "image_mean" in values:
+        return " (this is a processor config, not an m2ist model config: that is m2ist_config.json)"
+    if "m2ist" in values:
+        return " (this looks like an m2ist command-line config: its 'm2ist' section holds the M2ISTConfig fields)"
+    guesses = {key: difflib.get_close_matches(str(key), list(_FIELD_SPECS), n=1) for key in unknown}
+    named = [f"{key!r} -> {match[0]!r}" for key, match in guesses.items() if match]
+    return f" (did you mean {', '.join(named)}?)" if named else ""
 
 
 def is_flag(value: Any) -> bool:
@@ -258,10 +359,11 @@ class M2ISTConfig:
         default=None,
         metadata={"help": "Explicit taps for a vision tower where the registry and the structural search are wrong, "
                   "e.g. {'layers': 'encoder.layer.*', 'attention': 'attention', 'ffn': 'output.dense'}, and/or its "
-                  "token layout: {'num_prefix_tokens': 1, 'num_suffix_tokens': 0}."},
+                  "token layout: {'num_prefix_tokens': 1, 'num_suffix_tokens': 0}.", "keys": TAP_KEYS},
     )
     text_taps: dict[str, Any] | None = field(
-        default=None, metadata={"help": "Explicit tap names for a text tower (same keys as `vision_taps`)."}
+        default=None,
+        metadata={"help": "Explicit tap names for a text tower (same keys as `vision_taps`).", "keys": TAP_KEYS},
     )
 
     # --- recorded towers (filled in when the model is built) ----------------------------------------------
@@ -316,6 +418,15 @@ class M2ISTConfig:
     def __post_init__(self) -> None:
         self.validate()
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        """A field assigned after construction (``config.side_dropout = "0.1"``, ``model.config.box_loss_weight =
+        -1``) is checked on its own at once, as at construction; the rules that tie fields together are checked
+        again when the config is saved or a model is built from it."""
+        spec = _FIELD_SPECS.get(name)
+        if spec is not None:
+            value = _check_value(name, value, _field_hints()[name], spec.metadata)
+        object.__setattr__(self, name, value)
+
     # ------------------------------------------------------------------------------------------------------
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first invalid value and what would be valid.
@@ -328,39 +439,8 @@ class M2ISTConfig:
         def fail(name: str, why: str) -> None:
             raise ValueError(f"M2ISTConfig.{name}={getattr(self, name)!r} is invalid: {why}")
 
-        hints = typing.get_type_hints(type(self))
-        for spec in dataclasses.fields(self):
-            value, hint = getattr(self, spec.name), hints[spec.name]
-            if not _matches_type(value, hint):
-                fail(spec.name, f"expected {_describe_type(hint)}, got a value of type {type(value).__name__}.")
-            if isinstance(value, float) and not math.isfinite(value):
-                fail(spec.name, "expected a finite number.")
-            if isinstance(value, list | tuple):
-                setattr(self, spec.name, list(value))
-            bounds = FIELD_BOUNDS.get(spec.name)
-            if bounds is not None and value is not None:
-                low, high = bounds
-                above = high is not None and (value >= high if spec.name in _OPEN_ABOVE else value > high)
-                if value < low or above:
-                    if not _matches_type(0.5, hint):  # an integer field
-                        kind = {0: "a non-negative integer", 1: "a positive integer"}.get(low, f"an integer >= {low}")
-                        fail(spec.name, f"expected {kind}" + (f" (at most {high})." if high is not None else "."))
-                    closing = ")" if spec.name in _OPEN_ABOVE or high is None else "]"
-                    fail(spec.name, f"expected a number in [{low}, {'∞' if high is None else high}{closing}.")
-
-        for name in ("bottleneck", "fusion_dim", "fusion_layers", "fusion_heads", "fusion_ffn_dim",
-                     "box_mlp_layers", "max_query_len", "vote_hops"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "fusion_layers" else 1):
-                fail(name, "expected a non-negative integer." if name == "fusion_layers" else "expected a positive integer.")
-        for name, choices in (("fusion_norm", ("post", "pre")), ("reg_init", ("learned", "text")),
-                              ("box_readout", ("reg", "vote")), ("vote_keys", ("fused", "projected", "both")),
-                              ("position_init", ("random", "sincos"))):
-            if getattr(self, name) not in choices:
-                fail(name, f"expected one of {choices}.")
-        if self.vote_window is not None and (not isinstance(self.vote_window, int) or isinstance(self.vote_window, bool)
-                                             or self.vote_window < 0):
-            fail("vote_window", "expected a non-negative integer (cells around the most-attended patch) or None.")
+        for spec in dataclasses.fields(self):  # each field on its own (again: a copy or an unpickled one skips setattr)
+            setattr(self, spec.name, getattr(self, spec.name))
         if self.box_readout == "vote" and self.vote_window is not None and self.point_loss_weight == 0:
             fail("point_loss_weight", "with vote_window set, only the point loss teaches the readout where to look: "
                  "use a positive weight (1.0) or vote_window=None.")
@@ -368,45 +448,24 @@ class M2ISTConfig:
             fail("fusion_layers", "without a fusion layer [REG] reads the expression only through reg_init='text' "
                  "and the image only through box_readout='vote' (a [REG] MLP would give every image the same box): "
                  "set both, or use at least one fusion layer.")
-        for name in ("image_size", "num_vision_tokens"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 1):
-                fail(name, "expected a positive integer or None.")
         if self.fusion_dim % self.fusion_heads:
             fail("fusion_heads", f"fusion_dim={self.fusion_dim} must be divisible by the number of heads.")
-        if self.box_mlp_layers < 1:
-            fail("box_mlp_layers", "expected at least 1.")
-        for name in ("side_dropout", "fusion_dropout"):
-            if not 0.0 <= float(getattr(self, name)) < 1.0:
-                fail(name, "expected a probability in [0, 1).")
-        for name in ("adapter_scale", "box_loss_weight", "giou_loss_weight", "smooth_l1_beta", "point_loss_weight"):
-            if not isinstance(getattr(self, name), int | float) or getattr(self, name) < 0:
-                fail(name, "expected a non-negative number.")
-        if self.adapter_scale == 0 and {"vea", "lea"} & set(self.experts or ()):
+        if self.adapter_scale == 0 and {"vea", "lea"} & set(self.experts):
             fail("adapter_scale", "0 makes every VEA and LEA output zero and gives them no gradient, so they would "
                  "never train: use a positive scale (the paper's 0.1), or drop 'vea' and 'lea' from experts.")
         if self.box_loss_weight == 0 and self.giou_loss_weight == 0:
             fail("giou_loss_weight", "both loss weights are 0: nothing would be trained.")
-        if not self.experts or any(e not in EXPERTS for e in self.experts) or len(set(self.experts)) != len(
-            self.experts
-        ):
+        if not self.experts or len(set(self.experts)) != len(self.experts):
             fail("experts", f"expected a non-empty list of distinct names from {EXPERTS}.")
-        for name in ("intra_tap", "inter_tap"):
-            if getattr(self, name) not in TAP_KINDS:
-                fail(name, f"expected one of {TAP_KINDS}.")
-        if self.layer_pairing not in LAYER_PAIRINGS:
-            fail("layer_pairing", f"expected one of {LAYER_PAIRINGS}.")
-        if self.box_loss not in BOX_LOSSES:
-            fail("box_loss", f"expected one of {BOX_LOSSES}.")
-        for name in ("backbone_dtype", "vision_dtype", "text_dtype"):
-            if getattr(self, name) is not None and getattr(self, name) not in DTYPES:
-                fail(name, f"expected None or one of {DTYPES}.")
         for name in ("vision_layers", "text_layers"):
             layers = getattr(self, name)
             if layers is None:
                 continue
-            if not layers or any(not isinstance(i, int) or i < 0 for i in layers) or len(set(layers)) != len(layers):
+            if not layers or any(i < 0 for i in layers) or len(set(layers)) != len(layers):
                 fail(name, "expected a non-empty list of distinct non-negative layer indices.")
+            if layers != sorted(layers):  # the side network runs through the pairs in list order
+                fail(name, f"expected the layers in increasing order ({sorted(layers)}): the side network runs "
+                     "through them in the order given, shallow to deep, as the towers do.")
         if (self.vision_layers is None) != (self.text_layers is None):
             fail("text_layers", "give both `vision_layers` and `text_layers`, or neither.")
         if self.vision_layers is not None and len(self.vision_layers) != len(self.text_layers):
@@ -414,12 +473,19 @@ class M2ISTConfig:
                  f"{len(self.text_layers)} text layers: give lists of the same length.")
         for name in ("vision_taps", "text_taps"):
             taps = getattr(self, name)
-            if taps is not None:
-                keys = ("layers", "attention", "ffn", "layout", "num_prefix_tokens", "num_suffix_tokens")
-                if not isinstance(taps, dict) or set(taps) - set(keys) or (
-                        set(taps) & {"attention", "ffn", "layout"} and "layers" not in taps):
-                    fail(name, f"expected a dict of {keys}: 'layers' (glob of layer modules) with optional "
-                         "'attention', 'ffn', 'layout', and/or the token counts alone.")
+            if taps is None:
+                continue
+            if set(taps) & {"attention", "ffn", "layout"} and "layers" not in taps:
+                fail(name, f"expected a dict of {tuple(TAP_KEYS)}: 'layers' (glob of layer modules) with optional "
+                     "'attention', 'ffn', 'layout', and/or the token counts alone.")
+            patterns = [taps["layers"]] if isinstance(taps.get("layers"), str) else taps.get("layers")
+            if patterns is not None and (not patterns or not all(patterns)):
+                fail(name, "'layers' must name the layer modules (a glob such as 'encoder.layer.*', or a list of "
+                     "them): an empty one would be ignored, and with it the other tap names.")
+            layout = taps.get("layout", "b n c")
+            if layout != "b n c" and sorted(layout.split()) != ["b", "c", "h", "w"]:
+                fail(name, f"'layout' must be 'b n c' (tokens) or the axes 'b', 'c', 'h', 'w' in the order the tapped "
+                     f"outputs have them (e.g. 'b c h w'), got {layout!r}.")
         if self.config_version > CONFIG_FORMAT_VERSION:
             fail("config_version", f"this file was written by a newer m2ist (format {self.config_version}, this "
                  f"version reads up to {CONFIG_FORMAT_VERSION}): upgrade m2ist.")
@@ -430,17 +496,30 @@ class M2ISTConfig:
         return asdict(self)
 
     def to_json_string(self) -> str:
-        """The config as indented, key-sorted JSON."""
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+        """The config as indented, key-sorted JSON; validated first, so that a save never writes a config its load
+        would refuse (fields assigned one by one may break a rule that ties them together)."""
+        self.validate()
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True, allow_nan=False) + "\n"
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> M2ISTConfig:
-        """Build a config from a dict, dropping (with a warning) keys this version does not know."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
+        """Build a config from a dict (a :meth:`to_dict` output, or some of its fields).
+
+        Keys this version does not know are dropped with a warning in a dict that carries ``config_version`` (what
+        ``to_dict`` and ``save_pretrained`` write: another m2ist version wrote it); in one without it (typed by hand,
+        or not an m2ist config at all: a PEFT ``adapter_config.json``, a transformers ``config.json``) they are
+        refused, naming the field each may be a misspelling of: ``{"bottle_neck": 64}`` must not train with 128.
+        """
+        if not isinstance(values, dict):
+            raise TypeError(f"M2ISTConfig.from_dict needs a dict of field values (a to_dict() output), got "
+                            f"{describe_value(values)}.")
+        unknown = sorted(set(values) - set(_FIELD_SPECS), key=str)
+        if unknown and "config_version" in values:
             logger.warning("M2ISTConfig: ignoring unknown keys %s (written by another m2ist version?).", unknown)
-        return cls(**{k: v for k, v in values.items() if k in known})
+        elif unknown:
+            raise ValueError(f"M2ISTConfig: unknown field(s) {unknown}{_foreign_config_hint(values, unknown)}; "
+                             f"the fields are {sorted(_FIELD_SPECS)}.")
+        return cls(**{k: v for k, v in values.items() if k in _FIELD_SPECS})
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> Path:
         """Write ``m2ist_config.json`` into ``save_directory`` (created if needed); return its path."""
@@ -454,14 +533,27 @@ class M2ISTConfig:
 
     @classmethod
     def from_json_file(cls, path: str | os.PathLike) -> M2ISTConfig:
-        """Read a config JSON file, with a clear error when it is not valid JSON."""
+        """Read a config JSON file, with a clear error naming the file when it is not one: not a regular file,
+        over :data:`MAX_CONFIG_BYTES`, not UTF-8 (a leading byte-order mark is dropped), not JSON, a key given twice
+        (JSON would keep the last value), or not an m2ist config (see :meth:`from_dict`)."""
+        path = Path(path)
+        if path.exists() and not path.is_file():  # a FIFO or a device would block or never end
+            kind = "a folder" if path.is_dir() else "not a regular file (a FIFO, a device or a socket)"
+            raise ValueError(f"{path} is {kind}, not an m2ist config file.")
+        with open(path, "rb") as file:
+            data = file.read(MAX_CONFIG_BYTES + 1)
+        if len(data) > MAX_CONFIG_BYTES:
+            raise ValueError(f"{path} is over {MAX_CONFIG_BYTES >> 20} MiB; an m2ist config is a few kilobytes: "
+                             "corrupted, or not an m2ist config.")
         try:
-            values = json.loads(Path(path).read_bytes().decode("utf-8"))
+            values = json.loads(data.decode("utf-8-sig"), object_pairs_hook=_refuse_repeated_keys)
         except UnicodeDecodeError as err:
             raise ValueError(f"{path} is not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start}): "
                              "corrupted, or not an m2ist config.") from err
         except json.JSONDecodeError as err:
             raise ValueError(f"{path} is not valid JSON ({err}): corrupted, or not an m2ist config.") from err
+        except (ValueError, RecursionError) as err:  # a key given twice, a 5000-digit number, 10**5 nested lists
+            raise ValueError(f"{path} cannot be read as an m2ist config: {str(err)[:300]}") from None
         if not isinstance(values, dict):
             raise ValueError(f"{path} holds a {type(values).__name__}, expected a JSON object of config values.")
         missing = sorted({f.name for f in dataclasses.fields(cls)} - set(values))
@@ -505,3 +597,12 @@ class M2ISTConfig:
                 if mine is not None and theirs is not None and mine != theirs:
                     diffs.append(f"{name}: saved {mine!r}, given {theirs!r}")
         return diffs
+
+
+_FIELD_SPECS: dict[str, dataclasses.Field] = {spec.name: spec for spec in dataclasses.fields(M2ISTConfig)}
+
+
+@functools.cache
+def _field_hints() -> dict[str, Any]:
+    """The resolved annotations of :class:`M2ISTConfig`'s fields (once: ``get_type_hints`` is slow)."""
+    return typing.get_type_hints(M2ISTConfig)
