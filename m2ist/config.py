@@ -155,13 +155,21 @@ def _matches_type(value: Any, hint: Any) -> bool:
 
 
 
-def _refuse_repeated_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    """``json.loads`` ``object_pairs_hook``: a key given twice is refused (JSON would silently keep the last)."""
+class RepeatedKeyError(ValueError):
+    """A key given twice in one JSON object (``json`` would silently keep the last value); ``key`` names it."""
+
+    def __init__(self, key: str, first: Any, second: Any) -> None:
+        super().__init__(f"the key {key!r} is given twice ({first!r:.40} and {second!r:.40}) and JSON would keep "
+                         "only the last; keep one.")
+        self.key = key
+
+
+def refuse_repeated_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``json.loads`` ``object_pairs_hook``: a key given twice raises :class:`RepeatedKeyError`."""
     values: dict[str, Any] = {}
     for key, value in pairs:
         if key in values:
-            raise ValueError(f"the key {key!r} is given twice ({values[key]!r:.40} and {value!r:.40}) and JSON would "
-                             "keep only the last; keep one.")
+            raise RepeatedKeyError(key, values[key], value)
         values[key] = value
     return values
 
@@ -546,7 +554,7 @@ class M2ISTConfig:
             raise ValueError(f"{path} is over {MAX_CONFIG_BYTES >> 20} MiB; an m2ist config is a few kilobytes: "
                              "corrupted, or not an m2ist config.")
         try:
-            values = json.loads(data.decode("utf-8-sig"), object_pairs_hook=_refuse_repeated_keys)
+            values = json.loads(data.decode("utf-8-sig"), object_pairs_hook=refuse_repeated_keys)
         except UnicodeDecodeError as err:
             raise ValueError(f"{path} is not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start}): "
                              "corrupted, or not an m2ist config.") from err

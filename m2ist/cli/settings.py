@@ -19,6 +19,8 @@ from typing import Any
 
 import yaml
 
+from m2ist.config import RepeatedKeyError, refuse_repeated_keys
+
 from .errors import CLIError
 
 #: Folder of the shipped configs (``refcoco.yaml``, ``refcoco+.yaml``, ``refcocog.yaml``, ``referit.yaml``).
@@ -327,10 +329,13 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
         raise CLIError(f"Config file {file}:{line}: not UTF-8 text (byte {data[err.start]:#04x}); save it as UTF-8."
                        ) from None
     try:
-        values = (json.loads(text, object_pairs_hook=_refuse_repeated_json_keys) if file.suffix == ".json"
+        values = (json.loads(text, object_pairs_hook=refuse_repeated_keys) if file.suffix == ".json"
                   else yaml.load(text, Loader=_UniqueKeyLoader))  # a SafeLoader
     except (json.JSONDecodeError, yaml.YAMLError) as err:
         raise CLIError(f"Cannot parse config file {file}: {' '.join(str(err).split())}") from err
+    except RepeatedKeyError as err:
+        raise CLIError(f"Config file {file}: the key '{err.key}' appears twice in one object; keep one (the parser "
+                       "would silently drop the first).") from None
     except _RepeatedKey as err:
         raise CLIError(f"Config file {file}: {err}") from None
     if values is None:
@@ -354,17 +359,7 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
 
 
 class _RepeatedKey(ValueError):
-    """A key given twice in one mapping of a config file (YAML and JSON parsers keep the last one silently)."""
-
-
-def _refuse_repeated_json_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    seen: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in seen:
-            raise _RepeatedKey(f"the key '{key}' appears twice in one object; keep one (the parser would silently "
-                               "drop the first).")
-        seen[key] = value
-    return seen
+    """A key given twice in one mapping of a YAML config file (the parser keeps the last one silently)."""
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
