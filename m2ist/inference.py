@@ -30,7 +30,7 @@ from torch import nn
 
 from m2ist import processing as _processing
 from m2ist.config import check_flags
-from m2ist.data.images import DeferredImage, exif_orientation, image_name, load_image
+from m2ist.data.images import ORIENTATION_NAMES, DeferredImage, exif_orientation, image_name, load_image
 from m2ist.model import non_finite_cause
 from m2ist.processing import describe_differences, load_rec_image
 from m2ist.save_and_load import ALL_ADAPTERS, PIPELINE
@@ -221,11 +221,6 @@ def resolve_adapters(model: nn.Module, adapters: str | Sequence[str] | None) -> 
     return names
 
 
-#: How an EXIF orientation tag shows the stored pixels (tags 2-8; 1 is upright), as ``m2ist predict`` words it.
-_ORIENTATIONS = {2: "mirrored", 3: "rotated 180°", 4: "flipped upside down", 5: "mirrored and rotated 90°",
-                 6: "rotated 90° clockwise", 7: "mirrored and rotated 90°", 8: "rotated 90° counter-clockwise"}
-
-
 class _ImageNotes:
     """What :func:`predict_boxes` read otherwise than a viewer shows it: images with an EXIF orientation (the stored
     pixels are read) and images of several frames (one is read), each named once; warned about at the end, as
@@ -257,7 +252,7 @@ class _ImageNotes:
         if self.rotated:
             warnings.warn(
                 f"{len(self.rotated)} image{'s carry' if len(self.rotated) > 1 else ' carries'} an EXIF orientation "
-                f"tag: {listed(self.rotated, lambda tag: f'{tag}: shown {_ORIENTATIONS[tag]}')}. The model reads the "
+                f"tag: {listed(self.rotated, lambda tag: f'{tag}: shown {ORIENTATION_NAMES[tag]}')}. The model reads the "
                 "pixels as stored, not as a photo viewer shows them, so the boxes (and a word such as 'left') are "
                 "in the stored frame. To predict on the upright picture, pass "
                 "m2ist.data.images.load_image(image, exif_transpose=True) and draw on that (m2ist predict: "

@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from m2ist.data.images import DeferredImage
+from m2ist.data.images import ORIENTATION_NAMES, DeferredImage
 
 from .errors import CLIError, refuse_dash
 from .flags import HelpFormatter, add_adapter_flags, add_config_flags, add_evaluation_flags, add_tower_flags, examples, wrap
@@ -149,11 +149,6 @@ def _is_url(image: str) -> bool:
     return image.startswith(("http://", "https://"))
 
 
-#: How an EXIF orientation tag shows the stored pixels (tags 2-8; 1 is upright).
-_ORIENTATIONS = {2: "mirrored", 3: "rotated 180°", 4: "flipped upside down", 5: "mirrored and rotated 90°",
-                 6: "rotated 90° clockwise", 7: "mirrored and rotated 90°", 8: "rotated 90° counter-clockwise"}
-
-
 class _InputImage(DeferredImage):
     """One ``--image`` (a file, or the bytes of a URL downloaded once), read when prediction or drawing needs it:
     with ``--exif-transpose`` turned upright; the first read warns about what the picture shown by a viewer and the
@@ -188,9 +183,9 @@ class _InputImage(DeferredImage):
             logger.warning("--image %s carries an EXIF orientation tag (%d: shown %s): the model reads the pixels as "
                            "stored, not as a photo viewer shows them, so the box (and a word such as 'left') is in "
                            "the stored frame. Pass --exif-transpose to predict on the upright picture.",
-                           self.name, orientation, _ORIENTATIONS[orientation])
+                           self.name, orientation, ORIENTATION_NAMES[orientation])
         elif orientation != 1:
-            info(f"{self.name}: turned upright by its EXIF orientation ({_ORIENTATIONS[orientation]}).")
+            info(f"{self.name}: turned upright by its EXIF orientation ({ORIENTATION_NAMES[orientation]}).")
         if getattr(opened, "is_animated", False) and opened.format != "MPO":  # MPO: a photo with a preview frame
             logger.warning("--image %s holds %d frames (an animation, or pages): only the first is read. Save the "
                            "frame you mean as an image file and pass that.", self.name, getattr(opened, "n_frames", 2))
