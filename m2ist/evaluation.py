@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from m2ist.card import EVAL_RESULTS_NAME, TOWERS_USED_KEY, WEIGHTS_SHA256_KEY
 from m2ist.config import check_flags
-from m2ist.data.dataset import check_annotated_size
+from m2ist.data.dataset import check_annotated_size, percentages_warning
 from m2ist.data.images import load_image
 from m2ist.data.loaders import has_visible_text
 from m2ist.data.sample import RECSample
@@ -294,7 +294,8 @@ class _EvalCollator:
                    f"{float(width[row]):g}x{float(height[row]):g} image"
                    for row in (clipped_gt != gt).any(dim=-1).nonzero().flatten().tolist()]
         return {"encoded": encoded, "gt": clipped_gt, "texts": texts, "image_ids": image_ids,
-                "indices": indices, "clipped": clipped}
+                "indices": indices, "clipped": clipped,  # and what percentages_warning judges the split by:
+                "largest": float(gt.max()), "smallest_side": float(torch.minimum(width, height).min())}
 
     def _where(self, position: int, index: Any, image_id: Any) -> str:
         sample = f"sample {index}" if index is not None else f"batch position {position}"
@@ -615,7 +616,7 @@ def evaluate(
                                 collate_fn=_EvalCollator(processor, name))
             ious: dict[str | None, list[torch.Tensor]] = {key: [] for key in keys}
             records: dict[str | None, list[dict[str, Any]]] = {key: [] for key in keys}
-            seen = 0
+            seen, largest, smallest_side = 0, 0.0, math.inf
             clipped: list[str] = []
             for batch in tqdm(loader, desc=f"eval {name}", unit="batch", disable=not progress, delay=2.0):  # long work only
                 for key, pred in forward_boxes_per_adapter(model, batch["encoded"], target, names).items():
@@ -638,6 +639,10 @@ def evaluate(
                             })
                 seen += len(batch["gt"])
                 clipped += batch.get("clipped", [])
+                largest, smallest_side = max(largest, batch["largest"]), min(smallest_side, batch["smallest_side"])
+            percentages = percentages_warning(seen, largest, smallest_side)
+            if percentages:  # as RECDataset warns: scored as pixels, they mark the top-left corner
+                warnings.warn(f"Split {name!r}: {percentages}", UserWarning, stacklevel=2)
             if clipped:  # as RECDataset warns when it clips: boxes of resized images, or xyxy read as xywh
                 many = len(clipped) > 1 and len(clipped) * 4 >= len(data)  # one box is no pattern
                 warnings.warn(

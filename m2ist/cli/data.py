@@ -3,8 +3,9 @@
 
 from __future__ import annotations
 
+import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +78,10 @@ def _hf_rows(data: Mapping[str, Any]) -> Any:
         raise CLIError("--data-format hf needs --data-root: a Hub dataset id (e.g. jxu124/refcoco) or a folder "
                        "written by Dataset.save_to_disk.")
     if Path(source).is_dir() and any((Path(source) / n).is_file() for n in ("dataset_dict.json", "dataset_info.json")):
+        if data.get("dataset"):  # load_from_disk takes no configuration name: it would be ignored
+            raise CLIError(f"--dataset {data['dataset']} names a configuration of a Hub dataset, but --data-root "
+                           f"{source} is a folder written by save_to_disk, which has none (it would be ignored): drop "
+                           "--dataset, or give the folder of the configuration you mean.")
         return datasets.load_from_disk(source)
     from m2ist.data.loaders import format_hint
 
@@ -108,10 +113,100 @@ def csv_delimiter(data: Mapping[str, Any]) -> str:
     if not isinstance(value, str) or len(value) != 1 or value in "\"\r\n" or value.isalnum():
         raise CLIError(f"--csv-delimiter / data.csv_delimiter must be one character between columns, such as ';' or "
                        f"tab, got {value!r}.")
-    if data.get("format") != "csv":
-        raise CLIError(f"--csv-delimiter / data.csv_delimiter applies to --data-format csv, not {data.get('format')}: "
-                       "drop it.")
     return value
+
+
+#: The data settings that only some ``--data-format`` values read (every format reads the others: ``image_root``,
+#: ``train_split``, the sample limits...), with the formats that read each. ``train_file`` / ``eval_files`` are
+#: refused for ``refer`` / ``hf`` by the settings layer (:mod:`m2ist.cli.settings`).
+FORMAT_SETTINGS: dict[str, tuple[str, ...]] = {
+    "data_root": ("refer", "transvg", "hf"),
+    "dataset": ("refer", "transvg", "hf"),
+    "split_by": ("refer",),
+    "box_format": ("jsonl", "csv", "coco", "hf"),
+    "normalized": ("jsonl", "csv", "coco", "hf"),
+    "trusted": ("transvg",),
+    "text_column": ("hf",),
+    "hf_style": ("hf",),
+    "sentence_field": ("refer", "hf"),
+    "csv_delimiter": ("csv",),
+}
+
+
+def settings_of_other_formats(data: Mapping[str, Any]) -> list[str]:
+    """The data settings given (not null, false or empty) that ``data['format']`` does not read (see
+    :data:`FORMAT_SETTINGS`); none for an unknown or missing format."""
+    fmt = data.get("format")
+    if fmt not in DATA_FORMATS:
+        return []
+    return [key for key, formats in FORMAT_SETTINGS.items()
+            if fmt not in formats and data.get(key) not in (None, False, "")]
+
+
+def refuse_settings_of_other_formats(data: Mapping[str, Any]) -> None:
+    """Refuse a data setting the chosen ``--data-format`` would ignore without a word (``--sentence-field raw`` for
+    a JSONL file read the 'sent' texts, ``--box-format xyxy`` for the refer files read their COCO ``xywh`` boxes)."""
+    unread = settings_of_other_formats(data)
+    if unread:
+        key = unread[0]
+        flag = "--" + key.replace("_", "-")
+        readers = ", ".join(FORMAT_SETTINGS[key])
+        raise CLIError(f"{flag} / data.{key} applies to --data-format {readers}, not {data['format']}, which would "
+                       f"ignore it: drop it, or pick the format that reads it.")
+
+
+def _sample_key(sample: Any) -> tuple[Any, ...] | None:
+    """What makes two samples the same expression: the image (its path, or the ``image_id`` of an image held in
+    memory), the expression and the box; ``None`` for an in-memory image without an id."""
+    image = sample.image
+    if isinstance(image, str | os.PathLike):
+        where: Any = os.path.normpath(os.fspath(image))
+    elif sample.image_id is not None:
+        where = ("image_id", sample.image_id)
+    else:
+        return None
+    return where, sample.expression, tuple(sample.box)
+
+
+def warn_evaluation_overlap(train: Sequence[Any], evaluation: Mapping[str, Sequence[Any]]) -> None:
+    """Warn for each evaluation split that holds training samples (same image, expression and box): the training
+    file given again as ``--eval-file``, ``--train-split val`` with ``--eval-splits val``, a file read whole as
+    both. Its scores would be reported as held-out accuracy; refusing would stop a deliberate check of the fit."""
+    from .loading import logger
+
+    seen = {key for key in map(_sample_key, train) if key is not None}
+    for name, samples in evaluation.items():
+        shared = [sample for sample in samples if _sample_key(sample) in seen]
+        if shared:
+            first = shared[0]
+            logger.warning("The evaluation split %r shares %d of its %d expressions with the training data (same "
+                           "image, expression and box; e.g. %s %r): its scores measure the fit to the training "
+                           "data, not held-out accuracy. Evaluate on other data (from a file of several splits, read "
+                           "each by its name: --train-split train --eval-file val=FILE).", name, len(shared), len(samples),
+                           first.image if isinstance(first.image, str | os.PathLike) else first.image_id,
+                           first.expression)
+
+
+def _refuse_one_split_named_twice(names: Sequence[str]) -> None:
+    """Refuse evaluation split names that are one split to the loaders (``val`` and ``validation``, ``testA`` and
+    ``testa``, a name repeated): it was loaded and scored once per name, a table row each, or silently once."""
+    from m2ist.data.loaders import canonical_split
+
+    seen: dict[str, str] = {}
+    for name in names:
+        first = seen.get(canonical_split(name))
+        if first is not None:
+            same = "twice" if first == name else f"twice ({first!r} and {name!r} are one split)"
+            raise CLIError(f"--eval-splits / data.eval_splits names the split {first!r} {same}: give each split once.")
+        seen[canonical_split(name)] = name
+
+
+def eval_limit_cut_nothing(data: Mapping[str, Any], splits: Mapping[str, Sequence[Any]]) -> bool:
+    """Whether ``data['max_eval_samples']`` is set and every split loaded holds fewer expressions than it: the
+    splits are whole, and their scores are to be recorded (and named) as the whole splits' (a model card leaves out
+    results that name a limit)."""
+    limit = data.get("max_eval_samples")
+    return limit is not None and all(len(samples) < limit for samples in splits.values())
 
 
 def load_data_splits(data: Mapping[str, Any], role: str) -> dict[str, list]:
@@ -127,7 +222,8 @@ def load_data_splits(data: Mapping[str, Any], role: str) -> dict[str, list]:
         raise CLIError(f"No data format: pass --data-format {{{','.join(DATA_FORMATS)}}} (or data.format in the config).")
     if fmt not in DATA_FORMATS:
         raise CLIError(f"Unknown data format {fmt!r}; choose one of {', '.join(DATA_FORMATS)}.")
-    delimiter = csv_delimiter(data)  # checked for every format: another one would ignore it
+    refuse_settings_of_other_formats(data)
+    delimiter = csv_delimiter(data)
     image_root = data.get("image_root")
     outside = {"allow_outside_image_root": bool(data.get("allow_outside_image_root", False))}
     if role == "train":
@@ -142,6 +238,7 @@ def load_data_splits(data: Mapping[str, Any], role: str) -> dict[str, list]:
                            "names.")
         if not names and not files and fmt in SPLIT_FORMATS:
             names = ["val"]
+        _refuse_one_split_named_twice(names)
     limit = _sample_limit(data, "max_train_samples" if role == "train" else "max_eval_samples")
 
     splits: dict[str, list] = {}

@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .data import data_record, load_data_splits
+from .data import data_record, eval_limit_cut_nothing, load_data_splits
 from .errors import CLIError, refuse_dash
 from .flags import (
     HelpFormatter,
@@ -88,12 +88,21 @@ def _refuse_other_adapters_results(output: Path, adapter: str) -> None:
 def _check_scoring(evaluation: Mapping[str, Any]) -> tuple[tuple[float, ...], str]:
     """The IoU thresholds (ascending) and the clamp of the evaluation settings, checked before anything is loaded:
     a value from ``--config`` or ``--set`` that cannot be scored is refused naming the setting and its flag."""
-    from m2ist.evaluation import CLAMP_MODES, _check_thresholds
+    from m2ist.evaluation import _check_thresholds
 
     try:
         thresholds = tuple(sorted(_check_thresholds(evaluation.get("iou_thresholds", (0.5,)))))
     except ValueError as err:
         raise CLIError(f"evaluation.iou_thresholds (--iou-thresholds): {err}") from None
+    return thresholds, check_scoring_options(evaluation)
+
+
+def check_scoring_options(evaluation: Mapping[str, Any], *, command: str = "eval") -> str:
+    """The clamp of the evaluation settings, with their batch size and workers checked; errors name the flags
+    ``command`` has. ``m2ist train`` checks them before training too (its final evaluation failed on them after
+    the whole run, and took a batch size of 0 for its default)."""
+    from m2ist.evaluation import CLAMP_MODES
+
     clamp = evaluation.get("clamp", "image")
     if clamp not in CLAMP_MODES:
         raise CLIError(f"evaluation.clamp (--clamp) is {clamp!r}; give one of {', '.join(CLAMP_MODES)} (image: the "
@@ -101,8 +110,9 @@ def _check_scoring(evaluation: Mapping[str, Any]) -> tuple[tuple[float, ...], st
     for key, flag, least in (("batch_size", "--batch-size", 1), ("num_workers", "--num-workers", 0)):
         value = evaluation.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < least):
-            raise CLIError(f"evaluation.{key} ({flag}) is {value!r}; give a whole number of at least {least}.")
-    return thresholds, clamp
+            named = f" ({flag})" if command == "eval" else ""  # `m2ist train` sets them in the config or --set only
+            raise CLIError(f"evaluation.{key}{named} is {value!r}; give a whole number of at least {least}.")
+    return clamp
 
 
 def run(settings: dict[str, dict[str, Any]], args: argparse.Namespace) -> int:
@@ -125,7 +135,7 @@ def run(settings: dict[str, dict[str, Any]], args: argparse.Namespace) -> int:
     refuse_non_json_name("--output", output)
     data = settings["data"]
     splits = load_data_splits(data, "eval")
-    if limit is not None and all(len(samples) < limit for samples in splits.values()):
+    if eval_limit_cut_nothing(data, splits):
         # every split is shorter than the limit: these are the full splits' scores, not a subsample's, and they are
         # recorded (and named, by default) as such, so the adapter's card reports them
         logger.warning("--max-eval-samples %d is more than every split holds: the whole splits are scored.", limit)

@@ -499,6 +499,7 @@ def resolve_settings(namespace: argparse.Namespace) -> dict[str, dict[str, Any]]
             if section == "data":
                 origin[name] = (2, "--" + _FLAG_NAMES.get(name, name).replace("_", "-"))
     _one_way_to_name_eval_splits(settings["data"], origin)
+    _drop_settings_of_an_earlier_format(settings["data"], origin)
     if settings["evaluation"].get("device") not in (None, ""):
         check_device(settings["evaluation"]["device"])
     return settings
@@ -524,6 +525,19 @@ def _one_way_to_name_eval_splits(data: dict[str, Any], origin: Mapping[str, tupl
     raise CLIError(f"data.eval_splits (from {splits}) would be ignored: the files of data.eval_files (from {files}) are "
                    "read instead; name each file's split with --eval-file NAME=FILE, or give only the split names "
                    "(--set data.eval_files=null drops a config file's files).")
+
+
+def _drop_settings_of_an_earlier_format(data: dict[str, Any], origin: Mapping[str, tuple[int, str]]) -> None:
+    """Drop the data settings the format does not read that come from an earlier layer than the format (a recipe's
+    ``dataset: unc`` under ``--data-format jsonl``): they belonged to the format replaced. One given as late as the
+    format, or later, is left for :func:`m2ist.cli.data.refuse_settings_of_other_formats` to refuse."""
+    from .data import settings_of_other_formats
+
+    if "format" not in origin:
+        return
+    for key in settings_of_other_formats(data):
+        if origin[key][0] < origin["format"][0]:
+            del data[key]
 
 
 def check_device(value: Any) -> None:
@@ -579,9 +593,37 @@ def build_training_arguments(settings: Mapping[str, Mapping[str, Any]], **overri
     if unknown:
         raise CLIError(f"Unknown training arguments {unknown}: see RECTrainingArguments / transformers.TrainingArguments.")
     try:
-        return cls(**values)
+        arguments = cls(**values)
     except (TypeError, ValueError) as err:
         raise CLIError(f"Invalid training arguments: {err}") from err
+    _warn_accelerate_environment(arguments)
+    return arguments
+
+
+def _warn_accelerate_environment(arguments: Any) -> None:
+    """Warn when an ``ACCELERATE_*`` variable of the environment (left by ``accelerate config`` or a launcher) makes
+    transformers train otherwise than the settings say, which is what ``m2ist_cli_config.yaml`` records: in mixed
+    precision with ``fp16`` and ``bf16`` off, or on the CPU with ``use_cpu`` off."""
+    import os
+
+    from transformers.utils import strtobool
+
+    warn = logging.getLogger("m2ist.cli").warning
+    precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if getattr(arguments, "mixed_precision", "no") not in ("no", None) and not (arguments.fp16 or arguments.bf16):
+        switch = "bf16" if precision == "bf16" else "fp16"
+        warn("The environment variable ACCELERATE_MIXED_PRECISION=%s makes training run in %s mixed precision, though "
+             "training.fp16 and training.bf16 are off (and are recorded so): unset it to train in float32, or pass "
+             "--%s to train and record it so.", precision, precision, switch)
+    try:
+        on_cpu = bool(strtobool(os.environ.get("ACCELERATE_USE_CPU", "false")))
+    except ValueError:
+        on_cpu = False
+    if on_cpu and not arguments.use_cpu:
+        warn("The environment variable ACCELERATE_USE_CPU=%s makes training run on the CPU, though training.use_cpu is "
+             "off (and is recorded so): unset it to train on the accelerator, or pass --use-cpu to say so.",
+             os.environ["ACCELERATE_USE_CPU"])
+
 
 def build_augmentation(settings: Mapping[str, Mapping[str, Any]]):
     """``RECAugmentation`` from ``settings['augmentation']``, or ``None`` when ``data.augment`` is false."""

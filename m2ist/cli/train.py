@@ -7,8 +7,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .data import data_record, load_data_splits
+from .data import data_record, eval_limit_cut_nothing, load_data_splits, warn_evaluation_overlap
 from .errors import CLIError, refuse_dash
+from .evaluate import check_scoring_options
 from .flags import (
     HelpFormatter,
     add_augmentation_flags,
@@ -69,6 +70,7 @@ def _check_train_settings(settings: Mapping[str, Mapping[str, Any]]) -> None:
             _check_thresholds(settings["evaluation"]["iou_thresholds"])
         except ValueError as error:
             raise CLIError(f"evaluation.iou_thresholds: {error}") from None
+    check_scoring_options(settings.get("evaluation", {}), command="train")
 
 
 def run(settings: dict[str, dict[str, Any]], args: argparse.Namespace) -> int:
@@ -90,6 +92,9 @@ def run(settings: dict[str, dict[str, Any]], args: argparse.Namespace) -> int:
     train_samples = load_data_splits(data, "train")
     eval_samples = (load_data_splits(data, "eval")
                     if data.get("eval_splits") or data.get("eval_files") else {})
+    warn_evaluation_overlap(next(iter(train_samples.values())), eval_samples)
+    if eval_limit_cut_nothing(data, eval_samples):  # whole splits: recorded as such, so the card reports them
+        data = {**data, "max_eval_samples": None}
     evaluation = settings["evaluation"]
     results_file = Path(evaluation.get("output_file") or Path(training_args.output_dir) / "eval_results.json")
     if eval_samples and evaluation.get("final_eval", True):

@@ -19,7 +19,8 @@ from m2ist.data.loaders import box_values, has_visible_text
 from m2ist.data.sample import RECSample
 from m2ist.ops.boxes import looks_normalised
 
-__all__ = ["RECDataWarning", "RECDataset", "ValidationReport", "check_annotated_size", "check_pixel_box"]
+__all__ = ["RECDataWarning", "RECDataset", "ValidationReport", "check_annotated_size", "check_pixel_box",
+           "percentages_warning"]
 
 Box = tuple[float, float, float, float]
 Transform = Callable[[Image.Image, str, Box], Any]
@@ -113,6 +114,25 @@ def check_pixel_box(box: Sequence[float], size: tuple[int, int], *, where: str) 
         )
 
 
+#: Boxes whose numbers all lie within ``[0, 100]`` in images all at least this many pixels each way (and at least
+#: :data:`_PERCENT_MIN_COUNT` of them) look like percentages of the image size read as pixels.
+_PERCENT_IMAGE_SIDE = 300
+_PERCENT_MIN_COUNT = 5
+
+
+def percentages_warning(count: int, largest: float, smallest_side: float) -> str | None:
+    """The warning for ``count`` pixel boxes whose largest number is ``largest`` in images whose smallest side is
+    ``smallest_side`` when they look like percentages of the image size (Label Studio exports ``x, y, width,
+    height`` so): all within ``[0, 100]``, so all in the top-left corner of images of 300 pixels or more; else
+    ``None``. Each box alone may be a small object there, so only a whole set is judged."""
+    if count < _PERCENT_MIN_COUNT or largest > 100.0 or smallest_side < _PERCENT_IMAGE_SIDE:
+        return None
+    return (f"All {count} boxes lie within [0, 100] (up to {largest:g}) while every image is at least "
+            f"{smallest_side:g} pixels each way: they look like percentages of the image size (as Label Studio "
+            "exports them) read as pixels, all in the top-left corner. Divide the numbers by 100 and load with "
+            "normalized=True (--normalized), or check the box format.")
+
+
 def _image_key(image: Any) -> Any:
     return str(image) if isinstance(image, str | Path) else id(image)
 
@@ -184,6 +204,8 @@ class RECDataset(Dataset):
                 examples[kind].append(text)
 
         sizes: dict[Any, tuple[int, int] | BaseException] = {}
+        sized, largest, smallest_side = 0, 0.0, math.inf  # the boxes of images read: percentages?
+        inverted = 0  # boxes with x1 < x0 or y1 < y0 (dropped): x, y, w, h read as x0, y0, x1, y1?
         for index, sample in enumerate(samples):
             if not isinstance(sample, RECSample):
                 raise TypeError(f"samples[{index}] is a {type(sample).__name__}; RECDataset takes RECSample objects.")
@@ -226,6 +248,7 @@ class RECDataset(Dataset):
                 check_annotated_size(sample, size, where=f"Sample {index} (image_id={sample.image_id!r})",
                                      exif_transpose=self.exif_transpose)
                 check_pixel_box(box, size, where=f"Sample {index} (image_id={sample.image_id!r})")
+                sized, largest, smallest_side = sized + 1, max(largest, *box), min(smallest_side, *size)
                 clipped = _clip(box, *size)
                 if clipped != box:
                     report.num_clipped += 1
@@ -233,20 +256,24 @@ class RECDataset(Dataset):
                     box = clipped
             if box[2] <= box[0] or box[3] <= box[1]:
                 report.num_invalid_boxes += 1
+                inverted += box[2] < box[0] or box[3] < box[1]
                 note("invalid_box", _describe(index, sample))
                 continue
             self.samples.append(sample if isinstance(sample.box, tuple) and box == sample.box else replace(sample, box=box))
             self.source_indices.append(index)
         report.num_kept = len(self.samples)
         report.examples = {kind: found for kind, found in examples.items() if found}
-        self._warn(examples)
+        self._warn(examples, inverted)
+        percentages = percentages_warning(sized, largest, smallest_side)
+        if percentages:
+            warnings.warn(percentages, RECDataWarning, stacklevel=3)
         if not self.samples:
             raise ValueError(
                 f"No valid samples among {report.num_input}: {report.num_empty_expressions} empty expressions, "
                 f"{report.num_invalid_boxes} invalid boxes, {report.num_unreadable_images} unreadable images."
             )
 
-    def _warn(self, examples: dict[str, list[str]]) -> None:
+    def _warn(self, examples: dict[str, list[str]], inverted: int = 0) -> None:
         report = self.report
         if report.num_clipped:
             many = report.num_clipped * 4 >= report.num_input  # a few boxes a pixel past the edge are common
@@ -273,7 +300,11 @@ class RECDataset(Dataset):
                     + "; ".join(examples["empty_expression"])
                     + ")"
                 )
-            warnings.warn(f"Dropped {dropped} of {report.num_input} samples: " + "; ".join(parts), RECDataWarning, stacklevel=3)
+            hint = (". So many boxes with x1 < x0 or y1 < y0 suggest a wrong box format: an xywh box read as xyxy "
+                    "ends before it starts wherever its width is less than its x0 (and the boxes kept are wrong too); "
+                    "check box_format (--box-format)" if inverted > 1 and inverted * 4 >= report.num_input else "")
+            warnings.warn(f"Dropped {dropped} of {report.num_input} samples: " + "; ".join(parts) + hint, RECDataWarning,
+                          stacklevel=3)
         if report.num_unreadable_images:
             warnings.warn(
                 f"Skipped {report.num_unreadable_images} of {report.num_input} samples whose image could not be read "

@@ -43,9 +43,11 @@ from m2ist.data.loaders import (
     match_splits,
     near_miss_hint,
     normalize_split_request,
+    other_texts,
     parse_box,
     read_text_file,
     refuse_duplicate_keys,
+    warn_other_texts,
     warn_without_expression,
 )
 from m2ist.data.sample import RECSample
@@ -157,6 +159,20 @@ def _split_selection(found: list[tuple[str, Any]], split: str | Sequence[str] | 
     return match_splits(requested, values, source=source)
 
 
+def _refuse_misnamed_split(records: Iterable[tuple[str, Any]]) -> None:
+    """Refuse records (``(where, record)``) none of which has a ``split`` field but some of which spell it otherwise
+    (``Split``, ``split ``): the field would be ignored, and every record read as one split whatever split is asked
+    for (``--eval-file val=FILE`` scored the training rows too)."""
+    records = [(where, record) for where, record in records if isinstance(record, dict)]
+    if any("split" in record for _, record in records):
+        return
+    for where, record in records:
+        hint = near_miss_hint(record, ("split",))
+        if hint:
+            raise ValueError(f"{where}: no 'split' field, so every record would be read as one split, whatever split "
+                             f"is asked for.{hint}")
+
+
 def _add_records(
     builder: _SampleBuilder,
     records: Iterable[tuple[str, dict[str, Any]]],
@@ -178,9 +194,11 @@ def _add_records(
     for where, record in records:
         if not isinstance(record, dict):
             raise ValueError(f"{where}: expected an object with image, text and bbox; got {record!r:.80}.")
+    _refuse_misnamed_split(records)
     wanted = _split_selection([(where, record.get("split")) for where, record in records], split, source=source,
                               stacklevel=4, split_optional=split_optional)
     speechless: list[str] = []  # records whose text field lists no expression
+    unread: list[tuple[str, str, list[str]]] = []  # records with other texts than the one read
     for where, record in records:
         if wanted is not None and str(record.get("split")) not in wanted:
             continue
@@ -190,6 +208,8 @@ def _add_records(
                 f"{where}: needs an image key (one of {list(IMAGE_KEYS)}) and a text key (one of {list(TEXT_KEYS)}); "
                 f"found {sorted(record)}.{near_miss_hint(record, (*IMAGE_KEYS, *TEXT_KEYS)) or hint()}"
             )
+        if others := other_texts(record, text_key):
+            unread.append((where, text_key, others))
         box, box_keys = read_box(record, where)
         name = image_name_of(record[image_key], where=where)
         image = join_image_path(name, image_root, allow_outside_image_root=allow_outside_image_root, where=where)
@@ -209,6 +229,12 @@ def _add_records(
             where=where,
         )
     warn_without_expression(speechless, stacklevel=4)
+    warn_other_texts(unread, fix=_RENAME_TEXT, stacklevel=3)
+
+
+#: How a file that holds its referring expression under a later text key than another text is fixed.
+_RENAME_TEXT = ("if another key holds it, name that key 'text' (or remove the other keys); a file's other keys stay "
+                "in each sample's metadata.")
 
 
 def _read_box_key(record: dict[str, Any], where: str) -> tuple[Box, tuple[str, ...]]:
@@ -446,11 +472,14 @@ def load_coco_style(
         )
 
     entries: list[tuple[dict[str, Any], dict[str, Any], Any, str]] = []  # (annotation, image, expression(s), where)
+    unread: list[tuple[str, str, list[str]]] = []  # entries with other texts than the one read
     for position, ann in enumerate(data["annotations"]):
         where = f"{path} annotations[{position}]"
         text_key = first_key(ann, TEXT_KEYS)
         if text_key is None:
             continue
+        if others := other_texts(ann, text_key):
+            unread.append((where, text_key, others))
         image = images.get(ann.get("image_id"))
         if image is None:
             wanted = ann.get("image_id")
@@ -464,6 +493,8 @@ def load_coco_style(
         if text_key is None:
             continue
         where = f"{path} images[{position}] (id {image['id']})"
+        if others := other_texts(image, text_key):
+            unread.append((where, text_key, others))
         candidates = [ann for ann in anns_by_image.get(image["id"], []) if first_key(ann, TEXT_KEYS) is None]
         if len(candidates) != 1:
             raise ValueError(
@@ -481,12 +512,15 @@ def load_coco_style(
             f"annotation or on each image entry.{hint}"
         )
     _warn_textless(data["annotations"], {id(ann) for ann, *_ in entries}, path=path)
+    _refuse_misnamed_split([*((f"{path} annotations[{n}]", ann) for n, ann in enumerate(data["annotations"])),
+                            *((f"{path} images[{n}]", image) for n, image in enumerate(data["images"]))])
     wanted = _split_selection([(where, ann.get("split", image.get("split"))) for ann, image, _, where in entries],
                               split, source=str(path), split_optional=split_optional)
     for ann, image, text_value, where in entries:
         if wanted is None or str(ann.get("split", image.get("split"))) in wanted:
             add(ann, image, text_value, where)
     warn_without_expression(speechless, what="annotation(s) or image entries", stacklevel=2)
+    warn_other_texts(unread, fix=_RENAME_TEXT, stacklevel=2)
     if not builder.pending:
         raise ValueError(f"{path}: no expressions found: every annotation or image entry that has a text key lists no "
                          "expression (an empty list); add their referring phrases.")

@@ -50,7 +50,9 @@ from m2ist.data.loaders import (
     join_image_path,
     near_miss_hint,
     normalize_split_request,
+    other_texts,
     parse_box,
+    warn_other_texts,
     warn_without_expression,
 )
 from m2ist.data.sample import RECSample
@@ -393,6 +395,8 @@ def from_hf_dataset(
     seen_splits: set[str] = set()
     filtered_rows = 0
     speechless: list[str] = []  # rows whose text column lists no expression
+    unread: list[tuple[str, str, list[str]]] = []  # rows with other texts than the column read
+    check_texts = style == "generic" and text_column is None  # known styles name their column
     for subset, source, rows in peeked:
         if subset not in whole and not row_filter:
             continue
@@ -413,6 +417,8 @@ def from_hf_dataset(
                 filtered_rows += 1
             if text_key not in row or box_key not in row or image_key not in row:
                 raise ValueError(f"{where}: missing one of the columns {text_key!r}, {box_key!r}, {image_key!r}.")
+            if check_texts and (others := other_texts(row, text_key)):
+                unread.append((where, text_key, others))
             box = parse_box(row[box_key], where=where)
             image, name = _image_of(row[image_key], where=where, rows=source, index=index, column=image_key)
             image_id = row.get("image_id", row.get("file_name", name))
@@ -443,6 +449,8 @@ def from_hf_dataset(
                          f"column {text_key!r} (an empty list): no sample can be made; check text_column= or the "
                          "dataset's export.")
     warn_without_expression(speechless, what="row(s)", field=f"the column {text_key!r}", stacklevel=2)
+    warn_other_texts(unread, fix="if another column holds it, pass text_column= (--text-column on the command line).",
+                     stacklevel=2)
     if relabelled:
         found = "; ".join(f"subset {name!r} holds rows of split {sorted(values)}" for name, values in relabelled.items())
         example = sorted(next(iter(relabelled.values())))[0]

@@ -509,6 +509,24 @@ def near_miss_hint(found: Iterable[Any], wanted: Sequence[str]) -> str:
     return f" Names are matched exactly ({pairs}): rename them in lower case without surrounding spaces."
 
 
+def other_texts(record: Mapping[str, Any], chosen: str, keys: Sequence[str] = TEXT_KEYS) -> list[str]:
+    """The keys among ``keys`` but ``chosen`` under which ``record`` holds another text than under ``chosen`` (a
+    ``caption`` of the whole image beside the ``phrase``): only ``chosen`` becomes the expression."""
+    return [key for key in keys if key != chosen and key in record and record[key] not in (None, "", [])
+            and record[key] != record[chosen]]
+
+
+def warn_other_texts(found: Sequence[tuple[str, str, list[str]]], *, fix: str, stacklevel: int = 2) -> None:
+    """One warning counting the records (``(where, key read, other keys)``, see :func:`other_texts`) whose other
+    text keys are not read, naming the first; nothing when ``found`` is empty. ``stacklevel`` counts from the
+    caller."""
+    if found:
+        where, chosen, others = found[0]
+        warnings.warn(f"{len(found)} record(s) hold different texts under several text keys (first at {where}: "
+                      f"{chosen!r} and {', '.join(map(repr, others))}), and only {chosen!r} is read as the referring "
+                      f"expression (the first of {list(TEXT_KEYS)} present): {fix}", stacklevel=stacklevel + 1)
+
+
 def warn_without_expression(wheres: Sequence[str], *, what: str = "record(s)", field: str = "the text field",
                             stacklevel: int = 2) -> None:
     """One warning counting the records (refs, rows, annotations) whose text field lists no expression, so give no
