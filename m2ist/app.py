@@ -242,18 +242,14 @@ def _check_models(models: Sequence[tuple[str, nn.Module]], where: str) -> list[t
 def _cut_phrases(model: Any, phrases: list[str]) -> list[tuple[int, int, int]]:
     """``(index, tokens, limit)`` of each phrase with more tokens than ``model``'s processor reads
     (``max_query_len``, special tokens included): its last words are cut off before the model sees it. Empty when
-    that cannot be told (no tokenizer); never raises."""
-    import unicodedata
-
+    that cannot be told (a processor without ``phrase_lengths``); never raises. The processor counts them, so a
+    phrase is measured as the model reads it (text spelling ``[SEP]`` read as words, not as that token)."""
     processor = getattr(model, "processor", None)
-    tokenizer, limit = getattr(processor, "tokenizer", None), getattr(processor, "max_query_len", None)
-    if tokenizer is None or not isinstance(limit, int):
+    count, limit = getattr(processor, "phrase_lengths", None), getattr(processor, "max_query_len", None)
+    if not callable(count) or not isinstance(limit, int):
         return []
-    texts = [unicodedata.normalize("NFC", phrase) for phrase in phrases]  # as the processor prepares them
-    if getattr(processor, "lowercase", False):
-        texts = [text.lower() for text in texts]
     try:
-        lengths = [len(ids) for ids in tokenizer(texts, truncation=False)["input_ids"]]
+        lengths = count(phrases)
     except Exception:  # a note, not a reason to fail the request
         logger.debug("could not count the tokens of the expressions", exc_info=True)
         return []

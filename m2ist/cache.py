@@ -949,6 +949,7 @@ class _TowerRecords:
         # so running the whole batch here would buy no exactness: float32 records equal what the tower computes in
         # any batch wherever it computes each sample independently of the others (the CPU kernels tested do)
         unique = list({keys[i]: i for i in missing}.values())
+        _refuse_training_mode(self.tower)  # on a miss only: what is read back was computed under this check
         rows = torch.tensor(unique, device=batch[first].device)
         mask = batch.get(second)
         computed = self.tower.tap({first: batch[first][rows], second: None if mask is None else mask[rows]},
@@ -969,6 +970,20 @@ class _TowerRecords:
                                  "tower_cache_dtype='bfloat16' or 'float32'. Nothing was cached.")
         self.store.add([keys[i] for i in unique], rounded.cpu())
         return self.layout.unpack(self.store.read(self.store.get(keys), self.layout.spans), self.kinds, self.layers)
+
+
+def _refuse_training_mode(tower: Tower) -> None:
+    """Refuse to store features that :meth:`Tower.tap` would compute with a sub-module in ``train()`` mode: its
+    dropout draw (or its batch norm's batch statistics) would be stored once and read back every epoch, one random
+    draw frozen for good. (A tower put in ``train()`` whole is tapped in ``eval()``: only a part of it put in
+    ``train()``, e.g. its dropout modules for Monte-Carlo dropout, gets here.)"""
+    name = tower.training_submodule()
+    if name is None:
+        return
+    raise ValueError(f"The frozen {tower.modality} tower has modules in train() mode (e.g. {name!r}) although the "
+                     "tower itself is in eval(): their dropout or batch norm draws at random, so the tower cache would "
+                     "store one random draw of its features and read it back every epoch. Put the tower back in "
+                     f"eval() (model.{tower.modality}_model.eval()), or set tower_cache='off'. Nothing was cached.")
 
 
 class TowerFeatureCache:

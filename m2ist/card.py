@@ -35,7 +35,8 @@ from .save_and_load import WEIGHTS_NAME, atomic_write, recorded_sha256
 
 __all__ = ["CARD_NAME", "EVAL_RESULTS_NAME", "PLACEHOLDER_REPO_ID", "TOWERS_USED_KEY", "WEIGHTS_SHA256_KEY",
            "build_model_card", "card_for_push", "card_results_problem",
-           "hub_model_id", "other_tower", "read_eval_results", "results_for_weights", "scoring_note", "write_model_card"]
+           "hub_model_id", "other_tower", "own_text", "read_eval_results", "results_for_weights", "scoring_note",
+           "with_generated_parts", "write_model_card"]
 
 logger = logging.getLogger(__name__)
 
@@ -338,6 +339,25 @@ def _with_marker(text: str, results: Mapping[str, Any] | None, evals: Sequence[E
         return text
     weights = f"{subfolder}/{WEIGHTS_NAME}" if subfolder else WEIGHTS_NAME
     return f"{text.rstrip(chr(10))}\n\n<!-- m2ist:results-measured {weights} sha256:{sha} -->\n"
+
+
+def own_text(text: str) -> str:
+    """A card's text without m2ist's generated section and results marker: what someone wrote (stripped)."""
+    return _RESULTS_MARKER.sub("", _SECTION.sub("", text)).strip()
+
+
+def with_generated_parts(text: str, source: str) -> str:
+    """The card text ``text`` with m2ist's generated parts taken from the card text ``source``: its results marker
+    dropped, its generated section replaced by ``source``'s (when both have one), and ``source``'s results marker,
+    if any, appended. What someone wrote in ``text`` is kept."""
+    text = _RESULTS_MARKER.sub("", text)
+    section = _SECTION.search(source)
+    if section is not None:
+        text = _SECTION.sub(lambda _: section.group(0), text, count=1)
+    marker = _RESULTS_MARKER.search(source)
+    if marker is not None:
+        text = f"{text.rstrip(chr(10))}\n\n{marker.group(0)}"
+    return text
 
 
 def card_results_problem(card: str, folder: str | os.PathLike) -> str | None:

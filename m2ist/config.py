@@ -12,6 +12,7 @@ import os
 import sys
 import types
 import typing
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -428,11 +429,21 @@ class M2ISTConfig:
 
     def __setattr__(self, name: str, value: Any) -> None:
         """A field assigned after construction (``config.side_dropout = "0.1"``, ``model.config.box_loss_weight =
-        -1``) is checked on its own at once, as at construction; the rules that tie fields together are checked
-        again when the config is saved or a model is built from it."""
+        -1``) is checked on its own at once, as at construction. The rules that tie fields together are checked
+        where the config is used: when it is saved, when a model is built from it, and before ``RECTrainer.train``;
+        so assignments may pass through a state that breaks one (``fusion_layers = 0`` before ``reg_init``).
+
+        A name that is no field but a near miss of one (``config.box_loss_wieght = 0``) warns, naming the field: it
+        is kept as a plain attribute, which nothing in m2ist reads and ``save_pretrained`` does not write. Other
+        names are kept without a word, as on a transformers config (the Trainer sets ``config.use_cache``)."""
         spec = _FIELD_SPECS.get(name)
         if spec is not None:
             value = _check_value(name, value, _field_hints()[name], spec.metadata)
+        elif not name.startswith("_") and (guess := difflib.get_close_matches(name, list(_FIELD_SPECS), n=1,
+                                                                              cutoff=0.8)):
+            warnings.warn(f"M2ISTConfig has no field {name!r} (did you mean {guess[0]!r}?): the value is kept as a "
+                          "plain attribute that m2ist never reads and save_pretrained does not write.", UserWarning,
+                          stacklevel=2)
         object.__setattr__(self, name, value)
 
     # ------------------------------------------------------------------------------------------------------

@@ -41,7 +41,7 @@ from huggingface_hub.errors import (
 )
 from huggingface_hub.utils import build_hf_headers, filter_repo_objects, get_session, hf_raise_for_status, validate_repo_id
 
-from .card import _RESULTS_MARKER, _SECTION, CARD_NAME, card_for_push, card_results_problem
+from .card import CARD_NAME, card_for_push, card_results_problem, own_text, with_generated_parts
 from .config import CONFIG_NAME, check_flags
 from .save_and_load import (
     ADAPTER_FILES,
@@ -357,11 +357,6 @@ def _repo_cards(api: HfApi, repo_id: str, revision: str | None, paths: Sequence[
     return cards
 
 
-def _own_text(text: str) -> str:
-    """A card's text other than m2ist's generated section and results marker: what someone wrote."""
-    return _RESULTS_MARKER.sub("", _SECTION.sub("", text)).strip()
-
-
 def card_onto_repo(pushed: str, current: str | None, where: str) -> str:
     """The card a push commits when the repo already holds ``current`` at its path (``where``, for messages): the
     repo's card, with m2ist's generated section, results marker and metadata (library, towers, tags, datasets,
@@ -377,20 +372,14 @@ def card_onto_repo(pushed: str, current: str | None, where: str) -> str:
                       f"{' '.join(str(error).split())[:200]}): the push replaces it (the old one stays in the repo's "
                       "history).", UserWarning, stacklevel=4)
         return pushed
-    if _own_text(mine.text) and _own_text(mine.text) != _own_text(theirs.text):
+    if own_text(mine.text) and own_text(mine.text) != own_text(theirs.text):
         warnings.warn(f"The card {where} on the Hub has text of its own that differs from the pushed card's, which "
                       "replaces it (the old text stays in the repo's history). To keep the Hub's text, push with "
                       "model.push_to_hub() (it updates the repo's card) or edit the card in one place only.",
                       UserWarning, stacklevel=4)
         text = mine.text
     else:
-        text = _RESULTS_MARKER.sub("", theirs.text)
-        section = _SECTION.search(mine.text)
-        if section is not None:
-            text = _SECTION.sub(lambda _: section.group(0), text, count=1)
-        marker = _RESULTS_MARKER.search(mine.text)
-        if marker is not None:
-            text = f"{text.rstrip(chr(10))}\n\n{marker.group(0)}"
+        text = with_generated_parts(theirs.text, mine.text)
     data, new = theirs.data, mine.data
     data.library_name = new.library_name or data.library_name
     data.base_model = new.base_model or data.base_model

@@ -32,7 +32,7 @@ from m2ist import processing as _processing
 from m2ist.config import check_flags
 from m2ist.data.images import ORIENTATION_NAMES, DeferredImage, exif_orientation, image_name, load_image
 from m2ist.model import non_finite_cause
-from m2ist.processing import describe_differences, load_rec_image
+from m2ist.processing import check_processor_fits, describe_differences, load_rec_image
 from m2ist.save_and_load import ALL_ADAPTERS, PIPELINE
 
 if TYPE_CHECKING:
@@ -49,8 +49,9 @@ MODEL_INPUTS = ("pixel_values", "pixel_mask", "input_ids", "attention_mask")
 
 # ---------------------------------------------------------------------------------------------- helpers
 def resolve_processor(model: nn.Module, processor: RECProcessor | None) -> RECProcessor:
-    """``processor`` if given, else ``model.processor``; check that it matches the model's canvas and query length,
-    and warn when a given one prepares inputs otherwise than ``model.processor`` (predict and evaluate pass here)."""
+    """``processor`` if given, else ``model.processor``; check that it fits the model (canvas, query length, the
+    tokenizer against the text tower: ``processor.check_fits``), and warn when a given one prepares inputs otherwise
+    than ``model.processor`` (predict and evaluate pass here)."""
     given = processor is not None
     if processor is None:
         processor = getattr(model, "processor", None)
@@ -60,21 +61,11 @@ def resolve_processor(model: nn.Module, processor: RECProcessor | None) -> RECPr
             "was saved to holds processor_config.json), or attach one once with `model.processor = processor`."
         )
     _check_processor_type(processor)
-    config = getattr(model, "config", None)
-    image_size = getattr(config, "image_size", None)
-    if image_size is not None and getattr(processor, "canvas_size", image_size) != image_size:
-        raise ValueError(
-            f"The processor pads images to a {processor.canvas_size}x{processor.canvas_size} canvas but the model was "
-            f"built for image_size={image_size}: use the processor saved with the adapter, or build one with "
-            f"canvas_size={image_size}."
-        )
-    max_query_len = getattr(config, "max_query_len", None)
-    if max_query_len is not None and getattr(processor, "max_query_len", max_query_len) > max_query_len:
-        raise ValueError(
-            f"The processor makes {processor.max_query_len} text tokens but the model's head takes at most "
-            f"max_query_len={max_query_len}: use the processor saved with the adapter, or build one with "
-            f"max_query_len={max_query_len}."
-        )
+    check = getattr(processor, "check_fits", None)
+    if callable(check):  # model.processor's normalisation is what the adapter was trained with: not warned again
+        check(model, saved=processor is getattr(model, "processor", None))
+    else:
+        check_processor_fits(processor, model)
     if given:
         _warn_if_not_the_models_processor(model, processor)
     return processor

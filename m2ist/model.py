@@ -260,14 +260,40 @@ def check_model_inputs(pixel_values: Any, input_ids: Any, attention_mask: Any = 
         raise ValueError(f"pixel_values[{row}] hold NaN or infinite values (a broken image or normalisation, such as "
                          f"image_std 0): every box of the batch would be NaN; {_PROCESSOR_HINT}.")
     if isinstance(vocab_size, int) and (high >= vocab_size or low < 0):
-        raise ValueError(f"input_ids hold token ids outside the text tower's vocabulary (0..{vocab_size - 1}; got "
-                         f"{low}..{high}): the tokenizer does not belong to this text tower. Use the processor saved "
-                         "with the adapter.")
+        raise ValueError(_outside_vocabulary(input_ids, attention_mask, vocab_size, low, high))
     for offset, (name, per_sample) in zip(range(3, len(found), 3), problems.items(), strict=True):
         for index, kind in enumerate(_MASK_PROBLEMS):
             if found[offset + index]:
                 row = int(per_sample[index].nonzero()[0, 0])
                 raise ValueError(f"{name}[{row}] holds {kind}; {_PROCESSOR_HINT}.")
+
+
+def _outside_vocabulary(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, vocab_size: int, low: int,
+                        high: int) -> str:
+    """The refusal of token ids outside ``0..vocab_size - 1``: when they all sit where ``attention_mask`` is 0, they
+    are padding, and the pad token was added to the tokenizer past the vocabulary (GPT-2 and LLaMA have none)."""
+    outside = (input_ids >= vocab_size) | (input_ids < 0)
+    if attention_mask is not None and not bool((outside & (attention_mask.to(outside.device) != 0)).any()):
+        pad = int(input_ids[outside][0])
+        return (f"input_ids pad with token id {pad}, past the text tower's vocabulary (0..{vocab_size - 1}): the "
+                "tokenizer's pad token was added to it (tokenizer.add_special_tokens({'pad_token': ...}) on a "
+                "tokenizer without one, such as GPT-2's) and the tower has no embedding for it. Use an existing token "
+                "as pad (tokenizer.pad_token = tokenizer.eos_token) and build the processor again.")
+    return (f"input_ids hold token ids outside the text tower's vocabulary (0..{vocab_size - 1}; got {low}..{high}): "
+            "the tokenizer does not belong to this text tower. Use the processor saved with the adapter.")
+
+
+def text_embedding_rows(text_model: nn.Module) -> tuple[int | None, int | None]:
+    """``(rows, padding_idx)`` of the text tower's input embedding: the ids it can embed (``0..rows - 1``; its
+    ``config.vocab_size`` when the embedding cannot be found) and the id it reserves for padding (``None``: none)."""
+    try:
+        embedding = text_model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        embedding = None
+    if isinstance(embedding, nn.Embedding):
+        return embedding.num_embeddings, embedding.padding_idx
+    vocab_size = getattr(getattr(text_model, "config", None), "vocab_size", None)
+    return (vocab_size if isinstance(vocab_size, int) else None), None
 
 
 #: What :func:`_mask_problems` finds, in its order.
@@ -389,6 +415,36 @@ class RECModel(nn.Module):
         self._tap_reports: tuple[TapReport, ...] = ()
         self.processor = None  # a RECProcessor, used by predict() and saved with the adapter when set
 
+    @property
+    def processor(self) -> Any:
+        """The :class:`~m2ist.processing.RECProcessor` that ``predict`` and ``evaluate`` use and ``save_pretrained``
+        saves with the adapter (``None``: none attached). Setting one checks that it fits the model (its
+        ``check_fits``: canvas, query length, the tokenizer against the text tower) and refuses one that does not."""
+        return self.__dict__.get("_processor")
+
+    @processor.setter
+    def processor(self, processor: Any) -> None:
+        self.attach_processor(processor)
+
+    def attach_processor(self, processor: Any, *, saved: bool = False) -> None:
+        """Set :attr:`processor` once its ``check_fits(model, saved=saved)`` passes (``saved``: the processor the
+        adapter was saved with, so a normalisation other than the vision tower's own is what it was trained with)."""
+        check = getattr(processor, "check_fits", None)
+        if callable(check):
+            check(self, saved=saved)
+        self.__dict__["_processor"] = processor
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Restore a copy; a model pickled before :attr:`processor` was a property keeps its processor."""
+        if "processor" in state:
+            state["_processor"] = state.pop("processor")
+        super().__setstate__(state)
+
+    def text_embedding(self) -> tuple[int | None, int | None]:
+        """``(rows, padding_idx)`` of the text tower's input embedding (see :func:`text_embedding_rows`): what a
+        processor's tokenizer is checked against."""
+        return text_embedding_rows(self.text_model)
+
     def _check_canvas_seen(self, vision_inputs: dict[str, torch.Tensor]) -> None:
         """Refuse a canvas whose last pixel row and column the vision tower never sees (a ViT's patches, a
         ConvNeXt's stem, that do not divide ``image_size`` leave its edge out): the labels and the head's grid span the
@@ -505,8 +561,7 @@ class RECModel(nn.Module):
         """Refuse, in one line naming the input and the fix, inputs the towers would misread silently or fail on
         deep inside: see :func:`check_model_inputs`."""
         check_model_inputs(pixel_values, input_ids, attention_mask, pixel_mask, image_size=self.config.image_size,
-                           max_query_len=self.config.max_query_len,
-                           vocab_size=getattr(self.text_model.config, "vocab_size", None))
+                           max_query_len=self.config.max_query_len, vocab_size=text_embedding_rows(self.text_model)[0])
 
     def forward(
         self,
@@ -759,6 +814,8 @@ class SideTunedModel(RECModel):
         if dtype is not None and not dtype.is_floating_point:
             raise TypeError(f"SideTunedModel.to({dtype}): the side network and head need a floating dtype "
                             f"(torch.float32, torch.bfloat16 or torch.float16).")
+        if device is not None:
+            refuse_meta_device(device, "SideTunedModel.to")
         if device is not None or memory_format is not None:  # the layout, like the device, applies to the towers too
             layout = {} if memory_format is None else {"memory_format": memory_format}
             super().to(device=device, non_blocking=non_blocking, **layout)
@@ -1652,11 +1709,16 @@ class SideTunedModel(RECModel):
                                 if (folder / name).is_file()), None)  # the file RECProcessor reads first
         if PIPELINE.load_processor is not None and saved_processor is not None:
             try:
-                model.processor = PIPELINE.load_processor(str(folder))  # tokenizer files came with it, same commit
+                processor = PIPELINE.load_processor(str(folder))  # tokenizer files came with it, same commit
             except (ValueError, TypeError, KeyError, AttributeError) as err:  # JSONDecodeError is a ValueError
                 raise ValueError(f"{saved_processor}: the processor saved with the adapter cannot be restored "
                                  f"({type(err).__name__}: {' '.join(str(err).split())}). Fix or delete that file "
                                  "and pass a processor yourself.") from err
+            try:  # refused here, the message names the fit, not the file as unreadable
+                model.attach_processor(processor, saved=True)
+            except ValueError as err:
+                raise ValueError(f"{saved_processor}: the processor saved with the adapter does not fit the model's towers "
+                                 f"({err})") from err
         check_folder_unchanged(folder, identity)
         if target_device is not None:
             model.to(target_device)
@@ -1881,23 +1943,37 @@ def _check_location(where: str, name: str, value: Any, towers: tuple[Any, ...] =
 
 def _single_device(device: str | int | torch.device | None,
                    device_map: str | int | torch.device | dict[str, Any] | None) -> torch.device | None:
-    """The one device that ``device`` or a single-device ``device_map`` names (an M²IST model is not sharded)."""
+    """The one device that ``device`` or a single-device ``device_map`` names (an M²IST model is not sharded, and
+    never put on the ``meta`` device: see :func:`refuse_meta_device`)."""
     if device is not None and device_map is not None:
         raise TypeError("Pass device= or device_map=, not both.")
     if device_map is None:
-        return None if device is None else torch.device(device)
-    if isinstance(device_map, dict):
-        if set(device_map) != {""}:
-            raise ValueError(f"device_map={device_map} splits the model; an M²IST model loads on one device: pass "
-                             "device='cuda:0' (or device_map={'': 'cuda:0'}).")
-        device_map = device_map[""]
-    if device_map == "auto":
-        return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
-    if device_map in ("balanced", "balanced_low_0", "sequential"):
-        raise ValueError(f"device_map={device_map!r} shards a model over devices; an M²IST model loads on one "
-                         "device: pass device='cuda:0' or device_map='auto'.")
-    return torch.device(device_map)
+        chosen = None if device is None else torch.device(device)
+    else:
+        if isinstance(device_map, dict):
+            if set(device_map) != {""}:
+                raise ValueError(f"device_map={device_map} splits the model; an M²IST model loads on one device: "
+                                 "pass device='cuda:0' (or device_map={'': 'cuda:0'}).")
+            device_map = device_map[""]
+        if device_map in ("balanced", "balanced_low_0", "sequential"):
+            raise ValueError(f"device_map={device_map!r} shards a model over devices; an M²IST model loads on one "
+                             "device: pass device='cuda:0' or device_map='auto'.")
+        if device_map == "auto":
+            chosen = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+        else:
+            chosen = torch.device(device_map)
+    if chosen is not None:
+        refuse_meta_device(chosen, "from_pretrained")
+    return chosen
 
+
+def refuse_meta_device(device: str | int | torch.device, where: str) -> None:
+    """Refuse the ``meta`` device (shapes, no data) as where a model is put, before anything is moved: its weights
+    would be dropped for good (``to_empty`` gives uninitialised memory), and M²IST cannot run or save from it."""
+    if not isinstance(device, int) and torch.device(device).type == "meta":
+        raise ValueError(f"{where}(device='meta'): the meta device holds shapes, no data, so every weight (the towers' "
+                         "and the adapter's) would be dropped and nothing could run or be saved. m2ist needs real "
+                         "weights on a real device: pass 'cpu' or 'cuda'.")
 
 
 def get_side_tuned_model(vision_model: nn.Module, text_model: nn.Module,

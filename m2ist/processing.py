@@ -11,13 +11,17 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import json
 import logging
 import math
 import os
 import random
+import re
+import threading
 import unicodedata
 import warnings
+import weakref
 from collections.abc import Mapping, Sequence, Set
 from io import BytesIO
 from pathlib import Path
@@ -70,6 +74,30 @@ GEOMETRY_FIELDS: tuple[str, ...] = ("orig_width", "orig_height", "scale_x", "sca
 
 _HUB_KWARGS = ("revision", "token", "cache_dir", "local_files_only", "subfolder")
 _warned_truncation = False
+#: One lock per tokenizer, held by :meth:`RECProcessor._tokenize` while it reads the tokenizer's settings
+_TOKENIZER_LOCKS: weakref.WeakKeyDictionary[Any, threading.Lock] = weakref.WeakKeyDictionary()
+_TOKENIZER_LOCKS_GUARD = threading.Lock()
+
+
+def _forget_tokenizer_locks() -> None:
+    """Start a forked child (a DataLoader worker) with fresh locks: one another thread of the parent held at the fork
+    would stay held in the child forever, and its first phrase would wait for it."""
+    global _TOKENIZER_LOCKS, _TOKENIZER_LOCKS_GUARD
+    _TOKENIZER_LOCKS, _TOKENIZER_LOCKS_GUARD = weakref.WeakKeyDictionary(), threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_tokenizer_locks)
+
+
+def _tokenizer_lock(tokenizer: Any) -> threading.Lock:
+    """The lock of ``tokenizer`` (made at its first use, dropped with it): processors sharing a tokenizer take turns.
+    Not an attribute of the tokenizer, which must stay picklable for DataLoader workers."""
+    with _TOKENIZER_LOCKS_GUARD:
+        lock = _TOKENIZER_LOCKS.get(tokenizer)
+        if lock is None:
+            lock = _TOKENIZER_LOCKS[tokenizer] = threading.Lock()
+        return lock
 
 
 # ---------------------------------------------------------------------------------------------- box geometry
@@ -444,7 +472,10 @@ class RECProcessor(ProcessorMixin):
         if not isinstance(tokenizer, PreTrainedTokenizerBase):
             raise TypeError(f"tokenizer must be a Hugging Face tokenizer, got {type(tokenizer).__name__}.")
         if getattr(tokenizer, "pad_token", None) is None:
-            raise ValueError("The tokenizer has no pad token; set tokenizer.pad_token before building the processor.")
+            raise ValueError("The tokenizer has no pad token (GPT-2's and LLaMA's have none): make one of its own tokens "
+                             "the pad token before building the processor (tokenizer.pad_token = tokenizer.eos_token); "
+                             "a new one (add_special_tokens({'pad_token': '[PAD]'})) would have an id past the text "
+                             "tower's vocabulary.")
         settings = {"canvas_size": canvas_size, "image_mean": image_mean, "image_std": image_std}
         given = {key: value for key, value in settings.items() if value is not None}
         if image_processor is None:
@@ -619,19 +650,22 @@ class RECProcessor(ProcessorMixin):
         ``<pad>``, ``</s>``, ``<|endoftext|>``) read as words, never as that token (a ``<pad>`` with attention 1 in
         the middle of a phrase, an end of text before its last words)."""
         tokenizer = self.tokenizer
-        side = tokenizer.truncation_side
-        if side != "right":  # (set only then: concurrent calls on a usual tokenizer never see it change)
-            tokenizer.truncation_side = "right"
-        try:
-            try:
-                return tokenizer(texts, split_special_tokens=True, **kwargs)
-            except ValueError as error:  # a backend that never parses special tokens from text (mistral-common)
-                if "split_special_tokens" not in str(error):
-                    raise
-                return tokenizer(texts, **kwargs)
-        finally:
+        # transformers takes no truncation side per call: the shared tokenizer's is set for the call, under a lock
+        # of that tokenizer, so that another thread's call never runs with it half-way changed or given back
+        with _tokenizer_lock(tokenizer):
+            side = tokenizer.truncation_side
             if side != "right":
-                tokenizer.truncation_side = side
+                tokenizer.truncation_side = "right"
+            try:
+                try:
+                    return tokenizer(texts, split_special_tokens=True, **kwargs)
+                except ValueError as error:  # a backend that never parses special tokens from text (mistral-common)
+                    if "split_special_tokens" not in str(error):
+                        raise
+                    return tokenizer(texts, **kwargs)
+            finally:
+                if side != "right":
+                    tokenizer.truncation_side = side
 
     def _check_words(self, input_ids: np.ndarray, attention_mask: np.ndarray, texts: list[str]) -> None:
         """Refuse a phrase left with no token but the tokenizer's special ones (``[CLS]``, ``[SEP]``, padding): the
@@ -653,9 +687,10 @@ class RECProcessor(ProcessorMixin):
         raised) for every batch that holds one, so that one odd phrase never stops a training run."""
         tokenizer = self.tokenizer
         unknown = tokenizer.unk_token_id
-        roles = (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.cls_token_id,
-                 tokenizer.sep_token_id)
-        if unknown is None or unknown in roles:  # byte-level tokenizers (GPT-2: one token for all) read every character
+        # padding (pad = unk in some tokenizers) is told apart by its attention 0; a token the tokenizer sets around
+        # every phrase is not: byte-level tokenizers (GPT-2: one token for all) read every character anyway
+        roles = (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.cls_token_id, tokenizer.sep_token_id)
+        if unknown is None or unknown in roles:
             return
         special = set(tokenizer.all_special_ids) - {unknown}
         words = np.isin(input_ids, sorted(special), invert=True) & (attention_mask == 1)
@@ -675,7 +710,7 @@ class RECProcessor(ProcessorMixin):
         full = np.flatnonzero(attention_mask.sum(axis=1) >= self.max_query_len)
         if _warned_truncation or not full.size:
             return
-        lengths = [len(ids) for ids in self._tokenize([texts[i] for i in full], truncation=False)["input_ids"]]
+        lengths = self._token_counts([texts[i] for i in full])
         cut = [(int(i), length) for i, length in zip(full, lengths) if length > self.max_query_len]
         if cut:
             _warned_truncation = True
@@ -687,6 +722,106 @@ class RECProcessor(ProcessorMixin):
                 "max_query_len (TransVG uses 40 for RefCOCOg; a trained adapter keeps its own); this warning is "
                 "shown once.",
                 index, _shortened(texts[index]), length, self.max_query_len, self.max_query_len, len(cut), len(texts))
+
+    # ------------------------------------------------------------------ the model it feeds
+    def check_fits(self, model: Any, *, saved: bool = False) -> None:
+        """Refuse, in one line naming the fix, a processor whose inputs ``model`` would misread or fail on: another
+        canvas or a longer ``max_query_len`` (:func:`check_processor_fits`), a tokenizer with a token the text tower
+        cannot embed (a pad token added past the vocabulary, another tower's larger vocabulary) or whose own pad token
+        is not the one the tower reserves (another vocabulary: every id would mean another word). Unless ``saved``
+        (the processor the adapter was saved, so trained, with), warn when the tokenizer was loaded from another Hub
+        repo than the recorded text tower, or the normalisation is not the vision tower's own (its
+        ``preprocessor_config.json``, when on this machine). Run where a processor meets a model:
+        ``model.processor = ...``, ``predict``/``evaluate`` with ``processor=``; a few attribute reads, nothing per
+        training step."""
+        check_processor_fits(self, model)
+        embedding = getattr(model, "text_embedding", None)
+        rows, padding = embedding() if callable(embedding) else (None, None)
+        config = getattr(model, "config", None)
+        tower = getattr(config, "text_model_name_or_path", None)
+        if isinstance(rows, int):
+            self._check_vocabulary(rows, padding, tower)
+        if not saved:  # the adapter's own processor: what it was trained with, whatever its name and statistics
+            self._warn_if_other_tokenizer(tower)
+            self._warn_if_other_statistics(getattr(config, "vision_model_name_or_path", None),
+                                           getattr(config, "vision_revision", None))
+
+    def _check_vocabulary(self, rows: int, padding: int | None, tower: str | None) -> None:
+        """Refuse a tokenizer whose tokens the text tower (``rows`` embeddings, ``padding`` its padding id) cannot
+        embed or reads as other words (see :meth:`check_fits`)."""
+        tokenizer = self.tokenizer
+        own = (f"AutoTokenizer.from_pretrained({tower!r})" if tower else "AutoTokenizer.from_pretrained(<text tower>)")
+        fix = f"use the text tower's own tokenizer ({own}) or the processor saved with the adapter"
+        roles = {name: getattr(tokenizer, f"{name}_token_id", None) for name in _TOKEN_ROLES}
+        for name, index in roles.items():
+            if isinstance(index, int) and index >= rows:
+                token = getattr(tokenizer, f"{name}_token", None)
+                if name == "pad":
+                    raise ValueError(
+                        f"The tokenizer's pad token {token!r} (id {index}) lies past the text tower's vocabulary (ids "
+                        f"0..{rows - 1}): it was added to the tokenizer (tokenizer.add_special_tokens({{'pad_token': "
+                        "...}) on a tokenizer without one, such as GPT-2's) and the tower has no embedding for it. "
+                        "Use an existing token as pad (tokenizer.pad_token = tokenizer.eos_token) and build the "
+                        "processor again.")
+                raise ValueError(f"The tokenizer's {name} token {token!r} (id {index}) lies past the text tower's "
+                                 f"vocabulary (ids 0..{rows - 1}): the tokenizer belongs to another text tower; {fix}.")
+        base = tokenizer.vocab_size
+        if base > rows:
+            raise ValueError(f"The tokenizer's vocabulary has {base} tokens but the text tower embeds {rows} (ids "
+                             f"0..{rows - 1}): it is the tokenizer of another text tower; {fix}.")
+        added = sorted((index, str(token)) for index, token in tokenizer.added_tokens_decoder.items()
+                       if index >= rows and not getattr(token, "special", False))  # a special one is never read
+        if added:                                                                   # from text (split_special_tokens)
+            raise ValueError(f"Tokens added to the tokenizer ({', '.join(repr(t) for _, t in added[:3])}, ids "
+                             f"{added[0][0]}..{added[-1][0]}) lie past the text tower's vocabulary (ids 0..{rows - 1}): "
+                             "a phrase holding one would fail. Resize the tower before building the model "
+                             "(text_model.resize_token_embeddings(len(tokenizer))) or use the tokenizer without them.")
+        pad, others = roles["pad"], {index for name, index in roles.items() if name != "pad"}
+        if padding is not None and pad is not None and pad != padding and pad not in others:
+            raise ValueError(
+                f"The tokenizer pads with {tokenizer.pad_token!r} (id {pad}) but the text tower reserves id {padding} "
+                "for padding (its embedding's padding_idx): the tokenizer has another vocabulary (a BERT tokenizer "
+                f"on a RoBERTa tower, say), so every id would be read as another word; {fix}. If it is the tower's "
+                f"own tokenizer, set tokenizer.pad_token to its token of id {padding}.")
+
+    def _warn_if_other_tokenizer(self, tower: str | None) -> None:
+        """Warn when the tokenizer was loaded from a Hub repo of another name than the text tower's recorded one
+        (``bert-base-uncased`` and ``google-bert/bert-base-uncased`` are one). Local paths, and a tokenizer restored
+        with a saved processor (named after the adapter), are not compared."""
+        name = str(getattr(self.tokenizer, "name_or_path", "") or "")
+        if self.tokenizer in _RESTORED_TOKENIZERS or not _hub_like(name) or not _hub_like(tower):
+            return
+        if name.rsplit("/", 1)[-1].lower() != str(tower).rsplit("/", 1)[-1].lower():
+            warnings.warn(f"The processor's tokenizer was loaded from {name!r} but the text tower is {tower!r}: if "
+                          "they have other vocabularies, the tower reads every phrase as other words. Use the tower's "
+                          f"own tokenizer (AutoTokenizer.from_pretrained({tower!r})).", UserWarning, stacklevel=3)
+
+    def _warn_if_other_statistics(self, vision: str | None, revision: str | None) -> None:
+        """Warn when ``image_mean``/``image_std`` are not those of the vision tower's own ``preprocessor_config.json``
+        (read only from a local folder or the Hub cache: never downloaded here)."""
+        stats = _cached_tower_stats(vision, revision)
+        if stats is None:
+            return
+        mean, std = stats
+        if all(math.isclose(a, b, abs_tol=1e-3) for a, b in zip((*self.image_mean, *self.image_std), (*mean, *std))):
+            return
+        warnings.warn(f"The processor normalises images with mean {self.image_mean} and std {self.image_std}, but the "
+                      f"vision tower {vision!r} was trained on images normalised with mean {mean} and std {std} (its "
+                      "preprocessor_config.json): it sees other colours than it learnt. Build the processor with "
+                      f"RECProcessor.from_pretrained(<text tower>, {vision!r}) or image_mean={list(mean)}, "
+                      f"image_std={list(std)} (an adapter trained with these statistics keeps them).",
+                      UserWarning, stacklevel=3)
+
+    def phrase_lengths(self, phrases: Sequence[str]) -> list[int]:
+        """How many tokens each phrase has as the processor reads it (Unicode NFC, lower-cased when ``lowercase``,
+        the tokenizer's special tokens included, text spelling a special token read as words), before it is cut at
+        ``max_query_len``: a phrase longer than that loses its last words."""
+        texts = [unicodedata.normalize("NFC", phrase) for phrase in phrases]
+        return self._token_counts([text.lower() for text in texts] if self.lowercase else texts)
+
+    def _token_counts(self, texts: list[str]) -> list[int]:
+        """Token counts of phrases already prepared as ``__call__`` prepares them (NFC, lower-cased)."""
+        return [len(ids) for ids in self._tokenize(texts, truncation=False)["input_ids"]]
 
     def differences(self, other: Any) -> list[tuple[str, Any, Any]]:
         """``(setting, this processor's, other's)`` for each way ``other`` prepares inputs otherwise: canvas,
@@ -806,6 +941,7 @@ class RECProcessor(ProcessorMixin):
                 processor = super().from_pretrained(source, **tokenizer_kwargs)
             except ValueError as err:  # a setting refused by the constructor: name the file that holds it
                 raise ValueError(f"{saved}: {err}") from err
+        restored = processor is not None
         legacy = _find_file(source, PROCESSOR_CONFIG_NAME, hub_kwargs)
         recorded = json.loads(Path(legacy).read_text(encoding="utf-8")) if legacy is not None else {}
         if processor is None:
@@ -819,6 +955,8 @@ class RECProcessor(ProcessorMixin):
                 processor = cls(tokenizer, **settings)
             except ValueError as err:
                 raise ValueError(f"{legacy}: {err}") from err
+        if restored or legacy is not None:  # a saved processor: its tokenizer is named after the folder, not the tower
+            _RESTORED_TOKENIZERS.add(processor.tokenizer)
         expected_vocab = recorded.get(_VOCAB_SIZE_KEY) if isinstance(recorded, dict) else None
         if isinstance(expected_vocab, int) and len(processor.tokenizer) != expected_vocab:
             raise ValueError(
@@ -844,6 +982,67 @@ class RECProcessor(ProcessorMixin):
         settings = {"max_query_len": self.max_query_len, "lowercase": self.lowercase, "augment": self.augment,
                     **overrides}
         return type(self)(self.tokenizer, RECImageProcessor(**image_settings), **settings)
+
+
+def check_processor_fits(processor: Any, model: Any) -> None:
+    """Refuse a processor (any, duck-typed) whose canvas is not the model's ``image_size`` or whose
+    ``max_query_len`` exceeds the head's; :meth:`RECProcessor.check_fits` adds the tokenizer's checks."""
+    config = getattr(model, "config", None)
+    image_size = getattr(config, "image_size", None)
+    if image_size is not None and getattr(processor, "canvas_size", image_size) != image_size:
+        raise ValueError(
+            f"The processor pads images to a {processor.canvas_size}x{processor.canvas_size} canvas but the model was "
+            f"built for image_size={image_size}: use the processor saved with the adapter, or build one with "
+            f"canvas_size={image_size}."
+        )
+    max_query_len = getattr(config, "max_query_len", None)
+    if max_query_len is not None and getattr(processor, "max_query_len", max_query_len) > max_query_len:
+        raise ValueError(
+            f"The processor makes {processor.max_query_len} text tokens but the model's head takes at most "
+            f"max_query_len={max_query_len}: use the processor saved with the adapter, or build one with "
+            f"max_query_len={max_query_len}."
+        )
+
+
+#: The tokenizer's special tokens the processor puts in ``input_ids`` (and ``[UNK]``), checked against the tower.
+_TOKEN_ROLES = ("pad", "cls", "sep", "bos", "eos", "unk")
+#: Tokenizers restored with a saved processor: named after the adapter's folder or repo, not after the text tower.
+_RESTORED_TOKENIZERS: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def _hub_like(name: Any) -> bool:
+    """Whether ``name`` reads as a Hub repo id (``owner/name`` or a legacy ``name``) and is no local path."""
+    return (isinstance(name, str) and re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name) is not None
+            and not os.path.exists(name))
+
+
+def _cached_tower_stats(vision: Any, revision: Any) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """``(image_mean, image_std)`` from the ``preprocessor_config.json`` of the vision tower ``vision`` when it is
+    on this machine (a local folder, or the Hub cache at ``revision``); ``None`` when it is not, or holds none."""
+    if not isinstance(vision, str) or not vision:
+        return None
+    if os.path.isdir(vision):
+        path: Any = os.path.join(vision, "preprocessor_config.json")
+    else:
+        from huggingface_hub import try_to_load_from_cache
+
+        try:
+            path = try_to_load_from_cache(vision, "preprocessor_config.json", revision=revision)
+        except ValueError:  # not a repo id
+            return None
+    if not isinstance(path, str) or not os.path.isfile(path):
+        return None
+    return _stats_of_file(path, os.stat(path).st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=32)
+def _stats_of_file(path: str, mtime: int) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """The normalisation a ``preprocessor_config.json`` sets (see :func:`_image_stats`); read once per version."""
+    try:
+        stats = _image_stats(json.loads(Path(path).read_text(encoding="utf-8")), path)
+        return (tuple(stats["image_mean"]), tuple(stats["image_std"])) if stats is not None else None
+    except (OSError, ValueError, TypeError):  # a file that is no image processor's: nothing to compare
+        return None
 
 
 def describe_differences(found: list[tuple[str, Any, Any]], mine: str, theirs: str) -> str:
@@ -901,13 +1100,21 @@ def _read_image_stats(source: str, hub_kwargs: dict[str, Any]) -> dict[str, tupl
     if path is None:
         logger.info("%s has no preprocessor_config.json; normalising images with ImageNet statistics.", source)
         return fallback
-    config = json.loads(Path(path).read_text(encoding="utf-8"))
+    stats = _image_stats(json.loads(Path(path).read_text(encoding="utf-8")), source)
+    if stats is None:
+        logger.info("%s's preprocessor_config.json has no image_mean/image_std; using ImageNet statistics.", source)
+        return fallback
+    return stats
+
+
+def _image_stats(config: dict[str, Any], source: str) -> dict[str, tuple[float, float, float]] | None:
+    """``image_mean``/``image_std`` a ``preprocessor_config.json`` sets (mean 0, std 1 with ``do_normalize=false``);
+    ``None`` when it sets none."""
     if config.get("do_normalize") is False:
         logger.info("%s does not normalise its images (do_normalize=false); using mean 0 and std 1.", source)
         return {"image_mean": (0.0, 0.0, 0.0), "image_std": (1.0, 1.0, 1.0)}
     if "image_mean" not in config or "image_std" not in config:
-        logger.info("%s's preprocessor_config.json has no image_mean/image_std; using ImageNet statistics.", source)
-        return fallback
+        return None
     return {
         "image_mean": _three_floats("image_mean", config["image_mean"]),
         "image_std": _three_floats("image_std", config["image_std"]),

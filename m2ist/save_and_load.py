@@ -448,6 +448,20 @@ def check_finite(tensors: dict[str, torch.Tensor], what: str) -> None:
             raise ValueError(f"{what}: tensor {name} holds {bad} non-finite value(s) (NaN or inf).")
 
 
+def meta_device_problem(tensors: Iterable[tuple[str, torch.Tensor]], what: str) -> str | None:
+    """Why ``what`` cannot run or be saved when one of the named ``tensors`` is on the ``meta`` device (shapes, no
+    data: built under ``torch.device("meta")`` / accelerate's ``init_empty_weights``, or moved with
+    ``.to("meta")``); None when none is. M²IST probes its towers with real forward passes and saves real values,
+    so meta weights are not supported: there is nothing to compute or save from."""
+    names = [name for name, tensor in tensors if tensor.is_meta]
+    if not names:
+        return None
+    return (f"{what} has {len(names)} tensor(s) on the meta device, which hold no data (e.g. {names[0]}): it was built "
+            "under torch.device('meta') / init_empty_weights() or moved with .to('meta'). m2ist needs real weights: "
+            "load them (from_pretrained, or module.to_empty(device='cpu') then load_state_dict) and keep the model "
+            "on a real device ('cpu', 'cuda').")
+
+
 def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
     """The SHA-256 that :func:`write_safetensors` records for ``tensors`` (of their data, not of names or metadata):
     equal tensors give equal digests, so results can name the weights they measured."""
@@ -509,6 +523,9 @@ def trainable_counts(path: Path) -> dict[str, int]:
 def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     """Write ``tensors`` to ``path`` atomically, with the SHA-256 of the tensor data and of their layout (names,
     dtypes, shapes) in the metadata; refuse non-finite tensors (a diverged run must not leave weights that load)."""
+    problem = meta_device_problem(tensors.items(), f"Refusing to save {path.name}: the state")
+    if problem:
+        raise ValueError(problem)
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     check_finite(tensors, f"Refusing to save {path.name}")
     metadata = {"format": "pt", "m2ist_version": __version__, **(metadata or {})}

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import itertools
 import logging
 import math
 import re
@@ -28,6 +29,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from .save_and_load import meta_device_problem
 from .taps import (
     PREFIX_PARAMETERS,
     SUFFIX_PARAMETERS,
@@ -47,6 +49,10 @@ from .taps import (
 )
 
 logger = logging.getLogger(__name__)
+
+#: Modules that compute otherwise in ``train()`` mode: dropout draws, batch norm reads the batch's statistics.
+_RANDOM_IN_TRAINING = (nn.modules.dropout._DropoutNd, nn.modules.batchnorm._BatchNorm)
+
 VISION, TEXT = "vision", "text"
 _ATTENTION = re.compile(r"attn|attention", re.IGNORECASE)
 
@@ -374,6 +380,10 @@ class Tower:
                  probe_inputs: dict[str, torch.Tensor] | None = None, override: dict[str, Any] | None = None) -> None:
         if modality not in (VISION, TEXT):
             raise ValueError(f"modality must be 'vision' or 'text', got {modality!r}.")
+        problem = meta_device_problem(itertools.chain(model.named_parameters(), model.named_buffers()),
+                                      f"The {modality} tower")
+        if problem:  # its layers are found by running it: a meta tower fails deep in the probe with "Tensor.item()"
+            raise ValueError(problem)
         self.model, self.modality = model, modality
         self._state: _Capture | None = None
         self._handles: list[Any] = []
@@ -1012,15 +1022,17 @@ class Tower:
                     raise ValueError(f"{self.modality} layer {index} requested, the tower has {len(self.layers)}.")
         state = _Capture(layers=set(layers), kinds=list(kinds)) if self.layers else None
         self._state = state
-        training = self.model.training  # a tower the user put back in train mode: tapped without its dropout
-        if training:
+        # a tower the user put back in train mode: tapped without its dropout, then each module's mode restored
+        # (model.train() would also put the parts the user had kept in eval(), e.g. a batch norm, in train mode)
+        modes = [(module, module.training) for module in self.model.modules()] if self.model.training else []
+        if modes:
             self.model.eval()
         try:
             tokens, mask, out = self._run(inputs, hidden_states=not self.layers)
         finally:
             self._state = None
-            if training:
-                self.model.train()
+            for module, mode in modes:
+                module.training = mode
         captured = state.out if state is not None else {}
         if not self.layers:
             states = getattr(out, self.spec.hidden_states_key)
@@ -1047,6 +1059,17 @@ class Tower:
             tokens=tokens.float(), mask=mask, seed=aligned("seed"),
             taps={kind: [aligned((kind, index)) for index in layers] for kind in kinds},
         )
+
+    def training_submodule(self) -> str | None:
+        """The name of a sub-module that :meth:`tap` runs in ``train()`` mode, preferring one that draws at random
+        (dropout, batch norm), or None. :meth:`tap` puts a tower in ``train()`` whole into ``eval()``, so only parts
+        put in ``train()`` while the tower is in ``eval()`` count (e.g. dropout modules for Monte-Carlo dropout)."""
+        if self.model.training:
+            return None
+        training = [(name, module) for name, module in self.model.named_modules() if module.training]
+        if not training:
+            return None
+        return next((name for name, module in training if isinstance(module, _RANDOM_IN_TRAINING)), training[0][0])
 
     def depth(self) -> int | None:
         """Number of tappable layers (None until measured for the ``output_hidden_states`` fallback)."""

@@ -21,6 +21,7 @@ import copy
 import dataclasses
 import functools
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -71,6 +72,8 @@ from .save_and_load import (
     atomic_write,
     check_finite,
     load_trainable_state,
+    meta_device_problem,
+    processor_settings,
     read_safetensors,
     recorded_sha256,
     save_folder_atomically,
@@ -380,9 +383,11 @@ def supports_bf16(device: str | torch.device) -> bool:
 
 @contextlib.contextmanager
 def denormals_flushed(enabled: bool = True) -> Iterator[None]:
-    """Flush denormal floats to zero on the CPU inside the block (where the CPU supports it), and stop after: AdamW's
-    second moments of small gradients decay into denormals, which make CPU arithmetic several times slower."""
-    flushed = enabled and torch.set_flush_denormal(True)
+    """Flush denormal floats to zero on the CPU inside the block (where the CPU supports it), and stop after unless it
+    was on before (torch has no getter: a denormal that multiplies to zero tells): AdamW's second moments of small
+    gradients decay into denormals, which make CPU arithmetic several times slower."""
+    already = enabled and bool((torch.tensor([1e-39], dtype=torch.float32) * 1.0)[0] == 0)
+    flushed = enabled and not already and torch.set_flush_denormal(True)
     try:
         yield
     finally:
@@ -660,6 +665,9 @@ class RECTrainer(Trainer):
                              "baseline from m2ist.evidence.baselines.build_model().")
         if not isinstance(model, RECModel):
             raise TypeError(_not_a_rec_model(model))
+        problem = meta_device_problem(itertools.chain(model.named_parameters(), model.named_buffers()), "The model")
+        if problem:  # the Trainer's move would say "use to_empty()", which trains on uninitialised memory
+            raise ValueError(problem)
         if args is None:
             args = RECTrainingArguments(output_dir="trainer_output")
         if not isinstance(args, RECTrainingArguments):
@@ -690,7 +698,8 @@ class RECTrainer(Trainer):
             kwargs["compute_metrics"] = RECMetrics(model.config)
         _refuse_empty_sets(_named_sets(eval_dataset))
         if args.metric_for_best_model is not None:
-            args.metric_for_best_model = _resolve_best_metric(args, eval_dataset, kwargs["compute_metrics"])
+            args.metric_for_best_model = _resolve_best_metric(args, eval_dataset, kwargs["compute_metrics"],
+                                                              kwargs.get("callbacks"))
         self.method = found
         data_collator, eval_data_collator = _default_collators(data_collator, eval_data_collator,
                                                                kwargs.get("processing_class"))
@@ -715,7 +724,10 @@ class RECTrainer(Trainer):
             data_collator, self.eval_data_collator = self._caching_collators(model, args, data_collator,
                                                                             eval_data_collator)
         super().__init__(model=model, args=args, data_collator=data_collator, **kwargs)
+        #: the arguments applied here, once (see :meth:`_refuse_changed_arguments`)
+        self._applied_arguments = {name: getattr(args, name) for name in _APPLIED_WHEN_BUILT}
         self._set_tower_dtype()  # the Trainer has placed the model; the tower cache (keyed by the dtype) is not open
+        self._check_processors_fit()
         self._adopt_processor()
         for stdout_callback, stderr_callback in ((ProgressCallback, StderrProgressCallback),
                                                  (PrinterCallback, StderrPrinterCallback)):
@@ -723,6 +735,18 @@ class RECTrainer(Trainer):
                 self.add_callback(stderr_callback)
         # Our forward takes no loss kwargs: the loss is a per-batch mean and the Trainer scales it for accumulation.
         self.model_accepts_loss_kwargs = False
+
+    def _check_processors_fit(self) -> None:
+        """Refuse, before any step, a processor the batches are prepared with (``processing_class``, the training and
+        evaluation collators' own) that does not fit the model (:meth:`~m2ist.processing.RECProcessor.check_fits`: its
+        canvas, query length, tokenizer against the text tower); ``model.processor`` was checked when attached."""
+        model = self.accelerator.unwrap_model(self.model)
+        found = [self.processing_class] + [getattr(getattr(collator, "collator", collator), "processor", None)
+                                           for collator in (self.data_collator, self.eval_data_collator)]
+        distinct = {id(processor): processor for processor in found if processor is not None}
+        for processor in distinct.values():
+            if callable(getattr(processor, "check_fits", None)) and processor is not getattr(model, "processor", None):
+                processor.check_fits(model)
 
     def _adopt_processor(self) -> None:
         """A SideTunedModel keeps the processor it is trained with as ``model.processor``, which ``save_pretrained``
@@ -874,6 +898,7 @@ class RECTrainer(Trainer):
         be complete. The run settings recorded in the checkpoint must match this run's (see
         :func:`run_settings`) unless ``args.resume_allow_changes``.
         """
+        self._refuse_changed_arguments()
         train_dataset = self.train_dataset
         if train_dataset is None:
             raise ValueError("RECTrainer.train needs a train_dataset.")
@@ -891,12 +916,25 @@ class RECTrainer(Trainer):
                              "and dataloader_drop_last=True drops that batch: nothing to train on. Lower the batch "
                              "size or turn dataloader_drop_last off.")
         _refuse_float16_parameters(self.model)
+        _check_adapter_configs(self.accelerator.unwrap_model(self.model))
         augmentation = self._training_augmentation()
         if augmentation is not None and not self._augmentation_started:
             self._restart_augmentation(augmentation)
         with denormals_flushed(self.args.flush_denormal and self.args.device.type == "cpu"):
             self._open_tower_cache()
             return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _refuse_changed_arguments(self) -> None:
+        """Refuse arguments of :data:`_APPLIED_WHEN_BUILT` changed on ``trainer.args`` since the trainer was built:
+        they were applied then (the collators wrapped for the tower cache, the towers cast), so a later change was
+        ignored (``tower_dtype``), or half applied (a cache opened but never read, or none opened for batches that
+        need one: ``'NoneType' object has no attribute 'features'``)."""
+        changed = [f"{name}: {was!r} -> {getattr(self.args, name)!r}" for name, was in self._applied_arguments.items()
+                   if getattr(self.args, name) != was]
+        if changed:
+            raise ValueError(f"trainer.args changed since the RECTrainer was built ({'; '.join(changed)}), but these "
+                             "are applied when it is built: build a new RECTrainer with the arguments you want (or "
+                             "put the values back).")
 
     def _training_augmentation(self) -> Any:
         """The augmentation of the training collator (the RECCollator, inside a TowerCacheCollator when the cache is
@@ -1213,11 +1251,7 @@ class RECTrainer(Trainer):
             return super()._determine_best_metric(metrics=metrics, trial=trial)
         reported = sorted(name.removeprefix("eval_") for name in metrics
                           if not name.endswith(("_runtime", "_per_second", "_preparation_time")) and name != "epoch")
-        users = [what for what, used in (("load_best_model_at_end", self.args.load_best_model_at_end),
-                                         ("save_strategy='best'", self.args.save_strategy == SaveStrategy.BEST),
-                                         ("EarlyStoppingCallback", any(isinstance(c, EarlyStoppingCallback)
-                                                                       for c in self.callback_handler.callbacks)))
-                 if used]
+        users = _best_metric_users(self.args, self.callback_handler.callbacks)
         if users:
             raise ValueError(f"metric_for_best_model={metric!r} is not among the metrics this evaluation reports "
                              f"({reported}), and {' and '.join(users)} need it: set metric_for_best_model to one of "
@@ -1234,6 +1268,7 @@ class RECTrainer(Trainer):
                  metric_key_prefix: str = "eval") -> dict[str, float]:
         """``Trainer.evaluate``; remembers the SHA-256 of the weights measured, which ``eval_results.json`` records so
         that a model card reports results only beside the weights they measured."""
+        self._refuse_changed_arguments()
         data = self.eval_dataset if eval_dataset is None else eval_dataset
         data = self.eval_dataset[data] if isinstance(data, str) and isinstance(self.eval_dataset, Mapping) else data
         if not isinstance(data, str):  # a dict is checked set by set, as Trainer.evaluate calls this for each
@@ -1251,6 +1286,7 @@ class RECTrainer(Trainer):
         samples. (The Trainer averages each rank's per-batch mean loss, and the distributed sampler pads the last
         batches with repeated samples: a set whose size is not a multiple of processes x batch size would count
         those repeats.) The per-sample losses are gathered without the repeats, as the predictions are."""
+        self._metrics_follow_the_adapter()
         self._sample_losses = [] if self.args.world_size > 1 else None
         try:
             output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
@@ -1264,6 +1300,18 @@ class RECTrainer(Trainer):
             self._sample_losses = None
         return output
 
+    def _metrics_follow_the_adapter(self) -> None:
+        """Point a :class:`RECMetrics` built on one of the model's adapter configs (the default ``compute_metrics``
+        is built on the active one's), or on none, at the adapter active now: after ``set_adapter``, ``loss_box`` and
+        ``loss_giou`` were computed with the previous adapter's loss settings (``box_loss``, ``smooth_l1_beta``),
+        while ``eval_loss`` used the new one's. A ``RECMetrics`` on a config of its own is left as given."""
+        metrics, model = self.compute_metrics, self.accelerator.unwrap_model(self.model)
+        setups = getattr(model, "adapter_setups", None)
+        if not isinstance(metrics, RECMetrics) or not isinstance(setups, Mapping):
+            return
+        if metrics.config is None or any(metrics.config is setup.config for setup in setups.values()):
+            metrics.config = model.config
+
     def _gathered_sample_losses(self, model: nn.Module, outputs: Any, labels: torch.Tensor) -> torch.Tensor:
         """Each sample's loss (the model's loss of a batch of one), gathered from every process without the
         samples the distributed sampler repeated."""
@@ -1276,6 +1324,7 @@ class RECTrainer(Trainer):
 
     def predict(self, test_dataset: Dataset, ignore_keys: list[str] | None = None, metric_key_prefix: str = "test"):
         """``Trainer.predict``, refusing an empty dataset (which would return no predictions and no metrics)."""
+        self._refuse_changed_arguments()
         _refuse_empty_sets({metric_key_prefix: test_dataset})
         return super().predict(test_dataset, ignore_keys, metric_key_prefix)
 
@@ -1735,11 +1784,24 @@ def _refuse_empty_sets(sets: Mapping[str, Any]) -> None:
                              "data or filter.")
 
 
-def _resolve_best_metric(args: RECTrainingArguments, eval_dataset: Any, compute_metrics: Any) -> str:
+def _best_metric_users(args: TrainingArguments, callbacks: Iterable[Any] | None) -> list[str]:
+    """What in ``args`` and ``callbacks`` (instances or classes) uses ``metric_for_best_model``: the settings that
+    pick or keep checkpoints by it, and an ``EarlyStoppingCallback``."""
+    early = any(isinstance(c, EarlyStoppingCallback) or (isinstance(c, type) and issubclass(c, EarlyStoppingCallback))
+                for c in callbacks or ())
+    return [what for what, used in (("load_best_model_at_end", args.load_best_model_at_end),
+                                    ("save_strategy='best'", args.save_strategy == SaveStrategy.BEST),
+                                    ("EarlyStoppingCallback", early)) if used]
+
+
+def _resolve_best_metric(args: RECTrainingArguments, eval_dataset: Any, compute_metrics: Any,
+                         callbacks: Iterable[Any] | None = None) -> str:
     """``args.metric_for_best_model`` as the Trainer will look it up: a bare metric (``acc@0.5``) with several
-    evaluation sets refers to the first one (``val_acc@0.5``). With :class:`RECMetrics` (whose names are known) and
-    an evaluation during training, a metric the evaluation does not report is refused now rather than with a
-    ``KeyError`` at the first evaluation (after training); a custom ``compute_metrics`` is taken at its word."""
+    evaluation sets refers to the first one (``val_acc@0.5``), with a warning naming the keys to choose from when
+    something picks checkpoints by it (transformers would stop at the first evaluation with a ``KeyError``). With
+    :class:`RECMetrics` (whose names are known) and an evaluation during training, a metric the evaluation does not
+    report is refused now rather than with a ``KeyError`` at the first evaluation (after training); a custom
+    ``compute_metrics`` is taken at its word."""
     metric = args.metric_for_best_model
     bare = metric.removeprefix("eval_")
     sets = list(eval_dataset) if isinstance(eval_dataset, Mapping) else []
@@ -1750,7 +1812,14 @@ def _resolve_best_metric(args: RECTrainingArguments, eval_dataset: Any, compute_
         return metric
     if sets and (bare in reported if reported is not None else not named):
         resolved = f"{sets[0]}_{bare}"
-        logger.info("metric_for_best_model=%r refers to the first evaluation set: using %r.", metric, resolved)
+        users = _best_metric_users(args, callbacks) if len(sets) > 1 else []
+        if users:  # which set picks the best checkpoint is a choice the user may not know was made
+            logger.warning("metric_for_best_model=%r names no evaluation set, but there are %d (%s) and %s pick "
+                           "checkpoints by it: using the first set's, %r. Name the one you mean: one of %s.", metric,
+                           len(sets), ", ".join(sets), " and ".join(users), resolved,
+                           [f"{name}_{bare}" for name in sets])
+        else:
+            logger.info("metric_for_best_model=%r refers to the first evaluation set: using %r.", metric, resolved)
         return resolved
     if reported is None or bare in reported or args.eval_strategy == IntervalStrategy.NO:
         return metric
@@ -1821,6 +1890,30 @@ def _evaluation_loss(compute_loss_func: Callable | None, outputs: Any, labels: t
     return outputs["loss"].detach().mean()
 
 
+def _check_adapter_configs(model: nn.Module) -> None:
+    """Refuse, before any step, an adapter config that fields assigned one by one (``model.config.x = ...``, each
+    checked on its own) left broken: a rule that ties fields together fails (both loss weights 0 trains nothing), or
+    a build field (``side_dropout``, ``bottleneck``...) differs from what the modules were built with (they would
+    train with the old value, and the save at the end would refuse the adapter)."""
+    setups = getattr(model, "adapter_setups", None)
+    configs = {name: setup.config for name, setup in setups.items()} if isinstance(model, SideTunedModel) else \
+        {DEFAULT_ADAPTER: model.config} if isinstance(getattr(model, "config", None), M2ISTConfig) else {}
+    for name, config in configs.items():
+        try:
+            config.validate()
+        except ValueError as err:
+            raise ValueError(f"Adapter {name!r}: {err} (its fields were assigned one by one since the model was built; "
+                             "they are checked together before training). Nothing was trained.") from None
+        changed = setups[name].changed_build_fields() if isinstance(model, SideTunedModel) else []
+        if changed:
+            cast = " (to cast the towers: model.set_backbone_dtype(...) or tower_dtype=...)" \
+                if any(change.startswith("backbone_dtype:") for change in changed) else ""
+            raise ValueError(f"The config of adapter {name!r} was changed after the model was built "
+                             f"({'; '.join(changed)}): its modules still compute with the values they were built "
+                             "with, and the save would refuse the adapter. Build a new model with the config you want "
+                             f"(or put the values back){cast}; nothing was trained.")
+
+
 def _refuse_float16_parameters(model: nn.Module) -> None:
     """Refuse to train float16 parameters (``model.half()`` before training): the optimizer's updates and its
     second moments underflow in float16 (Adam's epsilon is 0 there), so the run stalls and then turns NaN, and with
@@ -1843,6 +1936,8 @@ def _non_finite_inputs(inputs: Mapping[str, Any]) -> str:
             "and the processor.")
 
 
+#: The ``RECTrainingArguments`` that ``RECTrainer.__init__`` applies (a later change to ``trainer.args`` is refused).
+_APPLIED_WHEN_BUILT = ("method", "remove_unused_columns", "tower_cache", "tower_cache_views", "tower_dtype")
 #: Run settings that a checkpoint's optimizer and scheduler states restore on resume (a change cannot apply).
 _RESTORED_BY_OPTIMIZER = ("learning_rate", "side_learning_rate", "weight_decay", "lr_scheduler_type", "lr_drop_epochs",
                           "lr_drop_factor", "optim", "optim_args", "adam_beta1", "adam_beta2", "adam_epsilon")
@@ -1853,8 +1948,10 @@ def run_settings(trainer: RECTrainer) -> dict[str, Any]:
     resuming: learning rates and their schedule, the optimizer and its settings, seed, batch sizes (and
     ``dataloader_drop_last``), method, the trained adapter's name (M²IST's active adapter), the model's
     M2ISTConfig (without the recorded tower names; its ``backbone_dtype`` is the towers' dtype after
-    ``args.tower_dtype``, so a run resumed with its towers in another dtype is refused), the training-set size and
-    the training augmentation's settings. Epoch and step counts are left out: extending a run is fine."""
+    ``args.tower_dtype``, so a run resumed with its towers in another dtype is refused), the training-set size, the
+    training augmentation's settings and the processor's (canvas, normalisation, query length, lowercasing, the
+    tokenizer's size: a resume with another would train on inputs prepared otherwise). Epoch and step counts are
+    left out: extending a run is fine."""
     args = trainer.args
     model = trainer.accelerator.unwrap_model(trainer.model)
     config = getattr(model, "config", None)
@@ -1878,7 +1975,18 @@ def run_settings(trainer: RECTrainer) -> dict[str, Any]:
         "tower_cache_views": args.tower_cache_views if args.tower_cache != "off" else None,
         "train_samples": _length(trainer.train_dataset) if trainer.train_dataset is not None else None,
         "augmentation": _augmentation_settings(trainer._training_augmentation()),
+        "processor": _training_processor_settings(trainer),
     }
+
+
+def _training_processor_settings(trainer: RECTrainer) -> dict[str, Any] | None:
+    """:func:`processor_settings` of the processor the training batches are prepared with: ``processing_class``, else
+    the training collator's (a ``RECCollator``, inside the tower cache's collator when the cache is on)."""
+    collator = getattr(trainer.data_collator, "collator", trainer.data_collator)
+    for processor in (trainer.processing_class, getattr(collator, "processor", None)):
+        if hasattr(processor, "flat_settings"):
+            return processor_settings(processor)
+    return None
 
 
 def _augmentation_settings(augmentation: Any) -> dict[str, Any] | None:

@@ -301,10 +301,9 @@ def _array_to_uint8(array: np.ndarray) -> np.ndarray:
         if not np.isfinite(array).all():
             raise ValueError("Float image array contains NaN or infinite values.")
         if array.size and (array.min() < 0.0 or array.max() > 1.0):
-            raise ValueError(
-                f"Float image arrays must hold values in [0, 1]; got [{array.min():.4g}, {array.max():.4g}]. "
-                "For 0..255 data pass array.astype(numpy.uint8)."
-            )
+            low, high = array.min(), array.max()
+            raise ValueError(f"Float image arrays must hold values in [0, 1]; got [{low:.4g}, {high:.4g}]. "
+                             + _FLOAT_RANGE_HINTS[0 if low < 0 else 1 if high <= 255 else 2])
         return np.rint(array * 255.0).astype(np.uint8)
     if np.issubdtype(array.dtype, np.integer):
         if array.size and (array.min() < 0 or array.max() > 255):
@@ -314,6 +313,17 @@ def _array_to_uint8(array: np.ndarray) -> np.ndarray:
             )
         return array.astype(np.uint8)
     raise TypeError(f"Unsupported image array dtype {array.dtype}; use uint8, uint16, bool or float in [0, 1].")
+
+
+#: What a float array outside [0, 1] probably is: values below 0 are no pixel values of any image file (the casts
+#: the other hints name would wrap them around), but what a normalisation (mean/std) gives.
+_FLOAT_RANGE_HINTS = (
+    "Values below 0 are pixels already normalised with a mean and std (a processor's pixel_values, an "
+    "ImageNet-normalised tensor): pass the image itself (uint8, or floats in [0, 1]), not the normalised tensor; "
+    "processor.denormalize(pixel_values) gives [0, 1] floats back.",
+    "For 0..255 data pass array.astype(numpy.uint8).",
+    "For 16-bit data (0..65535) pass array.astype(numpy.uint16).",
+)
 
 
 def _check_not_blacked_out(array: np.ndarray, pixels: np.ndarray) -> None:
