@@ -837,7 +837,7 @@ class _DiskStore:
             _, rows, positions = groups.setdefault(id(shard), (shard, [], []))
             rows.append(row)
             positions.append(position)
-        out = torch.empty((len(locations), self.width))
+        out = torch.empty((len(locations), self.width), dtype=torch.float32)
         for shard, rows, positions in groups.values():
             out[positions] = shard.read(rows)
         return [out[:, start:end].contiguous() for start, end in spans]

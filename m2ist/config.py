@@ -55,6 +55,10 @@ FIELD_CHOICES: dict[str, tuple[str, ...]] = {
 TAP_KEYS: dict[str, Any] = {"layers": str | list[str], "attention": str | None, "ffn": str | None, "layout": str,
                             "num_prefix_tokens": int | None, "num_suffix_tokens": int | None}
 TAP_KEY_BOUNDS: dict[str, tuple[int, int]] = {"num_prefix_tokens": (0, 4096), "num_suffix_tokens": (0, 4096)}
+#: Fields added after format 1 whose default is not what the m2ist that wrote a file without them computed: such a
+#: file (it records ``config_version``) loads with these values, so that it reloads as the model it saved. The vote
+#: readout came before its window and its point loss: every patch voted and no point loss was trained.
+LEGACY_VALUES: dict[str, Any] = {"vote_window": None, "point_loss_weight": 0.0}
 #: At most this many bytes are read as an ``m2ist_config.json`` (a real one is a few kilobytes).
 MAX_CONFIG_BYTES = 1 << 20
 
@@ -469,6 +473,9 @@ class M2ISTConfig:
                  "set both, or use at least one fusion layer.")
         if self.fusion_dim % self.fusion_heads:
             fail("fusion_heads", f"fusion_dim={self.fusion_dim} must be divisible by the number of heads.")
+        if self.position_init == "sincos" and self.fusion_dim < 4:
+            fail("fusion_dim", "position_init='sincos' needs at least 4 channels (a sine and a cosine per axis): use "
+                 "fusion_dim >= 4, or position_init='random'.")
         if self.adapter_scale == 0 and {"vea", "lea"} & set(self.experts):
             fail("adapter_scale", "0 makes every VEA and LEA output zero and gives them no gradient, so they would "
                  "never train: use a positive scale (the paper's 0.1), or drop 'vea' and 'lea' from experts.")
@@ -524,7 +531,9 @@ class M2ISTConfig:
     def from_dict(cls, values: dict[str, Any]) -> M2ISTConfig:
         """Build a config from a dict (a :meth:`to_dict` output, or some of its fields).
 
-        Keys this version does not know are dropped with a warning in a dict that carries ``config_version`` (what
+        A dict that carries ``config_version`` and lacks a field of :data:`LEGACY_VALUES` (written before that field
+        existed) takes the value listed there, the one its writer computed with, not today's default. Keys this
+        version does not know are dropped with a warning in a dict that carries ``config_version`` (what
         ``to_dict`` and ``save_pretrained`` write: another m2ist version wrote it); in one without it (typed by hand,
         or not an m2ist config at all: a PEFT ``adapter_config.json``, a transformers ``config.json``) they are
         refused, naming the field each may be a misspelling of: ``{"bottle_neck": 64}`` must not train with 128.
@@ -533,6 +542,8 @@ class M2ISTConfig:
             raise TypeError(f"M2ISTConfig.from_dict needs a dict of field values (a to_dict() output), got "
                             f"{describe_value(values)}.")
         unknown = sorted(set(values) - set(_FIELD_SPECS), key=str)
+        if "config_version" in values:  # written by an m2ist: a field it lacks takes the value that m2ist computed with
+            values = {**{key: value for key, value in LEGACY_VALUES.items() if key not in values}, **values}
         if unknown and "config_version" in values:
             logger.warning("M2ISTConfig: ignoring unknown keys %s (written by another m2ist version?).", unknown)
         elif unknown:
@@ -577,9 +588,11 @@ class M2ISTConfig:
             raise ValueError(f"{path} holds a {type(values).__name__}, expected a JSON object of config values.")
         missing = sorted({f.name for f in dataclasses.fields(cls)} - set(values))
         if "config_version" in values and missing:  # save_pretrained writes every field with the version
-            logger.warning("M2ISTConfig: %s lacks %s, so the defaults are used (edited by hand, or written by an "
+            legacy = {key: LEGACY_VALUES[key] for key in missing if key in LEGACY_VALUES}
+            logger.warning("M2ISTConfig: %s lacks %s, so the defaults are used%s (edited by hand, or written by an "
                            "older m2ist?); a field that changes the computation, e.g. adapter_scale, changes the "
-                           "results.", path, missing)
+                           "results.", path, missing,
+                           f", except {legacy} (what the m2ist that wrote it computed with)" if legacy else "")
         try:
             return cls.from_dict(values)
         except (TypeError, ValueError) as err:

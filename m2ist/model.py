@@ -37,6 +37,7 @@ from .card import CARD_NAME, EVAL_RESULTS_NAME, write_model_card
 from .config import CONFIG_NAME, M2ISTConfig, check_flags, describe_value
 from .head import RECHead, rec_loss
 from .layer import SideNetwork, make_checkpoint_function
+from .ops.defaults import built_on_cpu_in_float32
 from .provenance import _load_recorded_tower, _warn_if_other_tower, tower_identity
 from .save_and_load import (
     ALL_ADAPTERS,
@@ -379,6 +380,7 @@ class RECModel(nn.Module):
     #: the training method (one of :data:`METHODS`); set by each subclass
     method: str | None = None
 
+    @built_on_cpu_in_float32()  # whatever torch.set_default_dtype / set_default_device the user set
     def __init__(self, vision_model: nn.Module, text_model: nn.Module, config: M2ISTConfig) -> None:
         super().__init__()
         check_build_arguments(vision_model, text_model, config)
@@ -722,6 +724,7 @@ class SideTunedModel(RECModel):
 
     method = "m2ist"
 
+    @built_on_cpu_in_float32()
     def __init__(self, vision_model: nn.Module, text_model: nn.Module, config: M2ISTConfig | None = None) -> None:
         super().__init__(vision_model, text_model, M2ISTConfig() if config is None else config)
         config = self.config
@@ -748,9 +751,30 @@ class SideTunedModel(RECModel):
     def __setstate__(self, state: dict[str, Any]) -> None:
         """Restore a copy (``copy.deepcopy``, unpickling) and record it as a holder of its towers, as a built model
         is, so that casting them for another model that shares them warns about this one too."""
+        if "config" in state:  # pickled before config was a property
+            state["_config"] = state.pop("config")
         super().__setstate__(state)
         for tower in (self.vision_model, self.text_model):
             _TOWER_HOLDERS.setdefault(tower, weakref.WeakSet()).add(self)
+
+    @property
+    def config(self) -> M2ISTConfig:
+        """The active adapter's config (``peft_config[active_adapter]``): what ``forward`` computes the loss with and
+        ``save_pretrained`` writes. Assign its fields (``model.config.box_loss_weight = 2.0``); it cannot be replaced
+        by another config object, which neither would read."""
+        try:
+            return self.__dict__["_config"]
+        except KeyError:  # (not yet set, half-way through __init__): hasattr() says False, as for any attribute
+            raise AttributeError("config") from None
+
+    @config.setter
+    def config(self, config: M2ISTConfig) -> None:
+        setups = self.__dict__.get("adapter_setups")
+        if setups is not None and not any(config is setup.config for setup in setups.values()):
+            raise AttributeError("model.config cannot be replaced: forward() and save_pretrained() read each adapter's own "
+                                 "config, so the new one would be ignored. Assign its fields instead (model.config."
+                                 "box_loss_weight = 2.0), or build a new model from the new config.")
+        self.__dict__["_config"] = config
 
     # ---------------------------------------------------------------------------------------------------------
     def _adapter_setup(self, config: M2ISTConfig, vision_depth: int, text_depth: int) -> AdapterSetup:
@@ -1230,6 +1254,7 @@ class SideTunedModel(RECModel):
                        for key in ("model_name_or_path", "revision", "model_class", "dtype")})
         self._add_adapter(adapter_name, dataclasses.replace(config, **towers), self.dtype)
 
+    @built_on_cpu_in_float32()
     def _add_adapter(self, adapter_name: str, config: M2ISTConfig, dtype: torch.dtype | None) -> None:
         """:meth:`add_adapter`, with the new adapter's modules in ``dtype`` (None: float32, as built)."""
         config = self._check_compatible(adapter_name, config)
@@ -1342,6 +1367,7 @@ class SideTunedModel(RECModel):
         self.inactive_adapters[adapter_name].to(self.dtype)  # one dtype for every adapter: batches can mix them
         for modality in (VISION, TEXT):  # same architecture, other weights: it loads, as from_pretrained, but says so
             _warn_if_other_tower(saved, modality, *self.tower_ids[modality], adapter=model_id)
+            _warn_if_other_tower_dtype(saved, modality, self, adapter=model_id)
         for modality in (VISION, TEXT):
             for key in ("model_name_or_path", "revision"):
                 if getattr(saved, f"{modality}_{key}") is not None:
@@ -1696,6 +1722,7 @@ class SideTunedModel(RECModel):
         for modality in (VISION, TEXT):
             if given[modality]:
                 _warn_if_other_tower(saved, modality, *model.tower_ids[modality], adapter=name_or_path)
+                _warn_if_other_tower_dtype(saved, modality, model, adapter=name_or_path)
         for modality in (VISION, TEXT):  # keep the recorded provenance
             for key in ("model_name_or_path", "revision", "model_class", "dtype"):
                 if getattr(saved, f"{modality}_{key}") is not None:
@@ -1903,6 +1930,20 @@ _TYPE_NAMES = {"Half": torch.float16, "BFloat16": torch.bfloat16, "Float": torch
 
 #: safetensors' dtype codes of the floating dtypes an adapter may be saved in.
 _SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
+
+
+def _warn_if_other_tower_dtype(saved: M2ISTConfig, modality: str, model: SideTunedModel, *, adapter: Any) -> None:
+    """Warn when the ``modality`` tower runs in another dtype than the adapter recorded (``<modality>_dtype``, no
+    ``backbone_dtype`` to cast it): a bfloat16 tower given as float32 (or the reverse) feeds the side network other
+    features, so the boxes differ from the saved model's."""
+    recorded = getattr(saved, f"{modality}_dtype")
+    tower = model.vision_model if modality == VISION else model.text_model
+    current = next((str(p.dtype).removeprefix("torch.") for p in tower.parameters() if p.is_floating_point()), None)
+    if model.config.backbone_dtype is None and recorded is not None and current is not None and current != recorded:
+        warnings.warn(f"The adapter {adapter} was trained on its {modality} tower in {recorded} ({modality}_dtype), but "
+                      f"the {modality} tower given runs in {current}: its boxes differ from the saved model's. Load the "
+                      f"tower with dtype=torch.{recorded}, or pass backbone_dtype={recorded!r}.", UserWarning,
+                      stacklevel=3)
 
 
 def _adapter_dtype(dtype: str | torch.dtype | None, weights: Path) -> torch.dtype | None:

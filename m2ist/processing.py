@@ -46,7 +46,8 @@ from m2ist.data.dataset import RECDataWarning
 from m2ist.data.images import ImageLoadError, load_image
 from m2ist.data.loaders import box_values, has_visible_text
 from m2ist.data.transforms import RECAugmentation, is_flag, is_whole_number, resize_long_side
-from m2ist.ops.boxes import box_convert, clip_boxes, looks_normalised
+from m2ist.ops.boxes import as_box_tensor, box_convert, clip_boxes, looks_normalised
+from m2ist.ops.defaults import on_cpu
 from m2ist.save_and_load import PIPELINE, PROCESSOR_CONFIG_NAME, processor_setting_differences, processor_settings
 
 __all__ = [
@@ -102,7 +103,7 @@ def _tokenizer_lock(tokenizer: Any) -> threading.Lock:
 
 # ---------------------------------------------------------------------------------------------- box geometry
 def _as_geometry(image_geometry: torch.Tensor | np.ndarray | Sequence[Sequence[float]], like: torch.Tensor):
-    geometry = torch.as_tensor(image_geometry, device=like.device)
+    geometry = as_box_tensor(image_geometry).to(like.device)
     geometry = geometry.to(torch.promote_types(like.dtype, geometry.dtype))
     if geometry.ndim != 2 or geometry.shape[-1] != len(GEOMETRY_FIELDS):
         raise ValueError(
@@ -116,7 +117,7 @@ def boxes_to_labels(
     boxes_xyxy: torch.Tensor, image_geometry: torch.Tensor | np.ndarray, canvas_size: int
 ) -> torch.Tensor:
     """Map ``(B, 4)`` ``xyxy`` boxes in original-image pixels to normalised ``(cx, cy, w, h)`` canvas labels."""
-    boxes = torch.as_tensor(boxes_xyxy)
+    boxes = as_box_tensor(boxes_xyxy)
     boxes = boxes.to(torch.promote_types(boxes.dtype, torch.float32))
     _, _, scale_x, scale_y, offset_x, offset_y = _as_geometry(image_geometry, boxes)
     x_a, x_b = boxes[:, 0] * scale_x + offset_x, boxes[:, 2] * scale_x + offset_x
@@ -137,7 +138,7 @@ def post_process_boxes(
     and the trainer's metrics read it: it scores IoU 0, never the box it mirrors.
     """
     clamp = _flag("clamp", clamp)  # clamp="no" would clip
-    pred = torch.as_tensor(pred_boxes)
+    pred = as_box_tensor(pred_boxes)
     pred = pred.to(torch.promote_types(pred.dtype, torch.float32))
     pred = torch.cat((pred[..., :2], pred[..., 2:].clamp(min=0)), -1) if pred.ndim == 2 and pred.shape[-1] == 4 else pred
     if pred.ndim != 2 or pred.shape[-1] != 4:
@@ -376,6 +377,7 @@ class RECImageProcessor(BaseImageProcessor):
         mean, std = _normalisation(image_mean, image_std)
         self.image_mean, self.image_std = list(mean), list(std)
 
+    @on_cpu()  # a processor's tensors are the CPU's, whatever torch.set_default_device says
     def preprocess(self, images: Any, return_tensors: str | None = "pt", **kwargs: Any) -> BatchFeature:
         """Letterbox a batch of images (paths, URLs, data URIs, PIL images, arrays or tensors) onto the canvas.
 
@@ -419,7 +421,7 @@ class RECImageProcessor(BaseImageProcessor):
         resized, scale_x, scale_y = resize_long_side(image, size)
         offset_x, offset_y = (size - resized.width) // 2, (size - resized.height) // 2
         self.paste(resized, (offset_x, offset_y), pixel_values, pixel_mask)
-        return torch.tensor((width, height, scale_x, scale_y, offset_x, offset_y))
+        return torch.tensor((width, height, scale_x, scale_y, offset_x, offset_y), dtype=torch.float32)
 
     def paste(self, image: Image.Image, offset: tuple[int, int], pixel_values: torch.Tensor,
               pixel_mask: torch.Tensor) -> None:
@@ -524,6 +526,7 @@ class RECProcessor(ProcessorMixin):
         )
 
     # ------------------------------------------------------------------ main entry point
+    @on_cpu()  # a processor's tensors are the CPU's, whatever torch.set_default_device says
     def __call__(
         self,
         images: Any = None,
@@ -607,7 +610,8 @@ class RECProcessor(ProcessorMixin):
                 sample = augment(image, phrase, clean_boxes[index], size, rng=rng)
                 phrase = sample.text
                 image_processor.paste(sample.image, sample.offset, pixel_values[index], pixel_mask[index])
-                geometry[index] = torch.tensor((width, height, *sample.scale, *sample.translation))
+                geometry[index] = torch.tensor((width, height, *sample.scale, *sample.translation),
+                                               dtype=torch.float32)
             else:
                 geometry[index] = image_processor.letterbox(image, pixel_values[index], pixel_mask[index])
             final_texts.append(phrase.lower() if self.lowercase else phrase)

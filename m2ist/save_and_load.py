@@ -520,6 +520,21 @@ def trainable_counts(path: Path) -> dict[str, int]:
     return counts
 
 
+def _sorted_metadata(blob: bytes) -> bytes:
+    """``blob`` (a safetensors file) with its ``__metadata__`` entries in sorted order, the rest byte for byte:
+    safetensors writes them in a hash map's order, which changes from one save to the next, so the same weights gave
+    other bytes (each push uploaded them again, and a push of unchanged weights made a commit)."""
+    offset = _data_offset(blob)
+    header = json.loads(blob[8:offset].decode("utf-8"))
+    if not isinstance(header.get("__metadata__"), dict):
+        return blob
+    ordered = {"__metadata__": dict(sorted(header.pop("__metadata__").items())), **header}
+    text = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    if len(text) > offset - 8:  # (never: the same entries in another order) keep the file as safetensors wrote it
+        return blob
+    return blob[:8] + text + b" " * (offset - 8 - len(text)) + blob[offset:]
+
+
 def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     """Write ``tensors`` to ``path`` atomically, with the SHA-256 of the tensor data and of their layout (names,
     dtypes, shapes) in the metadata; refuse non-finite tensors (a diverged run must not leave weights that load)."""
@@ -530,7 +545,8 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: di
     check_finite(tensors, f"Refusing to save {path.name}")
     metadata = {"format": "pt", "m2ist_version": __version__, **(metadata or {})}
     data_sha, layout_sha = _digests(tensors)
-    blob = save_safetensors_bytes(tensors, metadata={**metadata, SHA256_KEY: data_sha, LAYOUT_SHA256_KEY: layout_sha})
+    blob = _sorted_metadata(save_safetensors_bytes(tensors, metadata={**metadata, SHA256_KEY: data_sha,
+                                                                      LAYOUT_SHA256_KEY: layout_sha}))
 
     def write(tmp: str) -> None:
         with open(tmp, "wb") as handle:

@@ -492,7 +492,7 @@ def image_regions(pixel_mask: torch.Tensor | None, batch_size: int, device: torc
     """The real-image part of each canvas as normalised ``xyxy`` ``(B, 4)``, read from ``pixel_mask`` (B, H, W);
     the whole canvas without a mask."""
     if pixel_mask is None:
-        return torch.tensor([[0.0, 0.0, 1.0, 1.0]], device=device).expand(batch_size, 4).clone()
+        return torch.tensor([[0.0, 0.0, 1.0, 1.0]], dtype=torch.float32, device=device).expand(batch_size, 4).clone()
     mask = pixel_mask.bool()
     height, width = mask.shape[-2:]
     columns, rows = mask.any(dim=-2).float(), mask.any(dim=-1).float()  # (B, W), (B, H)
@@ -891,7 +891,8 @@ class RECTrainer(Trainer):
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):
         """``Trainer.train``, refusing an empty training set; on a CPU with ``args.flush_denormal``, with denormal
-        floats flushed to zero (the process-wide setting is switched off again afterwards).
+        floats flushed to zero (the process-wide setting is switched off again afterwards). Gradients are on while
+        it trains, even when called inside ``torch.no_grad()`` or ``torch.inference_mode()``.
 
         ``resume_from_checkpoint=True`` resumes from the latest *complete* checkpoint of ``args.output_dir`` (an
         incomplete one, e.g. from a run killed while writing it, is skipped with a warning naming it); a folder must
@@ -920,7 +921,10 @@ class RECTrainer(Trainer):
         augmentation = self._training_augmentation()
         if augmentation is not None and not self._augmentation_started:
             self._restart_augmentation(augmentation)
-        with denormals_flushed(self.args.flush_denormal and self.args.device.type == "cpu"):
+        # gradients on, even inside torch.no_grad(), torch.inference_mode() or torch.set_grad_enabled(False) (a
+        # notebook's inference cell): training needs them, and without them backward() fails with a riddle
+        with denormals_flushed(self.args.flush_denormal and self.args.device.type == "cpu"), \
+                torch.inference_mode(False), torch.enable_grad():
             self._open_tower_cache()
             return super().train(resume_from_checkpoint, *args, **kwargs)
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import huggingface_hub.constants
 import pytest
+import torch
 import transformers.utils.hub
 from huggingface_hub import ModelCard
 
@@ -112,7 +113,15 @@ def test_push_to_an_open_pull_request(hub: LocalHub, model) -> None:
     model.push_to_hub(REPO, endpoint=hub.url)
     model.push_to_hub(REPO, endpoint=hub.url, create_pr=True)
     before = len(hub.request_log)
-    model.push_to_hub(REPO, endpoint=hub.url, revision="refs/pr/1", commit_message="second")
+    weight = next(model.head.parameters())
+    kept = weight.detach().clone()
+    try:  # other weights: a commit to push (the same files would make none, saves being byte for byte the same)
+        with torch.no_grad():
+            weight.add_(1.0)
+        model.push_to_hub(REPO, endpoint=hub.url, revision="refs/pr/1", commit_message="second")
+    finally:
+        with torch.no_grad():
+            weight.copy_(kept)
     assert not [path for method, path in hub.request_log[before:] if method == "POST" and "/branch/" in path]
     card = hub.files(REPO, "refs/pr/1")["README.md"].decode()
     assert re.findall(r"from_pretrained\(.*?\)", card) == [f'from_pretrained("{REPO}")'], card

@@ -5,12 +5,14 @@
 from __future__ import annotations
 
 import argparse
+import codecs
+import contextlib
 import importlib
 import importlib.util
 import json
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from . import app, evaluate, predict, train
@@ -125,6 +127,28 @@ def _silence_stdout() -> None:
         pass
 
 
+@contextlib.contextmanager
+def _escaping_streams() -> Iterator[None]:
+    """Let stdout and stderr write the characters their encoding lacks as escapes (``M\\xb2IST``) instead of
+    raising UnicodeEncodeError: an ASCII or cp1252 stream (``PYTHONIOENCODING=ascii``, ``LC_ALL=C``, a pipe on
+    Windows) cannot encode "M²IST" in the help or a phrase in another script. Each stream is given back as it was."""
+    changed = []
+    for stream in (sys.stdout, sys.stderr):
+        encoding = getattr(stream, "encoding", None) or "utf-8"
+        with contextlib.suppress(LookupError):
+            encoding = codecs.lookup(encoding).name
+        if getattr(stream, "errors", None) == "strict" and hasattr(stream, "reconfigure") \
+                and not encoding.startswith("utf"):
+            stream.reconfigure(errors="backslashreplace")
+            changed.append(stream)
+    try:
+        yield
+    finally:
+        for stream in changed:
+            with contextlib.suppress(OSError, ValueError):  # a closed stream, a reader gone
+                stream.reconfigure(errors="strict")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``m2ist`` command line with ``argv`` (default: ``sys.argv[1:]``); return the exit code.
 
@@ -132,7 +156,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     no traceback unless ``--debug``), 1 an unexpected failure, 130 interrupted, 141 stdout's reader closed the
     pipe (nothing printed).
     """
-    argv = list(sys.argv[1:] if argv is None else argv)
+    with _escaping_streams():
+        return _main(list(sys.argv[1:] if argv is None else argv))
+
+
+def _main(argv: list[str]) -> int:
     position = 0
     while position < len(argv) and argv[position] in ("--debug", "-v", "-vv", "--verbose"):
         position += 1

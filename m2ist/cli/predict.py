@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -245,19 +246,43 @@ def _read_phrases(texts: list[str]) -> list[str]:
     import sys
 
     if "-" not in texts:
-        return texts
+        return [_as_typed(text) for text in texts]
     if texts.count("-") > 1:
         raise CLIError("--text - is given more than once: stdin can be read once; give - a single time.")
     if sys.stdin is None or sys.stdin.isatty():
         raise CLIError("--text - reads the phrases from stdin, one per line, but stdin is a terminal: pipe or redirect "
                        "them (--text - < phrases.txt).")
     # a byte-order mark (a file saved by Notepad) is no part of the first phrase
-    read = [" ".join(line.split()) for line in sys.stdin.read().removeprefix("\ufeff").splitlines()]
+    read = [" ".join(line.split()) for line in _stdin_text(sys.stdin).removeprefix("\ufeff").splitlines()]
     read = [line for line in read if line]
     if not read:
         raise CLIError("--text - read no phrase from stdin (it was empty or blank): give one phrase per line.")
     at = texts.index("-")
-    return texts[:at] + read + texts[at + 1 :]
+    return [_as_typed(text) for text in texts[:at]] + read + [_as_typed(text) for text in texts[at + 1 :]]
+
+
+def _stdin_text(stdin: Any) -> str:
+    """All of ``stdin``: its bytes read as UTF-8 when they are (a UTF-8 file piped on Windows, whose pipes decode
+    cp1252, or under ``LC_ALL=C``, which decodes ASCII), else in the stream's own encoding (a legacy file)."""
+    buffer = getattr(stdin, "buffer", None)
+    if buffer is None:  # a text stream without bytes beneath (io.StringIO)
+        return stdin.read()
+    data = buffer.read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return data.decode(getattr(stdin, "encoding", None) or "utf-8", "surrogateescape")
+
+
+def _as_typed(text: str) -> str:
+    """A command-line phrase as typed: the UTF-8 bytes of an argument that the locale's encoding could not decode
+    (ASCII under ``LC_ALL=C``: "café" arrives as ``'caf\\udcc3\\udca9'``) read as UTF-8."""
+    if not any("\udc80" <= character <= "\udcff" for character in text):
+        return text
+    try:
+        return os.fsencode(text).decode("utf-8")
+    except UnicodeError:
+        return text  # not UTF-8 either: refused by run(), which shows the bytes
 
 
 def run(settings: dict[str, dict[str, Any]], args: argparse.Namespace) -> int:

@@ -19,6 +19,7 @@ from torch import nn
 
 from m2ist.config import M2ISTConfig
 from m2ist.model import METHODS, RECModel, SideTunedModel, _dummy_inputs, get_side_tuned_model
+from m2ist.ops.defaults import built_on_cpu_in_float32
 from m2ist.taps import get_submodule
 from m2ist.towers import without_trailing_padding
 
@@ -42,6 +43,7 @@ class TowerAdapter(nn.Module):
 class BackboneTunedModel(RECModel):
     """Towers in the autograd graph (trained fully, or through in-tower adapters / LoRA) + the REC head."""
 
+    @built_on_cpu_in_float32()
     def __init__(self, vision_model: nn.Module, text_model: nn.Module, config: M2ISTConfig | None = None,
                  method: str = "full", lora_rank: int = 16, lora_alpha: int = 32) -> None:
         if method not in ("full", "adapter", "lora"):

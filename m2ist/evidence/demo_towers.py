@@ -238,12 +238,20 @@ class VisionPretrainRecipe:
 
 
 def default_cache_root() -> Path:
-    """``$M2IST_CACHE``, else ``$XDG_CACHE_HOME/m2ist``, else ``~/.cache/m2ist``."""
+    """``$M2IST_CACHE``, else ``$XDG_CACHE_HOME/m2ist`` (when absolute: the XDG specification ignores a relative
+    one), else ``~/.cache/m2ist``.
+
+    Raises:
+        NotADirectoryError: if ``$M2IST_CACHE`` names a file.
+    """
     if os.environ.get("M2IST_CACHE"):
-        return Path(os.environ["M2IST_CACHE"]).expanduser()
-    if os.environ.get("XDG_CACHE_HOME"):
-        return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "m2ist"
-    return Path.home() / ".cache" / "m2ist"
+        root = Path(os.environ["M2IST_CACHE"]).expanduser()
+        if root.exists() and not root.is_dir():
+            raise NotADirectoryError(f"M2IST_CACHE={os.environ['M2IST_CACHE']} is a file, not a folder: point it at a "
+                                     "folder (created if missing), or unset it to use ~/.cache/m2ist.")
+        return root
+    xdg = Path(os.environ.get("XDG_CACHE_HOME") or "").expanduser()
+    return xdg / "m2ist" if xdg.is_absolute() else Path.home() / ".cache" / "m2ist"
 
 
 def vision_tower_path(cache_dir: str | Path | None = None, recipe: VisionPretrainRecipe | None = None) -> Path:

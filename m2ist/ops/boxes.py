@@ -9,9 +9,21 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 
 BOX_FORMATS = ("xyxy", "xywh", "cxcywh")
+
+
+def as_box_tensor(values: Any) -> torch.Tensor:
+    """``values`` (a tensor, an array, or lists of numbers) as a tensor: tensors and arrays keep their dtype, Python
+    floats become float32 whatever ``torch.set_default_dtype`` says (bfloat16 would round a 1001-pixel width to 1000)."""
+    if isinstance(values, torch.Tensor):
+        return values
+    tensor = torch.as_tensor(values)
+    if tensor.dtype == torch.get_default_dtype() and tensor.dtype != torch.float32 and not isinstance(values, np.ndarray):
+        tensor = torch.as_tensor(values, dtype=torch.float32)  # Python floats, read in the default dtype: read again
+    return tensor
 
 
 def box_convert(boxes: torch.Tensor | Any, in_fmt: str, out_fmt: str) -> torch.Tensor:
@@ -20,8 +32,7 @@ def box_convert(boxes: torch.Tensor | Any, in_fmt: str, out_fmt: str) -> torch.T
     for fmt in (in_fmt, out_fmt):
         if fmt not in BOX_FORMATS:
             raise ValueError(f"Unknown box format {fmt!r}; expected one of {BOX_FORMATS}.")
-    if not isinstance(boxes, torch.Tensor):
-        boxes = torch.as_tensor(boxes)
+    boxes = as_box_tensor(boxes)
     if boxes.ndim == 0 or boxes.shape[-1] != 4:
         raise ValueError(f"box_convert needs boxes of shape (..., 4), four numbers per box, got shape "
                          f"{tuple(boxes.shape)}.")
