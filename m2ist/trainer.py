@@ -741,7 +741,7 @@ class RECTrainer(Trainer):
         evaluation collators' own) that does not fit the model (:meth:`~m2ist.processing.RECProcessor.check_fits`: its
         canvas, query length, tokenizer against the text tower); ``model.processor`` was checked when attached."""
         model = self.accelerator.unwrap_model(self.model)
-        found = [self.processing_class] + [getattr(getattr(collator, "collator", collator), "processor", None)
+        found = [self.processing_class] + [_collator_processor(collator)
                                            for collator in (self.data_collator, self.eval_data_collator)]
         distinct = {id(processor): processor for processor in found if processor is not None}
         for processor in distinct.values():
@@ -943,7 +943,7 @@ class RECTrainer(Trainer):
     def _training_augmentation(self) -> Any:
         """The augmentation of the training collator (the RECCollator, inside a TowerCacheCollator when the cache is
         on); None when it has none."""
-        return _augmentation_of(getattr(self.data_collator, "collator", self.data_collator))
+        return _augmentation_of(_rec_collator(self.data_collator))
 
     def _restart_augmentation(self, augmentation: Any) -> None:
         """Restart the augmentation's generator at this trainer's first ``train()``, as the Trainer seeds torch when
@@ -1747,6 +1747,17 @@ def _advance_schedule(scheduler: Any, steps: int) -> None:
             scheduler.step()
 
 
+def _rec_collator(collator: Any) -> Any:
+    """The collator that prepares the batches: the one a tower cache's collator wraps (its ``collator``), else
+    ``collator`` itself."""
+    return getattr(collator, "collator", collator)
+
+
+def _collator_processor(collator: Any) -> Any:
+    """The processor the batches of ``collator`` are prepared with (a ``RECCollator``'s, wrapped or not), or None."""
+    return getattr(_rec_collator(collator), "processor", None)
+
+
 def _augmentation_of(collator: Any) -> Any:
     """The augmentation (``RECAugmentation``) a training ``RECCollator`` applies; None for any other collator."""
     return getattr(getattr(collator, "processor", None), "augment", None) if getattr(collator, "train", False) else None
@@ -1986,8 +1997,7 @@ def run_settings(trainer: RECTrainer) -> dict[str, Any]:
 def _training_processor_settings(trainer: RECTrainer) -> dict[str, Any] | None:
     """:func:`processor_settings` of the processor the training batches are prepared with: ``processing_class``, else
     the training collator's (a ``RECCollator``, inside the tower cache's collator when the cache is on)."""
-    collator = getattr(trainer.data_collator, "collator", trainer.data_collator)
-    for processor in (trainer.processing_class, getattr(collator, "processor", None)):
+    for processor in (trainer.processing_class, _collator_processor(trainer.data_collator)):
         if hasattr(processor, "flat_settings"):
             return processor_settings(processor)
     return None
