@@ -58,6 +58,7 @@ from torch import nn
 
 from .config import check_flags
 from .model import DTYPES, SideTunedModel, TowerFeatureSet, _dummy_inputs, non_finite_features
+from .ops.defaults import on_cpu
 from .processing import load_rec_image
 from .save_and_load import atomic_write
 from .towers import TEXT, VISION, Tower, TowerFeatures
@@ -160,6 +161,7 @@ class TowerCacheCollator:
     def __getstate__(self) -> dict[str, Any]:  # DataLoader workers get a copy without the cache's records
         return {**self.__dict__, "cache": None}
 
+    @on_cpu()  # batches are built on the CPU (the trainer moves them), whatever torch's default device
     def __call__(self, items: Sequence[Any]) -> dict[str, Any]:
         views = self._views(items)
         identities = self._identities(items, views)
@@ -1024,6 +1026,7 @@ class TowerFeatureCache:
         self._state: tuple | None = None
         self._open()
 
+    @on_cpu()  # the records live on the CPU and the probe's inputs are drawn there, whatever torch's default device
     def _open(self) -> None:
         """Open the records of the towers' and the adapter's current state (see :meth:`_follow_towers`)."""
         model = self.model
@@ -1176,6 +1179,7 @@ class TowerFeatureCache:
         return all(found is not None for modality, wanted in keys.items()
                    for found in self.records[modality].store.get(list(wanted)))
 
+    @on_cpu()  # records are read and grown on the CPU, then moved to the model's device
     def features(self, batch: Mapping[str, Any]) -> TowerFeatureSet:
         """The batch's tower features, read from the cache or computed (and stored) on a miss. ``batch`` holds the
         model inputs and the keys of :class:`TowerCacheCollator`."""

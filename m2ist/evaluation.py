@@ -49,6 +49,7 @@ from m2ist.inference import (
     resolve_processor,
 )
 from m2ist.ops.boxes import box_convert, clip_boxes, looks_normalised, paired_box_iou
+from m2ist.ops.defaults import on_cpu
 from m2ist.save_and_load import atomic_write, tensors_sha256
 
 if TYPE_CHECKING:
@@ -167,6 +168,7 @@ def _paired_iou(pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
     return paired_box_iou(pred, gt, eps=1e-12)
 
 
+@on_cpu()  # boxes given as lists are scored on the CPU whatever torch's default device
 def paired_iou(pred_xyxy: Any, gt_xyxy: Any, *, check_frames: bool = True) -> torch.Tensor:
     """IoU of ``pred[i]`` with ``gt[i]`` for ``(N, 4)`` ``xyxy`` boxes, in float64 (so exact ties stay exact).
 
@@ -217,7 +219,12 @@ class _SampleList(Dataset):
             raise type(err)(f"{where}: {err}") from err
         check_annotated_size(sample, image.size, where=where)  # a resized copy would score boxes at the wrong place
         return {"image": image, "expression": sample.expression, "box": tuple(sample.box),
-                "image_id": sample.image_id, "index": index}
+                "image_id": sample.image_id, "index": index, "metadata": dict(sample.metadata)}
+
+    @property
+    def source_indices(self) -> list[int]:
+        """Each item's position in the list given (all kept), as :attr:`RECDataset.source_indices`."""
+        return list(range(len(self.samples)))
 
 
 def _as_dataset(data: Any, split: str) -> Dataset:
@@ -233,6 +240,15 @@ def _as_dataset(data: Any, split: str) -> Dataset:
         return data
     raise TypeError(f"Split {split!r}: expected a RECDataset, a list of RECSample or a map-style dataset of REC items, "
                     f"got {type(data).__name__}.")
+
+
+def _source_indices(data: Any) -> Sequence[int] | None:
+    """Each item's position in the samples ``data`` was built from (:attr:`RECDataset.source_indices`, which differ
+    from the item's own index once the dataset dropped a sample), or None when ``data`` does not say."""
+    sources = getattr(data, "source_indices", None)
+    if not isinstance(sources, Sequence) or isinstance(sources, str | bytes) or len(sources) != len(data):
+        return None
+    return sources
 
 
 def _field(item: Any, key: str, index: int, split: str) -> Any:
@@ -253,7 +269,7 @@ class _EvalCollator:
         self.split = split
 
     def __call__(self, items: Sequence[Any]) -> dict[str, Any]:
-        images, texts, boxes, image_ids, indices = [], [], [], [], []
+        images, texts, boxes, image_ids, indices, metadata = [], [], [], [], [], []
         for position, item in enumerate(items):
             images.append(_field(item, "image", position, self.split))
             expression = _field(item, "expression", position, self.split)
@@ -267,6 +283,8 @@ class _EvalCollator:
                 values = []
             image_ids.append(item.get("image_id") if isinstance(item, Mapping) else getattr(item, "image_id", None))
             indices.append(item.get("index") if isinstance(item, Mapping) else None)
+            found = item.get("metadata") if isinstance(item, Mapping) else getattr(item, "metadata", None)
+            metadata.append(dict(found) if isinstance(found, Mapping) else None)
             if not isinstance(expression, str):  # str(None) would score the phrase "None"
                 raise TypeError(f"{self._where(position, indices[-1], image_ids[-1])}: the expression is a "
                                 f"{type(expression).__name__} ({expression!r}), not text. Fix the data: every item "
@@ -294,7 +312,7 @@ class _EvalCollator:
                    f"{float(width[row]):g}x{float(height[row]):g} image"
                    for row in (clipped_gt != gt).any(dim=-1).nonzero().flatten().tolist()]
         return {"encoded": encoded, "gt": clipped_gt, "texts": texts, "image_ids": image_ids,
-                "indices": indices, "clipped": clipped,  # and what percentages_warning judges the split by:
+                "indices": indices, "metadata": metadata, "clipped": clipped,  # and what percentages_warning judges the split by:
                 "largest": float(gt.max()), "smallest_side": float(torch.minimum(width, height).min())}
 
     def _where(self, position: int, index: Any, image_id: Any) -> str:
@@ -555,8 +573,10 @@ def evaluate(
             holds the results and names the copy saved in the temporary folder.
         device: move the model to this device first; default: where the model is.
         progress: show a progress bar per split.
-        save_predictions: also return (and write) one record per expression: index, image id, expression,
-            predicted and ground-truth boxes, IoU.
+        save_predictions: also return (and write) one record per expression: index (the item's position in the
+            data given), source index (its position in the samples a ``RECDataset`` was built from, which differs
+            once the dataset dropped a sample; a list's own position), the sample's metadata (ref id, sentence id,
+            ... where the loader kept them), image id, expression, predicted and ground-truth boxes, IoU.
         clamp: ``"image"`` (spec; default) or ``"canvas"`` (TransVG's code) — see the module docstring.
         num_workers: ``DataLoader`` workers that load and process the images (a whole number, 0 or more).
         metadata: extra entries for the results' ``metadata`` (e.g. the adapter path, the data files); a key
@@ -610,13 +630,15 @@ def evaluate(
     keys: list[str | None] = list(names) if names is not None else [None]
     metrics_by: dict[str | None, dict[str, dict[str, Any]]] = {key: {} for key in keys}
     predictions_by: dict[str | None, dict[str, list[dict[str, Any]]]] = {key: {} for key in keys}
-    with eval_mode(model):
+    # batches are built, and each loader's seed drawn, on the CPU whatever torch's default device
+    with eval_mode(model), on_cpu():
         for name, data in splits.items():
             loader = DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                                 collate_fn=_EvalCollator(processor, name))
             ious: dict[str | None, list[torch.Tensor]] = {key: [] for key in keys}
             records: dict[str | None, list[dict[str, Any]]] = {key: [] for key in keys}
             seen, largest, smallest_side = 0, 0.0, math.inf
+            sources = _source_indices(data)
             clipped: list[str] = []
             for batch in tqdm(loader, desc=f"eval {name}", unit="batch", disable=not progress, delay=2.0):  # long work only
                 for key, pred in forward_boxes_per_adapter(model, batch["encoded"], target, names).items():
@@ -628,9 +650,14 @@ def evaluate(
                     ious[key].append(iou)
                     if save_predictions:
                         for row in range(iou.shape[0]):
-                            index = batch["indices"][row]
+                            index = seen + row if batch["indices"][row] is None else batch["indices"][row]
+                            record = {"index": index}
+                            if sources is not None and isinstance(index, int) and 0 <= index < len(sources):
+                                record["source_index"] = sources[index]  # where the sample is in the user's list
+                            if batch["metadata"][row] is not None:  # ref_id, sent_id...: what annotations key on
+                                record["metadata"] = batch["metadata"][row]
                             records[key].append({
-                                "index": seen + row if index is None else index,
+                                **record,
                                 "image_id": batch["image_ids"][row],
                                 "expression": batch["texts"][row],
                                 "pred_box": [round(v, 3) for v in boxes[row].tolist()],

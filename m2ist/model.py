@@ -233,6 +233,10 @@ def check_model_inputs(pixel_values: Any, input_ids: Any, attention_mask: Any = 
     if input_ids.dim() != 2 or input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
         raise ValueError(f"input_ids must be a (batch, length) tensor of integer token ids, got {tuple(input_ids.shape)} "
                          f"{str(input_ids.dtype).removeprefix('torch.')}; {_PROCESSOR_HINT}.")
+    if input_ids.dtype not in (torch.int64, torch.int32):  # the embedding takes no other; a cast there wrapped ids
+        raise ValueError(f"input_ids are {str(input_ids.dtype).removeprefix('torch.')} but token ids must be int64 (or "
+                         "int32): a narrower type holds no id past its range (uint8: 255), so a cast to it may have "
+                         "changed them; tokenize again, or pass the processor's input_ids as they are (int64).")
     batch = pixel_values.shape[0]
     if batch == 0 or input_ids.shape[0] == 0:
         raise ValueError("Empty batch: pass at least one image and one expression.")
@@ -269,19 +273,28 @@ def check_model_inputs(pixel_values: Any, input_ids: Any, attention_mask: Any = 
                 raise ValueError(f"{name}[{row}] holds {kind}; {_PROCESSOR_HINT}.")
 
 
+def pad_past_vocabulary(pad: int, rows: int, token: str | None = None) -> str:
+    """The one wording of a pad token past the text tower's embedding (``rows`` ids), shared by
+    :func:`check_model_inputs` (``token`` unknown: the ids are all it sees) and ``RECProcessor.check_fits``."""
+    subject = (f"The tokenizer's pad token {token!r} (id {pad}) lies past" if token is not None
+               else f"input_ids pad with token id {pad}, past")
+    return (f"{subject} the text tower's vocabulary (ids 0..{rows - 1}): it was added to the tokenizer "
+            "(tokenizer.add_special_tokens({'pad_token': ...}) on a tokenizer without one, such as GPT-2's) and the "
+            "tower has no embedding for it. Use an existing token as pad (tokenizer.pad_token = tokenizer.eos_token) "
+            "and build the processor again.")
+
+
 def _outside_vocabulary(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, vocab_size: int, low: int,
                         high: int) -> str:
     """The refusal of token ids outside ``0..vocab_size - 1``: when they all sit where ``attention_mask`` is 0, they
     are padding, and the pad token was added to the tokenizer past the vocabulary (GPT-2 and LLaMA have none)."""
     outside = (input_ids >= vocab_size) | (input_ids < 0)
     if attention_mask is not None and not bool((outside & (attention_mask.to(outside.device) != 0)).any()):
-        pad = int(input_ids[outside][0])
-        return (f"input_ids pad with token id {pad}, past the text tower's vocabulary (0..{vocab_size - 1}): the "
-                "tokenizer's pad token was added to it (tokenizer.add_special_tokens({'pad_token': ...}) on a "
-                "tokenizer without one, such as GPT-2's) and the tower has no embedding for it. Use an existing token "
-                "as pad (tokenizer.pad_token = tokenizer.eos_token) and build the processor again.")
+        return pad_past_vocabulary(int(input_ids[outside][0]), vocab_size)
     return (f"input_ids hold token ids outside the text tower's vocabulary (0..{vocab_size - 1}; got {low}..{high}): "
-            "the tokenizer does not belong to this text tower. Use the processor saved with the adapter.")
+            "the tokenizer does not belong to this text tower, or tokens were added to it (add_special_tokens, a new "
+            "BOS/EOS or template token) that the tower has no embedding for. Use the processor saved with the adapter, "
+            "or the tower's own tokenizer unchanged.")
 
 
 def text_embedding_rows(text_model: nn.Module) -> tuple[int | None, int | None]:

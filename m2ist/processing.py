@@ -46,6 +46,7 @@ from m2ist.data.dataset import RECDataWarning
 from m2ist.data.images import ImageLoadError, load_image
 from m2ist.data.loaders import box_values, has_visible_text
 from m2ist.data.transforms import RECAugmentation, is_flag, is_whole_number, resize_long_side
+from m2ist.model import pad_past_vocabulary
 from m2ist.ops.boxes import as_box_tensor, box_convert, clip_boxes, looks_normalised
 from m2ist.ops.defaults import on_cpu
 from m2ist.save_and_load import PIPELINE, PROCESSOR_CONFIG_NAME, processor_setting_differences, processor_settings
@@ -102,7 +103,14 @@ def _tokenizer_lock(tokenizer: Any) -> threading.Lock:
 
 
 # ---------------------------------------------------------------------------------------------- box geometry
-def _as_geometry(image_geometry: torch.Tensor | np.ndarray | Sequence[Sequence[float]], like: torch.Tensor):
+#: Largest coordinate :meth:`RECProcessor.post_process_boxes` reads as normalised (the head's sigmoid boxes lie in [0, 1]).
+_NORMALISED_LIMIT = 2.0
+
+
+def _as_geometry(image_geometry: torch.Tensor | np.ndarray | Sequence[Sequence[float]], like: torch.Tensor,
+                 name: str = "boxes"):
+    """``image_geometry`` as its six columns, checked: one row per row of ``like`` (the boxes called ``name``),
+    finite, the sizes positive and the scales non-zero (negative: a horizontal flip of the augmentation)."""
     geometry = as_box_tensor(image_geometry).to(like.device)
     geometry = geometry.to(torch.promote_types(like.dtype, geometry.dtype))
     if geometry.ndim != 2 or geometry.shape[-1] != len(GEOMETRY_FIELDS):
@@ -110,16 +118,47 @@ def _as_geometry(image_geometry: torch.Tensor | np.ndarray | Sequence[Sequence[f
             f"image_geometry must have shape (batch, {len(GEOMETRY_FIELDS)}) with columns {GEOMETRY_FIELDS}, "
             f"got {tuple(geometry.shape)}. Use the 'image_geometry' returned by RECProcessor."
         )
+    if geometry.shape[0] != like.shape[0]:  # one row would be broadcast over every box
+        raise ValueError(f"{name} has {like.shape[0]} rows but image_geometry has {geometry.shape[0]}: pass one "
+                         "geometry row per box (the 'image_geometry' RECProcessor returned with the batch).")
+    # a NaN, a zero scale or an image of no pixels maps every box to NaN or to one corner, silently
+    bad = ~(torch.isfinite(geometry).all(-1) & (geometry[:, :2] > 0).all(-1) & (geometry[:, 2:4] != 0).all(-1))
+    if bool(bad.any()):
+        row = int(bad.nonzero()[0, 0])
+        raise ValueError(f"image_geometry[{row}] = {geometry[row].tolist()} is no image's geometry: columns "
+                         f"{GEOMETRY_FIELDS} must be finite, with positive sizes and non-zero scales. Use the "
+                         "'image_geometry' RECProcessor returned with the batch.")
     return geometry.unbind(-1)
+
+
+def _check_normalised(pred_boxes: Any) -> None:
+    """Refuse predictions far outside [0, 1] (the head's boxes are sigmoids): pixel boxes passed for the model's."""
+    pred = as_box_tensor(pred_boxes)
+    if not pred.numel() or pred.is_complex():
+        return  # post_process_boxes names what is wrong with them
+    largest = float(pred.double().nan_to_num(0.0, posinf=0.0, neginf=0.0).abs().max())  # non-finite: predict names it
+    if largest > _NORMALISED_LIMIT:
+        raise ValueError(f"pred_boxes hold values up to {largest:g}, but they must be the model's normalised (cx, cy, "
+                         "w, h) boxes, in [0, 1] of the canvas: these look like pixel boxes, which would be clipped to "
+                         "one corner of the image. Pass outputs.pred_boxes as the model returns them.")
+
+
+def _canvas(canvas_size: Any) -> int:
+    """``canvas_size`` checked as :class:`RECImageProcessor` checks it: 0, a negative or a NaN canvas gave all-zero or
+    NaN boxes."""
+    return _whole_number("canvas_size", canvas_size, _CANVAS_LIMITS)
 
 
 def boxes_to_labels(
     boxes_xyxy: torch.Tensor, image_geometry: torch.Tensor | np.ndarray, canvas_size: int
 ) -> torch.Tensor:
     """Map ``(B, 4)`` ``xyxy`` boxes in original-image pixels to normalised ``(cx, cy, w, h)`` canvas labels."""
+    canvas_size = _canvas(canvas_size)
     boxes = as_box_tensor(boxes_xyxy)
     boxes = boxes.to(torch.promote_types(boxes.dtype, torch.float32))
-    _, _, scale_x, scale_y, offset_x, offset_y = _as_geometry(image_geometry, boxes)
+    if boxes.ndim != 2 or boxes.shape[-1] != 4:
+        raise ValueError(f"boxes_xyxy must have shape (batch, 4) in (x0, y0, x1, y1) pixels, got {tuple(boxes.shape)}.")
+    _, _, scale_x, scale_y, offset_x, offset_y = _as_geometry(image_geometry, boxes, "boxes_xyxy")
     x_a, x_b = boxes[:, 0] * scale_x + offset_x, boxes[:, 2] * scale_x + offset_x
     y_a, y_b = boxes[:, 1] * scale_y + offset_y, boxes[:, 3] * scale_y + offset_y
     canvas_xyxy = torch.stack(
@@ -138,14 +177,13 @@ def post_process_boxes(
     and the trainer's metrics read it: it scores IoU 0, never the box it mirrors.
     """
     clamp = _flag("clamp", clamp)  # clamp="no" would clip
+    canvas_size = _canvas(canvas_size)
     pred = as_box_tensor(pred_boxes)
     pred = pred.to(torch.promote_types(pred.dtype, torch.float32))
-    pred = torch.cat((pred[..., :2], pred[..., 2:].clamp(min=0)), -1) if pred.ndim == 2 and pred.shape[-1] == 4 else pred
     if pred.ndim != 2 or pred.shape[-1] != 4:
         raise ValueError(f"pred_boxes must have shape (batch, 4) in (cx, cy, w, h) form, got {tuple(pred.shape)}.")
-    width, height, scale_x, scale_y, offset_x, offset_y = _as_geometry(image_geometry, pred)
-    if width.shape[0] != pred.shape[0]:
-        raise ValueError(f"pred_boxes has {pred.shape[0]} rows but image_geometry has {width.shape[0]}.")
+    pred = torch.cat((pred[..., :2], pred[..., 2:].clamp(min=0)), -1)
+    width, height, scale_x, scale_y, offset_x, offset_y = _as_geometry(image_geometry, pred, "pred_boxes")
     canvas = box_convert(pred * canvas_size, "cxcywh", "xyxy")
     x_a, x_b = (canvas[:, 0] - offset_x) / scale_x, (canvas[:, 2] - offset_x) / scale_x
     y_a, y_b = (canvas[:, 1] - offset_y) / scale_y, (canvas[:, 3] - offset_y) / scale_y
@@ -438,6 +476,41 @@ class RECImageProcessor(BaseImageProcessor):
         pixel_mask[window[0], window[1]] = 1
 
 
+#: The words ``pad_token=`` takes for one of the tokenizer's special tokens, by its role.
+PAD_TOKEN_ROLES = ("eos", "bos", "unk", "sep", "cls")
+
+
+def set_pad_token(tokenizer: PreTrainedTokenizerBase, pad_token: str) -> None:
+    """Make ``pad_token`` the pad token of ``tokenizer``: a role among :data:`PAD_TOKEN_ROLES` (``"eos"``) or a token
+    of its vocabulary as written (``"<|endoftext|>"``), for a tokenizer without one (GPT-2, LLaMA). A token the
+    tokenizer lacks is refused (a new token would have an id past the text tower's vocabulary), and so is replacing
+    the pad token a tokenizer has (the tower was trained with it); naming that same token changes nothing."""
+    if not isinstance(pad_token, str) or not pad_token.strip():
+        raise ValueError(f"pad_token must be a role ({', '.join(PAD_TOKEN_ROLES)}) or a token of the tokenizer, got "
+                         f"{pad_token!r}.")
+    word = pad_token.strip().lower().removesuffix("_token")
+    if word in PAD_TOKEN_ROLES:
+        token = getattr(tokenizer, f"{word}_token", None)
+        if token is None:
+            roles = [f"{role} ({getattr(tokenizer, f'{role}_token')!r})" for role in PAD_TOKEN_ROLES
+                     if getattr(tokenizer, f"{role}_token", None) is not None]
+            raise ValueError(f"pad_token {pad_token!r}: the text tower's tokenizer has no {word} token; its special "
+                             f"tokens are {', '.join(roles) or 'none'}: name one of them, or a token of its vocabulary.")
+        token = str(token)
+    else:
+        token = pad_token
+        if token not in tokenizer.get_vocab():
+            raise ValueError(f"pad_token {pad_token!r} is not a token of the text tower's tokenizer (a new token would "
+                             f"have an id past the tower's vocabulary): name one of its special tokens by role "
+                             f"({', '.join(PAD_TOKEN_ROLES)}) or a token of its vocabulary, as written.")
+    current = getattr(tokenizer, "pad_token", None)
+    if current is not None and str(current) != token:
+        raise ValueError(f"pad_token {pad_token!r}: the text tower's tokenizer pads with {str(current)!r} already, and "
+                         "the tower was trained with it: leave pad_token unset (--pad-token, model.pad_token on the "
+                         "command line), which is for tokenizers without a pad token (GPT-2, LLaMA...).")
+    tokenizer.pad_token = token
+
+
 # ---------------------------------------------------------------------------------------------- the processor
 class RECProcessor(ProcessorMixin):
     """Turn images, phrases and (optionally) boxes into the batch an M²IST model takes, and predictions back.
@@ -475,9 +548,10 @@ class RECProcessor(ProcessorMixin):
             raise TypeError(f"tokenizer must be a Hugging Face tokenizer, got {type(tokenizer).__name__}.")
         if getattr(tokenizer, "pad_token", None) is None:
             raise ValueError("The tokenizer has no pad token (GPT-2's and LLaMA's have none): make one of its own tokens "
-                             "the pad token before building the processor (tokenizer.pad_token = tokenizer.eos_token); "
-                             "a new one (add_special_tokens({'pad_token': '[PAD]'})) would have an id past the text "
-                             "tower's vocabulary.")
+                             "the pad token (RECProcessor.from_pretrained(..., pad_token='eos'), or "
+                             "tokenizer.pad_token = tokenizer.eos_token before building the processor; on the command "
+                             "line, m2ist train --pad-token eos); a new one (add_special_tokens({'pad_token': '[PAD]'})) "
+                             "would have an id past the text tower's vocabulary.")
         settings = {"canvas_size": canvas_size, "image_mean": image_mean, "image_std": image_std}
         given = {key: value for key, value in settings.items() if value is not None}
         if image_processor is None:
@@ -578,7 +652,16 @@ class RECProcessor(ProcessorMixin):
         if len(images) != len(texts) or not texts:
             raise ValueError(f"Got {len(images)} images and {len(texts)} phrases; pass one phrase per image.")
         if boxes is not None:
+            iterable = hasattr(boxes, "tolist") or hasattr(boxes, "__iter__")
+            if isinstance(boxes, Set | Mapping | str | bytes) or not iterable:
+                unordered = isinstance(boxes, Set | Mapping)  # a set of boxes has no order; 5 is no box
+                raise TypeError(f"boxes must be one [x0, y0, x1, y1] box per phrase, in order (a list of boxes or a "
+                                f"(B, 4) array), got a value of type {type(boxes).__name__}"
+                                + (": a set or a dict has no order to pair its boxes with the phrases."
+                                   if unordered else "."))
             boxes = boxes.tolist() if hasattr(boxes, "tolist") else list(boxes)
+            if not isinstance(boxes, list):  # a 0-d array's tolist() is a number
+                raise TypeError(f"boxes must be one [x0, y0, x1, y1] box per phrase, got the number {boxes!r}.")
             if len(boxes) != len(texts):
                 raise ValueError(f"Got {len(boxes)} boxes for {len(texts)} phrases; pass one box per phrase.")
         augment = self.augment if train else None
@@ -752,27 +835,25 @@ class RECProcessor(ProcessorMixin):
 
     def _check_vocabulary(self, rows: int, padding: int | None, tower: str | None) -> None:
         """Refuse a tokenizer whose tokens the text tower (``rows`` embeddings, ``padding`` its padding id) cannot
-        embed or reads as other words (see :meth:`check_fits`)."""
+        embed or reads as other words (see :meth:`check_fits`). The special tokens checked are those that reach
+        ``input_ids``: the pad token, ``[UNK]`` and the ones the tokenizer puts around every phrase (read off a
+        probe phrase: ``[CLS]``/``[SEP]``, BOS/EOS, a template's own tokens); a role the tokenizer never inserts (a
+        BOS token set on a BERT tokenizer) is never read, so never refused."""
         tokenizer = self.tokenizer
         own = (f"AutoTokenizer.from_pretrained({tower!r})" if tower else "AutoTokenizer.from_pretrained(<text tower>)")
         fix = f"use the text tower's own tokenizer ({own}) or the processor saved with the adapter"
         roles = {name: getattr(tokenizer, f"{name}_token_id", None) for name in _TOKEN_ROLES}
-        for name, index in roles.items():
-            if isinstance(index, int) and index >= rows:
-                token = getattr(tokenizer, f"{name}_token", None)
-                if name == "pad":
-                    raise ValueError(
-                        f"The tokenizer's pad token {token!r} (id {index}) lies past the text tower's vocabulary (ids "
-                        f"0..{rows - 1}): it was added to the tokenizer (tokenizer.add_special_tokens({{'pad_token': "
-                        "...}) on a tokenizer without one, such as GPT-2's) and the tower has no embedding for it. "
-                        "Use an existing token as pad (tokenizer.pad_token = tokenizer.eos_token) and build the "
-                        "processor again.")
-                raise ValueError(f"The tokenizer's {name} token {token!r} (id {index}) lies past the text tower's "
-                                 f"vocabulary (ids 0..{rows - 1}): the tokenizer belongs to another text tower; {fix}.")
+        pad = roles["pad"]
+        if isinstance(pad, int) and pad >= rows:
+            raise ValueError(pad_past_vocabulary(pad, rows, getattr(tokenizer, "pad_token", None)))
         base = tokenizer.vocab_size
         if base > rows:
             raise ValueError(f"The tokenizer's vocabulary has {base} tokens but the text tower embeds {rows} (ids "
                              f"0..{rows - 1}): it is the tokenizer of another text tower; {fix}.")
+        unknown = roles["unk"]
+        for index in sorted({*self._inserted_ids(), *([unknown] if isinstance(unknown, int) else [])}):
+            if index >= rows:
+                self._refuse_special(index, rows, roles, fix)
         added = sorted((index, str(token)) for index, token in tokenizer.added_tokens_decoder.items()
                        if index >= rows and not getattr(token, "special", False))  # a special one is never read
         if added:                                                                   # from text (split_special_tokens)
@@ -780,13 +861,41 @@ class RECProcessor(ProcessorMixin):
                              f"{added[0][0]}..{added[-1][0]}) lie past the text tower's vocabulary (ids 0..{rows - 1}): "
                              "a phrase holding one would fail. Resize the tower before building the model "
                              "(text_model.resize_token_embeddings(len(tokenizer))) or use the tokenizer without them.")
-        pad, others = roles["pad"], {index for name, index in roles.items() if name != "pad"}
+        others = {index for name, index in roles.items() if name != "pad"}
         if padding is not None and pad is not None and pad != padding and pad not in others:
             raise ValueError(
                 f"The tokenizer pads with {tokenizer.pad_token!r} (id {pad}) but the text tower reserves id {padding} "
                 "for padding (its embedding's padding_idx): the tokenizer has another vocabulary (a BERT tokenizer "
                 f"on a RoBERTa tower, say), so every id would be read as another word; {fix}. If it is the tower's "
                 f"own tokenizer, set tokenizer.pad_token to its token of id {padding}.")
+
+    def _inserted_ids(self) -> list[int]:
+        """The ids the tokenizer adds to every phrase (``[CLS]``/``[SEP]``, BOS/EOS, a template's tokens): those of a
+        probe phrase tokenized as :meth:`__call__` does, less those of its words alone."""
+        probe = [_PROBE_PHRASE.lower() if self.lowercase else _PROBE_PHRASE]
+        whole = list(self._tokenize(probe, truncation=False)["input_ids"][0])
+        words = list(self._tokenize(probe, truncation=False, add_special_tokens=False)["input_ids"][0])
+        for index in words:
+            if index in whole:
+                whole.remove(index)
+        return [int(index) for index in whole]
+
+    def _refuse_special(self, index: int, rows: int, roles: dict[str, Any], fix: str) -> None:
+        """Refuse the special token ``index`` that reaches ``input_ids`` but lies past the tower's ``rows``
+        embeddings, naming its role and how it got there."""
+        tokenizer = self.tokenizer
+        token = tokenizer.convert_ids_to_tokens(index)
+        named = [name.upper() for name, value in roles.items() if value == index]
+        what = f"{'/'.join(named)} token" if named else "special token"
+        where = "adds to every phrase" if roles["unk"] != index else "puts for every unknown word"
+        if index >= tokenizer.vocab_size:  # added to the tokenizer after its vocabulary
+            how = ("it was added to the tokenizer (tokenizer.add_special_tokens, or a post-processor template naming "
+                   "a new token) and the tower has no embedding for it. Use the tokenizer without it: "
+                   f"{fix.removeprefix('use ')}")
+        else:
+            how = f"the tokenizer belongs to another text tower; {fix}"
+        raise ValueError(f"The tokenizer's {what} {token!r} (id {index}), which it {where}, lies past the text "
+                         f"tower's vocabulary (ids 0..{rows - 1}): {how}.")
 
     def _warn_if_other_tokenizer(self, tower: str | None) -> None:
         """Warn when the tokenizer was loaded from a Hub repo of another name than the text tower's recorded one
@@ -856,7 +965,11 @@ class RECProcessor(ProcessorMixin):
     def post_process_boxes(
         self, pred_boxes: torch.Tensor, image_geometry: torch.Tensor | np.ndarray, clamp: bool = True
     ) -> torch.Tensor:
-        """The model's ``pred_boxes`` (B, 4) -> ``xyxy`` pixels of the original images, clipped to each image."""
+        """The model's ``pred_boxes`` (B, 4) -> ``xyxy`` pixels of the original images, clipped to each image.
+
+        Values far outside [0, 1] are refused: the head's boxes are sigmoids, and canvas-pixel boxes passed instead
+        would be clipped to one corner of the image (:func:`post_process_boxes` itself inverts any labels)."""
+        _check_normalised(pred_boxes)
         return post_process_boxes(pred_boxes, image_geometry, self.canvas_size, clamp=clamp)
 
     def denormalize(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -919,7 +1032,9 @@ class RECProcessor(ProcessorMixin):
         Keyword arguments ``revision``, ``token``, ``cache_dir``, ``local_files_only``, ``subfolder`` and
         ``trust_remote_code`` are passed to the Hub (``vision_revision`` sets the vision repo's revision); the
         other keyword arguments (``canvas_size``, ``max_query_len``, ``lowercase``, ``augment``, ``image_mean``,
-        ``image_std``) override the processor settings.
+        ``image_std``) override the processor settings. ``pad_token`` (``"eos"``, or a token as written) makes one of
+        the tokenizer's own tokens its pad token, for text towers without one (GPT-2, LLaMA; see
+        :func:`set_pad_token`); it is saved with the tokenizer.
         """
         for key in _AUTO_KWARGS:  # what AutoProcessor passes along; m2ist resolves files itself
             kwargs.pop(key, None)
@@ -928,11 +1043,12 @@ class RECProcessor(ProcessorMixin):
             kwargs.pop(key, None)
         trust_remote_code = kwargs.pop("trust_remote_code", None)
         vision_revision = kwargs.pop("vision_revision", None)
+        pad_token = kwargs.pop("pad_token", None)
         unknown = set(kwargs) - set(_SETTINGS)
         if unknown:
             raise TypeError(f"RECProcessor.from_pretrained got unexpected keyword arguments {sorted(unknown)}; it "
                             f"accepts {sorted(_SETTINGS)} and the Hub options {sorted(_HUB_KWARGS)}, "
-                            "trust_remote_code, vision_revision.")
+                            "trust_remote_code, vision_revision, pad_token.")
         tokenizer_kwargs = dict(hub_kwargs)
         if trust_remote_code is not None:
             tokenizer_kwargs["trust_remote_code"] = trust_remote_code
@@ -950,6 +1066,8 @@ class RECProcessor(ProcessorMixin):
         recorded = json.loads(Path(legacy).read_text(encoding="utf-8")) if legacy is not None else {}
         if processor is None:
             tokenizer = AutoTokenizer.from_pretrained(source, **tokenizer_kwargs)
+            if pad_token is not None:
+                set_pad_token(tokenizer, pad_token)
             settings: dict[str, Any] = {}
             if legacy is not None:
                 settings = {key: recorded[key] for key in _SETTINGS if recorded.get(key) is not None}
@@ -957,8 +1075,12 @@ class RECProcessor(ProcessorMixin):
                 logger.info("No vision model given: normalising images with ImageNet statistics.")
             try:
                 processor = cls(tokenizer, **settings)
-            except ValueError as err:
+            except ValueError as err:  # a recorded setting refused: name the file that holds it
+                if legacy is None:
+                    raise
                 raise ValueError(f"{legacy}: {err}") from err
+        elif pad_token is not None:  # a saved processor pads already: the same token is accepted, another refused
+            set_pad_token(processor.tokenizer, pad_token)
         if restored or legacy is not None:  # a saved processor: its tokenizer is named after the folder, not the tower
             _RESTORED_TOKENIZERS.add(processor.tokenizer)
         expected_vocab = recorded.get(_VOCAB_SIZE_KEY) if isinstance(recorded, dict) else None

@@ -19,6 +19,7 @@ import ctypes.util
 import errno
 import fnmatch
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -222,8 +223,12 @@ def atomic_write(path: Path, write) -> None:
     """Call ``write(tmp_path)`` on a temporary file beside ``path``, then move it into place in one step.
 
     The file gets the permissions a plain ``open(path, "w")`` would give (``0644`` under the usual umask ``022``),
-    not the ``0600`` of ``tempfile.mkstemp``.
+    not the ``0600`` of ``tempfile.mkstemp``. As with ``open``, a symbolic link is followed: the file it points to
+    is replaced and the link stays (replacing the link itself left its target, e.g. a shared results file, stale).
     """
+    path = Path(path)
+    if path.is_symlink():
+        path = Path(os.path.realpath(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     while True:
         tmp = str(path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp")
@@ -460,6 +465,11 @@ def meta_device_problem(tensors: Iterable[tuple[str, torch.Tensor]], what: str) 
             "under torch.device('meta') / init_empty_weights() or moved with .to('meta'). m2ist needs real weights: "
             "load them (from_pretrained, or module.to_empty(device='cpu') then load_state_dict) and keep the model "
             "on a real device ('cpu', 'cuda').")
+
+
+def module_meta_problem(module: torch.nn.Module, what: str) -> str | None:
+    """:func:`meta_device_problem` for all of ``module``'s parameters and buffers."""
+    return meta_device_problem(itertools.chain(module.named_parameters(), module.named_buffers()), what)
 
 
 def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:

@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import copy
 import inspect
-import itertools
 import logging
 import math
 import re
+import warnings
 import weakref
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from .save_and_load import meta_device_problem
+from .save_and_load import module_meta_problem
 from .taps import (
     PREFIX_PARAMETERS,
     SUFFIX_PARAMETERS,
@@ -380,12 +380,12 @@ class Tower:
                  probe_inputs: dict[str, torch.Tensor] | None = None, override: dict[str, Any] | None = None) -> None:
         if modality not in (VISION, TEXT):
             raise ValueError(f"modality must be 'vision' or 'text', got {modality!r}.")
-        problem = meta_device_problem(itertools.chain(model.named_parameters(), model.named_buffers()),
-                                      f"The {modality} tower")
+        problem = module_meta_problem(model, f"The {modality} tower")
         if problem:  # its layers are found by running it: a meta tower fails deep in the probe with "Tensor.item()"
             raise ValueError(problem)
         self.model, self.modality = model, modality
         self._state: _Capture | None = None
+        self._warned_training: str | None = None  # the part in train() last warned about (see _warn_training_parts)
         self._handles: list[Any] = []
         self._forward_args = _accepted(model.forward)
         self.native_size = self._native_size()
@@ -1027,6 +1027,8 @@ class Tower:
         modes = [(module, module.training) for module in self.model.modules()] if self.model.training else []
         if modes:
             self.model.eval()
+        else:
+            self._warn_training_parts()
         try:
             tokens, mask, out = self._run(inputs, hidden_states=not self.layers)
         finally:
@@ -1059,6 +1061,21 @@ class Tower:
             tokens=tokens.float(), mask=mask, seed=aligned("seed"),
             taps={kind: [aligned((kind, index)) for index in layers] for kind in kinds},
         )
+
+    def _warn_training_parts(self) -> None:
+        """Warn, once per module name, when a tower in ``eval()`` has a part in ``train()`` (see
+        :meth:`training_submodule`): :meth:`tap` runs it so, and its features then change from call to call."""
+        name = self.training_submodule()
+        if name is None or name == getattr(self, "_warned_training", None):
+            return
+        self._warned_training = name
+        warnings.warn(
+            f"The frozen {self.modality} tower has modules in train() mode (e.g. {name!r}) although the tower itself "
+            "is in eval(): their dropout draws at random (a batch norm reads the batch and updates its running "
+            "statistics), so the tower's features change from call to call and differ from a run with the tower "
+            "cache, which refuses this. model.eval(), model.train(), RECTrainer and evaluate() put frozen towers "
+            f"back in eval(); so does model.{self.modality}_model.eval(). Ignore this only if the draw is intended "
+            "(Monte-Carlo dropout).", UserWarning, stacklevel=4)
 
     def training_submodule(self) -> str | None:
         """The name of a sub-module that :meth:`tap` runs in ``train()`` mode, preferring one that draws at random

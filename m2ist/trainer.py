@@ -21,7 +21,6 @@ import copy
 import dataclasses
 import functools
 import hashlib
-import itertools
 import json
 import logging
 import math
@@ -65,6 +64,7 @@ from .evaluation import paired_iou, write_results
 from .head import rec_loss
 from .model import DEFAULT_ADAPTER, DTYPES, METHODS, RECModel, SideTunedModel, non_finite_cause
 from .ops.boxes import box_convert
+from .ops.defaults import on_cpu
 from .save_and_load import (
     ADAPTER_FILES,
     OWNED_FILES,
@@ -72,7 +72,7 @@ from .save_and_load import (
     atomic_write,
     check_finite,
     load_trainable_state,
-    meta_device_problem,
+    module_meta_problem,
     processor_settings,
     read_safetensors,
     recorded_sha256,
@@ -386,7 +386,8 @@ def denormals_flushed(enabled: bool = True) -> Iterator[None]:
     """Flush denormal floats to zero on the CPU inside the block (where the CPU supports it), and stop after unless it
     was on before (torch has no getter: a denormal that multiplies to zero tells): AdamW's second moments of small
     gradients decay into denormals, which make CPU arithmetic several times slower."""
-    already = enabled and bool((torch.tensor([1e-39], dtype=torch.float32) * 1.0)[0] == 0)
+    with on_cpu():  # the probe must compute: not on a "meta" default device (or pay a CUDA launch)
+        already = enabled and bool((torch.tensor([1e-39], dtype=torch.float32) * 1.0)[0] == 0)
     flushed = enabled and not already and torch.set_flush_denormal(True)
     try:
         yield
@@ -504,6 +505,7 @@ def image_regions(pixel_mask: torch.Tensor | None, batch_size: int, device: torc
     return torch.stack((x0 / width, y0 / height, x1 / width, y1 / height), dim=-1).float()
 
 
+@on_cpu()  # scored on the CPU whatever torch's default device (a "meta" one holds no values)
 def compute_rec_metrics(pred_boxes: Any, labels: Any, regions: Any = None,
                         config: M2ISTConfig | None = None) -> dict[str, float]:
     """REC metrics of ``(N, 4)`` normalised ``(cx, cy, w, h)`` predictions against labels of the same form.
@@ -665,7 +667,7 @@ class RECTrainer(Trainer):
                              "baseline from m2ist.evidence.baselines.build_model().")
         if not isinstance(model, RECModel):
             raise TypeError(_not_a_rec_model(model))
-        problem = meta_device_problem(itertools.chain(model.named_parameters(), model.named_buffers()), "The model")
+        problem = module_meta_problem(model, "The model")
         if problem:  # the Trainer's move would say "use to_empty()", which trains on uninitialised memory
             raise ValueError(problem)
         if args is None:
@@ -923,8 +925,13 @@ class RECTrainer(Trainer):
             self._restart_augmentation(augmentation)
         # gradients on, even inside torch.no_grad(), torch.inference_mode() or torch.set_grad_enabled(False) (a
         # notebook's inference cell): training needs them, and without them backward() fails with a riddle
+        # and tensors made without a device on the CPU, as without torch.set_default_device: Accelerate draws the
+        # shuffling generator on the default device (a "meta" one fails, a CUDA one shuffles otherwise)
         with denormals_flushed(self.args.flush_denormal and self.args.device.type == "cpu"), \
-                torch.inference_mode(False), torch.enable_grad():
+                torch.inference_mode(False), torch.enable_grad(), on_cpu():
+            # the mode every training step sets (a SideTunedModel's frozen towers back in eval(), every part), set
+            # before the tower cache's probe, which would otherwise warn about tower parts the user left in train()
+            self.accelerator.unwrap_model(self.model).train()
             self._open_tower_cache()
             return super().train(resume_from_checkpoint, *args, **kwargs)
 
@@ -1278,7 +1285,9 @@ class RECTrainer(Trainer):
         if not isinstance(data, str):  # a dict is checked set by set, as Trainer.evaluate calls this for each
             _refuse_empty_sets({} if isinstance(data, Mapping) else
                                {metric_key_prefix.removeprefix("eval").removeprefix("_") or "eval": data})
-        with random_states_kept():  # evaluating during training must not change the dropout masks that follow
+        # evaluating during training must not change the dropout masks that follow; tensors made without a device
+        # go to the CPU, as in training
+        with random_states_kept(), on_cpu():
             metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
         model = self.accelerator.unwrap_model(self.model)
         self._evaluated_weights[self.state.global_step] = tensors_sha256(trainable_tensors(model))
@@ -1330,7 +1339,8 @@ class RECTrainer(Trainer):
         """``Trainer.predict``, refusing an empty dataset (which would return no predictions and no metrics)."""
         self._refuse_changed_arguments()
         _refuse_empty_sets({metric_key_prefix: test_dataset})
-        return super().predict(test_dataset, ignore_keys, metric_key_prefix)
+        with on_cpu():  # tensors made without a device go to the CPU, as in training
+            return super().predict(test_dataset, ignore_keys, metric_key_prefix)
 
     def _measured_weights(self, step: int) -> str | None:
         """The SHA-256 of the weights evaluated at ``step``: remembered by :meth:`evaluate`, or (for a run resumed

@@ -88,7 +88,8 @@ def add_config_flags(parser: argparse.ArgumentParser, command: str) -> None:
                        help="print the resolved settings as JSON and exit")
     parser.set_defaults(command=command)
 
-def add_tower_flags(parser: argparse.ArgumentParser, required_note: str) -> None:
+def add_tower_flags(parser: argparse.ArgumentParser, required_note: str, pad_token: bool = False) -> None:
+    """The tower flags; ``pad_token``: also ``--pad-token`` (``m2ist train``, which builds the processor)."""
     group = parser.add_argument_group("towers")
     _add(group, "--vision-model", dest="model.vision_model", metavar="ID_OR_PATH",
          help=f"vision tower: Hub id or local folder (e.g. facebook/detr-resnet-50){required_note}")
@@ -98,6 +99,11 @@ def add_tower_flags(parser: argparse.ArgumentParser, required_note: str) -> None
     _add(group, "--text-revision", dest="model.text_revision", metavar="REV", help="revision of the text tower")
     _add(group, "--trust-remote-code", dest="model.trust_remote_code", action="store_true",
          help="allow towers whose code lives in their Hub repo (runs that code)")
+    if pad_token:
+        _add(group, "--pad-token", dest="model.pad_token", metavar="TOKEN",
+             help="for a text tower whose tokenizer has no pad token (GPT-2, LLaMA...): pad with one of its own "
+                  "tokens, named by role (eos, bos, unk, sep, cls) or as written (e.g. '<|endoftext|>'); recorded in "
+                  "m2ist_cli_config.yaml and saved with the processor")
 
 def add_data_flags(parser: argparse.ArgumentParser, train: bool) -> None:
     files = "--train-file/--eval-file" if train else "--eval-file"

@@ -29,7 +29,7 @@ CONFIG_DIR = Path(__file__).parent.parent / "configs"
 SECTIONS = ("model", "m2ist", "data", "training", "augmentation", "evaluation")
 
 MODEL_KEYS = ("vision_model", "text_model", "vision_revision", "text_revision", "trust_remote_code", "adapter",
-              "processor")
+              "processor", "pad_token")
 
 DATA_KEYS = ("format", "data_root", "dataset", "split_by", "image_root", "train_split", "eval_splits", "train_file",
              "eval_files", "box_format", "normalized", "trusted", "text_column", "sentence_field", "hf_style",
@@ -41,7 +41,8 @@ EVALUATION_KEYS = ("batch_size", "iou_thresholds", "output_file", "save_predicti
 #: a config file's or ``--set``'s value of another type is refused, naming the key, never used as it is.
 KEY_TYPES: dict[str, dict[str, Any]] = {
     "model": {"vision_model": str | None, "text_model": str | None, "vision_revision": str | None,
-              "text_revision": str | None, "trust_remote_code": bool, "adapter": str | None, "processor": str | None},
+              "text_revision": str | None, "trust_remote_code": bool, "adapter": str | None, "processor": str | None,
+              "pad_token": str | None},
     "data": {"format": str | None, "data_root": str | None, "dataset": str | None, "split_by": str | None,
              "image_root": str | None, "train_split": str, "eval_splits": list[str] | str | None,
              "train_file": str | None, "eval_files": list[str] | dict[str, str] | str | None,
@@ -61,7 +62,8 @@ _SCIENTIFIC = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
 COMMAND_SECTIONS = {"train": SECTIONS, "eval": ("model", "data", "evaluation"), "predict": ("model", "evaluation")}
 
 _SECTION_HELP = {
-    "model": "vision_model, text_model, vision_revision, text_revision, trust_remote_code, adapter, processor",
+    "model": "vision_model, text_model, vision_revision, text_revision, trust_remote_code, adapter, processor, "
+             "pad_token",
     "m2ist": "M2ISTConfig fields (bottleneck, image_size, max_query_len, experts, ...)",
     "data": "format, data_root, dataset, split_by, image_root, train_split, eval_splits, train_file, eval_files, "
             "box_format, normalized, trusted, text_column, sentence_field, hf_style, max_train_samples, "
@@ -73,7 +75,7 @@ _SECTION_HELP = {
                   "final_eval",
 }
 _COMMAND_KEYS = {
-    ("train", "model"): "vision_model, text_model, vision_revision, text_revision, trust_remote_code",
+    ("train", "model"): "vision_model, text_model, vision_revision, text_revision, trust_remote_code, pad_token",
     ("eval", "model"): "adapter, processor, vision_model, text_model, vision_revision, text_revision, "
                        "trust_remote_code",
     ("predict", "model"): "adapter, processor, vision_model, text_model, vision_revision, text_revision, "
@@ -300,7 +302,7 @@ def _typed_ok(value: Any, hint: Any) -> bool:
 
 
 def _config_path(path: str | Path) -> Path:
-    candidate = Path(path)
+    candidate = Path(path).expanduser()  # --config=~/run.yaml: no shell expands a ~ after '='
     if candidate.is_file():
         return candidate
     for name in (str(path), f"{path}.yaml", f"{path}.yml", f"{path}.json"):
@@ -498,6 +500,7 @@ def resolve_settings(namespace: argparse.Namespace) -> dict[str, dict[str, Any]]
             settings[section][name] = value
             if section == "data":
                 origin[name] = (2, "--" + _FLAG_NAMES.get(name, name).replace("_", "-"))
+    expand_paths(settings)
     _one_way_to_name_eval_splits(settings["data"], origin)
     _drop_settings_of_an_earlier_format(settings["data"], origin)
     if settings["evaluation"].get("device") not in (None, ""):
@@ -505,6 +508,61 @@ def resolve_settings(namespace: argparse.Namespace) -> dict[str, dict[str, Any]]
     return settings
 
 _FLAG_NAMES = {"eval_files": "eval_file", "format": "data_format"}
+
+#: The settings that name local files or folders (the model ones may be Hub ids, which never start with ``~``).
+PATH_KEYS: dict[str, tuple[str, ...]] = {
+    "model": ("vision_model", "text_model", "adapter", "processor"),
+    "data": ("data_root", "image_root", "train_file", "eval_files"),
+    "training": ("output_dir", "resume_from_checkpoint", "deepspeed", "fsdp_config"),
+    "evaluation": ("output_file",),
+}
+# $NAME or ${NAME}: an environment variable a shell would expand, and a settings file does not
+_VARIABLE = re.compile(r"\$(\{\w+\}|[A-Za-z_]\w*)")
+
+
+def _expand_path(section: str, key: str, value: str, named: bool = False) -> str:
+    """``value`` with a leading ``~`` / ``~user`` made the home folder (a shell does so on the command line, a settings
+    file or ``--output-dir=~/x`` does not: the path would be a folder named ``~`` in the working directory); a path
+    that holds an environment variable (``$DATA/refcoco``), which m2ist does not expand, or that starts or ends with
+    spaces, is refused unless it exists as written. ``named``: ``value`` may be ``NAME=PATH`` (``--eval-file``)."""
+    import os
+
+    path = value.split("=", 1)[1] if named and _names_a_split(value) else value
+    expanded = os.path.expanduser(path) if path.startswith("~") else path
+    if not os.path.lexists(expanded):
+        variable = _VARIABLE.search(expanded)
+        if variable:
+            raise CLIError(f"{section}.{key} {path!r} holds {variable.group(0)}: m2ist does not expand environment "
+                           "variables in settings (only a shell does, on the command line): write the path out, or "
+                           "pass it as a flag.")
+        if expanded != expanded.strip():
+            raise CLIError(f"{section}.{key} {path!r} starts or ends with spaces, and no such path exists: remove "
+                           "them (quoted YAML and JSON strings keep them).")
+    return value[: len(value) - len(path)] + expanded
+
+
+def _names_a_split(item: str) -> bool:
+    """Whether an ``eval_files`` item is ``NAME=PATH`` (as :func:`m2ist.cli.data._name_and_path` reads it)."""
+    from .data import _name_and_path
+
+    return _name_and_path(item)[1] != item
+
+
+def expand_paths(settings: dict[str, dict[str, Any]]) -> None:
+    """Expand ``~`` in the path settings of every layer (:data:`PATH_KEYS`, see :func:`_expand_path`)."""
+    for section, keys in PATH_KEYS.items():
+        values = settings.get(section, {})
+        for key in keys:
+            value = values.get(key)
+            named = (section, key) == ("data", "eval_files")
+            if isinstance(value, str):
+                values[key] = _expand_path(section, key, value, named)
+            elif isinstance(value, list):
+                values[key] = [_expand_path(section, key, item, named) if isinstance(item, str) else item
+                               for item in value]
+            elif isinstance(value, Mapping):
+                values[key] = {name: _expand_path(section, key, item) if isinstance(item, str) else item
+                               for name, item in value.items()}
 
 
 def _one_way_to_name_eval_splits(data: dict[str, Any], origin: Mapping[str, tuple[int, str]]) -> None:

@@ -48,7 +48,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         settings_help("train"),
         epilog=examples("train"))
     add_config_flags(train, "train")
-    add_tower_flags(train, " (required)")
+    add_tower_flags(train, " (required)", pad_token=True)
     add_data_flags(train, train=True)
     add_evaluation_flags(train, "train")
     add_m2ist_flags(train)
@@ -73,6 +73,48 @@ def _check_train_settings(settings: Mapping[str, Mapping[str, Any]]) -> None:
     check_scoring_options(settings.get("evaluation", {}), command="train")
 
 
+def recorded_settings(settings: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """``settings`` as ``m2ist_cli_config.yaml`` records them: each local path of :data:`~.settings.PATH_KEYS` that
+    exists made absolute, so that ``--config`` of the record (a resume) read from another working directory reads the
+    same files, not others of the same relative names (or none)."""
+    from .data import _name_and_path
+    from .settings import PATH_KEYS
+
+    def absolute(value: Any, named: bool = False) -> Any:
+        if not isinstance(value, str):
+            return value
+        name, path = _name_and_path(value) if named else ("", value)
+        if not Path(path).exists():
+            return value
+        return f"{name}={Path(path).resolve()}" if path != value else str(Path(path).resolve())
+
+    recorded = {section: dict(values) for section, values in settings.items()}
+    for section, keys in PATH_KEYS.items():
+        values = recorded.get(section, {})
+        for key in keys:
+            named = (section, key) == ("data", "eval_files")
+            value = values.get(key)
+            if isinstance(value, list):
+                values[key] = [absolute(item, named) for item in value]
+            elif isinstance(value, Mapping):
+                values[key] = {name: absolute(item) for name, item in value.items()}
+            elif value is not None:
+                values[key] = absolute(value)
+    return recorded
+
+
+def _build_processor(model_settings: Mapping[str, Any], trust: bool, **settings: Any) -> Any:
+    """The processor of the text tower's tokenizer (padding with ``model.pad_token`` when it is set, see
+    :func:`m2ist.processing.set_pad_token`) and the vision tower's image statistics."""
+    from m2ist.processing import RECProcessor
+
+    pad_token = model_settings.get("pad_token")
+    return RECProcessor.from_pretrained(
+        local_or_hub(model_settings["text_model"]), local_or_hub(model_settings["vision_model"]),
+        revision=model_settings.get("text_revision"), vision_revision=model_settings.get("vision_revision"),
+        trust_remote_code=trust or None, pad_token=None if pad_token in (None, "") else str(pad_token), **settings)
+
+
 def run(settings: dict[str, dict[str, Any]], args: argparse.Namespace) -> int:
     """Build the towers, the model and the processor, load the data, train, save, and score the evaluation splits."""
     from m2ist.card import EVAL_RESULTS_NAME, write_model_card
@@ -80,7 +122,6 @@ def run(settings: dict[str, dict[str, Any]], args: argparse.Namespace) -> int:
     from m2ist.evaluation import check_output_file, evaluate, with_headline, write_results
     from m2ist.evidence.baselines import build_model
     from m2ist.model import SideTunedModel
-    from m2ist.processing import RECProcessor
     from m2ist.save_and_load import atomic_write
     from m2ist.trainer import train_rec
 
@@ -108,11 +149,8 @@ def run(settings: dict[str, dict[str, Any]], args: argparse.Namespace) -> int:
     text = load_tower(model_settings["text_model"], model_settings.get("text_revision"), trust, role="text tower")
     method = settings["training"].get("method") or "m2ist"
     model = build_model(vision, text, config, method=method)
-    processor = RECProcessor.from_pretrained(
-        local_or_hub(model_settings["text_model"]), local_or_hub(model_settings["vision_model"]),
-        revision=model_settings.get("text_revision"), vision_revision=model_settings.get("vision_revision"),
-        trust_remote_code=trust or None, canvas_size=model.config.image_size,
-        max_query_len=model.config.max_query_len, augment=augment)
+    processor = _build_processor(model_settings, trust, canvas_size=model.config.image_size,
+                                 max_query_len=model.config.max_query_len, augment=augment)
     model.print_trainable_parameters()
 
     skip_invalid = bool(data.get("skip_invalid", False))
@@ -128,7 +166,7 @@ def run(settings: dict[str, dict[str, Any]], args: argparse.Namespace) -> int:
     trainer.save_model(str(output_dir))  # the trained tensors, the config and the processor
     if not trainer.is_world_process_zero():
         return 0
-    settings_text = dump_settings(settings)
+    settings_text = dump_settings(recorded_settings(settings))
     atomic_write(output_dir / "m2ist_cli_config.yaml", lambda tmp: Path(tmp).write_text(settings_text, encoding="utf-8"))
     info(f"Saved the adapter and the processor to {output_dir}")
 

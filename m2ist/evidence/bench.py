@@ -16,7 +16,6 @@ import json
 import platform
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from datetime import date
@@ -26,7 +25,7 @@ import torch
 
 from m2ist.config import check_flags
 
-from .outputs import check_outputs, write_json
+from .outputs import check_outputs, run_child, write_json
 
 PAPER = {"trainable": 0.0211, "memory": 0.3961, "time": 0.6346}
 #: ``m2ist-cached``: M²IST reading its towers' features from a filled tower cache (bfloat16, RAM);
@@ -267,7 +266,7 @@ def _run_isolated(method: str, args: argparse.Namespace) -> dict[str, Any]:
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--device", args.device]
     cmd += ["--tiny"] if args.tiny else []
     cmd += ["--backbone-dtype", args.backbone_dtype] if args.backbone_dtype else []
-    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    done = run_child(cmd)
     if done.returncode:
         raise RuntimeError(f"bench of {method} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])

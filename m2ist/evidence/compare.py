@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from datetime import date
@@ -26,7 +25,7 @@ from m2ist.config import check_flags
 
 from .bench import add_ratios, describe_device, parse_methods
 from .demo import DEMO_CACHE_DTYPE, DEMO_SIDE_LEARNING_RATE, DEMO_SIZES, TINY_SIZES
-from .outputs import check_batch_size, check_outputs, seed_value, tower_cache_value, write_json, write_picture
+from .outputs import check_batch_size, check_outputs, run_child, seed_value, tower_cache_value, write_json, write_picture
 
 METHODS = ("full", "adapter", "lora", "m2ist")
 #: What every report of ``m2ist compare`` holds: an existing ``--output`` file is replaced only if it has them.
@@ -79,7 +78,7 @@ def _isolated(method: str, args: argparse.Namespace) -> dict[str, Any]:
     cmd += ["--tiny"] if args.tiny else []
     cmd += ["--cache-dir", args.cache_dir] if args.cache_dir else []
     cmd += ["--tower-cache", args.tower_cache]
-    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    done = run_child(cmd)
     if done.returncode:
         raise RuntimeError(f"compare: {method} failed:\n{done.stderr[-3000:]}")
     return json.loads(out.read_text(encoding="utf-8"))

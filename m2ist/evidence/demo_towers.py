@@ -669,7 +669,7 @@ def ship_vision_tower(source: str | Path, destination: str | Path = SHIPPED_TOWE
                          "not pretrained by this version's recipe.")
     destination.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.tmp-", dir=destination.parent))
-    staging.chmod(0o755)
+    staging.chmod(_folder_mode())  # mkdtemp makes it private; the shipped tower is an ordinary folder
     try:
         _write_tower(staging, model, source, report, checksum=False)
         if weights_digest(ViTModel.from_pretrained(staging, dtype=torch.float32)) != report["weights_digest"]:
@@ -681,6 +681,14 @@ def ship_vision_tower(source: str | Path, destination: str | Path = SHIPPED_TOWE
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
     return destination
+
+
+def _folder_mode() -> int:
+    """The permissions ``mkdir`` gives a new folder: ``0o777`` less the umask (``0o755`` under the usual ``022``,
+    ``0o700`` under ``077``: a user who keeps their files private keeps the cached tower private)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o777 & ~mask
 
 
 def load_vision_tower(
@@ -721,7 +729,7 @@ def load_vision_tower(
             return model
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-    staging.chmod(0o755)  # mkdtemp makes it private; the cached tower is an ordinary folder
+    staging.chmod(_folder_mode())  # mkdtemp makes it private; the cached tower is an ordinary folder
     try:
         installed = not force and shipped is not None and _install_shipped(staging, recipe, Path(shipped))
         if not installed:

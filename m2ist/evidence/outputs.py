@@ -24,6 +24,18 @@ from m2ist.trainer import MAX_SEED
 PICTURE_SOFTWARE = "m2ist evidence"
 
 
+# ---------------------------------------------------------------------------------------------- children
+def run_child(cmd: list[str]) -> Any:
+    """``subprocess.run(cmd)`` of a Python child (``compare`` and ``bench`` run each method in one), its output
+    captured as text: the child writes UTF-8 (``PYTHONIOENCODING``) and the parent reads UTF-8, whatever the locale
+    says (under a non-UTF-8 locale a child printing ², × or → failed, or its output was read garbled); a byte that
+    is not UTF-8 is replaced, so a child's error is always shown."""
+    import subprocess
+
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8"}
+    return subprocess.run(cmd, capture_output=True, encoding="utf-8", errors="replace", env=env, check=False)
+
+
 # ---------------------------------------------------------------------------------------------- flags
 def seed_value(text: str) -> int:
     """An argparse ``type``: a seed from 0 to 2**32 - 1 (numpy, which the Trainer seeds too, takes no other)."""
