@@ -55,6 +55,7 @@ __all__ = [
     "GEOMETRY_FIELDS",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "PAD_TOKEN_ROLES",
     "PROCESSOR_CONFIG_NAME",
     "RECImageProcessor",
     "RECProcessor",
@@ -64,6 +65,7 @@ __all__ = [
     "fetch_image",
     "load_rec_image",
     "post_process_boxes",
+    "set_pad_token",
 ]
 
 logger = logging.getLogger(__name__)
