@@ -268,3 +268,35 @@ def test_pad_token_is_a_train_setting_in_its_help(capsys):
     assert "--pad-token TOKEN" in capsys.readouterr().out
     with pytest.raises(CLIError, match=r"does not read model\.pad_token"):
         _resolve("eval", "--set", "model.pad_token=eos")
+
+
+def test_a_tilde_after_an_equals_sign_is_the_home_folder_in_every_commands_paths(home, monkeypatch):
+    """A shell expands ``~`` only at the start of a word: ``m2ist predict --output=~/boxes.json`` (or ``--draw=``,
+    ``--image=``) and ``m2ist demo --output-dir=~/demo`` reached m2ist as written and created a folder named ``~``
+    in the working directory. Every path flag outside the settings now reads ``~`` as the home folder."""
+    from m2ist.evidence import compare, demo
+
+    args = build_parser("predict").parse_args(["predict", "--adapter", "a", "--image=~/img0.png", "--text", "t",
+                                               "--output=~/boxes.json", "--draw=~/drawn.png"])
+    assert args.image == [str(home / "img0.png")]
+    assert (args.output, args.draw) == (str(home / "boxes.json"), str(home / "drawn.png"))
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def record(*positional, **named):
+        seen.update(named, positional=positional)
+        raise Stop
+
+    monkeypatch.setattr(demo, "run", record)
+    with pytest.raises(Stop):
+        demo.main(["--output-dir=~/demo", "--cache-dir=~/towers", "--tiny"])
+    assert seen["positional"] == (str(home / "demo"),) and seen["cache_dir"] == str(home / "towers")
+    monkeypatch.setattr(compare, "_isolated", record)  # the first method's child process
+    with pytest.raises(Stop):
+        compare.main(["--work-dir=~/compare", "--output=~/compare.json", "--tiny"])
+    _, parsed = seen["positional"]
+    assert (parsed.work_dir, parsed.output) == (str(home / "compare"), str(home / "compare.json"))
+    assert not Path("~").exists()

@@ -12,7 +12,16 @@ from typing import Any
 from m2ist.data.images import ORIENTATION_NAMES, DeferredImage
 
 from .errors import CLIError, refuse_dash
-from .flags import HelpFormatter, add_adapter_flags, add_config_flags, add_evaluation_flags, add_tower_flags, examples, wrap
+from .flags import (
+    HelpFormatter,
+    add_adapter_flags,
+    add_config_flags,
+    add_evaluation_flags,
+    add_tower_flags,
+    examples,
+    user_path,
+    wrap,
+)
 from .loading import default_device, info, load_adapter, logger
 from .report import refuse_non_json_name
 from .settings import settings_help
@@ -34,15 +43,17 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     add_adapter_flags(predict)
     group = predict.add_argument_group("inputs and outputs")
     # action="extend": a repeated flag adds to the list (argparse's default keeps the last one and drops the others)
-    group.add_argument("--image", nargs="+", action="extend", required=True, metavar="PATH",
+    group.add_argument("--image", nargs="+", action="extend", required=True, metavar="PATH", type=user_path,
                        help="image file(s) or http(s) URL(s), downloaded once; several after one flag or the flag "
                        "repeated")
     group.add_argument("--text", nargs="+", action="extend", required=True, metavar="PHRASE",
                        help="referring phrase(s); several after one flag or the flag repeated; - reads them from "
                        "stdin, one per line (--text - < phrases.txt)")
-    group.add_argument("--draw", metavar="OUT.png", help="also draw the boxes (one file per image: OUT-<n>.png; no "
+    group.add_argument("--draw", metavar="OUT.png", type=user_path,
+                       help="also draw the boxes (one file per image: OUT-<n>.png; no "
                        "extension adds .png); replaces only an earlier drawing of this command")
-    group.add_argument("--output", metavar="FILE", help="also write the JSON to FILE (a .json name or none; never "
+    group.add_argument("--output", metavar="FILE", type=user_path,
+                       help="also write the JSON to FILE (a .json name or none; never "
                        "an input image)")
     group.add_argument("--exif-transpose", action="store_true",
                        help="turn each image upright by its EXIF orientation tag, as photo viewers and the web app "

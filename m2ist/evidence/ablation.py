@@ -139,7 +139,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m m2ist.evidence.ablation``."""
-    from m2ist.cli.flags import positive_int
+    from m2ist.cli.flags import positive_int, user_path
 
     parser = argparse.ArgumentParser(prog="python -m m2ist.evidence.ablation", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=positive_int, default=32, help="training batch size (default: 32)")
     parser.add_argument("--seed", type=seed_value, default=0, help="seed of the data, the encoder and every head")
     parser.add_argument("--tiny", action="store_true", help="a seconds-long smoke run with tiny settings")
-    parser.add_argument("--cache-dir", default=None, help="cache of the pretrained shapes ViT")
+    parser.add_argument("--cache-dir", type=user_path, default=None, help="cache of the pretrained shapes ViT")
     args = parser.parse_args(argv)
     rows = run(steps=args.steps, batch_size=args.batch_size, seed=args.seed, tiny=args.tiny, cache_dir=args.cache_dir)
     print(f"head ablation on frozen features — {args.steps} steps × {args.batch_size}, seed {args.seed}")

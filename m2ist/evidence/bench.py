@@ -366,7 +366,7 @@ def format_table(results: list[dict[str, Any]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``m2ist bench``."""
-    from m2ist.cli.flags import HelpFormatter, device_name, non_negative_int, positive_int
+    from m2ist.cli.flags import HelpFormatter, device_name, non_negative_int, positive_int, user_path
     from m2ist.cli.verbosity import add_verbosity_flag, apply_verbosity
 
     parser = argparse.ArgumentParser(prog="m2ist bench", description=__doc__, formatter_class=HelpFormatter)
@@ -383,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="run M²IST's frozen towers in this dtype (side network and head stay float32); default: "
                         "as training does (tower_dtype='auto'): bfloat16 on a GPU that supports it, else float32")
     parser.add_argument("--tiny", action="store_true", help="tiny towers (a smoke test of the benchmark itself)")
-    parser.add_argument("--output", metavar="FILE", help="write the results as JSON to this file")
+    parser.add_argument("--output", metavar="FILE", type=user_path, help="write the results as JSON to this file")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     add_verbosity_flag(parser)
     args = parser.parse_args(argv)

@@ -80,14 +80,14 @@ def measure(rounds: int = 10, batch_size: int = 32, tiny: bool = False, cache_di
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point."""
-    from m2ist.cli.flags import positive_int
+    from m2ist.cli.flags import positive_int, user_path
 
     parser = argparse.ArgumentParser(prog="python -m m2ist.evidence.cache_step", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=positive_int, default=10, help="interleaved rounds (the first is dropped)")
     parser.add_argument("--batch-size", type=positive_int, default=32, help="batch size (default: 32, the demo's)")
     parser.add_argument("--tiny", action="store_true", help="tiny towers (a smoke test)")
-    parser.add_argument("--cache-dir", default=None, help="cache of the pretrained shapes ViT")
+    parser.add_argument("--cache-dir", type=user_path, default=None, help="cache of the pretrained shapes ViT")
     parser.add_argument("--compile", action="store_true",
                         help="run both training steps through torch.compile(model); the first round compiles")
     args = parser.parse_args(argv)

@@ -128,7 +128,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> Path | None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``m2ist compare``."""
-    from m2ist.cli.flags import HelpFormatter, positive_int
+    from m2ist.cli.flags import HelpFormatter, positive_int, user_path
     from m2ist.cli.verbosity import add_verbosity_flag, apply_verbosity
 
     parser = argparse.ArgumentParser(prog="m2ist compare", description=__doc__, formatter_class=HelpFormatter)
@@ -139,9 +139,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", metavar="N", type=positive_int, default=32, help="training batch size (default: 32)")
     parser.add_argument("--seed", metavar="N", type=seed_value, default=0, help="seed shared by every method")
     parser.add_argument("--tiny", action="store_true", help="a seconds-long smoke run with tiny settings")
-    parser.add_argument("--cache-dir", metavar="DIR", default=None, help="cache of the pretrained shapes ViT")
-    parser.add_argument("--work-dir", metavar="DIR", default="outputs/compare", help="where per-method outputs go")
-    parser.add_argument("--output", metavar="FILE", help="write the JSON results to this file (default: <work-dir>/compare.json)")
+    parser.add_argument("--cache-dir", metavar="DIR", type=user_path, default=None, help="cache of the pretrained shapes ViT")
+    parser.add_argument("--work-dir", metavar="DIR", type=user_path, default="outputs/compare",
+                        help="where per-method outputs go")
+    parser.add_argument("--output", metavar="FILE", type=user_path,
+                        help="write the JSON results to this file (default: <work-dir>/compare.json)")
     parser.add_argument("--tower-cache", metavar="MODE", type=tower_cache_value, default="memory",
                         help="M²IST's tower-feature cache: memory (default), disk, a folder, or off")
     parser.add_argument("--one", help=argparse.SUPPRESS)

@@ -292,17 +292,18 @@ def _cache_line(results: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``m2ist demo``."""
-    from m2ist.cli.flags import HelpFormatter, positive_int
+    from m2ist.cli.flags import HelpFormatter, positive_int, user_path
     from m2ist.cli.verbosity import add_verbosity_flag, apply_verbosity
 
     parser = argparse.ArgumentParser(prog="m2ist demo", description=__doc__, formatter_class=HelpFormatter)
-    parser.add_argument("--output-dir", metavar="DIR", default="outputs/demo", help="where the adapter, PNG and results go")
+    parser.add_argument("--output-dir", metavar="DIR", type=user_path, default="outputs/demo",
+                        help="where the adapter, PNG and results go")
     parser.add_argument("--steps", metavar="N", type=positive_int, default=DEMO_STEPS,
                         help=f"side-tuning steps (default: {DEMO_STEPS})")
     parser.add_argument("--batch-size", metavar="N", type=positive_int, default=32, help="training batch size (default: 32)")
     parser.add_argument("--seed", metavar="N", type=seed_value, default=0,
                         help="seed of the data, the model and the training")
-    parser.add_argument("--cache-dir", metavar="DIR", default=None,
+    parser.add_argument("--cache-dir", metavar="DIR", type=user_path, default=None,
                         help="cache of the pretrained shapes ViT (default: ~/.cache/m2ist)")
     parser.add_argument("--tiny", action="store_true", help="a seconds-long smoke run with tiny settings")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -764,10 +764,12 @@ def main(argv: list[str] | None = None) -> int:
     """
     import argparse
 
+    from m2ist.cli.flags import user_path
+
     parser = argparse.ArgumentParser(prog="python -m m2ist.evidence.demo_towers", description=main.__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=["ship", "verify"])
-    parser.add_argument("--cache-dir", default=None, help="cache of the pretrained shapes ViT (ship only)")
+    parser.add_argument("--cache-dir", type=user_path, default=None, help="cache of the pretrained shapes ViT (ship only)")
     args = parser.parse_args(argv)
     recipe = VisionPretrainRecipe()
     if args.command == "ship":
