@@ -300,6 +300,8 @@ def _pair_up(images: Any, texts: str | Sequence[str],
              notes: _ImageNotes | None = None) -> tuple[list[Any], list[str]]:
     """Broadcast one image over several phrases (or one phrase over several images); check lengths."""
     single_image = _is_single_image(images)
+    if hasattr(texts, "tolist") and not isinstance(texts, str):  # a numpy array or pandas Series of phrases, as the
+        texts = texts.tolist()                                   # processor takes them
     if isinstance(texts, str):
         texts = [texts]
     elif not isinstance(texts, Sequence) or not all(isinstance(t, str) for t in texts):

@@ -197,3 +197,15 @@ def test_token_ids_of_a_narrow_integer_type_are_named(model, dtype) -> None:
                                          r"int64 \(or int32\)"):
         model(**{**batch, "input_ids": batch["input_ids"].to(dtype)})
     assert model(**{**batch, "input_ids": batch["input_ids"].int()}).pred_boxes.shape == (1, 4)  # int32 still runs
+
+
+def test_phrases_as_an_array_are_predicted_as_the_same_list(vocab_file, model) -> None:
+    """``predict_boxes`` refused a numpy array of phrases ("texts must be a phrase string or a list of phrase
+    strings") where the processor takes one: a column of a table (numpy, pandas) is now read as its list."""
+    processor = processor_of(T.BertTokenizerFast(vocab_file))
+    phrases = ["the dog", "the red dog"]
+    expected = predict_boxes(model, IMAGE, phrases, processor=processor)
+    torch.testing.assert_close(predict_boxes(model, IMAGE, np.array(phrases), processor=processor), expected,
+                               rtol=0, atol=0)
+    with pytest.raises(TypeError, match="list of phrase strings"):
+        predict_boxes(model, IMAGE, np.array([[1, 2]]), processor=processor)
