@@ -8,6 +8,14 @@ import torch
 from tests.tiny import IMAGE_SIZE, QUERY_LEN, VOCAB
 
 
+@pytest.fixture(scope="module")
+def processor(tmp_path_factory: pytest.TempPathFactory):
+    """The tiny tokenizer's processor (the tiny towers' canvas), one per test module (a module may define its own)."""
+    from tests.ddp_worker import make_processor
+
+    return make_processor(tmp_path_factory.mktemp("tokenizer"))
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

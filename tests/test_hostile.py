@@ -40,7 +40,7 @@ from m2ist.data.transvg import load_transvg_split
 from m2ist.hub import push_folder_to_hub
 from m2ist.save_and_load import SHA256_KEY, WEIGHTS_NAME, read_safetensors
 from m2ist.trainer import NonFiniteTrainingError, train_rec
-from tests.ddp_worker import make_dataset, make_model, make_processor, make_tokenizer
+from tests.ddp_worker import make_dataset, make_model, make_tokenizer
 from tests.tiny import cpu_training_args, text_tower, tiny_config, vision_tower
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -49,11 +49,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def model():
     return make_model()
-
-
-@pytest.fixture(scope="module")
-def processor(tmp_path_factory):
-    return make_processor(tmp_path_factory.mktemp("tokenizer"))
 
 
 def build_workspace(root: Path, images: list[Image.Image], rows: list[dict], data_file: str) -> Path:

@@ -20,14 +20,8 @@ from m2ist.data.hf import from_hf_dataset
 from m2ist.data.images import image_size, load_image
 from m2ist.data.transforms import has_location_word, swap_left_right
 from m2ist.processing import RECProcessor, load_rec_image
-from tests.ddp_worker import make_processor
 
 EXIF_ORIENTATION = 0x0112
-
-
-@pytest.fixture(scope="module")
-def processor(tmp_path_factory: pytest.TempPathFactory) -> RECProcessor:
-    return make_processor(tmp_path_factory.mktemp("tokenizer"))
 
 
 # ------------------------------------------------------------------------------------------------ 1: boxes off the image

@@ -13,12 +13,6 @@ from PIL import Image
 from m2ist.data import RECDataset, RECDataWarning, RECSample, from_hf_dataset, load_coco_style, load_csv, load_jsonl
 from m2ist.data.refer import load_refer
 from m2ist.processing import RECProcessor
-from tests.ddp_worker import make_processor
-
-
-@pytest.fixture(scope="module")
-def processor(tmp_path_factory: pytest.TempPathFactory) -> RECProcessor:
-    return make_processor(tmp_path_factory.mktemp("tokenizer"))
 
 
 def _refer_root(tmp_path: Path, instances: dict, refs: list[dict]) -> Path:

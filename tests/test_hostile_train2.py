@@ -18,11 +18,6 @@ from tests.tiny import cpu_training_args
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def processor(tmp_path_factory):
-    return make_processor(tmp_path_factory.mktemp("tokenizer"))
-
-
 def _trainer(processor, output: Path, eval_dataset=None, compute_metrics=None, **args) -> RECTrainer:
     return RECTrainer(model=make_model(), args=cpu_training_args(output, **args),
                       data_collator=RECCollator(processor, train=True), eval_data_collator=RECCollator(processor),

@@ -16,15 +16,10 @@ from m2ist.model import non_finite_cause
 from m2ist.save_and_load import WEIGHTS_NAME
 from m2ist.trainer import NonFiniteTrainingError, train_rec
 from tests.conftest import make_batch
-from tests.ddp_worker import make_dataset, make_model, make_processor
+from tests.ddp_worker import make_dataset, make_model
 from tests.tiny import cpu_training_args
 
 PATCH_WEIGHT = "embeddings.patch_embeddings.projection.weight"
-
-
-@pytest.fixture(scope="module")
-def processor(tmp_path_factory):
-    return make_processor(tmp_path_factory.mktemp("tokenizer"))
 
 
 def overflowing_model(backbone_dtype: str = "float16"):

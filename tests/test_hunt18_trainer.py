@@ -18,11 +18,6 @@ from tests.tiny import cpu_training_args
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def processor(tmp_path_factory):
-    return make_processor(tmp_path_factory.mktemp("tokenizer"))
-
-
 def _trainer(processor, output, eval_dataset=None, *, collators=True, **kwargs) -> RECTrainer:
     args = {key: kwargs.pop(key) for key in list(kwargs) if key in RECTrainingArguments.__dataclass_fields__}
     if collators:

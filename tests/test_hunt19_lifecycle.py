@@ -15,15 +15,10 @@ from m2ist.cache import TowerCacheCollator, TowerFeatureCache
 from m2ist.data.collator import RECCollator
 from m2ist.trainer import RECTrainer, denormals_flushed
 from tests.conftest import make_batch
-from tests.ddp_worker import make_dataset, make_model, make_processor
+from tests.ddp_worker import make_dataset, make_model
 from tests.tiny import cpu_training_args, text_tower, tiny_config, vision_tower
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def processor(tmp_path_factory):
-    return make_processor(tmp_path_factory.mktemp("tokenizer"))
 
 
 # ---------------------------------------------------------------------------------------------- the meta device

@@ -18,15 +18,10 @@ from m2ist import SideTunedModel, get_side_tuned_model
 from m2ist.cli import main
 from m2ist.ops.boxes import box_convert
 from m2ist.trainer import train_rec
-from tests.ddp_worker import make_dataset, make_model, make_processor
+from tests.ddp_worker import make_dataset, make_model
 from tests.tiny import cpu_training_args, text_tower, tiny_config, vision_tower
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def processor(tmp_path_factory):
-    return make_processor(tmp_path_factory.mktemp("tokenizer"))
 
 
 @pytest.fixture

@@ -21,15 +21,10 @@ from m2ist.evaluation import accuracy_at_iou, evaluate, paired_iou
 from m2ist.save_and_load import module_meta_problem
 from m2ist.trainer import RECMetrics, RECTrainer, compute_rec_metrics, train_rec
 from tests.conftest import make_batch
-from tests.ddp_worker import make_dataset, make_model, make_processor
+from tests.ddp_worker import make_dataset, make_model
 from tests.tiny import cpu_training_args
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def processor(tmp_path_factory):
-    return make_processor(tmp_path_factory.mktemp("tokenizer"))
 
 
 @pytest.fixture

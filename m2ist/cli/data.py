@@ -44,21 +44,28 @@ def _eval_files(value: Any) -> dict[str, str]:
         files[name] = path
     return files
 
+def absolute_path(value: Any, named: bool = False) -> Any:
+    """``value`` made absolute when it is a local path that exists (``~`` expanded), anything else as given.
+    ``named``: ``value`` may be ``NAME=PATH`` (an ``--eval-file``), and only its path is made absolute."""
+    if not isinstance(value, str):
+        return value
+    name, path = _name_and_path(value) if named else ("", value)
+    local = Path(path).expanduser()
+    if not local.exists():
+        return value
+    return f"{name}={local.resolve()}" if path != value else str(local.resolve())
+
 def data_record(data: Mapping[str, Any]) -> dict[str, Any]:
     """The data settings as results record them: local paths made absolute (``val.jsonl`` alone does not say which
     file was scored once the results are read from another folder), ``eval_files`` as ``{split: file}``."""
     from .settings import plain
 
-    def absolute(value: Any) -> Any:
-        return str(Path(value).expanduser().resolve()) if isinstance(value, str) and Path(value).expanduser().exists() \
-            else value
-
     record = plain(data)
     for key in ("data_root", "image_root", "train_file"):
         if key in record:
-            record[key] = absolute(record[key])
+            record[key] = absolute_path(record[key])
     if record.get("eval_files") is not None:  # the splits were loaded: the names are known to be distinct
-        record["eval_files"] = {name: absolute(path) for name, path in _eval_files(data["eval_files"]).items()}
+        record["eval_files"] = {name: absolute_path(path) for name, path in _eval_files(data["eval_files"]).items()}
     return record
 
 def _split_list(value: Any) -> list[str]:

@@ -20,6 +20,7 @@ from m2ist.data.loaders import SENTENCE_FIELDS
 
 from .data import DATA_FORMATS
 from .settings import COMMAND_SECTIONS, m2ist_fields
+from .settings import user_path as user_path  # the argparse type of every path flag (settings.py expands settings' paths with it)
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -37,13 +38,6 @@ def _int_at_least(text: str, least: int) -> int:
     if value < least:
         raise argparse.ArgumentTypeError(f"{text} must be {'positive' if least == 1 else f'at least {least}'}")
     return value
-
-def user_path(text: str) -> str:
-    """An argparse ``type`` for a file or folder: a leading ``~`` is the home folder. A shell expands it only at the
-    start of a word, so ``--output=~/boxes.json`` reached m2ist as written and created a folder named ``~``."""
-    import os
-
-    return os.path.expanduser(text) if text.startswith("~") else text
 
 def positive_int(text: str) -> int:
     """An argparse ``type``: a whole number >= 1 (a count of steps, a batch size)."""

@@ -520,6 +520,15 @@ PATH_KEYS: dict[str, tuple[str, ...]] = {
 _VARIABLE = re.compile(r"\$(\{\w+\}|[A-Za-z_]\w*)")
 
 
+def user_path(text: str) -> str:
+    """``text`` with a leading ``~`` / ``~user`` made the home folder; also an argparse ``type`` for a file or folder
+    flag. A shell expands ``~`` only at the start of a word, so ``--output=~/boxes.json`` reached m2ist as written and
+    created a folder named ``~``."""
+    import os
+
+    return os.path.expanduser(text) if text.startswith("~") else text
+
+
 def _expand_path(section: str, key: str, value: str, named: bool = False) -> str:
     """``value`` with a leading ``~`` / ``~user`` made the home folder (a shell does so on the command line, a settings
     file or ``--output-dir=~/x`` does not: the path would be a folder named ``~`` in the working directory); a path
@@ -528,7 +537,7 @@ def _expand_path(section: str, key: str, value: str, named: bool = False) -> str
     import os
 
     path = value.split("=", 1)[1] if named and _names_a_split(value) else value
-    expanded = os.path.expanduser(path) if path.startswith("~") else path
+    expanded = user_path(path)
     if not os.path.lexists(expanded):
         variable = _VARIABLE.search(expanded)
         if variable:

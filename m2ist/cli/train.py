@@ -77,16 +77,8 @@ def recorded_settings(settings: Mapping[str, Mapping[str, Any]]) -> dict[str, di
     """``settings`` as ``m2ist_cli_config.yaml`` records them: each local path of :data:`~.settings.PATH_KEYS` that
     exists made absolute, so that ``--config`` of the record (a resume) read from another working directory reads the
     same files, not others of the same relative names (or none)."""
-    from .data import _name_and_path
+    from .data import absolute_path as absolute
     from .settings import PATH_KEYS
-
-    def absolute(value: Any, named: bool = False) -> Any:
-        if not isinstance(value, str):
-            return value
-        name, path = _name_and_path(value) if named else ("", value)
-        if not Path(path).exists():
-            return value
-        return f"{name}={Path(path).resolve()}" if path != value else str(Path(path).resolve())
 
     recorded = {section: dict(values) for section, values in settings.items()}
     for section, keys in PATH_KEYS.items():
