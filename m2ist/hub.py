@@ -45,6 +45,9 @@ from .card import CARD_NAME, card_for_push, card_results_problem, own_text, with
 from .config import CONFIG_NAME, check_flags
 from .save_and_load import (
     ADAPTER_FILES,
+    PROCESSOR_CONFIG_NAME,
+    PROCESSOR_FILES,
+    TOKENIZER_FILES,
     WEIGHTS_NAME,
     adapter_name_problem,
     folder_identity,
@@ -53,8 +56,8 @@ from .save_and_load import (
 )
 from .version import __version__
 
-__all__ = ["ADAPTER_PATTERNS", "IGNORED_PATTERNS", "PretrainedNotFoundError", "check_token", "full_repo_id",
-           "push_folder_to_hub", "push_to_hub", "resolve_pretrained"]
+__all__ = ["ADAPTER_PATTERNS", "IGNORED_PATTERNS", "PretrainedNotFoundError", "check_token", "fetch_root_processor",
+           "full_repo_id", "push_folder_to_hub", "push_to_hub", "resolve_adapter", "resolve_pretrained"]
 
 #: What a push uploads by default: an adapter's own files (config, weights, card, processor, tokenizer), at the top
 #: of the folder or in an adapter's subfolder.
@@ -440,6 +443,32 @@ def push_to_hub(save_fn: Callable[[Path], object], repo_id: str, **push_kwargs: 
         return push_folder_to_hub(folder, repo_id, **push_kwargs)  # type: ignore[arg-type]
 
 
+def fetch_root_processor(repo_id: str, into: Path, *, revision: str | None = None, create_pr: bool = False,
+                         token: str | bool | None = None, endpoint: str | None = None) -> list[str]:
+    """The files of ``repo_id`` where a push lands (``revision``'s branch, ``main`` for a branch not made yet or a new
+    pull request; ``[]`` when the repo does not exist yet), with the m2ist processor at its root (the one its adapters
+    without a processor of their own read) copied into ``into``, when it holds one. A push of some adapters reads it
+    to keep the processor of the adapters it keeps."""
+    api = HfApi(endpoint=endpoint, token=token, library_name="m2ist", library_version=__version__)
+    candidates = [] if create_pr or revision in (None, constants.DEFAULT_REVISION) else [revision]
+    for candidate in [*candidates, None]:
+        try:
+            files = list(api.list_repo_files(repo_id, revision=candidate, repo_type="model"))
+        except RevisionNotFoundError:
+            continue
+        except RepositoryNotFoundError:
+            return []
+        wanted = [name for name in files if name in (PROCESSOR_CONFIG_NAME, *PROCESSOR_FILES, *TOKENIZER_FILES)]
+        if PROCESSOR_CONFIG_NAME in wanted:
+            snapshot = Path(snapshot_download(repo_id, revision=candidate, allow_patterns=wanted, token=token,
+                                              endpoint=endpoint, cache_dir=into / ".cache", library_name="m2ist",
+                                              library_version=__version__))
+            for name in wanted:
+                shutil.copyfile(snapshot / name, into / name)
+        return files
+    return []
+
+
 def _fetch_card(repo_id: str, folder: Path, cache: Path, push_kwargs: dict[str, object]) -> None:
     """Copy into `folder` the README.md the push will replace: the branch's, or `main`'s when the branch does not
     exist yet (the push creates it from `main`). No repo or no card yet: nothing (the card is written fresh). Any
@@ -578,6 +607,38 @@ def resolve_pretrained(
                             else EntryNotFoundError(f"{prefix}{missing[0]} is not in the repo"))
         raise PretrainedNotFoundError(explain(cause, filename=prefix + missing[0]))
     return folder
+
+
+def resolve_adapter(
+    name_or_path: str | PathLike[str],
+    *,
+    filenames: Sequence[str],
+    optional_filenames: Sequence[str] = (),
+    shared_filenames: Sequence[str] = (),
+    subfolder: str | None = None,
+    **hub: object,
+) -> tuple[Path, Path | None]:
+    """:func:`resolve_pretrained` for an adapter that may lie in an adapter's subfolder of a save: returns ``(the
+    adapter's folder, the save's root folder)``. ``save_pretrained`` writes the files its adapters share (the
+    processor, ``shared_filenames``) once, at the save's root, and an adapter's ``<name>/`` subfolder holds only its
+    config and weights, so a load of ``subfolder="<name>"`` needs the root's too; from the Hub they come in the same
+    download (one commit). The root is None without ``subfolder``, or when its last part cannot name an adapter (a
+    trainer's ``checkpoint-*``, which holds its own files)."""
+    if subfolder is None:
+        return resolve_pretrained(name_or_path, filenames=filenames, optional_filenames=optional_filenames, **hub), None
+    clean = PurePosixPath(str(subfolder).replace("\\", "/")).as_posix().strip("/")
+    leaf, parent = PurePosixPath(clean).name, PurePosixPath(clean).parent.as_posix()
+    local = Path(name_or_path).expanduser()
+    if adapter_name_problem(leaf) is not None or local.is_dir() or ".." in PurePosixPath(clean).parts:
+        folder = resolve_pretrained(name_or_path, filenames=filenames, optional_filenames=optional_filenames,
+                                    subfolder=subfolder, **hub)
+        shared = folder.parent if adapter_name_problem(leaf) is None else None
+        return folder, shared
+    root = resolve_pretrained(
+        name_or_path, filenames=[f"{leaf}/{name}" for name in filenames],
+        optional_filenames=[*(f"{leaf}/{name}" for name in optional_filenames), *shared_filenames],
+        subfolder=None if parent == "." else parent, **hub)
+    return root / leaf, root
 
 
 def _check_local_folder(folder: Path, filenames: Sequence[str]) -> Path:

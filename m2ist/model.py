@@ -41,6 +41,7 @@ from .ops.defaults import built_on_cpu_in_float32
 from .provenance import _load_recorded_tower, _warn_if_other_tower, tower_identity
 from .save_and_load import (
     ALL_ADAPTERS,
+    OWNED_FILES,
     PIPELINE,
     PROCESSOR_CONFIG_NAME,
     PROCESSOR_FILES,
@@ -52,6 +53,7 @@ from .save_and_load import (
     check_folder_unchanged,
     folder_identity,
     load_trainable_state,
+    owned_entries,
     processor_setting_differences,
     processor_settings,
     save_folder_atomically,
@@ -1343,22 +1345,17 @@ class SideTunedModel(RECModel):
 
         Returns, as PEFT's ``load_adapter``, the load result ``(missing_keys, unexpected_keys)``: both are always
         empty, since a mismatch raises instead (nothing is loaded then)."""
-        from .hub import resolve_pretrained
+        from .hub import resolve_adapter
 
         check_flags("load_adapter", is_trainable=is_trainable, local_files_only=local_files_only)
         _check_location("load_adapter", "model_id", model_id)
         self._check_new_name(adapter_name)  # before any download
         own = f"{adapter_name}/{CONFIG_NAME}"
-        folder = resolve_pretrained(str(model_id), filenames=[CONFIG_NAME, WEIGHTS_NAME], subfolder=subfolder,
-                                    optional_filenames=[PROCESSOR_CONFIG_NAME, *([own] if subfolder is None else [])],
-                                    revision=revision, token=token, cache_dir=cache_dir,
-                                    local_files_only=local_files_only, endpoint=endpoint)
-        if subfolder is None and adapter_name != DEFAULT_ADAPTER and (folder / own).is_file():
-            raise ValueError(
-                f"{model_id} holds an adapter named {adapter_name!r} in its subfolder {adapter_name}/ (where "
-                f"save_pretrained puts it), but load_adapter({adapter_name!r}) without subfolder= reads the adapter at "
-                f"its root (its 'default' one). Pass subfolder={adapter_name!r} to load the {adapter_name!r} adapter; "
-                "to load the root one, give it another adapter_name. Nothing was loaded.")
+        folder, root = resolve_adapter(str(model_id), filenames=[CONFIG_NAME, WEIGHTS_NAME], subfolder=subfolder,
+                                       optional_filenames=[PROCESSOR_CONFIG_NAME, *([own] if subfolder is None else [])],
+                                       shared_filenames=[PROCESSOR_CONFIG_NAME], revision=revision, token=token,
+                                       cache_dir=cache_dir, local_files_only=local_files_only, endpoint=endpoint)
+        _refuse_root_for_named_adapter(folder, model_id, adapter_name, subfolder, f"load_adapter({adapter_name!r})")
         identity = folder_identity(folder)
         saved = M2ISTConfig.from_json_file(folder / CONFIG_NAME)
         self._check_compatible(adapter_name, saved)
@@ -1387,7 +1384,9 @@ class SideTunedModel(RECModel):
                     setattr(config, f"{modality}_{key}", getattr(saved, f"{modality}_{key}"))
         if not is_trainable:
             self.inactive_adapters[adapter_name].eval()
-        self._warn_if_other_processor(folder / PROCESSOR_CONFIG_NAME, adapter_name)
+        processor_folder = adapter_processor_folder(folder, root)
+        if processor_folder is not None:
+            self._warn_if_other_processor(processor_folder / PROCESSOR_CONFIG_NAME, adapter_name)
         return _IncompatibleKeys(missing_keys=[], unexpected_keys=[])  # strict: every tensor loaded, or an error
 
     def _warn_if_other_processor(self, saved: Path, adapter_name: str) -> None:
@@ -1522,6 +1521,12 @@ class SideTunedModel(RECModel):
                                  ": its modules still compute with the values they were built with, so the saved adapter "
                                  "would reload as another model. Build a new model with the config you want (or put the "
                                  "values back); nothing was saved.")
+        for name in names:  # a subfolder holds an adapter: a file or link of that name is the user's
+            entry = None if previous is None or name == DEFAULT_ADAPTER else previous / name
+            if entry is not None and (entry.is_symlink() or (entry.exists() and not entry.is_dir())):
+                raise ValueError(f"{previous} holds a {'link' if entry.is_symlink() else 'file'} named {name!r}, where "
+                                 f"the adapter {name!r} is saved (its subfolder), and the save would replace it. Rename "
+                                 "one of them; nothing was saved.")
         for name in names:
             target = folder if name == DEFAULT_ADAPTER else folder / name
             target.mkdir(parents=True, exist_ok=True)
@@ -1529,15 +1534,38 @@ class SideTunedModel(RECModel):
             save_trainable_state(self.adapter_state_dict(name), target / WEIGHTS_NAME)
         if selected_adapters is None and previous is not None and previous.is_dir():
             self._warn_of_kept_adapters(previous)
+        processor_files = [PROCESSOR_CONFIG_NAME, *PROCESSOR_FILES, *TOKENIZER_FILES]
+        # the root's processor is that of every adapter of the folder without one of its own: a save never changes
+        # the processor of an adapter it keeps (the root one, or another's subfolder)
+        keeps_root = DEFAULT_ADAPTER not in names and previous is not None and (previous / CONFIG_NAME).is_file()
+        had_processor = previous is not None and (previous / PROCESSOR_CONFIG_NAME).is_file()
+        if self.processor is None:  # the root's is kept with the root adapter, else dropped with it
+            other_processor = had_processor and DEFAULT_ADAPTER in names
+        else:
+            other_processor = had_processor and self._saved_processor_differs(previous)
         if DEFAULT_ADAPTER not in names and previous is not None:
             carried = [CONFIG_NAME, WEIGHTS_NAME]
-            if self.processor is None:
-                carried += [PROCESSOR_CONFIG_NAME, *PROCESSOR_FILES, *TOKENIZER_FILES]
+            if self.processor is None or (other_processor and keeps_root):
+                carried += processor_files
             for name in carried:
                 if (previous / name).is_file():
                     shutil.copy2(previous / name, folder / name)
-        if self.processor is not None:
-            self.processor.save_pretrained(folder)
+        if self.processor is not None and other_processor and keeps_root:
+            for name in names:  # the root keeps its adapter's processor; these adapters get their own
+                self.processor.save_pretrained(folder / name)
+        else:
+            if self.processor is not None:
+                self.processor.save_pretrained(folder)
+            if other_processor:  # adapters kept in their subfolders keep the root processor they were saved with
+                for kept in _adapters_on_the_root_processor(previous, names):
+                    shutil.copytree(previous / kept, folder / kept, symlinks=True)
+                    for name in processor_files:
+                        if (previous / name).is_file():
+                            shutil.copy2(previous / name, folder / kept / name)
+        if previous is not None:  # as at the root, what an adapter's subfolder holds besides its files stays
+            for name in names:
+                if name != DEFAULT_ADAPTER:
+                    _keep_other_entries(previous / name, folder / name)
         # model_card=False writes no new card, but a card already there is updated all the same: kept as it was, it
         # would report the results of the weights this save replaces
         if model_card or (previous is not None and (previous / CARD_NAME).is_file()):
@@ -1549,6 +1577,19 @@ class SideTunedModel(RECModel):
             if subject is not None:
                 config, counts, subfolder = subject
                 write_model_card(folder, config, counts, repo_id=repo_id, subfolder=subfolder, tags=list(card_tags))
+
+    def _saved_processor_differs(self, previous: Path) -> bool:
+        """Whether the m2ist processor at the root of the folder ``previous`` prepares inputs otherwise than
+        ``model.processor`` (one that cannot be read counts as other); False when either is missing."""
+        saved = previous / PROCESSOR_CONFIG_NAME
+        if self.processor is None or not saved.is_file():
+            return False
+        try:
+            theirs = json.loads(saved.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return True
+        return not isinstance(theirs, dict) or bool(processor_setting_differences(processor_settings(self.processor),
+                                                                                  theirs))
 
     def _warn_of_kept_adapters(self, previous: Path) -> None:
         """Warn when the folder a full save replaces holds adapter subfolders (``<name>/`` with a config and weights)
@@ -1605,19 +1646,63 @@ class SideTunedModel(RECModel):
         push: dict[str, Any] = {}
         if names is not None:  # upload, and delete stale files, only within the selected adapters' own files
             patterns = [CONFIG_NAME, WEIGHTS_NAME, CARD_NAME] if DEFAULT_ADAPTER in names else []
+            # an adapter's own processor, in its subfolder, is uploaded or, gone from the save, deleted as stale
             patterns += [f"{glob.escape(name)}/{file}" for name in names if name != DEFAULT_ADAPTER
-                         for file in (CONFIG_NAME, WEIGHTS_NAME)]
-            if self.processor is not None:
+                         for file in (CONFIG_NAME, WEIGHTS_NAME, PROCESSOR_CONFIG_NAME, *PROCESSOR_FILES,
+                                      *TOKENIZER_FILES)]
+            if self.processor is not None or DEFAULT_ADAPTER in names:  # (a new root adapter: the old one's goes)
                 patterns += [PROCESSOR_CONFIG_NAME, *PROCESSOR_FILES, *TOKENIZER_FILES]
             push["allow_patterns"] = patterns
 
         def save(folder: Path) -> Path:
-            return self.save_pretrained(folder, repo_id=repo_id, card_tags=tags or (), selected_adapters=names,
-                                        model_card=names is None or DEFAULT_ADAPTER in names)
+            saved = self.save_pretrained(folder, repo_id=repo_id, card_tags=tags or (), selected_adapters=names,
+                                         model_card=names is None or DEFAULT_ADAPTER in names)
+            if names is not None and (self.processor is not None or DEFAULT_ADAPTER in names):
+                # the root's processor changes or stays: the repo's other adapters keep theirs
+                self._keep_repo_processor(folder, repo_id, names, push["allow_patterns"], revision=revision,
+                                          create_pr=create_pr, token=token, endpoint=endpoint)
+            return saved
 
         return push_to_hub(save, repo_id, commit_message=commit_message, commit_description=commit_description,
                            private=private, token=token, revision=revision, create_pr=create_pr, endpoint=endpoint,
                            **push)
+
+    def _keep_repo_processor(self, folder: Path, repo_id: str, names: list[str], patterns: list[str],
+                             **where: Any) -> None:
+        """For a push of the adapters ``names`` only (saved into ``folder``, uploaded by ``patterns``, changed here):
+        when the repo's root processor, which its adapters without a processor of their own read, prepares inputs
+        otherwise than ``model.processor``, the adapters the push keeps keep it, as a local save keeps them (see
+        :meth:`write_adapter_files`): a kept root adapter keeps the root's (the pushed adapters get theirs in their
+        subfolders), and kept subfolder adapters get a copy of the root's when the push replaces it."""
+        from .hub import _adapter_subfolders, fetch_root_processor
+
+        theirs = folder.parent / "repo-processor"
+        theirs.mkdir(exist_ok=True)
+        repo_files = fetch_root_processor(repo_id, theirs, **where)
+        changes = (theirs / PROCESSOR_CONFIG_NAME).is_file() if self.processor is None else \
+            self._saved_processor_differs(theirs)  # (without one, the push drops the root's: it has "default")
+        if not changes:
+            return
+        processor_files = [PROCESSOR_CONFIG_NAME, *PROCESSOR_FILES, *TOKENIZER_FILES]
+        mine = [name for name in processor_files if (folder / name).is_file()]
+        if self.processor is not None and DEFAULT_ADAPTER not in names and CONFIG_NAME in repo_files:
+            # the root adapter stays, with its processor; the pushed ones get theirs in their subfolders
+            for name in names:
+                for file in mine:
+                    shutil.copy2(folder / file, folder / name / file)
+            for file in mine:
+                (folder / file).unlink()
+            patterns[:] = [p for p in patterns if p not in processor_files]  # (theirs are already named)
+            return
+        kept = [name for name in _adapter_subfolders(repo_files)
+                if name not in names and f"{name}/{PROCESSOR_CONFIG_NAME}" not in repo_files
+                and adapter_name_problem(name) is None]
+        for name in kept:  # the root's processor changes: theirs goes with them
+            (folder / name).mkdir(exist_ok=True)
+            for file in processor_files:
+                if (theirs / file).is_file():
+                    shutil.copy2(theirs / file, folder / name / file)
+            patterns += [f"{glob.escape(name)}/{file}" for file in processor_files]
 
     def _selected(self, selected_adapters: Sequence[str]) -> list[str]:
         """The adapters named by ``selected_adapters`` (a list), without repeats; unknown names and a string (a
@@ -1683,7 +1768,7 @@ class SideTunedModel(RECModel):
         name or commit than the one recorded loads with a warning naming both (the adapter was trained on the
         recorded one; a local copy of it is fine).
         """
-        from .hub import resolve_pretrained
+        from .hub import resolve_adapter
 
         _check_location("from_pretrained", "name_or_path", name_or_path, towers=(vision_model, text_model))
         for modality, tower in ((VISION, vision_model), (TEXT, text_model)):
@@ -1709,10 +1794,15 @@ class SideTunedModel(RECModel):
         target_device = _single_device(device, device_map)
         hub = {"revision": revision, "token": token, "cache_dir": cache_dir, "local_files_only": local_files_only,
                "endpoint": endpoint}
-        folder = resolve_pretrained(str(name_or_path), filenames=[CONFIG_NAME, WEIGHTS_NAME],
-                                    optional_filenames=[PROCESSOR_CONFIG_NAME, *TOKENIZER_FILES, *PROCESSOR_FILES],
-                                    subfolder=subfolder, **hub)
-        identity = folder_identity(folder)  # a save swapped in while this loads is caught at the end
+        processor_files = [PROCESSOR_CONFIG_NAME, *TOKENIZER_FILES, *PROCESSOR_FILES]
+        own = [f"{adapter_name}/{CONFIG_NAME}"] if subfolder is None and adapter_name != DEFAULT_ADAPTER else []
+        folder, root = resolve_adapter(str(name_or_path), filenames=[CONFIG_NAME, WEIGHTS_NAME],
+                                       optional_filenames=[*processor_files, *own], shared_filenames=processor_files,
+                                       subfolder=subfolder, **hub)
+        _refuse_root_for_named_adapter(folder, name_or_path, adapter_name, subfolder,
+                                       f"from_pretrained(..., adapter_name={adapter_name!r})")
+        # a save swapped in while this loads is caught at the end (the root's too: the processor may come from it)
+        identity = folder_identity(folder), (folder_identity(root) if root is not None else None)
         saved = M2ISTConfig.from_json_file(folder / CONFIG_NAME)
         adapter_dtype = _adapter_dtype(dtype, folder / WEIGHTS_NAME)
         given = {VISION: vision_model is not None, TEXT: text_model is not None}
@@ -1745,11 +1835,13 @@ class SideTunedModel(RECModel):
         load_trainable_state(model, folder / WEIGHTS_NAME)
         if adapter_dtype is not None:
             model.to(adapter_dtype)
-        saved_processor = next((folder / name for name in (*PROCESSOR_FILES, PROCESSOR_CONFIG_NAME)
-                                if (folder / name).is_file()), None)  # the file RECProcessor reads first
+        processor_folder = adapter_processor_folder(folder, root)  # its own, else the one its save shares at the root
+        saved_processor = None if processor_folder is None else next(
+            (processor_folder / name for name in (*PROCESSOR_FILES, PROCESSOR_CONFIG_NAME)
+             if (processor_folder / name).is_file()), None)  # the file RECProcessor reads first
         if PIPELINE.load_processor is not None and saved_processor is not None:
             try:
-                processor = PIPELINE.load_processor(str(folder))  # tokenizer files came with it, same commit
+                processor = PIPELINE.load_processor(str(processor_folder))  # tokenizer files came with it, same commit
             except (ValueError, TypeError, KeyError, AttributeError) as err:  # JSONDecodeError is a ValueError
                 raise ValueError(f"{saved_processor}: the processor saved with the adapter cannot be restored "
                                  f"({type(err).__name__}: {' '.join(str(err).split())}). Fix or delete that file "
@@ -1757,9 +1849,18 @@ class SideTunedModel(RECModel):
             try:  # refused here, the message names the fit, not the file as unreadable
                 model.attach_processor(processor, saved=True)
             except ValueError as err:
-                raise ValueError(f"{saved_processor}: the processor saved with the adapter does not fit the model's towers "
-                                 f"({err})") from err
-        check_folder_unchanged(folder, identity)
+                if processor_folder != folder:  # the save's shared one, written by a model of other adapters
+                    warnings.warn(f"{saved_processor}, the processor saved at the root of the save whose adapter "
+                                  f"subfolder {subfolder!r} is loaded, does not fit this adapter ({err}); it is loaded "
+                                  "without a processor: pass processor= to predict() and evaluate().", UserWarning,
+                                  stacklevel=2)
+                    processor = None
+                else:
+                    raise ValueError(f"{saved_processor}: the processor saved with the adapter does not fit the model's towers "
+                                     f"({err})") from err
+        check_folder_unchanged(folder, identity[0])
+        if root is not None:
+            check_folder_unchanged(root, identity[1])
         if target_device is not None:
             model.to(target_device)
         for module in (model.side, model.head):
@@ -1769,6 +1870,61 @@ class SideTunedModel(RECModel):
             model.adapter_setups = {adapter_name: model.adapter_setups.pop(DEFAULT_ADAPTER)}
             model._active_adapter = adapter_name
         return model
+
+
+def _refuse_root_for_named_adapter(folder: Path, source: Any, adapter_name: str, subfolder: str | None,
+                                   call: str) -> None:
+    """Refuse to load the root adapter of ``folder`` under the name ``adapter_name`` (no ``subfolder``) when the
+    folder also holds an adapter of that name in its ``<adapter_name>/`` subfolder (where ``save_pretrained`` puts
+    it): either could be meant, and the root one would answer under the other's name."""
+    if subfolder is None and adapter_name != DEFAULT_ADAPTER and (folder / adapter_name / CONFIG_NAME).is_file():
+        raise ValueError(
+            f"{source} holds an adapter named {adapter_name!r} in its subfolder {adapter_name}/ (where "
+            f"save_pretrained puts it), but {call} without subfolder= reads the adapter at its root (its 'default' "
+            f"one). Pass subfolder={adapter_name!r} to load the {adapter_name!r} adapter; to load the root one, give "
+            "it another adapter_name. Nothing was loaded.")
+
+
+def _keep_other_entries(old: Path, new: Path) -> None:
+    """Copy into the adapter subfolder ``new`` (being written) the entries of ``old`` (what the folder it replaces
+    held there) that are not an adapter's own files (:data:`m2ist.save_and_load.OWNED_FILES`): a user's notes or
+    results. Nothing when ``old`` is not a folder."""
+    if old.is_symlink() or not old.is_dir():
+        return
+    entries = list(old.iterdir())
+    owned = owned_entries(OWNED_FILES, [entry.name for entry in entries])
+    for entry in entries:
+        if entry.name in owned or os.path.lexists(new / entry.name):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.copytree(entry, new / entry.name, symlinks=True)
+        else:
+            shutil.copy2(entry, new / entry.name, follow_symlinks=False)
+
+
+def _adapters_on_the_root_processor(folder: Path, written: Sequence[str]) -> list[str]:
+    """The adapter subfolders of ``folder`` (a config and weights) other than ``written`` that hold no processor of
+    their own, so read the one at ``folder``'s root."""
+    try:
+        entries = sorted(folder.iterdir())
+    except OSError:
+        return []
+    return [entry.name for entry in entries
+            if entry.is_dir() and not entry.is_symlink() and entry.name not in written
+            and adapter_name_problem(entry.name) is None
+            and (entry / CONFIG_NAME).is_file() and (entry / WEIGHTS_NAME).is_file()
+            and adapter_processor_folder(entry, None) is None]
+
+
+def adapter_processor_folder(folder: Path, root: Path | None) -> Path | None:
+    """Where the processor of the adapter saved in ``folder`` lies: ``folder`` when it holds one of its own, else
+    ``root``, the save whose adapter subfolder ``folder`` is (``save_pretrained`` writes the processor its adapters
+    share once, at the root), when that holds an m2ist processor; None when neither does."""
+    if any((folder / name).is_file() for name in (PROCESSOR_CONFIG_NAME, *PROCESSOR_FILES)):
+        return folder
+    if root is not None and (root / PROCESSOR_CONFIG_NAME).is_file():
+        return root
+    return None
 
 
 def _check_adapter_name(name: object) -> None:

@@ -257,12 +257,27 @@ def find_layers(model: nn.Module, spec: TapSpec) -> list[tuple[str, nn.Module]]:
 
 
 def get_submodule(layer: nn.Module, path: str, layer_name: str) -> nn.Module:
-    """``layer.get_submodule(path)`` with an error that lists what the layer has."""
+    """``layer.get_submodule(path)`` with an error that lists what the layer has. ``path`` may give alternatives
+    separated by ``|``, the first the layer has being taken: a hybrid stack whose layers are one class but mix tokens
+    by different sub-modules (LFM2's ``conv|self_attn``, Bamba's ``mamba|self_attn``)."""
+    if not path:
+        return layer
+    for option in path.split("|"):
+        try:
+            return layer.get_submodule(option)
+        except AttributeError:
+            continue
+    children = [n for n, _ in layer.named_modules() if n]
+    raise ValueError(f"Layer {layer_name!r} has no sub-module {path!r}; it has {children}.")
+
+
+def has_submodule(layer: nn.Module, path: str) -> bool:
+    """Whether :func:`get_submodule` finds ``path`` (or one of its ``|`` alternatives) in ``layer``."""
     try:
-        return layer.get_submodule(path) if path else layer
-    except AttributeError as err:
-        children = [n for n, _ in layer.named_modules() if n]
-        raise ValueError(f"Layer {layer_name!r} has no sub-module {path!r}; it has {children}.") from err
+        get_submodule(layer, path, "")
+    except ValueError:
+        return False
+    return True
 
 
 def count_token_parameters(model: nn.Module, names: tuple[str, ...], skip: tuple[str, ...] = ()) -> int:

@@ -14,6 +14,7 @@ the last stage's grid and keeps its own width (the adapters' down-projections ab
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import logging
@@ -21,6 +22,7 @@ import math
 import re
 import warnings
 import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -35,6 +37,7 @@ from .taps import (
     SUFFIX_PARAMETERS,
     TOKENS,
     BlockRecorder,
+    Tap,
     TapReport,
     TapSpec,
     _first_tensor,
@@ -42,6 +45,7 @@ from .taps import (
     find_block_names,
     find_layers,
     get_submodule,
+    has_submodule,
     hidden_states_spec,
     input_tensor,
     resolve_tap_spec,
@@ -103,29 +107,47 @@ def without_trailing_padding(features: TowerFeatures) -> TowerFeatures:
                          taps={kind: [kept(t) for t in taps] for kind, taps in features.taps.items()})
 
 
-def to_tokens(x: torch.Tensor, layout: str, aspect: float | None = None) -> tuple[torch.Tensor, tuple[int, int] | None]:
+def to_tokens(x: torch.Tensor, layout: str, aspect: float | None = None,
+              tie_last: bool = False) -> tuple[torch.Tensor, tuple[int, int] | None]:
     """``x`` in ``layout`` (an einops pattern) as ``(B, N, C)`` tokens, plus its grid when the layout has one.
 
     A 4-D tensor given as plain tokens is read as ``(B, C, H, W)``, the convention of Hugging Face CNN outputs, unless
     ``aspect`` (the canvas's height / width) shows it channels-last, ``(B, H, W, C)`` (SAM's vision layers): its middle
-    axes then form a grid of the canvas's aspect and its last two a grid further from it.
+    axes then form a grid of the canvas's aspect and its last two a grid further from it. A map whose shape reads
+    both ways alike (as many channels as grid rows and columns) is read channels-last when ``tie_last``.
     """
     if layout == TOKENS and x.dim() == 4:
-        layout = "b h w c" if aspect is not None and _channels_last(x.shape, aspect) else "b c h w"
+        layout = "b h w c" if aspect is not None and _channels_last(x.shape, aspect, tie_last) else "b c h w"
     if layout == TOKENS:
         return x, None
     grid_axes = dict(zip(layout.split(), x.shape))
     return rearrange(x, f"{layout} -> b (h w) c"), (grid_axes["h"], grid_axes["w"])
 
 
-def _channels_last(shape: torch.Size, aspect: float) -> bool:
-    """Whether a ``(B, ?, ?, ?)`` feature map is ``(B, H, W, C)``: read so, its grid is within 1.5x of the canvas's
-    aspect and nearer to it than read as ``(B, C, H, W)`` (a tie stays channels-first)."""
+def _aspect_errors(shape: torch.Size, aspect: float) -> tuple[float, float]:
+    """How far a ``(B, ?, ?, ?)`` map's grid is from the canvas's aspect, read channels-last and channels-first."""
     def error(height: int, width: int) -> float:
         return abs(math.log(height / width / aspect))
 
-    last = error(shape[1], shape[2])
-    return last < math.log(1.5) and last < error(shape[2], shape[3])
+    return error(shape[1], shape[2]), error(shape[2], shape[3])
+
+
+def _channels_last(shape: torch.Size, aspect: float, tie_last: bool = False) -> bool:
+    """Whether a ``(B, ?, ?, ?)`` feature map is ``(B, H, W, C)``: read so, its grid is within 1.5x of the canvas's
+    aspect and nearer to it than read as ``(B, C, H, W)`` (a tie: ``tie_last``, see :func:`ties_channels_last`)."""
+    last, first = _aspect_errors(shape, aspect)
+    return last < math.log(1.5) and (last < first or (tie_last and last == first))
+
+
+def ties_channels_last(maps: list[torch.Tensor], aspect: float | None) -> bool:
+    """Whether a tower's 4-D maps whose shape reads both ways alike are channels-last: when all its other 4-D maps
+    read unambiguously are. SAM2's Hiera stages are ``(B, H, W, C)``; on a 384-pixel canvas its first stage is
+    ``(B, 96, 96, 96)``, which the shape rule alone read channels-first (a CNN's 64-channel 64x64 map stays so)."""
+    if aspect is None:
+        return False
+    votes = {_channels_last(x.shape, aspect) for x in maps if x.dim() == 4
+             and _aspect_errors(x.shape, aspect)[0] != _aspect_errors(x.shape, aspect)[1]}
+    return votes == {True}
 
 
 class TowerLayoutError(ValueError):
@@ -289,6 +311,24 @@ def _no_tower() -> None:
 HALF_PRECISION = (torch.float16, torch.bfloat16)
 
 
+@contextlib.contextmanager
+def random_states_kept(device: torch.device) -> Iterator[None]:
+    """Give back torch's CPU random state, and ``device``'s when it is a CUDA device, after the block: a frozen
+    tower's forward must not draw from, or re-seed, the random state the side network's dropout draws from. A no-op
+    while ``torch.compile`` traces (the state is not kept there; a tower re-seeding it graph-breaks anyway)."""
+    if torch.compiler.is_compiling():
+        yield
+        return
+    cpu = torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    try:
+        yield
+    finally:
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda, device)
+
+
 def _as_float32(value: Any) -> Any:
     """``value`` with every half-precision tensor (in tuples, lists and dicts too) copied to float32."""
     if isinstance(value, torch.Tensor):
@@ -344,8 +384,9 @@ class _FirstCall:
     @staticmethod
     def _run(block: nn.Module, inputs: tuple[tuple, dict]) -> BlockRecorder:
         recorder = BlockRecorder(block)
+        device = next((p.device for p in block.parameters()), torch.device("cpu"))
         try:
-            with torch.no_grad():
+            with torch.no_grad(), random_states_kept(device):
                 block(*inputs[0], **inputs[1])
         finally:
             recorder.remove()
@@ -402,6 +443,7 @@ class Tower:
             self.layers = self._call_order(find_layers(model, self.spec), probe_inputs)
         self.fixed_length: int | None = None  # set for a text tower that reads its padding (see _check_padding)
         self.pad_id = 0
+        self._check_deterministic(probe_inputs)
         self._check_padding(probe_inputs)
         self._check_batch(probe_inputs)
         self.mixer = self._mixer_note()
@@ -420,15 +462,52 @@ class Tower:
         if not without:
             return ""
         classes = ", ".join(dict.fromkeys(type(module).__name__ for _, module in without))
+        paths = "|".join(dict.fromkeys(option for index, _ in without for option in tap.module.split("|")
+                                       if has_submodule(self.layers[index][1], option)))  # a hybrid's own mixer
         where = "no layer has attention" if len(without) == len(self.layers) else \
             f"layer{'s' if len(without) > 1 else ''} {', '.join(str(index) for index, _ in without)} of " \
             f"{len(self.layers)} {'have' if len(without) > 1 else 'has'} no attention"
-        return f"{where}: the IEA reads the token mixer in its place, {tap.module} ({classes})"
+        return f"{where}: the IEA reads the token mixer in its place, {paths} ({classes})"
 
     def structural_refusal(self, reason: str) -> TowerLayoutError:
         """One line refusing the tower for its structure, which no tap override changes."""
         return TowerLayoutError(f"Cannot side-tune the {self.modality} tower {type(self.model).__name__} "
                                 f"(model_type={self.model_type!r}): {reason}.")
+
+    def _check_deterministic(self, probe_inputs: dict[str, torch.Tensor] | None) -> None:
+        """Refuse a tower whose features are a random draw: two forwards of the same input, in ``eval()`` mode, one
+        after the other (the random state moving on between them, as it does between training steps), must give the
+        same features. Reformer's LSH attention draws new random rotations on every forward unless
+        ``config.hash_seed`` is set: every step would see other features of the same sample, and the tower cache
+        would store one draw for good (its float32 run then trains other weights than the uncached one)."""
+        if probe_inputs is None:
+            return
+        inputs = {name: value[:1] for name, value in probe_inputs.items()}
+        modes = [(module, module.training) for module in self.model.modules()]
+        self.model.eval()  # parts left in train() on purpose (Monte-Carlo dropout) are warned about in tap()
+        try:
+            with random_states_kept(self._device()):  # each probe keeps the random state: move it on in between
+                first = self._probe(inputs)[0].float()
+                torch.rand(1, device=self._device())
+                second = self._probe(inputs)[0].float()
+        finally:
+            for module, mode in modes:
+                module.training = mode
+        if first.shape != second.shape or not bool(torch.isfinite(first).all()):
+            return  # other checks say why
+        tolerance = (1e-2 if self.dtype in HALF_PRECISION else 1e-4) * max(1.0, first.abs().max().item())
+        change = (first - second).abs().max().item()
+        if change > tolerance:
+            seed = [k for k in vars(self.model.config) if k.endswith("_seed") and getattr(self.model.config, k) is None]
+            fix = (f"set config.{seed[0]} (a fixed seed) before wrapping it, or use another tower" if seed else
+                   "use a tower whose forward is deterministic in eval()")
+            raise self.structural_refusal(f"its features change by {change:.3g} between two forwards of the same "
+                                          "input in eval() mode: its forward draws at random (as Reformer's LSH "
+                                          "attention does without a hash seed), so a sample's features would change "
+                                          f"from step to step and the tower cache would keep one draw; {fix}")
+
+    def _device(self) -> torch.device:
+        return next((p.device for p in self.model.parameters()), torch.device("cpu"))
 
     def _check_batch(self, probe_inputs: dict[str, torch.Tensor] | None) -> None:
         """Refuse a tower whose samples are not independent: its output must have one entry per input sample,
@@ -599,7 +678,11 @@ class Tower:
     def _same_in_every_layer(self, spec: TapSpec, order: list[tuple[str, nn.Module]], probe_inputs) -> TapSpec:
         """``spec``, found on the first layer, if its taps have the layer stream's shape in every layer; else the
         spec found on the first layer where they do not (VitDet and SAM mix windowed and global attention: found on
-        a global layer, the attention module's output is cut into windows in the others), else layer outputs."""
+        a global layer, the attention module's output is cut into windows in the others), else layer outputs. Layers
+        without the sub-modules found in the first are handled by :meth:`_per_layer_kind`."""
+        if spec.status == "exact" and any(not has_submodule(layer, tap.module) for _, layer in order
+                                          for tap in (spec.attention, spec.ffn)):
+            return self._per_layer_kind(spec, order, probe_inputs)
         bad = self._misshapen_layer(spec, order, probe_inputs)
         if bad is None:
             return spec
@@ -613,6 +696,49 @@ class Tower:
             return again
         return replace(spec, attention=None, ffn=None, note=f"{self.model_type}: both experts read the layer outputs: "
                        f"the sub-layers found in one layer have another shape in layer {bad}")
+
+    def _per_layer_kind(self, spec: TapSpec, order: list[tuple[str, nn.Module]], probe_inputs) -> TapSpec:
+        """The taps of a hybrid stack: layers of one class whose sub-modules differ by layer kind (LFM2's short
+        convolution or attention, Bamba's Mamba mixer or attention, Qwen3-Next's linear or full attention). The taps
+        are found on the first layer of each kind (its direct sub-modules' names) and joined as alternatives
+        (``conv|self_attn``: each layer reads the first it has), checked to pick, in every kind, the sub-module
+        found there; else both experts read the layer outputs (before, the build failed on the first layer without
+        the first layer's sub-module)."""
+        first_of_kind: dict[tuple[str, ...], int] = {}
+        for index, (_, layer) in enumerate(order):
+            first_of_kind.setdefault(tuple(name for name, _ in layer.named_children()), index)
+        found: dict[int, TapSpec] = {}
+        for index in first_of_kind.values():
+            if order[index][1] is order[0][1]:
+                found[index] = spec
+                continue
+            probe = _FirstCall(order[index][1])
+            try:
+                self._probe(probe_inputs)
+            finally:
+                probe.remove()
+            found[index] = structural_spec([name for name, _ in order], probe.recorder(), self.model_type)
+        taps: dict[str, Tap | None] = {}
+        for kind in ("attention", "ffn"):
+            chosen = [getattr(each, kind) for each in found.values()]
+            same = all(t is not None and (t.layout, t.call, t.branch) == (chosen[0].layout, chosen[0].call,
+                                                                           chosen[0].branch) for t in chosen)
+            taps[kind] = replace(chosen[0], module="|".join(dict.fromkeys(t.module for t in chosen))) if same else None
+        merged = replace(spec, attention=taps["attention"], ffn=taps["ffn"],
+                         note=f"{self.model_type}: sub-layers found by structure on the first layer of each kind "
+                              "(alternatives a|b: each layer reads the first it has)")
+        picks_its_own = merged.status == "exact" and all(
+            get_submodule(order[index][1], getattr(merged, kind).module, order[index][0])
+            is get_submodule(order[index][1], getattr(each, kind).module, order[index][0])
+            for index, each in found.items() for kind in ("attention", "ffn"))
+        if picks_its_own and all(has_submodule(layer, tap.module) for _, layer in order
+                                 for tap in (merged.attention, merged.ffn)) \
+                and self._misshapen_layer(merged, order, probe_inputs) is None:
+            return merged
+        kinds = ", ".join(str(index) for index in first_of_kind.values())
+        return replace(spec, attention=None, ffn=None, note=f"{self.model_type}: both experts read the layer outputs: "
+                       f"its layers have other sub-modules by kind (first of each kind: layers {kinds}) and no "
+                       "attention / feed-forward pair common to them was found")
 
     def _misshapen_layer(self, spec: TapSpec, order: list[tuple[str, nn.Module]], probe_inputs) -> int | None:
         """The first layer call whose attention or feed-forward tap output has not the shape of the layer's input
@@ -914,10 +1040,40 @@ class Tower:
             raise self.structural_refusal(
                 f"its output has no last_hidden_state, only {fields}: it is {what}; load the checkpoint with "
                 "AutoModel (its base model) instead, where its family has one")
+        encoded: Any = getattr(out, "encoder_last_hidden_state", None)
+        if isinstance(encoded, torch.Tensor):
+            encoded = tuple(encoded.shape)
+        elif isinstance(encoded, list | tuple) and encoded and all(isinstance(e, torch.Tensor) for e in encoded):
+            encoded = [tuple(e.shape) for e in encoded]  # multi-scale maps (RT-DETR, D-FINE)
+        else:
+            encoded = None
+        if encoded is not None and self.spec.encode is None:
+            # an encoder-decoder (Table Transformer, DAB-DETR, RT-DETR): its last_hidden_state holds the decoder's
+            # object queries, which would be read as image patches (100 queries make a 10x10 "grid") without a word
+            fix = ("register a TapSpec(encode=...) that runs its encoder alone (m2ist.taps.register_taps(); m2ist "
+                   "does so for DETR and Conditional DETR), or use one of those" if self.modality == VISION else
+                   "pass its encoder (model.get_encoder())")
+            raise self.structural_refusal(
+                f"it is an encoder-decoder: its last_hidden_state {tuple(out.last_hidden_state.shape)} is its "
+                f"decoder's output (object queries or target tokens), not the {self.modality} tokens, which are its "
+                f"encoder_last_hidden_state {encoded}; {fix}")
         return out
 
     def _run(self, inputs: dict[str, torch.Tensor], hidden_states: bool) -> tuple[torch.Tensor, torch.Tensor, Any]:
-        """Forward the tower; return tokens ``(B, N, C)`` in canonical order, mask ``(B, N)`` and the raw output."""
+        """Forward the tower; return tokens ``(B, N, C)`` in canonical order, mask ``(B, N)`` and the raw output.
+
+        The tower neither draws from nor re-seeds the caller's random state (Reformer calls ``torch.manual_seed``
+        with its ``config.hash_seed`` on every forward): the side network's initialisation and dropout draws do not
+        depend on whether, or how often, the tower ran (the tower cache skips it; the build probes it). Parts put in
+        ``train()`` on purpose (Monte-Carlo dropout, warned by :meth:`tap`) draw from it as they would alone: kept,
+        every call would draw the same mask."""
+        if self.training_submodule() is not None:
+            return self._forward(inputs, hidden_states)
+        with random_states_kept(self._device()):
+            return self._forward(inputs, hidden_states)
+
+    def _forward(self, inputs: dict[str, torch.Tensor], hidden_states: bool) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        """:meth:`_run` without keeping the random state."""
         if self.modality == TEXT:
             input_ids, mask = inputs["input_ids"], inputs.get("attention_mask")
             if getattr(self, "fixed_length", None) is not None:  # a tower that reads its padding: one fixed length
@@ -1030,7 +1186,7 @@ class Tower:
         else:
             self._warn_training_parts()
         try:
-            tokens, mask, out = self._run(inputs, hidden_states=not self.layers)
+            tokens, mask, out = self._run(inputs, hidden_states=not self.layers)  # the random state kept
         finally:
             self._state = None
             for module, mode in modes:
@@ -1047,11 +1203,19 @@ class Tower:
         image_hw = inputs["pixel_values"].shape[-2:] if self.modality == VISION else None
         aspect = image_hw[0] / image_hw[1] if image_hw is not None else None
         grid = self.grid_of(tokens.shape[1], image_hw)
+        tie_last = ties_channels_last([x for x, layout in captured.values() if layout == TOKENS], aspect)
 
         def aligned(key) -> torch.Tensor:
             if key not in captured:
                 raise ValueError(self.refusal(f"the tap {key} was never reached in the forward"))
-            x, x_grid = to_tokens(*captured[key], aspect)
+            raw = captured[key][0]
+            if self.modality == TEXT and raw.dim() != 3:  # read as a (B, C, H, W) map, it gave nonsense token counts
+                raise self.structural_refusal(
+                    f"a layer gives {raw.dim()}-D tensors of shape {tuple(raw.shape)} where m2ist reads (batch, "
+                    f"tokens, width), as the final output {tuple(tokens.shape)} is: its layers carry several streams "
+                    "of the sequence at once (as Gemma 3n's AltUp does), which no tap lines up with the output; use "
+                    "a text tower whose layers carry one")
+            x, x_grid = to_tokens(*captured[key], aspect, tie_last)
             if self.modality == VISION:
                 x = self.canonical(x)
             return resample_tokens(x, x_grid, tokens, grid, self.num_leading_tokens,

@@ -124,8 +124,9 @@ def add_data_flags(parser: argparse.ArgumentParser, train: bool) -> None:
     if train:
         _add(group, "--train-split", dest="data.train_split", metavar="NAME", help="training split name (default: train)")
         _add(group, "--train-file", dest="data.train_file", metavar="FILE", help="jsonl/csv/coco/transvg: the training file")
-    _add(group, "--eval-splits", "--splits", dest="data.eval_splits", nargs="+", metavar="NAME",
-         help="evaluation split names, e.g. val testA testB" + ("" if train else " (default: val)"))
+    _add(group, "--eval-splits", "--splits", dest="data.eval_splits", nargs="+", action="extend", metavar="NAME",
+         help="evaluation split names, e.g. val testA testB; the flag repeated adds to them"
+              + ("" if train else " (default: val)"))
     _add(group, "--eval-file", dest="data.eval_files", action="append", metavar="[NAME=]FILE",
          help="jsonl/csv/coco/transvg: an evaluation file, named NAME (default: the file name; an existing path "
               "is never split at '='); repeatable, one split name each")
@@ -192,10 +193,14 @@ class _ListOrNone(argparse.Action):
 
     def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
                  option_string: str | None = None) -> None:
-        if any(value is None for value in values):
-            if len(values) > 1:
+        repeated = hasattr(namespace, self.dest)  # the flag's default is SUPPRESS: set only by an earlier use
+        earlier = getattr(namespace, self.dest, None)
+        if any(value is None for value in values) or (repeated and earlier is None):
+            if len(values) > 1 or repeated:
                 raise argparse.ArgumentError(self, "none stands alone: give the values, or none for the default")
             values = None
+        elif repeated:  # the flag repeated adds to the list, as every list flag does
+            values = [*earlier, *values]
         setattr(namespace, self.dest, values)
 
 
@@ -261,7 +266,9 @@ def flag_kwargs(f: dataclasses.Field, hint: Any, choices: Sequence[str] | None =
         # the flag alone gives an empty list only where that is the default ("no drops"); elsewhere it would be a
         # forgotten value (--experts --epochs 5), which argparse refuses as "expected at least one argument"
         empty = isinstance(default, list | tuple) and not default
-        kwargs.update(nargs="*" if empty else "+", type=item if item in (int, float, str) else _yaml_value)
+        # action="extend": the flag repeated adds to the list (argparse's default kept the last values only)
+        kwargs.update(nargs="*" if empty else "+", type=item if item in (int, float, str) else _yaml_value,
+                      action="extend")
         if optional:
             kwargs.update(type=_none_or(kwargs["type"]), action=_ListOrNone,
                           metavar={int: "N", float: "X", str: "TEXT"}.get(kwargs["type"], "VALUE"))
@@ -365,7 +372,8 @@ def add_training_flags(parser: argparse.ArgumentParser) -> None:
 def add_evaluation_flags(parser: argparse.ArgumentParser, command: str) -> None:
     group = parser.add_argument_group("inference" if command == "predict" else "evaluation")
     if command != "predict":
-        _add(group, "--iou-thresholds", dest="evaluation.iou_thresholds", type=iou_threshold, nargs="+", metavar="T",
+        _add(group, "--iou-thresholds", dest="evaluation.iou_thresholds", type=iou_threshold, nargs="+",
+             action="extend", metavar="T",
              help="report Acc@T for each T (default: 0.5; IoU >= T, the TransVG criterion, not GIoU)")
         _add(group, "--output", dest="evaluation.output_file", metavar="FILE",
              help="results JSON (default: <adapter>/eval_results.json for an adapter folder, ./eval_results.json for "

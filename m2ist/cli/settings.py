@@ -483,8 +483,10 @@ def resolve_settings(namespace: argparse.Namespace) -> dict[str, dict[str, Any]]
     settings: dict[str, dict[str, Any]] = {section: {} for section in SECTIONS}
     origin: dict[str, tuple[int, str]] = {}  # the layer (0 config, 1 --set, 2 flag) and the words of each data key
     config = getattr(namespace, "config", None)
+    from_config: dict[str, Any] = {}
     if config is not None:
-        for section, values in load_config_file(config).items():
+        from_config = load_config_file(config)
+        for section, values in from_config.items():
             settings[section].update(values)
         origin.update(dict.fromkeys(settings["data"], (0, f"the config file {config}")))
     command = getattr(namespace, "command", None)
@@ -501,6 +503,8 @@ def resolve_settings(namespace: argparse.Namespace) -> dict[str, dict[str, Any]]
             if section == "data":
                 origin[name] = (2, "--" + _FLAG_NAMES.get(name, name).replace("_", "-"))
     expand_paths(settings)
+    if config is not None:
+        _refuse_paths_only_beside_the_config(settings, from_config, config)
     _one_way_to_name_eval_splits(settings["data"], origin)
     _drop_settings_of_an_earlier_format(settings["data"], origin)
     if settings["evaluation"].get("device") not in (None, ""):
@@ -548,6 +552,43 @@ def _expand_path(section: str, key: str, value: str, named: bool = False) -> str
             raise CLIError(f"{section}.{key} {path!r} starts or ends with spaces, and no such path exists: remove "
                            "them (quoted YAML and JSON strings keep them).")
     return value[: len(value) - len(path)] + expanded
+
+
+#: The path settings that name what a command writes (the others name what it reads).
+_OUTPUT_KEYS = frozenset({"output_dir", "output_file"})
+
+
+def _refuse_paths_only_beside_the_config(settings: Mapping[str, Mapping[str, Any]], from_config: Mapping[str, Any],
+                                         config: str | Path) -> None:
+    """Refuse a relative path a config file gives (and no later layer replaced) that does not exist in the working
+    folder, which it is read from, but does beside the config file: the loader's "not found" named a path that
+    looked right in the file (``--config exp/run.yaml`` with ``train_file: train.jsonl`` next to it)."""
+    import os
+
+    folder = _config_path(config).resolve().parent
+    if folder == CONFIG_DIR.resolve():  # a shipped recipe names no local files
+        return
+    for section, keys in PATH_KEYS.items():
+        given = from_config.get(section, {})
+        for key in keys:
+            if key in _OUTPUT_KEYS:  # written, not read: a new folder or file wherever the command runs
+                continue
+            value = settings.get(section, {}).get(key)
+            if value is None or value != given.get(key):
+                continue  # not from the config file: a flag or --set replaced it
+            named = (section, key) == ("data", "eval_files")
+            items = value.values() if isinstance(value, Mapping) else [value] if isinstance(value, str) else \
+                value if isinstance(value, list) else []  # (resume_from_checkpoint: true names no path)
+            for item in items:
+                if not isinstance(item, str):
+                    continue
+                path = item.split("=", 1)[1] if named and _names_a_split(item) else item
+                if not path or os.path.isabs(path) or os.path.lexists(path) or not os.path.lexists(folder / path):
+                    continue
+                raise CLIError(f"{section}.{key} {path!r} in the config file {config} is read from the working folder "
+                               f"{Path.cwd()}, where it does not exist, while {folder / path} exists beside the config "
+                               "file: write the path from the working folder (or absolute), or run m2ist from "
+                               f"{folder}.")
 
 
 def _names_a_split(item: str) -> bool:

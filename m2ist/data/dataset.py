@@ -14,7 +14,16 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from m2ist.config import check_flags
-from m2ist.data.images import WHITE, DeferredImage, RGBColor, image_name, image_size, load_image
+from m2ist.data.images import (
+    ORIENTATION_NAMES,
+    WHITE,
+    DeferredImage,
+    RGBColor,
+    exif_orientation,
+    image_name,
+    image_size,
+    load_image,
+)
 from m2ist.data.loaders import box_values, has_visible_text
 from m2ist.data.sample import RECSample
 from m2ist.ops.boxes import looks_normalised
@@ -79,6 +88,22 @@ def _clip(box: Box, width: float, height: float) -> Box:
     return (min(max(x0, 0.0), width), min(max(y0, 0.0), height), min(max(x1, 0.0), width), min(max(y1, 0.0), height))
 
 
+_SWAPPING_ORIENTATIONS = frozenset({5, 6, 7, 8})
+
+
+def _orientation(image: Any) -> int:
+    """The EXIF orientation of a sample's image (1 when it has none or cannot be read): for an error's hint only."""
+    try:
+        if isinstance(image, DeferredImage):
+            image = image.open()
+        if isinstance(image, str | Path):
+            with Image.open(image) as opened:
+                return exif_orientation(opened)
+        return exif_orientation(image) if isinstance(image, Image.Image) else 1
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return 1
+
+
 def check_annotated_size(sample: RECSample, size: tuple[int, int], *, where: str, exif_transpose: bool = False) -> None:
     """Refuse a sample whose image is not the size its annotation file states (``sample.annotated_size``): its
     box is in the annotated image's pixels, so on a resized copy (or another file) it marks the wrong place."""
@@ -87,8 +112,16 @@ def check_annotated_size(sample: RECSample, size: tuple[int, int], *, where: str
         return
     width, height = (int(value) for value in stated)
     if (height, width) == tuple(size):
-        hint = (" The image is rotated by its EXIF orientation: the annotation's size is the stored pixel grid, so "
-                "use exif_transpose=False." if exif_transpose else " The file may have been rotated after annotation.")
+        orientation = 1 if exif_transpose else _orientation(sample.image)
+        if exif_transpose:
+            hint = (" The image is rotated by its EXIF orientation: the annotation's size is the stored pixel grid, so "
+                    "use exif_transpose=False.")
+        elif orientation in _SWAPPING_ORIENTATIONS:  # annotated upright, as a photo viewer or labelling tool shows it
+            hint = (f" The image carries an EXIF orientation tag ({orientation}: shown {ORIENTATION_NAMES[orientation]})"
+                    " and the annotation states the size of the upright picture, so its boxes are in that picture: "
+                    "read the images upright with RECDataset(..., exif_transpose=True) (and evaluate that dataset).")
+        else:
+            hint = " The file may have been rotated after annotation."
     else:
         hint = (" Were the images resized (a downscaled copy of the dataset)? Use the original images, or scale the "
                 "boxes and the annotated sizes to the new images.")

@@ -16,7 +16,9 @@
 Nothing is decoded while loading: the samples hold paths, or :class:`HFRowImage` references (table, row, column)
 that read the image when an item is taken, so a RefCOCO-size table (120k expressions) costs no more memory than a
 small one. A ``datasets.Dataset`` is read without its image columns and those are opened undecoded
-(``datasets.Image(decode=False)``) row by row; the table itself stays memory-mapped.
+(``datasets.Image(decode=False)``) row by row; the table itself stays memory-mapped. A streamed table
+(``IterableDataset``) is read undecoded too: ``datasets``' decoding turns an image upright by its EXIF orientation,
+while the boxes (and the same table loaded whole) are in the stored pixel grid.
 """
 
 from __future__ import annotations
@@ -47,7 +49,9 @@ from m2ist.data.loaders import (
     expressions_of,
     first_key,
     format_hint,
+    image_name_of,
     join_image_path,
+    names_a_url,
     near_miss_hint,
     normalize_split_request,
     other_texts,
@@ -159,52 +163,97 @@ class HFRowImage(DeferredImage):
     """The image in ``column`` of row ``index`` of ``rows``, read each time it is used.
 
     ``rows`` is a ``datasets.Dataset`` whose image column is not decoded (it yields ``{"bytes", "path"}``) or any
-    indexable sequence of dict rows; the cell may hold a PIL image, encoded bytes, a path or an array.
+    indexable sequence of dict rows; the cell may hold a PIL image, encoded bytes, a path or an array. A relative
+    path (a ``{"bytes": None, "path": ...}`` cell) is read under ``root`` when one is given, as the loader reads the
+    paths of a path column (``from_hf_dataset``'s ``image_root``).
     """
 
-    __slots__ = ("column", "index", "rows")
+    __slots__ = ("allow_outside_root", "column", "index", "root", "rows")
 
-    def __init__(self, rows: Any, index: int, column: str) -> None:
+    def __init__(self, rows: Any, index: int, column: str, root: str | PathLike[str] | None = None,
+                 allow_outside_root: bool = False) -> None:
         self.rows, self.index, self.column = rows, index, column
+        self.root, self.allow_outside_root = root, allow_outside_root
 
     def open(self) -> Any:
         """The cell as a PIL image (lazily opened from its bytes: reading the size decodes nothing), path or array."""
         value = self.rows[self.index][self.column]
+        if isinstance(value, bytes | bytearray):  # an encoded file in a binary column (a Parquet export)
+            value = {"bytes": bytes(value)}
         if isinstance(value, dict):
             if value.get("bytes"):
-                try:
-                    return Image.open(io.BytesIO(value["bytes"]))
-                except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-                    message = str(err).split(" <_io.BytesIO")[0]  # PIL names the in-memory stream, not the row
-                    raise ImageLoadError(f"{self.describe()}: the image bytes ({len(value['bytes'])} bytes) cannot be "
-                                         f"decoded ({message}).") from None
+                return _open_encoded(value["bytes"], self.describe())
+            if value.get("path") and names_a_url(str(value["path"])):  # a Hub file (hf://...) of a datasets cell
+                return _open_encoded(_remote_bytes(str(value["path"]), self.describe()), self.describe())
             if value.get("path"):
-                return str(value["path"])
-        if isinstance(value, Image.Image | str | PathLike) or hasattr(value, "__array__"):
+                return self._resolved(str(value["path"]))
+        if isinstance(value, str | PathLike):
+            return self._resolved(value)
+        if isinstance(value, Image.Image) or hasattr(value, "__array__"):
             return value
         raise ValueError(f"cannot read an image from {type(value).__name__} {value!r:.80}")
+
+    def _resolved(self, path: str | PathLike[str]) -> str | PathLike[str]:
+        """``path`` under :attr:`root` when it is relative and there is a root (it was read from the working folder,
+        while the same path in a column of text was read under ``image_root``)."""
+        if self.root is None:
+            return path
+        return join_image_path(image_name_of(path, where="its path"), self.root,  # errors name the row when raised
+                               allow_outside_image_root=self.allow_outside_root)
 
     def describe(self) -> str:
         """``row N, column 'image'``."""
         return f"row {self.index}, column {self.column!r}"
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.rows, self.index, self.column))
+        return (type(self), (self.rows, self.index, self.column, self.root, self.allow_outside_root))
+
+
+def _open_encoded(data: bytes, where: str) -> Image.Image:
+    """``data`` (an encoded image file) opened lazily, or an error naming ``where`` (PIL names a stream)."""
+    try:
+        return Image.open(io.BytesIO(data))
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        message = str(err).split(" <_io.BytesIO")[0]  # PIL names the in-memory stream, not the row
+        raise ImageLoadError(f"{where}: the image bytes ({len(data)} bytes) cannot be decoded ({message}).") from None
+
+
+def _remote_bytes(path: str, where: str) -> bytes:
+    """The bytes of a ``datasets`` image cell that names a remote file (``hf://datasets/...`` in a streamed image
+    folder), read as ``datasets`` reads it; m2ist decodes them itself (``datasets`` would turn the image upright)."""
+    try:
+        from datasets.download.download_config import DownloadConfig
+        from datasets.utils.file_utils import xopen
+
+        with xopen(path, "rb", download_config=DownloadConfig()) as stream:
+            return stream.read()
+    except ImportError as err:
+        raise ImageLoadError(f"{where}: the image {path!r} is remote, and reading it needs the datasets package."
+                             ) from err
+    except (OSError, ValueError) as err:
+        raise ImageLoadError(f"{where}: the image {path!r} cannot be read ({type(err).__name__}: {err}).") from err
 
 
 def _is_image_feature(feature: Any) -> bool:
     return type(feature).__name__ == "Image" and type(feature).__module__.startswith("datasets")
 
 
-def _without_decoding(rows: Any) -> Any:
+def _without_decoding(rows: Any, root: str | PathLike[str] | None = None, allow_outside_root: bool = False) -> Any:
     """A ``datasets.Dataset`` read without decoding images: its image columns come out as :class:`HFRowImage`
     references into an undecoded view of the table. Other inputs are returned as they are."""
     features = getattr(rows, "features", None)
     if not isinstance(features, Mapping) or not hasattr(rows, "cast_column") or not hasattr(rows, "__getitem__"):
         return rows
     image_columns = [name for name, feature in features.items() if _is_image_feature(feature)]
-    if not image_columns or not hasattr(rows, "__len__"):
-        return rows  # no images to defer, or a streaming dataset (no random access: its cells are kept as read)
+    if not image_columns:
+        return rows
+    if not hasattr(rows, "__len__"):
+        # a streaming dataset (no random access): its cells are kept as read, but read undecoded all the same, since
+        # datasets' decoding turns an image upright by its EXIF orientation, and the boxes (and a map-style table of
+        # the same rows) are in the stored pixel grid
+        for column in image_columns:
+            rows = rows.cast_column(column, type(features[column])(decode=False))
+        return rows
     undecoded = {
         column: rows.select_columns([column]).cast_column(column, type(features[column])(decode=False))
         for column in image_columns
@@ -213,12 +262,14 @@ def _without_decoding(rows: Any) -> Any:
 
     def generate() -> Iterator[dict[str, Any]]:
         for index, row in enumerate(others):
-            yield {**row, **{column: HFRowImage(view, index, column) for column, view in undecoded.items()}}
+            yield {**row, **{column: HFRowImage(view, index, column, root, allow_outside_root)
+                             for column, view in undecoded.items()}}
 
     return generate()
 
 
-def _image_of(value: Any, *, where: str, rows: Any, index: int, column: str) -> tuple[Any, str | None]:
+def _image_of(value: Any, *, where: str, rows: Any, index: int, column: str, root: str | PathLike[str] | None = None,
+              allow_outside_root: bool = False) -> tuple[Any, str | None]:
     """``(image, relative_name)``: a deferred image, or ``(None, path)`` for a path still to resolve.
 
     In-memory cells (PIL images, bytes, arrays) of an indexable ``rows`` are referenced, not kept: the sample
@@ -226,18 +277,24 @@ def _image_of(value: Any, *, where: str, rows: Any, index: int, column: str) -> 
     """
     if isinstance(value, DeferredImage):
         return value, None
+    if isinstance(value, bytes | bytearray):  # an encoded file in a binary column (a Parquet export), as datasets'
+        value = {"bytes": bytes(value)}  # Image feature stores it
     if isinstance(value, dict) and not value.get("bytes") and value.get("path"):
-        return None, str(value["path"])
+        if names_a_url(str(value["path"])):  # a remote file of a datasets cell (hf://...): read now, decoded when used
+            if hasattr(rows, "__getitem__") and hasattr(rows, "__len__") and not isinstance(rows, str | Mapping):
+                return HFRowImage(rows, index, column, root, allow_outside_root), None
+            return _open_encoded(_remote_bytes(str(value["path"]), where), where), None
+        return None, image_name_of(str(value["path"]), where=where)
     if isinstance(value, str | PathLike):
-        return None, str(value)
+        return None, image_name_of(value, where=where)
     in_memory = isinstance(value, Image.Image) or hasattr(value, "__array__") or (
         isinstance(value, dict) and value.get("bytes"))
     if not in_memory:
         raise ValueError(f"{where}: cannot read an image from {type(value).__name__} {value!r:.80}.")
     if hasattr(rows, "__getitem__") and hasattr(rows, "__len__") and not isinstance(rows, str | Mapping):
-        return HFRowImage(rows, index, column), None
+        return HFRowImage(rows, index, column, root, allow_outside_root), None
     if isinstance(value, dict):  # a one-pass iterable: keep the encoded bytes, decoded when used
-        return Image.open(io.BytesIO(value["bytes"])), None
+        return _open_encoded(value["bytes"], where), None
     return value, None
 
 
@@ -335,6 +392,8 @@ def from_hf_dataset(
         raise TypeError(f"from_hf_dataset takes rows (a datasets.Dataset, a DatasetDict or a list of dicts), not the "
                         f"path {dataset!r}: load it first, e.g. datasets.load_from_disk(path) or "
                         f"datasets.load_dataset(name).{hint}")
+    if type(dataset).__name__ == "DataFrame" and type(dataset).__module__.startswith("pandas"):
+        dataset = dataset.to_dict("records")  # a pandas table: iterating it gives its column names, not its rows
     if _is_split_mapping(dataset):
         subsets: list[tuple[str | None, Iterable[Any]]] = [(str(name), rows) for name, rows in dataset.items()]
     else:
@@ -343,14 +402,16 @@ def from_hf_dataset(
     peeked: list[tuple[str | None, Any, Iterator[Any]]] = []
     first_row = None
     for name, rows in subsets:
-        first, iterator = _peek(_without_decoding(rows))
+        first, iterator = _peek(_without_decoding(rows, image_root, allow_outside_image_root))
         peeked.append((name, rows, iterator))
         if first_row is None and first is not None:
             first_row = first
     if first_row is None:
         raise ValueError("The dataset has no rows.")
     if not isinstance(first_row, Mapping):
-        raise TypeError(f"Rows must be dicts (column -> value); got {type(first_row).__name__}.")
+        table = (f" A {type(dataset).__name__} gives its column names when iterated: pass its rows (polars: "
+                 "table.to_dicts())." if isinstance(first_row, str) and hasattr(dataset, "columns") else "")
+        raise TypeError(f"Rows must be dicts (column -> value); got {type(first_row).__name__}.{table}")
     columns = list(first_row.keys())
 
     style = style or detect_hf_style(columns)
@@ -420,7 +481,8 @@ def from_hf_dataset(
             if check_texts and (others := other_texts(row, text_key)):
                 unread.append((where, text_key, others))
             box = parse_box(row[box_key], where=where)
-            image, name = _image_of(row[image_key], where=where, rows=source, index=index, column=image_key)
+            image, name = _image_of(row[image_key], where=where, rows=source, index=index, column=image_key,
+                                    root=image_root, allow_outside_root=allow_outside_image_root)
             image_id = row.get("image_id", row.get("file_name", name))
             stated = _row_annotated_size(row, box_key=box_key, where=where)
             sent_ids = row.get("sent_ids") or []

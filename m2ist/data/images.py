@@ -92,9 +92,25 @@ def _open_deferred(image: DeferredImage) -> Image.Image:
         raise ImageLoadError(f"Cannot read image {image.describe()}: {err}") from err
 
 
+def _near_miss(path: Path) -> str:
+    """A hint naming the file ``path`` probably meant: its name without surrounding spaces, or with the extension
+    in the other case (``.JPG`` for ``.jpg``); ``""`` when there is none. Only a few names are tried (no listing:
+    a missing file in a folder of 80,000 images must stay cheap)."""
+    name = path.name
+    candidates = [name.strip()] if name.strip() != name else []
+    stem, dot, suffix = name.strip().rpartition(".")
+    if dot and stem:
+        candidates += [f"{stem}.{suffix.lower()}", f"{stem}.{suffix.upper()}"]
+    for candidate in dict.fromkeys(candidates):
+        if candidate != name and candidate and path.with_name(candidate).is_file():
+            return f" ({path.with_name(candidate).name!r} exists there: the name differs in spaces or case)"
+    return ""
+
+
 def _check_path(path: Path) -> None:
     if not path.exists():
-        raise ImageNotFoundError(f"Image file not found: {path}")
+        shown = repr(str(path)) if path.name != path.name.strip() else str(path)  # a trailing space is invisible
+        raise ImageNotFoundError(f"Image file not found: {shown}{_near_miss(path)}")
     if path.is_dir():
         raise ImageLoadError(f"Expected an image file but got a directory: {path}")
     if not path.is_file():  # a FIFO or a device (/dev/zero) would block or never end
@@ -259,7 +275,12 @@ def _pil_to_rgb(image: Image.Image, *, background: RGBColor) -> Image.Image:
     if mode == "RGB" and "transparency" not in image.info:
         return image
     if mode in _SIXTEEN_BIT_MODES or mode in ("I", "F"):
-        gray = _scale_to_uint8(np.asarray(image), mode)
+        values = np.asarray(image)
+        gray = _scale_to_uint8(values, mode)
+        transparent = image.info.get("transparency")  # a 16-bit PNG's tRNS: the one sample value that is see-through
+        if isinstance(transparent, int | float) and not isinstance(transparent, bool):
+            alpha = np.where(values == transparent, 0, 255).astype(np.uint8)
+            return _composite(Image.fromarray(np.dstack([gray, gray, gray, alpha])), background)
         return Image.fromarray(gray).convert("RGB")
     if mode in _ALPHA_MODES or "transparency" in image.info:
         return _composite(image.convert("RGBA"), background)

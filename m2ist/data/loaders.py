@@ -64,6 +64,7 @@ def check_box_format(box_format: str | None, *, source: str) -> str:
 
 
 _NUMBER_SPLIT = re.compile(r"[\s,;]+")
+_NUMPY_SCALAR = re.compile(r"\b(?:np|numpy)\.(?:float|int|uint)(?:16|32|64|128)?\(\s*([^()\s]*)\s*\)")
 _BARE_COMMA = re.compile(r"\d,\d")  # "1,2,3,4" (comma-separated) or "12,5" (a decimal comma)
 _OTHER_SEPARATOR = re.compile(r"[\s;]")  # with a bare comma: "12,5, 30,0" or "1,5 2 3" cannot be told apart
 
@@ -78,7 +79,8 @@ def parse_box(value: Any, *, where: str) -> Box:
         raise ValueError(f"{where}: the box {value!r:.80} is {kind}, not four numbers in order; store it as a list "
                          "in the box_format's order, e.g. [x0, y0, x1, y1] (xyxy) or [x, y, w, h] (xywh).")
     if isinstance(value, str):
-        text = value.strip().strip("[]()").strip()
+        # pandas writes a list of numpy numbers as "[np.float64(1.5), np.int64(2), ...]" (numpy 2's repr)
+        text = _NUMPY_SCALAR.sub(r"\1", value).strip().strip("[]()").strip()
         if _BARE_COMMA.search(text) and _OTHER_SEPARATOR.search(text):
             raise ValueError(
                 f"{where}: a box must be 4 numbers, and {value!r} is ambiguous: it has commas between digits and "
@@ -303,7 +305,20 @@ def image_name_of(value: Any, *, where: str) -> str:
     if not isinstance(value, str) or not value.strip():
         raise ValueError(f"{where}: the image is {value!r}, not a file name; give each record the image's path "
                          "(relative to the image root).")
+    if _URL.match(value):  # joined to the image root it named a file nobody wrote ("<root>/https:/host/a.jpg")
+        raise ValueError(f"{where}: the image {value!r} is a URL, and data files name image files: download the "
+                         "images and give each record its file's path (relative to the image root). "
+                         "(m2ist predict and predict_boxes read URLs.)")
     return value
+
+
+#: An image name that is a URL (``https://``, ``s3://``, ``data:``), which no loader reads as a file.
+_URL = re.compile(r"^(?:[A-Za-z][A-Za-z0-9+.-]+://|data:)")
+
+
+def names_a_url(value: Any) -> bool:
+    """Whether ``value`` is text naming a URL (``https://``, ``hf://``, ``s3://``, ``data:``), not a local path."""
+    return isinstance(value, str) and _URL.match(value) is not None
 
 
 def _posix_image_name(name: str | PathLike[str], *, where: str | None) -> str | PathLike[str]:

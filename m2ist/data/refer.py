@@ -43,6 +43,27 @@ _COCO_IMAGE_DIR = Path("images") / "mscoco" / "images" / "train2014"
 _REFCLEF_IMAGE_DIR = Path("images") / "saiapr_tc-12"
 
 
+def _refuse_repeated_refs(refs: list[dict[str, Any]], refs_path: Path) -> None:
+    """Refuse two refs with one ``ref_id``: the refer toolkit indexes refs by id (``Refs[ref_id]``, the later one
+    kept), so such a file is damaged or two refs files merged; read as it is, the ref's sentences were loaded
+    twice, in two splits when the copies name different ones (the same object trained on and scored)."""
+    first: dict[Any, int] = {}
+    for position, ref in enumerate(refs):
+        ref_id = ref.get("ref_id")
+        try:
+            earlier = first.setdefault(ref_id, position)
+        except TypeError:  # an unhashable id (a list): no duplicate can be told, and nothing keys on it
+            continue
+        if ref_id is not None and earlier != position:
+            splits = {refs[earlier].get("split"), ref.get("split")}
+            where = (f"in the splits {refs[earlier].get('split')!r} and {ref.get('split')!r}" if len(splits) > 1
+                     else f"both in the split {ref.get('split')!r}")
+            raise ValueError(f"{refs_path}: refs {earlier} and {position} both have ref_id {ref_id!r} ({where}); a "
+                             "ref_id names one ref (the refer toolkit keeps only the last), so the file is damaged or "
+                             "two refs files were merged: its sentences would be loaded twice. Use the refs file as "
+                             "downloaded, or remove one of them.")
+
+
 def load_refer(
     root: str | PathLike[str],
     dataset: str = "refcoco",
@@ -118,6 +139,7 @@ def load_refer(
         if not isinstance(ref, dict):
             raise ValueError(f"{refs_path} ref {position}: expected a dict (ref_id, ann_id, image_id, sentences, "
                              f"split), found {type(ref).__name__} {ref!r:.60}.")
+    _refuse_repeated_refs(refs, refs_path)
     try:
         instances = json.loads(read_text_file(instances_path, "instances.json", reading="refer"))
     except json.JSONDecodeError as err:
