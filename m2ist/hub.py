@@ -622,10 +622,12 @@ def resolve_adapter(
     adapter's folder, the save's root folder)``. ``save_pretrained`` writes the files its adapters share (the
     processor, ``shared_filenames``) once, at the save's root, and an adapter's ``<name>/`` subfolder holds only its
     config and weights, so a load of ``subfolder="<name>"`` needs the root's too; from the Hub they come in the same
-    download (one commit). The root is None without ``subfolder``, or when its last part cannot name an adapter (a
-    trainer's ``checkpoint-*``, which holds its own files)."""
+    download (one commit). Without ``subfolder``, the root is the save a local folder given as a path lies in
+    (:func:`save_root`), else None; it is None too when the subfolder's last part cannot name an adapter (a trainer's
+    ``checkpoint-*``, which holds its own files)."""
     if subfolder is None:
-        return resolve_pretrained(name_or_path, filenames=filenames, optional_filenames=optional_filenames, **hub), None
+        folder = resolve_pretrained(name_or_path, filenames=filenames, optional_filenames=optional_filenames, **hub)
+        return folder, save_root(folder) if Path(name_or_path).expanduser().is_dir() else None
     clean = PurePosixPath(str(subfolder).replace("\\", "/")).as_posix().strip("/")
     leaf, parent = PurePosixPath(clean).name, PurePosixPath(clean).parent.as_posix()
     local = Path(name_or_path).expanduser()
@@ -639,6 +641,16 @@ def resolve_adapter(
         optional_filenames=[*(f"{leaf}/{name}" for name in optional_filenames), *shared_filenames],
         subfolder=None if parent == "." else parent, **hub)
     return root / leaf, root
+
+
+def save_root(folder: Path) -> Path | None:
+    """The save whose adapter subfolder the local ``folder`` is (``out`` for ``out/wide``, given as a path rather
+    than as ``subfolder="wide"``): its parent, when ``folder``'s name can name an adapter and the parent holds the
+    m2ist processor a save shares at its root; else None."""
+    folder = Path(folder).expanduser().absolute()
+    if adapter_name_problem(folder.name) is not None or not (folder.parent / PROCESSOR_CONFIG_NAME).is_file():
+        return None
+    return folder.parent
 
 
 def _check_local_folder(folder: Path, filenames: Sequence[str]) -> Path:

@@ -922,8 +922,11 @@ class SideTunedModel(RECModel):
                        attention_mask: torch.Tensor | None,
                        adapter_names: str | Sequence[str] | None = None) -> TowerFeatureSet:
         """Run both frozen towers once under ``no_grad`` and tap what the adapters ``adapter_names`` (one name or
-        several; default: the active one) read: the union of their layers and tap kinds."""
+        several, ``"all"`` as in :meth:`forward_all_adapters`; default: the active one) read: the union of their layers
+        and tap kinds."""
         self.check_inputs(pixel_values, input_ids, attention_mask, pixel_mask)
+        if adapter_names == ALL_ADAPTERS:
+            adapter_names = self.list_adapters()
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names or [self._active_adapter])
         setups = [self._setup(name) for name in names]
         vision_layers = sorted({layer for setup in setups for layer in setup.vision_layers})
@@ -1705,12 +1708,15 @@ class SideTunedModel(RECModel):
             patterns += [f"{glob.escape(name)}/{file}" for file in processor_files]
 
     def _selected(self, selected_adapters: Sequence[str]) -> list[str]:
-        """The adapters named by ``selected_adapters`` (a list), without repeats; unknown names and a string (a
-        sequence of letters) are refused."""
+        """The adapters named by ``selected_adapters`` (a list), without repeats; unknown names, an empty list and a
+        string (a sequence of letters) are refused."""
         if isinstance(selected_adapters, str):
             raise TypeError(f"selected_adapters takes a list of adapter names, e.g. [{selected_adapters!r}], not the "
                             f"string {selected_adapters!r}.")
         names = list(dict.fromkeys(selected_adapters))
+        if not names:  # it wrote a folder of nothing (or pushed a commit of nothing)
+            raise ValueError("selected_adapters is empty: name the adapters to save, e.g. "
+                             f"{self.list_adapters()[:2]}, or leave it None to save every adapter. Nothing was saved.")
         for name in names:
             self._setup(name)
         return names

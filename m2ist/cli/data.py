@@ -258,15 +258,22 @@ def load_data_splits(data: Mapping[str, Any], role: str) -> dict[str, list]:
             # NAME of --eval-file NAME=FILE or the file's stem); a file that names none is that split whole
             options = {"image_root": image_root, "normalized": bool(data.get("normalized", False)), **outside,
                        "split": None if name.lower() == "all" else name, "split_optional": True}
-            if fmt == "coco":
-                splits[name] = load_coco_style(path, data.get("box_format") or "xywh", **options)
-            else:
-                if not data.get("box_format"):
-                    raise CLIError(f"--data-format {fmt} needs --box-format {{xyxy,xywh,cxcywh}}: how {path} stores boxes.")
-                if fmt == "csv":
+            if fmt != "coco" and not data.get("box_format"):
+                raise CLIError(f"--data-format {fmt} needs --box-format {{xyxy,xywh,cxcywh}}: how {path} stores boxes.")
+            try:
+                if fmt == "coco":
+                    splits[name] = load_coco_style(path, data.get("box_format") or "xywh", **options)
+                elif fmt == "csv":
                     splits[name] = load_csv(path, data["box_format"], delimiter=delimiter, **options)
                 else:
                     splits[name] = load_jsonl(path, data["box_format"], **options)
+            except ValueError as err:
+                if role == "train" or name != Path(path).stem or "has no split" not in str(err):
+                    raise
+                # --eval-file data.jsonl is read as the split 'data' (its file name), which its records do not name
+                raise CLIError(f"{' '.join(str(err).split())} --eval-file {path} is read as the split {name!r} (its file "
+                               f"name): name the split to read, e.g. --eval-file val={path}, or all={path} for every "
+                               "record.") from err
     elif fmt == "transvg" and files:
         for name, path in files.items():
             # an evaluation split named for a file (--eval-file testA=unc_val.pth) is the split its samples are

@@ -121,7 +121,7 @@ def load_adapter(settings: Mapping[str, Mapping[str, Any]]):
                                                   role=f"{modality} tower")
     info(f"Loading the adapter {adapter}")
     model = SideTunedModel.from_pretrained(adapter, **towers, trust_remote_code=trust)
-    source = model_settings.get("processor") or adapter
+    source = model_settings.get("processor") or _adapter_processor_source(adapter)
     saved_processor = [name for name in (PROCESSOR_CONFIG_NAME, "processor_config.json") if (Path(source) / name).is_file()]
     if Path(source).is_dir() and not saved_processor:
         raise CLIError(f"{source} holds no processor_config.json: pass --processor DIR, the folder a processor was "
@@ -135,6 +135,18 @@ def load_adapter(settings: Mapping[str, Mapping[str, Any]]):
         _warn_if_not_the_adapters_processor(model.processor, processor, adapter, source)
     model.processor = processor
     return model, processor
+
+def _adapter_processor_source(adapter: str) -> str:
+    """Where the processor of ``adapter`` lies: the adapter's folder, or the root of the save whose subfolder it is
+    (``--adapter out/wide``: ``save_pretrained`` writes the processor its adapters share once, in ``out``)."""
+    from m2ist.hub import save_root
+    from m2ist.model import adapter_processor_folder
+
+    local = Path(adapter).expanduser()
+    found = adapter_processor_folder(local, save_root(local)) if local.is_dir() else None
+    if found is not None and found != local:
+        info(f"The adapter {adapter} shares the processor saved at the root of its save, {found}")
+    return str(found) if found is not None else adapter
 
 def _recorded_towers(adapter: str) -> dict[str, str]:
     """``{modality: name_or_path}`` of the towers ``adapter``'s config records (empty when it cannot be read here:
