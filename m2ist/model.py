@@ -1502,6 +1502,13 @@ class SideTunedModel(RECModel):
             return target
         if isinstance(card_tags, str) or not all(isinstance(tag, str) and tag.strip() for tag in card_tags):
             raise TypeError(f"tags must be a list of non-empty strings, got {card_tags!r}.")
+        if selected_adapters is not None and not isinstance(selected_adapters, str) and not list(selected_adapters) \
+                and not (target / CONFIG_NAME).is_file() and not any(target.glob(f"*/{CONFIG_NAME}")):
+            # [] updates the processor and card of a save and keeps its adapters; on a folder without any it wrote a
+            # save holding no adapter, which no load reads
+            raise ValueError(f"selected_adapters=[] saves no adapter, and {target} holds none to keep: name the adapters "
+                             f"to save, e.g. {self.list_adapters()[:2]}, or leave it None to save every adapter. Nothing "
+                             "was saved.")
         return save_folder_atomically(save_directory, lambda folder: self.write_adapter_files(
             folder, model_card, repo_id=repo_id, previous=target, selected_adapters=selected_adapters,
             card_tags=card_tags))
@@ -1708,15 +1715,12 @@ class SideTunedModel(RECModel):
             patterns += [f"{glob.escape(name)}/{file}" for file in processor_files]
 
     def _selected(self, selected_adapters: Sequence[str]) -> list[str]:
-        """The adapters named by ``selected_adapters`` (a list), without repeats; unknown names, an empty list and a
-        string (a sequence of letters) are refused."""
+        """The adapters named by ``selected_adapters`` (a list), without repeats; unknown names and a string (a
+        sequence of letters) are refused."""
         if isinstance(selected_adapters, str):
             raise TypeError(f"selected_adapters takes a list of adapter names, e.g. [{selected_adapters!r}], not the "
                             f"string {selected_adapters!r}.")
         names = list(dict.fromkeys(selected_adapters))
-        if not names:  # it wrote a folder of nothing (or pushed a commit of nothing)
-            raise ValueError("selected_adapters is empty: name the adapters to save, e.g. "
-                             f"{self.list_adapters()[:2]}, or leave it None to save every adapter. Nothing was saved.")
         for name in names:
             self._setup(name)
         return names

@@ -79,10 +79,12 @@ def test_tower_features_of_all_adapters_tap_what_every_adapter_reads(workspace: 
     assert (every.vision_layers, every.text_layers) == (listed.vision_layers, listed.text_layers)
 
 
-def test_saving_an_empty_selection_of_adapters_is_refused(workspace: Path, tmp_path: Path) -> None:
-    """``save_pretrained(folder, selected_adapters=[])`` wrote a folder holding no adapter, which no load reads."""
+def test_saving_an_empty_selection_of_adapters_onto_a_folder_without_any_is_refused(workspace: Path,
+                                                                                     tmp_path: Path) -> None:
+    """``save_pretrained(folder, selected_adapters=[])`` updates a save's processor and card and keeps its adapters
+    (tests/test_hostile_adapters.py); onto a folder holding none it wrote a save of no adapter, which no load reads."""
     model = SideTunedModel.from_pretrained(workspace / "adapter")
-    with pytest.raises(ValueError, match=r"selected_adapters is empty.*Nothing was saved"):
+    with pytest.raises(ValueError, match=r"selected_adapters=\[\] saves no adapter.*holds none to keep.*Nothing was saved"):
         model.save_pretrained(tmp_path / "nothing", selected_adapters=[])
     assert not (tmp_path / "nothing").exists()
 
